@@ -1,0 +1,183 @@
+"""Model bundles: a folder that holds everything needed to embed text and images without torch.
+
+Layout (format ``clipsearch-bundle/1``)::
+
+    visual.onnx       input  pixel_values  float32 [batch, 3, H, W]  -> image_embeds float32 [batch, D], L2-normalised
+    textual.onnx      inputs named in model.json "text.inputs" (int64 [batch, seq]) -> text_embeds float32 [batch, D], L2-normalised
+                      seq is dynamic: the runtime pads only to the longest query of the batch
+    tokenizer.json    a Hugging Face `tokenizers` file (CLIP byte-level BPE, or WordPiece for BERT-like towers)
+    preprocess.json   image transform: size, resize_mode, interpolation, crop, mean, std, fill_color
+    model.json        name, source, embed_dim, logit_scale, precision, context_length, text spec, sha256 per file
+
+The `text` object of model.json says how to turn strings into graph inputs::
+
+    {"tokenizer": "clip_bpe" | "wordpiece", "inputs": ["input_ids"] | ["input_ids", "attention_mask"],
+     "clean": "open_clip" | "none", "bos_id": int | null, "eos_id": int | null, "pad_id": int,
+     "pad_to": "longest" | "context"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+BUNDLE_FORMAT = "clipsearch-bundle/1"
+BUNDLE_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json", "model.json")
+HASHED_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    tokenizer: str = "clip_bpe"
+    inputs: tuple[str, ...] = ("input_ids",)
+    clean: str = "open_clip"
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int = 0
+    pad_to: str = "longest"  # "longest" (dynamic sequence axis) or "context" (graph needs context_length)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    size: tuple[int, int] = (224, 224)
+    resize_mode: str = "shortest"  # "shortest" (resize + centre crop), "longest" (resize + pad), "squash"
+    interpolation: str = "bicubic"  # "bicubic" | "bilinear"
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    fill_color: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "PreprocessSpec":
+        size = raw.get("size", 224)
+        size_hw = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        return cls(
+            size=size_hw,
+            resize_mode=str(raw.get("resize_mode", "shortest")),
+            interpolation=str(raw.get("interpolation", "bicubic")),
+            mean=tuple(float(v) for v in raw.get("mean", cls.mean)),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in raw.get("std", cls.std)),  # type: ignore[arg-type]
+            fill_color=int(raw.get("fill_color", 0)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "resize_mode": self.resize_mode,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "fill_color": self.fill_color,
+        }
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What model.json says about a bundle, plus the folder it was read from."""
+
+    path: Path
+    name: str
+    source: dict[str, Any]
+    embed_dim: int
+    logit_scale: float
+    precision: str
+    context_length: int
+    text: TextSpec
+    files: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        """Identifies the vector space: two bundles with the same id produce comparable image vectors."""
+        digest = self.files.get("visual.onnx", "")[:12]
+        return f"{self.name}@{digest}" if digest else self.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_bundle(path: Path) -> bool:
+    return path.is_dir() and (path / "model.json").is_file()
+
+
+def read_bundle(path: Path | str) -> BundleInfo:
+    """Read and validate a bundle folder (all files present, model.json well-formed)."""
+    folder = Path(path)
+    missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise BundleError(
+            f"{folder} is not a complete model bundle: missing {', '.join(missing)}",
+            "Export one with: clipsearch models export ARCH --pretrained TAG --out DIR",
+        )
+    try:
+        raw = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+        text_raw = raw.get("text", {})
+        text = TextSpec(
+            tokenizer=str(text_raw.get("tokenizer", "clip_bpe")),
+            inputs=tuple(text_raw.get("inputs", ["input_ids"])),
+            clean=str(text_raw.get("clean", "open_clip")),
+            bos_id=text_raw.get("bos_id"),
+            eos_id=text_raw.get("eos_id"),
+            pad_id=int(text_raw.get("pad_id", 0)),
+            pad_to=str(text_raw.get("pad_to", "longest")),
+        )
+        known = {"name", "source", "embed_dim", "logit_scale", "precision", "context_length", "text", "files"}
+        return BundleInfo(
+            path=folder,
+            name=str(raw["name"]),
+            source=dict(raw.get("source", {})),
+            embed_dim=int(raw["embed_dim"]),
+            logit_scale=float(raw.get("logit_scale", 100.0)),
+            precision=str(raw.get("precision", "fp32")),
+            context_length=int(raw.get("context_length", 77)),
+            text=text,
+            files=dict(raw.get("files", {})),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{folder / 'model.json'} is malformed: {exc}") from exc
+
+
+def read_preprocess(info: BundleInfo) -> PreprocessSpec:
+    try:
+        raw = json.loads(info.file("preprocess.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise BundleError(f"{info.file('preprocess.json')} is malformed: {exc}") from exc
+    return PreprocessSpec.from_dict(raw)
+
+
+def write_model_json(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write model.json with the sha256 of each bundle file; returns what was written."""
+    meta = dict(meta)
+    meta.setdefault("format", BUNDLE_FORMAT)
+    if isinstance(meta.get("text"), TextSpec):
+        text = asdict(meta["text"])
+        text["inputs"] = list(text["inputs"])
+        meta["text"] = text
+    meta["files"] = {name: sha256_file(folder / name) for name in HASHED_FILES if (folder / name).is_file()}
+    (folder / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return meta
+
+
+def verify_bundle(info: BundleInfo) -> list[str]:
+    """Return a list of problems (files whose sha256 differs from model.json); empty when intact."""
+    problems = []
+    for name, expected in info.files.items():
+        target = info.file(name)
+        if not target.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(target) != expected:
+            problems.append(f"{name}: sha256 differs from model.json")
+    return problems

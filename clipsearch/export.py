@@ -1,0 +1,365 @@
+"""open_clip → ONNX model bundle (needs the `export` extra: torch, open_clip_torch, onnx).
+
+The image graph takes pixel_values [batch, 3, H, W]; the text graph takes input_ids [batch, seq] with a
+dynamic sequence axis (the positional embedding and causal mask are sliced to `seq`, so a 5-word query
+costs 7 tokens of compute, not 77). Both graphs end in L2 normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bundle import PreprocessSpec, TextSpec, write_model_json
+from .errors import ModelNotAvailable
+
+PRECISIONS = ("fp32", "fp16", "int8")
+OPSET = 17
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+HUB_HOST = "huggingface.co"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    arch: str
+    pretrained: str | None  # an open_clip tag or a local checkpoint file; None with random_init
+    out: Path
+    precision: str = "fp32"
+    random_init: bool = False
+    name: str | None = None
+    seed: int = 0
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise ModelNotAvailable(
+            "exporting a model needs torch and open_clip_torch, which are not installed",
+            "Install them with: pip install 'clipsearch[export]'",
+        ) from exc
+    open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
+
+
+def _hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_checkpoint(open_clip, arch: str, pretrained: str) -> str:
+    """Return what to pass as open_clip's `pretrained=`: a local file, or the tag when it can be downloaded."""
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser())
+    cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise ModelNotAvailable(
+            f"open_clip has no pretrained tag '{pretrained}' for {arch} (known tags: {tags})",
+            "Pass a tag listed by `python -c \"import open_clip; print(open_clip.list_pretrained())\"` or a checkpoint file.",
+        )
+    hub_id = (cfg.get("hf_hub") or "").rstrip("/")
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+                cached = try_to_load_from_cache(hub_id, filename)
+                if isinstance(cached, str):
+                    return cached
+        except ImportError:
+            pass
+    if not _hub_reachable():
+        raise ModelNotAvailable(
+            f"model {arch}/{pretrained} is not cached and its weights cannot be downloaded: {HUB_HOST} is unreachable (offline?)",
+            "Fix: connect to the internet and run `clipsearch models export "
+            f"{arch} --pretrained {pretrained} --out DIR` (or use --model {arch}/{pretrained} once online), "
+            "pass a local checkpoint with --pretrained FILE, or use the bundled offline model: --model emoji-mini",
+        )
+    return pretrained
+
+
+def load_open_clip(arch: str, pretrained: str | None, random_init: bool, seed: int = 0):
+    """Create an open_clip model in eval mode; raises ModelNotAvailable instead of a long download traceback."""
+    open_clip = _open_clip()
+    import torch
+
+    if arch not in open_clip.list_models():
+        raise ModelNotAvailable(f"unknown open_clip architecture '{arch}'", "List them with: clipsearch models list --architectures")
+    if random_init:
+        torch.manual_seed(seed)
+        model = open_clip.create_model(arch, pretrained=None)
+    else:
+        if not pretrained:
+            raise ModelNotAvailable(f"no weights given for {arch}", "Pass --pretrained TAG_OR_FILE, or --random-init for tests")
+        checkpoint = _resolve_checkpoint(open_clip, arch, pretrained)
+        try:
+            model = open_clip.create_model(arch, pretrained=checkpoint)
+        except RuntimeError as exc:
+            raise ModelNotAvailable(f"could not load weights for {arch}/{pretrained}: {exc}") from exc
+    model.eval()
+    return model
+
+
+def preprocess_spec_of(model) -> PreprocessSpec:
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    size = cfg.get("size", getattr(model.visual, "image_size", 224))
+    if isinstance(size, int):
+        size = (size, size)
+    return PreprocessSpec.from_dict({
+        "size": list(size),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "mean": list(cfg.get("mean", PreprocessSpec.mean)),
+        "std": list(cfg.get("std", PreprocessSpec.std)),
+        "fill_color": cfg.get("fill_color", 0),
+    })
+
+
+def _text_tower(model):
+    """The module holding the text transformer (CLIP keeps it on the model, CustomTextCLIP on .text)."""
+    return model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+
+
+def _dynamic_text_ok(tower) -> bool:
+    import torch
+
+    blocks = getattr(getattr(tower, "transformer", None), "resblocks", [])
+    plain_blocks = all(
+        isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) and not hasattr(b, "ln_1_kv")
+        and getattr(b.attn, "_qkv_same_embed_dim", False) for b in blocks
+    )
+    return (
+        plain_blocks and len(blocks) > 0
+        and getattr(tower, "attn_mask", None) is not None
+        and getattr(tower, "cls_emb", None) is None
+        and (getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")) in ("argmax", "eos")
+    )
+
+
+def _build_graph_modules(model):
+    import torch
+    import torch.nn.functional as F
+
+    class VisualGraph(torch.nn.Module):
+        def __init__(self, clip) -> None:
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, pixel_values):
+            return F.normalize(self.clip.encode_image(pixel_values), dim=-1)
+
+    class DynamicTextGraph(torch.nn.Module):
+        """CLIP text encoder with the sequence length taken from the input instead of context_length."""
+
+        def __init__(self, tower, eos_id: int) -> None:
+            super().__init__()
+            self.tower = tower
+            self.pool = getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")
+            self.eos_id = eos_id
+
+        def forward(self, input_ids):
+            tower = self.tower
+            seq = input_ids.shape[1]
+            cast = tower.transformer.get_cast_dtype()
+            x = tower.token_embedding(input_ids).to(cast)
+            x = x + tower.positional_embedding[:seq].to(cast)
+            mask = tower.attn_mask[:seq, :seq].to(cast)
+            for block in tower.transformer.resblocks:
+                x = x + block.ls_1(_causal_attention(block.attn, block.ln_1(x), mask))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = tower.ln_final(x)
+            if self.pool == "eos":
+                index = (input_ids == self.eos_id).int().argmax(dim=-1)
+            else:
+                index = input_ids.argmax(dim=-1)
+            pooled = x[torch.arange(x.shape[0]), index]
+            projection = tower.text_projection
+            if projection is not None:
+                pooled = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+            return F.normalize(pooled, dim=-1)
+
+    def _causal_attention(attn, x, mask):
+        """nn.MultiheadAttention's math written with shape-free ops, so the traced graph keeps `seq` dynamic."""
+        heads = attn.num_heads
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2) + mask
+        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+        return attn.out_proj(out)
+
+    class FixedTextGraph(torch.nn.Module):
+        def __init__(self, clip) -> None:
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, input_ids):
+            return F.normalize(self.clip.encode_text(input_ids), dim=-1)
+
+    return VisualGraph, DynamicTextGraph, FixedTextGraph
+
+
+def build_clip_tokenizer(bpe_path: str | Path):
+    """A `tokenizers` file equivalent to open_clip's SimpleTokenizer (after its ftfy/HTML cleaning)."""
+    import gzip
+
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(ByteLevel.alphabet())
+    # open_clip orders the base vocabulary by its bytes_to_unicode() table; rebuild that order exactly.
+    ordered = _bytes_to_unicode_chars()
+    assert set(ordered) == set(byte_chars)
+    vocab_list = ordered + [c + "</w>" for c in ordered] + ["".join(m) for m in merges]
+    vocab_list += ["<start_of_text>", "<end_of_text>"]
+    vocab = {token: index for index, token in enumerate(vocab_list)}
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
+                              fuse_unk=False, dropout=None, unk_token=None))
+    tokenizer.normalizer = normalizers.Sequence([
+        normalizers.Replace(Regex(r"\s+"), " "),
+        normalizers.Lowercase(),
+    ])
+    pattern = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
+    return tokenizer, vocab["<start_of_text>"], vocab["<end_of_text>"]
+
+
+def _bytes_to_unicode_chars() -> list[str]:
+    """The GPT-2/CLIP byte → printable character table, in CLIP's order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _default_bpe_path() -> Path:
+    from open_clip.tokenizer import default_bpe
+
+    return Path(default_bpe())
+
+
+def export_onnx(module, args: tuple, path: Path, input_names: list[str], output_name: str, dynamic_axes: dict) -> None:
+    import torch
+
+    # nn.MultiheadAttention's inference fast path has no ONNX symbolic; trace the plain math instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                module, args, str(path), input_names=input_names, output_names=[output_name],
+                dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def convert_precision(folder: Path, precision: str) -> None:
+    """Rewrite visual.onnx and textual.onnx of a fp32 bundle folder in fp16 or int8 (in place)."""
+    if precision == "fp32":
+        return
+    for name in ("visual.onnx", "textual.onnx"):
+        source = folder / name
+        target = folder / (name + ".tmp")
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=False,
+                             op_types_to_quantize=["MatMul", "Gemm"])
+        elif precision == "fp16":
+            import onnx
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = onnx.load(str(source))
+            onnx.save(convert_float_to_float16(model, keep_io_types=True), str(target))
+        else:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        target.replace(source)
+
+
+def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision: str = "fp32") -> Path:
+    """Export an open_clip model (already loaded, eval mode) as a bundle folder at `out`, atomically."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        VisualGraph, DynamicTextGraph, FixedTextGraph = _build_graph_modules(model)
+        spec = preprocess_spec_of(model)
+        tokenizer, bos_id, eos_id = build_clip_tokenizer(_default_bpe_path())
+        tokenizer.save(str(staging / "tokenizer.json"))
+        (staging / "preprocess.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+        pixels = torch.zeros(2, 3, *spec.size)
+        export_onnx(VisualGraph(model).eval(), (pixels,), staging / "visual.onnx", ["pixel_values"], "image_embeds",
+                    {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+
+        tower = _text_tower(model)
+        context_length = int(getattr(model, "context_length", 77))
+        dynamic = _dynamic_text_ok(tower)
+        text_module = DynamicTextGraph(tower, eos_id).eval() if dynamic else FixedTextGraph(model).eval()
+        ids = torch.zeros(2, 7 if dynamic else context_length, dtype=torch.long)
+        ids[:, 0], ids[:, 6] = bos_id, eos_id
+        axes = {"input_ids": {0: "batch", 1: "seq"}} if dynamic else {"input_ids": {0: "batch"}}
+        axes["text_embeds"] = {0: "batch"}
+        export_onnx(text_module, (ids,), staging / "textual.onnx", ["input_ids"], "text_embeds", axes)
+        convert_precision(staging, precision)
+
+        with torch.no_grad():
+            logit_scale = float(model.logit_scale.exp().item())
+            embed_dim = int(VisualGraph(model)(pixels[:1]).shape[-1])
+        text = TextSpec(tokenizer="clip_bpe", inputs=("input_ids",), clean="open_clip", bos_id=bos_id,
+                        eos_id=eos_id, pad_id=0, pad_to="longest" if dynamic else "context")
+        from . import __version__
+
+        write_model_json(staging, {
+            "name": name, "source": source, "embed_dim": embed_dim, "logit_scale": logit_scale,
+            "precision": precision, "context_length": context_length, "image_size": list(spec.size),
+            "text": text, "clipsearch_version": __version__,
+        })
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
+        return out
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def default_bundle_name(arch: str, pretrained: str | None, random_init: bool, precision: str) -> str:
+    tag = "random-init" if random_init or not pretrained else Path(pretrained).stem if Path(pretrained).is_file() else pretrained
+    name = f"{arch}__{tag}"
+    return name if precision == "fp32" else f"{name}__{precision}"
+
+
+def export_bundle(request: ExportRequest) -> Path:
+    """Load an open_clip architecture (pretrained tag, checkpoint file, or random init) and write a bundle."""
+    model = load_open_clip(request.arch, request.pretrained, request.random_init, seed=request.seed)
+    name = request.name or default_bundle_name(request.arch, request.pretrained, request.random_init, request.precision)
+    source = {"kind": "open_clip", "arch": request.arch,
+              "pretrained": None if request.random_init else request.pretrained,
+              "random_init": request.random_init, "seed": request.seed if request.random_init else None}
+    return write_bundle(model, request.out, name, source, request.precision)

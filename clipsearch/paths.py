@@ -1,0 +1,34 @@
+"""Where clipsearch keeps its state.
+
+`CLIPSEARCH_HOME` relocates everything (collections, model cache), so tests and tools can isolate
+themselves; otherwise the per-user platformdirs locations are used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "clipsearch"
+
+
+def home() -> Path:
+    """Root of the per-user data (collections live below it)."""
+    override = os.environ.get("CLIPSEARCH_HOME")
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def model_cache_dir() -> Path:
+    """Folder of exported model bundles, one sub-folder per model name."""
+    override = os.environ.get("CLIPSEARCH_HOME")
+    if override:
+        return Path(override).expanduser() / "models"
+    return Path(platformdirs.user_cache_dir(APP_NAME)) / "models"
+
+
+def collections_dir() -> Path:
+    return home() / "collections"

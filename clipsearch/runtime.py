@@ -1,0 +1,128 @@
+"""Embedding text and images with a model bundle: onnxruntime + numpy + Pillow + tokenizers, no torch.
+
+`OnnxSession` is the one session abstraction: it opens its graph on first use (so a text query never
+loads visual.onnx), picks CUDA when onnxruntime-gpu offers it and the CPU with every core otherwise.
+`ClipModel` puts a bundle's two graphs, tokenizer and preprocessing together.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .bundle import BundleInfo, PreprocessSpec, read_bundle, read_preprocess
+from .errors import BundleError
+from .preprocess import image_to_pixels
+from .tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to run a graph: thread count (None = all cores) and provider preference."""
+
+    threads: int | None = None
+    providers: tuple[str, ...] | None = None
+
+    def resolved_providers(self) -> list[str]:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = self.providers or ("CUDAExecutionProvider", "CPUExecutionProvider")
+        chosen = [p for p in wanted if p in available]
+        return chosen or ["CPUExecutionProvider"]
+
+
+class OnnxSession:
+    """A lazily opened onnxruntime session for one graph file."""
+
+    def __init__(self, path: Path, options: SessionOptions = SessionOptions()) -> None:
+        self.path = path
+        self.options = options
+        self._session = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def _open(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.options.threads or os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=so, providers=self.options.resolved_providers())
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
+            raise BundleError(f"cannot load {self.path}: {exc}") from exc
+
+    @property
+    def session(self):
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._open()
+        return self._session
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        session = self.session
+        names = {i.name for i in session.get_inputs()}
+        return session.run(None, {k: v for k, v in inputs.items() if k in names})[0]
+
+
+class ClipModel:
+    """A dual encoder loaded from a bundle: `encode_text` and `encode_images` give L2-normalised vectors."""
+
+    def __init__(self, bundle: BundleInfo | Path | str, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        self.info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
+        self.preprocess: PreprocessSpec = read_preprocess(self.info)
+        options = SessionOptions(threads=threads, providers=tuple(providers) if providers else None)
+        self.visual = OnnxSession(self.info.file("visual.onnx"), options)
+        self.textual = OnnxSession(self.info.file("textual.onnx"), options)
+        self._tokenizer: TextTokenizer | None = None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.info.embed_dim
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer.from_bundle(self.info)
+        return self._tokenizer
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings")
+        if not texts:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        batch = self.tokenizer(texts)
+        return np.ascontiguousarray(self.textual.run(batch.inputs), dtype=np.float32)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return np.ascontiguousarray(self.visual.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)}),
+                                    dtype=np.float32)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return self.encode_pixels(np.stack([image_to_pixels(img, self.preprocess) for img in images]))

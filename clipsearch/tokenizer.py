@@ -1,0 +1,81 @@
+"""Text → graph inputs with the bundle's own `tokenizer.json` (Hugging Face `tokenizers`, no torch).
+
+For CLIP byte-level BPE bundles the ids equal open_clip's: the same cleaning (ftfy + HTML unescape +
+whitespace folding + lower case), `<start_of_text>` … `<end_of_text>`, and truncation that keeps the
+end-of-text token last. Batches are padded only to their longest member, never to the context length:
+CLIP's causal mask makes the end-of-text token independent of anything after it, so padding would be
+pure waste.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .bundle import BundleInfo, TextSpec
+
+
+def open_clip_clean(text: str) -> str:
+    """open_clip's `basic_clean` (ftfy, HTML entities twice, strip); whitespace/lower-case are in tokenizer.json."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Graph inputs by name (int64 [batch, seq]) and the unpadded length of each row."""
+
+    inputs: dict[str, np.ndarray]
+    lengths: np.ndarray
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, spec: TextSpec, context_length: int) -> None:
+        self._tokenizer = tokenizer
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.spec = spec
+        self.context_length = context_length
+
+    @classmethod
+    def from_bundle(cls, info: BundleInfo) -> "TextTokenizer":
+        return cls(Tokenizer.from_file(str(info.file("tokenizer.json"))), info.text, info.context_length)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, with start/end tokens and truncation to the context length."""
+        cleaned = [open_clip_clean(t) for t in texts] if self.spec.clean == "open_clip" else list(texts)
+        add_special = self.spec.bos_id is None  # WordPiece bundles let tokenizer.json add [CLS]/[SEP]
+        encodings = self._tokenizer.encode_batch(cleaned, add_special_tokens=add_special)
+        rows = []
+        limit = self.context_length
+        for encoding in encodings:
+            ids = list(encoding.ids)
+            if self.spec.bos_id is not None:
+                ids = [self.spec.bos_id, *ids, self.spec.eos_id]
+            if len(ids) > limit:
+                last = ids[-1]
+                ids = ids[:limit]
+                ids[-1] = last  # the end token (CLIP's EOT or BERT's [SEP]) always survives truncation
+            rows.append(ids)
+        return rows
+
+    def __call__(self, texts: Sequence[str]) -> TokenBatch:
+        rows = self.token_ids(texts)
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        width = int(lengths.max()) if len(rows) else 1
+        if self.spec.pad_to == "context":
+            width = self.context_length
+        ids = np.full((len(rows), width), self.spec.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        inputs = {"input_ids": ids}
+        if "attention_mask" in self.spec.inputs:
+            inputs["attention_mask"] = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        if "token_type_ids" in self.spec.inputs:
+            inputs["token_type_ids"] = np.zeros_like(ids)
+        return TokenBatch(inputs=inputs, lengths=lengths)
