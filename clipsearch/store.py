@@ -1,0 +1,308 @@
+"""Image metadata and the authoritative copy of each vector, in SQLite through sqlite-utils (WAL).
+
+Tables::
+
+    images     id (= FAISS id), path, size, mtime_ns, content_hash, width, height, taken_at,
+               indexed_at, model_id, run_id (the last indexing run that saw the file: mark-and-sweep)
+    embeddings id -> float32 vector bytes (the FAISS index is rebuilt from these, so a killed run
+               never leaves vectors that SQLite does not know about)
+    skipped    path, size, mtime_ns, reason (bad files: not decoded again until they change)
+    meta       key -> value (model, generation, run counter)
+
+Every write that changes what a search can return bumps `generation`; the FAISS file records the
+generation it was built from, which is how a stale index is recognised.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sqlite_utils
+
+from .errors import CollectionError
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One indexed image as stored in the `images` table."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    width: int | None
+    height: int | None
+    taken_at: str | None
+    indexed_at: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the indexer needs to decide whether a known path changed."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """A row to write: metadata plus its vector (`id` set to update an existing row in place)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    width: int | None
+    height: int | None
+    taken_at: str | None
+    vector: np.ndarray
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+_IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at",
+                  "indexed_at", "model_id")
+
+
+class Store:
+    """The SQLite side of a collection. Not shared between threads; open one per process/thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.db = sqlite_utils.Database(self.path)
+            self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._create_schema()
+        except sqlite3.DatabaseError as exc:
+            raise CollectionError(f"{self.path}: not a usable SQLite database ({exc})",
+                                  "Rebuild the collection with: clipsearch index PATH --rebuild") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- schema --------------------------------------------------------------------------------
+    def _create_schema(self) -> None:
+        db = self.db
+        if "images" not in db.table_names():
+            db["images"].create(
+                {"id": int, "path": str, "size": int, "mtime_ns": int, "content_hash": str, "width": int,
+                 "height": int, "taken_at": str, "indexed_at": str, "model_id": str, "run_id": int},
+                pk="id", not_null={"path", "size", "mtime_ns", "content_hash", "indexed_at", "model_id"},
+            )
+            db["images"].create_index(["path"], unique=True, if_not_exists=True)
+            db["images"].create_index(["content_hash"], if_not_exists=True)
+        if "embeddings" not in db.table_names():
+            db["embeddings"].create({"id": int, "vector": bytes}, pk="id",
+                                    foreign_keys=[("id", "images", "id")])
+        if "skipped" not in db.table_names():
+            db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "reason": str, "run_id": int}, pk="path")
+        if "meta" not in db.table_names():
+            db["meta"].create({"key": str, "value": str}, pk="key")
+
+    # -- meta ------------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self.db.atomic():
+            self.db["meta"].upsert_all([{"key": k, "value": str(v)} for k, v in values.items()], pk="key")
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation", "0") or 0)
+
+    def next_run_id(self) -> int:
+        run_id = int(self.get_meta("run", "0") or 0) + 1
+        self.set_meta({"run": str(run_id)})
+        return run_id
+
+    # -- reads -----------------------------------------------------------------------------------
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM images").fetchone()[0])
+
+    def count_embeddings(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM embeddings").fetchone()[0])
+
+    def file_states(self) -> dict[str, FileState]:
+        """path -> (id, size, mtime_ns, hash) of every indexed file."""
+        return {path: FileState(id_, size, mtime, digest) for id_, path, size, mtime, digest in
+                self.db.execute("SELECT id, path, size, mtime_ns, content_hash FROM images")}
+
+    def known_hashes(self) -> dict[str, int]:
+        """content hash -> id of a row whose vector can be reused."""
+        return {digest: id_ for digest, id_ in self.db.execute(
+            "SELECT content_hash, min(id) FROM images GROUP BY content_hash")}
+
+    def skipped_states(self) -> dict[str, tuple[int, int, str]]:
+        return {path: (size, mtime, reason) for path, size, mtime, reason in
+                self.db.execute("SELECT path, size, mtime_ns, reason FROM skipped")}
+
+    def ids(self) -> np.ndarray:
+        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
+
+    def embedding_ids(self) -> np.ndarray:
+        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM embeddings ORDER BY id")), dtype=np.int64)
+
+    def get(self, image_id: int) -> ImageRecord | None:
+        rows = self.get_many([image_id])
+        return rows.get(int(image_id))
+
+    def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        wanted = [int(i) for i in ids]
+        found: dict[int, ImageRecord] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE id IN ({marks})", chunk):
+                found[row[0]] = ImageRecord(*row)
+        return found
+
+    def find_by_path(self, path: str) -> ImageRecord | None:
+        row = self.db.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE path = ?", [path]).fetchone()
+        return ImageRecord(*row) if row else None
+
+    def vector(self, image_id: int, dim: int) -> np.ndarray | None:
+        row = self.db.execute("SELECT vector FROM embeddings WHERE id = ?", [int(image_id)]).fetchone()
+        return _decode_vector(row[0], dim) if row else None
+
+    def iter_vectors(self, dim: int, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids int64 [n], vectors float32 [n, dim]) over every stored embedding, in id order."""
+        cursor = self.db.execute("SELECT id, vector FROM embeddings ORDER BY id")
+        while True:
+            rows = cursor.fetchmany(chunk)
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+            if vectors.size != len(rows) * dim:
+                raise CollectionError(f"{self.path}: stored vectors do not have {dim} dimensions",
+                                      "Rebuild the collection with: clipsearch index PATH --rebuild")
+            yield ids, vectors.reshape(len(rows), dim)
+
+    def all_vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = list(self.iter_vectors(dim))
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    # -- writes ----------------------------------------------------------------------------------
+    def write_images(self, images: Sequence[NewImage], model_id: str, run_id: int, indexed_at: str) -> list[int]:
+        """Insert or update rows and their vectors in one transaction; returns the ids in order."""
+        ids: list[int] = []
+        with self.db.atomic():
+            for image in images:
+                values = (image.path, image.size, image.mtime_ns, image.content_hash, image.width, image.height,
+                          image.taken_at, indexed_at, model_id, run_id)
+                if image.id is not None:
+                    self.db.execute(
+                        "UPDATE images SET path=?, size=?, mtime_ns=?, content_hash=?, width=?, height=?, taken_at=?, "
+                        "indexed_at=?, model_id=?, run_id=? WHERE id=?", [*values, image.id])
+                    image_id = image.id
+                else:
+                    # A path can only be new here, unless a previous killed run wrote it; replace that row.
+                    self.db.execute("DELETE FROM embeddings WHERE id IN (SELECT id FROM images WHERE path = ?)", [image.path])
+                    self.db.execute("DELETE FROM images WHERE path = ?", [image.path])
+                    cursor = self.db.execute(
+                        "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at, "
+                        "model_id, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", list(values))
+                    image_id = int(cursor.lastrowid)
+                self.db.execute("INSERT OR REPLACE INTO embeddings (id, vector) VALUES (?, ?)",
+                                [image_id, np.ascontiguousarray(image.vector, dtype=np.float32).tobytes()])
+                self.db.execute("DELETE FROM skipped WHERE path = ?", [image.path])
+                ids.append(image_id)
+            if images:
+                self._bump_generation()
+        return ids
+
+    def touch(self, ids: Sequence[int], run_id: int, new_stats: dict[int, tuple[int, int]] | None = None) -> None:
+        """Mark rows as seen by `run_id` (and record a new size/mtime for content-identical files)."""
+        with self.db.atomic():
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start:start + 500]]
+                self.db.execute(f"UPDATE images SET run_id = ? WHERE id IN ({','.join('?' * len(chunk))})",
+                                [run_id, *chunk])
+            for image_id, (size, mtime_ns) in (new_stats or {}).items():
+                self.db.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", [size, mtime_ns, image_id])
+
+    def record_skipped(self, entries: Sequence[tuple[str, int, int, str]], run_id: int) -> None:
+        with self.db.atomic():
+            self.db["skipped"].upsert_all(
+                [{"path": p, "size": s, "mtime_ns": m, "reason": r, "run_id": run_id} for p, s, m, r in entries], pk="path")
+            for path, *_ in entries:  # a file that turned bad no longer belongs in the index
+                self._delete_where("path = ?", [path])
+
+    def touch_skipped(self, paths: Sequence[str], run_id: int) -> None:
+        with self.db.atomic():
+            for path in paths:
+                self.db.execute("UPDATE skipped SET run_id = ? WHERE path = ?", [run_id, path])
+
+    def sweep(self, roots: Sequence[str], run_id: int) -> int:
+        """Delete rows under `roots` not seen by `run_id` (deleted or excluded files); returns how many."""
+        removed = 0
+        with self.db.atomic():
+            for root in roots:
+                prefix = root.rstrip("/\\") + "/"
+                where = "run_id IS NOT ? AND (path = ? OR substr(path, 1, ?) = ?)"
+                params = [run_id, root, len(prefix), prefix]
+                removed += self._delete_where(where, params)
+                self.db.execute(f"DELETE FROM skipped WHERE {where}", params)
+        return removed
+
+    def delete_ids(self, ids: Sequence[int]) -> int:
+        removed = 0
+        with self.db.atomic():
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start:start + 500]]
+                removed += self._delete_where(f"id IN ({','.join('?' * len(chunk))})", chunk)
+        return removed
+
+    def clear(self) -> None:
+        """Forget every image (for --rebuild with another model)."""
+        with self.db.atomic():
+            self.db.execute("DELETE FROM embeddings")
+            self.db.execute("DELETE FROM images")
+            self.db.execute("DELETE FROM skipped")
+            self._bump_generation()
+
+    def _delete_where(self, where: str, params: list) -> int:
+        self.db.execute(f"DELETE FROM embeddings WHERE id IN (SELECT id FROM images WHERE {where})", params)
+        removed = self.db.execute(f"DELETE FROM images WHERE {where}", params).rowcount
+        if removed:
+            self._bump_generation()
+        return max(0, removed)
+
+    def _bump_generation(self) -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE SET "
+                        "value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)")
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+
+
+def _decode_vector(blob: bytes, dim: int) -> np.ndarray:
+    vector = np.frombuffer(blob, dtype=np.float32)
+    if vector.size != dim:
+        raise CollectionError(f"stored vector has {vector.size} dimensions, expected {dim}")
+    return vector.copy()

@@ -1,0 +1,238 @@
+"""The FAISS side of a collection: exact inner product while small, IVF-PQ with a refine stage past a threshold.
+
+The index is derived data: it is (re)built from the vectors SQLite holds (`Store.iter_vectors`) and
+saved atomically next to a small JSON sidecar that says which store generation it reflects, so a
+stale or foreign index is recognised instead of silently returning wrong rows. FAISS ids are the
+SQLite row ids (`IDMap` around the index).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import CollectionError
+
+DEFAULT_IVF_THRESHOLD = 50_000
+INDEX_FILE = "vectors.faiss"
+SIDECAR_FILE = "vectors.json"
+TRAINED_FILE = "ivfpq.trained.faiss"
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """Which FAISS structure holds the vectors, as an index factory string plus its search knobs."""
+
+    kind: str  # "flat" | "ivfpq"
+    factory: str
+    nlist: int = 0
+    nprobe: int = 0
+    refine_factor: int = 0
+
+    @classmethod
+    def for_size(cls, count: int, dim: int, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> "IndexLayout":
+        if count < ivf_threshold:
+            return cls(kind="flat", factory="IDMap,Flat")
+        nlist = int(min(65536, max(64, 2 ** round(math.log2(4 * math.sqrt(count))))))
+        m = _pq_subquantizers(dim)
+        return cls(kind="ivfpq", factory=f"IDMap,IVF{nlist},PQ{m}x4fs,RFlat", nlist=nlist,
+                   nprobe=max(8, nlist // 32), refine_factor=8)
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """Half as many sub-quantizers as dimensions (4-bit fast-scan), a divisor of dim."""
+    for m in (dim // 2, dim // 4, dim // 8, dim):
+        if m > 0 and dim % m == 0 and m % 2 == 0:
+            return m
+    return dim
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    """The JSON sidecar saved with the index."""
+
+    layout: IndexLayout
+    dim: int
+    count: int
+    model_id: str
+    generation: int
+    trained_on: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "IndexMeta":
+        raw = json.loads(text)
+        return cls(layout=IndexLayout(**raw["layout"]), dim=int(raw["dim"]), count=int(raw["count"]),
+                   model_id=str(raw["model_id"]), generation=int(raw["generation"]),
+                   trained_on=int(raw.get("trained_on", 0)))
+
+
+class VectorIndex:
+    """A loaded FAISS index plus its sidecar; search returns SQLite row ids."""
+
+    def __init__(self, index, meta: IndexMeta) -> None:
+        self.index = index
+        self.meta = meta
+        _apply_search_params(index, meta.layout)
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, count: int, dim: int, model_id: str,
+              generation: int, ivf_threshold: int = DEFAULT_IVF_THRESHOLD, trained=None, trained_on: int = 0,
+              sample: Callable[[int], np.ndarray] | None = None) -> "VectorIndex":
+        """Build from (ids, vectors) batches. `count` picks the layout; IVF-PQ needs `sample(n)` for training
+        unless a `trained` empty index of the same layout is given (reused while the collection has not
+        grown or shrunk by more than 4x since it was trained)."""
+        import faiss
+
+        layout = IndexLayout.for_size(count, dim, ivf_threshold)
+        if layout.kind == "flat":
+            index = faiss.index_factory(dim, layout.factory, faiss.METRIC_INNER_PRODUCT)
+        else:
+            reusable = (trained is not None and trained.d == dim and trained_on and
+                        trained_on / 4 <= count <= trained_on * 4 and
+                        faiss.extract_index_ivf(trained).nlist == layout.nlist)
+            if reusable:
+                index = faiss.clone_index(trained)
+                layout = IndexLayout(**{**asdict(layout), "nlist": faiss.extract_index_ivf(index).nlist})
+            else:
+                if sample is None:
+                    raise ValueError("an IVF-PQ index needs a training sample")
+                training = np.ascontiguousarray(sample(min(count, max(layout.nlist * 40, 20_000))), dtype=np.float32)
+                index = faiss.index_factory(dim, layout.factory, faiss.METRIC_INNER_PRODUCT)
+                index.train(training)
+                trained_on = count
+        for ids, vectors in batches:
+            if len(ids):
+                index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+        if index.ntotal != count:
+            raise CollectionError(f"built an index of {index.ntotal} vectors, expected {count}")
+        meta = IndexMeta(layout=layout, dim=dim, count=int(index.ntotal), model_id=model_id, generation=generation,
+                         trained_on=trained_on if layout.kind == "ivfpq" else 0)
+        return cls(index, meta)
+
+    def empty_trained_copy(self):
+        """An empty clone of a trained IVF-PQ index (to save and reuse on the next rebuild), else None."""
+        import faiss
+
+        if self.meta.layout.kind != "ivfpq":
+            return None
+        clone = faiss.clone_index(self.index)
+        clone.reset()
+        return clone
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """Write index then sidecar, each atomically (temp file, fsync, rename)."""
+        import faiss
+
+        folder = Path(folder)
+        _atomic_write(folder / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        trained = self.empty_trained_copy()
+        if trained is not None:
+            _atomic_write(folder / TRAINED_FILE, lambda tmp: faiss.write_index(trained, str(tmp)))
+        _atomic_write(folder / SIDECAR_FILE, lambda tmp: tmp.write_text(self.meta.to_json(), encoding="utf-8"))
+
+    @classmethod
+    def load(cls, folder: Path, mmap: bool = False) -> "VectorIndex":
+        import faiss
+
+        folder = Path(folder)
+        index_path, sidecar_path = folder / INDEX_FILE, folder / SIDECAR_FILE
+        if not index_path.is_file() or not sidecar_path.is_file():
+            raise CollectionError(f"{folder}: no vector index (was indexing interrupted before it finished?)",
+                                  "Run `clipsearch index` on the collection's folders again to complete it.")
+        try:
+            meta = IndexMeta.from_json(sidecar_path.read_text(encoding="utf-8"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CollectionError(f"{sidecar_path}: malformed ({exc})") from exc
+        try:
+            flags = faiss.IO_FLAG_MMAP_IFC if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC") else 0
+            index = faiss.read_index(str(index_path), flags) if flags else faiss.read_index(str(index_path))
+        except RuntimeError as exc:
+            raise CollectionError(f"{index_path}: unreadable FAISS index ({str(exc).splitlines()[0][:200]})",
+                                  "Repair it with: clipsearch index PATH (rebuilds the index from SQLite)") from exc
+        return cls(index, meta)
+
+    @staticmethod
+    def load_trained(folder: Path):
+        import faiss
+
+        path = Path(folder) / TRAINED_FILE
+        if not path.is_file():
+            return None
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError:
+            return None
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def ids(self) -> np.ndarray:
+        import faiss
+
+        return np.sort(faiss.vector_to_array(self.index.id_map).astype(np.int64))
+
+    def search(self, queries: np.ndarray, k: int, exclude_ids: Iterable[int] = ()) -> list[list[tuple[int, float]]]:
+        """Top-k (id, inner product) per query row, best first, never returning an excluded id."""
+        excluded = {int(i) for i in exclude_ids}
+        if self.count == 0 or k <= 0:
+            return [[] for _ in range(len(queries))]
+        fetch = min(self.count, k + len(excluded))
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta.dim), fetch)
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            hits = [(int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) not in excluded]
+            results.append(hits[:k])
+        return results
+
+    def bytes_on_disk(self, folder: Path) -> int:
+        return sum((Path(folder) / name).stat().st_size for name in (INDEX_FILE, SIDECAR_FILE, TRAINED_FILE)
+                   if (Path(folder) / name).is_file())
+
+
+def _apply_search_params(index, layout: IndexLayout) -> None:
+    if layout.kind != "ivfpq":
+        return
+    import faiss
+
+    faiss.extract_index_ivf(index).nprobe = layout.nprobe
+    refine = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    if hasattr(refine, "k_factor"):
+        refine.k_factor = layout.refine_factor
+
+
+def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+    """Write through `write(tmp_path)` into a temp file beside `target`, fsync it, rename over target, fsync the dir."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

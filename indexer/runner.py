@@ -1,0 +1,98 @@
+"""Runners drive reader -> mapper -> writer. `LocalRunner` decodes in worker processes on this machine while
+the main process runs the encoder; a distributed runner (Ray) would replace only this module.
+
+A run is crash-safe: rows and vectors are committed to SQLite per batch, the sweep of vanished files
+happens only after every file was seen, and the FAISS index is rebuilt from SQLite at the end (or by
+the next run / `Collection.load_vectors` if this one was killed), so `clipsearch check` passes once an
+interrupted run has been resumed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from clipsearch.collection import Collection
+from clipsearch.errors import CollectionError
+from clipsearch.store import SkippedFile
+
+from .pipeline import BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan
+from .reader import ParallelReader
+from .walk import walk
+
+
+@dataclass(frozen=True)
+class RunTimings:
+    walk_seconds: float
+    encode_seconds: float
+    index_seconds: float
+
+
+class LocalRunner:
+    def __init__(self, options: IndexOptions = IndexOptions()) -> None:
+        self.options = options
+        self.last_timings: RunTimings | None = None
+
+    def run(self, collection: Collection, model, roots: Sequence[str | Path],
+            progress: ProgressCallback | None = None) -> IndexSummary:
+        """Index `roots` into `collection` with `model` (a `clipsearch.runtime.ClipModel`)."""
+        options = self.options
+        started = time.perf_counter()
+        collection.bind_model(model.info, rebuild=options.rebuild)
+        store = collection.store
+        summary = IndexSummary(collection=collection.name, model_id=model.model_id)
+
+        walked = walk(roots, options.walk_options())
+        if not walked.roots:
+            raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
+        summary.skipped.extend(SkippedFile(p, r) for p, r in walked.problems)
+        walk_seconds = time.perf_counter() - started
+
+        run_id = store.next_run_id()
+        plan = make_plan(walked.files, store)
+        store.touch(plan.unchanged_ids, run_id)
+        store.touch_skipped(plan.still_bad_paths, run_id)
+        summary.unchanged = len(plan.unchanged_ids)
+        summary.skipped.extend(plan.still_bad)
+
+        writer = Writer(store, model.model_id, run_id, model.embed_dim, summary)
+        assembler = BatchAssembler(Mapper(model), writer, plan.existing, options.batch_size)
+        total = len(plan.to_read)
+        done = 0
+        if progress:
+            progress(0, total)
+        try:
+            if plan.to_read:
+                with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
+                                    chunk_size=options.chunk_size, nice=options.worker_nice) as reader:
+                    for result in reader.read(plan.to_read):
+                        assembler.add(result)
+                        done += 1
+                        if progress and (done % 8 == 0 or done == total):
+                            progress(done, total)
+                    assembler.flush()
+                    if assembler.retry:
+                        retry, assembler.retry = assembler.retry, []
+                        for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
+                            assembler.add(result)
+                        assembler.flush()
+            summary.removed = store.sweep(walked.roots, run_id)
+        finally:
+            # Even when interrupted, leave FAISS in agreement with what SQLite committed.
+            index_started = time.perf_counter()
+            built = collection.sync_vectors(options.ivf_threshold)
+            index_seconds = time.perf_counter() - index_started
+        summary.total = store.count()
+        stats_kind = built.meta.layout.kind if built is not None else (collection.stats().index_kind or "")
+        summary.index_kind = stats_kind
+        summary.seconds = time.perf_counter() - started
+        self.last_timings = RunTimings(walk_seconds, assembler.encode_seconds, index_seconds)
+        return summary
+
+
+def index_paths(collection: Collection, model, roots: Sequence[str | Path], options: IndexOptions = IndexOptions(),
+                progress: ProgressCallback | None = None) -> IndexSummary:
+    """Convenience entry point: run the local runner once."""
+    return LocalRunner(options).run(collection, model, roots, progress)
