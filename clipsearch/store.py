@@ -78,12 +78,13 @@ _IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "he
 
 
 class Store:
-    """The SQLite side of a collection. Not shared between threads; open one per process/thread."""
+    """The SQLite side of a collection. One connection; callers sharing it between threads serialise access."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self.db = sqlite_utils.Database(self.path)
+            # check_same_thread=False: a Searcher serves API threads, serialising access with its own lock.
+            self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
             self.db.enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")

@@ -1,0 +1,131 @@
+"""`clipsearch index`, `clipsearch check`, `clipsearch stats`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from . import app
+
+_INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator:
+    """A rich progress bar (count, images/s, ETA) on a terminal; a no-op callback otherwise."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} img/s" if speed else "– img/s")
+
+    progress = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), RateColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    with progress:
+        task = progress.add_task("indexing", total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def index(
+    paths: List[Path] = typer.Argument(..., help="Folders or image files to index (recursively)"),
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the collection's model, else the default model)"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per encoder call"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: one per core; 0 = none)"),
+    exclude: List[str] = typer.Option([], "--exclude", help="Glob of files or folders to leave out (repeatable)"),
+    include_hidden: bool = typer.Option(False, "--include-hidden", help="Also walk hidden and tool folders (.git, node_modules, ...)"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Forget all vectors and re-embed (needed to switch models)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Encoder threads (default: all cores)"),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+) -> None:
+    """Index photos: new files are embedded, changed ones re-embedded, vanished ones removed."""
+    from ..collection import Collection
+    from ..indexer.pipeline import IndexOptions
+    from ..indexer.runner import LocalRunner
+    from ..models import load_model
+
+    target = Collection.create(collection, index_dir)
+    with target:
+        remembered = target.model
+        spec = model or (remembered.spec if remembered else None)
+        clip = load_model(spec, threads=threads)
+        options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
+                               include_hidden=include_hidden, rebuild=rebuild)
+        show_bar = not as_json and sys.stderr.isatty()
+        with _progress_bar(show_bar) as progress:
+            summary = LocalRunner(options).run(target, clip, [str(p) for p in paths], progress)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
+        return
+    rate = (summary.embedded + summary.reused) / summary.seconds if summary.seconds else 0.0
+    typer.echo(f"{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} reused, "
+               f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
+               f"{summary.total} images in total ({summary.seconds:.1f} s, {rate:.1f} img/s)")
+    for skipped in summary.skipped:
+        typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+
+
+@app.command()
+def check(
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Verify that SQLite and FAISS agree (counts, ids, model); exit 1 with the details when they do not."""
+    from ..collection import Collection
+
+    with Collection.open(collection, index_dir) as target:
+        report = target.check()
+    if as_json:
+        typer.echo(json.dumps({"collection": report.name, "ok": report.ok, "images": report.images,
+                               "index_count": report.index_count, "problems": report.problems}, indent=2))
+    elif report.ok:
+        typer.echo(f"{report.name}: ok ({report.images} images, index holds {report.index_count})")
+    else:
+        typer.secho(f"{report.name}: {len(report.problems)} problem(s)", err=True, fg="red")
+        for problem in report.problems:
+            typer.echo(f"  - {problem}", err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def stats(
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Counts, model, index type and bytes on disk of a collection."""
+    from dataclasses import asdict
+
+    from ..collection import Collection
+
+    with Collection.open(collection, index_dir) as target:
+        info = target.stats()
+    if as_json:
+        typer.echo(json.dumps(asdict(info), indent=2, ensure_ascii=False))
+        return
+    model = info.model
+    typer.echo(f"collection   {info.name}  ({info.folder})")
+    typer.echo(f"images       {info.images}  (+{info.skipped} skipped files)")
+    typer.echo(f"model        {model.model_id if model else '-'}")
+    typer.echo(f"index        {info.index_kind or '-'}, {info.index_count if info.index_count is not None else '-'} vectors"
+               f"{'' if info.index_fresh else '  (stale: run clipsearch index again)'}")
+    typer.echo(f"disk         {info.bytes_on_disk / 1e6:.2f} MB")

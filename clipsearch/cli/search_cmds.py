@@ -1,0 +1,149 @@
+"""`clipsearch search` and `clipsearch classify`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+
+_INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
+
+
+@app.command()
+def search(
+    text: Optional[str] = typer.Argument(None, help='What to look for, e.g. "a dog on a beach" (weight prefix: "2:dog")'),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="An image file as the query"),
+    like: Optional[int] = typer.Option(None, "--like", help="The id of an indexed image as the query"),
+    and_: List[str] = typer.Option([], "--and", "-a", help="Add a text to the query (repeatable; weight prefix: '0.5:sunset')"),
+    not_: List[str] = typer.Option([], "--not", "-n", help="Subtract a text from the query (repeatable)"),
+    k: int = typer.Option(10, "-k", "--top", min=1, max=10_000, help="How many results"),
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the collection's model)"),
+    include_self: bool = typer.Option(False, "--include-self", help="Also return the query image itself"),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help='Print [{"id", "path", "score", "width", "height"}] best first'),
+) -> None:
+    """Find indexed photos by text, by an example image, or by an indexed image."""
+    from ..search import SearchQuery, Searcher
+
+    query = SearchQuery.build(text=text, image=image, like=like, and_texts=and_, not_texts=not_, k=k,
+                              include_query_images=include_self)
+    query.validate()  # before loading anything
+    with Searcher.open(collection, index_dir, model) as searcher:
+        hits = searcher.search(query)
+    if as_json:
+        typer.echo(json.dumps([{"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height}
+                               for h in hits], indent=2, ensure_ascii=False))
+        return
+    for rank, hit in enumerate(hits, 1):
+        typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
+
+
+def _image_files(targets: List[Path]) -> tuple[list[str], list[tuple[str, str]]]:
+    from ..indexer.walk import walk
+
+    walked = walk([str(t) for t in targets])
+    return [f.path for f in walked.files], list(walked.problems)
+
+
+@app.command()
+def classify(
+    targets: List[Path] = typer.Argument(..., help="Image files or folders (recursively)"),
+    labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car"'),
+    labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="File of labels, one per line"),
+    template: List[str] = typer.Option([], "--template", help="Prompt template with {} (repeatable; default: CLIP's ensemble)"),
+    collection: Optional[str] = typer.Option(None, "--collection", "-c", help="Use this collection's model (and its stored vectors of unchanged files)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec"),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of CSV"),
+) -> None:
+    """Zero-shot classification: probabilities per label; with a folder, one row per image (CSV or JSON)."""
+    from ..classify import DEFAULT_TEMPLATES, Classifier, parse_labels
+    from ..collection import Collection
+    from ..errors import ImageError
+    from ..models import load_model
+    from ..preprocess import open_image
+
+    label_list = parse_labels(labels, labels_file)
+    files, problems = _image_files(targets)
+    if not files and not problems:
+        raise typer.BadParameter("no image files found", param_hint="TARGETS")
+    store, dim, spec = None, 0, model
+    opened = None
+    if collection:
+        opened = Collection.open(collection, index_dir)
+        remembered = opened.require_model()
+        spec = model or remembered.spec
+        if model is None or spec == remembered.spec:
+            store, dim = opened.store, remembered.embed_dim
+    clip = load_model(spec)
+    if store is not None and clip.model_id != opened.require_model().model_id:
+        store = None
+    classifier = Classifier(clip, label_list, tuple(template) or DEFAULT_TEMPLATES)
+    rows: list[dict] = []
+    errors: list[dict] = [{"path": p, "error": r} for p, r in problems]
+    pending: list[tuple[str, object]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        vectors = clip.encode_images([img for _, img in pending])
+        for (path, _), scores in zip(pending, classifier.classify_vectors(vectors)):
+            rows.append({"path": path, "scores": scores})
+        pending.clear()
+
+    for path in files:
+        if store is not None:
+            record = store.find_by_path(path)
+            if record is not None:
+                stat = os.stat(path)
+                if record.size == stat.st_size and record.mtime_ns == stat.st_mtime_ns:
+                    vector = store.vector(record.id, dim)
+                    if vector is not None:
+                        rows.append({"path": path, "scores": classifier.classify_vector(vector)})
+                        continue
+        try:
+            pending.append((path, open_image(path, draft_size=(clip.preprocess.size[1], clip.preprocess.size[0]))))
+        except ImageError as exc:
+            errors.append({"path": path, "error": exc.message.removeprefix(f"{path}: ")})
+            continue
+        if len(pending) >= 32:
+            flush()
+    flush()
+    if opened is not None:
+        opened.close()
+    order = {path: i for i, path in enumerate(files)}
+    rows.sort(key=lambda r: order[r["path"]])
+
+    if as_json:
+        out = [{"path": r["path"], "label": r["scores"][0].label, "probability": round(r["scores"][0].probability, 6),
+                "probabilities": {s.label: round(s.probability, 6) for s in r["scores"]}} for r in rows]
+        if len(files) == 1 and len(targets) == 1 and targets[0].is_file() and out:
+            payload: object = out[0]
+        else:
+            payload = out
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        if len(rows) == 1 and len(targets) == 1 and targets[0].is_file():
+            writer = csv.writer(sys.stdout)
+            writer.writerow(["label", "probability"])
+            for score in rows[0]["scores"]:
+                writer.writerow([score.label, f"{score.probability:.6f}"])
+        else:
+            writer = csv.writer(sys.stdout)
+            writer.writerow(["path", "label", "probability", *label_list])
+            for r in rows:
+                by_label = {s.label: s.probability for s in r["scores"]}
+                writer.writerow([r["path"], r["scores"][0].label, f"{r['scores'][0].probability:.6f}",
+                                 *(f"{by_label[label]:.6f}" for label in label_list)])
+    for e in errors:
+        typer.echo(f"skipped {e['path']}: {e['error']}", err=True)
+    if errors and not rows:
+        raise typer.Exit(1)

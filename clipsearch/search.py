@@ -1,0 +1,268 @@
+"""The query service: text, an image (path or bytes) or an indexed image as the query, combined with
+weights like rclip ("beach" and not "people"), answered from a collection's FAISS index and joined
+with SQLite metadata.
+
+A `Searcher` keeps its model and index loaded across queries (the REST API holds one per collection);
+it is safe to call from several threads. Example::
+
+    searcher = Searcher.open("default")
+    hits = searcher.search(SearchQuery.build(text="beach", not_texts=["people"], k=20))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .collection import DEFAULT_COLLECTION, Collection
+from .errors import CollectionError, QueryError
+
+MAX_QUERY_CHARS = 10_000
+MAX_K = 10_000
+_WEIGHT_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """One part of a query. `kind` is "text" (value: str), "image" (value: path str or bytes) or
+    "like" (value: an indexed image id). A negative `weight` subtracts the term ("not")."""
+
+    kind: str
+    value: str | bytes | int
+    weight: float = 1.0
+
+    def describe(self) -> str:
+        shown = f"<{len(self.value)} bytes>" if isinstance(self.value, bytes) else str(self.value)
+        return f"{self.weight:+g}×{self.kind}:{shown}"
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    terms: tuple[QueryTerm, ...]
+    k: int = 10
+    include_query_images: bool = False  # return the query image itself (by id, path or identical bytes)
+
+    @classmethod
+    def build(cls, text: str | None = None, image: str | os.PathLike[str] | bytes | None = None,
+              like: int | None = None, and_texts: Sequence[str] = (), not_texts: Sequence[str] = (),
+              and_images: Sequence[str | os.PathLike[str] | bytes] = (),
+              not_images: Sequence[str | os.PathLike[str] | bytes] = (), k: int = 10,
+              include_query_images: bool = False) -> "SearchQuery":
+        """Assemble a query; texts may carry an rclip-style weight prefix, e.g. "2:beach" or "0.5:sunset"."""
+        terms: list[QueryTerm] = []
+        if text is not None:
+            terms.append(text_term(text))
+        if image is not None:
+            terms.append(image_term(image))
+        if like is not None:
+            terms.append(QueryTerm("like", int(like)))
+        terms.extend(text_term(t) for t in and_texts)
+        terms.extend(image_term(i) for i in and_images)
+        terms.extend(text_term(t, negate=True) for t in not_texts)
+        terms.extend(image_term(i, negate=True) for i in not_images)
+        return cls(terms=tuple(terms), k=k, include_query_images=include_query_images)
+
+    def validate(self) -> None:
+        if not self.terms:
+            raise QueryError("empty query: give a text, --image PATH or --like ID")
+        if not any(t.weight > 0 for t in self.terms):
+            raise QueryError("a query needs at least one positive term (--not only subtracts)")
+        if not 1 <= self.k <= MAX_K:
+            raise QueryError(f"k must be between 1 and {MAX_K}, not {self.k}")
+        for term in self.terms:
+            if term.kind == "text":
+                text = str(term.value)
+                if not text.strip():
+                    raise QueryError("empty text query")
+                if len(text) > MAX_QUERY_CHARS:
+                    raise QueryError(f"text query of {len(text):,} characters is longer than {MAX_QUERY_CHARS:,}")
+            elif term.kind not in ("image", "like"):
+                raise QueryError(f"unknown query term kind {term.kind!r}")
+
+
+def parse_weight(text: str) -> tuple[float, str]:
+    """'2:beach' -> (2.0, 'beach'); 'beach' -> (1.0, 'beach'); 'photo: x' (no number) stays as is."""
+    match = _WEIGHT_RE.match(text)
+    if match:
+        return float(match.group(1)), match.group(2).strip()
+    return 1.0, text
+
+
+def text_term(text: str, negate: bool = False) -> QueryTerm:
+    weight, body = parse_weight(text)
+    return QueryTerm("text", body, -abs(weight) if negate else weight)
+
+
+def image_term(image: str | os.PathLike[str] | bytes, negate: bool = False, weight: float = 1.0) -> QueryTerm:
+    value = image if isinstance(image, bytes) else os.fspath(image)
+    return QueryTerm("image", value, -abs(weight) if negate else weight)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: int
+    path: str
+    score: float
+    width: int | None
+    height: int | None
+    taken_at: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QueryVector:
+    """A combined, L2-normalised query and the ids it must not return."""
+
+    vector: np.ndarray
+    exclude_ids: set[int] = field(default_factory=set)
+
+
+class Searcher:
+    """Answers `SearchQuery`s over one collection; model and index load lazily and stay loaded."""
+
+    def __init__(self, collection: Collection, model=None, model_spec: str | None = None) -> None:
+        self.collection = collection
+        self.collection_model = collection.require_model()
+        self._model = model
+        self._model_spec = model_spec
+        self._index = None
+        self._index_generation: int | None = None
+        self._lock = threading.RLock()
+        if model is not None:
+            self._check_model(model)
+
+    @classmethod
+    def open(cls, collection: str = DEFAULT_COLLECTION, index_dir: str | os.PathLike[str] | None = None,
+             model: str | None = None) -> "Searcher":
+        """Open a collection by name; `model` (a spec) overrides the model it remembers, if it is the same one."""
+        return cls(Collection.open(collection, index_dir), model_spec=model)
+
+    def close(self) -> None:
+        self.collection.close()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- loading --------------------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    from .models import load_model
+
+                    model = load_model(self._model_spec or self.collection_model.spec)
+                    self._check_model(model)
+                    self._model = model
+        return self._model
+
+    def _check_model(self, model) -> None:
+        if model.model_id != self.collection_model.model_id:
+            raise CollectionError(
+                f"collection {self.collection.name!r} was built with {self.collection_model.model_id}; "
+                f"model {model.model_id} cannot search it",
+                "Leave out --model to use the collection's own model, or re-index with --rebuild.")
+
+    @property
+    def index(self):
+        """The FAISS index; reloaded when an indexing run changed the collection since it was loaded."""
+        with self._lock:
+            generation = self.collection.store.generation
+            if self._index is None or generation != self._index_generation:
+                self._index = self.collection.load_vectors(mmap=True)
+                self._index_generation = generation
+            return self._index
+
+    # -- queries --------------------------------------------------------------------------------
+    def query_vector(self, query: SearchQuery) -> QueryVector:
+        query.validate()
+        dim = self.collection_model.embed_dim
+        total = np.zeros(dim, dtype=np.float32)
+        exclude: set[int] = set()
+        texts = [t for t in query.terms if t.kind == "text"]
+        if texts:
+            encoded = self.model.encode_text([str(t.value) for t in texts])
+            for term, vector in zip(texts, encoded):
+                total += term.weight * vector
+        for term in query.terms:
+            if term.kind == "like":
+                image_id = int(term.value)
+                with self._lock:
+                    vector = self.collection.store.vector(image_id, dim)
+                if vector is None:
+                    raise QueryError(f"no indexed image with id {image_id} in collection {self.collection.name!r}")
+                total += term.weight * vector
+                exclude.add(image_id)
+            elif term.kind == "image":
+                vector, same = self._image_vector(term.value)
+                total += term.weight * vector
+                exclude.update(same)
+        norm = float(np.linalg.norm(total))
+        if not np.isfinite(norm) or norm < 1e-6:
+            raise QueryError("the query terms cancel each other out")
+        return QueryVector(total / norm, set() if query.include_query_images else exclude)
+
+    def _image_vector(self, value: str | bytes | int) -> tuple[np.ndarray, set[int]]:
+        """Embed an image file or bytes; also return the ids of indexed copies of those very bytes."""
+        from .preprocess import open_image
+
+        if isinstance(value, bytes):
+            data = value
+        else:
+            try:
+                data = Path(str(value)).read_bytes()
+            except FileNotFoundError as exc:
+                raise QueryError(f"{value}: no such file") from exc
+            except IsADirectoryError as exc:
+                raise QueryError(f"{value}: is a directory, not an image") from exc
+            except OSError as exc:
+                raise QueryError(f"{value}: cannot read ({exc.strerror or exc})") from exc
+        image = open_image(data)
+        vector = self.model.encode_images([image])[0]
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        with self._lock:
+            same = {row[0] for row in self.collection.store.db.execute(
+                "SELECT id FROM images WHERE content_hash = ?", [digest])}
+            if not isinstance(value, bytes):
+                record = self.collection.store.find_by_path(os.path.abspath(str(value)))
+                if record is not None:
+                    same.add(record.id)
+        return vector, same
+
+    def search(self, query: SearchQuery) -> list[SearchHit]:
+        """Best-first hits joined with their metadata."""
+        qv = self.query_vector(query)
+        return self.search_vector(qv.vector, query.k, qv.exclude_ids)
+
+    def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = ()) -> list[SearchHit]:
+        index = self.index
+        ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids)[0]
+        with self._lock:
+            records = self.collection.store.get_many([i for i, _ in ranked])
+        hits = []
+        for image_id, score in ranked:
+            record = records.get(image_id)
+            if record is None:  # the index is ahead of SQLite: never show a row we cannot name
+                continue
+            hits.append(SearchHit(id=image_id, path=record.path, score=round(score, 6), width=record.width,
+                                  height=record.height, taken_at=record.taken_at))
+        return hits
+
+
+def search(query: SearchQuery, collection: str = DEFAULT_COLLECTION,
+           index_dir: str | os.PathLike[str] | None = None, model: str | None = None) -> list[SearchHit]:
+    """One-shot convenience: open, search, close."""
+    with Searcher.open(collection, index_dir, model) as searcher:
+        return searcher.search(query)
