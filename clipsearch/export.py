@@ -8,6 +8,7 @@ costs 7 tokens of compute, not 77). Both graphs end in L2 normalisation.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -48,6 +49,9 @@ def _open_clip():
 
 
 def _hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """False when offline mode is asked for (CLIPSEARCH_OFFLINE=1 or HF_HUB_OFFLINE=1) or the host cannot be reached."""
+    if os.environ.get("CLIPSEARCH_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
@@ -211,7 +215,7 @@ def build_clip_tokenizer(bpe_path: str | Path):
     """A `tokenizers` file equivalent to open_clip's SimpleTokenizer (after its ftfy/HTML cleaning)."""
     import gzip
 
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -236,6 +240,8 @@ def build_clip_tokenizer(bpe_path: str | Path):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
+    # open_clip maps the literal marker strings to their special ids (its BPE cache holds them whole).
+    tokenizer.add_special_tokens([AddedToken(t, normalized=True) for t in ("<start_of_text>", "<end_of_text>")])
     return tokenizer, vocab["<start_of_text>"], vocab["<end_of_text>"]
 
 

@@ -28,6 +28,8 @@ class SessionOptions:
 
     threads: int | None = None
     providers: tuple[str, ...] | None = None
+    # fp16 graphs crash onnxruntime's CPU layout optimiser (ORT_ENABLE_ALL, seen with 1.32); they get "extended".
+    optimization: str = "all"
 
     def resolved_providers(self) -> list[str]:
         import onnxruntime as ort
@@ -55,7 +57,8 @@ class OnnxSession:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.options.optimization == "all"
+                                       else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         so.intra_op_num_threads = self.options.threads or os.cpu_count() or 1
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
@@ -89,7 +92,8 @@ class ClipModel:
                  providers: Sequence[str] | None = None) -> None:
         self.info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
         self.preprocess: PreprocessSpec = read_preprocess(self.info)
-        options = SessionOptions(threads=threads, providers=tuple(providers) if providers else None)
+        options = SessionOptions(threads=threads, providers=tuple(providers) if providers else None,
+                                 optimization="extended" if self.info.precision == "fp16" else "all")
         self.visual = OnnxSession(self.info.file("visual.onnx"), options)
         self.textual = OnnxSession(self.info.file("textual.onnx"), options)
         self._tokenizer: TextTokenizer | None = None

@@ -1,0 +1,114 @@
+"""`clipsearch models …` (export, list, info) and `clipsearch embed`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+
+models_app = typer.Typer(help="Export, list and inspect model bundles.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("export")
+def export_cmd(
+    arch: str = typer.Argument(..., help="open_clip architecture, e.g. ViT-B-32"),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag (e.g. laion2b_s34b_b79k) or a checkpoint file"),
+    random_init: bool = typer.Option(False, "--random-init", help="Random weights (tests and benchmarks)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    name: Optional[str] = typer.Option(None, "--name", help="Name recorded in model.json"),
+    seed: int = typer.Option(0, "--seed", help="Seed for --random-init"),
+) -> None:
+    """Export an open_clip model to an ONNX bundle."""
+    from ..export import PRECISIONS, ExportRequest, export_bundle
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    if bool(pretrained) == random_init:
+        raise typer.BadParameter("give exactly one of --pretrained TAG_OR_FILE and --random-init")
+    folder = export_bundle(ExportRequest(arch=arch, pretrained=pretrained, random_init=random_init, out=out,
+                                         precision=precision, name=name, seed=seed))
+    typer.echo(f"exported {arch} ({precision}) to {folder}")
+
+
+@models_app.command("list")
+def list_cmd(
+    architectures: bool = typer.Option(False, "--architectures", help="List open_clip architectures and tags instead"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Bundled and cached models (or, with --architectures, what open_clip can export)."""
+    if architectures:
+        from ..export import _open_clip
+
+        pairs = _open_clip().list_pretrained()
+        rows = [{"arch": a, "tag": t, "spec": f"{a}/{t}"} for a, t in pairs]
+        typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join(r["spec"] for r in rows))
+        return
+    from ..bundle import read_bundle
+    from ..models import list_models
+
+    rows = []
+    for entry in list_models():
+        info = read_bundle(entry.path)
+        rows.append({"name": entry.name, "origin": entry.origin, "path": str(entry.path), "embed_dim": info.embed_dim,
+                     "precision": info.precision})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        typer.echo("no models yet; export one with `clipsearch models export ARCH --pretrained TAG --out DIR`")
+    else:
+        for row in rows:
+            typer.echo(f"{row['name']:<40} {row['origin']:<8} dim={row['embed_dim']:<5} {row['precision']:<5} {row['path']}")
+
+
+@models_app.command("info")
+def info_cmd(
+    model: str = typer.Argument(..., help="Bundle folder or model name"),
+    verify: bool = typer.Option(False, "--verify", help="Check each file's sha256 against model.json"),
+) -> None:
+    """Print a bundle's model.json (and verify its checksums with --verify)."""
+    from ..bundle import verify_bundle
+    from ..models import resolve_model
+
+    info = resolve_model(model, export_missing=False)
+    raw = json.loads(info.file("model.json").read_text(encoding="utf-8"))
+    raw["path"] = str(info.path)
+    raw["model_id"] = info.model_id
+    raw["sizes"] = {p.name: p.stat().st_size for p in sorted(info.path.iterdir()) if p.is_file()}
+    if verify:
+        problems = verify_bundle(info)
+        raw["verified"] = not problems
+        raw["problems"] = problems
+    typer.echo(json.dumps(raw, indent=2, ensure_ascii=False))
+    if verify and raw["problems"]:
+        raise typer.Exit(1)
+
+
+@app.command("embed")
+def embed_cmd(
+    model: Optional[str] = typer.Option(None, "--model", help="Bundle folder, cached name, or ARCH/TAG"),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="Text to embed (repeatable)"),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file to embed (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON list per input"),
+) -> None:
+    """Print L2-normalised embeddings, one line per input."""
+    from ..models import load_model
+    from ..preprocess import open_image
+
+    if not text and not image:
+        raise typer.BadParameter("give --text and/or --image")
+    clip = load_model(model)
+    vectors = []
+    if text:
+        vectors.extend(clip.encode_text(list(text)).tolist())
+    if image:
+        height, width = clip.preprocess.size
+        images = [open_image(p, draft_size=(width, height)) for p in image]
+        vectors.extend(clip.encode_images(images).tolist())
+    for vector in vectors:
+        typer.echo(json.dumps([round(v, 7) for v in vector]) if as_json else " ".join(f"{v:.7f}" for v in vector))

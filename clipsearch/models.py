@@ -1,0 +1,93 @@
+"""Finding a model by what the user typed after `--model`.
+
+A model spec is one of:
+  * a bundle folder (anything containing model.json),
+  * a name in the local model cache (`clipsearch models list`) or a bundled model (`emoji-mini`),
+  * `ARCH/TAG`, an open_clip architecture and pretrained tag, exported into the cache on first use
+    (needs the `export` extra and, the first time, a network connection).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import BundleInfo, is_bundle, read_bundle
+from .errors import ModelNotAvailable
+from .paths import model_cache_dir
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+# The model a fresh install uses when nothing else is said: it ships inside the package and works offline.
+DEFAULT_MODEL = "emoji-mini"
+# What we recommend for real photos on a connected machine.
+RECOMMENDED_PRETRAINED = "ViT-B-32/laion2b_s34b_b79k"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    origin: str  # "bundled" | "cache"
+
+
+def default_model_spec() -> str:
+    return os.environ.get("CLIPSEARCH_MODEL") or DEFAULT_MODEL
+
+
+def cache_name(arch: str, tag: str) -> str:
+    return f"{arch}__{tag}"
+
+
+def list_models() -> list[ModelEntry]:
+    entries = []
+    for origin, root in (("bundled", BUNDLED_DIR), ("cache", model_cache_dir())):
+        if root.is_dir():
+            for child in sorted(root.iterdir()):
+                if is_bundle(child):
+                    entries.append(ModelEntry(child.name, child, origin))
+    return entries
+
+
+def _not_found(spec: str) -> ModelNotAvailable:
+    known = ", ".join(e.name for e in list_models()) or "none"
+    return ModelNotAvailable(
+        f"no model '{spec}': not a bundle folder, not in the model cache ({model_cache_dir()}), not a bundled model",
+        f"Known models: {known}. Use a bundle folder, a listed name, or ARCH/TAG such as {RECOMMENDED_PRETRAINED} "
+        "(exported on first use; needs `pip install 'clipsearch[export]'` and a network connection once).",
+    )
+
+
+def resolve_model(spec: str | os.PathLike[str] | None = None, *, export_missing: bool = True) -> BundleInfo:
+    """Turn a model spec into a readable bundle, exporting `ARCH/TAG` into the cache when needed."""
+    text = str(spec) if spec is not None else default_model_spec()
+    candidate = Path(text).expanduser()
+    if is_bundle(candidate):
+        return read_bundle(candidate)
+    for root in (BUNDLED_DIR, model_cache_dir()):
+        if is_bundle(root / text):
+            return read_bundle(root / text)
+    if "/" in text and not candidate.exists():
+        arch, _, tag = text.partition("/")
+        cached = model_cache_dir() / cache_name(arch, tag)
+        if is_bundle(cached):
+            return read_bundle(cached)
+        if not export_missing:
+            raise _not_found(text)
+        return read_bundle(_export_into_cache(arch, tag, cached))
+    raise _not_found(text)
+
+
+def _export_into_cache(arch: str, tag: str, target: Path) -> Path:
+    try:
+        from .export import ExportRequest, export_bundle
+    except ImportError as exc:  # pragma: no cover - export.py itself imports nothing heavy at module level
+        raise ModelNotAvailable(f"cannot export {arch}/{tag}: {exc}") from exc
+    return export_bundle(ExportRequest(arch=arch, pretrained=tag, out=target, name=cache_name(arch, tag)))
+
+
+def load_model(spec: str | os.PathLike[str] | None = None, threads: int | None = None):
+    """Resolve a spec and open it as a `ClipModel` (sessions still lazy)."""
+    from .runtime import ClipModel
+
+    return ClipModel(resolve_model(spec), threads=threads)

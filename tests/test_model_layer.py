@@ -1,0 +1,186 @@
+"""Model bundles: tokenizer and embedding parity with open_clip, precision variants, no torch at runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch.bundle import read_bundle, verify_bundle
+from clipsearch.runtime import ClipModel
+
+VARIED_TEXTS = [
+    "a dog on a beach",
+    "",
+    "   ",
+    "Café crème brûlée à la française",
+    "东京タワーの夜景 서울 北京",
+    "🐶🐱🍕 emoji!! 👩🏽‍🚀",
+    "  lots   of\t\nwhitespace \u00a0 and\u2003em spaces  ",
+    "don't you're it's I'll we've she'd I'm",
+    "<b>html</b> &amp; &lt;tag&gt; &amp;amp;",
+    "“curly quotes” ‘single’ — em dash… ellipsis",
+    "ＦＵＬＬＷＩＤＴＨ ｌｅｔｔｅｒｓ",
+    "İstanbul straße ǅemal ﬁsh",
+    "punctuation!!! ??? ... ,,, ;;; --- ___ ***",
+    "numbers 1234567890 3.14159 1,000,000 $5 100%",
+    "MiXeD CaSe WORDS",
+    "word " * 120,
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "tab\tseparated\tvalues\r\nand carriage returns",
+    "<start_of_text> literal special tokens <end_of_text>",
+]
+
+
+def _random_images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    images = []
+    for i in range(count):
+        h, w = 60 + 17 * i, 90 + 23 * i  # varied aspect ratios exercise resize + centre crop
+        images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    return images
+
+
+def test_tokenizer_ids_equal_open_clip(tiny_bundle):
+    import open_clip
+
+    reference = open_clip.get_tokenizer("clipsearch-tiny")(VARIED_TEXTS).numpy()
+    ours = ClipModel(tiny_bundle).tokenizer.token_ids(VARIED_TEXTS)
+    for text, ref_row, our_row in zip(VARIED_TEXTS, reference, ours):
+        ref_ids = [int(t) for t in ref_row if t != 0]
+        assert our_row == ref_ids, f"token ids differ for {text!r}"
+    # the overlong text is cut to the context length and still ends with end-of-text
+    longest = max(ours, key=len)
+    assert len(longest) == 77 and longest[-1] == 49407
+
+
+def test_text_batch_is_padded_to_longest_query_not_context(tiny_bundle):
+    model = ClipModel(tiny_bundle)
+    batch = model.tokenizer(["a red heart", "a cat"])
+    assert batch.inputs["input_ids"].shape == (2, 5)  # <sot> a red heart <eot>
+    assert read_bundle(tiny_bundle).text.pad_to == "longest"
+
+
+def test_fp32_embeddings_match_open_clip(tiny_bundle, tiny_torch_model):
+    import open_clip
+    import torch
+
+    model = ClipModel(tiny_bundle)
+    tokens = open_clip.get_tokenizer("clipsearch-tiny")(VARIED_TEXTS)
+    _, _, transform = open_clip.create_model_and_transforms("clipsearch-tiny")
+    images = _random_images(5)
+    with torch.no_grad():
+        ref_text = torch.nn.functional.normalize(tiny_torch_model.encode_text(tokens), dim=-1).numpy()
+        ref_image = torch.nn.functional.normalize(
+            tiny_torch_model.encode_image(torch.stack([transform(im) for im in images])), dim=-1).numpy()
+    text_cos = (model.encode_text(VARIED_TEXTS) * ref_text).sum(axis=1)
+    image_cos = (model.encode_images(images) * ref_image).sum(axis=1)
+    assert text_cos.min() >= 0.9999, text_cos
+    assert image_cos.min() >= 0.9999, image_cos
+
+
+def test_precision_variants_stay_close_to_fp32(tiny_bundles):
+    images = _random_images(4)
+    fp32 = ClipModel(tiny_bundles["fp32"])
+    ref_text, ref_image = fp32.encode_text(VARIED_TEXTS), fp32.encode_images(images)
+    figures = {}
+    for precision in ("fp16", "int8"):
+        model = ClipModel(tiny_bundles[precision])
+        assert read_bundle(tiny_bundles[precision]).precision == precision
+        text_cos = (model.encode_text(VARIED_TEXTS) * ref_text).sum(axis=1).min()
+        image_cos = (model.encode_images(images) * ref_image).sum(axis=1).min()
+        figures[precision] = (float(text_cos), float(image_cos))
+    print("precision parity (min cosine text, image):", figures)
+    assert min(figures["fp16"]) >= 0.999
+    # int8 (dynamic MatMul quantisation): measured 0.99+ on this tiny model; ViT-B-32 figures are in RESULTS.md
+    assert min(figures["int8"]) >= 0.98
+    assert (tiny_bundles["int8"] / "visual.onnx").stat().st_size < (tiny_bundles["fp32"] / "visual.onnx").stat().st_size
+
+
+def test_bundle_checksums_detect_tampering(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    assert verify_bundle(read_bundle(copy)) == []
+    with open(copy / "preprocess.json", "a", encoding="utf-8") as handle:
+        handle.write(" ")
+    assert verify_bundle(read_bundle(copy)) == ["preprocess.json: sha256 differs from model.json"]
+
+
+def test_text_query_does_not_load_visual_graph(tiny_bundle):
+    model = ClipModel(tiny_bundle)
+    vectors = model.encode_text(["a cat"])
+    assert vectors.shape == (1, 64)
+    assert np.isclose(np.linalg.norm(vectors), 1.0, atol=1e-5)
+    assert model.textual.loaded and not model.visual.loaded
+
+
+NO_TORCH_SCRIPT = """
+import sys, json
+from PIL import Image
+import numpy as np
+from clipsearch.runtime import ClipModel
+from clipsearch.preprocess import open_image
+m = ClipModel(sys.argv[1])
+t = m.encode_text(["a photo of a cat", "a dog"])
+i = m.encode_images([open_image(sys.argv[2], draft_size=(64, 64))])
+print(json.dumps({"torch": "torch" in sys.modules, "open_clip": "open_clip" in sys.modules,
+                  "shapes": [list(t.shape), list(i.shape)]}))
+"""
+
+
+def test_runtime_never_imports_torch(tiny_bundle, tmp_path):
+    photo = tmp_path / "photo.jpg"
+    _random_images(1)[0].resize((640, 480)).save(photo, quality=90)
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(tiny_bundle), str(photo)],
+                          capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"torch": False, "open_clip": False, "shapes": [[2, 64], [1, 64]]}
+
+
+def _cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "clipsearch", *args], capture_output=True, text=True, env=env)
+
+
+def test_offline_pretrained_request_fails_with_a_fix(isolated_home):
+    done = _cli("embed", "--model", "ViT-B-32/laion2b_s34b_b79k", "--text", "a dog")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "ViT-B-32/laion2b_s34b_b79k" in done.stderr
+    assert "clipsearch models export ViT-B-32 --pretrained laion2b_s34b_b79k" in done.stderr
+    assert "--model emoji-mini" in done.stderr
+
+
+def test_unknown_model_name_lists_the_fix(isolated_home):
+    done = _cli("embed", "--model", "no-such-model", "--text", "a dog")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "no model 'no-such-model'" in done.stderr
+
+
+def test_cli_embed_json_matches_library(tiny_bundle):
+    done = _cli("embed", "--model", str(tiny_bundle), "--text", "a red heart", "--text", "a cat", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    expected = ClipModel(tiny_bundle).encode_text(["a red heart", "a cat"])
+    assert np.allclose(np.array(rows), expected, atol=1e-5)
+
+
+def test_cli_models_export_info_and_cache_lookup(isolated_home, tmp_path):
+    out = isolated_home / "models" / "my-tiny"
+    done = _cli("models", "export", "clipsearch-tiny", "--random-init", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    info = json.loads(_cli("models", "info", "my-tiny", "--verify").stdout)
+    assert info["verified"] is True and info["embed_dim"] == 64 and info["precision"] == "fp32"
+    assert set(info["files"]) == {"visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json"}
+    listed = json.loads(_cli("models", "list", "--json").stdout)
+    assert any(row["name"] == "my-tiny" and row["origin"] == "cache" for row in listed)
+    bad = _cli("models", "export", "clipsearch-tiny", "--out", str(tmp_path / "x"))
+    assert bad.returncode != 0 and "--random-init" in bad.stderr
