@@ -22,7 +22,7 @@ from . import paths
 from .bundle import BundleInfo, is_bundle
 from .errors import CollectionError
 from .store import Store
-from .vectors import DEFAULT_IVF_THRESHOLD, SIDECAR_FILE, VectorIndex
+from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, VectorIndex
 
 DEFAULT_COLLECTION = "default"
 STORE_FILE = "meta.sqlite"
@@ -182,7 +182,10 @@ class Collection:
         except (ValueError, KeyError, TypeError):
             return False
         model = self.model
-        return (meta.generation == self.store.generation and model is not None and meta.model_id == model.model_id)
+        index_file = self.folder / INDEX_FILE
+        intact = index_file.is_file() and (not meta.file_bytes or index_file.stat().st_size == meta.file_bytes)
+        return (intact and meta.generation == self.store.generation and model is not None
+                and meta.model_id == model.model_id)
 
     def build_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> VectorIndex:
         """Build the FAISS index from the store's vectors (reusing a trained IVF-PQ quantizer when it fits)."""
@@ -253,6 +256,9 @@ class Collection:
             problems.append(exc.message)
             return CheckReport(self.name, images, None, problems)
         meta = index.meta
+        actual_bytes = (self.folder / INDEX_FILE).stat().st_size
+        if meta.file_bytes and actual_bytes != meta.file_bytes:
+            problems.append(f"{INDEX_FILE} has {actual_bytes} bytes, {meta.file_bytes} were written")
         if meta.model_id != model.model_id:
             problems.append(f"FAISS index was built with model {meta.model_id}, SQLite says {model.model_id}")
         if meta.dim != model.embed_dim or index.index.d != model.embed_dim:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -43,7 +43,7 @@ class IndexLayout:
         nlist = int(min(65536, max(64, 2 ** round(math.log2(4 * math.sqrt(count))))))
         m = _pq_subquantizers(dim)
         return cls(kind="ivfpq", factory=f"IDMap,IVF{nlist},PQ{m}x4fs,RFlat", nlist=nlist,
-                   nprobe=max(8, nlist // 32), refine_factor=8)
+                   nprobe=max(8, nlist // 32), refine_factor=16)
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -64,6 +64,7 @@ class IndexMeta:
     model_id: str
     generation: int
     trained_on: int = 0
+    file_bytes: int = 0  # size of vectors.faiss when saved: a cheap truncation check
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -73,7 +74,7 @@ class IndexMeta:
         raw = json.loads(text)
         return cls(layout=IndexLayout(**raw["layout"]), dim=int(raw["dim"]), count=int(raw["count"]),
                    model_id=str(raw["model_id"]), generation=int(raw["generation"]),
-                   trained_on=int(raw.get("trained_on", 0)))
+                   trained_on=int(raw.get("trained_on", 0)), file_bytes=int(raw.get("file_bytes", 0)))
 
 
 class VectorIndex:
@@ -140,6 +141,7 @@ class VectorIndex:
         trained = self.empty_trained_copy()
         if trained is not None:
             _atomic_write(folder / TRAINED_FILE, lambda tmp: faiss.write_index(trained, str(tmp)))
+        self.meta = replace(self.meta, file_bytes=(folder / INDEX_FILE).stat().st_size)
         _atomic_write(folder / SIDECAR_FILE, lambda tmp: tmp.write_text(self.meta.to_json(), encoding="utf-8"))
 
     @classmethod
@@ -148,7 +150,7 @@ class VectorIndex:
 
         folder = Path(folder)
         index_path, sidecar_path = folder / INDEX_FILE, folder / SIDECAR_FILE
-        if not index_path.is_file() or not sidecar_path.is_file():
+        if not index_path.is_file() or not sidecar_path.is_file():  # noqa: SIM102
             raise CollectionError(f"{folder}: no vector index (was indexing interrupted before it finished?)",
                                   "Run `clipsearch index` on the collection's folders again to complete it.")
         try:

@@ -1,0 +1,302 @@
+"""End-to-end indexing on generated photos with the tiny random-init bundle: counts, incremental runs,
+renames, model changes, crash recovery, and `check` catching a corrupted index."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch.collection import Collection
+from clipsearch.errors import CollectionError
+from clipsearch.indexer.pipeline import IndexOptions
+from clipsearch.indexer.runner import index_paths
+from clipsearch.runtime import ClipModel
+from photo_fixtures import block_image, bump_mtime, make_photos
+
+
+CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return ClipModel(tiny_bundle, threads=1)
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    make_photos(folder, 12)
+    return folder
+
+
+def run(collection, model, roots, **options):
+    defaults = {"batch_size": 4, "workers": 1}
+    return index_paths(collection, model, [str(r) for r in roots], IndexOptions(**{**defaults, **options}))
+
+
+def stored_paths(collection) -> set[str]:
+    return set(collection.store.file_states())
+
+
+def test_first_run_indexes_every_image_and_skips_hidden_and_tool_folders(tmp_path, photos, model):
+    for skipped_dir in (".hidden", "node_modules", ".git"):
+        (photos / skipped_dir).mkdir()
+        block_image(99).save(photos / skipped_dir / "x.png")
+    (photos / "notes.txt").write_text("not an image")
+    collection = Collection.create("photos", tmp_path / "idx")
+    summary = run(collection, model, [photos])
+    assert (summary.added, summary.updated, summary.reused, summary.removed, summary.total) == (12, 0, 0, 0, 12)
+    assert summary.skipped == []
+    assert all(".hidden" not in p and "node_modules" not in p and ".git" not in p for p in stored_paths(collection))
+    assert collection.check().ok
+    record = collection.store.find_by_path(str(photos / "photo_000.png"))
+    assert (record.width, record.height) == (160, 120)
+    assert record.model_id == model.model_id and len(record.content_hash) == 32
+
+    with_hidden = Collection.create("hidden", tmp_path / "idx")
+    assert run(with_hidden, model, [photos], include_hidden=True).total == 15
+
+
+def test_rerun_embeds_nothing(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    generation = collection.store.generation
+    again = run(collection, model, [photos])
+    assert (again.added, again.updated, again.reused, again.removed, again.embedded) == (0, 0, 0, 0, 0)
+    assert again.unchanged == 12 and again.total == 12
+    assert collection.store.generation == generation  # nothing written, FAISS not rebuilt
+    assert collection.check().ok
+
+
+def test_modified_file_is_reembedded_in_place(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    target = photos / "photo_000.png"
+    before = collection.store.find_by_path(str(target))
+    old_vector = collection.store.vector(before.id, model.embed_dim)
+    block_image(500, size=(200, 100)).save(target)
+    bump_mtime(target)
+    summary = run(collection, model, [photos])
+    assert (summary.updated, summary.embedded, summary.added, summary.total) == (1, 1, 0, 12)
+    after = collection.store.find_by_path(str(target))
+    assert after.id == before.id and (after.width, after.height) == (200, 100)
+    assert after.content_hash != before.content_hash
+    new_vector = collection.store.vector(after.id, model.embed_dim)
+    assert not np.allclose(new_vector, old_vector)
+    expected = model.encode_images([Image.open(target).convert("RGB")])[0]
+    assert float(new_vector @ expected) > 0.999
+    assert collection.check().ok
+
+
+def test_touched_file_with_same_bytes_is_not_reembedded(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    bump_mtime(photos / "photo_000.png")
+    summary = run(collection, model, [photos])
+    assert (summary.embedded, summary.updated, summary.reused) == (0, 0, 0)
+    third = run(collection, model, [photos])
+    assert third.unchanged == 12  # the new mtime was recorded
+
+
+def test_deleted_file_leaves_the_index(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    gone = photos / "sub" / "photo_001.jpg"
+    gone_id = collection.store.find_by_path(str(gone)).id
+    gone.unlink()
+    summary = run(collection, model, [photos])
+    assert (summary.removed, summary.total) == (1, 11)
+    assert str(gone) not in stored_paths(collection)
+    index = collection.load_vectors()
+    assert gone_id not in set(index.ids().tolist()) and index.count == 11
+    assert collection.check().ok
+
+
+def test_renamed_and_copied_files_reuse_their_vector(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    original = photos / "photo_000.png"
+    vector = collection.store.vector(collection.store.find_by_path(str(original)).id, model.embed_dim)
+    renamed = photos / "renamed.png"
+    original.rename(renamed)
+    shutil.copy(photos / "sub" / "photo_001.jpg", photos / "copy_of_1.jpg")
+    summary = run(collection, model, [photos])
+    assert (summary.reused, summary.embedded, summary.added, summary.removed, summary.total) == (2, 0, 0, 1, 13)
+    moved = collection.store.find_by_path(str(renamed))
+    np.testing.assert_array_equal(collection.store.vector(moved.id, model.embed_dim), vector)
+    assert (moved.width, moved.height) == (160, 120)
+    assert collection.check().ok
+
+
+def test_duplicates_within_one_run_are_encoded_once(tmp_path, model):
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        block_image(7).save(folder / name)
+    block_image(8).save(folder / "d.png")
+    collection = Collection.create("c", tmp_path / "idx")
+    summary = run(collection, model, [folder])
+    assert (summary.embedded, summary.reused, summary.total) == (2, 2, 4)
+
+
+def test_exclude_globs_leave_files_out_and_remove_them_later(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    summary = run(collection, model, [photos], exclude=("sub",))
+    assert summary.removed == 6 and summary.total == 6
+    assert not any("/sub/" in p for p in stored_paths(collection))
+    only_png = Collection.create("png", tmp_path / "idx")
+    assert run(only_png, model, [photos], exclude=("*.jpg",)).total == 4
+
+
+def test_indexing_a_second_folder_keeps_the_first(tmp_path, photos, model):
+    other = tmp_path / "other"
+    make_photos(other, 3, start_seed=100)
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    summary = run(collection, model, [other])
+    assert (summary.added, summary.removed, summary.total) == (3, 0, 15)
+
+
+def test_another_model_is_refused_unless_rebuild(tmp_path, photos, model, tiny_bundle):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    other_bundle = tmp_path / "other-bundle"
+    shutil.copytree(tiny_bundle, other_bundle)
+    meta = json.loads((other_bundle / "model.json").read_text())
+    meta["name"] = "another-model"
+    (other_bundle / "model.json").write_text(json.dumps(meta))
+    other = ClipModel(other_bundle, threads=1)
+    assert other.model_id != model.model_id
+    with pytest.raises(CollectionError, match="cannot be mixed"):
+        run(collection, other, [photos])
+    assert collection.model.model_id == model.model_id and collection.check().ok
+    rebuilt = run(collection, other, [photos], rebuild=True)
+    assert (rebuilt.added, rebuilt.total) == (12, 12)
+    assert collection.model.model_id == other.model_id
+    assert {r.model_id for r in collection.store.get_many(collection.store.ids()).values()} == {other.model_id}
+    assert collection.check().ok
+
+
+def test_ivfpq_past_the_threshold_still_finds_each_image(tmp_path, model):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(300):
+        block_image(1000 + i, size=(64, 64)).save(folder / f"{i:03d}.png")
+    collection = Collection.create("big", tmp_path / "idx")
+    summary = run(collection, model, [folder], ivf_threshold=100, batch_size=64)
+    assert summary.index_kind == "ivfpq" and summary.total == 300
+    assert collection.check().ok
+    index = collection.load_vectors()
+    ids, vectors = collection.store.all_vectors(model.embed_dim)
+    top10 = [[hit[0] for hit in hits] for hits in index.search(vectors[:100], 10)]
+    assert sum(int(i) in found for found, i in zip(top10, ids[:100])) >= 90
+
+
+def test_check_catches_a_corrupted_index(tmp_path, photos, model):
+    root = tmp_path / "idx"
+    collection = Collection.create("c", root)
+    run(collection, model, [photos])
+    assert collection.check().ok
+
+    # 1. A row deleted behind FAISS's back.
+    victim = int(collection.store.ids()[3])
+    collection.store.db.execute("DELETE FROM embeddings WHERE id = ?", [victim])
+    collection.store.db.execute("DELETE FROM images WHERE id = ?", [victim])
+    collection.store.db.conn.commit()
+    problems = " ".join(collection.check().problems)
+    assert "11 images" in problems and "only in FAISS" in problems
+    cli = subprocess.run([*CLI, "check", "--collection", "c", "--index-dir", str(root)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "only in FAISS" in cli.stderr
+
+    # 2. The next indexing run repairs it (the missing file is embedded again, FAISS rebuilt).
+    repaired = run(collection, model, [photos])
+    assert repaired.added == 1 and collection.check().ok
+
+    # 3. A truncated FAISS file.
+    index_file = collection.folder / "vectors.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:100])
+    assert any("unreadable FAISS index" in p for p in collection.check().problems)
+
+    # 4. A FAISS index of another model.
+    run(collection, model, [photos])  # a no-op run notices the truncated file and rebuilds it
+    assert collection.check().ok
+    sidecar = collection.folder / "vectors.json"
+    meta = json.loads(sidecar.read_text())
+    meta["model_id"] = "someone-else@000"
+    sidecar.write_text(json.dumps(meta))
+    assert any("built with model someone-else@000" in p for p in collection.check().problems)
+
+
+def test_killed_run_leaves_a_consistent_index_that_the_next_run_completes(tmp_path, model, tiny_bundle):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        block_image(2000 + i, size=(96, 96)).save(folder / f"{i:03d}.png")
+    root = tmp_path / "idx"
+    env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
+    command = [*CLI, "index", str(folder), "--collection", "k", "--index-dir", str(root),
+               "--model", str(tiny_bundle), "--batch-size", "2", "--workers", "0", "--threads", "1", "--json"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store_file = root / "k" / "meta.sqlite"
+    deadline = time.time() + 60
+    written = 0
+    while time.time() < deadline and process.poll() is None:
+        if store_file.exists():
+            try:
+                with Collection.open("k", root) as peek:
+                    written = peek.store.count()
+            except Exception:  # the database may be mid-creation
+                written = 0
+            if written >= 20:
+                break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed; make the corpus larger"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    with Collection.open("k", root) as collection:
+        interrupted = collection.store.count()
+        assert 20 <= interrupted < 400
+        report = collection.check()
+        assert not report.ok and any("interrupted" in p or "no vector index" in p for p in report.problems)
+        # A search right after the crash sees exactly what SQLite committed.
+        assert collection.load_vectors().count == interrupted
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["total"] == 400 and summary["added"] == 400 - interrupted and summary["unchanged"] == interrupted
+    with Collection.open("k", root) as collection:
+        assert collection.check().ok
+
+
+def test_index_cli_json_and_collection_remembers_its_model(tmp_path, photos, tiny_bundle):
+    env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
+    first = subprocess.run([*CLI, "index", str(photos), "--model", str(tiny_bundle),
+                            "--json", "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert set(summary) >= {"added", "updated", "removed", "reused", "skipped", "total", "seconds"}
+    assert summary["added"] == 12 and summary["total"] == 12
+    # No --model: the collection's own model is used, so nothing is refused or re-embedded.
+    second = subprocess.run([*CLI, "index", str(photos), "--json"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["unchanged"] == 12
+    assert (tmp_path / "home" / "collections" / "default" / "meta.sqlite").is_file()
+    stats = subprocess.run([*CLI, "stats", "--json"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    info = json.loads(stats.stdout)
+    assert info["images"] == 12 and info["index_kind"] == "flat" and info["bytes_on_disk"] > 0
