@@ -1,0 +1,201 @@
+"""The REST API under /api: search (text, example image, indexed image), classify, image metadata and
+files, stats."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+import clipsearch
+from clipsearch.classify import Classifier, parse_labels
+from clipsearch.preprocess import open_image
+from clipsearch.search import SearchHit, SearchQuery, Searcher
+
+from .errors import ApiError
+from .images import original_file
+from .schemas import (ClassifyResponse, ImageInfo, ImageResult, LabelProbability, ModelInfo, SearchRequest,
+                      SearchResponse, StatsResponse)
+from .security import require_api_key
+from .state import WebState, stored_vectors
+from .uploads import QueryImage, check_image, decode_base64_image, read_upload
+from .urls import image_urls
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+
+_ERRORS = {400: {"description": "Bad query"}, 401: {"description": "API key missing or wrong"},
+           404: {"description": "No such image"}, 413: {"description": "Upload too large"},
+           415: {"description": "Upload is not an image"}}
+CollectionParam = Annotated[str | None, Query(description="Another collection served by this server")]
+
+
+def web_state(request: Request) -> WebState:
+    return request.app.state.web
+
+
+State = Annotated[WebState, Depends(web_state)]
+
+
+def parse_image_id(image_id: str) -> int:
+    """Path ids are plain decimal numbers; anything else (a path, '..', encoded slashes) is simply not found."""
+    if not image_id.isascii() or not image_id.isdigit() or len(image_id) > 18:
+        raise ApiError(404, "no such image")
+    return int(image_id)
+
+
+def checked_k(state: WebState, k: int | None) -> int:
+    k = state.settings.default_k if k is None else k
+    if not 1 <= k <= state.settings.max_k:
+        raise ApiError(422, f"k must be between 1 and {state.settings.max_k}, not {k}")
+    return k
+
+
+def search_response(request: Request, searcher: Searcher, query_text: str, hits: list[SearchHit],
+                    started: float) -> SearchResponse:
+    name = searcher.collection.name
+    results = []
+    for hit in hits:
+        thumbnail_url, image_url = image_urls(request, hit.id, name)
+        results.append(ImageResult(id=hit.id, path=hit.path, score=hit.score, width=hit.width, height=hit.height,
+                                   taken_at=hit.taken_at, thumbnail_url=thumbnail_url, image_url=image_url))
+    return SearchResponse(query=query_text, took_ms=round((time.perf_counter() - started) * 1000, 2),
+                          collection=name, results=results)
+
+
+def describe(text: str | None, and_texts: list[str], not_texts: list[str], image: bool, image_id: int | None) -> str:
+    parts = [text] if text else []
+    parts += [f"+{t}" for t in and_texts]
+    parts += [f"-{t}" for t in not_texts]
+    if image:
+        parts.append("<image>")
+    if image_id is not None:
+        parts.append(f"<like #{image_id}>")
+    return " ".join(parts)
+
+
+@router.get("/search", response_model=SearchResponse, responses=_ERRORS, summary="Search by text")
+def search_text(request: Request, state: State,
+                q: Annotated[str, Query(description="What to look for; weight prefix allowed: '2:beach'")],
+                k: Annotated[int | None, Query(ge=1, description="How many results (default 20)")] = None,
+                collection: CollectionParam = None) -> SearchResponse:
+    started = time.perf_counter()
+    query = SearchQuery.build(text=q, k=checked_k(state, k))
+    query.validate()
+    searcher = state.searcher(collection)
+    return search_response(request, searcher, q, searcher.search(query), started)
+
+
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS,
+             summary="Search by a combination of text, an example image and an indexed image")
+def search_combined(request: Request, state: State, body: SearchRequest) -> SearchResponse:
+    started = time.perf_counter()
+    k = checked_k(state, body.k)
+    image: bytes | None = None
+    if body.image_b64 is not None:
+        image = check_image(decode_base64_image(body.image_b64, state.settings.max_upload_bytes),
+                            state.settings.max_image_pixels).data
+    if body.text is None and image is None and body.image_id is None:
+        raise ApiError(400, "empty query: give text, image_b64 or image_id")
+    searcher = state.searcher(body.collection)
+    if body.image_id is not None:
+        state.image(body.image_id, body.collection)  # 404 for an unknown id
+    query = SearchQuery.build(text=body.text, image=image, like=body.image_id, and_texts=body.and_texts,
+                              not_texts=body.not_texts, k=k, include_query_images=body.include_self)
+    query.validate()
+    text = describe(body.text, body.and_texts, body.not_texts, image is not None, body.image_id)
+    return search_response(request, searcher, text, searcher.search(query), started)
+
+
+async def uploaded_image(state: WebState, file: UploadFile | None, image: UploadFile | None) -> QueryImage:
+    upload = file or image
+    if upload is None:
+        raise ApiError(422, "send the image as a multipart file field named 'file'")
+    data = await read_upload(upload, state.settings.max_upload_bytes)
+    return check_image(data, state.settings.max_image_pixels)
+
+
+@router.post("/search/image", response_model=SearchResponse, responses=_ERRORS,
+             summary="Search by an uploaded example image (multipart)")
+async def search_upload(request: Request, state: State,
+                        file: Annotated[UploadFile | None, File(description="The example image")] = None,
+                        image: Annotated[UploadFile | None, File(description="Alias of 'file'")] = None,
+                        k: Annotated[int | None, Form(ge=1)] = None,
+                        text: Annotated[str | None, Form(description="Optional text to add to the image")] = None,
+                        collection: Annotated[str | None, Form()] = None,
+                        include_self: Annotated[bool, Form()] = False) -> SearchResponse:
+    started = time.perf_counter()
+    k = checked_k(state, k)
+    query_image = await uploaded_image(state, file, image)
+    searcher = state.searcher(collection)
+    query = SearchQuery.build(text=text or None, image=query_image.data, k=k, include_query_images=include_self)
+    query.validate()
+    hits = await run_in_threadpool(searcher.search, query)
+    return search_response(request, searcher, describe(text or None, [], [], True, None), hits, started)
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,
+             summary="Zero-shot classify an image (multipart upload, or an indexed image by id) against labels")
+async def classify(state: State,
+                   labels: Annotated[str, Form(description="Comma-separated labels, e.g. 'cat,dog,car'")],
+                   file: Annotated[UploadFile | None, File(description="The image")] = None,
+                   image: Annotated[UploadFile | None, File(description="Alias of 'file'")] = None,
+                   image_id: Annotated[int | None, Form(description="Or: an indexed image")] = None,
+                   collection: Annotated[str | None, Form()] = None) -> ClassifyResponse:
+    started = time.perf_counter()
+    label_list = parse_labels(labels)
+    searcher = state.searcher(collection)
+    if image_id is not None and file is None and image is None:
+        state.image(image_id, collection)
+        vector = stored_vectors(searcher, [image_id])[image_id]
+        scores = await run_in_threadpool(lambda: Classifier(searcher.model, label_list).classify_vector(vector))
+    else:
+        query_image = await uploaded_image(state, file, image)
+
+        def run() -> list:
+            decoded = open_image(query_image.data, max_pixels=state.settings.max_image_pixels)
+            return Classifier(searcher.model, label_list).classify_image(decoded)
+
+        scores = await run_in_threadpool(run)
+    by_label = {s.label: s.probability for s in scores}
+    return ClassifyResponse(took_ms=round((time.perf_counter() - started) * 1000, 2),
+                            labels=[LabelProbability(label=s.label, probability=s.probability, similarity=s.similarity)
+                                    for s in scores],
+                            probabilities={label: by_label[label] for label in label_list})
+
+
+@router.get("/images/{image_id}", response_model=ImageInfo, responses=_ERRORS, summary="Metadata of an indexed image")
+def image_info(request: Request, state: State, image_id: str, collection: CollectionParam = None) -> ImageInfo:
+    found = state.image(parse_image_id(image_id), collection)
+    record = found.record
+    thumbnail_url, image_url = image_urls(request, record.id, found.collection)
+    return ImageInfo(id=record.id, collection=found.collection, path=record.path, file_name=Path(record.path).name,
+                     width=record.width, height=record.height, size=record.size, taken_at=record.taken_at,
+                     indexed_at=record.indexed_at, thumbnail_url=thumbnail_url, image_url=image_url)
+
+
+@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_ERRORS,
+            summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk")
+def image_thumbnail(state: State, image_id: str, collection: CollectionParam = None) -> FileResponse:
+    found = state.image(parse_image_id(image_id), collection)
+    return state.thumbnails(found.collection).response(found.record)
+
+
+@router.get("/images/{image_id}/file", response_class=FileResponse, responses=_ERRORS, summary="The original file")
+def image_file(state: State, image_id: str, collection: CollectionParam = None) -> FileResponse:
+    return original_file(state.image(parse_image_id(image_id), collection).record)
+
+
+@router.get("/stats", response_model=StatsResponse, responses=_ERRORS, summary="Collection statistics")
+def stats(state: State, collection: CollectionParam = None) -> StatsResponse:
+    searcher = state.searcher(collection)
+    with searcher._lock:
+        info = searcher.collection.stats()
+    model = ModelInfo(id=info.model.model_id, name=info.model.name, embed_dim=info.model.embed_dim) if info.model else None
+    return StatsResponse(collection=info.name, images=info.images, skipped=info.skipped, model=model,
+                         index_kind=info.index_kind, index_count=info.index_count, index_fresh=info.index_fresh,
+                         bytes_on_disk=info.bytes_on_disk, collections=state.collection_names(),
+                         version=clipsearch.__version__)

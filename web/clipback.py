@@ -1,0 +1,191 @@
+"""Endpoints that behave like clip-retrieval's clip-back, so its `ClipClient` and front end work unchanged.
+
+clip-back reads bodies with `get_json(force=True)`: clients (ClipClient, the front end's fetch) send
+JSON without a JSON content type, so the body is parsed whatever the header says. Every field the
+clients send is accepted; nulls mean "default"; unknown fields are ignored; the safety and aesthetic
+fields are accepted and ignored (a local photo collection has no LAION safety/aesthetic models).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from clipsearch.search import SearchQuery, Searcher
+from clipsearch.store import ImageRecord
+
+from .errors import ApiError
+from .remote import fetch_image
+from .security import require_api_key
+from .state import WebState, records, stored_vectors
+from .uploads import check_image, decode_base64_image
+from .urls import absolute, image_urls
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["clip-back compatibility"])
+
+DEFAULT_NUM_IMAGES = 40
+DEDUPLICATE_THRESHOLD = 0.94  # clip-back's cosine threshold for near-duplicate results
+MAX_METADATA_IDS = 10_000
+
+
+class KnnRequest(BaseModel):
+    """What `ClipClient` and clip-front post to /knn-service."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | None = None
+    image: str | None = Field(None, description="base64 image")
+    image_url: str | None = Field(None, description="Refused unless the server allows remote images")
+    embedding_input: list[float] | None = None
+    modality: str | None = Field("image", description="'image' (this server has no caption index)")
+    num_images: int | None = Field(None, description=f"Results to return (default {DEFAULT_NUM_IMAGES})")
+    num_result_ids: int | None = Field(None, description="Neighbours to consider before filtering")
+    indice_name: str | None = Field(None, description="A collection name (see /indices-list)")
+    deduplicate: bool | None = None
+    use_mclip: Any = None
+    use_safety_model: Any = None
+    use_violence_detector: Any = None
+    aesthetic_score: Any = None
+    aesthetic_weight: Any = None
+
+    @field_validator("text", "image", "image_url", "modality", "indice_name", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[int] = Field(default_factory=list)
+    indice_name: str | None = None
+
+
+async def json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the body is not JSON: {exc}") from exc
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def parse(model: type[BaseModel], body: dict) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ApiError(422, f"invalid request: {problems}") from exc
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@router.get("/indices-list", summary="Collections this server can search (clip-back)")
+def indices_list(request: Request) -> list[str]:
+    return request.app.state.web.collection_names()
+
+
+@router.post("/knn-service", summary="Nearest images to a text, an image or an embedding (clip-back)",
+             openapi_extra=_schema(KnnRequest))
+async def knn_service(request: Request) -> list[dict]:
+    state: WebState = request.app.state.web
+    knn = parse(KnnRequest, await json_body(request))
+    if knn.modality not in (None, "image"):
+        raise ApiError(400, f"modality {knn.modality!r} is not available: this server indexes images only",
+                       "Use modality 'image'.")
+    max_k = state.settings.max_k
+    num_images = DEFAULT_NUM_IMAGES if knn.num_images is None else knn.num_images
+    num_result_ids = num_images if knn.num_result_ids is None else knn.num_result_ids
+    if not 1 <= num_images <= max_k or not 1 <= num_result_ids <= max_k:
+        raise ApiError(422, f"num_images and num_result_ids must be between 1 and {max_k}")
+    name = state.resolve_name(knn.indice_name)
+    searcher = state.searcher(name)
+
+    image: bytes | None = None
+    if knn.text is None and knn.image is not None:
+        image = decode_base64_image(knn.image, state.settings.max_upload_bytes)
+    elif knn.text is None and knn.image_url is not None:
+        if not state.settings.allow_remote_images:
+            raise ApiError(400, "image_url is disabled on this server (it makes no requests to other hosts)",
+                           "Send the image itself as base64 in 'image', or start the server with --allow-remote-images.")
+        image = await run_in_threadpool(fetch_image, knn.image_url, state.settings.max_upload_bytes,
+                                        state.settings.remote_timeout_seconds)
+    if image is not None:
+        image = check_image(image, state.settings.max_image_pixels).data
+
+    def run() -> list[tuple[int, float]]:
+        if knn.text is not None or image is not None:
+            query = SearchQuery.build(text=knn.text, image=image if knn.text is None else None, k=num_result_ids,
+                                      include_query_images=True)
+            vector = searcher.query_vector(query).vector
+        elif knn.embedding_input is not None:
+            vector = embedding_vector(knn.embedding_input, searcher.collection_model.embed_dim)
+        else:
+            raise ApiError(400, "must fill one of text, image, image_url and embedding_input")
+        hits = searcher.index.search(vector[None, :], num_result_ids)[0]
+        if knn.deduplicate:
+            hits = deduplicate(searcher, hits)
+        return hits[:num_images]
+
+    hits = await run_in_threadpool(run)
+    found = records(searcher, [i for i, _ in hits])
+    return [result_item(request, name, found[i], score) for i, score in hits if i in found]
+
+
+@router.post("/metadata", summary="Metadata of result ids (clip-back)", openapi_extra=_schema(MetadataRequest))
+async def metadata(request: Request) -> list[dict]:
+    state: WebState = request.app.state.web
+    wanted = parse(MetadataRequest, await json_body(request))
+    if len(wanted.ids) > MAX_METADATA_IDS:
+        raise ApiError(400, f"at most {MAX_METADATA_IDS} ids per request")
+    name = state.resolve_name(wanted.indice_name)
+    found = records(state.searcher(name), wanted.ids)
+    return [{"id": i, "metadata": metadata_of(request, name, found[i])} for i in wanted.ids if i in found]
+
+
+def embedding_vector(values: list[float], dim: int) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float32)
+    if vector.shape != (dim,):
+        raise ApiError(400, f"embedding_input has {vector.size} values; this collection's model has {dim} dimensions")
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm < 1e-12:
+        raise ApiError(400, "embedding_input must be a finite, non-zero vector")
+    return vector / norm
+
+
+def deduplicate(searcher: Searcher, hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Drop results whose stored vector is within clip-back's cosine threshold of a better result."""
+    vectors = stored_vectors(searcher, [i for i, _ in hits])
+    kept: list[tuple[int, float]] = []
+    kept_vectors: list[np.ndarray] = []
+    for image_id, score in hits:
+        vector = vectors.get(image_id)
+        if vector is None:
+            continue
+        if kept_vectors and float(np.max(np.stack(kept_vectors) @ vector)) > DEDUPLICATE_THRESHOLD:
+            continue
+        kept.append((image_id, score))
+        kept_vectors.append(vector)
+    return kept
+
+
+def metadata_of(request: Request, collection: str, record: ImageRecord) -> dict:
+    _, image_url = image_urls(request, record.id, collection)
+    return {"image_path": record.path, "caption": Path(record.path).name, "url": absolute(request, image_url),
+            "width": record.width, "height": record.height}
+
+
+def result_item(request: Request, collection: str, record: ImageRecord, similarity: float) -> dict:
+    return {"id": record.id, "similarity": round(float(similarity), 6), **metadata_of(request, collection, record)}

@@ -1,0 +1,89 @@
+"""Request and response bodies of the REST API (they also make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageResult(BaseModel):
+    id: int
+    path: str
+    score: float = Field(description="Cosine similarity to the query; results come best first")
+    width: int | None
+    height: int | None
+    taken_at: str | None = None
+    thumbnail_url: str
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    query: str = Field(description="The query as understood, e.g. 'beach -people'")
+    took_ms: float
+    collection: str
+    results: list[ImageResult]
+
+
+class SearchRequest(BaseModel):
+    """A combined query: at least one of `text`, `image_b64`, `image_id`; `and` adds texts, `not` subtracts them.
+    Texts may carry an rclip-style weight prefix such as "2:beach"."""
+
+    model_config = ConfigDict(populate_by_name=True, json_schema_extra={
+        "examples": [{"text": "a dog on a beach", "not": ["people"], "k": 20}]})
+
+    text: str | None = None
+    image_b64: str | None = Field(None, description="An example image as base64 (a data: URL is fine)")
+    image_id: int | None = Field(None, description="The id of an indexed image: 'more like this'")
+    and_texts: list[str] = Field(default_factory=list, alias="and")
+    not_texts: list[str] = Field(default_factory=list, alias="not")
+    k: int | None = Field(None, ge=1, description="How many results (default 20)")
+    collection: str | None = Field(None, description="Another collection served by this server")
+    include_self: bool = Field(False, description="Also return the query image itself when it is indexed")
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+    similarity: float
+
+
+class ClassifyResponse(BaseModel):
+    took_ms: float
+    labels: list[LabelProbability] = Field(description="Most likely first")
+    probabilities: dict[str, float] = Field(description="label -> probability, in the order the labels were given")
+
+
+class ImageInfo(BaseModel):
+    id: int
+    collection: str
+    path: str
+    file_name: str
+    width: int | None
+    height: int | None
+    size: int
+    taken_at: str | None
+    indexed_at: str
+    thumbnail_url: str
+    image_url: str
+
+
+class ModelInfo(BaseModel):
+    id: str
+    name: str
+    embed_dim: int
+
+
+class StatsResponse(BaseModel):
+    collection: str
+    images: int
+    skipped: int
+    model: ModelInfo | None
+    index_kind: str | None
+    index_count: int | None
+    index_fresh: bool
+    bytes_on_disk: int
+    collections: list[str]
+    version: str
+
+
+class Health(BaseModel):
+    status: str

@@ -1,0 +1,57 @@
+"""What an operator can configure about the server; one frozen value per app (no globals)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipsearch.collection import DEFAULT_COLLECTION
+from clipsearch.preprocess import MAX_IMAGE_PIXELS
+
+API_KEY_ENV = "CLIPSEARCH_API_KEY"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Settings of one app instance.
+
+    `collection` is the collection served by default (others under the same `index_dir` can be named
+    per request); `api_key` set means every data route requires it; `allow_remote_images` lets the
+    clip-back `image_url` field make the server fetch a URL (off: no server-side requests to arbitrary
+    hosts); `cors_origins` empty means no CORS headers at all.
+    """
+
+    collection: str = DEFAULT_COLLECTION
+    index_dir: Path | None = None
+    model: str | None = None
+    api_key: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    allow_remote_images: bool = False
+    remote_timeout_seconds: float = 10.0
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    thumbnail_px: int = 256
+    default_k: int = 20
+    max_k: int = 1000
+    model_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            object.__setattr__(self, "api_key", None)
+        if self.max_upload_bytes <= 0:
+            raise ValueError("max_upload_bytes must be positive")
+        if not 16 <= self.thumbnail_px <= 1024:
+            raise ValueError("thumbnail_px must be between 16 and 1024")
+        if not 1 <= self.default_k <= self.max_k:
+            raise ValueError("default_k must be between 1 and max_k")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body accepted: an upload as base64 in JSON (4/3 larger) plus room for fields."""
+        return self.max_upload_bytes * 4 // 3 + 1024 * 1024
+
+    @classmethod
+    def api_key_from_env(cls) -> str | None:
+        return os.environ.get(API_KEY_ENV) or None

@@ -1,0 +1,101 @@
+"""Per-app state (lives on `app.state.web`): the settings and one loaded `Searcher` per collection."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipsearch.collection import list_collections
+from clipsearch.search import Searcher
+from clipsearch.store import ImageRecord
+
+from .errors import ApiError
+from .images import THUMBNAIL_DIR, ThumbnailCache
+from .settings import ServerSettings
+
+
+@dataclass(frozen=True)
+class FoundImage:
+    collection: str
+    record: ImageRecord
+
+
+class WebState:
+    """Opens collections lazily (the default one at startup) and keeps them open for the app's life."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._searchers: dict[str, Searcher] = {}
+        self._lock = threading.Lock()
+
+    def collection_names(self) -> list[str]:
+        """The default collection first, then every other collection under the same folder."""
+        names = list_collections(self.settings.index_dir)
+        return [self.settings.collection] + [n for n in names if n != self.settings.collection]
+
+    def resolve_name(self, name: str | None) -> str:
+        """The collection a request means: its `name`, or the default when empty; 400 when unknown."""
+        if not name:
+            return self.settings.collection
+        if name == self.settings.collection or name in list_collections(self.settings.index_dir):
+            return name
+        known = ", ".join(self.collection_names())
+        raise ApiError(400, f"unknown collection {name!r}", f"This server has: {known}.")
+
+    def searcher(self, name: str | None = None) -> Searcher:
+        resolved = self.resolve_name(name)
+        with self._lock:
+            searcher = self._searchers.get(resolved)
+            if searcher is None:
+                searcher = Searcher.open(resolved, self.settings.index_dir, self.settings.model)
+                self._searchers[resolved] = searcher
+            return searcher
+
+    def image(self, image_id: int, collection: str | None = None) -> FoundImage:
+        searcher = self.searcher(collection)
+        record = records(searcher, [image_id]).get(image_id)
+        if record is None:
+            raise ApiError(404, f"no image with id {image_id} in collection {searcher.collection.name!r}")
+        return FoundImage(searcher.collection.name, record)
+
+    def thumbnails(self, name: str) -> ThumbnailCache:
+        folder = self.searcher(name).collection.folder / THUMBNAIL_DIR
+        return ThumbnailCache(folder, self.settings.thumbnail_px, self.settings.max_image_pixels)
+
+    def open_default(self) -> None:
+        """Fail fast at startup when the default collection is missing or empty."""
+        searcher = self.searcher(None)
+        searcher.collection.require_model()
+
+    def warm_up(self) -> None:
+        """Load the model and index now instead of on the first query."""
+        searcher = self.searcher(None)
+        searcher.model.encode_text(["warm up"])
+        _ = searcher.index
+
+    def close(self) -> None:
+        with self._lock:
+            for searcher in self._searchers.values():
+                searcher.close()
+            self._searchers.clear()
+
+
+
+# The Store's single SQLite connection is shared with the Searcher's query threads, which serialise on
+# the Searcher's lock; metadata reads from the web layer take the same lock.
+def records(searcher: Searcher, ids: list[int]) -> dict[int, ImageRecord]:
+    with searcher._lock:
+        return searcher.collection.store.get_many(ids)
+
+
+def stored_vectors(searcher: Searcher, ids: list[int]) -> dict[int, np.ndarray]:
+    dim = searcher.collection_model.embed_dim
+    found: dict[int, np.ndarray] = {}
+    with searcher._lock:
+        for image_id in ids:
+            vector = searcher.collection.store.vector(image_id, dim)
+            if vector is not None:
+                found[image_id] = vector
+    return found
