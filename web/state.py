@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipsearch.collection import list_collections
+from clipsearch.collection import Collection, list_collections
 from clipsearch.search import Searcher
 from clipsearch.store import ImageRecord
 
@@ -49,9 +49,18 @@ class WebState:
         with self._lock:
             searcher = self._searchers.get(resolved)
             if searcher is None:
-                searcher = Searcher.open(resolved, self.settings.index_dir, self.settings.model)
+                searcher = self._open(resolved)
                 self._searchers[resolved] = searcher
             return searcher
+
+    def _open(self, name: str) -> Searcher:
+        collection = Collection.open(name, self.settings.index_dir)
+        model = None
+        if self.settings.model_threads:
+            from clipsearch.models import load_model
+
+            model = load_model(self.settings.model or collection.require_model().spec, threads=self.settings.model_threads)
+        return Searcher(collection, model=model, model_spec=self.settings.model)
 
     def image(self, image_id: int, collection: str | None = None) -> FoundImage:
         searcher = self.searcher(collection)

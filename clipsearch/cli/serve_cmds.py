@@ -1,0 +1,56 @@
+"""`clipsearch serve`: the REST API, the clip-back endpoints and the search page under uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+
+_INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on"),
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection served by default"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CLIPSEARCH_API_KEY", show_envvar=True,
+                                          help="Require this key on every API route (Bearer or X-API-Key)"),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the collection's model)"),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, help="Largest accepted upload"),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
+                                             help="Let clip-back's image_url make this server fetch URLs"),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow cross-origin calls from this origin (repeatable)"),
+    model_threads: Optional[int] = typer.Option(None, "--model-threads", help="ONNX threads per model (default: all cores)"),
+    root_path: str = typer.Option("", "--root-path", help="URL prefix when behind a reverse proxy"),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+) -> None:
+    """Serve search over HTTP: REST API (/docs), clip-back endpoints and the page at /."""
+    import uvicorn
+
+    from ..web import ServerSettings, create_app
+
+    settings = ServerSettings(collection=collection, index_dir=index_dir, model=model, api_key=api_key,
+                              max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                              allow_remote_images=allow_remote_images, cors_origins=tuple(cors_origin),
+                              model_threads=model_threads)
+    web_app = create_app(settings)
+    state = web_app.state.web
+    state.open_default()  # a missing or empty collection is a clear error now, not on the first query
+    state.warm_up()
+    if host not in _LOOPBACK and settings.api_key is None:
+        typer.secho(f"warning: listening on {host} without an API key; anyone who can reach it can search "
+                    "and download your photos (set --api-key or CLIPSEARCH_API_KEY)", err=True, fg="yellow")
+    typer.echo(f"clipsearch: serving collection {collection!r} on http://{_url_host(host)}:{port}/ "
+               f"(API docs at /docs{', API key required' if settings.api_key else ''})", err=True)
+    uvicorn.run(web_app, host=host, port=port, root_path=root_path, log_level=log_level,
+                proxy_headers=False, server_header=False)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
