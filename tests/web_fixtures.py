@@ -15,7 +15,7 @@ from clipsearch.collection import Collection
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
 from clipsearch.runtime import ClipModel
-from photo_fixtures import make_photos
+from photo_fixtures import block_image, make_photos
 
 COLLECTION = "photos"
 PHOTO_COUNT = 12
@@ -51,7 +51,11 @@ class IndexedPhotos:
 
 
 def build_indexed_photos(root: Path, bundle: Path, count: int = PHOTO_COUNT) -> IndexedPhotos:
+    """`count` small photos plus `big.jpg` (800x600, for thumbnail sizes)."""
     photos = make_photos(root / "photos", count)
+    big = root / "photos" / "big.jpg"
+    block_image(1000, size=(800, 600)).save(big, quality=90)
+    photos.append(big)
     index_dir = root / "collections"
     with Collection.create(COLLECTION, index_dir) as collection:
         index_paths(collection, ClipModel(bundle, threads=1), [str(root / "photos")],

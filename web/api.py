@@ -47,6 +47,13 @@ def parse_image_id(image_id: str) -> int:
     return int(image_id)
 
 
+def require_json(request: Request) -> None:
+    """JSON routes answer 415 to other content types (instead of a confusing validation error)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "send the query as JSON", "Set 'Content-Type: application/json'.")
+
+
 def checked_k(state: WebState, k: int | None) -> int:
     k = state.settings.default_k if k is None else k
     if not 1 <= k <= state.settings.max_k:
@@ -89,7 +96,7 @@ def search_text(request: Request, state: State,
     return search_response(request, searcher, q, searcher.search(query), started)
 
 
-@router.post("/search", response_model=SearchResponse, responses=_ERRORS,
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS, dependencies=[Depends(require_json)],
              summary="Search by a combination of text, an example image and an indexed image")
 def search_combined(request: Request, state: State, body: SearchRequest) -> SearchResponse:
     started = time.perf_counter()

@@ -1,0 +1,407 @@
+// clipsearch page: plain JavaScript, no build step, no external requests.
+// It talks to the REST API with relative URLs (so it works behind a path prefix) and, when the server
+// wants an API key, asks for it once and sends it as X-API-Key (images are then fetched as blobs).
+'use strict';
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    form: $('search-form'), query: $('query'), k: $('k'),
+    dropZone: $('drop-zone'), fileInput: $('file-input'),
+    example: $('example'), exampleImage: $('example-image'), classifyForm: $('classify-form'),
+    labels: $('labels'), labelResults: $('label-results'), clearExample: $('clear-example'),
+    status: $('status'), error: $('error'), results: $('results'),
+    viewer: $('viewer'), viewerTitle: $('viewer-title'), viewerImage: $('viewer-image'),
+    viewerMeta: $('viewer-meta'), moreLikeThis: $('more-like-this'), openFull: $('open-full'),
+    closeViewer: $('close-viewer'),
+    keyDialog: $('key-dialog'), keyForm: $('key-form'), keyInput: $('api-key'), keyMessage: $('key-message'),
+    keyCancel: $('key-cancel'), footer: $('footer'),
+  };
+
+  const KEY_STORAGE = 'clipsearch.apiKey';
+  const state = {
+    apiKey: sessionStorage.getItem(KEY_STORAGE) || '',
+    requestSeq: 0,          // answers to older requests than the newest are dropped
+    results: [],
+    exampleFile: null,
+    exampleUrl: null,
+    objectUrls: [],
+    openResult: null,
+    typingTimer: null,
+    keyPrompt: null,
+  };
+
+  // ---- API -------------------------------------------------------------------------------------
+  class ApiError extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+
+  function authHeaders() {
+    return state.apiKey ? { 'X-API-Key': state.apiKey } : {};
+  }
+
+  async function askForKey(message) {
+    if (!state.keyPrompt) {
+      state.keyPrompt = new Promise((resolve) => {
+        els.keyMessage.textContent = message;
+        els.keyInput.value = '';
+        const onClose = () => {
+          els.keyDialog.removeEventListener('close', onClose);
+          state.keyPrompt = null;
+          const key = els.keyDialog.returnValue === 'ok' ? els.keyInput.value.trim() : '';
+          if (key) {
+            state.apiKey = key;
+            sessionStorage.setItem(KEY_STORAGE, key);
+          }
+          resolve(Boolean(key));
+        };
+        els.keyDialog.addEventListener('close', onClose);
+        els.keyDialog.showModal();
+        els.keyInput.focus();
+      });
+    }
+    return state.keyPrompt;
+  }
+
+  async function api(path, options = {}, retried = false) {
+    const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+    if (response.status === 401 && !retried) {
+      const message = state.apiKey ? 'That API key was not accepted. Enter the key again.'
+        : 'This server requires an API key.';
+      if (await askForKey(message)) return api(path, options, true);
+    }
+    if (!response.ok) {
+      let message = `${response.status} ${response.statusText}`;
+      try {
+        const body = await response.json();
+        if (typeof body.detail === 'string') message = body.detail + (body.hint ? ` — ${body.hint}` : '');
+        else if (Array.isArray(body.detail)) message = body.detail.map((d) => d.msg).join('; ');
+      } catch (_) { /* not JSON */ }
+      throw new ApiError(response.status, message);
+    }
+    return response;
+  }
+
+  async function apiJson(path, options) {
+    return (await api(path, options)).json();
+  }
+
+  // Images: a plain src without a key; with a key, fetched with the header and shown as a blob: URL.
+  async function showImage(img, url) {
+    if (!state.apiKey) { img.src = url; return; }
+    try {
+      const blob = await (await api(url)).blob();
+      const objectUrl = URL.createObjectURL(blob);
+      state.objectUrls.push(objectUrl);
+      img.src = objectUrl;
+    } catch (err) {
+      img.alt = `${img.alt} (could not load: ${err.message})`;
+    }
+  }
+
+  function releaseImages() {
+    state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
+    state.objectUrls = [];
+  }
+
+  // ---- status ----------------------------------------------------------------------------------
+  function setStatus(text) { els.status.textContent = text; }
+  function showError(message) { els.error.textContent = message; els.error.hidden = false; }
+  function clearError() { els.error.hidden = true; els.error.textContent = ''; }
+  function fileName(path) { return path.split(/[\\/]/).pop(); }
+
+  // ---- searches --------------------------------------------------------------------------------
+  async function runSearch(describe, request) {
+    const seq = ++state.requestSeq;
+    clearError();
+    setStatus(`Searching ${describe}…`);
+    els.results.setAttribute('aria-busy', 'true');
+    try {
+      const answer = await request();
+      if (seq !== state.requestSeq) return;
+      renderResults(answer.results);
+      const count = answer.results.length;
+      setStatus(count === 0 ? `No photos found ${describe}. Try other words or another image.`
+        : `${count} result${count === 1 ? '' : 's'} ${describe}, best first (${Math.round(answer.took_ms)} ms).`);
+    } catch (err) {
+      if (seq !== state.requestSeq) return;
+      renderResults([]);
+      setStatus('The search failed.');
+      showError(err.message);
+    } finally {
+      if (seq === state.requestSeq) els.results.removeAttribute('aria-busy');
+    }
+  }
+
+  function k() { return Number(els.k.value) || 20; }
+
+  function searchText() {
+    const q = els.query.value.trim();
+    if (!q) {
+      state.requestSeq++;
+      renderResults([]);
+      clearError();
+      setStatus('Type to search your photos.');
+      return;
+    }
+    const params = new URLSearchParams({ q, k: String(k()) });
+    runSearch(`for “${q}”`, () => apiJson(`api/search?${params}`));
+  }
+
+  function searchExample() {
+    if (!state.exampleFile) return;
+    const form = new FormData();
+    form.append('file', state.exampleFile, state.exampleFile.name || 'pasted-image');
+    form.append('k', String(k()));
+    runSearch('like your image', () => apiJson('api/search/image', { method: 'POST', body: form }));
+  }
+
+  function searchLike(result) {
+    els.query.value = '';
+    runSearch(`like ${fileName(result.path)}`, () => apiJson('api/search', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ image_id: result.id, k: k() }),
+    }));
+  }
+
+  // ---- results grid ----------------------------------------------------------------------------
+  function renderResults(results) {
+    releaseImages();
+    state.results = results;
+    els.results.replaceChildren();
+    results.forEach((result, index) => {
+      const item = document.createElement('li');
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.className = 'result';
+      button.dataset.id = String(result.id);
+      button.dataset.index = String(index);
+      button.tabIndex = index === 0 ? 0 : -1;  // roving focus: Tab enters the grid once, arrows move
+      const name = fileName(result.path);
+      const score = result.score.toFixed(3);
+      button.setAttribute('aria-label', `${index + 1}. ${name}, score ${score}. Open for the full image and more like this.`);
+      const img = document.createElement('img');
+      img.alt = name;
+      img.loading = 'lazy';
+      img.width = 256;
+      img.height = 256;
+      const caption = document.createElement('span');
+      caption.className = 'caption';
+      caption.innerHTML = '<span class="name"></span><span class="score"></span>';
+      caption.querySelector('.name').textContent = `${index + 1}. ${name}`;
+      caption.querySelector('.score').textContent = score;
+      button.append(img, caption);
+      item.append(button);
+      els.results.append(item);
+      showImage(img, result.thumbnail_url);
+    });
+  }
+
+  function resultButtons() { return Array.from(els.results.querySelectorAll('.result')); }
+
+  function focusResult(index) {
+    const buttons = resultButtons();
+    if (!buttons.length) return;
+    const target = buttons[Math.max(0, Math.min(buttons.length - 1, index))];
+    buttons.forEach((b) => { b.tabIndex = -1; });
+    target.tabIndex = 0;
+    target.focus();
+  }
+
+  function columns() {
+    const buttons = resultButtons();
+    if (buttons.length < 2) return 1;
+    const top = buttons[0].getBoundingClientRect().top;
+    const perRow = buttons.findIndex((b) => b.getBoundingClientRect().top > top + 1);
+    return perRow === -1 ? buttons.length : perRow;
+  }
+
+  els.results.addEventListener('keydown', (event) => {
+    const button = event.target.closest('.result');
+    if (!button) return;
+    const index = Number(button.dataset.index);
+    const moves = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: columns(), ArrowUp: -columns(),
+      Home: -index, End: resultButtons().length };
+    if (event.key in moves) {
+      event.preventDefault();
+      focusResult(index + moves[event.key]);
+    }
+  });
+
+  els.results.addEventListener('click', (event) => {
+    const button = event.target.closest('.result');
+    if (button) openViewer(state.results[Number(button.dataset.index)], button);
+  });
+
+  // ---- viewer ----------------------------------------------------------------------------------
+  let returnFocus = null;
+
+  function openViewer(result, opener) {
+    state.openResult = result;
+    returnFocus = opener;
+    els.viewerTitle.textContent = fileName(result.path);
+    els.viewerImage.alt = fileName(result.path);
+    els.viewerImage.removeAttribute('src');
+    showImage(els.viewerImage, result.image_url);
+    const size = result.width && result.height ? `${result.width} × ${result.height} px · ` : '';
+    els.viewerMeta.textContent = `${size}score ${result.score.toFixed(3)} · ${result.path}`;
+    els.openFull.href = result.image_url;
+    els.openFull.hidden = Boolean(state.apiKey);  // a plain link cannot carry the key
+    els.viewer.showModal();
+    els.moreLikeThis.focus();
+  }
+
+  els.viewer.addEventListener('close', () => {
+    if (returnFocus && document.contains(returnFocus)) returnFocus.focus();
+  });
+  els.closeViewer.addEventListener('click', () => els.viewer.close());
+  els.viewer.addEventListener('click', (event) => { if (event.target === els.viewer) els.viewer.close(); });
+  els.moreLikeThis.addEventListener('click', () => {
+    const result = state.openResult;
+    els.viewer.close();
+    returnFocus = null;
+    if (result) searchLike(result);
+  });
+
+  // ---- example image: drop, paste, pick ---------------------------------------------------------
+  function useExample(file) {
+    if (!file) return;
+    if (file.type && !file.type.startsWith('image/')) {
+      showError(`${file.name || 'That file'} is not an image.`);
+      return;
+    }
+    state.exampleFile = file;
+    if (state.exampleUrl) URL.revokeObjectURL(state.exampleUrl);
+    state.exampleUrl = URL.createObjectURL(file);
+    els.exampleImage.src = state.exampleUrl;
+    els.example.hidden = false;
+    els.labelResults.replaceChildren();
+    els.query.value = '';
+    searchExample();
+  }
+
+  els.fileInput.addEventListener('change', () => {
+    useExample(els.fileInput.files[0]);
+    els.fileInput.value = '';
+  });
+  const fileLabel = els.dropZone.querySelector('.file-button');
+  fileLabel.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' || event.key === ' ') { event.preventDefault(); els.fileInput.click(); }
+  });
+  els.dropZone.addEventListener('keydown', (event) => {
+    if (event.target === els.dropZone && (event.key === 'Enter' || event.key === ' ')) {
+      event.preventDefault();
+      els.fileInput.click();
+    }
+  });
+  ['dragenter', 'dragover'].forEach((type) => els.dropZone.addEventListener(type, (event) => {
+    event.preventDefault();
+    els.dropZone.classList.add('dragging');
+  }));
+  ['dragleave', 'drop'].forEach((type) => els.dropZone.addEventListener(type, () => {
+    els.dropZone.classList.remove('dragging');
+  }));
+  els.dropZone.addEventListener('drop', (event) => {
+    event.preventDefault();
+    useExample(event.dataTransfer.files[0]);
+  });
+  // Dropping an image anywhere else should not navigate away from the page.
+  window.addEventListener('dragover', (event) => event.preventDefault());
+  window.addEventListener('drop', (event) => {
+    event.preventDefault();
+    if (event.dataTransfer && event.dataTransfer.files.length) useExample(event.dataTransfer.files[0]);
+  });
+  document.addEventListener('paste', (event) => {
+    const item = Array.from(event.clipboardData ? event.clipboardData.items : [])
+      .find((i) => i.kind === 'file' && i.type.startsWith('image/'));
+    if (item) {
+      event.preventDefault();
+      useExample(item.getAsFile());
+    }
+  });
+
+  els.clearExample.addEventListener('click', () => {
+    state.exampleFile = null;
+    if (state.exampleUrl) URL.revokeObjectURL(state.exampleUrl);
+    state.exampleUrl = null;
+    els.example.hidden = true;
+    els.labelResults.replaceChildren();
+    els.query.focus();
+  });
+
+  els.classifyForm.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    if (!state.exampleFile) return;
+    const form = new FormData();
+    form.append('file', state.exampleFile, state.exampleFile.name || 'pasted-image');
+    form.append('labels', els.labels.value);
+    clearError();
+    els.labelResults.replaceChildren();
+    try {
+      const answer = await apiJson('api/classify', { method: 'POST', body: form });
+      answer.labels.forEach((entry) => {
+        const li = document.createElement('li');
+        const label = document.createElement('span');
+        label.textContent = entry.label;
+        const meter = document.createElement('meter');
+        meter.min = 0; meter.max = 1; meter.value = entry.probability;
+        meter.setAttribute('aria-label', `${entry.label} probability`);
+        const percent = document.createElement('span');
+        percent.className = 'probability';
+        percent.textContent = `${(entry.probability * 100).toFixed(1)}%`;
+        li.append(label, meter, percent);
+        els.labelResults.append(li);
+      });
+    } catch (err) {
+      showError(err.message);
+    }
+  });
+
+  // ---- text search -----------------------------------------------------------------------------
+  els.query.addEventListener('input', () => {
+    clearTimeout(state.typingTimer);
+    state.typingTimer = setTimeout(searchText, 250);
+  });
+  els.form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    clearTimeout(state.typingTimer);
+    searchText();
+  });
+  els.k.addEventListener('change', () => {
+    if (els.query.value.trim()) searchText();
+    else if (state.exampleFile) searchExample();
+  });
+  els.query.addEventListener('keydown', (event) => {
+    if (event.key === 'ArrowDown' && resultButtons().length) { event.preventDefault(); focusResult(0); }
+  });
+  document.addEventListener('keydown', (event) => {
+    const typing = ['INPUT', 'SELECT', 'TEXTAREA'].includes(document.activeElement.tagName);
+    if (event.key === '/' && !typing && !document.querySelector('dialog[open]')) {
+      event.preventDefault();
+      els.query.focus();
+      els.query.select();
+    }
+  });
+
+  els.keyCancel.addEventListener('click', () => els.keyDialog.close('cancel'));
+
+  // ---- start -----------------------------------------------------------------------------------
+  async function start() {
+    try {
+      const stats = await apiJson('api/stats');
+      const model = stats.model ? ` · model ${stats.model.name}` : '';
+      const link = document.createElement('a');
+      link.href = 'docs';
+      link.textContent = 'API docs';
+      els.footer.textContent = `Collection “${stats.collection}”: ${stats.images} photos${model} · clipsearch ${stats.version} · `;
+      els.footer.append(link);
+      if (stats.images === 0) setStatus('This collection is empty. Index photos with: clipsearch index FOLDER');
+    } catch (err) {
+      showError(`Cannot reach the search service: ${err.message}`);
+    }
+    if (els.query.value.trim()) searchText();
+  }
+
+  start();
+})();
