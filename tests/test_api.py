@@ -1,0 +1,349 @@
+"""REST API: every route answers correctly ordered results or the right JSON error."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from clipsearch.classify import Classifier
+from clipsearch.runtime import ClipModel
+from clipsearch.web import ServerSettings, create_app
+from photo_fixtures import block_image
+from web_fixtures import PHOTO_COUNT, IndexedPhotos, build_indexed_photos
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
+    return build_indexed_photos(tmp_path_factory.mktemp("api"), tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def client(indexed) -> TestClient:
+    app = create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle) -> ClipModel:
+    return ClipModel(tiny_bundle, threads=1)
+
+
+def ids(answer: dict) -> list[int]:
+    return [r["id"] for r in answer["results"]]
+
+
+def scores(answer: dict) -> list[float]:
+    return [r["score"] for r in answer["results"]]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def photo(indexed: IndexedPhotos, name: str) -> Path:
+    return next(p for p in indexed.photos if p.name == name)
+
+
+# -- GET /api/search -------------------------------------------------------------------------------
+def test_text_search_returns_results_best_first_in_brute_force_order(client, indexed):
+    response = client.get("/api/search", params={"q": "a red square", "k": 5})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["query"] == "a red square" and answer["took_ms"] >= 0 and answer["collection"] == indexed.name
+    assert ids(answer) == indexed.text_ranking("a red square")[:5]
+    assert scores(answer) == sorted(scores(answer), reverse=True)
+    first = answer["results"][0]
+    assert set(first) >= {"id", "path", "score", "width", "height", "thumbnail_url", "image_url"}
+    assert first["path"] in indexed.ids_by_path and indexed.ids_by_path[first["path"]] == first["id"]
+    assert first["thumbnail_url"] == f"/api/images/{first['id']}/thumbnail"
+    assert first["image_url"] == f"/api/images/{first['id']}/file"
+
+
+def test_text_search_k_defaults_to_20_and_caps_at_the_collection_size(client):
+    answer = client.get("/api/search", params={"q": "photo"}).json()
+    assert len(answer["results"]) == PHOTO_COUNT + 1  # fewer photos than the default k
+    assert len(client.get("/api/search", params={"q": "photo", "k": 3}).json()["results"]) == 3
+
+
+@pytest.mark.parametrize("params, status, message", [
+    ({}, 422, None),
+    ({"q": "   "}, 400, "empty text query"),
+    ({"q": "x" * 10_001}, 400, "longer than"),
+    ({"q": "cat", "k": 0}, 422, None),
+    ({"q": "cat", "k": "many"}, 422, None),
+    ({"q": "cat", "k": 1001}, 422, "k must be between 1 and 1000"),
+    ({"q": "cat", "collection": "nope"}, 400, "unknown collection 'nope'"),
+    ({"q": "cat", "collection": "../photos"}, 400, "unknown collection"),
+])
+def test_bad_text_searches_get_json_errors(client, params, status, message):
+    response = client.get("/api/search", params=params)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    detail = response.json()["detail"]
+    if message:
+        assert message in detail
+
+
+# -- POST /api/search ------------------------------------------------------------------------------
+def test_combined_text_and_not_query_matches_the_weighted_vector(client, indexed, model):
+    response = client.post("/api/search", json={"text": "beach", "and": ["0.5:sunset"], "not": ["people"], "k": 6})
+    assert response.status_code == 200
+    beach, sunset, people = model.encode_text(["beach", "sunset", "people"])
+    expected = indexed.ranking(beach + 0.5 * sunset - people)[:6]
+    answer = response.json()
+    assert ids(answer) == expected
+    assert answer["query"] == "beach +0.5:sunset -people"
+
+
+def test_more_like_this_excludes_the_image_and_ranks_by_its_vector(client, indexed):
+    image_id = indexed.ids_by_path[str(photo(indexed, "photo_004.jpg"))]
+    answer = client.post("/api/search", json={"image_id": image_id, "k": 5}).json()
+    assert image_id not in ids(answer)
+    assert ids(answer) == indexed.ranking(indexed.stored_vector(image_id), exclude={image_id})[:5]
+    with_self = client.post("/api/search", json={"image_id": image_id, "k": 1, "include_self": True}).json()
+    assert ids(with_self) == [image_id] and with_self["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("as_data_url", [False, True])
+def test_example_image_as_base64_finds_its_neighbours(client, indexed, as_data_url):
+    path = photo(indexed, "photo_006.png")
+    image_id = indexed.ids_by_path[str(path)]
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    if as_data_url:
+        encoded = "data:image/png;base64," + encoded
+    answer = client.post("/api/search", json={"image_b64": encoded, "k": 4}).json()
+    assert image_id not in ids(answer)  # the identical indexed file is the query itself
+    expected = indexed.ranking(indexed.stored_vector(image_id), exclude={image_id})
+    ranked_scores = dict(zip(*_scores_for(indexed, image_id)))
+    assert set(ids(answer)) <= set(expected[:6])
+    for result in answer["results"]:
+        assert result["score"] == pytest.approx(ranked_scores[result["id"]], abs=1e-3)
+
+
+def _scores_for(indexed: IndexedPhotos, image_id: int) -> tuple[list[int], list[float]]:
+    all_ids, vectors = indexed.vectors()
+    query = indexed.stored_vector(image_id)
+    return [int(i) for i in all_ids], [float(s) for s in vectors @ query]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({}, 400, "empty query"),
+    ({"k": 5}, 400, "empty query"),
+    ({"image_id": 99999}, 404, "no image with id 99999"),
+    ({"image_b64": "not base64 at all!!"}, 400, "not valid base64"),
+    ({"image_b64": base64.b64encode(b"just some text, no image").decode()}, 415, "not an image"),
+    ({"image_b64": ""}, 400, "empty"),
+    ({"text": "cat", "k": 0}, 422, None),
+    ({"text": "cat", "k": 5000}, 422, "k must be between"),
+    ({"not": ["people"]}, 400, "empty query"),
+    ({"text": "cat", "not": ["cat"]}, 400, "cancel each other out"),
+    ({"text": 12}, 422, None),
+    ({"text": "cat", "collection": "other"}, 400, "unknown collection"),
+])
+def test_bad_combined_queries_get_json_errors(client, body, status, message):
+    response = client.post("/api/search", json=body)
+    assert response.status_code == status, response.text
+    if message:
+        assert message in response.json()["detail"]
+
+
+def test_combined_search_wants_json(client):
+    for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}):
+        response = client.post("/api/search", content=b'{"text": "cat"}', headers=headers)
+        assert response.status_code == 415 and "JSON" in response.json()["detail"]
+    broken = client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 422
+
+
+# -- POST /api/search/image ------------------------------------------------------------------------
+def test_uploaded_example_image_searches_by_content(client, indexed):
+    path = photo(indexed, "photo_002.jpg")
+    image_id = indexed.ids_by_path[str(path)]
+    response = client.post("/api/search/image", files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+                           data={"k": "3"})
+    assert response.status_code == 200
+    answer = response.json()
+    assert len(answer["results"]) == 3 and image_id not in ids(answer)
+    assert scores(answer) == sorted(scores(answer), reverse=True)
+    with_self = client.post("/api/search/image", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                            data={"k": "1", "include_self": "true"}).json()
+    assert ids(with_self) == [image_id]
+
+
+def test_upload_of_an_unindexed_image_matches_its_embedding(client, indexed, model):
+    image = block_image(4242)
+    response = client.post("/api/search/image", files={"file": ("new.png", png_bytes(image), "image/png")},
+                           data={"k": "5"})
+    expected = indexed.ranking(model.encode_images([image])[0])[:5]
+    assert ids(response.json()) == expected
+
+
+@pytest.mark.parametrize("files, status, message", [
+    ({"file": ("notes.txt", b"hello, not an image", "text/plain")}, 415, "not an image"),
+    ({"file": ("empty.jpg", b"", "image/jpeg")}, 400, "empty"),
+    ({"file": ("cut.png", png_bytes(block_image(1))[:200], "image/png")}, 400, "corrupt or truncated"),
+    ({}, 422, "multipart file field named 'file'"),
+])
+def test_bad_uploads_get_json_errors(client, files, status, message):
+    response = client.post("/api/search/image", files=files or None, data={"k": "3"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+# -- POST /api/classify ----------------------------------------------------------------------------
+def test_classify_gives_a_probability_per_label(client, indexed, model):
+    path = photo(indexed, "photo_003.png")
+    labels = ["a cat", "a dog", "a red car"]
+    response = client.post("/api/classify", files={"file": (path.name, path.read_bytes(), "image/png")},
+                           data={"labels": "a cat, a dog,a red car"})
+    assert response.status_code == 200
+    answer = response.json()
+    assert list(answer["probabilities"]) == labels
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    probabilities = [entry["probability"] for entry in answer["labels"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    expected = Classifier(model, labels).classify_image(path.read_bytes())
+    assert [e["label"] for e in answer["labels"]] == [s.label for s in expected]
+    for entry, score in zip(answer["labels"], expected):
+        assert entry["probability"] == pytest.approx(score.probability, abs=1e-4)
+
+
+def test_classify_an_indexed_image_by_id(client, indexed, model):
+    image_id = indexed.ids_by_path[str(photo(indexed, "photo_005.jpg"))]
+    answer = client.post("/api/classify", data={"labels": "sky,grass", "image_id": str(image_id)}).json()
+    expected = Classifier(model, ["sky", "grass"]).classify_vector(indexed.stored_vector(image_id))
+    assert [e["label"] for e in answer["labels"]] == [s.label for s in expected]
+    assert answer["labels"][0]["probability"] == pytest.approx(expected[0].probability, abs=1e-4)
+
+
+@pytest.mark.parametrize("data, files, status, message", [
+    ({"labels": " , ,"}, True, 400, "no labels given"),
+    ({}, True, 422, None),
+    ({"labels": "cat,dog"}, False, 422, "multipart file field"),
+    ({"labels": "cat", "image_id": "99999"}, False, 404, "no image with id 99999"),
+])
+def test_bad_classify_requests_get_json_errors(client, indexed, data, files, status, message):
+    path = photo(indexed, "photo_000.png")
+    upload = {"file": (path.name, path.read_bytes(), "image/png")} if files else None
+    response = client.post("/api/classify", data=data, files=upload)
+    assert response.status_code == status, response.text
+    if message:
+        assert message in response.json()["detail"]
+
+
+def test_classify_refuses_a_non_image(client):
+    response = client.post("/api/classify", data={"labels": "cat"}, files={"file": ("a.pdf", b"%PDF-1.4", "application/pdf")})
+    assert response.status_code == 415
+
+
+# -- images ------------------------------------------------------------------------------------------
+def test_image_metadata(client, indexed):
+    path = photo(indexed, "big.jpg")
+    image_id = indexed.ids_by_path[str(path)]
+    response = client.get(f"/api/images/{image_id}")
+    assert response.status_code == 200
+    info = response.json()
+    assert (info["id"], info["path"], info["file_name"], info["width"], info["height"]) == (image_id, str(path), "big.jpg", 800, 600)
+    assert info["size"] == path.stat().st_size and info["collection"] == indexed.name
+    assert info["thumbnail_url"] == f"/api/images/{image_id}/thumbnail"
+
+
+def test_original_file_is_served_byte_for_byte(client, indexed):
+    for name, media_type in (("photo_000.png", "image/png"), ("photo_002.jpg", "image/jpeg")):
+        path = photo(indexed, name)
+        response = client.get(f"/api/images/{indexed.ids_by_path[str(path)]}/file")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == media_type
+        assert response.content == path.read_bytes()
+
+
+def test_thumbnail_is_at_most_256_px_and_cached_on_disk(client, indexed):
+    image_id = indexed.ids_by_path[str(photo(indexed, "big.jpg"))]
+    cache = indexed.index_dir / indexed.name / "thumbnails"
+    assert not list(cache.glob(f"{image_id}-*.jpg"))
+    first = client.get(f"/api/images/{image_id}/thumbnail")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(first.content)).size == (256, 192)
+    cached = list(cache.glob(f"{image_id}-*.jpg"))
+    assert len(cached) == 1 and cached[0].read_bytes() == first.content
+    mtime = cached[0].stat().st_mtime_ns
+    second = client.get(f"/api/images/{image_id}/thumbnail")
+    assert second.content == first.content and cached[0].stat().st_mtime_ns == mtime
+    small = client.get(f"/api/images/{indexed.ids_by_path[str(photo(indexed, 'photo_001.jpg'))]}/thumbnail")
+    assert Image.open(io.BytesIO(small.content)).size == (160, 120)  # never enlarged
+
+
+@pytest.mark.parametrize("suffix", ["", "/thumbnail", "/file"])
+@pytest.mark.parametrize("image_id", ["99999", "abc", "-1", "1.5", "0x1", "１"])
+def test_unknown_image_ids_are_404(client, image_id, suffix):
+    response = client.get(f"/api/images/{image_id}{suffix}")
+    assert response.status_code == 404
+    assert "image" in response.json()["detail"]
+
+
+def test_image_deleted_from_disk_is_404_not_500(tmp_path, tiny_bundle):
+    indexed = build_indexed_photos(tmp_path, tiny_bundle, count=2)
+    path = indexed.photos[0]
+    image_id = indexed.ids_by_path[str(path)]
+    path.unlink()
+    with TestClient(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as client:
+        for suffix in ("/file", "/thumbnail"):
+            response = client.get(f"/api/images/{image_id}{suffix}")
+            assert response.status_code == 404 and "no longer on disk" in response.json()["detail"]
+
+
+# -- stats, health, docs -------------------------------------------------------------------------------
+def test_stats_describe_the_collection(client, indexed):
+    stats = client.get("/api/stats").json()
+    assert stats["collection"] == indexed.name and stats["images"] == PHOTO_COUNT + 1
+    assert stats["model"]["embed_dim"] == 64 and stats["index_count"] == PHOTO_COUNT + 1 and stats["index_fresh"]
+    assert stats["collections"] == [indexed.name]
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_openapi_documents_every_route(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/search", "/api/search/image", "/api/classify", "/api/images/{image_id}",
+            "/api/images/{image_id}/thumbnail", "/api/images/{image_id}/file", "/api/stats", "/healthz",
+            "/knn-service", "/indices-list", "/metadata"} <= set(paths)
+    assert set(paths["/api/search"]) == {"get", "post"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_unknown_routes_and_methods_are_json_errors(client):
+    missing = client.get("/api/nothing-here")
+    assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+    wrong_method = client.delete("/api/search")
+    assert wrong_method.status_code == 405 and "detail" in wrong_method.json()
+
+
+def test_a_second_collection_is_served_by_name(tmp_path, tiny_bundle, indexed):
+    other_root = tmp_path / "other"
+    other = build_indexed_photos(other_root, tiny_bundle, count=3)
+    # put the second collection next to the first under one index folder
+    shutil.copytree(other.index_dir / other.name, tmp_path / "idx" / "second")
+    shutil.copytree(indexed.index_dir / indexed.name, tmp_path / "idx" / indexed.name)
+    settings = ServerSettings(collection=indexed.name, index_dir=tmp_path / "idx")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/api/stats").json()["collections"] == [indexed.name, "second"]
+        answer = client.get("/api/search", params={"q": "photo", "collection": "second"}).json()
+        assert answer["collection"] == "second" and len(answer["results"]) == 4
+        assert all(r["thumbnail_url"].endswith("?collection=second") for r in answer["results"])
+        thumb = client.get(answer["results"][0]["thumbnail_url"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert np.isclose(client.get("/api/stats", params={"collection": "second"}).json()["images"], 4)
