@@ -43,7 +43,7 @@ class IndexLayout:
         nlist = int(min(65536, max(64, 2 ** round(math.log2(4 * math.sqrt(count))))))
         m = _pq_subquantizers(dim)
         return cls(kind="ivfpq", factory=f"IDMap,IVF{nlist},PQ{m}x4fs,RFlat", nlist=nlist,
-                   nprobe=max(8, nlist // 32), refine_factor=16)
+                   nprobe=max(16, nlist // 8), refine_factor=16)
 
 
 def _pq_subquantizers(dim: int) -> int:

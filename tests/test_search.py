@@ -1,0 +1,164 @@
+"""Search: image queries find themselves and their resized copies, like/and/not queries combine as
+documented, results are joined with metadata, and bad queries fail with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch.collection import Collection
+from clipsearch.errors import CollectionError, QueryError
+from clipsearch.indexer.pipeline import IndexOptions
+from clipsearch.indexer.runner import index_paths
+from clipsearch.runtime import ClipModel
+from clipsearch.search import SearchQuery, Searcher, parse_weight
+from photo_fixtures import block_image, make_photos
+
+CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return ClipModel(tiny_bundle, threads=1)
+
+
+@pytest.fixture()
+def indexed(tmp_path, model):
+    folder = tmp_path / "photos"
+    make_photos(folder, 16)
+    original = folder / "photo_000.png"
+    Image.open(original).resize((96, 72), Image.Resampling.BILINEAR).save(folder / "zz_resized_copy.jpg", quality=90)
+    collection = Collection.create("s", tmp_path / "idx")
+    index_paths(collection, model, [str(folder)], IndexOptions(batch_size=8, workers=1))
+    return collection, folder
+
+
+def test_image_query_returns_itself_first_and_its_resized_copy_next(indexed, model):
+    collection, folder = indexed
+    searcher = Searcher(collection, model)
+    query_path = folder / "photo_000.png"
+    with_self = searcher.search(SearchQuery.build(image=query_path, k=3, include_query_images=True))
+    assert [os.path.basename(h.path) for h in with_self[:2]] == ["photo_000.png", "zz_resized_copy.jpg"]
+    assert with_self[0].score == pytest.approx(1.0, abs=1e-4) and with_self[0].score >= with_self[1].score >= with_self[2].score
+    # By default the query image itself is not returned: the copy comes first.
+    hits = searcher.search(SearchQuery.build(image=query_path, k=3))
+    assert os.path.basename(hits[0].path) == "zz_resized_copy.jpg"
+    assert all(h.path != str(query_path) for h in hits)
+    # The same bytes uploaded (no path) are recognised as the query image too.
+    uploaded = searcher.search(SearchQuery.build(image=query_path.read_bytes(), k=3))
+    assert [h.id for h in uploaded] == [h.id for h in hits]
+
+
+def test_like_an_indexed_image_excludes_it_and_finds_its_copy(indexed, model):
+    collection, folder = indexed
+    searcher = Searcher(collection, model)
+    source = collection.store.find_by_path(str(folder / "photo_000.png"))
+    hits = searcher.search(SearchQuery.build(like=source.id, k=5))
+    assert source.id not in [h.id for h in hits]
+    assert os.path.basename(hits[0].path) == "zz_resized_copy.jpg"
+    first = hits[0]
+    record = collection.store.get(first.id)
+    assert (first.width, first.height, first.path) == (record.width, record.height, record.path) == (96, 72, record.path)
+    with pytest.raises(QueryError, match="no indexed image with id 99999"):
+        searcher.search(SearchQuery.build(like=99999))
+
+
+def test_text_query_ranks_by_cosine_and_caps_k(indexed, model):
+    collection, _ = indexed
+    searcher = Searcher(collection, model)
+    hits = searcher.search(SearchQuery.build(text="a red square", k=100))
+    assert len(hits) == 17
+    ids, vectors = collection.store.all_vectors(model.embed_dim)
+    query = model.encode_text(["a red square"])[0]
+    expected = ids[np.argsort(-(vectors @ query), kind="stable")]
+    assert [h.id for h in hits[:5]] == expected[:5].tolist()
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_and_not_and_weights_combine_like_rclip(indexed, model):
+    collection, _ = indexed
+    searcher = Searcher(collection, model)
+    beach, people, sunset = model.encode_text(["beach", "people", "sunset"])
+    combined = searcher.query_vector(SearchQuery.build(text="beach", and_texts=["0.5:sunset"], not_texts=["2:people"]))
+    expected = beach + 0.5 * sunset - 2 * people
+    np.testing.assert_allclose(combined.vector, expected / np.linalg.norm(expected), atol=1e-5)
+    ranked = searcher.search(SearchQuery.build(text="beach", not_texts=["people"], k=17))
+    ids, vectors = collection.store.all_vectors(model.embed_dim)
+    direction = (beach - people) / np.linalg.norm(beach - people)
+    assert ranked[0].id == int(ids[np.argmax(vectors @ direction)])
+    assert parse_weight("2:beach") == (2.0, "beach")
+    assert parse_weight(".5:sunset") == (0.5, "sunset")
+    assert parse_weight("photo: a dog") == (1.0, "photo: a dog")
+
+
+def test_bad_queries_fail_clearly(indexed, model, tmp_path):
+    collection, folder = indexed
+    searcher = Searcher(collection, model)
+    with pytest.raises(QueryError, match="empty query"):
+        searcher.search(SearchQuery.build())
+    with pytest.raises(QueryError, match="empty text"):
+        searcher.search(SearchQuery.build(text="   "))
+    with pytest.raises(QueryError, match="longer than"):
+        searcher.search(SearchQuery.build(text="dog " * 5000))
+    with pytest.raises(QueryError, match="at least one positive"):
+        searcher.search(SearchQuery(terms=SearchQuery.build(not_texts=["dog"]).terms))
+    with pytest.raises(QueryError, match="cancel"):
+        searcher.search(SearchQuery.build(text="dog", not_texts=["dog"]))
+    with pytest.raises(QueryError, match="no such file"):
+        searcher.search(SearchQuery.build(image=tmp_path / "missing.jpg"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(Exception, match="broken.jpg|not a recognised|corrupt"):
+        searcher.search(SearchQuery.build(image=broken))
+    long_but_fine = searcher.search(SearchQuery.build(text="a photo of a dog " * 200, k=3))  # truncated by the tokenizer
+    assert len(long_but_fine) == 3
+
+
+def test_a_searcher_sees_later_indexing_runs(indexed, model):
+    collection, folder = indexed
+    searcher = Searcher(collection, model)
+    before = searcher.search(SearchQuery.build(text="x", k=100))
+    block_image(4242).save(folder / "new.png")
+    index_paths(Collection.open("s", collection.folder.parent), model, [str(folder)], IndexOptions(workers=0))
+    after = searcher.search(SearchQuery.build(text="x", k=100))
+    assert len(after) == len(before) + 1
+    assert str(folder / "new.png") in {h.path for h in after}
+
+
+def test_another_model_cannot_search_a_collection(indexed, tiny_bundle, tmp_path):
+    import shutil
+
+    collection, _ = indexed
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["name"] = "not-the-same"
+    (other / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CollectionError, match="cannot search it"):
+        Searcher(collection, ClipModel(other)).search(SearchQuery.build(text="x"))
+
+
+def test_search_cli_json_contract_and_errors(indexed, tmp_path):
+    collection, folder = indexed
+    root = str(collection.folder.parent)
+    result = subprocess.run([*CLI, "search", "a dog", "-k", "4", "--collection", "s", "--index-dir", root, "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 4 and all(set(r) == {"id", "path", "score", "width", "height"} for r in rows)
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    plain = subprocess.run([*CLI, "search", "--image", str(folder / "photo_000.png"), "-k", "1", "--collection", "s",
+                            "--index-dir", root], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and plain.stdout.split() == ["1", plain.stdout.split()[1], str(folder / "zz_resized_copy.jpg")]
+    missing = subprocess.run([*CLI, "search", "x", "--collection", "nope", "--index-dir", root], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 1 and "no collection named 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+    empty = subprocess.run([*CLI, "search", "", "--collection", "s", "--index-dir", root], capture_output=True, text=True,
+                           timeout=120)
+    assert empty.returncode == 1 and "empty text query" in empty.stderr

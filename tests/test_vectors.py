@@ -1,0 +1,65 @@
+"""The FAISS wrapper: layout choice, IVF-PQ+refine recall against exact search, ids, atomic saves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipsearch.errors import CollectionError
+from clipsearch.vectors import IndexLayout, VectorIndex
+
+
+def clustered_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_layout_switches_to_ivfpq_past_the_threshold():
+    assert IndexLayout.for_size(49_999, 512).kind == "flat"
+    big = IndexLayout.for_size(100_000, 512)
+    assert big.kind == "ivfpq" and big.factory == "IDMap,IVF1024,PQ256x4fs,RFlat" and big.refine_factor > 1
+
+
+def test_ivfpq_with_refine_keeps_recall_and_ids(tmp_path):
+    n, dim = 4000, 64
+    x = clustered_vectors(n, dim)
+    ids = np.arange(n, dtype=np.int64) * 7 + 3
+    rng = np.random.default_rng(1)
+    index = VectorIndex.build([(ids[:5000], x[:5000]), (ids[5000:], x[5000:])], count=n, dim=dim, model_id="m",
+                              generation=4, ivf_threshold=1000, sample=lambda k: x[rng.choice(n, k, replace=False)])
+    assert index.meta.layout.kind == "ivfpq"
+    queries = clustered_vectors(200, dim, seed=5)
+    exact = ids[np.argsort(-(queries @ x.T), axis=1)[:, :10]]
+    approx = index.search(queries, 10)
+    recall = np.mean([len(set(e.tolist()) & {i for i, _ in a}) / 10 for e, a in zip(exact, approx)])
+    assert recall >= 0.9
+    # Scores after the refine stage are exact inner products.
+    first_id, first_score = approx[0][0]
+    assert first_score == pytest.approx(float(queries[0] @ x[(first_id - 3) // 7]), abs=1e-5)
+
+    index.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ivfpq.trained.faiss", "vectors.faiss", "vectors.json"]
+    loaded = VectorIndex.load(tmp_path)
+    np.testing.assert_array_equal(loaded.ids(), ids)
+    assert loaded.meta.generation == 4 and loaded.meta.file_bytes == (tmp_path / "vectors.faiss").stat().st_size
+    assert [i for i, _ in loaded.search(queries[:3], 5)[0]] == [i for i, _ in approx[0][:5]]
+
+    # A rebuild of a similar size reuses the trained quantizer instead of training again.
+    trained = VectorIndex.load_trained(tmp_path)
+    rebuilt = VectorIndex.build([(ids, x)], count=n, dim=dim, model_id="m", generation=5, ivf_threshold=1000,
+                                trained=trained, trained_on=n, sample=None)
+    assert rebuilt.count == n and rebuilt.meta.trained_on == n
+
+
+def test_exact_search_excludes_ids_and_handles_empty(tmp_path):
+    x = clustered_vectors(50, 16)
+    index = VectorIndex.build([(np.arange(50), x)], count=50, dim=16, model_id="m", generation=1)
+    hits = index.search(x[:1], 3, exclude_ids=[0])[0]
+    assert 0 not in [i for i, _ in hits] and len(hits) == 3
+    assert index.search(x[:1], 1)[0][0][0] == 0
+    empty = VectorIndex.build([], count=0, dim=16, model_id="m", generation=1)
+    assert empty.search(x[:1], 5) == [[]]
+    with pytest.raises(CollectionError, match="no vector index"):
+        VectorIndex.load(tmp_path / "nothing-here")
