@@ -1,0 +1,303 @@
+"""Safe by default: only ids reach files, traversal is 404, uploads are bounded, the API key guards every
+data route, no CORS unless configured, loopback unless told otherwise."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from clipsearch.web import ServerSettings, create_app
+from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos, free_port
+
+KEY = "s3cret-key-for-tests"
+PUBLIC_PATHS = {"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
+    return build_indexed_photos(tmp_path_factory.mktemp("security"), tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def live(indexed):
+    with LiveServer(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as server:
+        yield server
+
+
+def raw_get(server: LiveServer, path: str) -> tuple[int, bytes]:
+    """Send `path` byte for byte (no client-side normalisation of '..' or percent-escapes)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.putrequest("GET", path, skip_accept_encoding=True)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+# -- paths -----------------------------------------------------------------------------------------------
+TRAVERSALS = [
+    "/api/images/../../../../etc/passwd",
+    "/api/images/..%2F..%2F..%2F..%2Fetc%2Fpasswd/file",
+    "/api/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd/file",
+    "/api/images/1%2F..%2F..%2Fetc%2Fpasswd/file",
+    "/api/images/%2Fetc%2Fpasswd/file",
+    "/api/images//etc/passwd/file",
+    "/api/images/1/file/../../../../etc/passwd",
+    "/api/images/..%5C..%5Cwindows%5Cwin.ini/file",
+    "/api/images/1%00/file",
+    "/api/images/%252e%252e%252fetc%252fpasswd/thumbnail",
+    "/static/../../../../etc/passwd",
+    "/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/static/%2e%2e/app.py",
+    "/static//etc/passwd",
+    "/static/..%5capp.py",
+    "/../../../../etc/passwd",
+    "/%2e%2e/%2e%2e/etc/passwd",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_traversal_attempts_are_404(live, path):
+    status, body = raw_get(live, path)
+    assert status == 404, (path, status, body[:200])
+    assert b"root:" not in body and b"def create_app" not in body
+
+
+def test_static_serves_only_its_own_assets(live):
+    assert raw_get(live, "/static/app.js")[0] == 200
+    assert raw_get(live, "/static/__init__.py")[0] == 404
+
+
+@pytest.mark.parametrize("field, value", [("image_b64", "/etc/passwd"), ("image_b64", "../../etc/hostname"),
+                                          ("image", "/etc/passwd"), ("path", "/etc/passwd")])
+def test_no_body_field_names_a_server_file(live, indexed, field, value):
+    body = {"k": 3, "text": None, field: value}
+    response = requests.post(f"{live.url}/api/search", json=body, timeout=10)
+    assert response.status_code == 400  # either not base64, or no query at all; never a file read
+    knn = requests.post(f"{live.url}/knn-service", data='{"image": "%s", "indice_name": "%s"}' % (value, indexed.name),
+                        timeout=10)
+    assert knn.status_code == 400
+
+
+# -- uploads ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_limit_app(indexed):
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, max_upload_bytes=50_000)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_upload_over_the_limit_is_413(small_limit_app):
+    big = os.urandom(60_000)
+    response = small_limit_app.post("/api/search/image", files={"file": ("big.jpg", big, "image/jpeg")})
+    assert response.status_code == 413 and "50,000 byte upload limit" in response.json()["detail"]
+    as_json = small_limit_app.post("/api/search", json={"image_b64": base64.b64encode(big).decode()})
+    assert as_json.status_code == 413
+    classify = small_limit_app.post("/api/classify", data={"labels": "a"}, files={"file": ("b.jpg", big, "image/jpeg")})
+    assert classify.status_code == 413
+
+
+def test_default_upload_limit_is_20_mb():
+    assert ServerSettings().max_upload_bytes == 20 * 1024 * 1024
+
+
+def test_a_body_far_over_the_limit_is_refused_before_it_is_read(small_limit_app):
+    too_much = ServerSettings(max_upload_bytes=50_000).max_body_bytes + 1  # room for base64 and form fields
+    response = small_limit_app.post("/api/search/image", content=b"x" * too_much,
+                                    headers={"content-type": "multipart/form-data; boundary=zzz"})
+    assert response.status_code == 413 and "request body is larger" in response.json()["detail"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(indexed):
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, max_upload_bytes=50_000)
+    with LiveServer(create_app(settings)) as server, socket.create_connection(("127.0.0.1", server.port), 10) as sock:
+        sock.sendall(b"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"a" * 65_536
+        try:
+            for _ in range(40):  # 2.6 MB, no Content-Length: only counting what arrives can stop it
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer and close before everything is sent
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            data = sock.recv(65_536)
+            if not data:
+                break
+            reply += data
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+
+
+def _png_of(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    data = _png_of(15_000, 15_000)  # 225 MP of zeros: compresses to a few dozen KB
+    assert len(data) < 100_000
+    return data
+
+
+def test_decompression_bombs_are_413(indexed, bomb):
+    with TestClient(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as client:
+        upload = client.post("/api/search/image", files={"file": ("bomb.png", bomb, "image/png")})
+        assert upload.status_code == 413 and "decompression bomb" in upload.json()["detail"]
+        as_json = client.post("/api/search", json={"image_b64": base64.b64encode(bomb).decode()})
+        assert as_json.status_code == 413
+        classify = client.post("/api/classify", data={"labels": "a,b"}, files={"file": ("bomb.png", bomb, "image/png")})
+        assert classify.status_code == 413
+        knn = client.post("/knn-service", content='{"image": "%s"}' % base64.b64encode(bomb).decode())
+        assert knn.status_code == 413
+
+
+def test_pixel_limit_is_configurable(indexed):
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, max_image_pixels=100 * 100)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/api/search/image", files={"file": ("x.png", _png_of(200, 200), "image/png")})
+        assert response.status_code == 413 and "pixel limit" in response.json()["detail"]
+
+
+# -- API key -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keyed(indexed):
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, api_key=KEY)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _example_request(path: str, method: str, indexed: IndexedPhotos) -> dict:
+    image_id = next(iter(indexed.ids_by_path.values()))
+    url = path.replace("{image_id}", str(image_id))
+    photo = indexed.photos[0].read_bytes()
+    if method == "get":
+        return {"method": "GET", "url": url, "params": {"q": "cat"} if url == "/api/search" else None}
+    if url == "/api/search":
+        return {"method": "POST", "url": url, "json": {"text": "cat"}}
+    if url in ("/api/search/image", "/api/classify"):
+        return {"method": "POST", "url": url, "files": {"file": ("p.png", photo, "image/png")}, "data": {"labels": "a,b"}}
+    return {"method": "POST", "url": url, "content": '{"text": "cat", "ids": [1], "indice_name": "photos"}'}
+
+
+def _every_operation(client: TestClient) -> list[tuple[str, str]]:
+    paths = client.get("/openapi.json").json()["paths"]
+    return [(path, method) for path, methods in paths.items() for method in methods if path not in PUBLIC_PATHS]
+
+
+def test_every_data_route_requires_the_key(keyed, indexed):
+    operations = _every_operation(keyed)
+    assert len(operations) == 11  # 8 REST operations + 3 clip-back ones
+    for path, method in operations:
+        request = _example_request(path, method, indexed)
+        missing = keyed.request(**request)
+        assert missing.status_code == 401, (path, method, missing.text)
+        assert missing.json()["detail"] == "missing or wrong API key"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = keyed.request(**request, headers={"X-API-Key": KEY + "x"})
+        assert wrong.status_code == 401
+        wrong_bearer = keyed.request(**request, headers={"Authorization": f"Bearer {KEY[:-1]}"})
+        assert wrong_bearer.status_code == 401
+        for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
+            allowed = keyed.request(**request, headers=headers)
+            assert allowed.status_code == 200, (path, method, headers, allowed.text)
+
+
+def test_key_check_comes_before_anything_else(keyed):
+    # no information about ids, collections or validation leaks without the key
+    assert keyed.get("/api/images/99999").status_code == 401
+    assert keyed.get("/api/search", params={"collection": "nope"}).status_code == 401
+    assert keyed.post("/knn-service", content=b"{not json").status_code == 401
+    assert keyed.post("/api/search/image", content=b"x" * 100).status_code == 401
+
+
+def test_page_and_health_load_without_the_key_and_hold_no_data(keyed):
+    page = keyed.get("/")
+    assert page.status_code == 200 and "clipsearch" in page.text
+    assert keyed.get("/static/app.js").status_code == 200
+    assert keyed.get("/healthz").json() == {"status": "ok"}
+
+
+def test_serve_command_takes_the_key_from_the_environment_and_binds_loopback(indexed):
+    port = free_port()
+    env = {**os.environ, "CLIPSEARCH_API_KEY": KEY}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch", "serve", "--port", str(port), "--collection", indexed.name,
+         "--index-dir", str(indexed.index_dir), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "clipsearch serve did not start"
+            time.sleep(0.2)
+        assert requests.get(f"{url}/api/stats", timeout=5).status_code == 401
+        stats = requests.get(f"{url}/api/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+        assert stats.status_code == 200 and stats.json()["images"] == len(indexed.photos)
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if listening:  # ss is in iproute2; when present, check the bound address
+            local_addresses = [line.split()[3] for line in listening.splitlines()]
+            assert local_addresses == [f"127.0.0.1:{port}"]
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=20)
+    assert f"on http://127.0.0.1:{port}/" in stderr and "API key required" in stderr
+
+
+def test_serve_command_reports_a_missing_collection_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "clipsearch", "serve", "--collection", "nothing",
+                             "--index-dir", str(tmp_path), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "no collection named 'nothing'" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- CORS and headers ---------------------------------------------------------------------------------------
+def test_no_cors_headers_unless_configured(indexed):
+    with TestClient(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as client:
+        simple = client.get("/api/stats", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in simple.headers
+        preflight = client.options("/api/search", headers={"Origin": "https://evil.example",
+                                                           "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers
+        assert simple.headers["x-content-type-options"] == "nosniff"
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir,
+                              cors_origins=("https://photos.example",))
+    with TestClient(create_app(settings)) as client:
+        allowed = client.get("/api/stats", headers={"Origin": "https://photos.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://photos.example"
+        other = client.get("/api/stats", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_page_forbids_external_resources(indexed):
+    with TestClient(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as client:
+        page = client.get("/")
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
+        for asset in ("/static/index.html", "/static/app.js", "/static/style.css"):
+            text = client.get(asset).text
+            assert not re.search(r"(src|href)=[\"']?(https?:)?//", text), asset
+            assert "http://" not in text and "https://" not in text, asset
