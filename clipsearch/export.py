@@ -290,8 +290,10 @@ def convert_precision(folder: Path, precision: str) -> None:
         if precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=False,
-                             op_types_to_quantize=["MatMul", "Gemm"])
+            # Weights only (MatMulConstBOnly): activation x activation products (attention scores) stay
+            # fp32, which keeps accuracy and avoids quantising tensors that are recomputed every call.
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
         elif precision == "fp16":
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
