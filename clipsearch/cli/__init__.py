@@ -24,15 +24,7 @@ app = typer.Typer(
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`. Each module keeps heavy imports
     # (onnxruntime, faiss, torch) inside its command functions so `clipsearch --help` stays fast.
-    from . import model_cmds  # noqa: F401
-    import importlib
-
-    for name in ("index_cmds", "search_cmds", "serve_cmds", "train_cmds"):
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:  # a command group not written yet
-            if exc.name != f"{__name__}.{name}":
-                raise
+    from . import index_cmds, model_cmds, search_cmds, serve_cmds, train_cmds  # noqa: F401
 
 
 _register()
