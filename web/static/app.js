@@ -63,23 +63,27 @@
     return state.keyPrompt;
   }
 
-  async function api(path, options = {}, retried = false) {
-    const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
-    if (response.status === 401 && !retried) {
-      const message = state.apiKey ? 'That API key was not accepted. Enter the key again.'
-        : 'This server requires an API key.';
-      if (await askForKey(message)) return api(path, options, true);
+  // On 401 the page asks for the key (again, after a wrong one) until it is accepted or the user cancels.
+  async function api(path, options = {}) {
+    for (;;) {
+      const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+      if (response.status === 401) {
+        const message = state.apiKey ? 'That API key was not accepted. Enter the key again.'
+          : 'This server requires an API key.';
+        if (state.apiKey) sessionStorage.removeItem(KEY_STORAGE);
+        if (await askForKey(message)) continue;
+      }
+      if (!response.ok) {
+        let message = `${response.status} ${response.statusText}`;
+        try {
+          const body = await response.json();
+          if (typeof body.detail === 'string') message = body.detail + (body.hint ? ` — ${body.hint}` : '');
+          else if (Array.isArray(body.detail)) message = body.detail.map((d) => d.msg).join('; ');
+        } catch (_) { /* not JSON */ }
+        throw new ApiError(response.status, message);
+      }
+      return response;
     }
-    if (!response.ok) {
-      let message = `${response.status} ${response.statusText}`;
-      try {
-        const body = await response.json();
-        if (typeof body.detail === 'string') message = body.detail + (body.hint ? ` — ${body.hint}` : '');
-        else if (Array.isArray(body.detail)) message = body.detail.map((d) => d.msg).join('; ');
-      } catch (_) { /* not JSON */ }
-      throw new ApiError(response.status, message);
-    }
-    return response;
   }
 
   async function apiJson(path, options) {

@@ -1,0 +1,232 @@
+"""The page at / in a real browser: Playwright driving Debian's Chromium (never a downloaded browser)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from playwright.sync_api import Page, expect, sync_playwright
+
+from clipsearch.web import ServerSettings, create_app
+from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("CLIPSEARCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+KEY = "browser-test-key"
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
+    return build_indexed_photos(tmp_path_factory.mktemp("browser"), tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def server(indexed):
+    with LiveServer(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.requested_origins = set()  # scheme://host of every request ("blob://" for local object URLs)
+    page.on("request", lambda request: page.requested_origins.add(
+        f"{urlsplit(request.url).scheme}://{urlsplit(request.url).netloc}"))
+    page.script_errors = []  # uncaught exceptions in the page's JavaScript
+    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
+    page.failed_responses = []
+    page.on("response", lambda response: response.status >= 400 and page.failed_responses.append(
+        f"{response.status} {response.url}"))
+    yield page
+    context.close()
+
+
+def shown_ids(page: Page) -> list[int]:
+    return [int(i) for i in page.locator("#results .result").evaluate_all("els => els.map(e => e.dataset.id)")]
+
+
+def wait_for_thumbnails(page: Page) -> None:
+    page.wait_for_function(
+        "() => { const imgs = [...document.querySelectorAll('#results img')];"
+        " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }")
+
+
+def screenshot(page: Page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_type_upload_classify_and_more_like_this(page, server, indexed):
+    page.goto(server.url + "/")
+    expect(page.locator("#footer")).to_contain_text(f"{len(indexed.photos)} photos")
+
+    # Type a query: thumbnails appear best first, in the API's order, with scores shown.
+    page.locator("#query").press_sequentially("a red square", delay=20)
+    expected = requests.get(f"{server.url}/api/search", params={"q": "a red square", "k": 20}, timeout=10).json()
+    expect(page.locator("#status")).to_contain_text("results for “a red square”")
+    expect(page.locator("#results .result")).to_have_count(len(expected["results"]))
+    assert shown_ids(page) == [r["id"] for r in expected["results"]]
+    wait_for_thumbnails(page)
+    first_score = f"{expected['results'][0]['score']:.3f}"
+    expect(page.locator("#results .result").first.locator(".score")).to_have_text(first_score)
+    screenshot(page, "browser-text-search.png")
+
+    # The k selector limits the results.
+    page.select_option("#k", "10")
+    expect(page.locator("#status")).to_contain_text("10 results for “a red square”")
+    expect(page.locator("#results .result")).to_have_count(10)
+    assert shown_ids(page) == [r["id"] for r in expected["results"][:10]]
+
+    # Upload an example image: results are its neighbours, as the API ranks them.
+    example = next(p for p in indexed.photos if p.name == "photo_004.jpg")
+    page.set_input_files("#file-input", str(example))
+    expect(page.locator("#status")).to_contain_text("results like your image")
+    with example.open("rb") as handle:
+        by_image = requests.post(f"{server.url}/api/search/image", files={"file": (example.name, handle, "image/jpeg")},
+                                 data={"k": "10"}, timeout=10).json()
+    expect(page.locator("#results .result")).to_have_count(len(by_image["results"]))
+    assert shown_ids(page) == [r["id"] for r in by_image["results"]]
+    assert indexed.ids_by_path[str(example)] not in shown_ids(page)
+    expect(page.locator("#example-image")).to_be_visible()
+
+    # Zero-shot labels for the uploaded image.
+    page.fill("#labels", "a cat, a dog, a red car")
+    page.click("#classify-form button[type=submit]")
+    expect(page.locator("#label-results li")).to_have_count(3)
+    percentages = page.locator("#label-results .probability").all_inner_texts()
+    assert abs(sum(float(p.rstrip("%")) for p in percentages) - 100) < 0.5
+    assert [float(p.rstrip("%")) for p in percentages] == sorted((float(p.rstrip("%")) for p in percentages), reverse=True)
+
+    # Click a result: the viewer shows the full image; "More like this" searches by that image.
+    wait_for_thumbnails(page)
+    clicked = shown_ids(page)[0]
+    page.locator("#results .result").first.click()
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#open-full")).to_have_attribute("href", f"/api/images/{clicked}/file")
+    page.wait_for_function("() => document.querySelector('#viewer-image').naturalWidth > 0")
+    page.click("#more-like-this")
+    expect(page.locator("#viewer")).to_be_hidden()
+    like = requests.post(f"{server.url}/api/search", json={"image_id": clicked, "k": 10}, timeout=10).json()
+    expect(page.locator("#status")).to_contain_text(re.compile(r"results like photo_\d+\.\w+"))
+    expect(page.locator("#results .result")).to_have_count(len(like["results"]))
+    assert shown_ids(page) == [r["id"] for r in like["results"]] and clicked not in shown_ids(page)
+    wait_for_thumbnails(page)
+    path = screenshot(page, "browser-more-like-this.png")
+    assert path.stat().st_size > 10_000
+
+    # Nothing was requested from any other host.
+    assert page.requested_origins - {"blob://"} == {server.url}
+    assert page.failed_responses == [] and page.script_errors == []
+
+
+def test_keyboard_navigation(page, server):
+    page.goto(server.url + "/")
+    expect(page.locator("#query")).to_be_focused()
+    page.keyboard.type("green")
+    expect(page.locator("#results .result").first).to_be_visible()
+    page.keyboard.press("Enter")
+    expect(page.locator("#status")).to_contain_text("results for “green”")
+    page.keyboard.press("ArrowDown")  # from the search box into the grid
+    results = page.locator("#results .result")
+    expect(results.nth(0)).to_be_focused()
+    page.keyboard.press("ArrowRight")
+    expect(results.nth(1)).to_be_focused()
+    columns = page.evaluate(
+        "() => { const b = [...document.querySelectorAll('#results .result')]; const top = b[0].getBoundingClientRect().top;"
+        " const i = b.findIndex(e => e.getBoundingClientRect().top > top + 1); return i === -1 ? b.length : i; }")
+    page.keyboard.press("ArrowDown")
+    expect(results.nth(min(1 + columns, results.count() - 1))).to_be_focused()
+    page.keyboard.press("Home")
+    expect(results.nth(0)).to_be_focused()
+    page.keyboard.press("Enter")  # opens the viewer
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#more-like-this")).to_be_focused()
+    page.keyboard.press("Escape")  # closes it and gives focus back
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(results.nth(0)).to_be_focused()
+    page.keyboard.press("/")
+    expect(page.locator("#query")).to_be_focused()
+
+
+def test_error_and_empty_states(page, server):
+    page.goto(server.url + "/")
+    page.fill("#query", "x" * 10_001)
+    page.press("#query", "Enter")
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("longer than")
+    expect(page.locator("#results .result")).to_have_count(0)
+    page.fill("#query", "")
+    page.press("#query", "Enter")
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#status")).to_have_text("Type to search your photos.")
+    page.set_input_files("#file-input", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
+    expect(page.locator("#error")).to_contain_text("not an image")
+    # exactly the two refused requests, answered with their statuses; no script error
+    assert [entry.split()[0] for entry in page.failed_responses] == ["400", "415"]
+    assert page.script_errors == []
+
+
+def test_empty_collection_says_so(browser, tmp_path, tiny_bundle):
+    from clipsearch.bundle import read_bundle
+    from clipsearch.collection import Collection
+
+    with Collection.create("empty", tmp_path) as collection:
+        collection.bind_model(read_bundle(tiny_bundle))
+        collection.sync_vectors()
+    with LiveServer(create_app(ServerSettings(collection="empty", index_dir=tmp_path))) as live:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(live.url + "/")
+        expect(page.locator("#status")).to_contain_text("This collection is empty")
+        page.fill("#query", "cat")
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text("No photos found")
+        context.close()
+
+
+def test_page_asks_for_the_api_key_once(browser, indexed):
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, api_key=KEY)
+    with LiveServer(create_app(settings)) as live:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(live.url + "/")
+        dialog = page.locator("#key-dialog")
+        expect(dialog).to_be_visible()
+        page.fill("#api-key", "wrong")
+        page.click("#key-form button[type=submit]")
+        expect(dialog).to_be_visible()  # asked again after a wrong key
+        expect(page.locator("#key-message")).to_contain_text("not accepted")
+        page.fill("#api-key", KEY)
+        page.click("#key-form button[type=submit]")
+        expect(dialog).to_be_hidden()
+        expect(page.locator("#footer")).to_contain_text("photos")
+        page.fill("#query", "blue")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .result").first).to_be_visible()
+        wait_for_thumbnails(page)  # thumbnails fetched with the key, shown as blob: URLs
+        sources = page.locator("#results img").evaluate_all("els => els.map(e => e.src)")
+        assert sources and all(re.match(r"^blob:", s) for s in sources)
+        page.reload()  # the key is remembered for the session: no second prompt
+        expect(page.locator("#footer")).to_contain_text("photos")
+        expect(dialog).to_be_hidden()
+        context.close()
