@@ -36,13 +36,13 @@ class ExportRequest:
     seed: int = 0
 
 
-def _open_clip():
+def _open_clip(model: str = "a model"):
     try:
         import open_clip
     except ImportError as exc:
         raise ModelNotAvailable(
-            "exporting a model needs torch and open_clip_torch, which are not installed",
-            "Install them with: pip install 'clipsearch[export]'",
+            f"exporting {model} needs torch and open_clip_torch, which are not installed",
+            "Install them with `pip install 'clipsearch[export]'` (online), or use the bundled offline model: --model emoji-mini",
         ) from exc
     open_clip.add_model_config(CONFIG_DIR)
     return open_clip
@@ -93,7 +93,7 @@ def _resolve_checkpoint(open_clip, arch: str, pretrained: str) -> str:
 
 def load_open_clip(arch: str, pretrained: str | None, random_init: bool, seed: int = 0):
     """Create an open_clip model in eval mode; raises ModelNotAvailable instead of a long download traceback."""
-    open_clip = _open_clip()
+    open_clip = _open_clip(f"{arch}/{pretrained}" if pretrained and not random_init else arch)
     import torch
 
     if arch not in open_clip.list_models():
