@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -185,6 +186,31 @@ class Searcher:
                 self._index_generation = generation
             return self._index
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Serialises use of the collection's single SQLite connection; hold it for direct store access."""
+        return self._lock
+
+    def records(self, ids: Iterable[int]) -> dict:
+        """id -> `ImageRecord` of the given ids (unknown ids left out)."""
+        with self._lock:
+            return self.collection.store.get_many(ids)
+
+    def stored_vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """id -> stored image vector of the given ids (unknown ids left out)."""
+        dim = self.collection_model.embed_dim
+        found: dict[int, np.ndarray] = {}
+        with self._lock:
+            for image_id in ids:
+                vector = self.collection.store.vector(int(image_id), dim)
+                if vector is not None:
+                    found[int(image_id)] = vector
+        return found
+
+    def stats(self):
+        with self._lock:
+            return self.collection.stats()
+
     # -- queries --------------------------------------------------------------------------------
     def query_vector(self, query: SearchQuery) -> QueryVector:
         query.validate()
@@ -193,9 +219,9 @@ class Searcher:
         exclude: set[int] = set()
         texts = [t for t in query.terms if t.kind == "text"]
         if texts:
-            encoded = self.model.encode_text([str(t.value) for t in texts])
-            for term, vector in zip(texts, encoded):
-                total += term.weight * vector
+            encoded = self.text_vectors([str(t.value) for t in texts])
+            for term in texts:
+                total += term.weight * encoded[str(term.value)]
         for term in query.terms:
             if term.kind == "like":
                 image_id = int(term.value)
@@ -213,6 +239,19 @@ class Searcher:
         if not np.isfinite(norm) or norm < 1e-6:
             raise QueryError("the query terms cancel each other out")
         return QueryVector(total / norm, set() if query.include_query_images else exclude)
+
+    def text_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Embed texts, answering repeated ones from the collection's query cache (no model load at all)."""
+        model_id, dim = self.collection_model.model_id, self.collection_model.embed_dim
+        with self._lock:
+            found = self.collection.store.cached_text_vectors(model_id, texts, dim)
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            fresh = dict(zip(missing, self.model.encode_text(missing)))
+            with self._lock:
+                self.collection.store.cache_text_vectors(model_id, fresh, time.time())
+            found.update(fresh)
+        return found
 
     def _image_vector(self, value: str | bytes | int) -> tuple[np.ndarray, set[int]]:
         """Embed an image file or bytes; also return the ids of indexed copies of those very bytes."""

@@ -73,6 +73,8 @@ class SkippedFile:
     reason: str
 
 
+TEXT_CACHE_SIZE = 10_000
+
 _IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at",
                   "indexed_at", "model_id")
 
@@ -120,6 +122,9 @@ class Store:
             db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "reason": str, "run_id": int}, pk="path")
         if "meta" not in db.table_names():
             db["meta"].create({"key": str, "value": str}, pk="key")
+        if "text_cache" not in db.table_names():
+            db["text_cache"].create({"model_id": str, "text": str, "vector": bytes, "used_at": float},
+                                    pk=("model_id", "text"))
 
     # -- meta ------------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -207,6 +212,28 @@ class Store:
         if not parts:
             return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    # -- query text cache (a repeated query skips loading the text model) --------------------------
+    def cached_text_vectors(self, model_id: str, texts: Sequence[str], dim: int) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for text in dict.fromkeys(texts):
+            row = self.db.execute("SELECT vector FROM text_cache WHERE model_id = ? AND text = ?", [model_id, text]).fetchone()
+            if row is not None and len(row[0]) == dim * 4:
+                found[text] = np.frombuffer(row[0], dtype=np.float32).copy()
+        return found
+
+    def cache_text_vectors(self, model_id: str, vectors: dict[str, np.ndarray], now: float,
+                           keep: int = TEXT_CACHE_SIZE) -> None:
+        """Remember text embeddings (best effort: a read-only or busy database just skips caching)."""
+        try:
+            with self.db.atomic():
+                for text, vector in vectors.items():
+                    self.db.execute("INSERT OR REPLACE INTO text_cache (model_id, text, vector, used_at) VALUES (?, ?, ?, ?)",
+                                    [model_id, text, np.ascontiguousarray(vector, dtype=np.float32).tobytes(), now])
+                self.db.execute("DELETE FROM text_cache WHERE rowid NOT IN (SELECT rowid FROM text_cache "
+                                "ORDER BY used_at DESC LIMIT ?)", [keep])
+        except sqlite3.OperationalError:
+            pass
 
     # -- writes ----------------------------------------------------------------------------------
     def write_images(self, images: Sequence[NewImage], model_id: str, run_id: int, indexed_at: str) -> list[int]:

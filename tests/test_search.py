@@ -162,3 +162,14 @@ def test_search_cli_json_contract_and_errors(indexed, tmp_path):
     empty = subprocess.run([*CLI, "search", "", "--collection", "s", "--index-dir", root], capture_output=True, text=True,
                            timeout=120)
     assert empty.returncode == 1 and "empty text query" in empty.stderr
+
+
+def test_a_repeated_text_query_is_answered_without_loading_the_text_model(indexed, tiny_bundle):
+    collection, _ = indexed
+    first_model = ClipModel(tiny_bundle, threads=1)
+    first = Searcher(collection, first_model).search(SearchQuery.build(text="a cat on a sofa", k=5))
+    assert first_model.textual.loaded
+    fresh_model = ClipModel(tiny_bundle, threads=1)
+    again = Searcher(collection, fresh_model).search(SearchQuery.build(text="a cat on a sofa", k=5))
+    assert not fresh_model.textual.loaded and not fresh_model.visual.loaded
+    assert [(h.id, h.score) for h in again] == [(h.id, h.score) for h in first]

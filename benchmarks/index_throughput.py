@@ -1,0 +1,233 @@
+"""End-to-end indexing throughput on 12 MP camera-style JPEGs, side by side in one run:
+
+  * clipsearch (`clipsearch index`, product defaults) with the product default model and with rclip's
+    architecture (random-init ViT-B-32-256) for an equal-model ratio;
+  * real rclip 3.3.0 from PyPI, in its own venv, offline on a random-init ViT-B-32-256 export;
+  * a torch baseline as clip-retrieval does it: Pillow full decode + open_clip's transform in a DataLoader
+    (2 workers), open_clip torch eager encode_image, batch 32.
+
+Also our decode-only, encode-only rates and CPU cost per image, and the CPU bound they imply.
+
+    python benchmarks/index_throughput.py --count 160 [--work-dir DIR] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_setup import (build_camera_corpus, export_clipsearch_bundle, export_rclip_models, log, machine_note,  # noqa: E402
+                         rclip_env, rclip_venv)
+
+CLIPSEARCH = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+
+
+def run_clipsearch_index(photos: Path, bundle: str, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cs-bench-idx-") as index_dir:
+        env = {**os.environ, "CLIPSEARCH_HOME": index_dir}
+        command = [*CLIPSEARCH, "index", str(photos), "--model", bundle, "--collection", "bench", "--json", *extra]
+        started = time.perf_counter()
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if result.returncode != 0:
+            raise SystemExit(f"clipsearch index failed:\n{result.stderr}")
+        summary = json.loads(result.stdout)
+    return {"wall_seconds": wall, "summary": summary,
+            "command": "clipsearch index PHOTOS --model BUNDLE --json " + " ".join(extra)}
+
+
+def run_rclip(photos: Path, exe: Path, datadir: Path, batch_size: int) -> dict:
+    (datadir / "db.sqlite3").unlink(missing_ok=True)
+    command = [str(exe), "-f", "-t", "1", "-b", str(batch_size), "a dog"]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=photos, env=rclip_env(datadir), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"rclip failed:\n{result.stderr[-3000:]}")
+    return {"wall_seconds": wall, "command": f"cd PHOTOS && RCLIP_DATADIR=... rclip -f -t 1 -b {batch_size} 'a dog'"}
+
+
+def decode_only(files: list[Path], bundle: Path, workers: int) -> dict:
+    """Our reader alone (hash + draft decode + resize): wall rate, and CPU seconds per image with 1 worker."""
+    from clipsearch.bundle import read_bundle, read_preprocess
+    from clipsearch.indexer.reader import ParallelReader, ReadTask
+
+    spec = read_preprocess(read_bundle(bundle))
+    tasks = [ReadTask(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    with ParallelReader(spec, workers=workers) as reader:
+        list(reader.read(tasks[: max(2, workers)]))  # start the processes before timing
+        started = time.perf_counter()
+        results = list(reader.read(tasks))
+        wall = time.perf_counter() - started
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise SystemExit(f"decode errors: {errors[:3]}")
+    return {"workers": workers, "images_per_second": len(tasks) / wall}
+
+
+def decode_cpu_cost(files: list[Path], bundle: Path, sample: int = 40) -> float:
+    """CPU seconds per image of our per-file work, measured in this process (single core)."""
+    from clipsearch.bundle import read_bundle, read_preprocess
+    from clipsearch.indexer.reader import ReadTask, read_one
+
+    spec = read_preprocess(read_bundle(bundle))
+    chosen = files[:sample]
+    started = time.process_time()
+    for p in chosen:
+        read_one(ReadTask(str(p), p.stat().st_size, 0), spec)
+    return (time.process_time() - started) / len(chosen)
+
+
+def encode_only(bundle: Path, batch_size: int = 32, batches: int = 4) -> dict:
+    from clipsearch.runtime import ClipModel
+
+    model = ClipModel(bundle)
+    h, w = model.preprocess.size
+    pixels = np.random.default_rng(0).standard_normal((batch_size, 3, h, w)).astype(np.float32)
+    model.encode_pixels(pixels[:4])  # load + warm up
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(batches):
+        model.encode_pixels(pixels)
+    wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0
+    n = batch_size * batches
+    return {"images_per_second": n / wall, "cpu_seconds_per_image": cpu / n, "batch_size": batch_size}
+
+
+def torch_baseline(photos: Path, arch: str, batch_size: int = 32, workers: int = 2) -> dict:
+    """Run in a subprocess so torch's thread pools do not disturb the other measurements."""
+    code = f"""
+import json, time, torch, open_clip
+from pathlib import Path
+from PIL import Image
+torch.set_num_threads({os.cpu_count() or 2})
+model, _, preprocess = open_clip.create_model_and_transforms({arch!r}, pretrained=None)
+model.eval()
+files = sorted(Path({str(photos)!r}).glob('*.jpg'))
+class Files(torch.utils.data.Dataset):
+    def __len__(self): return len(files)
+    def __getitem__(self, i): return preprocess(Image.open(files[i]).convert('RGB'))
+loader = torch.utils.data.DataLoader(Files(), batch_size={batch_size}, num_workers={workers})
+started = time.perf_counter()
+n = 0
+with torch.inference_mode():
+    for batch in loader:
+        features = model.encode_image(batch)
+        features = features / features.norm(dim=-1, keepdim=True)
+        n += len(batch)
+print(json.dumps({{"images": n, "seconds": time.perf_counter() - started}}))
+"""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"torch baseline failed:\n{result.stderr[-3000:]}")
+    inner = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"wall_seconds": wall, "loop_seconds": inner["seconds"], "images": inner["images"],
+            "command": f"torch DataLoader(workers={workers}, batch={batch_size}) + open_clip {arch} eager"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=160, help="photos in the corpus")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "clipsearch-bench")
+    parser.add_argument("--default-model", default=None, help="model spec of the product default (default: DEFAULT_MODEL)")
+    parser.add_argument("--skip-rclip", action="store_true")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every system")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"building {args.count} camera-style photos")
+    files = build_camera_corpus(work / f"photos-{args.count}", args.count)
+    photos = files[0].parent
+    megabytes = np.mean([p.stat().st_size for p in files]) / 1e6
+    report: dict = {"count": len(files), "mean_file_mb": round(megabytes, 2), "machine": machine_note(), "rows": [],
+                    "components": {}}
+
+    same_arch = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
+    models = [("rclip-arch ViT-B-32-256", str(same_arch))]
+    from clipsearch.errors import ClipsearchError
+    from clipsearch.models import DEFAULT_MODEL, resolve_model
+
+    default_spec = args.default_model or DEFAULT_MODEL
+    try:
+        models.insert(0, (f"product default ({default_spec})", str(resolve_model(default_spec).path)))
+    except ClipsearchError as exc:
+        log(f"product default model unavailable: {exc.message}")
+        report["default_model_missing"] = exc.message
+
+    cores = os.cpu_count() or 1
+    for label, bundle in models:
+        log(f"ours [{label}]: decode-only and encode-only")
+        cpu_decode = decode_cpu_cost(files, Path(bundle))
+        decode1 = decode_only(files, Path(bundle), workers=1)
+        encode = encode_only(Path(bundle))
+        bound = min(encode["images_per_second"], cores / (cpu_decode + encode["cpu_seconds_per_image"]))
+        report["components"][label] = {
+            "decode_only_1_worker": decode1["images_per_second"], "decode_cpu_seconds_per_image": cpu_decode,
+            "encode_only": encode["images_per_second"], "encode_cpu_seconds_per_image": encode["cpu_seconds_per_image"],
+            "cpu_bound": bound}
+        log(f"  decode {decode1['images_per_second']:.1f}/s (1 core, {cpu_decode * 1000:.0f} ms CPU), encode "
+            f"{encode['images_per_second']:.1f}/s ({encode['cpu_seconds_per_image'] * 1000:.0f} ms CPU), bound {bound:.1f}/s")
+
+    exe = datadir = None
+    if not args.skip_rclip:
+        exe = rclip_venv(work)
+        datadir = export_rclip_models(work / "rclip-data", same_arch)
+
+    # Rounds alternate the systems so that a change in machine load hits all of them alike.
+    runs: dict[str, list[float]] = {}
+    commands: dict[str, str] = {}
+    for round_index in range(args.rounds):
+        log(f"round {round_index + 1}/{args.rounds}")
+        for label, bundle in models:
+            result = run_clipsearch_index(photos, bundle, [])
+            name = f"clipsearch [{label}]"
+            runs.setdefault(name, []).append(len(files) / result["wall_seconds"])
+            commands[name] = result["command"]
+            log(f"  {name}: {runs[name][-1]:.2f} img/s")
+        if exe is not None:
+            result = run_rclip(photos, exe, datadir, 8)
+            name = "rclip 3.3.0 [ViT-B-32-256, ORT fp32, batch 8]"
+            runs.setdefault(name, []).append(len(files) / result["wall_seconds"])
+            commands[name] = result["command"]
+            log(f"  {name}: {runs[name][-1]:.2f} img/s")
+        if not args.skip_torch:
+            result = torch_baseline(photos, "ViT-B-32-256")
+            name = "torch baseline [ViT-B-32-256, eager, batch 32]"
+            runs.setdefault(name, []).append(result["images"] / result["wall_seconds"])
+            commands[name] = result["command"]
+            log(f"  {name}: {runs[name][-1]:.2f} img/s")
+
+    rclip_name = next((n for n in runs if n.startswith("rclip")), None)
+    for name, rates in runs.items():
+        row = {"system": name, "images_per_second_median": statistics.median(rates), "per_round": rates,
+               "command": commands[name]}
+        if rclip_name:
+            ratios = [a / b for a, b in zip(rates, runs[rclip_name])]
+            row["ratio_to_rclip_median"] = statistics.median(ratios)
+        for label, parts in report["components"].items():
+            if label in name:
+                row["fraction_of_cpu_bound"] = row["images_per_second_median"] / parts["cpu_bound"]
+        report["rows"].append(row)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Wall time of `clipsearch search "a dog"` from the shell over 10k and 100k indexed vectors, beside
+`rclip -n "a dog"` (real rclip 3.3.0, offline, random-init ViT-B-32-256) over the same count.
+
+The collections are filled with random unit vectors (search cost does not depend on what the vectors
+mean); both tools load the same architecture's text tower. Each figure is the median of --repeats runs
+after one warm-up run (page cache warm, as for a user who searches twice).
+
+    python benchmarks/search_latency.py [--counts 10000 100000] [--work-dir DIR] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_setup import export_clipsearch_bundle, export_rclip_models, log, machine_note, rclip_env, rclip_venv  # noqa: E402
+
+CLIPSEARCH = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+
+
+def random_units(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def fill_collection(index_dir: Path, name: str, bundle: Path, count: int) -> str:
+    from clipsearch.bundle import read_bundle
+    from clipsearch.collection import Collection
+    from clipsearch.store import NewImage
+
+    info = read_bundle(bundle)
+    collection = Collection.create(name, index_dir)
+    if collection.store.count() == count and collection.vectors_fresh():
+        return collection.stats().index_kind or ""
+    collection.bind_model(info, rebuild=True)
+    run_id = collection.store.next_run_id()
+    for start in range(0, count, 5000):
+        n = min(5000, count - start)
+        vectors = random_units(n, info.embed_dim, start)
+        rows = [NewImage(path=f"/photos/IMG_{start + i:06d}.jpg", size=3_000_000, mtime_ns=0,
+                         content_hash=f"{start + i:032x}", width=4032, height=3024, taken_at=None, vector=vectors[i])
+                for i in range(n)]
+        collection.store.write_images(rows, info.model_id, run_id, "2024-01-01T00:00:00")
+    started = time.perf_counter()
+    collection.sync_vectors()
+    log(f"  built the {count} index in {time.perf_counter() - started:.1f} s")
+    kind = collection.stats().index_kind or ""
+    collection.close()
+    return kind
+
+
+def fill_rclip(exe: Path, datadir: Path, folder: Path, count: int) -> None:
+    """Let rclip create its database on one real image, then add count-1 rows with random vectors."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    db_path = datadir / "db.sqlite3"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / "seed.jpg")
+    if db_path.exists():
+        with sqlite3.connect(db_path) as con:
+            if con.execute("SELECT count(*) FROM images").fetchone()[0] == count:
+                return
+        db_path.unlink()
+    subprocess.run([str(exe), "-f", "-t", "1", "a dog"], cwd=folder, env=rclip_env(datadir), check=True,
+                   capture_output=True)
+    vectors = random_units(count - 1, 512, 7)
+    with sqlite3.connect(db_path) as con:
+        con.executemany(
+            "INSERT INTO images(deleted, indexing, filepath, modified_at, size, vector, hash) VALUES (NULL, NULL, ?, ?, ?, ?, ?)",
+            [(str(folder / f"IMG_{i:06d}.jpg"), 1_700_000_000.0, 3_000_000, vectors[i].tobytes(), f"{i:032x}")
+             for i in range(count - 1)])
+        con.commit()
+
+
+def time_command(command: list[str], repeats: int, cwd: Path | None = None, env: dict | None = None) -> dict:
+    subprocess.run(command, cwd=cwd, env=env, capture_output=True, check=True)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - started)
+        if result.returncode != 0:
+            raise SystemExit(f"{command} failed:\n{result.stderr[-2000:]}")
+    return {"median_seconds": statistics.median(times), "min_seconds": min(times), "runs": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "clipsearch-bench")
+    parser.add_argument("--skip-rclip", action="store_true")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    work = args.work_dir
+    bundle = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
+    index_dir = work / "latency-collections"
+    report: dict = {"machine": machine_note(), "rows": []}
+    exe = datadir = None
+    if not args.skip_rclip:
+        exe = rclip_venv(work)
+        datadir = export_rclip_models(work / "rclip-data-latency", bundle)
+    for count in args.counts:
+        name = f"lat-{count}"
+        log(f"clipsearch collection of {count} vectors")
+        kind = fill_collection(index_dir, name, bundle, count)
+        env = {**os.environ, "CLIPSEARCH_HOME": str(work / "home")}
+        command = [*CLIPSEARCH, "search", "a dog", "--collection", name, "--index-dir", str(index_dir)]
+        ours = time_command(command, args.repeats, env=env)
+        report["rows"].append({"system": "clipsearch", "vectors": count, "index": kind, **ours,
+                               "command": f'clipsearch search "a dog" --collection {name} --index-dir DIR'})
+        log(f"  clipsearch {ours['median_seconds']:.3f} s ({kind})")
+        if exe is not None:
+            folder = work / f"rclip-latency-{count}"
+            fill_rclip(exe, datadir, folder, count)
+            theirs = time_command([str(exe), "-n", "a dog"], args.repeats, cwd=folder, env=rclip_env(datadir))
+            report["rows"].append({"system": "rclip 3.3.0", "vectors": count, **theirs,
+                                   "command": 'cd DIR && rclip -n "a dog"'})
+            log(f"  rclip {theirs['median_seconds']:.3f} s")
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
