@@ -12,9 +12,11 @@ or `$CLIPSEARCH_HOME/collections`).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, VectorInde
 
 DEFAULT_COLLECTION = "default"
 STORE_FILE = "meta.sqlite"
+LOCK_FILE = "index.lock"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -135,6 +138,25 @@ class Collection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Held by an indexing run: a second run on the same collection is refused instead of interleaving."""
+        lock_path = self.folder / LOCK_FILE
+        handle = open(lock_path, "a+")
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # not POSIX: no cross-process lock
+                pass
+            except BlockingIOError as exc:
+                raise CollectionError(f"collection {self.name!r} is being indexed by another process",
+                                      "Wait for it to finish (or stop it) and run again.") from exc
+            yield
+        finally:
+            handle.close()
 
     # -- model ------------------------------------------------------------------------------------
     @property

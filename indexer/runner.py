@@ -38,6 +38,11 @@ class LocalRunner:
     def run(self, collection: Collection, model, roots: Sequence[str | Path],
             progress: ProgressCallback | None = None) -> IndexSummary:
         """Index `roots` into `collection` with `model` (a `clipsearch.runtime.ClipModel`)."""
+        with collection.writer_lock():
+            return self._run(collection, model, roots, progress)
+
+    def _run(self, collection: Collection, model, roots: Sequence[str | Path],
+             progress: ProgressCallback | None) -> IndexSummary:
         options = self.options
         started = time.perf_counter()
         collection.bind_model(model.info, rebuild=options.rebuild)

@@ -300,3 +300,11 @@ def test_index_cli_json_and_collection_remembers_its_model(tmp_path, photos, tin
                            text=True, timeout=120)
     info = json.loads(stats.stdout)
     assert info["images"] == 12 and info["index_kind"] == "flat" and info["bytes_on_disk"] > 0
+
+
+def test_a_second_concurrent_run_is_refused(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    with collection.writer_lock():
+        with pytest.raises(CollectionError, match="being indexed by another process"):
+            run(Collection.open("c", tmp_path / "idx"), model, [photos])
+    assert run(collection, model, [photos]).total == 12
