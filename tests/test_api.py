@@ -148,6 +148,8 @@ def _scores_for(indexed: IndexedPhotos, image_id: int) -> tuple[list[int], list[
     ({"not": ["people"]}, 400, "empty query"),
     ({"text": "cat", "not": ["cat"]}, 400, "cancel each other out"),
     ({"text": 12}, 422, None),
+    ({"image_id": 10**30}, 422, None),
+    ({"image_id": -1}, 422, None),
     ({"text": "cat", "collection": "other"}, 400, "unknown collection"),
 ])
 def test_bad_combined_queries_get_json_errors(client, body, status, message):
@@ -193,6 +195,7 @@ def test_upload_of_an_unindexed_image_matches_its_embedding(client, indexed, mod
     ({"file": ("empty.jpg", b"", "image/jpeg")}, 400, "empty"),
     ({"file": ("cut.png", png_bytes(block_image(1))[:200], "image/png")}, 400, "corrupt or truncated"),
     ({}, 422, "multipart file field named 'file'"),
+    ({"file": ("strip.png", png_bytes(Image.new("RGB", (5000, 20))), "image/png")}, 400, "more extreme shape"),
 ])
 def test_bad_uploads_get_json_errors(client, files, status, message):
     response = client.post("/api/search/image", files=files or None, data={"k": "3"})

@@ -156,8 +156,9 @@ def test_metadata_in_the_order_asked(client, indexed):
     assert client.post("/metadata", content=json.dumps({"ids": [], "indice_name": "photos"})).json() == []
     unknown = client.post("/metadata", content=json.dumps({"ids": [1], "indice_name": "nope"}))
     assert unknown.status_code == 400 and "unknown collection" in unknown.json()["detail"]
-    bad = client.post("/metadata", content=json.dumps({"ids": "1,2"}))
-    assert bad.status_code == 422
+    for bad_ids in ("1,2", [10**30], ["x"]):
+        bad = client.post("/metadata", content=json.dumps({"ids": bad_ids}))
+        assert bad.status_code == 422, bad_ids
 
 
 def test_deduplicate_drops_near_copies_of_a_better_result(tmp_path, tiny_bundle):

@@ -150,7 +150,7 @@ async def classify(state: State,
                    labels: Annotated[str, Form(description="Comma-separated labels, e.g. 'cat,dog,car'")],
                    file: Annotated[UploadFile | None, File(description="The image")] = None,
                    image: Annotated[UploadFile | None, File(description="Alias of 'file'")] = None,
-                   image_id: Annotated[int | None, Form(description="Or: an indexed image")] = None,
+                   image_id: Annotated[int | None, Form(ge=0, le=2**63 - 1, description="Or: an indexed image")] = None,
                    collection: Annotated[str | None, Form()] = None) -> ClassifyResponse:
     started = time.perf_counter()
     label_list = parse_labels(labels)

@@ -22,6 +22,7 @@ from clipsearch.store import ImageRecord
 
 from .errors import ApiError
 from .remote import fetch_image
+from .schemas import ImageId
 from .security import require_api_key
 from .state import WebState, records, stored_vectors
 from .uploads import check_image, decode_base64_image
@@ -63,7 +64,7 @@ class KnnRequest(BaseModel):
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[int] = Field(default_factory=list)
+    ids: list[ImageId] = Field(default_factory=list)
     indice_name: str | None = None
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# Ids are SQLite integers: anything outside int64 cannot name an image (and must not reach SQLite).
+ImageId = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class ImageResult(BaseModel):
@@ -32,7 +37,7 @@ class SearchRequest(BaseModel):
 
     text: str | None = None
     image_b64: str | None = Field(None, description="An example image as base64 (a data: URL is fine)")
-    image_id: int | None = Field(None, description="The id of an indexed image: 'more like this'")
+    image_id: ImageId | None = Field(None, description="The id of an indexed image: 'more like this'")
     and_texts: list[str] = Field(default_factory=list, alias="and")
     not_texts: list[str] = Field(default_factory=list, alias="not")
     k: int | None = Field(None, ge=1, description="How many results (default 20)")

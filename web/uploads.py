@@ -17,6 +17,9 @@ from .errors import ApiError
 
 _DATA_URL_RE = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.I)
 _READ_CHUNK = 1024 * 1024
+# Resizing the short side to the model's input size multiplies the long side by the same factor, so a
+# 1 x 100,000 image would become gigabytes of pixels: refuse shapes no photo has.
+MAX_ASPECT_RATIO = 50
 
 
 @dataclass(frozen=True)
@@ -83,4 +86,6 @@ def check_image(data: bytes, max_pixels: int) -> QueryImage:
     if width * height > max_pixels:
         raise ApiError(413, f"image of {width}x{height} pixels is larger than the {max_pixels:,} pixel limit "
                             "(decompression bomb?)")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ApiError(400, f"image of {width}x{height} pixels has a more extreme shape than {MAX_ASPECT_RATIO}:1")
     return QueryImage(data, image_format, width, height)
