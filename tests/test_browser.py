@@ -139,6 +139,35 @@ def test_type_upload_classify_and_more_like_this(page, server, indexed):
     assert page.failed_responses == [] and page.script_errors == []
 
 
+DROP_OR_PASTE = """async ([kind, bytes]) => {
+    const file = new File([new Uint8Array(bytes)], 'example.jpg', { type: 'image/jpeg' });
+    const data = new DataTransfer();
+    data.items.add(file);
+    if (kind === 'drop') {
+        const zone = document.getElementById('drop-zone');
+        zone.dispatchEvent(new DragEvent('dragover', { dataTransfer: data, bubbles: true, cancelable: true }));
+        zone.dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+    } else {
+        document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true }));
+    }
+}"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_drop_or_paste_an_image_to_search_by_example(page, server, indexed, kind):
+    example = next(p for p in indexed.photos if p.name == "photo_010.jpg")
+    page.goto(server.url + "/")
+    expect(page.locator("#footer")).to_contain_text("photos")
+    page.evaluate(DROP_OR_PASTE, [kind, list(example.read_bytes())])
+    expect(page.locator("#status")).to_contain_text("results like your image")
+    with example.open("rb") as handle:
+        expected = requests.post(f"{server.url}/api/search/image", files={"file": (example.name, handle, "image/jpeg")},
+                                 data={"k": "20"}, timeout=10).json()
+    assert shown_ids(page) == [r["id"] for r in expected["results"]]
+    expect(page.locator("#example-image")).to_be_visible()
+    assert page.script_errors == []
+
+
 def test_keyboard_navigation(page, server):
     page.goto(server.url + "/")
     expect(page.locator("#query")).to_be_focused()
@@ -226,6 +255,13 @@ def test_page_asks_for_the_api_key_once(browser, indexed):
         wait_for_thumbnails(page)  # thumbnails fetched with the key, shown as blob: URLs
         sources = page.locator("#results img").evaluate_all("els => els.map(e => e.src)")
         assert sources and all(re.match(r"^blob:", s) for s in sources)
+        page.locator("#results .result").first.click()
+        with context.expect_page() as opened:
+            page.click("#open-full")  # the full file, fetched with the key
+        opened.value.wait_for_load_state()
+        assert opened.value.url.startswith("blob:")
+        opened.value.close()
+        page.keyboard.press("Escape")
         page.reload()  # the key is remembered for the session: no second prompt
         expect(page.locator("#footer")).to_contain_text("photos")
         expect(dialog).to_be_hidden()

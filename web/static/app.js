@@ -251,7 +251,6 @@
     const size = result.width && result.height ? `${result.width} × ${result.height} px · ` : '';
     els.viewerMeta.textContent = `${size}score ${result.score.toFixed(3)} · ${result.path}`;
     els.openFull.href = result.image_url;
-    els.openFull.hidden = Boolean(state.apiKey);  // a plain link cannot carry the key
     els.viewer.showModal();
     els.moreLikeThis.focus();
   }
@@ -260,6 +259,20 @@
     if (returnFocus && document.contains(returnFocus)) returnFocus.focus();
   });
   els.closeViewer.addEventListener('click', () => els.viewer.close());
+  // A plain link cannot carry the API key: with a key, fetch the file and open it as a blob: URL.
+  els.openFull.addEventListener('click', async (event) => {
+    if (!state.apiKey || !state.openResult) return;
+    event.preventDefault();
+    const opened = window.open('', '_blank');
+    try {
+      const blob = await (await api(state.openResult.image_url)).blob();
+      const url = URL.createObjectURL(blob);
+      if (opened) opened.location.href = url; else window.location.assign(url);
+    } catch (err) {
+      if (opened) opened.close();
+      showError(err.message);
+    }
+  });
   els.viewer.addEventListener('click', (event) => { if (event.target === els.viewer) els.viewer.close(); });
   els.moreLikeThis.addEventListener('click', () => {
     const result = state.openResult;
