@@ -258,8 +258,7 @@ def test_page_asks_for_the_api_key_once(browser, indexed):
         page.locator("#results .result").first.click()
         with context.expect_page() as opened:
             page.click("#open-full")  # the full file, fetched with the key
-        opened.value.wait_for_load_state()
-        assert opened.value.url.startswith("blob:")
+        opened.value.wait_for_url(re.compile(r"^blob:"))  # about:blank first, then the fetched file
         opened.value.close()
         page.keyboard.press("Escape")
         page.reload()  # the key is remembered for the session: no second prompt
