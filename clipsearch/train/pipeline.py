@@ -98,6 +98,11 @@ def run(request: RunRequest, cfg, log: Callable[[str], None] = print) -> list[Pa
     log(f"trained {result.steps} steps in {result.seconds / 60:.1f} min")
     folders = export_checkpoint(work / "checkpoint.pt", request.out, request.name, request.precisions,
                                 {**source, **request.source}, log)
+    if request.pairs is None:
+        from .emoji_data import MODEL_ATTRIBUTION
+
+        for folder in folders:
+            (folder / "ATTRIBUTION.md").write_text(MODEL_ATTRIBUTION, encoding="utf-8")
     if request.evaluate_noto:
         from .evaluate import evaluate_bundle, noto_gallery
 
