@@ -144,3 +144,22 @@ def rclip_env(datadir: Path) -> dict[str, str]:
 def machine_note() -> str:
     load = os.getloadavg()
     return f"{os.cpu_count()} cores, load average (1/5/15 min) {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+
+
+def export_emoji_mini_standin(out: Path) -> Path:
+    """A random-init bundle of the bundled default model's architecture (emoji-mini: ConvImageTower at 64 px +
+    MiniLM text tower), for timing while the trained bundle is not installed. Same graphs, same cost."""
+    if (out / "model.json").is_file():
+        return out
+    from clipsearch.train.export_bundle import write_emoji_bundle
+    from clipsearch.train.towers import ConvImageTower, ConvTowerConfig, TextHead
+    from clipsearch.train.trainer import preprocess_spec
+    import torch
+
+    log(f"exporting a random-init emoji-mini-architecture stand-in to {out}")
+    torch.manual_seed(0)
+    cfg = ConvTowerConfig()
+    tower = ConvImageTower(cfg).eval()
+    head = TextHead(384, cfg.embed_dim)
+    return write_emoji_bundle(tower, head, out, "emoji-mini-arch-random", "fp32", preprocess_spec(cfg.image_size), 100.0,
+                              {"kind": "random-init stand-in for timing"})

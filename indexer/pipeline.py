@@ -56,6 +56,7 @@ class IndexSummary:
     seconds: float = 0.0
     unchanged: int = 0
     embedded: int = 0
+    cpu_seconds: float = 0.0  # this process plus the decode workers
     collection: str = ""
     model_id: str = ""
     index_kind: str = ""
@@ -64,6 +65,7 @@ class IndexSummary:
         data = asdict(self)
         data["skipped"] = [{"path": s.path, "reason": s.reason} for s in self.skipped]
         data["seconds"] = round(self.seconds, 3)
+        data["cpu_seconds"] = round(self.cpu_seconds, 3)
         return data
 
 

@@ -9,11 +9,13 @@ mapper normalises whole batches at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ class ReadResult:
     taken_at: str | None = None
     pixels: np.ndarray | None = None
     error: str | None = None
+    cpu_seconds: float = 0.0  # CPU time spent on this file in the worker (reported in the run summary)
 
     @property
     def known(self) -> bool:
@@ -74,7 +77,12 @@ def _init_worker(spec: PreprocessSpec, known_hashes: frozenset[str], nice: int) 
 
 def _read_chunk(tasks: Sequence[ReadTask]) -> list[ReadResult]:
     assert _WORKER_SPEC is not None
-    return [read_one(task, _WORKER_SPEC, _WORKER_KNOWN) for task in tasks]
+    results = []
+    for task in tasks:
+        started = time.process_time()
+        result = read_one(task, _WORKER_SPEC, _WORKER_KNOWN)
+        results.append(dataclasses.replace(result, cpu_seconds=time.process_time() - started))
+    return results
 
 
 def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] | set[str] = frozenset()) -> ReadResult:

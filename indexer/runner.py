@@ -45,6 +45,8 @@ class LocalRunner:
              progress: ProgressCallback | None) -> IndexSummary:
         options = self.options
         started = time.perf_counter()
+        cpu_started = time.process_time()
+        worker_cpu = 0.0
         collection.bind_model(model.info, rebuild=options.rebuild)
         store = collection.store
         summary = IndexSummary(collection=collection.name, model_id=model.model_id)
@@ -73,6 +75,7 @@ class LocalRunner:
                 with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
                                     chunk_size=options.chunk_size, nice=options.worker_nice) as reader:
                     for result in reader.read(plan.to_read):
+                        worker_cpu += result.cpu_seconds
                         assembler.add(result)
                         done += 1
                         if progress and (done % 8 == 0 or done == total):
@@ -93,6 +96,7 @@ class LocalRunner:
         stats_kind = built.meta.layout.kind if built is not None else (collection.stats().index_kind or "")
         summary.index_kind = stats_kind
         summary.seconds = time.perf_counter() - started
+        summary.cpu_seconds = time.process_time() - cpu_started + worker_cpu
         self.last_timings = RunTimings(walk_seconds, assembler.encode_seconds, index_seconds)
         return summary
 
