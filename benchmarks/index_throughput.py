@@ -147,7 +147,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every system")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--results", type=Path, help="write the section of this RESULTS.md (e.g. benchmarks/RESULTS.md)")
+    parser.add_argument("--render", type=Path, help="only write the RESULTS.md section from the --json-out of an earlier run")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        write_results(args, report)
+        return
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -155,8 +160,9 @@ def main() -> None:
     files = build_camera_corpus(work / f"photos-{args.count}", args.count)
     photos = files[0].parent
     megabytes = np.mean([p.stat().st_size for p in files]) / 1e6
-    report: dict = {"count": len(files), "mean_file_mb": round(megabytes, 2), "machine": machine_note(), "rows": [],
-                    "components": {}}
+    report: dict = {"count": len(files), "mean_file_mb": round(megabytes, 2), "machine": machine_note(),
+                    "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
+                    "components": {}, "rounds": args.rounds}
 
     same_arch = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
     models = [("rclip-arch ViT-B-32-256", str(same_arch))]
@@ -235,11 +241,17 @@ def main() -> None:
     print(text)
     if args.json_out:
         args.json_out.write_text(text + "\n")
-    if args.results:
-        from results import write_section
+    write_results(args, report)
 
-        command = f"python benchmarks/index_throughput.py --count {args.count} --rounds {args.rounds}"
-        write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, markdown(report, args))
+
+def write_results(args, report: dict) -> None:
+    if not args.results:
+        return
+    from results import write_section
+
+    report.setdefault("rounds", args.rounds)
+    command = f"python benchmarks/index_throughput.py --count {report['count']} --rounds {report['rounds']}"
+    write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, markdown(report, args))
 
 
 def markdown(report: dict, args) -> str:
@@ -250,7 +262,8 @@ def markdown(report: dict, args) -> str:
         "(process start, model load, index written); rounds alternate the systems. All models random-init "
         "(speed does not depend on weights). rclip: PyPI rclip 3.3.0 in its own venv, offline, on the very same "
         "ViT-B-32-256 ONNX graphs (inputs renamed). Torch baseline: Pillow full decode + open_clip transform in a "
-        f"DataLoader (2 workers), open_clip eager, batch 32. Machine: {report['machine']} at the start, "
+        f"DataLoader (2 workers), open_clip eager, batch 32. Run started {report.get('started_at', '?')}. "
+        f"Machine: {report['machine']} at the start, "
         f"{report.get('machine_at_end', '?')} at the end (other engineers' jobs share the 2 cores).",
         "",
         "| system | images/s (median) | x rclip (same-round median) | of our CPU bound (2 free cores) | "

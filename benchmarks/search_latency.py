@@ -116,12 +116,18 @@ def main() -> None:
     parser.add_argument("--skip-rclip", action="store_true")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--results", type=Path, help="write the section of this RESULTS.md (e.g. benchmarks/RESULTS.md)")
+    parser.add_argument("--render", type=Path, help="only write the RESULTS.md section from the --json-out of an earlier run")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        write_results(args, report)
+        return
 
     work = args.work_dir
     bundle = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
     index_dir = work / "latency-collections"
-    report: dict = {"machine": machine_note(), "rows": []}
+    report: dict = {"machine": machine_note(), "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "rows": [], "counts": args.counts, "repeats": args.repeats}
     exe = datadir = None
     if not args.skip_rclip:
         exe = rclip_venv(work)
@@ -151,11 +157,18 @@ def main() -> None:
     print(text)
     if args.json_out:
         args.json_out.write_text(text + "\n")
-    if args.results:
-        from results import write_section
+    write_results(args, report)
 
-        command = f"python benchmarks/search_latency.py --counts {' '.join(map(str, args.counts))} --repeats {args.repeats}"
-        write_section(args.results, "Search latency from the shell (benchmarks/search_latency.py)", command, markdown(report))
+
+def write_results(args, report: dict) -> None:
+    if not args.results:
+        return
+    from results import write_section
+
+    counts = report.get("counts", args.counts)
+    repeats = report.get("repeats", args.repeats)
+    command = f"python benchmarks/search_latency.py --counts {' '.join(map(str, counts))} --repeats {repeats}"
+    write_section(args.results, "Search latency from the shell (benchmarks/search_latency.py)", command, markdown(report))
 
 
 def markdown(report: dict) -> str:
@@ -164,7 +177,8 @@ def markdown(report: dict) -> str:
         "warm-up run. Collections hold random unit vectors; both tools use the same random-init ViT-B-32-256 text "
         "graph. `cold` = the query text was never seen (text model loaded and run); `cached` = the same query again "
         "(clipsearch answers repeated texts from its query cache without loading the text model; rclip has no such "
-        f"cache). Machine: {report['machine']} at the start, {report.get('machine_at_end', '?')} at the end.",
+        f"cache). Run started {report.get('started_at', '?')}. Machine: {report['machine']} at the start, "
+        f"{report.get('machine_at_end', '?')} at the end.",
         "", "| system | vectors | index | query | median (s) | min (s) | command |", "|---|---:|---|---|---:|---:|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['system']} | {row['vectors']:,} | {row.get('index', 'numpy over SQLite')} | {row.get('query', 'cold')} | "
