@@ -133,16 +133,34 @@ def _text_tower(model):
     return model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
 
 
-def _dynamic_text_ok(tower) -> bool:
+def _plain_blocks(tower) -> bool:
+    """True when every block is open_clip's pre-norm ResidualAttentionBlock around nn.MultiheadAttention."""
     import torch
 
     blocks = getattr(getattr(tower, "transformer", None), "resblocks", [])
-    plain_blocks = all(
+    return len(blocks) > 0 and all(
         isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) and not hasattr(b, "ln_1_kv")
-        and getattr(b.attn, "_qkv_same_embed_dim", False) for b in blocks
+        and getattr(b.attn, "_qkv_same_embed_dim", False) and hasattr(b, "ls_1") for b in blocks
     )
+
+
+def _fast_vision_ok(visual) -> bool:
+    """A standard open_clip ViT: square patch conv without bias, class token, token pooling, no attention pool."""
+    import torch
+
+    conv = getattr(visual, "conv1", None)
     return (
-        plain_blocks and len(blocks) > 0
+        type(visual).__name__ == "VisionTransformer" and _plain_blocks(visual)
+        and isinstance(conv, torch.nn.Conv2d) and conv.bias is None and conv.kernel_size == conv.stride
+        and conv.padding == (0, 0) and getattr(visual, "attn_pool", None) is None
+        and getattr(visual, "pool_type", None) == "tok" and not getattr(visual, "final_ln_after_pool", False)
+        and getattr(visual, "class_embedding", None) is not None
+    )
+
+
+def _dynamic_text_ok(tower) -> bool:
+    return (
+        _plain_blocks(tower)
         and getattr(tower, "attn_mask", None) is not None
         and getattr(tower, "cls_emb", None) is None
         and (getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")) in ("argmax", "eos")
@@ -153,13 +171,49 @@ def _build_graph_modules(model):
     import torch
     import torch.nn.functional as F
 
+    def _attention(attn, x, mask=None):
+        """nn.MultiheadAttention's math, batch first, with shape-free ops: no (L, N, E) transposes around
+        every block, and a traced graph that keeps batch and sequence axes dynamic."""
+        heads = attn.num_heads
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)
+        if mask is not None:
+            scores = scores + mask
+        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+        return attn.out_proj(out)
+
+    def _blocks(transformer, x, mask=None):
+        for block in transformer.resblocks:
+            x = x + block.ls_1(_attention(block.attn, block.ln_1(x), mask))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x
+
     class VisualGraph(torch.nn.Module):
+        """Image tower → L2-normalised embedding. Standard ViTs take a lean path: the patch convolution as
+        one MatMul over unfolded patches (so int8 quantisation covers it) and batch-first attention."""
+
         def __init__(self, clip) -> None:
             super().__init__()
             self.clip = clip
+            self.fast = _fast_vision_ok(clip.visual)
 
         def forward(self, pixel_values):
-            return F.normalize(self.clip.encode_image(pixel_values), dim=-1)
+            if not self.fast:
+                return F.normalize(self.clip.encode_image(pixel_values), dim=-1)
+            visual = self.clip.visual
+            conv = visual.conv1
+            ph, pw = conv.kernel_size
+            patches = pixel_values.unflatten(2, (-1, ph)).unflatten(4, (-1, pw))  # B,C,gh,ph,gw,pw
+            patches = patches.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)  # B,gh*gw,C*ph*pw
+            x = patches @ conv.weight.flatten(1).t()
+            cls = x[:, :1] * 0 + visual.class_embedding.to(x.dtype)  # [B, 1, D] without a traced batch size
+            x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+            x = _blocks(visual.transformer, visual.ln_pre(x))
+            pooled = visual.ln_post(x[:, 0])
+            if visual.proj is not None:
+                pooled = pooled @ visual.proj
+            return F.normalize(pooled, dim=-1)
 
     class DynamicTextGraph(torch.nn.Module):
         """CLIP text encoder with the sequence length taken from the input instead of context_length."""
@@ -176,10 +230,7 @@ def _build_graph_modules(model):
             cast = tower.transformer.get_cast_dtype()
             x = tower.token_embedding(input_ids).to(cast)
             x = x + tower.positional_embedding[:seq].to(cast)
-            mask = tower.attn_mask[:seq, :seq].to(cast)
-            for block in tower.transformer.resblocks:
-                x = x + block.ls_1(_causal_attention(block.attn, block.ln_1(x), mask))
-                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = _blocks(tower.transformer, x, tower.attn_mask[:seq, :seq].to(cast))
             x = tower.ln_final(x)
             if self.pool == "eos":
                 index = (input_ids == self.eos_id).int().argmax(dim=-1)
@@ -190,15 +241,6 @@ def _build_graph_modules(model):
             if projection is not None:
                 pooled = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
             return F.normalize(pooled, dim=-1)
-
-    def _causal_attention(attn, x, mask):
-        """nn.MultiheadAttention's math written with shape-free ops, so the traced graph keeps `seq` dynamic."""
-        heads = attn.num_heads
-        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-        scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2) + mask
-        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
-        return attn.out_proj(out)
 
     class FixedTextGraph(torch.nn.Module):
         def __init__(self, clip) -> None:
