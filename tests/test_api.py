@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import random
 import shutil
 from pathlib import Path
 
@@ -350,3 +352,47 @@ def test_a_second_collection_is_served_by_name(tmp_path, tiny_bundle, indexed):
         thumb = client.get(answer["results"][0]["thumbnail_url"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
         assert np.isclose(client.get("/api/stats", params={"collection": "second"}).json()["images"], 4)
+
+
+# -- garbage in, never a 500 ---------------------------------------------------------------------------
+ODD_VALUES = [None, "", " ", "x" * 5000, "\x00", "💥", 0, -1, 1.5, 10**30, -(10**30), [], {}, [1], ["a"], {"a": 1}, True,
+              "NaN", 1e308, "../../etc/passwd", "%2e%2e", "1:", "-1:cat", "1e9:cat", "0:cat"]
+BODY_FIELDS = {"/api/search": ["text", "image_b64", "image_id", "and", "not", "k", "collection", "include_self"],
+               "/knn-service": ["text", "image", "image_url", "embedding_input", "modality", "num_images",
+                                "num_result_ids", "indice_name", "deduplicate", "aesthetic_score", "use_mclip"],
+               "/metadata": ["ids", "indice_name"]}
+
+
+def test_random_malformed_requests_never_get_a_500(indexed):
+    rng = random.Random(1234)
+    failures = []
+    app = create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path, fields in BODY_FIELDS.items():
+            for _ in range(120):
+                body = {f: rng.choice(ODD_VALUES) for f in rng.sample(fields, rng.randint(1, len(fields)))}
+                response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+                if response.status_code >= 500 or (response.status_code != 200 and "detail" not in response.json()):
+                    failures.append((path, body, response.status_code, response.text[:200]))
+        for _ in range(60):
+            params = {key: str(rng.choice(ODD_VALUES)) for key in rng.sample(["q", "k", "collection"], rng.randint(1, 3))}
+            response = client.get("/api/search", params=params)
+            if response.status_code >= 500:
+                failures.append(("GET /api/search", params, response.status_code, response.text[:200]))
+        for path in ("/api/search/image", "/api/classify"):
+            for body, content_type in ((b"garbage", "multipart/form-data"), (b"--x\r\n\r\n", "multipart/form-data; boundary=x"),
+                                       (b"", "multipart/form-data; boundary=x"), (b"{}", "application/json")):
+                response = client.post(path, content=body, headers={"content-type": content_type})
+                if response.status_code >= 500:
+                    failures.append((path, body, response.status_code, response.text[:200]))
+    assert failures == []
+
+
+@pytest.mark.parametrize("mode, fmt", [("1", "PNG"), ("L", "PNG"), ("I;16", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
+                                       ("P", "GIF"), ("F", "TIFF"), ("1", "BMP"), ("RGB", "WEBP"), ("RGB", "ICO")])
+def test_every_image_mode_and_format_can_be_a_query(client, mode, fmt):
+    out = io.BytesIO()
+    Image.new(mode, (30, 20)).save(out, format=fmt)
+    response = client.post("/api/search/image", files={"file": (f"x.{fmt.lower()}", out.getvalue(), "application/octet-stream")},
+                           data={"k": "2"})
+    assert response.status_code == 200 and len(response.json()["results"]) == 2
