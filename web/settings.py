@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipsearch.collection import DEFAULT_COLLECTION
 from clipsearch.preprocess import MAX_IMAGE_PIXELS
 
-API_KEY_ENV = "CLIPSEARCH_API_KEY"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 
@@ -51,7 +49,3 @@ class ServerSettings:
     def max_body_bytes(self) -> int:
         """Largest request body accepted: an upload as base64 in JSON (4/3 larger) plus room for fields."""
         return self.max_upload_bytes * 4 // 3 + 1024 * 1024
-
-    @classmethod
-    def api_key_from_env(cls) -> str | None:
-        return os.environ.get(API_KEY_ENV) or None
