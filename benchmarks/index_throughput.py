@@ -262,9 +262,11 @@ def markdown(report: dict, args) -> str:
         "(process start, model load, index written); rounds alternate the systems. All models random-init "
         "(speed does not depend on weights). rclip: PyPI rclip 3.3.0 in its own venv, offline, on the very same "
         "ViT-B-32-256 ONNX graphs (inputs renamed). Torch baseline: Pillow full decode + open_clip transform in a "
-        f"DataLoader (2 workers), open_clip eager, batch 32. Run started {report.get('started_at', '?')}. "
-        f"Machine: {report['machine']} at the start, "
-        f"{report.get('machine_at_end', '?')} at the end (other engineers' jobs share the 2 cores).",
+        f"DataLoader (2 workers), open_clip eager, batch 32. "
+        + (f"Run started {report['started_at']}. " if report.get("started_at") else "")
+        + f"Machine: {report['machine']} at the start"
+        + (f", {report['machine_at_end']} at the end" if report.get("machine_at_end") else "")
+        + " (other engineers' jobs share the 2 cores).",
         "",
         "| system | images/s (median) | x rclip (same-round median) | of our CPU bound (2 free cores) | "
         "CPU efficiency | rounds (images/s) |",

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_setup import export_clipsearch_bundle, export_rclip_models, log, machine_note, rclip_env, rclip_venv  # noqa: E402
+from bench_setup import (export_clipsearch_bundle, export_emoji_mini_standin, export_rclip_models, log,  # noqa: E402
+                         machine_note, rclip_env, rclip_venv)
 
 CLIPSEARCH = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
 
@@ -132,24 +133,36 @@ def main() -> None:
     if not args.skip_rclip:
         exe = rclip_venv(work)
         datadir = export_rclip_models(work / "rclip-data-latency", bundle)
+    models = [("ViT-B-32-256", bundle)]
+    from clipsearch.errors import ClipsearchError
+    from clipsearch.models import DEFAULT_MODEL, resolve_model
+
+    try:
+        models.append((f"{DEFAULT_MODEL} (product default)", resolve_model(DEFAULT_MODEL).path))
+    except ClipsearchError:
+        models.append((f"{DEFAULT_MODEL} arch, random-init stand-in",
+                       export_emoji_mini_standin(work / "bundles" / "emoji-mini-arch-random")))
     for count in args.counts:
-        name = f"lat-{count}"
-        log(f"clipsearch collection of {count} vectors")
-        kind = fill_collection(index_dir, name, bundle, count)
-        env = {**os.environ, "CLIPSEARCH_HOME": str(work / "home")}
-        base = [*CLIPSEARCH, "search", "--collection", name, "--index-dir", str(index_dir)]
-        cold = time_cold(base, args.repeats, env)
-        report["rows"].append({"system": "clipsearch", "vectors": count, "index": kind, "query": "cold", **cold,
-                               "command": f'clipsearch search "a dog N" --collection {name} --index-dir DIR'})
-        cached = time_command([*base, "a dog"], args.repeats, env=env)
-        report["rows"].append({"system": "clipsearch", "vectors": count, "index": kind, "query": "cached", **cached,
-                               "command": f'clipsearch search "a dog" --collection {name} --index-dir DIR'})
-        log(f"  clipsearch cold {cold['median_seconds']:.3f} s, cached {cached['median_seconds']:.3f} s ({kind})")
+        for model_label, model_bundle in models:
+            name = f"lat-{count}-{Path(model_bundle).name}"
+            log(f"clipsearch collection of {count} vectors, {model_label}")
+            kind = fill_collection(index_dir, name, Path(model_bundle), count)
+            env = {**os.environ, "CLIPSEARCH_HOME": str(work / "home")}
+            base = [*CLIPSEARCH, "search", "--collection", name, "--index-dir", str(index_dir)]
+            cold = time_cold(base, args.repeats, env)
+            report["rows"].append({"system": "clipsearch", "model": model_label, "vectors": count, "index": kind,
+                                   "query": "cold", **cold,
+                                   "command": f'clipsearch search "a dog <n>" --collection {name} --index-dir DIR'})
+            cached = time_command([*base, "a dog"], args.repeats, env=env)
+            report["rows"].append({"system": "clipsearch", "model": model_label, "vectors": count, "index": kind,
+                                   "query": "cached", **cached,
+                                   "command": f'clipsearch search "a dog" --collection {name} --index-dir DIR'})
+            log(f"  clipsearch cold {cold['median_seconds']:.3f} s, cached {cached['median_seconds']:.3f} s ({kind})")
         if exe is not None:
             folder = work / f"rclip-latency-{count}"
             fill_rclip(exe, datadir, folder, count)
             theirs = time_command([str(exe), "-n", "a dog"], args.repeats, cwd=folder, env=rclip_env(datadir))
-            report["rows"].append({"system": "rclip 3.3.0", "vectors": count, **theirs,
+            report["rows"].append({"system": "rclip 3.3.0", "model": "ViT-B-32-256", "vectors": count, **theirs,
                                    "command": 'cd DIR && rclip -n "a dog"'})
             log(f"  rclip {theirs['median_seconds']:.3f} s")
     report["machine_at_end"] = machine_note()
@@ -175,13 +188,16 @@ def markdown(report: dict) -> str:
     lines = [
         "Wall time of one search command started from the shell (process start to exit), median of the runs after a "
         "warm-up run. Collections hold random unit vectors; both tools use the same random-init ViT-B-32-256 text "
-        "graph. `cold` = the query text was never seen (text model loaded and run); `cached` = the same query again "
+        "graph (the product default model, whose text tower is MiniLM, is shown too). `cold` = the query text was never seen (text model loaded and run); `cached` = the same query again "
         "(clipsearch answers repeated texts from its query cache without loading the text model; rclip has no such "
-        f"cache). Run started {report.get('started_at', '?')}. Machine: {report['machine']} at the start, "
-        f"{report.get('machine_at_end', '?')} at the end.",
-        "", "| system | vectors | index | query | median (s) | min (s) | command |", "|---|---:|---|---|---:|---:|---|"]
+        "cache). " + (f"Run started {report['started_at']}. " if report.get("started_at") else "")
+        + f"Machine: {report['machine']} at the start"
+        + (f", {report['machine_at_end']} at the end." if report.get("machine_at_end") else "."),
+        "", "| system | model | vectors | index | query | median (s) | min (s) | command |",
+        "|---|---|---:|---|---|---:|---:|---|"]
     for row in report["rows"]:
-        lines.append(f"| {row['system']} | {row['vectors']:,} | {row.get('index', 'numpy over SQLite')} | {row.get('query', 'cold')} | "
+        lines.append(f"| {row['system']} | {row.get('model', 'ViT-B-32-256')} | {row['vectors']:,} | "
+                     f"{row.get('index', 'numpy over SQLite')} | {row.get('query', 'cold')} | "
                      f"{row['median_seconds']:.3f} | {row['min_seconds']:.3f} | `{row['command']}` |")
     return "\n".join(lines) + "\n"
 
