@@ -79,6 +79,8 @@ def screenshot(page: Page, name: str) -> Path:
 def test_type_upload_classify_and_more_like_this(page, server, indexed):
     page.goto(server.url + "/")
     expect(page.locator("#footer")).to_contain_text(f"{len(indexed.photos)} photos")
+    expect(page.locator("#example")).to_be_hidden()  # no example image yet
+    expect(page.locator("#error")).to_be_hidden()
 
     # Type a query: thumbnails appear best first, in the API's order, with scores shown.
     page.locator("#query").press_sequentially("a red square", delay=20)
@@ -165,6 +167,9 @@ def test_drop_or_paste_an_image_to_search_by_example(page, server, indexed, kind
                                  data={"k": "20"}, timeout=10).json()
     assert shown_ids(page) == [r["id"] for r in expected["results"]]
     expect(page.locator("#example-image")).to_be_visible()
+    page.click("#clear-example")
+    expect(page.locator("#example")).to_be_hidden()
+    expect(page.locator("#query")).to_be_focused()
     assert page.script_errors == []
 
 
