@@ -123,10 +123,16 @@ def resize_for_model(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     size = min(target_h, target_w)
     new_short, new_long = size, int(size * long_ / short)
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), resample)
     left = int(round((new_w - target_w) / 2.0))
     top = int(round((new_h - target_h) / 2.0))
+    if new_long > 4 * size:
+        # Extreme aspect ratio (a 1 x 100000 strip would become 64 x 6.4M pixels): resample only the
+        # source region that survives the centre crop.
+        scale_x, scale_y = width / new_w, height / new_h
+        box = (left * scale_x, top * scale_y, (left + target_w) * scale_x, (top + target_h) * scale_y)
+        return image.resize((target_w, target_h), resample, box=box)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), resample)
     return image.crop((left, top, left + target_w, top + target_h))
 
 

@@ -184,3 +184,15 @@ def test_cli_models_export_info_and_cache_lookup(isolated_home, tmp_path):
     assert any(row["name"] == "my-tiny" and row["origin"] == "cache" for row in listed)
     bad = _cli("models", "export", "clipsearch-tiny", "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "--random-init" in bad.stderr
+
+
+def test_extreme_aspect_ratio_is_resized_without_blowing_up_memory():
+    from clipsearch.bundle import PreprocessSpec
+    from clipsearch.preprocess import image_to_pixels
+
+    spec = PreprocessSpec(size=(224, 224))
+    strip = Image.new("RGB", (1, 100_000), (200, 30, 30))  # resize-then-crop would allocate 224 x 22.4M px
+    pixels = image_to_pixels(strip, spec)
+    assert pixels.shape == (3, 224, 224)
+    expected_red = (200 / 255 - spec.mean[0]) / spec.std[0]
+    assert np.allclose(pixels[0], expected_red, atol=1e-4)
