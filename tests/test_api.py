@@ -396,3 +396,10 @@ def test_every_image_mode_and_format_can_be_a_query(client, mode, fmt):
     response = client.post("/api/search/image", files={"file": (f"x.{fmt.lower()}", out.getvalue(), "application/octet-stream")},
                            data={"k": "2"})
     assert response.status_code == 200 and len(response.json()["results"]) == 2
+
+
+def test_openapi_docs_page_loads_its_assets_from_the_app_itself(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower() and "/static-docs/swagger-ui-bundle.js" in page.text
+    assert client.get("/static-docs/swagger-ui-bundle.js").status_code == 200

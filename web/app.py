@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,7 +38,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             state.close()
 
-    app = FastAPI(title="clipsearch", version=clipsearch.__version__, description=DESCRIPTION, lifespan=lifespan)
+    # FastAPIOffline serves Swagger UI / ReDoc assets from the package itself: /docs works offline, no CDN.
+    app = FastAPIOffline(title="clipsearch", version=clipsearch.__version__, description=DESCRIPTION, lifespan=lifespan,
+                         static_url="/static-docs")
     app.state.web = state
     install_error_handlers(app)
 
