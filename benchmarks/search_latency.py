@@ -142,6 +142,9 @@ def main() -> None:
     except ClipsearchError:
         models.append((f"{DEFAULT_MODEL} arch, random-init stand-in",
                        export_emoji_mini_standin(work / "bundles" / "emoji-mini-arch-random")))
+    floor = time_command([sys.executable, "-c", "pass"], args.repeats)
+    report["rows"].append({"system": "python -c pass (process start floor)", "model": "-", "vectors": 0, "index": "-",
+                           "query": "-", **floor, "command": "python -c pass"})
     for count in args.counts:
         for model_label, model_bundle in models:
             name = f"lat-{count}-{Path(model_bundle).name}"

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import sqlite_utils
 
 from .errors import CollectionError
 
@@ -74,6 +73,7 @@ class SkippedFile:
 
 
 TEXT_CACHE_SIZE = 10_000
+_TABLES = {"images", "embeddings", "skipped", "meta", "text_cache"}
 
 _IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at",
                   "indexed_at", "model_id")
@@ -84,19 +84,33 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._db = None
         try:
             # check_same_thread=False: a Searcher serves API threads, serialising access with its own lock.
-            self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
-            self.db.enable_wal()
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._create_schema()
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
+            if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                self.conn.execute("PRAGMA journal_mode=wal")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables >= _TABLES:
+                self._create_schema()
         except sqlite3.DatabaseError as exc:
             raise CollectionError(f"{self.path}: not a usable SQLite database ({exc})",
                                   "Rebuild the collection with: clipsearch index PATH --rebuild") from exc
 
+    @property
+    def db(self):
+        """The sqlite-utils view of the connection, for writes and schema work (imported on first use, so a
+        read-only search never pays for importing sqlite-utils)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
+
     def close(self) -> None:
-        self.db.close()
+        self.conn.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -128,7 +142,7 @@ class Store:
 
     # -- meta ------------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return row[0] if row else default
 
     def set_meta(self, values: dict[str, str]) -> None:
@@ -146,30 +160,30 @@ class Store:
 
     # -- reads -----------------------------------------------------------------------------------
     def count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM images").fetchone()[0])
+        return int(self.conn.execute("SELECT count(*) FROM images").fetchone()[0])
 
     def count_embeddings(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM embeddings").fetchone()[0])
+        return int(self.conn.execute("SELECT count(*) FROM embeddings").fetchone()[0])
 
     def file_states(self) -> dict[str, FileState]:
         """path -> (id, size, mtime_ns, hash) of every indexed file."""
         return {path: FileState(id_, size, mtime, digest) for id_, path, size, mtime, digest in
-                self.db.execute("SELECT id, path, size, mtime_ns, content_hash FROM images")}
+                self.conn.execute("SELECT id, path, size, mtime_ns, content_hash FROM images")}
 
     def known_hashes(self) -> dict[str, int]:
         """content hash -> id of a row whose vector can be reused."""
-        return {digest: id_ for digest, id_ in self.db.execute(
+        return {digest: id_ for digest, id_ in self.conn.execute(
             "SELECT content_hash, min(id) FROM images GROUP BY content_hash")}
 
     def skipped_states(self) -> dict[str, tuple[int, int, str]]:
         return {path: (size, mtime, reason) for path, size, mtime, reason in
-                self.db.execute("SELECT path, size, mtime_ns, reason FROM skipped")}
+                self.conn.execute("SELECT path, size, mtime_ns, reason FROM skipped")}
 
     def ids(self) -> np.ndarray:
-        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
 
     def embedding_ids(self) -> np.ndarray:
-        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM embeddings ORDER BY id")), dtype=np.int64)
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM embeddings ORDER BY id")), dtype=np.int64)
 
     def get(self, image_id: int) -> ImageRecord | None:
         rows = self.get_many([image_id])
@@ -181,21 +195,21 @@ class Store:
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE id IN ({marks})", chunk):
+            for row in self.conn.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE id IN ({marks})", chunk):
                 found[row[0]] = ImageRecord(*row)
         return found
 
     def find_by_path(self, path: str) -> ImageRecord | None:
-        row = self.db.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE path = ?", [path]).fetchone()
+        row = self.conn.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE path = ?", [path]).fetchone()
         return ImageRecord(*row) if row else None
 
     def vector(self, image_id: int, dim: int) -> np.ndarray | None:
-        row = self.db.execute("SELECT vector FROM embeddings WHERE id = ?", [int(image_id)]).fetchone()
+        row = self.conn.execute("SELECT vector FROM embeddings WHERE id = ?", [int(image_id)]).fetchone()
         return _decode_vector(row[0], dim) if row else None
 
     def iter_vectors(self, dim: int, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids int64 [n], vectors float32 [n, dim]) over every stored embedding, in id order."""
-        cursor = self.db.execute("SELECT id, vector FROM embeddings ORDER BY id")
+        cursor = self.conn.execute("SELECT id, vector FROM embeddings ORDER BY id")
         while True:
             rows = cursor.fetchmany(chunk)
             if not rows:
@@ -217,7 +231,7 @@ class Store:
     def cached_text_vectors(self, model_id: str, texts: Sequence[str], dim: int) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         for text in dict.fromkeys(texts):
-            row = self.db.execute("SELECT vector FROM text_cache WHERE model_id = ? AND text = ?", [model_id, text]).fetchone()
+            row = self.conn.execute("SELECT vector FROM text_cache WHERE model_id = ? AND text = ?", [model_id, text]).fetchone()
             if row is not None and len(row[0]) == dim * 4:
                 found[text] = np.frombuffer(row[0], dtype=np.float32).copy()
         return found
