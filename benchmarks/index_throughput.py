@@ -237,6 +237,7 @@ def main() -> None:
                 row["fraction_of_cpu_bound"] = row["images_per_second_median"] / parts["cpu_bound"]
                 row["cpu_efficiency_median"] = statistics.median(cpu_efficiency[name])
         report["rows"].append(row)
+    report["machine_at_end"] = machine_note()
     text = json.dumps(report, indent=2)
     print(text)
     if args.json_out:

@@ -61,6 +61,14 @@ class CollectionStats:
 
 
 @dataclass(frozen=True)
+class VectorSync:
+    """What `Collection.update_vectors` did: "none" (already fresh), "append" or "rebuild"."""
+
+    index: VectorIndex | None
+    update: str
+
+
+@dataclass(frozen=True)
 class CheckReport:
     """Result of `Collection.check`: `problems` is empty when SQLite and FAISS agree."""
 
@@ -236,12 +244,49 @@ class Collection:
         index.save(self.folder)
 
     def sync_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> VectorIndex | None:
-        """Rebuild and save the FAISS index if it does not reflect the store; returns it when rebuilt."""
+        """Bring the saved FAISS index up to date with the store; returns it when it changed."""
+        return self.update_vectors(ivf_threshold).index
+
+    def update_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> "VectorSync":
+        """Bring the saved index up to date: nothing when fresh; appending when the store only gained rows
+        since it was saved (and the layout still fits); a full rebuild from SQLite otherwise."""
         if self.vectors_fresh():
-            return None
+            return VectorSync(None, "none")
+        appended = self._append_new_vectors(ivf_threshold)
+        if appended is not None:
+            self.save_vectors(appended)
+            return VectorSync(appended, "append")
         index = self.build_vectors(ivf_threshold)
         self.save_vectors(index)
-        return index
+        return VectorSync(index, "rebuild")
+
+    def _append_new_vectors(self, ivf_threshold: int) -> VectorIndex | None:
+        from .vectors import IndexLayout, IndexMeta
+
+        model = self.model
+        try:
+            meta = IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        store = self.store
+        count = store.count_embeddings()
+        if model is None or meta.model_id != model.model_id or meta.dim != model.embed_dim or not meta.max_id:
+            return None
+        if IndexLayout.for_size(count, meta.dim, ivf_threshold).kind != meta.layout.kind:
+            return None  # crossed the exact/IVF-PQ threshold
+        if meta.layout.kind == "ivfpq" and count > 4 * meta.trained_on:
+            return None  # grown too much for the trained quantizer: retrain
+        if store.vectors_unchanged_since(meta.generation, meta.max_id) != (meta.count, meta.count):
+            return None  # something the index holds was deleted or re-embedded
+        index_file = self.folder / INDEX_FILE
+        if not index_file.is_file() or (meta.file_bytes and index_file.stat().st_size != meta.file_bytes):
+            return None
+        try:
+            index = VectorIndex.load(self.folder)
+        except CollectionError:
+            return None
+        index.append(store.iter_vectors(meta.dim, min_id=meta.max_id + 1), generation=store.generation)
+        return index if index.count == count else None
 
     def load_vectors(self, mmap: bool = False) -> VectorIndex:
         """The saved index when fresh; otherwise (an interrupted run) an in-memory rebuild from SQLite."""

@@ -95,6 +95,10 @@ class Store:
             tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if not tables >= _TABLES:
                 self._create_schema()
+            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(embeddings)")}
+            if "written_gen" not in columns:  # databases from before the append-only index update
+                with self.db.atomic():
+                    self.conn.execute("ALTER TABLE embeddings ADD COLUMN written_gen INTEGER")
         except sqlite3.DatabaseError as exc:
             raise CollectionError(f"{self.path}: not a usable SQLite database ({exc})",
                                   "Rebuild the collection with: clipsearch index PATH --rebuild") from exc
@@ -130,7 +134,7 @@ class Store:
             db["images"].create_index(["path"], unique=True, if_not_exists=True)
             db["images"].create_index(["content_hash"], if_not_exists=True)
         if "embeddings" not in db.table_names():
-            db["embeddings"].create({"id": int, "vector": bytes}, pk="id",
+            db["embeddings"].create({"id": int, "vector": bytes, "written_gen": int}, pk="id",
                                     foreign_keys=[("id", "images", "id")])
         if "skipped" not in db.table_names():
             db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "reason": str, "run_id": int}, pk="path")
@@ -161,6 +165,16 @@ class Store:
     # -- reads -----------------------------------------------------------------------------------
     def count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM images").fetchone()[0])
+
+    def vectors_unchanged_since(self, generation: int, max_id: int) -> tuple[int, int]:
+        """(vectors with id <= max_id, those of them written at or before `generation`): both equal to the
+        size of an index built at `generation` means nothing it holds was deleted or re-embedded since."""
+        row = self.conn.execute("SELECT count(*), coalesce(sum(coalesce(written_gen, 0) <= ?), 0) FROM embeddings "
+                                "WHERE id <= ?", [int(generation), int(max_id)]).fetchone()
+        return int(row[0]), int(row[1])
+
+    def max_embedding_id(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM embeddings").fetchone()[0])
 
     def count_embeddings(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM embeddings").fetchone()[0])
@@ -207,9 +221,9 @@ class Store:
         row = self.conn.execute("SELECT vector FROM embeddings WHERE id = ?", [int(image_id)]).fetchone()
         return _decode_vector(row[0], dim) if row else None
 
-    def iter_vectors(self, dim: int, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (ids int64 [n], vectors float32 [n, dim]) over every stored embedding, in id order."""
-        cursor = self.conn.execute("SELECT id, vector FROM embeddings ORDER BY id")
+    def iter_vectors(self, dim: int, chunk: int = 4096, min_id: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids int64 [n], vectors float32 [n, dim]) over the stored embeddings with id >= min_id, in id order."""
+        cursor = self.conn.execute("SELECT id, vector FROM embeddings WHERE id >= ? ORDER BY id", [int(min_id)])
         while True:
             rows = cursor.fetchmany(chunk)
             if not rows:
@@ -254,6 +268,9 @@ class Store:
         """Insert or update rows and their vectors in one transaction; returns the ids in order."""
         ids: list[int] = []
         with self.db.atomic():
+            if images:
+                self._bump_generation()
+            generation = self.generation
             for image in images:
                 values = (image.path, image.size, image.mtime_ns, image.content_hash, image.width, image.height,
                           image.taken_at, indexed_at, model_id, run_id)
@@ -270,12 +287,10 @@ class Store:
                         "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at, "
                         "model_id, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", list(values))
                     image_id = int(cursor.lastrowid)
-                self.db.execute("INSERT OR REPLACE INTO embeddings (id, vector) VALUES (?, ?)",
-                                [image_id, np.ascontiguousarray(image.vector, dtype=np.float32).tobytes()])
+                self.db.execute("INSERT OR REPLACE INTO embeddings (id, vector, written_gen) VALUES (?, ?, ?)",
+                                [image_id, np.ascontiguousarray(image.vector, dtype=np.float32).tobytes(), generation])
                 self.db.execute("DELETE FROM skipped WHERE path = ?", [image.path])
                 ids.append(image_id)
-            if images:
-                self._bump_generation()
         return ids
 
     def touch(self, ids: Sequence[int], run_id: int, new_stats: dict[int, tuple[int, int]] | None = None) -> None:

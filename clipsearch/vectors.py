@@ -65,6 +65,7 @@ class IndexMeta:
     generation: int
     trained_on: int = 0
     file_bytes: int = 0  # size of vectors.faiss when saved: a cheap truncation check
+    max_id: int = 0  # largest id in the index (vectors with larger ids can be appended)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -74,7 +75,8 @@ class IndexMeta:
         raw = json.loads(text)
         return cls(layout=IndexLayout(**raw["layout"]), dim=int(raw["dim"]), count=int(raw["count"]),
                    model_id=str(raw["model_id"]), generation=int(raw["generation"]),
-                   trained_on=int(raw.get("trained_on", 0)), file_bytes=int(raw.get("file_bytes", 0)))
+                   trained_on=int(raw.get("trained_on", 0)), file_bytes=int(raw.get("file_bytes", 0)),
+                   max_id=int(raw.get("max_id", 0)))
 
 
 class VectorIndex:
@@ -112,14 +114,31 @@ class VectorIndex:
                 index = faiss.index_factory(dim, layout.factory, faiss.METRIC_INNER_PRODUCT)
                 index.train(training)
                 trained_on = count
+        max_id = 0
         for ids, vectors in batches:
             if len(ids):
                 index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+                max_id = max(max_id, int(np.max(ids)))
         if index.ntotal != count:
             raise CollectionError(f"built an index of {index.ntotal} vectors, expected {count}")
         meta = IndexMeta(layout=layout, dim=dim, count=int(index.ntotal), model_id=model_id, generation=generation,
-                         trained_on=trained_on if layout.kind == "ivfpq" else 0)
+                         trained_on=trained_on if layout.kind == "ivfpq" else 0, max_id=max_id)
         return cls(index, meta)
+
+    def append(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], generation: int) -> int:
+        """Add vectors whose ids are all larger than any already held; returns how many were added."""
+        added = 0
+        max_id = self.meta.max_id
+        for ids, vectors in batches:
+            if not len(ids):
+                continue
+            if int(np.min(ids)) <= max_id:
+                raise ValueError("append needs ids larger than the index's largest id")
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+            max_id = int(np.max(ids))
+            added += len(ids)
+        self.meta = replace(self.meta, count=int(self.index.ntotal), generation=generation, max_id=max_id)
+        return added
 
     def empty_trained_copy(self):
         """An empty clone of a trained IVF-PQ index (to save and reuse on the next rebuild), else None."""

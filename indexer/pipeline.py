@@ -60,6 +60,7 @@ class IndexSummary:
     collection: str = ""
     model_id: str = ""
     index_kind: str = ""
+    index_update: str = ""  # "none" | "append" | "rebuild": what happened to the FAISS index
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -90,11 +90,12 @@ class LocalRunner:
         finally:
             # Even when interrupted, leave FAISS in agreement with what SQLite committed.
             index_started = time.perf_counter()
-            built = collection.sync_vectors(options.ivf_threshold)
+            sync = collection.update_vectors(options.ivf_threshold)
             index_seconds = time.perf_counter() - index_started
         summary.total = store.count()
-        stats_kind = built.meta.layout.kind if built is not None else (collection.stats().index_kind or "")
-        summary.index_kind = stats_kind
+        index_meta = sync.index.meta if sync.index is not None else None
+        summary.index_kind = index_meta.layout.kind if index_meta else (collection.stats().index_kind or "")
+        summary.index_update = sync.update
         summary.seconds = time.perf_counter() - started
         summary.cpu_seconds = time.process_time() - cpu_started + worker_cpu
         self.last_timings = RunTimings(walk_seconds, assembler.encode_seconds, index_seconds)

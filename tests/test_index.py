@@ -308,3 +308,42 @@ def test_a_second_concurrent_run_is_refused(tmp_path, photos, model):
         with pytest.raises(CollectionError, match="being indexed by another process"):
             run(Collection.open("c", tmp_path / "idx"), model, [photos])
     assert run(collection, model, [photos]).total == 12
+
+
+def test_new_files_are_appended_to_the_index_and_changes_rebuild_it(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    assert run(collection, model, [photos]).index_update == "rebuild"  # the first build
+    assert run(collection, model, [photos]).index_update == "none"
+    block_image(600).save(photos / "new_a.png")
+    block_image(601).save(photos / "new_b.png")
+    added = run(collection, model, [photos])
+    assert (added.added, added.index_update, added.total) == (2, "append", 14)
+    assert collection.check().ok
+    new_id = collection.store.find_by_path(str(photos / "new_b.png")).id
+    index = collection.load_vectors()
+    assert index.search(collection.store.vector(new_id, model.embed_dim)[None, :], 1)[0][0][0] == new_id
+
+    (photos / "new_a.png").unlink()
+    assert run(collection, model, [photos]).index_update == "rebuild"
+    block_image(602).save(photos / "photo_000.png")
+    bump_mtime(photos / "photo_000.png")
+    assert run(collection, model, [photos]).index_update == "rebuild"
+    assert collection.check().ok
+
+
+def test_ivfpq_index_takes_appends_without_retraining(tmp_path, model):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(200):
+        block_image(3000 + i, size=(64, 64)).save(folder / f"{i:03d}.png")
+    collection = Collection.create("big", tmp_path / "idx")
+    first = run(collection, model, [folder], ivf_threshold=100, batch_size=64)
+    assert first.index_kind == "ivfpq"
+    trained_on = collection.load_vectors().meta.trained_on
+    for i in range(200, 230):
+        block_image(3000 + i, size=(64, 64)).save(folder / f"{i:03d}.png")
+    second = run(collection, model, [folder], ivf_threshold=100, batch_size=64)
+    assert (second.index_update, second.total) == ("append", 230)
+    index = collection.load_vectors()
+    assert index.meta.trained_on == trained_on and index.count == 230
+    assert collection.check().ok
