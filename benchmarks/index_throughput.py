@@ -266,7 +266,7 @@ def markdown(report: dict, args) -> str:
         f"DataLoader (2 workers), open_clip eager, batch 32. "
         + (f"Run started {report['started_at']}. " if report.get("started_at") else "")
         + f"Machine: {report['machine']} at the start"
-        + (f", {report['machine_at_end']} at the end" if report.get("machine_at_end") else "")
+        + (f", {report['machine_at_end'].split(', ', 1)[-1]} at the end" if report.get("machine_at_end") else "")
         + " (other engineers' jobs share the 2 cores).",
         "",
         "| system | images/s (median) | x rclip (same-round median) | of our CPU bound (2 free cores) | "
@@ -289,6 +289,17 @@ def markdown(report: dict, args) -> str:
     for label, parts in report["components"].items():
         lines.append(f"| {label} | {parts['decode_only_1_worker']:.1f} | {parts['decode_cpu_seconds_per_image'] * 1000:.0f} | "
                      f"{parts['encode_only']:.2f} | {parts['encode_cpu_seconds_per_image'] * 1000:.0f} | {parts['cpu_bound']:.2f} |")
+    ours = [r for r in report["rows"] if r["system"].startswith("clipsearch") and "ratio_to_rclip_median" in r]
+    if ours:
+        def verdict(row: dict) -> str:
+            if "rclip-arch" in row["system"]:
+                return "the equal-model ratio, for comparison"
+            return "target >= 3.5x " + ("met" if row["ratio_to_rclip_median"] >= 3.5 else "not met")
+
+        lines += ["", "Against the targets (product default >= 3.5x rclip end to end; within 10% of our CPU bound): "
+                  + "; ".join(f"{r['system']}: {r['ratio_to_rclip_median']:.1f}x rclip ({verdict(r)}), "
+                              f"{r.get('fraction_of_cpu_bound', 0) * 100:.0f}% of the 2-free-core bound, "
+                              f"{r.get('cpu_efficiency_median', 0) * 100:.0f}% CPU efficiency" for r in ours) + "."]
     if report.get("default_model_missing"):
         lines += ["", "The bundled default model was not installed when this ran "
                   f"({report['default_model_missing'].split(':')[0]}); its row times a random-init bundle of the same "
