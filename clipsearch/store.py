@@ -73,6 +73,7 @@ class SkippedFile:
 
 
 TEXT_CACHE_SIZE = 10_000
+BUSY_TIMEOUT_SECONDS = 30.0
 _TABLES = {"images", "embeddings", "skipped", "meta", "text_cache"}
 
 _IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at",
@@ -87,7 +88,7 @@ class Store:
         self._db = None
         try:
             # check_same_thread=False: a Searcher serves API threads, serialising access with its own lock.
-            self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
             if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 self.conn.execute("PRAGMA journal_mode=wal")
             self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -97,8 +98,14 @@ class Store:
                 self._create_schema()
             columns = {row[1] for row in self.conn.execute("PRAGMA table_info(embeddings)")}
             if "written_gen" not in columns:  # databases from before the append-only index update
-                with self.db.atomic():
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
                     self.conn.execute("ALTER TABLE embeddings ADD COLUMN written_gen INTEGER")
+                    self.conn.commit()
+                except sqlite3.OperationalError as exc:
+                    self.conn.rollback()  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
         except sqlite3.DatabaseError as exc:
             raise CollectionError(f"{self.path}: not a usable SQLite database ({exc})",
                                   "Rebuild the collection with: clipsearch index PATH --rebuild") from exc
@@ -124,25 +131,29 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------------
     def _create_schema(self) -> None:
+        """Create missing tables. Safe when another process opens the same new collection at the same time:
+        one exclusive transaction, and every statement is IF NOT EXISTS."""
         db = self.db
-        if "images" not in db.table_names():
+        self.conn.execute("BEGIN IMMEDIATE")  # take the write lock up front (waits for another creator)
+        try:
             db["images"].create(
                 {"id": int, "path": str, "size": int, "mtime_ns": int, "content_hash": str, "width": int,
                  "height": int, "taken_at": str, "indexed_at": str, "model_id": str, "run_id": int},
                 pk="id", not_null={"path", "size", "mtime_ns", "content_hash", "indexed_at", "model_id"},
-            )
+                if_not_exists=True)
             db["images"].create_index(["path"], unique=True, if_not_exists=True)
             db["images"].create_index(["content_hash"], if_not_exists=True)
-        if "embeddings" not in db.table_names():
             db["embeddings"].create({"id": int, "vector": bytes, "written_gen": int}, pk="id",
-                                    foreign_keys=[("id", "images", "id")])
-        if "skipped" not in db.table_names():
-            db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "reason": str, "run_id": int}, pk="path")
-        if "meta" not in db.table_names():
-            db["meta"].create({"key": str, "value": str}, pk="key")
-        if "text_cache" not in db.table_names():
+                                    foreign_keys=[("id", "images", "id")], if_not_exists=True)
+            db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "reason": str, "run_id": int},
+                                 pk="path", if_not_exists=True)
+            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db["text_cache"].create({"model_id": str, "text": str, "vector": bytes, "used_at": float},
-                                    pk=("model_id", "text"))
+                                    pk=("model_id", "text"), if_not_exists=True)
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
 
     # -- meta ------------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
