@@ -288,11 +288,21 @@ class Collection:
         index.append(store.iter_vectors(meta.dim, min_id=meta.max_id + 1), generation=store.generation)
         return index if index.count == count else None
 
-    def load_vectors(self, mmap: bool = False) -> VectorIndex:
-        """The saved index when fresh; otherwise (an interrupted run) an in-memory rebuild from SQLite."""
+    def load_vectors(self, mmap: bool = False, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> VectorIndex:
+        """The saved index when fresh. When SQLite is ahead of it (an indexing run in progress, or a killed
+        one): an exact in-memory rebuild if the collection is small enough for the exact layout, else the
+        saved index as it is (hits on rows that are gone are dropped by the searcher) if it is usable."""
         if self.vectors_fresh():
             return VectorIndex.load(self.folder, mmap=mmap)
-        return self.build_vectors()
+        model = self.require_model()
+        if self.store.count_embeddings() >= ivf_threshold:
+            try:
+                saved = VectorIndex.load(self.folder, mmap=mmap)
+            except CollectionError:
+                saved = None
+            if saved is not None and saved.meta.model_id == model.model_id and saved.meta.dim == model.embed_dim:
+                return saved
+        return self.build_vectors(ivf_threshold)
 
     # -- inspection -------------------------------------------------------------------------------
     def check(self, sample_size: int = 32) -> CheckReport:

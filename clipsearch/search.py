@@ -27,6 +27,7 @@ from .errors import CollectionError, QueryError
 
 MAX_QUERY_CHARS = 10_000
 MAX_K = 10_000
+STALE_REFRESH_SECONDS = 10.0
 _WEIGHT_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(.*)$", re.S)
 
 
@@ -137,6 +138,7 @@ class Searcher:
         self._model_spec = model_spec
         self._index = None
         self._index_generation: int | None = None
+        self._index_loaded_at = 0.0
         self._lock = threading.RLock()
         if model is not None:
             self._check_model(model)
@@ -178,12 +180,18 @@ class Searcher:
 
     @property
     def index(self):
-        """The FAISS index; reloaded when an indexing run changed the collection since it was loaded."""
+        """The FAISS index. After an indexing run changed the collection it is reloaded; while a run is still
+        writing (SQLite ahead of the saved index) it is refreshed at most every STALE_REFRESH_SECONDS."""
         with self._lock:
             generation = self.collection.store.generation
-            if self._index is None or generation != self._index_generation:
+            if self._index is not None and generation == self._index_generation:
+                return self._index
+            fresh = self.collection.vectors_fresh()
+            recently = time.monotonic() - self._index_loaded_at < STALE_REFRESH_SECONDS
+            if self._index is None or fresh or not recently:
                 self._index = self.collection.load_vectors(mmap=True)
-                self._index_generation = generation
+                self._index_generation = generation if fresh else None
+                self._index_loaded_at = time.monotonic()
             return self._index
 
     @property

@@ -349,3 +349,18 @@ def test_ivfpq_index_takes_appends_without_retraining(tmp_path, model):
     index = collection.load_vectors()
     assert index.meta.trained_on == trained_on and index.count == 230
     assert collection.check().ok
+
+
+def test_a_stale_index_is_rebuilt_in_memory_when_small_and_used_as_saved_when_large(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    # An indexing run in progress has committed one more image to SQLite but not yet saved FAISS.
+    from clipsearch.store import NewImage
+
+    vector = model.encode_images([block_image(777)])[0]
+    collection.store.write_images([NewImage(path=str(photos / "pending.png"), size=1, mtime_ns=1, content_hash="p" * 32,
+                                            width=1, height=1, taken_at=None, vector=vector)],
+                                  model.model_id, 99, "2024-01-01T00:00:00")
+    assert not collection.vectors_fresh()
+    assert collection.load_vectors().count == 13  # small: exact rebuild, sees the new row
+    assert collection.load_vectors(ivf_threshold=5).count == 12  # large: the saved index, as it is
