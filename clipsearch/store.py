@@ -263,16 +263,21 @@ class Store:
 
     def cache_text_vectors(self, model_id: str, vectors: dict[str, np.ndarray], now: float,
                            keep: int = TEXT_CACHE_SIZE) -> None:
-        """Remember text embeddings (best effort: a read-only or busy database just skips caching)."""
+        """Remember text embeddings (best effort: a read-only or busy database just skips caching, waiting
+        at most a quarter of a second for an indexing run's write lock)."""
+        self.conn.execute("PRAGMA busy_timeout = 250")
         try:
             with self.db.atomic():
                 for text, vector in vectors.items():
-                    self.db.execute("INSERT OR REPLACE INTO text_cache (model_id, text, vector, used_at) VALUES (?, ?, ?, ?)",
+                    self.db.execute("INSERT OR REPLACE INTO text_cache (model_id, text, vector, used_at) "
+                                    "VALUES (?, ?, ?, ?)",
                                     [model_id, text, np.ascontiguousarray(vector, dtype=np.float32).tobytes(), now])
                 self.db.execute("DELETE FROM text_cache WHERE rowid NOT IN (SELECT rowid FROM text_cache "
                                 "ORDER BY used_at DESC LIMIT ?)", [keep])
         except sqlite3.OperationalError:
             pass
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
 
     # -- writes ----------------------------------------------------------------------------------
     def write_images(self, images: Sequence[NewImage], model_id: str, run_id: int, indexed_at: str) -> list[int]:
