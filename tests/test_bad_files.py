@@ -140,3 +140,24 @@ def test_walk_reports_missing_roots_and_honours_excludes(tmp_path):
     single = walk([tmp_path / "p" / "photo_000.png"])
     assert [f.path for f in single.files] == [str(tmp_path / "p" / "photo_000.png")]
     assert sys.platform != "win32"
+
+
+def test_a_crashed_decoder_process_is_replaced_and_no_file_is_lost(tmp_path, model):
+    import signal
+
+    from clipsearch.indexer.reader import ParallelReader
+
+    paths = make_photos(tmp_path / "p", 12)
+    tasks = [ReadTask(str(p), p.stat().st_size, 0) for p in paths]
+    results = []
+    with ParallelReader(model.preprocess, workers=1, chunk_size=2, window=4) as reader:
+        first_pool = reader._pool
+        for result in reader.read(tasks):
+            if not results:  # kill the decoder process as if a native plugin had crashed it
+                for process in list(reader._pool._processes.values()):
+                    os.kill(process.pid, signal.SIGKILL)
+            results.append(result)
+        assert reader._pool is not first_pool  # the broken pool was replaced
+    assert sorted(r.task.path for r in results) == sorted(map(str, paths))
+    assert [r.error for r in results if r.error] == []
+    assert all(r.pixels is not None and r.pixels.shape[:2] == model.preprocess.size for r in results)
