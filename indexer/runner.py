@@ -47,13 +47,15 @@ class LocalRunner:
         started = time.perf_counter()
         cpu_started = time.process_time()
         worker_cpu = 0.0
+        current = collection.model
+        if current is not None and current.model_id != model.model_id and not options.rebuild:
+            collection.bind_model(model.info)  # raises: another model's vectors are never mixed in
+        walked = walk(roots, options.walk_options())
+        if not walked.roots:  # checked before --rebuild forgets anything
+            raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
         collection.bind_model(model.info, rebuild=options.rebuild)
         store = collection.store
         summary = IndexSummary(collection=collection.name, model_id=model.model_id)
-
-        walked = walk(roots, options.walk_options())
-        if not walked.roots:
-            raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
         summary.skipped.extend(SkippedFile(p, r) for p, r in walked.problems)
         walk_seconds = time.perf_counter() - started
 

@@ -364,3 +364,11 @@ def test_a_stale_index_is_rebuilt_in_memory_when_small_and_used_as_saved_when_la
     assert not collection.vectors_fresh()
     assert collection.load_vectors().count == 13  # small: exact rebuild, sees the new row
     assert collection.load_vectors(ivf_threshold=5).count == 12  # large: the saved index, as it is
+
+
+def test_rebuild_with_a_mistyped_folder_loses_nothing(tmp_path, photos, model):
+    collection = Collection.create("c", tmp_path / "idx")
+    run(collection, model, [photos])
+    with pytest.raises(CollectionError, match="nothing to index"):
+        run(collection, model, [tmp_path / "no-such-folder"], rebuild=True)
+    assert collection.store.count() == 12 and collection.check().ok
