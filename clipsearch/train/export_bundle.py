@@ -52,12 +52,21 @@ def export_textual(tower: MiniLMTextTower, head: TextHead, path: Path) -> None:
             {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "text_embeds": {0: "batch"}})
 
 
+TEXT_HEAD_NODE = "/head/proj/MatMul"
+
+
 def quantize_int8(source: Path, target: Path, conv: bool) -> None:
+    """Dynamic int8 quantisation. The text graph (conv=False) is quantised per output channel and keeps its
+    small trained head in fp32: per-tensor scales cost MiniLM fidelity (mean cosine to fp32 0.93 instead of
+    0.985 on CLDR captions)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    ops = ["MatMul", "Gemm", "Gather"] + (["Conv"] if conv else [])
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8 if not conv else QuantType.QUInt8,
-                     per_channel=False, op_types_to_quantize=ops)
+    if conv:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather", "Conv"])
+    else:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=[TEXT_HEAD_NODE])
 
 
 def write_tokenizer(target: Path) -> None:
