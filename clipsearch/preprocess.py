@@ -53,12 +53,12 @@ def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tu
     Raises ImageError with a human-readable reason for anything that is not a decodable image.
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
-    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in HEIF_SUFFIXES:
-        _register_heif()
     if isinstance(source, bytes):
         if not source:
             raise ImageError(f"{name}: empty file")
         source = io.BytesIO(source)
+    if _looks_like_heif(source):
+        _register_heif()  # imported only when needed: pillow_heif costs ~0.15 s to import
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -87,6 +87,19 @@ def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tu
         raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+
+
+def _looks_like_heif(source: str | os.PathLike[str] | BinaryIO) -> bool:
+    """HEIC/HEIF/AVIF by file name, or by the ISO-BMFF `ftyp` box for bytes and file objects."""
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).suffix.lower() in HEIF_SUFFIXES
+    try:
+        position = source.tell()
+        head = source.read(12)
+        source.seek(position)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return len(head) >= 12 and head[4:8] == b"ftyp"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

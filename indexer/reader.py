@@ -25,7 +25,6 @@ import numpy as np
 
 from clipsearch.bundle import PreprocessSpec
 from clipsearch.errors import ClipsearchError, ImageError
-from clipsearch.preprocess import HEIF_SUFFIXES
 
 # EXIF tags: Orientation, DateTime (IFD0); DateTimeOriginal, DateTimeDigitized (Exif IFD).
 _ORIENTATION, _DATETIME, _EXIF_IFD, _DATETIME_ORIGINAL, _DATETIME_DIGITIZED = 274, 306, 0x8769, 36867, 36868
@@ -107,8 +106,6 @@ def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] 
     content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
     if content_hash in known_hashes and not task.force_decode:
         return ReadResult(task, content_hash=content_hash)
-    if os.path.splitext(task.path)[1].lower() in HEIF_SUFFIXES:
-        _enable_heif()
     try:
         width, height, taken_at = _header_facts(data)
         image = open_image(data, draft_size=(spec.size[1], spec.size[0]))
@@ -125,12 +122,6 @@ def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] 
     return ReadResult(task, content_hash=content_hash, width=width, height=height, taken_at=taken_at, pixels=pixels)
 
 
-def _enable_heif() -> None:
-    try:
-        from pillow_heif import register_heif_opener
-    except ImportError:  # optional: HEIC files are then skipped as unrecognised
-        return
-    register_heif_opener()
 
 
 def _reason(message: str) -> str:

@@ -196,3 +196,27 @@ def test_extreme_aspect_ratio_is_resized_without_blowing_up_memory():
     assert pixels.shape == (3, 224, 224)
     expected_red = (200 / 255 - spec.mean[0]) / spec.std[0]
     assert np.allclose(pixels[0], expected_red, atol=1e-4)
+
+
+HEIC_BYTES_SCRIPT = """
+import io, sys
+from clipsearch.preprocess import open_image
+data = open(sys.argv[1], "rb").read()
+image = open_image(data)  # bytes, no file name: recognised by its ftyp box
+print(image.size, "pillow_heif" in sys.modules)
+"""
+
+
+def test_heic_bytes_decode_without_a_file_name(tmp_path):
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    path = tmp_path / "phone.heic"
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(path)
+    done = subprocess.run([sys.executable, "-c", HEIC_BYTES_SCRIPT, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(40, 30) True"
+    plain = subprocess.run([sys.executable, "-c", "import sys, io\nfrom PIL import Image\nfrom clipsearch.preprocess import open_image\n"
+                            "b = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, 'PNG'); open_image(b.getvalue())\n"
+                            "print('pillow_heif' in sys.modules)"], capture_output=True, text=True)
+    assert plain.stdout.strip() == "False"  # a PNG query never pays for the HEIF import
