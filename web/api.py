@@ -21,7 +21,7 @@ from .images import original_file
 from .schemas import (ClassifyResponse, ImageInfo, ImageResult, LabelProbability, ModelInfo, SearchRequest,
                       SearchResponse, StatsResponse)
 from .security import require_api_key
-from .state import WebState, stored_vectors
+from .state import WebState
 from .uploads import QueryImage, check_image, decode_base64_image, read_upload
 from .urls import image_urls
 
@@ -157,7 +157,7 @@ async def classify(state: State,
     searcher = state.searcher(collection)
     if image_id is not None and file is None and image is None:
         state.image(image_id, collection)
-        vector = stored_vectors(searcher, [image_id])[image_id]
+        vector = searcher.stored_vectors([image_id])[image_id]
         scores = await run_in_threadpool(lambda: Classifier(searcher.model, label_list).classify_vector(vector))
     else:
         query_image = await uploaded_image(state, file, image)
@@ -199,8 +199,7 @@ def image_file(state: State, image_id: str, collection: CollectionParam = None) 
 @router.get("/stats", response_model=StatsResponse, responses=_ERRORS, summary="Collection statistics")
 def stats(state: State, collection: CollectionParam = None) -> StatsResponse:
     searcher = state.searcher(collection)
-    with searcher._lock:
-        info = searcher.collection.stats()
+    info = searcher.stats()
     model = ModelInfo(id=info.model.model_id, name=info.model.name, embed_dim=info.model.embed_dim) if info.model else None
     return StatsResponse(collection=info.name, images=info.images, skipped=info.skipped, model=model,
                          index_kind=info.index_kind, index_count=info.index_count, index_fresh=info.index_fresh,

@@ -24,7 +24,7 @@ from .errors import ApiError
 from .remote import fetch_image
 from .schemas import ImageId
 from .security import require_api_key
-from .state import WebState, records, stored_vectors
+from .state import WebState
 from .uploads import check_image, decode_base64_image
 from .urls import absolute, image_urls
 
@@ -141,7 +141,7 @@ async def knn_service(request: Request) -> list[dict]:
         return hits[:num_images]
 
     hits = await run_in_threadpool(run)
-    found = records(searcher, [i for i, _ in hits])
+    found = searcher.records([i for i, _ in hits])
     return [result_item(request, name, found[i], score) for i, score in hits if i in found]
 
 
@@ -152,7 +152,7 @@ async def metadata(request: Request) -> list[dict]:
     if len(wanted.ids) > MAX_METADATA_IDS:
         raise ApiError(400, f"at most {MAX_METADATA_IDS} ids per request")
     name = state.resolve_name(wanted.indice_name)
-    found = records(state.searcher(name), wanted.ids)
+    found = state.searcher(name).records(wanted.ids)
     return [{"id": i, "metadata": metadata_of(request, name, found[i])} for i in wanted.ids if i in found]
 
 
@@ -168,7 +168,7 @@ def embedding_vector(values: list[float], dim: int) -> np.ndarray:
 
 def deduplicate(searcher: Searcher, hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
     """Drop results whose stored vector is within clip-back's cosine threshold of a better result."""
-    vectors = stored_vectors(searcher, [i for i, _ in hits])
+    vectors = searcher.stored_vectors([i for i, _ in hits])
     kept: list[tuple[int, float]] = []
     kept_vectors: list[np.ndarray] = []
     for image_id, score in hits:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 
 from clipsearch.collection import Collection, list_collections
 from clipsearch.search import Searcher
@@ -64,7 +63,7 @@ class WebState:
 
     def image(self, image_id: int, collection: str | None = None) -> FoundImage:
         searcher = self.searcher(collection)
-        record = records(searcher, [image_id]).get(image_id)
+        record = searcher.records([image_id]).get(image_id)
         if record is None:
             raise ApiError(404, f"no image with id {image_id} in collection {searcher.collection.name!r}")
         return FoundImage(searcher.collection.name, record)
@@ -89,22 +88,3 @@ class WebState:
             for searcher in self._searchers.values():
                 searcher.close()
             self._searchers.clear()
-
-
-
-# The Store's single SQLite connection is shared with the Searcher's query threads, which serialise on
-# the Searcher's lock; metadata reads from the web layer take the same lock.
-def records(searcher: Searcher, ids: list[int]) -> dict[int, ImageRecord]:
-    with searcher._lock:
-        return searcher.collection.store.get_many(ids)
-
-
-def stored_vectors(searcher: Searcher, ids: list[int]) -> dict[int, np.ndarray]:
-    dim = searcher.collection_model.embed_dim
-    found: dict[int, np.ndarray] = {}
-    with searcher._lock:
-        for image_id in ids:
-            vector = searcher.collection.store.vector(image_id, dim)
-            if vector is not None:
-                found[image_id] = vector
-    return found
