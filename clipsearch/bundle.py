@@ -3,6 +3,7 @@
 Layout (format ``clipsearch-bundle/1``)::
 
     visual.onnx       input  pixel_values  float32 [batch, 3, H, W]  -> image_embeds float32 [batch, D], L2-normalised
+    *.onnx.data       optional: a graph's weights as ONNX external data (memory-mapped at load time)
     textual.onnx      inputs named in model.json "text.inputs" (int64 [batch, seq]) -> text_embeds float32 [batch, D], L2-normalised
                       seq is dynamic: the runtime pads only to the longest query of the batch
     tokenizer.json    a Hugging Face `tokenizers` file (CLIP byte-level BPE, or WordPiece for BERT-like towers)
@@ -29,6 +30,8 @@ from .errors import BundleError
 BUNDLE_FORMAT = "clipsearch-bundle/1"
 BUNDLE_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json", "model.json")
 HASHED_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json")
+# Optional: graph weights stored beside the graph (ONNX external data), hashed when present.
+WEIGHT_FILES = ("visual.onnx.data", "textual.onnx.data")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,8 @@ class BundleInfo:
     @property
     def model_id(self) -> str:
         """Identifies the vector space: two bundles with the same id produce comparable image vectors."""
-        digest = self.files.get("visual.onnx", "")[:12]
+        graph, weights = self.files.get("visual.onnx", ""), self.files.get("visual.onnx.data", "")
+        digest = (hashlib.sha256(f"{graph}:{weights}".encode()).hexdigest() if weights else graph)[:12]
         return f"{self.name}@{digest}" if digest else self.name
 
     def file(self, name: str) -> Path:
@@ -166,7 +170,8 @@ def write_model_json(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
         text = asdict(meta["text"])
         text["inputs"] = list(text["inputs"])
         meta["text"] = text
-    meta["files"] = {name: sha256_file(folder / name) for name in HASHED_FILES if (folder / name).is_file()}
+    meta["files"] = {name: sha256_file(folder / name) for name in HASHED_FILES + WEIGHT_FILES
+                     if (folder / name).is_file()}
     (folder / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
 
