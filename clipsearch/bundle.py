@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import BundleError
 
@@ -186,3 +189,20 @@ def verify_bundle(info: BundleInfo) -> list[str]:
         elif sha256_file(target) != expected:
             problems.append(f"{name}: sha256 differs from model.json")
     return problems
+
+
+@contextmanager
+def staged_folder(out: Path | str) -> Iterator[Path]:
+    """Build a bundle in a hidden sibling folder; it replaces `out` only when the block completes, so a
+    crash or an error never leaves a half-written bundle behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

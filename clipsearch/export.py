@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bundle import PreprocessSpec, TextSpec, write_model_json
+from .bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
 from .errors import ModelNotAvailable
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -366,9 +364,7 @@ def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         VisualGraph, DynamicTextGraph, FixedTextGraph = _build_graph_modules(model)
         spec = preprocess_spec_of(model)
         tokenizer, bos_id, eos_id = build_clip_tokenizer(_default_bpe_path())
@@ -404,13 +400,7 @@ def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision:
             "precision": precision, "context_length": context_length, "image_size": list(spec.size),
             "text": text, "clipsearch_version": __version__,
         })
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
-        return out
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def default_bundle_name(arch: str, pretrained: str | None, random_init: bool, precision: str) -> str:

