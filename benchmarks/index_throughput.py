@@ -251,7 +251,7 @@ def write_results(args, report: dict) -> None:
     from results import write_section
 
     report.setdefault("rounds", args.rounds)
-    command = f"python benchmarks/index_throughput.py --count {report['count']} --rounds {report['rounds']}"
+    command = f"python benchmarks/index_throughput.py --count {report['count']} --rounds {report['rounds']} --results benchmarks/RESULTS.md"
     write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, markdown(report, args))
 
 

@@ -183,7 +183,7 @@ def write_results(args, report: dict) -> None:
 
     counts = report.get("counts", args.counts)
     repeats = report.get("repeats", args.repeats)
-    command = f"python benchmarks/search_latency.py --counts {' '.join(map(str, counts))} --repeats {repeats}"
+    command = f"python benchmarks/search_latency.py --counts {' '.join(map(str, counts))} --repeats {repeats} --results benchmarks/RESULTS.md"
     write_section(args.results, "Search latency from the shell (benchmarks/search_latency.py)", command, markdown(report))
 
 
