@@ -34,7 +34,7 @@ class ExportRequest:
     seed: int = 0
 
 
-def _open_clip(model: str = "a model"):
+def import_open_clip(model: str = "a model"):
     try:
         import open_clip
     except ImportError as exc:
@@ -91,7 +91,7 @@ def _resolve_checkpoint(open_clip, arch: str, pretrained: str) -> str:
 
 def load_open_clip(arch: str, pretrained: str | None, random_init: bool, seed: int = 0):
     """Create an open_clip model in eval mode; raises ModelNotAvailable instead of a long download traceback."""
-    open_clip = _open_clip(f"{arch}/{pretrained}" if pretrained and not random_init else arch)
+    open_clip = import_open_clip(f"{arch}/{pretrained}" if pretrained and not random_init else arch)
     import torch
 
     if arch not in open_clip.list_models():

@@ -79,10 +79,8 @@ def resolve_model(spec: str | os.PathLike[str] | None = None, *, export_missing:
 
 
 def _export_into_cache(arch: str, tag: str, target: Path) -> Path:
-    try:
-        from .export import ExportRequest, export_bundle
-    except ImportError as exc:  # pragma: no cover - export.py itself imports nothing heavy at module level
-        raise ModelNotAvailable(f"cannot export {arch}/{tag}: {exc}") from exc
+    from .export import ExportRequest, export_bundle  # torch is imported (or its absence reported) inside
+
     return export_bundle(ExportRequest(arch=arch, pretrained=tag, out=target, name=cache_name(arch, tag)))
 
 

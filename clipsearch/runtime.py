@@ -47,6 +47,7 @@ class OnnxSession:
         self.path = path
         self.options = options
         self._session = None
+        self._input_names: frozenset[str] | None = None  # read once from the graph, not per call
         self._lock = threading.Lock()
 
     @property
@@ -81,8 +82,9 @@ class OnnxSession:
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         session = self.session
-        names = {i.name for i in session.get_inputs()}
-        return session.run(None, {k: v for k, v in inputs.items() if k in names})[0]
+        if self._input_names is None:
+            self._input_names = frozenset(i.name for i in session.get_inputs())
+        return session.run(None, {k: v for k, v in inputs.items() if k in self._input_names})[0]
 
 
 class ClipModel:

@@ -43,9 +43,9 @@ def list_cmd(
 ) -> None:
     """Bundled and cached models (or, with --architectures, what open_clip can export)."""
     if architectures:
-        from ..export import _open_clip
+        from ..export import import_open_clip
 
-        pairs = _open_clip().list_pretrained()
+        pairs = import_open_clip().list_pretrained()
         rows = [{"arch": a, "tag": t, "spec": f"{a}/{t}"} for a, t in pairs]
         typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join(r["spec"] for r in rows))
         return
