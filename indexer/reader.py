@@ -2,8 +2,8 @@
 
 Each worker reads a file once, hashes its bytes (BLAKE2b-128, the content hash that recognises
 renamed and copied files), and — unless the hash is already known to the collection — decodes it
-(draft mode for large JPEGs, EXIF orientation, bomb guard: `clipsearch.preprocess.open_image`) and
-resizes it to the model input. Pixels travel back as uint8 HWC (4x less IPC than float32); the
+(draft mode for large JPEGs, EXIF orientation, pixel limit: `clipsearch.preprocess.open_image`) and
+resizes it to the model input. Only regular files are ever opened. Pixels travel back as uint8 HWC (4x less IPC than float32); the
 mapper normalises whole batches at once.
 """
 
@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import multiprocessing
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -29,7 +30,6 @@ from clipsearch.errors import ClipsearchError, ImageError
 # EXIF tags: Orientation, DateTime (IFD0); DateTimeOriginal, DateTimeDigitized (Exif IFD).
 _ORIENTATION, _DATETIME, _EXIF_IFD, _DATETIME_ORIGINAL, _DATETIME_DIGITIZED = 274, 306, 0x8769, 36867, 36868
 MAX_FILE_BYTES = 512 * 1024 * 1024
-MAX_POOL_RESTARTS = 20
 
 
 @dataclass(frozen=True)
@@ -59,48 +59,23 @@ class ReadResult:
         return self.error is None and self.pixels is None
 
 
-# Per-worker-process configuration, set once by the pool initializer (each worker is its own process).
-_WORKER_SPEC: PreprocessSpec | None = None
-_WORKER_KNOWN: frozenset[str] = frozenset()
-
-
-def _init_worker(spec: PreprocessSpec, known_hashes: frozenset[str], nice: int) -> None:
-    global _WORKER_SPEC, _WORKER_KNOWN  # noqa: PLW0603 - process-local worker state set once at start
-    _WORKER_SPEC, _WORKER_KNOWN = spec, known_hashes
-    if nice and hasattr(os, "nice"):
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
-
-
-def _read_chunk(tasks: Sequence[ReadTask]) -> list[ReadResult]:
-    assert _WORKER_SPEC is not None
-    results = []
-    for task in tasks:
-        started = time.process_time()
-        result = read_one(task, _WORKER_SPEC, _WORKER_KNOWN)
-        results.append(dataclasses.replace(result, cpu_seconds=time.process_time() - started))
-    return results
-
-
 def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] | set[str] = frozenset()) -> ReadResult:
     """Hash and (unless known) decode one file; never raises for a bad file, returns `error` instead."""
-    from clipsearch.preprocess import open_image, resize_for_model
+    from clipsearch.preprocess import open_image, open_regular_file, resize_for_model
 
+    if task.size > MAX_FILE_BYTES:
+        return ReadResult(task, error=f"file too large ({task.size:,} bytes)")
     try:
-        if task.size > MAX_FILE_BYTES:
-            return ReadResult(task, error=f"file too large ({task.size:,} bytes)")
-        with open(task.path, "rb") as handle:
+        # Never opens a FIFO, socket or device (one swapped in since the walk is caught by fstat).
+        with open_regular_file(task.path) as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
-    except PermissionError:
-        return ReadResult(task, error="permission denied")
-    except FileNotFoundError:
-        return ReadResult(task, error="file disappeared while indexing")
-    except IsADirectoryError:
-        return ReadResult(task, error="is a directory")
+    except ImageError as exc:
+        reason = exc.message[len(task.path) + 2:] if exc.message.startswith(task.path + ": ") else exc.message
+        return ReadResult(task, error="file disappeared while indexing" if reason == "no such file" else reason)
     except OSError as exc:
         return ReadResult(task, error=f"cannot read: {exc.strerror or exc}")
+    if len(data) > MAX_FILE_BYTES:
+        return ReadResult(task, error=f"file too large (more than {MAX_FILE_BYTES:,} bytes)")
     if not data:
         return ReadResult(task, error="empty file")
     content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -122,8 +97,6 @@ def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] 
     return ReadResult(task, content_hash=content_hash, width=width, height=height, taken_at=taken_at, pixels=pixels)
 
 
-
-
 def _reason(message: str) -> str:
     """open_image prefixes its messages with the source name; bytes sources are called <upload>."""
     prefix = "<upload>: "
@@ -134,8 +107,10 @@ def _header_facts(data: bytes) -> tuple[int | None, int | None, str | None]:
     """Displayed width/height (after EXIF orientation) and the EXIF capture time, from the header only."""
     from PIL import Image
 
+    from clipsearch.preprocess import pixel_limit
+
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with pixel_limit(), Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             exif = image.getexif()
             if exif.get(_ORIENTATION) in (5, 6, 7, 8):
@@ -158,88 +133,300 @@ def _exif_time(value: object) -> str | None:
     return None if iso.startswith("0000") else iso
 
 
+# ---------------------------------------------------------------------------------------------------
+# Decoder worker processes.
+#
+# Each worker is a plain `python -c` child started with subprocess (no multiprocessing: no forkserver,
+# no resource tracker, no executor manager thread). It talks over two private pipes: tasks in (chunks of
+# ReadTask), one message per file out, in order. So the parent always knows which file a worker was
+# decoding when it died, and notices the death at once (EOF on the result pipe), never waiting on a
+# broken pool. Workers die with the parent: PR_SET_PDEATHSIG on Linux, plus EOF on the task pipe
+# everywhere. Their stdin/stdout are /dev/null and stderr a private temporary file, so no worker ever
+# holds the parent's stdout/stderr open.
+# ---------------------------------------------------------------------------------------------------
+
+_WORKER_BOOT = "from clipsearch.indexer.reader import _worker_main; _worker_main()"
+FILE_TIMEOUT = 300.0  # seconds one file may take in a worker before the worker is killed and replaced
+WORKER_START_TIMEOUT = 120.0
+CRASHES_PER_FILE = 2  # a file is reported as crashing the decoder after killing a worker this many times
+MAX_START_FAILURES = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent exits (Linux), then make sure the parent
+    did not already exit before the request was made."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: EOF on the task pipe still ends the worker
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _worker_main() -> None:
+    """Entry point of a decoder worker: `python -c _WORKER_BOOT TASK_FD RESULT_FD PARENT_PID`."""
+    from multiprocessing.connection import Connection
+
+    task_fd, result_fd, parent_pid = (int(v) for v in sys.argv[1:4])
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    tasks = Connection(task_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    try:
+        spec, known, nice = tasks.recv()
+        if nice and hasattr(os, "nice"):
+            try:
+                os.nice(nice)
+            except OSError:
+                pass
+        results.send(("ready", os.getpid()))
+        while True:
+            chunk = tasks.recv()
+            if chunk is None:
+                return
+            for task in chunk:
+                started = time.process_time()
+                result = read_one(task, spec, known)
+                results.send(dataclasses.replace(result, cpu_seconds=time.process_time() - started))
+    except (EOFError, OSError):  # the parent went away (or closed our pipes): nothing left to do
+        return
+
+
+class _Worker:
+    def __init__(self, process: subprocess.Popen, tasks, results) -> None:
+        self.process = process
+        self.tasks = tasks  # Connection, parent -> worker
+        self.results = results  # Connection, worker -> parent
+        self.inflight: deque[deque[ReadTask]] = deque()  # chunks sent, files not yet answered, in order
+        self.ready = False
+        self.deadline = time.monotonic() + WORKER_START_TIMEOUT
+
+    @property
+    def pending(self) -> list[ReadTask]:
+        return [task for chunk in self.inflight for task in chunk]
+
+    def kill(self) -> None:
+        for connection in (self.tasks, self.results):
+            try:
+                connection.close()
+            except OSError:
+                pass
+        if self.process.poll() is None:
+            try:
+                self.process.kill()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a process SIGKILL could not end
+            pass
+
+
 class ParallelReader:
     """Decode files in `workers` processes (0 = in this process), yielding results as they complete.
 
-    At most `window` chunks are in flight, so memory stays bounded however large the folder is.
+    At most `window` chunks of `chunk_size` files are in flight (at most two per worker), so memory stays
+    bounded however large the folder is. A worker that dies (a native decoder crash, the OOM killer) or
+    spends more than `file_timeout` seconds on one file is replaced; the file it was decoding is tried
+    again in a fresh worker and, if it kills that one too, reported as skipped; every other file is read.
+    Workers are started by the thread that enters the reader and die with this process.
     """
 
     def __init__(self, spec: PreprocessSpec, known_hashes: Iterable[str] = (), workers: int | None = None,
-                 chunk_size: int = 4, window: int = 16, nice: int = 0) -> None:
+                 chunk_size: int = 4, window: int = 16, nice: int = 0, file_timeout: float = FILE_TIMEOUT) -> None:
         self.spec = spec
         self.known_hashes = frozenset(known_hashes)
         self.workers = (os.cpu_count() or 1) if workers is None else max(0, workers)
         self.chunk_size = max(1, chunk_size)
-        self.window = max(self.workers * 2, window)
+        self.window = max(self.workers, window)
+        self.depth = max(1, min(2, self.window // max(1, self.workers)))  # chunks in flight per worker
         self.nice = nice
-        self._pool: ProcessPoolExecutor | None = None
+        self.file_timeout = file_timeout
+        self.restarts = 0  # workers replaced after a crash or a timeout
+        self._workers: list[_Worker] = []
+        self._stderr = None  # the workers' shared stderr: a temporary file, read when a worker fails to start
+        self._start_failures = 0
 
     def __enter__(self) -> "ParallelReader":
-        if self.workers > 0:
-            self._pool = self._new_pool()
+        self._ensure_workers()
         return self
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
-                                   initializer=_init_worker, initargs=(self.spec, self.known_hashes, self.nice))
-
     def __exit__(self, *exc_info: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self.close()
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def close(self) -> None:
+        """Stop every worker: idle ones are asked to exit (EOF), busy or stuck ones are killed."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            if not worker.inflight:
+                try:
+                    worker.tasks.send(None)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 1.0
+        for worker in workers:
+            if not worker.inflight:
+                try:
+                    worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            worker.kill()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def _ensure_workers(self) -> None:
+        if self.workers == 0:
+            return
+        if self._stderr is None:
+            self._stderr = tempfile.TemporaryFile(prefix="clipsearch-decoder-")
+        fresh = [self._spawn() for _ in range(self.workers - len(self._workers))]
+        self._workers.extend(fresh)
+        for worker in fresh:  # sent after all were started, so they import their modules in parallel
+            try:
+                worker.tasks.send((self.spec, self.known_hashes, self.nice))
+            except OSError:  # it died already: noticed (and counted) by the read loop
+                pass
+
+    def _spawn(self) -> _Worker:
+        from multiprocessing.connection import Connection
+
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_BOOT, str(task_r), str(result_w), str(os.getpid())],
+                pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self._stderr, close_fds=True)
+        except BaseException:
+            for fd in (task_w, result_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(task_r)  # the child's ends: only the child may hold them, or EOF never comes
+            os.close(result_w)
+        return _Worker(process, Connection(task_w, readable=False), Connection(result_r, writable=False))
+
+    def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        try:
+            self._stderr.seek(0, os.SEEK_END)
+            size = self._stderr.tell()
+            self._stderr.seek(max(0, size - 2000))
+            return self._stderr.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
 
     def read(self, tasks: Iterable[ReadTask]) -> Iterator[ReadResult]:
-        if self._pool is None:
+        if self.workers == 0:
             for task in tasks:
                 yield read_one(task, self.spec, self.known_hashes)
             return
-        pending: dict[Future, list[ReadTask]] = {}
-        suspects: list[list[ReadTask]] = []  # chunks in flight when a worker died: retried one file at a time
-        chunks = _chunked(tasks, self.chunk_size)
+        self._ensure_workers()
+        source = iter(tasks)
+        retry: deque[ReadTask] = deque()  # files a dead worker had not answered: sent again first
+        crashes: dict[str, int] = {}
         exhausted = False
-        restarts = 0
-        while True:
-            while len(pending) < self.window:
-                chunk = suspects.pop() if suspects else (None if exhausted else next(chunks, None))
-                if chunk is None:
-                    exhausted = True
-                    break
-                pending[self._pool.submit(_read_chunk, chunk)] = chunk
-            if not pending:
-                return
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            broken = False
-            for future in done:
-                chunk = pending.pop(future)
-                try:
-                    results = future.result()
-                except BrokenProcessPool:
-                    broken = True
-                    if len(chunk) == 1:  # this very file kills the decoder (a crash in a native plugin)
-                        yield ReadResult(chunk[0], error="the image decoder crashed on this file")
-                    else:
-                        suspects.extend([task] for task in chunk)
-                    continue
-                yield from results
-            if broken:
-                # Every chunk still in flight died with the pool: retry them file by file in a new pool.
-                for future, chunk in pending.items():
-                    suspects.extend([task] for task in chunk)
-                pending.clear()
-                restarts += 1
-                if restarts > MAX_POOL_RESTARTS:
-                    raise ClipsearchError(f"image decoder processes crashed {restarts} times; giving up")
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._new_pool()
+        try:
+            while True:
+                # 1. Keep every ready worker supplied with up to `depth` chunks.
+                for worker in list(self._workers):
+                    while worker.ready and len(worker.inflight) < self.depth:
+                        chunk = [retry.popleft() for _ in range(min(self.chunk_size, len(retry)))]
+                        while not exhausted and len(chunk) < self.chunk_size:
+                            task = next(source, None)
+                            if task is None:
+                                exhausted = True
+                            else:
+                                chunk.append(task)
+                        if not chunk:
+                            break
+                        try:
+                            worker.tasks.send(chunk)
+                        except OSError:  # died while idle: put the chunk back, the loop below replaces it
+                            retry.extendleft(reversed(chunk))
+                            break
+                        if not worker.inflight:
+                            worker.deadline = time.monotonic() + self.file_timeout
+                        worker.inflight.append(deque(chunk))
+                if exhausted and not retry and not any(w.inflight for w in self._workers):
+                    return
+                # 2. Wait for a result, a death (EOF) or the next deadline.
+                now = time.monotonic()
+                timed = [w.deadline for w in self._workers if w.inflight or not w.ready]
+                timeout = max(0.0, min(timed) - now) if timed else None
+                by_connection = {w.results: w for w in self._workers}
+                for connection in _wait(list(by_connection), timeout):
+                    worker = by_connection[connection]
+                    if worker not in self._workers:
+                        continue
+                    while True:  # drain what is already there, so a death is noticed after its last result
+                        try:
+                            message = connection.recv()
+                        except (EOFError, OSError):
+                            yield from self._replace(worker, retry, crashes, "the image decoder crashed on this file")
+                            break
+                        if isinstance(message, tuple):  # ("ready", pid)
+                            worker.ready = True
+                            self._start_failures = 0
+                        else:
+                            head = worker.inflight[0]
+                            head.popleft()
+                            if not head:
+                                worker.inflight.popleft()
+                            worker.deadline = time.monotonic() + self.file_timeout
+                            yield message
+                        if not connection.poll():
+                            break
+                # 3. A worker stuck on one file (or never started) is killed and replaced.
+                now = time.monotonic()
+                for worker in list(self._workers):
+                    if (worker.inflight or not worker.ready) and now > worker.deadline:
+                        reason = f"the image decoder did not finish this file in {self.file_timeout:g} s"
+                        yield from self._replace(worker, retry, crashes, reason)
+        finally:
+            # An abandoned or interrupted read: workers still busy with its files are stopped, so a later
+            # read never receives stale results; idle ones stay.
+            for worker in [w for w in self._workers if w.inflight]:
+                self._workers.remove(worker)
+                worker.kill()
+
+    def _replace(self, worker: _Worker, retry: deque[ReadTask], crashes: dict[str, int],
+                 reason: str) -> Iterator[ReadResult]:
+        """`worker` died or timed out: replace it; its current file gets the blame, the rest go back."""
+        pending = worker.pending
+        started = worker.ready
+        self._workers.remove(worker)
+        worker.kill()
+        if not started:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES:
+                detail = self._stderr_tail()
+                raise ClipsearchError("image decoder processes fail to start" + (f":\n{detail}" if detail else ""))
+            retry.extendleft(reversed(pending))
+        else:
+            self.restarts += 1
+            if pending:
+                culprit, rest = pending[0], pending[1:]
+                retry.extendleft(reversed(rest))
+                crashes[culprit.path] = crashes.get(culprit.path, 0) + 1
+                if crashes[culprit.path] >= CRASHES_PER_FILE:
+                    yield ReadResult(culprit, error=reason)
+                else:
+                    retry.appendleft(culprit)
+        self._ensure_workers()
 
 
-def _chunked(tasks: Iterable[ReadTask], size: int) -> Iterator[list[ReadTask]]:
-    chunk: list[ReadTask] = []
-    for task in tasks:
-        chunk.append(task)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _wait(connections: list, timeout: float | None) -> list:
+    from multiprocessing.connection import wait
+
+    return wait(connections, timeout)

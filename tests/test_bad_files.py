@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -150,14 +151,18 @@ def test_a_crashed_decoder_process_is_replaced_and_no_file_is_lost(tmp_path, mod
     paths = make_photos(tmp_path / "p", 12)
     tasks = [ReadTask(str(p), p.stat().st_size, 0) for p in paths]
     results = []
+    started = time.monotonic()
     with ParallelReader(model.preprocess, workers=1, chunk_size=2, window=4) as reader:
-        first_pool = reader._pool
+        first_pids = reader.worker_pids()
         for result in reader.read(tasks):
             if not results:  # kill the decoder process as if a native plugin had crashed it
-                for process in list(reader._pool._processes.values()):
-                    os.kill(process.pid, signal.SIGKILL)
+                for pid in reader.worker_pids():
+                    os.kill(pid, signal.SIGKILL)
             results.append(result)
-        assert reader._pool is not first_pool  # the broken pool was replaced
+        assert reader.restarts == 1 and reader.worker_pids() != first_pids  # the dead worker was replaced
+    assert time.monotonic() - started < 60  # no hang waiting on a dead process
     assert sorted(r.task.path for r in results) == sorted(map(str, paths))
     assert [r.error for r in results if r.error] == []
     assert all(r.pixels is not None and r.pixels.shape[:2] == model.preprocess.size for r in results)
+    for pid in first_pids:  # reaped, not a zombie
+        assert not os.path.exists(f"/proc/{pid}")
