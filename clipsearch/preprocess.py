@@ -1,17 +1,22 @@
 """Image decoding and the model's own transform, in Pillow + numpy (no torch).
 
 `open_image` turns a file into an RGB Pillow image: EXIF orientation applied, JPEG decoded in draft mode
-when the file is much larger than the model input, decompression bombs refused, the first frame of an
-animation. `image_to_pixels` reproduces open_clip's transform as described by preprocess.json.
+when the file is much larger than the model input, images over `MAX_IMAGE_PIXELS` refused, non-regular
+files (FIFOs, sockets, devices) refused before they are opened, 16-bit images converted in their native
+depth, the first frame of an animation. `image_to_pixels` reproduces open_clip's transform as described
+by preprocess.json.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
 import io
 import os
-import warnings
+import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,8 +24,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .bundle import PreprocessSpec
 from .errors import ImageError
 
-# Twice Pillow's default bomb limit; anything larger is refused rather than decoded (~180 MP).
-MAX_IMAGE_PIXELS = 2 * 89_478_485
+# The project's pixel limit: larger images are refused as possible decompression bombs. 250 megapixels
+# takes every camera photo (a 100 MP medium-format frame is 12000 x 8400) and most stitched panoramas;
+# Pillow's own default (89.5 MP warning, 179 MP error) is replaced by this limit inside `open_image`.
+MAX_IMAGE_PIXELS = 250_000_000
 
 _HEIF_REGISTERED = False
 
@@ -44,33 +51,175 @@ HEIF_SUFFIXES = {".heic", ".heif", ".avif"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", *HEIF_SUFFIXES}
 
 
+def _describe_mode(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "special file"
+
+
+def not_regular_reason(mode: int) -> str:
+    """The reason a file of this st_mode is refused: 'is a directory' or 'not a regular file (fifo)'."""
+    kind = _describe_mode(mode)
+    return "is a directory" if kind == "directory" else f"not a regular file ({kind})"
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open `path` for reading only if it is a regular file (after following symlinks).
+
+    FIFOs, sockets and device nodes are refused *before* they are opened (opening a FIFO blocks until a
+    writer appears; opening some devices has side effects), and the opened file is checked again with
+    fstat, so a file swapped for a FIFO between the two checks is refused too (O_NONBLOCK keeps that
+    open from blocking). Raises ImageError with a short reason.
+    """
+    name = os.fspath(path)
+    try:
+        mode = os.stat(name).st_mode
+    except OSError as exc:
+        raise ImageError(f"{name}: {_os_error_reason(name, exc)}") from exc
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{name}: {not_regular_reason(mode)}")
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise ImageError(f"{name}: {_os_error_reason(name, exc)}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{name}: {not_regular_reason(mode)}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_image_file(path: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file, refusing non-regular files (see `open_regular_file`) and, with
+    `max_bytes`, files larger than that. Callers that read a user-given path before `open_image(bytes)`
+    (search by example image) use this instead of `Path.read_bytes`, which hangs on a FIFO."""
+    with open_regular_file(path) as handle:
+        if max_bytes is not None:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise ImageError(f"{os.fspath(path)}: file too large ({size:,} bytes)")
+        try:
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise ImageError(f"{os.fspath(path)}: {_os_error_reason(os.fspath(path), exc)}") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageError(f"{os.fspath(path)}: file too large (more than {max_bytes:,} bytes)")
+    return data
+
+
+def _os_error_reason(name: str, exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "dangling symlink" if os.path.islink(name) else "no such file"
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EISDIR:
+        return "is a directory"
+    return f"cannot read ({exc.strerror or exc})"
+
+
+# The pixel limit in force for the current thread/task: `open_image` sets it, Pillow's own check reads it.
+_PIXEL_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("clipsearch_pixel_limit", default=None)
+
+
+class PixelLimitExceeded(Image.DecompressionBombError):
+    """An image larger than the project's pixel limit (a DecompressionBombError, so Pillow callers see one)."""
+
+
+def _install_pixel_limit_hook() -> None:
+    """Route Pillow's decompression-bomb check through `_PIXEL_LIMIT`.
+
+    Pillow checks sizes against its module-global `Image.MAX_IMAGE_PIXELS` in `Image.open` and in several
+    plugins (GIF/MPO frames, TIFF tiles, crop). Changing that global would change it for every caller in
+    the process; instead the check consults the limit set by `pixel_limit()` for the current context and
+    falls through to Pillow's unchanged check everywhere else.
+    """
+    original = getattr(Image, "_decompression_bomb_check", None)
+    if original is None or getattr(original, "_clipsearch_hook", False):
+        return
+
+    def check(size, *args, **kwargs):  # type: ignore[no-untyped-def]
+        limit = _PIXEL_LIMIT.get()
+        if limit is None:
+            return original(size, *args, **kwargs)
+        pixels = max(1, size[0]) * max(1, size[1])
+        if pixels > limit:
+            raise PixelLimitExceeded(_limit_message(size[0], size[1], limit))
+        return None
+
+    check._clipsearch_hook = True  # type: ignore[attr-defined]
+    Image._decompression_bomb_check = check  # type: ignore[attr-defined]
+
+
+_install_pixel_limit_hook()
+
+
+def _limit_message(width: int, height: int, limit: int) -> str:
+    return (f"{width}x{height} is {width * height / 1e6:.1f} megapixels, more than the "
+            f"{limit / 1e6:g}-megapixel limit (refused as a possible decompression bomb)")
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[None]:
+    """Within this block Pillow (in this thread) refuses images over `max_pixels` and does not warn below it."""
+    token = _PIXEL_LIMIT.set(int(max_pixels))
+    try:
+        yield
+    finally:
+        _PIXEL_LIMIT.reset(token)
+
+
 def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tuple[int, int] | None = None,
                max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode `source` (path, bytes or file object) into an RGB image.
 
     With `draft_size`, JPEGs are decoded at the smallest DCT scale that keeps both sides at least
-    twice `draft_size` (so the later high-quality resize still sees more pixels than it outputs).
-    Raises ImageError with a human-readable reason for anything that is not a decodable image.
+    twice `draft_size` (so the later high-quality resize still sees more pixels than it outputs), and
+    16-bit images are reduced in their native depth before conversion. Images over `max_pixels`
+    (default `MAX_IMAGE_PIXELS`) are refused before any pixel is decoded; a path that is not a regular
+    file is refused before it is opened. Raises ImageError with a human-readable reason for anything
+    that is not a decodable image.
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
+    owned: BinaryIO | None = None
     if isinstance(source, bytes):
         if not source:
             raise ImageError(f"{name}: empty file")
-        source = io.BytesIO(source)
-    if _looks_like_heif(source):
+        stream: BinaryIO = io.BytesIO(source)
+        heif = _looks_like_heif(stream)
+    elif isinstance(source, (str, os.PathLike)):
+        owned = stream = open_regular_file(source)
+        heif = Path(source).suffix.lower() in HEIF_SUFFIXES or _looks_like_heif(stream)
+    else:
+        stream = source
+        heif = _looks_like_heif(stream)
+    if heif:
         _register_heif()  # imported only when needed: pillow_heif costs ~0.15 s to import
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
+        with pixel_limit(max_pixels):
+            image = Image.open(stream)
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(f"{name}: {width}x{height} is larger than the {max_pixels:,} pixel limit (decompression bomb?)")
+                raise ImageError(f"{name}: {_limit_message(width, height, max_pixels)}")
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", (draft_size[0] * 2, draft_size[1] * 2))
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return _to_rgb(image, draft_size)
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -80,19 +229,22 @@ def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tu
     except IsADirectoryError as exc:
         raise ImageError(f"{name}: is a directory") from exc
     except UnidentifiedImageError as exc:
-        if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
+        if owned is not None and os.fstat(owned.fileno()).st_size == 0:
             raise ImageError(f"{name}: empty file") from exc
         raise ImageError(f"{name}: not a recognised image format") from exc
+    except PixelLimitExceeded as exc:
+        raise ImageError(f"{name}: {exc}") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+    finally:
+        if owned is not None:
+            owned.close()
 
 
-def _looks_like_heif(source: str | os.PathLike[str] | BinaryIO) -> bool:
-    """HEIC/HEIF/AVIF by file name, or by the ISO-BMFF `ftyp` box for bytes and file objects."""
-    if isinstance(source, (str, os.PathLike)):
-        return Path(source).suffix.lower() in HEIF_SUFFIXES
+def _looks_like_heif(source: BinaryIO) -> bool:
+    """HEIC/HEIF/AVIF by the ISO-BMFF `ftyp` box."""
     try:
         position = source.tell()
         head = source.read(12)
@@ -102,7 +254,11 @@ def _looks_like_heif(source: str | os.PathLike[str] | BinaryIO) -> bool:
     return len(head) >= 12 and head[4:8] == b"ftyp"
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_BAND_PIXELS = 1 << 22  # rows converted at a time from high-depth images (~4 M pixels: 16 MB of uint32)
+
+
+def _to_rgb(image: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -110,11 +266,48 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() or 1.0
-        return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
+    if image.mode in _HIGH_DEPTH_MODES:
+        return _high_depth_to_8bit(image, draft_size).convert("RGB")
     return image.convert("RGB")
+
+
+def _high_depth_to_8bit(image: Image.Image, draft_size: tuple[int, int] | None) -> Image.Image:
+    """16/32-bit greyscale -> 8-bit 'L' in the image's native depth, a band of rows at a time.
+
+    16-bit samples are full-scale (65535 -> 255, rounded: v / 257). 32-bit 'I' images whose values fit
+    0..255 or 0..65535 are read as 8- or 16-bit data; any other range is stretched from min..max. With
+    `draft_size`, a large image is first box-reduced (natively, no conversion) to at least twice that
+    size, so the conversion never touches full-resolution pixels. No float64 anywhere: uint32 for
+    16-bit data, float32 only for out-of-range 32-bit data.
+    """
+    width, height = image.size
+    if draft_size is not None:
+        factor = min(width // (2 * max(1, draft_size[0])), height // (2 * max(1, draft_size[1])))
+        if factor >= 2:
+            image = image.resize((max(1, width // factor), max(1, height // factor)), Image.Resampling.BOX)
+            width, height = image.size
+    low, high = (0, 65535) if image.mode.startswith("I;16") else image.getextrema()
+    if image.mode.startswith("I;16"):
+        scale = None
+    elif low >= 0 and high <= 255:
+        low, high, scale = 0, 255, None
+    elif low >= 0 and high <= 65535:
+        low, high, scale = 0, 65535, None
+    else:
+        scale = np.float32(255.0 / max(1, high - low))
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        band = np.asarray(image.crop((0, top, width, bottom)))
+        if scale is not None:
+            values = (band.astype(np.float32) - np.float32(low)) * scale
+            out[top:bottom] = np.clip(values + np.float32(0.5), 0, 255).astype(np.uint8)
+        elif high == 255:
+            out[top:bottom] = band
+        else:
+            out[top:bottom] = ((band.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return Image.fromarray(out)  # uint8 [H, W] -> mode "L"
 
 
 def resize_for_model(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
