@@ -166,3 +166,181 @@ def test_a_crashed_decoder_process_is_replaced_and_no_file_is_lost(tmp_path, mod
     assert all(r.pixels is not None and r.pixels.shape[:2] == model.preprocess.size for r in results)
     for pid in first_pids:  # reaped, not a zombie
         assert not os.path.exists(f"/proc/{pid}")
+
+
+# --- Big photos: the project's pixel limit, not Pillow's 89.5 MP default ------------------------------
+
+def _camera_jpeg(width: int, height: int) -> bytes:
+    """A big JPEG made cheaply: colour blocks scaled up with NEAREST, low quality (~1.6 MB at 100 MP)."""
+    blocks = Image.fromarray(np.random.default_rng(5).integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    blocks.resize((width, height), Image.Resampling.NEAREST).save(out, format="JPEG", quality=10)
+    return out.getvalue()
+
+
+def _jpeg_claiming_size(width: int, height: int) -> bytes:
+    """A small real JPEG whose SOF header claims `width` x `height` (refused before any pixel is decoded)."""
+    out = io.BytesIO()
+    block_image(3, size=(16, 16)).save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_100_megapixel_camera_jpeg_is_indexed_and_one_over_the_limit_is_skipped(tmp_path, model):
+    from clipsearch.preprocess import MAX_IMAGE_PIXELS
+
+    assert MAX_IMAGE_PIXELS >= 200_000_000
+    pillow_default = Image.MAX_IMAGE_PIXELS
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    (folder / "medium-format.jpg").write_bytes(_camera_jpeg(12000, 8400))
+    over = 20000 * 12600  # 252 MP
+    assert over > MAX_IMAGE_PIXELS
+    (folder / "too-big.jpg").write_bytes(_jpeg_claiming_size(20000, 12600))
+    collection = Collection.create("c", tmp_path / "idx")
+    summary = index_paths(collection, model, [str(folder)], IndexOptions(workers=1))
+    assert summary.total == 1 and summary.added == 1
+    record = collection.store.find_by_path(str(folder / "medium-format.jpg"))
+    assert (record.width, record.height) == (12000, 8400)
+    [skipped] = summary.skipped
+    assert skipped.path == str(folder / "too-big.jpg")
+    assert skipped.reason == ("20000x12600 is 252.0 megapixels, more than the 250-megapixel limit "
+                              "(refused as a possible decompression bomb)")
+    # Pillow's own limit is untouched for code outside open_image.
+    assert Image.MAX_IMAGE_PIXELS == pillow_default
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(folder / "too-big.jpg")
+
+
+# --- 16-bit images: native depth, bounded memory ------------------------------------------------------
+
+def test_16_bit_values_are_scaled_full_range():
+    from clipsearch.preprocess import open_image
+
+    out = io.BytesIO()
+    Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16)).save(out, format="PNG")
+    assert Image.open(io.BytesIO(out.getvalue())).mode == "I;16"
+    rgb = np.asarray(open_image(out.getvalue()))
+    assert rgb.tolist() == [[[0, 0, 0], [1, 1, 1], [128, 128, 128], [255, 255, 255]]]
+
+
+_RSS_PROBE = r"""
+import json, resource, sys
+from clipsearch.bundle import PreprocessSpec
+from clipsearch.indexer.reader import ReadTask, read_one
+from clipsearch.preprocess import open_image
+open_image(sys.argv[2])  # warm up: Pillow plugins and numpy code paths loaded before the baseline
+path = sys.argv[1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = read_one(ReadTask(path, 0, 0), PreprocessSpec(size=(224, 224)))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pixels = result.pixels
+print(json.dumps({"growth_mb": (after - before) / 1024, "error": result.error, "size": [result.width, result.height],
+                  "top": pixels[5, 112].tolist(), "bottom": pixels[218, 112].tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_9400px_16_bit_png_decodes_in_bounded_memory(tmp_path):
+    import json
+    import subprocess
+
+    values = np.full((9400, 9400), 65535, dtype=np.uint16)
+    values[4700:] = 32896  # bottom half: mid grey
+    Image.fromarray(values).save(tmp_path / "scan.png")
+    del values
+    assert (tmp_path / "scan.png").stat().st_size < 400_000  # a few hundred kB on disk, 88 MP, 16 bits each
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(small)
+    probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(tmp_path / "scan.png"), str(small)],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    report = json.loads(probe.stdout)
+    assert report["error"] is None and report["size"] == [9400, 9400]
+    assert report["top"] == [255, 255, 255] and report["bottom"] == [128, 128, 128]
+    # The decoded 16-bit image itself is 177 MB; the float64 conversion this replaced grew RSS by ~1.8 GB.
+    assert report["growth_mb"] < 300, report
+
+
+# --- Non-regular files: refused before they are opened, reported with a reason ------------------------
+
+def _within(seconds: float, function, unblock: str | None = None):
+    """Run `function` in a thread; fail (instead of hanging the suite) if it does not return in time."""
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if unblock:  # let a reader blocked on the FIFO go
+            os.close(os.open(unblock, os.O_RDWR | os.O_NONBLOCK))
+        pytest.fail(f"{function} did not return within {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _special_files(folder) -> dict[str, str]:
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(folder / "pipe.jpg")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "socket.png"))
+    server.close()
+    os.symlink("/dev/null", folder / "device.jpg")
+    os.symlink("gone.jpg", folder / "dangling.jpg")
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.mkfifo(folder / "notes.txt")  # not an image name: ignored like any other non-image file
+    return {"pipe.jpg": "not a regular file (fifo)", "socket.png": "not a regular file (socket)",
+            "device.jpg": "not a regular file (character device)", "dangling.jpg": "dangling symlink",
+            "loop.jpg": "symlink loop"}
+
+
+def test_walk_reports_fifos_sockets_devices_and_broken_symlinks(tmp_path):
+    expected = _special_files(tmp_path / "p")
+    make_photos(tmp_path / "p", 2)
+    result = _within(30, lambda: walk([tmp_path / "p"]))
+    assert sorted(os.path.basename(f.path) for f in result.files) == ["photo_000.png", "photo_001.jpg"]
+    assert {os.path.basename(p): r for p, r in result.problems} == expected
+    # The same entries given as roots.
+    roots = [tmp_path / "p" / name for name in expected]
+    as_roots = _within(30, lambda: walk(roots))
+    assert {os.path.basename(p): r for p, r in as_roots.problems} == expected and as_roots.files == []
+
+
+def test_index_skips_special_files_with_reasons_and_does_not_hang(tmp_path, model):
+    expected = _special_files(tmp_path / "p")
+    make_photos(tmp_path / "p", 3)
+    collection = Collection.create("c", tmp_path / "idx")
+    summary = _within(120, lambda: index_paths(collection, model, [str(tmp_path / "p")], IndexOptions(workers=1)),
+                      unblock=str(tmp_path / "p" / "pipe.jpg"))
+    assert summary.total == 3
+    assert {os.path.basename(s.path): s.reason for s in summary.skipped} == expected
+    assert collection.check().ok
+
+
+def test_open_image_and_the_reader_refuse_a_fifo_without_blocking(tmp_path, model):
+    from clipsearch.errors import ImageError
+    from clipsearch.preprocess import open_image, read_image_file
+
+    fifo = tmp_path / "swapped.jpg"
+    os.mkfifo(fifo)  # e.g. a file replaced by a FIFO after the walk saw a regular file
+    for function in (open_image, read_image_file):
+        with pytest.raises(ImageError, match=r"swapped\.jpg: not a regular file \(fifo\)"):
+            _within(10, lambda: function(fifo), unblock=str(fifo))
+    result = _within(10, lambda: read_one(ReadTask(str(fifo), 10, 0), model.preprocess), unblock=str(fifo))
+    assert result.error == "not a regular file (fifo)"
+    os.symlink("nowhere.jpg", tmp_path / "dangling.jpg")
+    with pytest.raises(ImageError, match="dangling symlink"):
+        open_image(tmp_path / "dangling.jpg")
