@@ -3,12 +3,15 @@
 Each label is embedded through several prompt templates; the normalised embeddings are averaged and
 normalised again (Radford et al. 2021, §3.1.4). Probabilities are a softmax over the model's
 logit_scale × cosine similarity. A `Classifier` embeds the labels once and classifies any number of
-images (or already-indexed vectors) against them.
+images (or already-indexed vectors) against them; a `LabelCache` shared by several classifiers (the web
+app keeps one) embeds each label once per model.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -28,6 +31,8 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of the small {}.",
 )
 MAX_LABELS = 1000
+# Labels embedded per model call: bounds the text batch (labels x templates prompts) whatever the label count.
+LABELS_PER_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,47 @@ def parse_labels(text: str | None = None, file: str | os.PathLike[str] | None = 
     return labels
 
 
+class LabelCache:
+    """A bounded LRU of ensembled label embeddings keyed by (model id, templates, label); thread-safe.
+
+    Owned by whoever shares it (e.g. one per web app): there is no process-wide cache."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be positive")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, tuple[str, ...], str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, model_id: str, templates: tuple[str, ...], labels: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        with self._lock:
+            for label in labels:
+                key = (model_id, templates, label)
+                vector = self._entries.get(key)
+                if vector is not None:
+                    self._entries.move_to_end(key)
+                    found[label] = vector
+        return found
+
+    def put(self, model_id: str, templates: tuple[str, ...], vectors: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            for label, vector in vectors.items():
+                key = (model_id, templates, label)
+                self._entries[key] = vector
+                self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
 class Classifier:
     """Labels embedded once with prompt ensembling; classify images or vectors against them."""
 
-    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> None:
+    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                 cache: LabelCache | None = None) -> None:
         if not labels:
             raise QueryError("no labels given")
         if not templates or any("{}" not in t for t in templates):
@@ -75,11 +117,24 @@ class Classifier:
         self.labels = list(labels)
         self.templates = tuple(templates)
         self.logit_scale = float(model.info.logit_scale)
-        self.label_vectors = self._embed_labels()
+        self.cache = cache
+        self.label_vectors = self._label_vectors()
 
-    def _embed_labels(self) -> np.ndarray:
-        prompts = [template.format(label) for label in self.labels for template in self.templates]
-        encoded = self.model.encode_text(prompts).reshape(len(self.labels), len(self.templates), -1)
+    def _label_vectors(self) -> np.ndarray:
+        model_id = str(getattr(self.model, "model_id", "")) if self.cache is not None else ""
+        found = self.cache.get(model_id, self.templates, self.labels) if self.cache is not None else {}
+        missing = [label for label in dict.fromkeys(self.labels) if label not in found]
+        for start in range(0, len(missing), LABELS_PER_BATCH):
+            batch = missing[start:start + LABELS_PER_BATCH]
+            fresh = dict(zip(batch, self._embed_labels(batch)))
+            if self.cache is not None and model_id:
+                self.cache.put(model_id, self.templates, fresh)
+            found.update(fresh)
+        return np.stack([found[label] for label in self.labels]).astype(np.float32)
+
+    def _embed_labels(self, labels: Sequence[str]) -> np.ndarray:
+        prompts = [template.format(label) for label in labels for template in self.templates]
+        encoded = self.model.encode_text(prompts).reshape(len(labels), len(self.templates), -1)
         encoded /= np.linalg.norm(encoded, axis=-1, keepdims=True)
         mean = encoded.mean(axis=1)
         return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)

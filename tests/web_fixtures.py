@@ -19,6 +19,8 @@ from photo_fixtures import block_image, make_photos
 
 COLLECTION = "photos"
 PHOTO_COUNT = 12
+# Starlette's TestClient sends `Host: testserver`; test apps allow that name instead of weakening the Host check.
+TEST_HOSTS = ("testserver",)
 
 
 @dataclass(frozen=True)

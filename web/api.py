@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 import clipsearch
 from clipsearch.classify import Classifier, parse_labels
@@ -18,6 +18,8 @@ from clipsearch.search import SearchHit, SearchQuery, Searcher
 
 from .errors import ApiError
 from .images import original_file
+from .openapi import error_responses
+from .parsing import StrictRoute
 from .schemas import (ClassifyResponse, ImageInfo, ImageResult, LabelProbability, ModelInfo, SearchRequest,
                       SearchResponse, StatsResponse)
 from .security import require_api_key
@@ -25,11 +27,11 @@ from .state import WebState
 from .uploads import QueryImage, check_image, decode_base64_image, read_upload
 from .urls import image_urls
 
-router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)], route_class=StrictRoute)
 
-_ERRORS = {400: {"description": "Bad query"}, 401: {"description": "API key missing or wrong"},
-           404: {"description": "No such image"}, 413: {"description": "Upload too large"},
-           415: {"description": "Upload is not an image"}}
+_QUERY_ERRORS = error_responses(400, 401, 404, 422, 503)
+_BODY_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
+_IMAGE_ERRORS = error_responses(400, 401, 404, 410, 422, 503)
 CollectionParam = Annotated[str | None, Query(description="Another collection served by this server")]
 
 
@@ -52,6 +54,32 @@ def require_json(request: Request) -> None:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise ApiError(415, "send the query as JSON", "Set 'Content-Type: application/json'.")
+
+
+def check_texts(state: WebState, texts: list[str | None], what: str = "texts") -> None:
+    """The per-request text limits: at most `max_query_terms` texts of at most `max_text_chars` each (422)."""
+    given = [t for t in texts if t is not None]
+    limits = state.settings
+    if len(given) > limits.max_query_terms:
+        raise ApiError(422, f"{len(given)} {what} in one query is more than the limit of {limits.max_query_terms}",
+                       "Combine fewer texts (text + and + not).")
+    for text in given:
+        if len(text) > limits.max_text_chars:
+            raise ApiError(422, f"text of {len(text):,} characters is longer than the limit of "
+                                f"{limits.max_text_chars:,}", "CLIP models read only the first 77 tokens anyway.")
+
+
+def checked_labels(state: WebState, labels: str) -> list[str]:
+    """Labels of a classify request within the limits (422), counted before any per-label work."""
+    limits = state.settings
+    distinct = {item.strip() for item in labels.split(",")} - {""}
+    if len(distinct) > limits.max_labels:
+        raise ApiError(422, f"{len(distinct)} labels is more than the limit of {limits.max_labels} per request")
+    longest = max(distinct, key=len, default="")
+    if len(longest) > limits.max_label_chars:
+        raise ApiError(422, f"a label of {len(longest):,} characters is longer than the limit of "
+                            f"{limits.max_label_chars:,}")
+    return parse_labels(labels)
 
 
 def checked_k(state: WebState, k: int | None) -> int:
@@ -84,23 +112,25 @@ def describe(text: str | None, and_texts: list[str], not_texts: list[str], image
     return " ".join(parts)
 
 
-@router.get("/search", response_model=SearchResponse, responses=_ERRORS, summary="Search by text")
+@router.get("/search", response_model=SearchResponse, responses=_QUERY_ERRORS, summary="Search by text")
 def search_text(request: Request, state: State,
                 q: Annotated[str, Query(description="What to look for; weight prefix allowed: '2:beach'")],
                 k: Annotated[int | None, Query(ge=1, description="How many results (default 20)")] = None,
                 collection: CollectionParam = None) -> SearchResponse:
     started = time.perf_counter()
+    check_texts(state, [q])
     query = SearchQuery.build(text=q, k=checked_k(state, k))
     query.validate()
     searcher = state.searcher(collection)
     return search_response(request, searcher, q, searcher.search(query), started)
 
 
-@router.post("/search", response_model=SearchResponse, responses=_ERRORS, dependencies=[Depends(require_json)],
+@router.post("/search", response_model=SearchResponse, responses=_BODY_ERRORS, dependencies=[Depends(require_json)],
              summary="Search by a combination of text, an example image and an indexed image")
 def search_combined(request: Request, state: State, body: SearchRequest) -> SearchResponse:
     started = time.perf_counter()
     k = checked_k(state, body.k)
+    check_texts(state, [body.text, *body.and_texts, *body.not_texts])
     image: bytes | None = None
     if body.image_b64 is not None:
         image = check_image(decode_base64_image(body.image_b64, state.settings.max_upload_bytes),
@@ -125,7 +155,7 @@ async def uploaded_image(state: WebState, file: UploadFile | None, image: Upload
     return check_image(data, state.settings.max_image_pixels)
 
 
-@router.post("/search/image", response_model=SearchResponse, responses=_ERRORS,
+@router.post("/search/image", response_model=SearchResponse, responses=_BODY_ERRORS,
              summary="Search by an uploaded example image (multipart)")
 async def search_upload(request: Request, state: State,
                         file: Annotated[UploadFile | None, File(description="The example image")] = None,
@@ -136,6 +166,7 @@ async def search_upload(request: Request, state: State,
                         include_self: Annotated[bool, Form()] = False) -> SearchResponse:
     started = time.perf_counter()
     k = checked_k(state, k)
+    check_texts(state, [text])
     query_image = await uploaded_image(state, file, image)
     searcher = state.searcher(collection)
     query = SearchQuery.build(text=text or None, image=query_image.data, k=k, include_query_images=include_self)
@@ -144,7 +175,7 @@ async def search_upload(request: Request, state: State,
     return search_response(request, searcher, describe(text or None, [], [], True, None), hits, started)
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,
+@router.post("/classify", response_model=ClassifyResponse, responses=_BODY_ERRORS,
              summary="Zero-shot classify an image (multipart upload, or an indexed image by id) against labels")
 async def classify(state: State,
                    labels: Annotated[str, Form(description="Comma-separated labels, e.g. 'cat,dog,car'")],
@@ -153,18 +184,22 @@ async def classify(state: State,
                    image_id: Annotated[int | None, Form(ge=0, le=2**63 - 1, description="Or: an indexed image")] = None,
                    collection: Annotated[str | None, Form()] = None) -> ClassifyResponse:
     started = time.perf_counter()
-    label_list = parse_labels(labels)
+    label_list = checked_labels(state, labels)
     searcher = state.searcher(collection)
+
+    def classifier() -> Classifier:
+        return Classifier(searcher.model, label_list, cache=state.label_cache)
+
     if image_id is not None and file is None and image is None:
         state.image(image_id, collection)
         vector = searcher.stored_vectors([image_id])[image_id]
-        scores = await run_in_threadpool(lambda: Classifier(searcher.model, label_list).classify_vector(vector))
+        scores = await run_in_threadpool(lambda: classifier().classify_vector(vector))
     else:
         query_image = await uploaded_image(state, file, image)
 
         def run() -> list:
             decoded = open_image(query_image.data, max_pixels=state.settings.max_image_pixels)
-            return Classifier(searcher.model, label_list).classify_image(decoded)
+            return classifier().classify_image(decoded)
 
         scores = await run_in_threadpool(run)
     by_label = {s.label: s.probability for s in scores}
@@ -174,7 +209,8 @@ async def classify(state: State,
                             probabilities={label: by_label[label] for label in label_list})
 
 
-@router.get("/images/{image_id}", response_model=ImageInfo, responses=_ERRORS, summary="Metadata of an indexed image")
+@router.get("/images/{image_id}", response_model=ImageInfo, responses=error_responses(400, 401, 404, 422, 503),
+            summary="Metadata of an indexed image")
 def image_info(request: Request, state: State, image_id: str, collection: CollectionParam = None) -> ImageInfo:
     found = state.image(parse_image_id(image_id), collection)
     record = found.record
@@ -184,19 +220,26 @@ def image_info(request: Request, state: State, image_id: str, collection: Collec
                      indexed_at=record.indexed_at, thumbnail_url=thumbnail_url, image_url=image_url)
 
 
-@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_ERRORS,
-            summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk")
+_FILE_NOTE = (" Served only while the file on disk is still the indexed image (same size and modification time, "
+              "inside an indexed folder, an image): 404 when it is gone or points elsewhere, 410 when it changed.")
+
+
+@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_IMAGE_ERRORS,
+            summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk", description=_FILE_NOTE.strip())
 def image_thumbnail(state: State, image_id: str, collection: CollectionParam = None) -> FileResponse:
     found = state.image(parse_image_id(image_id), collection)
-    return state.thumbnails(found.collection).response(found.record)
+    return state.thumbnails(found.collection).response(found.record, state.served_roots(found.collection))
 
 
-@router.get("/images/{image_id}/file", response_class=FileResponse, responses=_ERRORS, summary="The original file")
-def image_file(state: State, image_id: str, collection: CollectionParam = None) -> FileResponse:
-    return original_file(state.image(parse_image_id(image_id), collection).record)
+@router.get("/images/{image_id}/file", response_class=FileResponse, responses=_IMAGE_ERRORS,
+            summary="The original file", description=_FILE_NOTE.strip())
+def image_file(state: State, image_id: str, collection: CollectionParam = None) -> Response:
+    found = state.image(parse_image_id(image_id), collection)
+    return original_file(found.record, state.served_roots(found.collection))
 
 
-@router.get("/stats", response_model=StatsResponse, responses=_ERRORS, summary="Collection statistics")
+@router.get("/stats", response_model=StatsResponse, responses=error_responses(400, 401, 422, 503),
+            summary="Collection statistics")
 def stats(state: State, collection: CollectionParam = None) -> StatsResponse:
     searcher = state.searcher(collection)
     info = searcher.stats()

@@ -14,15 +14,19 @@ import clipsearch
 
 from . import api, clipback, page
 from .errors import install_error_handlers
+from .openapi import install_openapi
 from .schemas import Health
-from .security import BodySizeLimit
+from .security import BodySizeLimit, HostCheck
 from .settings import ServerSettings
 from .state import WebState
 
 DESCRIPTION = """Search your photos by describing them, by an example image, or by another photo.
 
 With an API key configured, send it as `Authorization: Bearer KEY` or `X-API-Key: KEY`.
-Errors are JSON: `{"detail": message, "hint": how to fix}`.
+Errors are JSON: `{"detail": message, "hint": how to fix}` — for every status, 422 included.
+Request bodies are strict JSON (no NaN/Infinity, nesting at most 32 deep, no lone surrogates: 400 otherwise).
+The server answers only to loopback Host names and those it was started with (`--allowed-host`): 400 otherwise.
+Limits per request (422 beyond them unless noted): see SECURITY.md and each field's description.
 """
 
 
@@ -57,7 +61,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostCheck, allowed=state.allowed_hosts)  # outside the rest: nothing runs for a bad Host
     app.add_middleware(SecurityHeaders)
+    install_openapi(app)
     return app
 
 

@@ -8,7 +8,6 @@ fields are accepted and ignored (a local photo collection has no LAION safety/ae
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from clipsearch.search import SearchQuery, Searcher
 from clipsearch.store import ImageRecord
 
-from .errors import ApiError
+from .errors import ApiError, describe_validation_errors
+from .openapi import error_responses
+from .parsing import StrictRoute, parse_json_body
 from .remote import fetch_image
 from .schemas import ImageId
 from .security import require_api_key
@@ -28,7 +29,7 @@ from .state import WebState
 from .uploads import check_image, decode_base64_image
 from .urls import absolute, image_urls
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["clip-back compatibility"])
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["clip-back compatibility"], route_class=StrictRoute)
 
 DEFAULT_NUM_IMAGES = 40
 DEDUPLICATE_THRESHOLD = 0.94  # clip-back's cosine threshold for near-duplicate results
@@ -69,11 +70,10 @@ class MetadataRequest(BaseModel):
 
 
 async def json_body(request: Request) -> dict:
+    """The body as a JSON object, whatever the content type (clip-back's `get_json(force=True)`), through the
+    same strict parser as every other route (`parsing.parse_json_body`)."""
     raw = await request.body()
-    try:
-        body = json.loads(raw or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"the body is not JSON: {exc}") from exc
+    body = parse_json_body(raw) if raw.strip() else None
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -85,21 +85,21 @@ def parse(model: type[BaseModel], body: dict) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ApiError(422, f"invalid request: {problems}") from exc
+        raise ApiError(422, describe_validation_errors(list(exc.errors()))) from exc
 
 
 def _schema(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-@router.get("/indices-list", summary="Collections this server can search (clip-back)")
+@router.get("/indices-list", summary="Collections this server can search (clip-back)",
+            responses=error_responses(400, 401))
 def indices_list(request: Request) -> list[str]:
     return request.app.state.web.collection_names()
 
 
 @router.post("/knn-service", summary="Nearest images to a text, an image or an embedding (clip-back)",
-             openapi_extra=_schema(KnnRequest))
+             openapi_extra=_schema(KnnRequest), responses=error_responses(400, 401, 413, 415, 422, 503))
 async def knn_service(request: Request) -> list[dict]:
     state: WebState = request.app.state.web
     knn = parse(KnnRequest, await json_body(request))
@@ -111,6 +111,9 @@ async def knn_service(request: Request) -> list[dict]:
     num_result_ids = num_images if knn.num_result_ids is None else knn.num_result_ids
     if not 1 <= num_images <= max_k or not 1 <= num_result_ids <= max_k:
         raise ApiError(422, f"num_images and num_result_ids must be between 1 and {max_k}")
+    if knn.text is not None and len(knn.text) > state.settings.max_text_chars:
+        raise ApiError(422, f"text of {len(knn.text):,} characters is longer than the limit of "
+                            f"{state.settings.max_text_chars:,}")
     name = state.resolve_name(knn.indice_name)
     searcher = state.searcher(name)
 
@@ -145,7 +148,8 @@ async def knn_service(request: Request) -> list[dict]:
     return [result_item(request, name, found[i], score) for i, score in hits if i in found]
 
 
-@router.post("/metadata", summary="Metadata of result ids (clip-back)", openapi_extra=_schema(MetadataRequest))
+@router.post("/metadata", summary="Metadata of result ids (clip-back)", openapi_extra=_schema(MetadataRequest),
+             responses=error_responses(400, 401, 413, 422, 503))
 async def metadata(request: Request) -> list[dict]:
     state: WebState = request.app.state.web
     wanted = parse(MetadataRequest, await json_body(request))

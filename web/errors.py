@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -18,13 +19,13 @@ from clipsearch.errors import (BundleError, ClipsearchError, CollectionError, Im
 log = logging.getLogger("clipsearch.web")
 
 
-class ApiError(Exception):
-    """An error with an HTTP status, raised by the web layer itself."""
+class ApiError(StarletteHTTPException):
+    """An error with an HTTP status, raised by the web layer itself. An HTTPException, so that FastAPI passes
+    it through unchanged when it is raised while the request body is read."""
 
     def __init__(self, status_code: int, message: str, hint: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+        super().__init__(status_code, message, headers)
         self.message = message
         self.hint = hint
         self.headers = headers
@@ -67,7 +68,21 @@ def error_response(status_code: int, message: str, hint: str | None = None,
     return JSONResponse(error_body(message, hint), status_code=status_code, headers=headers)
 
 
+def describe_validation_errors(errors: list[dict]) -> str:
+    """FastAPI/pydantic validation errors as one readable line: 'body.k: Input should be ...; query.q: ...'."""
+    problems = []
+    for error in errors:
+        location = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{location}: {error.get('msg', 'invalid')}" if location else str(error.get("msg", "invalid")))
+    return "invalid request: " + "; ".join(problems)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The same `{"detail": str}` body as every other error (the OpenAPI document says so for 422 too).
+        return error_response(422, describe_validation_errors(list(exc.errors())))
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status_code, exc.message, exc.hint, exc.headers)

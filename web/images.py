@@ -1,18 +1,34 @@
 """Serving indexed images by id: the original file and a ≤ N px JPEG thumbnail cached on disk.
 
-Bytes are only ever read from the path the database holds for an id; clients never name a path.
-Thumbnails live in `<collection folder>/thumbnails/`, named by id and content hash so that a
-re-indexed (changed) file gets a new thumbnail.
+Bytes are only ever read from the path the database holds for an id; clients never name a path. And they
+are only served while that path still holds the image that was indexed: the file is opened once, and the
+open file itself (not the path again) is checked — a regular file, the size and mtime_ns stored when it
+was indexed, really located inside one of the collection's indexed folders (a symlink re-pointed outside
+them, e.g. to /etc/passwd, is refused), and recognised as an image — then streamed from that very file
+descriptor, so that nothing swapped in between the checks and the read can be served.
+
+Thumbnails live in `<collection folder>/thumbnails/`, named by id and content hash so that a re-indexed
+(changed) file gets a new thumbnail.
 """
 
 from __future__ import annotations
 
+import email.utils
+import errno
 import mimetypes
 import os
+import stat
 import tempfile
+import warnings
 from pathlib import Path
+from typing import BinaryIO, Sequence
+from urllib.parse import quote
 
+import anyio
 from fastapi.responses import FileResponse
+from PIL import Image, UnidentifiedImageError
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from clipsearch.errors import ImageError
 from clipsearch.preprocess import open_image
@@ -23,15 +39,127 @@ from .errors import ApiError
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_QUALITY = 85
 CACHE_HEADERS = {"Cache-Control": "private, max-age=3600"}
+_CHUNK = 256 * 1024
+_PROC_FD = "/proc/self/fd"
 
 
-def original_file(record: ImageRecord) -> FileResponse:
-    path = Path(record.path)
-    if not path.is_file():
-        raise ApiError(404, f"image {record.id} is no longer on disk", "Re-run `clipsearch index` on its folder.")
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, headers=CACHE_HEADERS,
-                        content_disposition_type="inline", filename=path.name)
+def _gone(record: ImageRecord, why: str) -> ApiError:
+    return ApiError(404, f"image {record.id} is no longer on disk{why}", "Re-run `clipsearch index` on its folder.")
+
+
+def _changed(record: ImageRecord, why: str) -> ApiError:
+    return ApiError(410, f"image {record.id} changed on disk since it was indexed ({why})",
+                    "Re-run `clipsearch index` on its folder.")
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _opened_location(fd: int, path: str) -> str | None:
+    """Where the open file really is. On Linux /proc names the opened inode's path (no race with the path on
+    disk); elsewhere resolve the path and accept it only if it is the very file we hold open."""
+    if os.path.isdir(_PROC_FD):
+        try:
+            return os.readlink(f"{_PROC_FD}/{fd}")
+        except OSError:
+            pass
+    resolved = os.path.realpath(path)
+    try:
+        disk, held = os.stat(resolved), os.fstat(fd)
+    except OSError:
+        return None
+    return resolved if (disk.st_dev, disk.st_ino) == (held.st_dev, held.st_ino) else None
+
+
+def open_indexed(record: ImageRecord, roots: Sequence[str]) -> BinaryIO:
+    """Open the file of `record` only if it is still the indexed image (see the module docstring).
+
+    404 when it is gone or resolves outside every indexed root (nothing is said about where it points),
+    410 when it changed (size, mtime or no longer an image). The returned file is positioned at 0."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(record.path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            raise _gone(record, "") from exc
+        raise _gone(record, f" or cannot be read ({exc.strerror or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _changed(record, "not a regular file")
+        location = _opened_location(fd, record.path)
+        if location is None or not _inside(location, roots):
+            raise _gone(record, " inside the indexed folders")
+        if info.st_size != record.size or info.st_mtime_ns != record.mtime_ns:
+            raise _changed(record, "size or modification time differ")
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        _identify(handle)
+    except BaseException:
+        handle.close()
+        raise
+    handle.seek(0)
+    return handle
+
+
+def _identify(handle: BinaryIO) -> None:
+    """Pillow recognises the header as an image (without decoding pixels), or 410."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(handle):
+                pass  # the header parsed
+    except Image.DecompressionBombError:
+        return  # an image all right; whether it may be decoded is the thumbnail's business
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ApiError(410, "the file on disk is no longer an image", "Re-run `clipsearch index` on its folder.") from exc
+
+
+class OpenFileResponse(Response):
+    """Streams an already opened (and checked) file: exactly `size` bytes, then closes it."""
+
+    def __init__(self, handle: BinaryIO, size: int, media_type: str, headers: dict[str, str]) -> None:
+        super().__init__(content=None, media_type=media_type, headers={**headers, "content-length": str(size)})
+        self.handle = handle
+        self.size = size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if scope.get("method") == "HEAD":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            remaining = self.size
+            while remaining > 0:
+                chunk = await anyio.to_thread.run_sync(self.handle.read, min(_CHUNK, remaining))
+                if not chunk:  # truncated while being sent: end the body short, the client sees the mismatch
+                    break
+                remaining -= len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": remaining > 0})
+            if remaining > 0:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.handle.close()
+
+
+def _disposition(name: str) -> str:
+    quoted = quote(name)
+    return f"inline; filename*=utf-8''{quoted}" if quoted != name else f'inline; filename="{name}"'
+
+
+def original_file(record: ImageRecord, roots: Sequence[str]) -> Response:
+    handle = open_indexed(record, roots)
+    name = Path(record.path).name
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    headers = {**CACHE_HEADERS, "content-disposition": _disposition(name),
+               "last-modified": email.utils.formatdate(record.mtime_ns / 1e9, usegmt=True),
+               "etag": f'"{record.content_hash[:32]}"'}
+    return OpenFileResponse(handle, record.size, media_type, headers)
 
 
 class ThumbnailCache:
@@ -45,22 +173,24 @@ class ThumbnailCache:
     def path_for(self, record: ImageRecord) -> Path:
         return self.folder / f"{record.id}-{record.content_hash[:16]}-{self.max_px}.jpg"
 
-    def get(self, record: ImageRecord) -> Path:
-        cached = self.path_for(record)
-        if cached.is_file():
-            return cached
-        if not Path(record.path).is_file():
-            raise ApiError(404, f"image {record.id} is no longer on disk", "Re-run `clipsearch index` on its folder.")
-        try:
-            image = open_image(record.path, draft_size=(self.max_px, self.max_px), max_pixels=self.max_pixels)
-        except ImageError as exc:
-            raise ApiError(404, f"image {record.id} can no longer be read: {exc.message}") from exc
+    def get(self, record: ImageRecord, roots: Sequence[str]) -> Path:
+        """The cached thumbnail, made from the checked original when missing. The original is checked on every
+        request, so a thumbnail is only served while its image is still the indexed one."""
+        with open_indexed(record, roots) as handle:
+            cached = self.path_for(record)
+            if cached.is_file():
+                return cached
+            try:
+                image = open_image(handle, draft_size=(self.max_px, self.max_px), max_pixels=self.max_pixels)
+            except ImageError as exc:
+                raise ApiError(410, f"image {record.id} can no longer be read: {exc.message}",
+                               "Re-run `clipsearch index` on its folder.") from exc
         image.thumbnail((self.max_px, self.max_px))
         self.folder.mkdir(parents=True, exist_ok=True)
         # Write to a temporary file and rename, so concurrent requests never see half a thumbnail.
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".jpg")
+        handle_fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".jpg")
         try:
-            with os.fdopen(handle, "wb") as out:
+            with os.fdopen(handle_fd, "wb") as out:
                 image.save(out, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
             os.replace(temporary, cached)
         except BaseException:
@@ -68,5 +198,5 @@ class ThumbnailCache:
             raise
         return cached
 
-    def response(self, record: ImageRecord) -> FileResponse:
-        return FileResponse(self.get(record), media_type="image/jpeg", headers=CACHE_HEADERS)
+    def response(self, record: ImageRecord, roots: Sequence[str]) -> FileResponse:
+        return FileResponse(self.get(record, roots), media_type="image/jpeg", headers=CACHE_HEADERS)

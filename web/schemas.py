@@ -35,12 +35,14 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(populate_by_name=True, json_schema_extra={
         "examples": [{"text": "a dog on a beach", "not": ["people"], "k": 20}]})
 
-    text: str | None = None
-    image_b64: str | None = Field(None, description="An example image as base64 (a data: URL is fine)")
+    text: str | None = Field(None, description="At most 1,000 characters (the server's max_text_chars; 422 beyond)")
+    image_b64: str | None = Field(None, description="An example image as base64 (a data: URL is fine); at most "
+                                                    "20 MB decoded and the server's pixel limit (413 beyond)")
     image_id: ImageId | None = Field(None, description="The id of an indexed image: 'more like this'")
-    and_texts: list[str] = Field(default_factory=list, alias="and")
-    not_texts: list[str] = Field(default_factory=list, alias="not")
-    k: int | None = Field(None, ge=1, description="How many results (default 20)")
+    and_texts: list[str] = Field(default_factory=list, alias="and",
+                                 description="Texts to add; text + and + not: at most 16 texts per query (422 beyond)")
+    not_texts: list[str] = Field(default_factory=list, alias="not", description="Texts to subtract (same limit)")
+    k: int | None = Field(None, ge=1, description="How many results (default 20, at most 1000: 422 beyond)")
     collection: str | None = Field(None, description="Another collection served by this server")
     include_self: bool = Field(False, description="Also return the query image itself when it is indexed")
 
@@ -92,3 +94,10 @@ class StatsResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class ErrorBody(BaseModel):
+    """Every error response, whatever its status (422 included)."""
+
+    detail: str = Field(description="What went wrong")
+    hint: str | None = Field(None, description="How to fix it, when there is something to say")

@@ -1,4 +1,5 @@
-"""Access control and request limits: the API key check and the request body size cap."""
+"""Access control and request limits: the API key check, the Host header check (against DNS rebinding)
+and the request body size cap."""
 
 from __future__ import annotations
 
@@ -22,20 +23,98 @@ def keys_match(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
+def check_api_key(request: Request) -> None:
+    """With an API key configured, a request must carry it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.
+    Called by the API routes before they read anything else of the request (see `parsing.StrictRoute`)."""
+    expected = request.app.state.web.settings.api_key
+    if expected is None:
+        return
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    bearer = credentials.strip() if scheme.lower() == "bearer" else None
+    if keys_match(bearer, expected) or keys_match(request.headers.get("x-api-key"), expected):
+        return
+    raise ApiError(401, "missing or wrong API key",
+                   "Send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
 async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header_key: Annotated[str | None, Depends(_key_header)],
 ) -> None:
-    """Router dependency: with an API key configured, a request must carry it in either header."""
-    expected = request.app.state.web.settings.api_key
-    if expected is None:
-        return
-    if keys_match(bearer.credentials if bearer else None, expected) or keys_match(header_key, expected):
-        return
-    raise ApiError(401, "missing or wrong API key",
-                   "Send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
-                   headers={"WWW-Authenticate": "Bearer"})
+    """Router dependency (it also documents both schemes in OpenAPI): the same check as `check_api_key`."""
+    check_api_key(request)
+
+
+# -- Host header -------------------------------------------------------------------------------------------
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+
+
+def host_name(value: str) -> str | None:
+    """The name part of a Host header value ('Example.org:8000' -> 'example.org', '[::1]:80' -> '[::1]');
+    None when it is not a well-formed host[:port]."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[:end + 1], value[end + 1:]
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        return name
+    name, sep, port = value.partition(":")
+    if (sep and not port.isdigit()) or not name:
+        return None
+    name = name.rstrip(".")
+    if not name or any(not (c.isalnum() or c in "-._") for c in name) or not name.isascii():
+        return None
+    return name
+
+
+def normalise_allowed_host(entry: str) -> str:
+    """An --allowed-host value as `host_name` returns it: IPv6 literals bracketed, any port dropped."""
+    entry = entry.strip().lower()
+    if entry.count(":") > 1 and not entry.startswith("["):
+        entry = f"[{entry}]"
+    name = host_name(entry)
+    if name is None:
+        raise ValueError(f"not a host name or address: {entry!r}")
+    return name
+
+
+def allowed_host_names(extra: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(LOOPBACK_HOSTS) | {normalise_allowed_host(e) for e in extra if e not in WILDCARD_ADDRESSES}
+
+
+HOST_SCOPE_KEY = "clipsearch.host"
+
+
+class HostCheck:
+    """ASGI middleware answering 400 to any Host header not in `allowed` (loopback names plus the configured
+    ones), so that a web page on another name cannot reach this server through DNS rebinding. The accepted
+    Host is put in the scope for building absolute URLs (never an unchecked, reflected one)."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"]
+        name = host_name(values[0]) if len(values) == 1 else None
+        if name is None or name not in self.allowed:
+            shown = values[0][:100] if len(values) == 1 else ("missing" if not values else "repeated")
+            await _send_json(send, 400, {
+                "detail": f"this server does not answer to Host {shown!r}",
+                "hint": "Use http://127.0.0.1 or http://localhost, or start the server with --allowed-host NAME "
+                        "for each name clients use to reach it."})
+            return
+        scope[HOST_SCOPE_KEY] = values[0].strip()
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:

@@ -9,6 +9,12 @@ from clipsearch.collection import DEFAULT_COLLECTION
 from clipsearch.preprocess import MAX_IMAGE_PIXELS
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# Bounded work per request (SECURITY.md lists every limit). Beyond them a request is refused with 422.
+DEFAULT_MAX_QUERY_TERMS = 16     # texts in one search: text + and + not (clip-back: one text)
+DEFAULT_MAX_TEXT_CHARS = 1000    # per text; CLIP reads at most 77 tokens (~ 300 characters) anyway
+DEFAULT_MAX_LABELS = 100         # labels per /api/classify request (each is embedded through 7 prompts)
+DEFAULT_MAX_LABEL_CHARS = 200    # per label
+DEFAULT_LABEL_CACHE_SIZE = 4096  # label embeddings kept per app (LRU)
 
 
 @dataclass(frozen=True)
@@ -18,7 +24,9 @@ class ServerSettings:
     `collection` is the collection served by default (others under the same `index_dir` can be named
     per request); `api_key` set means every data route requires it; `allow_remote_images` lets the
     clip-back `image_url` field make the server fetch a URL (off: no server-side requests to arbitrary
-    hosts); `cors_origins` empty means no CORS headers at all.
+    hosts); `cors_origins` empty means no CORS headers at all. `allowed_hosts` are the Host header names
+    the server answers to besides the loopback ones (localhost, 127.0.0.1, [::1]); any port.
+    `max_image_pixels` bounds the decoded pixels of a request (each request carries at most one image).
     """
 
     collection: str = DEFAULT_COLLECTION
@@ -34,6 +42,12 @@ class ServerSettings:
     default_k: int = 20
     max_k: int = 1000
     model_threads: int | None = None
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    max_query_terms: int = DEFAULT_MAX_QUERY_TERMS
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    max_labels: int = DEFAULT_MAX_LABELS
+    max_label_chars: int = DEFAULT_MAX_LABEL_CHARS
+    label_cache_size: int = DEFAULT_LABEL_CACHE_SIZE
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -44,6 +58,13 @@ class ServerSettings:
             raise ValueError("thumbnail_px must be between 16 and 1024")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError("default_k must be between 1 and max_k")
+        for name in ("max_query_terms", "max_text_chars", "max_labels", "max_label_chars", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        from .security import allowed_host_names
+
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
+        allowed_host_names(self.allowed_hosts)  # ValueError for a malformed name
 
     @property
     def max_body_bytes(self) -> int:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
-
+from clipsearch.classify import LabelCache
 from clipsearch.collection import Collection, list_collections
 from clipsearch.search import Searcher
 from clipsearch.store import ImageRecord
 
 from .errors import ApiError
 from .images import THUMBNAIL_DIR, ThumbnailCache
+from .security import allowed_host_names
 from .settings import ServerSettings
 
 
@@ -26,7 +28,10 @@ class WebState:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        self.allowed_hosts = allowed_host_names(settings.allowed_hosts)
+        self.label_cache = LabelCache(settings.label_cache_size)
         self._searchers: dict[str, Searcher] = {}
+        self._roots: dict[str, tuple[int, int, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     def collection_names(self) -> list[str]:
@@ -67,6 +72,30 @@ class WebState:
         if record is None:
             raise ApiError(404, f"no image with id {image_id} in collection {searcher.collection.name!r}")
         return FoundImage(searcher.collection.name, record)
+
+    def served_roots(self, name: str) -> tuple[str, ...]:
+        """The folders a collection's files may resolve into when they are served: the indexed folders, derived
+        from the stored paths (the store keeps no list of roots) as the topmost folders that directly hold an
+        indexed file, each resolved (realpath) when first derived. Recomputed when the collection changes."""
+        searcher = self.searcher(name)
+        with searcher.lock:
+            store = searcher.collection.store
+            key = (store.generation, store.count())
+            cached = self._roots.get(name)
+            if cached is not None and cached[:2] == key:
+                return cached[2]
+            folders = sorted({os.path.dirname(path) for path in store.file_states()})
+        topmost: set[str] = set()
+        for folder in folders:  # sorted, so ancestors come first
+            parent, ancestor = folder, os.path.dirname(folder)
+            while ancestor != parent and ancestor not in topmost:
+                parent, ancestor = ancestor, os.path.dirname(ancestor)
+            if ancestor not in topmost:
+                topmost.add(folder)
+        roots = tuple(sorted({os.path.realpath(folder) for folder in topmost}))
+        with self._lock:
+            self._roots[name] = (*key, roots)
+        return roots
 
     def thumbnails(self, name: str) -> ThumbnailCache:
         folder = self.searcher(name).collection.folder / THUMBNAIL_DIR

@@ -6,6 +6,8 @@ from urllib.parse import quote
 
 from fastapi import Request
 
+from .security import HOST_SCOPE_KEY, host_name
+
 
 def image_urls(request: Request, image_id: int, collection: str) -> tuple[str, str]:
     """(thumbnail_url, image_url) for an image; `?collection=` only for a non-default collection."""
@@ -17,5 +19,13 @@ def image_urls(request: Request, image_id: int, collection: str) -> tuple[str, s
 
 
 def absolute(request: Request, path: str) -> str:
-    """An absolute URL for clients that need one (clip-back's front end shows `url` as is)."""
-    return f"{request.url.scheme}://{request.url.netloc}{path}"
+    """An absolute URL for clients that need one (clip-back's front end shows `url` as is).
+
+    The host is the one `security.HostCheck` accepted (a loopback name or a configured --allowed-host), never
+    the raw Host header; without that check in front (an app mounted some other way) it is 'localhost'."""
+    host = request.scope.get(HOST_SCOPE_KEY)
+    if not host or host_name(host) not in request.app.state.web.allowed_hosts:
+        port = (request.scope.get("server") or (None, None))[1]
+        host = f"localhost:{port}" if port else "localhost"
+    scheme = "https" if request.scope.get("scheme") == "https" else "http"
+    return f"{scheme}://{host}{path}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,7 +11,18 @@ import typer
 from . import app
 
 _INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_WILDCARDS = {"0.0.0.0", "::", ""}
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (brackets allowed)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command()
@@ -29,23 +41,45 @@ def serve(
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="ONNX threads per model (default: all cores)"),
     root_path: str = typer.Option("", "--root-path", help="URL prefix when behind a reverse proxy"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+    allowed_host: List[str] = typer.Option(
+        [], "--allowed-host",
+        help="A Host name clients use to reach the server (repeatable; any port). Loopback names and --host "
+             "are always allowed; requests naming any other host get 400 (protects against DNS rebinding)"),
+    insecure: bool = typer.Option(False, "--insecure",
+                                  help="Allow a non-loopback --host without an API key (anyone who can reach it "
+                                       "can search and download your photos)"),
 ) -> None:
     """Serve search over HTTP: REST API (/docs), clip-back endpoints and the page at /."""
     import uvicorn
 
     from ..web import ServerSettings, create_app
 
-    settings = ServerSettings(collection=collection, index_dir=index_dir, model=model, api_key=api_key,
-                              max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                              allow_remote_images=allow_remote_images, cors_origins=tuple(cors_origin),
-                              model_threads=model_threads)
+    key = api_key if api_key and api_key.strip() else None
+    if not is_loopback(host) and key is None and not insecure:
+        typer.secho(f"error: refusing to listen on {host} without an API key: anyone who can reach it could "
+                    "search and download your photos.\n"
+                    "Set --api-key KEY (or CLIPSEARCH_API_KEY), or pass --insecure if that is really what you "
+                    "want. See SECURITY.md for running behind a reverse proxy.", err=True, fg="red")
+        raise typer.Exit(2)
+    hosts = tuple(allowed_host) + ((host,) if host not in _WILDCARDS else ())
+    try:
+        settings = ServerSettings(collection=collection, index_dir=index_dir, model=model, api_key=api_key,
+                                  max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                                  allow_remote_images=allow_remote_images, cors_origins=tuple(cors_origin),
+                                  model_threads=model_threads, allowed_hosts=hosts)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from exc
     web_app = create_app(settings)
     state = web_app.state.web
     state.open_default()  # a missing or empty collection is a clear error now, not on the first query
     state.warm_up()
-    if host not in _LOOPBACK and settings.api_key is None:
-        typer.secho(f"warning: listening on {host} without an API key; anyone who can reach it can search "
-                    "and download your photos (set --api-key or CLIPSEARCH_API_KEY)", err=True, fg="yellow")
+    if not is_loopback(host) and settings.api_key is None:
+        typer.secho(f"warning: listening on {host} without an API key (--insecure); anyone who can reach it can "
+                    "search and download your photos", err=True, fg="yellow")
+    if host in _WILDCARDS and not allowed_host:
+        typer.secho(f"note: only loopback Host names are answered; add --allowed-host NAME for each name or "
+                    "address clients use to reach this server", err=True, fg="yellow")
     typer.echo(f"clipsearch: serving collection {collection!r} on http://{_url_host(host)}:{port}/ "
                f"(API docs at /docs{', API key required' if settings.api_key else ''})", err=True)
     uvicorn.run(web_app, host=host, port=port, root_path=root_path, log_level=log_level,
