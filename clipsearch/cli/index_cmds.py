@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,42 @@ def _progress_bar(enabled: bool) -> Iterator:
         yield update
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM/SIGHUP turned into the same unwinding as Ctrl-C (a KeyboardInterrupt), remembering the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """While indexing, SIGTERM and SIGHUP stop the run the way Ctrl-C does: the current batch is the last,
+    the FAISS index is brought in line with what SQLite committed, decoder processes are stopped."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    previous = {}
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, stop)
+    except ValueError:  # not the main thread (an embedding program): leave its handlers alone
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupted(name: str, count: int | None, signum: int) -> "typer.Exit":
+    """The line an interrupted run prints, and its exit status (128 + signal: 130 Ctrl-C, 143 SIGTERM)."""
+    so_far = f" ({count} images indexed so far)" if count is not None else ""
+    typer.echo(f"{name}: interrupted; run again to finish{so_far}", err=True)
+    return typer.Exit(128 + signum)
+
+
 @app.command()
 def index(
     paths: List[Path] = typer.Argument(..., help="Folders or image files to index (recursively)"),
@@ -61,16 +98,27 @@ def index(
     from ..indexer.runner import LocalRunner
     from ..models import load_model
 
-    target = Collection.create(collection, index_dir)
-    with target:
-        remembered = target.model
-        spec = model or (remembered.spec if remembered else None)
-        clip = load_model(spec, threads=threads)
-        options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
-                               include_hidden=include_hidden, rebuild=rebuild)
-        show_bar = not as_json and sys.stderr.isatty()
-        with _progress_bar(show_bar) as progress:
-            summary = LocalRunner(options).run(target, clip, [str(p) for p in paths], progress)
+    with _stop_on_signals():
+        try:
+            target = Collection.create(collection, index_dir)
+            with target:
+                try:
+                    remembered = target.model
+                    spec = model or (remembered.spec if remembered else None)
+                    clip = load_model(spec, threads=threads)
+                    options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
+                                           include_hidden=include_hidden, rebuild=rebuild)
+                    show_bar = not as_json and sys.stderr.isatty()
+                    with _progress_bar(show_bar) as progress:
+                        summary = LocalRunner(options).run(target, clip, [str(p) for p in paths], progress)
+                except KeyboardInterrupt as exc:
+                    try:
+                        count = target.store.count()
+                    except Exception:  # noqa: BLE001 - the message must be printed whatever the store says
+                        count = None
+                    raise _interrupted(collection, count, getattr(exc, "signum", signal.SIGINT)) from None
+        except KeyboardInterrupt as exc:  # before the collection was open
+            raise _interrupted(collection, None, getattr(exc, "signum", signal.SIGINT)) from None
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
         return
