@@ -16,9 +16,11 @@ generation it was built from, which is how a stale index is recognised.
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+from urllib.parse import quote
 
 import numpy as np
 
@@ -73,42 +75,88 @@ class SkippedFile:
 
 
 TEXT_CACHE_SIZE = 10_000
+# A cache hit refreshes the row's `used_at` (what eviction orders by) at most this often, so a repeated
+# query costs no write at all most of the time.
+TEXT_CACHE_TOUCH_SECONDS = 600.0
 BUSY_TIMEOUT_SECONDS = 30.0
 _TABLES = {"images", "embeddings", "skipped", "meta", "text_cache"}
 
+# PRAGMA user_version of the schema this code writes. 0 = a database from before versioning (v1 below).
+#   v1  images.id INTEGER PRIMARY KEY: SQLite reuses the largest id after it is deleted
+#   v2  images.id AUTOINCREMENT: an id is never handed out twice, so a stale FAISS index can only
+#       name rows that are gone, never another image
+SCHEMA_VERSION = 2
+
+_IMAGES_DDL = """CREATE TABLE {name} (
+   "id" INTEGER PRIMARY KEY AUTOINCREMENT,
+   "path" TEXT NOT NULL,
+   "size" INTEGER NOT NULL,
+   "mtime_ns" INTEGER NOT NULL,
+   "content_hash" TEXT NOT NULL,
+   "width" INTEGER,
+   "height" INTEGER,
+   "taken_at" TEXT,
+   "indexed_at" TEXT NOT NULL,
+   "model_id" TEXT NOT NULL,
+   "run_id" INTEGER
+)"""
+_IMAGES_INDEXES = ('CREATE UNIQUE INDEX IF NOT EXISTS "idx_images_path" ON "images" ("path")',
+                   'CREATE INDEX IF NOT EXISTS "idx_images_content_hash" ON "images" ("content_hash")')
+_OTHER_TABLES_DDL = (
+    'CREATE TABLE IF NOT EXISTS "embeddings" ("id" INTEGER PRIMARY KEY REFERENCES "images"("id"), "vector" BLOB, '
+    '"written_gen" INTEGER)',
+    'CREATE TABLE IF NOT EXISTS "skipped" ("path" TEXT PRIMARY KEY, "size" INTEGER, "mtime_ns" INTEGER, '
+    '"reason" TEXT, "run_id" INTEGER)',
+    'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)',
+    'CREATE TABLE IF NOT EXISTS "text_cache" ("model_id" TEXT, "text" TEXT, "vector" BLOB, "used_at" REAL, '
+    'PRIMARY KEY ("model_id", "text"))',
+)
+
 _IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at",
                   "indexed_at", "model_id")
+_IMAGE_ALL_COLUMNS = (*_IMAGE_COLUMNS, "run_id")
 
 
 class Store:
-    """The SQLite side of a collection. One connection; callers sharing it between threads serialise access."""
+    """The SQLite side of a collection. One connection; callers sharing it between threads serialise access.
 
-    def __init__(self, path: Path) -> None:
+    `create=False` opens an existing database only (a missing file is an error instead of a new, empty
+    database)."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
         self.path = Path(path)
         self._db = None
+        self.migrated_from: int | None = None  # the schema version this open upgraded, if it did
         try:
             # check_same_thread=False: a Searcher serves API threads, serialising access with its own lock.
-            self.conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
+            if create:
+                self.conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
+            else:
+                uri = "file:" + quote(str(self.path.absolute())) + "?mode=rw"
+                self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
+        except sqlite3.OperationalError as exc:
+            raise CollectionError(f"{self.path}: cannot open ({exc})") from exc
+        try:
             if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 self.conn.execute("PRAGMA journal_mode=wal")
             self.conn.execute("PRAGMA synchronous=NORMAL")
+            version = self._schema_version()
+            if version > SCHEMA_VERSION:
+                raise CollectionError(
+                    f"{self.path}: schema version {version} is newer than this clipsearch understands "
+                    f"(up to {SCHEMA_VERSION})",
+                    "Upgrade clipsearch (pip install -U clipsearch), or rebuild the collection with this version: "
+                    "clipsearch index PATH --rebuild")
+            if version < SCHEMA_VERSION:
+                self._upgrade_schema()
             self.conn.execute("PRAGMA foreign_keys=ON")
-            tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not tables >= _TABLES:
-                self._create_schema()
-            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(embeddings)")}
-            if "written_gen" not in columns:  # databases from before the append-only index update
-                try:
-                    self.conn.execute("BEGIN IMMEDIATE")
-                    self.conn.execute("ALTER TABLE embeddings ADD COLUMN written_gen INTEGER")
-                    self.conn.commit()
-                except sqlite3.OperationalError as exc:
-                    self.conn.rollback()  # another process added it first
-                    if "duplicate column" not in str(exc):
-                        raise
         except sqlite3.DatabaseError as exc:
+            self.conn.close()
             raise CollectionError(f"{self.path}: not a usable SQLite database ({exc})",
                                   "Rebuild the collection with: clipsearch index PATH --rebuild") from exc
+        except BaseException:
+            self.conn.close()
+            raise
 
     @property
     def db(self):
@@ -130,30 +178,72 @@ class Store:
         self.close()
 
     # -- schema --------------------------------------------------------------------------------
-    def _create_schema(self) -> None:
-        """Create missing tables. Safe when another process opens the same new collection at the same time:
-        one exclusive transaction, and every statement is IF NOT EXISTS."""
-        db = self.db
-        self.conn.execute("BEGIN IMMEDIATE")  # take the write lock up front (waits for another creator)
+    def _schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _upgrade_schema(self) -> None:
+        """Create a new database's tables, or migrate an older schema in place, in one exclusive transaction.
+        Safe when several processes open the same database at once: the version is read again under the
+        write lock, so only the first one does the work. Ids are kept."""
+        self.conn.execute("PRAGMA foreign_keys=OFF")  # a table rebuild drops the table others refer to
+        self.conn.execute("BEGIN IMMEDIATE")  # take the write lock up front (waits for another process)
         try:
-            db["images"].create(
-                {"id": int, "path": str, "size": int, "mtime_ns": int, "content_hash": str, "width": int,
-                 "height": int, "taken_at": str, "indexed_at": str, "model_id": str, "run_id": int},
-                pk="id", not_null={"path", "size", "mtime_ns", "content_hash", "indexed_at", "model_id"},
-                if_not_exists=True)
-            db["images"].create_index(["path"], unique=True, if_not_exists=True)
-            db["images"].create_index(["content_hash"], if_not_exists=True)
-            db["embeddings"].create({"id": int, "vector": bytes, "written_gen": int}, pk="id",
-                                    foreign_keys=[("id", "images", "id")], if_not_exists=True)
-            db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "reason": str, "run_id": int},
-                                 pk="path", if_not_exists=True)
-            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            db["text_cache"].create({"model_id": str, "text": str, "vector": bytes, "used_at": float},
-                                    pk=("model_id", "text"), if_not_exists=True)
+            version = self._schema_version()
+            if version > SCHEMA_VERSION:
+                raise CollectionError(f"{self.path}: schema version {version} is newer than this clipsearch "
+                                      f"understands (up to {SCHEMA_VERSION})",
+                                      "Upgrade clipsearch (pip install -U clipsearch).")
+            if version < SCHEMA_VERSION:
+                tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if "images" not in tables:
+                    self.conn.execute(_IMAGES_DDL.format(name='"images"'))
+                elif version < 2:
+                    self._migrate_v1_to_v2()
+                for statement in (*_IMAGES_INDEXES, *_OTHER_TABLES_DDL):
+                    self.conn.execute(statement)
+                columns = {row[1] for row in self.conn.execute("PRAGMA table_info(embeddings)")}
+                if "written_gen" not in columns:  # v1 databases from before the append-only index update
+                    self.conn.execute("ALTER TABLE embeddings ADD COLUMN written_gen INTEGER")
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self.migrated_from = version if "images" in tables else None
         except BaseException:
             self.conn.rollback()
+            self.conn.execute("PRAGMA foreign_keys=ON")
             raise
         self.conn.commit()
+        self.conn.execute("PRAGMA foreign_keys=ON")
+
+    def _migrate_v1_to_v2(self) -> None:
+        """images.id INTEGER PRIMARY KEY -> AUTOINCREMENT (SQLite cannot alter that: copy into a new table),
+        the id sequence starting above every id the collection has ever shown."""
+        columns = ", ".join(f'"{c}"' for c in _IMAGE_ALL_COLUMNS)
+        self.conn.execute(_IMAGES_DDL.format(name='"images_v2"'))
+        self.conn.execute(f"INSERT INTO images_v2 ({columns}) SELECT {columns} FROM images")
+        self.conn.execute("DROP TABLE images")  # and its indexes; embeddings' reference is re-pointed by name
+        self.conn.execute("ALTER TABLE images_v2 RENAME TO images")
+        high = self.conn.execute("SELECT max(coalesce((SELECT max(id) FROM images), 0), "
+                                 "coalesce((SELECT max(id) FROM embeddings), 0))").fetchone()[0]
+        self._set_id_floor(int(high or 0))
+
+    def _set_id_floor(self, highest_used: int) -> None:
+        """Make every id handed out from now on larger than `highest_used` (never lowers the sequence)."""
+        self.conn.execute("DELETE FROM sqlite_sequence WHERE name = 'images_v2'")
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+        if row is None:
+            self.conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('images', ?)", [int(highest_used)])
+        elif int(row[0]) < highest_used:
+            self.conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'images'", [int(highest_used)])
+
+    def reserve_ids_through(self, highest_used: int) -> None:
+        """Never hand out ids up to `highest_used` (e.g. ids an older index or generation has shown)."""
+        with self.conn:
+            self._set_id_floor(int(highest_used))
+
+    def id_high_water(self) -> int:
+        """The largest id ever handed out (deleted rows included)."""
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+        current = int(self.conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0])
+        return max(current, int(row[0]) if row else 0)
 
     # -- meta ------------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -253,27 +343,55 @@ class Store:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # -- query text cache (a repeated query skips loading the text model) --------------------------
-    def cached_text_vectors(self, model_id: str, texts: Sequence[str], dim: int) -> dict[str, np.ndarray]:
+    def cached_text_vectors(self, model_id: str, texts: Sequence[str], dim: int,
+                            now: float | None = None) -> dict[str, np.ndarray]:
+        """Cached vectors of those `texts` that are cached. A hit marks its row as used (what eviction
+        orders by), writing at most once per TEXT_CACHE_TOUCH_SECONDS per row and never waiting long."""
+        now = time.time() if now is None else now
         found: dict[str, np.ndarray] = {}
+        stale: list[str] = []
         for text in dict.fromkeys(texts):
-            row = self.conn.execute("SELECT vector FROM text_cache WHERE model_id = ? AND text = ?", [model_id, text]).fetchone()
+            row = self.conn.execute("SELECT vector, used_at FROM text_cache WHERE model_id = ? AND text = ?",
+                                    [model_id, text]).fetchone()
             if row is not None and len(row[0]) == dim * 4:
                 found[text] = np.frombuffer(row[0], dtype=np.float32).copy()
+                if row[1] is None or now - float(row[1]) >= TEXT_CACHE_TOUCH_SECONDS:
+                    stale.append(text)
+        if stale:
+            self._best_effort_write(lambda: self.conn.executemany(
+                "UPDATE text_cache SET used_at = ? WHERE model_id = ? AND text = ?",
+                [(now, model_id, text) for text in stale]))
         return found
 
     def cache_text_vectors(self, model_id: str, vectors: dict[str, np.ndarray], now: float,
                            keep: int = TEXT_CACHE_SIZE) -> None:
-        """Remember text embeddings (best effort: a read-only or busy database just skips caching, waiting
-        at most a quarter of a second for an indexing run's write lock)."""
+        """Remember text embeddings, evicting the least recently used beyond `keep` rows (best effort: a
+        read-only or busy database just skips caching, waiting at most a quarter of a second for an
+        indexing run's write lock)."""
+        def write() -> None:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO text_cache (model_id, text, vector, used_at) VALUES (?, ?, ?, ?)",
+                [(model_id, text, np.ascontiguousarray(vector, dtype=np.float32).tobytes(), now)
+                 for text, vector in vectors.items()])
+            self.conn.execute("DELETE FROM text_cache WHERE rowid NOT IN (SELECT rowid FROM text_cache "
+                              "ORDER BY used_at DESC LIMIT ?)", [int(keep)])
+
+        self._best_effort_write(write)
+
+    def _best_effort_write(self, write) -> None:
+        """Run `write()` in its own transaction with a short busy timeout; give up quietly when the database
+        is busy or read-only. Plain sqlite3 (no sqlite-utils import on the search path)."""
+        if self.conn.in_transaction:
+            return  # never commit someone else's transaction
         self.conn.execute("PRAGMA busy_timeout = 250")
         try:
-            with self.db.atomic():
-                for text, vector in vectors.items():
-                    self.db.execute("INSERT OR REPLACE INTO text_cache (model_id, text, vector, used_at) "
-                                    "VALUES (?, ?, ?, ?)",
-                                    [model_id, text, np.ascontiguousarray(vector, dtype=np.float32).tobytes(), now])
-                self.db.execute("DELETE FROM text_cache WHERE rowid NOT IN (SELECT rowid FROM text_cache "
-                                "ORDER BY used_at DESC LIMIT ?)", [keep])
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                write()
+            except BaseException:
+                self.conn.rollback()
+                raise
+            self.conn.commit()
         except sqlite3.OperationalError:
             pass
         finally:
@@ -350,14 +468,6 @@ class Store:
                 chunk = [int(i) for i in ids[start:start + 500]]
                 removed += self._delete_where(f"id IN ({','.join('?' * len(chunk))})", chunk)
         return removed
-
-    def clear(self) -> None:
-        """Forget every image (for --rebuild with another model)."""
-        with self.db.atomic():
-            self.db.execute("DELETE FROM embeddings")
-            self.db.execute("DELETE FROM images")
-            self.db.execute("DELETE FROM skipped")
-            self._bump_generation()
 
     def _delete_where(self, where: str, params: list) -> int:
         self.db.execute(f"DELETE FROM embeddings WHERE id IN (SELECT id FROM images WHERE {where})", params)
