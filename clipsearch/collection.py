@@ -4,6 +4,15 @@ Layout of ``<root>/<name>/``::
 
     meta.sqlite (+ -wal, -shm)   images, vectors, skipped files, the model the collection was built with
     vectors.faiss, vectors.json  the search index and which store generation / model it reflects
+    index.lock                   held by the indexing run that writes the collection
+    CURRENT, gen-N/              after a `--rebuild`: CURRENT names the generation folder gen-N that holds
+                                 the files above (without CURRENT they sit in the collection folder itself)
+
+A rebuild builds a new generation folder beside the data in use and then replaces CURRENT atomically
+(write, fsync, rename): searchers keep answering from the old data until that rename, a killed rebuild
+leaves the old data untouched, and the next indexing run removes what a killed rebuild left behind.
+Searchers notice the switch (`Collection.refresh`) and reopen; the old data is deleted after the switch
+(processes that still hold it open keep reading it through their open files).
 
 `<root>` is `--index-dir` when given, else `clipsearch.paths.collections_dir()` (per-user data dir,
 or `$CLIPSEARCH_HOME/collections`).
@@ -11,7 +20,9 @@ or `$CLIPSEARCH_HOME/collections`).
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,11 +35,18 @@ from . import paths
 from .bundle import BundleInfo, is_bundle
 from .errors import CollectionError
 from .store import Store
-from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, VectorIndex
+from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex
 
 DEFAULT_COLLECTION = "default"
 STORE_FILE = "meta.sqlite"
 LOCK_FILE = "index.lock"
+POINTER_FILE = "CURRENT"
+GENERATION_PREFIX = "gen-"
+_GENERATION_RE = re.compile(r"^gen-([0-9]{1,9})$")
+# What a generation's data is made of, when it sits in the collection folder itself (before any rebuild).
+_DATA_FILES = (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", STORE_FILE + "-journal", INDEX_FILE,
+               SIDECAR_FILE, TRAINED_FILE)
+_DATA_DIRS = ("thumbnails",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -90,15 +108,55 @@ def list_collections(index_dir: Path | str | None = None) -> list[str]:
     root = collections_root(index_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / STORE_FILE).is_file())
+    names = []
+    for folder in root.iterdir():
+        try:
+            if (data_folder(folder) / STORE_FILE).is_file():
+                names.append(folder.name)
+        except (OSError, CollectionError):
+            continue
+    return sorted(names)
+
+
+def data_folder(root: Path) -> Path:
+    """The folder holding a collection's current data: the generation CURRENT names, else `root` itself."""
+    try:
+        name = (root / POINTER_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return root
+    except OSError as exc:
+        raise CollectionError(f"{root / POINTER_FILE}: unreadable ({exc.strerror or exc})") from exc
+    if not _GENERATION_RE.match(name):
+        raise CollectionError(f"{root / POINTER_FILE}: does not name a generation folder ({name[:40]!r})",
+                              "Rebuild the collection with: clipsearch index PATH --rebuild")
+    return root / name
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Collection:
-    """Open with `Collection.open(name, index_dir)` (must exist) or `Collection.create(...)`."""
+    """Open with `Collection.open(name, index_dir)` (must exist) or `Collection.create(...)`.
 
-    def __init__(self, folder: Path, name: str) -> None:
-        self.folder = Path(folder)
+    `root` is the collection's folder; `folder` is where its current data lives (`root` itself, or the
+    generation folder a rebuild switched to)."""
+
+    def __init__(self, folder: Path, name: str, *, create: bool = False, data: Path | None = None) -> None:
+        self.root = Path(folder)
         self.name = name
+        self._create = create
+        self._pinned = data is not None  # a rebuild's new generation: not found through CURRENT
+        self.folder = Path(data) if data is not None else data_folder(self.root)
         self._store: Store | None = None
 
     # -- opening ---------------------------------------------------------------------------------
@@ -112,7 +170,7 @@ class Collection:
     @classmethod
     def open(cls, name: str = DEFAULT_COLLECTION, index_dir: Path | str | None = None) -> "Collection":
         folder = cls.folder_for(name, index_dir)
-        if not (folder / STORE_FILE).is_file():
+        if not (data_folder(folder) / STORE_FILE).is_file():
             known = list_collections(index_dir)
             hint = f"Known collections: {', '.join(known)}." if known else "Create it with: clipsearch index PATH"
             raise CollectionError(f"no collection named {name!r} in {folder.parent}", hint)
@@ -120,21 +178,71 @@ class Collection:
 
     @classmethod
     def create(cls, name: str = DEFAULT_COLLECTION, index_dir: Path | str | None = None) -> "Collection":
-        """Open the collection, creating its folder and database when missing."""
-        folder = cls.folder_for(name, index_dir)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CollectionError(f"cannot create {folder}: {exc.strerror or exc}") from exc
-        collection = cls(folder, name)
-        collection.store  # creates the schema
-        return collection
+        """Open the collection, or prepare a new one: nothing is written to disk until a model is bound
+        (`bind_model`), so a run that fails before that (an unknown --model, say) leaves no empty
+        collection behind."""
+        return cls(cls.folder_for(name, index_dir), name, create=True)
+
+    @property
+    def exists(self) -> bool:
+        """True once the collection has a database (a created collection gets one from `bind_model`)."""
+        return self._store is not None or (self.folder / STORE_FILE).is_file()
 
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.folder / STORE_FILE)
+            for attempt in range(3):
+                if not self._pinned:
+                    self.folder = data_folder(self.root)
+                path = self.folder / STORE_FILE
+                if not path.is_file() and not self._create:
+                    if attempt < 2:  # the generation was switched between reading CURRENT and the check
+                        continue
+                    raise CollectionError(f"no collection named {self.name!r} in {self.root.parent}",
+                                          "Create it with: clipsearch index PATH")
+                if self._create:
+                    self._make_folder(self.folder)
+                try:
+                    store = Store(path, create=self._create)
+                except CollectionError:
+                    if attempt < 2 and not self._pinned and data_folder(self.root) != self.folder:
+                        continue  # a rebuild switched generations while we opened the old one: open the new one
+                    raise
+                self._store = store
+                break
+            if self._store.migrated_from is not None:
+                self._reserve_indexed_ids(self._store)
         return self._store
+
+    @staticmethod
+    def _make_folder(folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CollectionError(f"cannot create {folder}: {exc.strerror or exc}") from exc
+
+    def _reserve_indexed_ids(self, store: Store) -> None:
+        """Ids a saved FAISS index holds are never handed out again (it may name rows deleted since)."""
+        try:
+            from .vectors import IndexMeta
+
+            meta = IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if meta.max_id > store.id_high_water():
+            store.reserve_ids_through(meta.max_id)
+
+    def refresh(self) -> bool:
+        """Follow a rebuild that switched generations since this collection was opened: True when it did
+        (the store is reopened on next use)."""
+        if self._pinned:
+            return False
+        current = data_folder(self.root)
+        if current == self.folder:
+            return False
+        self.close()
+        self.folder = current
+        return True
 
     def close(self) -> None:
         if self._store is not None:
@@ -149,8 +257,10 @@ class Collection:
 
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
-        """Held by an indexing run: a second run on the same collection is refused instead of interleaving."""
-        lock_path = self.folder / LOCK_FILE
+        """Held by an indexing run: a second run on the same collection is refused instead of interleaving.
+        Taking it also removes what a killed rebuild left behind."""
+        self._make_folder(self.root)
+        lock_path = self.root / LOCK_FILE
         handle = open(lock_path, "a+")
         try:
             try:
@@ -162,13 +272,86 @@ class Collection:
             except BlockingIOError as exc:
                 raise CollectionError(f"collection {self.name!r} is being indexed by another process",
                                       "Wait for it to finish (or stop it) and run again.") from exc
+            self.remove_stale_generations()
+            if self._create:
+                self.store  # a new collection exists (still without a model) while a run holds its lock
             yield
         finally:
             handle.close()
 
+    def discard_if_unbound(self) -> bool:
+        """Delete this collection's database if no model was ever bound and it holds nothing (a first run that
+        failed before indexing anything). Call only while holding `writer_lock`. True when it was deleted."""
+        if self._pinned or not self.exists or self.model is not None or self.store.count() or self.folder != self.root:
+            return False
+        self.close()
+        _remove_data(self.root)
+        return True
+
+    # -- generations (atomic --rebuild) ------------------------------------------------------------
+    def remove_stale_generations(self) -> list[Path]:
+        """Delete generation folders that CURRENT does not name (a killed rebuild's, or the one a finished
+        rebuild replaced), and the pre-rebuild data in the collection folder once CURRENT exists. Call only
+        while holding `writer_lock`. Returns what was removed."""
+        if self._pinned or not self.root.is_dir():
+            return []
+        current = data_folder(self.root)
+        removed: list[Path] = []
+        for child in self.root.iterdir():
+            if _GENERATION_RE.match(child.name) and child != current and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+        if current != self.root:
+            removed.extend(_remove_data(self.root))
+        return removed
+
+    def start_rebuild(self, info: BundleInfo) -> "Collection":
+        """A new, empty generation bound to `info`, beside the data in use (which keeps serving searches);
+        index into it, then `finish_rebuild` switches to it. Call only while holding `writer_lock`."""
+        # Numbers only grow (counting a killed rebuild's folder too), so no folder name is ever used twice.
+        numbers = [int(m.group(1)) for m in (_GENERATION_RE.match(c.name) for c in self.root.iterdir()) if m]
+        self.remove_stale_generations()
+        folder = self.root / f"{GENERATION_PREFIX}{max(numbers, default=0) + 1}"
+        self._make_folder(folder)
+        staged = Collection(self.root, self.name, create=True, data=folder)
+        staged.bind_model(info)
+        if self.exists:
+            # Ids continue above every id the old generation handed out: a searcher still holding the old
+            # index can never be shown a new image for an old vector.
+            high = self.store.id_high_water()
+            try:
+                from .vectors import IndexMeta
+
+                high = max(high, IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8")).max_id)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            staged.store.reserve_ids_through(high)
+        return staged
+
+    def finish_rebuild(self, staged: "Collection") -> None:
+        """Switch to `staged` (from `start_rebuild`) atomically, then delete the data it replaces."""
+        if not staged._pinned or staged.root != self.root:
+            raise ValueError("finish_rebuild needs the collection start_rebuild returned")
+        staged.close()  # checkpoints the new database
+        _fsync_dir(staged.folder)
+        pointer = self.root / POINTER_FILE
+        tmp = self.root / f".{POINTER_FILE}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(staged.folder.name + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, pointer)  # the switch: readers see the old or the new generation, never a mix
+        _fsync_dir(self.root)
+        self.close()
+        self.folder = staged.folder
+        self._create = False
+        self.remove_stale_generations()
+
     # -- model ------------------------------------------------------------------------------------
     @property
     def model(self) -> CollectionModel | None:
+        if not self.exists:
+            return None
         store = self.store
         model_id = store.get_meta("model_id")
         if not model_id:
@@ -177,17 +360,15 @@ class Collection:
                                bundle_path=store.get_meta("model_path", "") or "",
                                embed_dim=int(store.get_meta("embed_dim", "0") or 0))
 
-    def bind_model(self, info: BundleInfo, rebuild: bool = False) -> None:
-        """Record the model the vectors come from; refuse another model unless `rebuild` (which forgets all rows)."""
+    def bind_model(self, info: BundleInfo) -> None:
+        """Record the model the vectors come from (creating a new collection on disk); another model is
+        refused — switching models is a rebuild into a new generation (`start_rebuild`)."""
         current = self.model
         if current is not None and current.model_id != info.model_id:
-            if not rebuild:
-                raise CollectionError(
-                    f"collection {self.name!r} was built with model {current.model_id}, not {info.model_id}; "
-                    "vectors of two models cannot be mixed",
-                    f"Index with --model {current.spec} or re-embed everything with --rebuild.")
-        if rebuild:
-            self.store.clear()
+            raise CollectionError(
+                f"collection {self.name!r} was built with model {current.model_id}, not {info.model_id}; "
+                "vectors of two models cannot be mixed",
+                f"Index with --model {current.spec} or re-embed everything with --rebuild.")
         self.store.set_meta({"model_id": info.model_id, "model_name": info.name, "model_path": str(info.path),
                              "embed_dim": str(info.embed_dim),
                              "created_at": self.store.get_meta("created_at") or _now()})
@@ -323,6 +504,9 @@ class Collection:
         if model is None:
             if images:
                 problems.append("SQLite has images but no model recorded")
+            else:
+                problems.append(f"collection {self.name!r} has no model recorded: nothing was ever indexed into it "
+                                f"(index photos with: clipsearch index PATH --collection {self.name})")
             return CheckReport(self.name, images, None, problems)
         wrong_model = store.db.execute("SELECT count(*) FROM images WHERE model_id != ?", [model.model_id]).fetchone()[0]
         if wrong_model:
@@ -384,10 +568,25 @@ class Collection:
             pass
         skipped = int(store.db.execute("SELECT count(*) FROM skipped").fetchone()[0])
         size = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
-        return CollectionStats(name=self.name, folder=str(self.folder), images=store.count(), skipped=skipped,
+        return CollectionStats(name=self.name, folder=str(self.root), images=store.count(), skipped=skipped,
                                model=self.model, index_kind=meta.layout.kind if meta else None,
                                index_count=meta.count if meta else None, index_fresh=self.vectors_fresh(),
                                bytes_on_disk=size)
+
+
+def _remove_data(folder: Path) -> list[Path]:
+    removed = []
+    for name in _DATA_FILES:
+        target = folder / name
+        if target.is_file():
+            target.unlink(missing_ok=True)
+            removed.append(target)
+    for name in _DATA_DIRS:
+        target = folder / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            removed.append(target)
+    return removed
 
 
 def _now() -> str:

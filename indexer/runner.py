@@ -5,6 +5,10 @@ A run is crash-safe: rows and vectors are committed to SQLite per batch, the swe
 happens only after every file was seen, and the FAISS index is rebuilt from SQLite at the end (or by
 the next run / `Collection.load_vectors` if this one was killed), so `clipsearch check` passes once an
 interrupted run has been resumed.
+
+`--rebuild` indexes into a new generation of the collection (`Collection.start_rebuild`) while the old one
+keeps serving searches, and switches to it atomically only once the new one is complete and its FAISS
+index saved (`Collection.finish_rebuild`); a killed or failed rebuild leaves the old collection as it was.
 """
 
 from __future__ import annotations
@@ -39,21 +43,43 @@ class LocalRunner:
             progress: ProgressCallback | None = None) -> IndexSummary:
         """Index `roots` into `collection` with `model` (a `clipsearch.runtime.ClipModel`)."""
         with collection.writer_lock():
-            return self._run(collection, model, roots, progress)
+            try:
+                return self._run(collection, model, roots, progress)
+            except BaseException:
+                collection.discard_if_unbound()  # a first run that failed early leaves no empty collection
+                raise
 
     def _run(self, collection: Collection, model, roots: Sequence[str | Path],
              progress: ProgressCallback | None) -> IndexSummary:
         options = self.options
         started = time.perf_counter()
         cpu_started = time.process_time()
-        worker_cpu = 0.0
         current = collection.model
         if current is not None and current.model_id != model.model_id and not options.rebuild:
             collection.bind_model(model.info)  # raises: another model's vectors are never mixed in
         walked = walk(roots, options.walk_options())
-        if not walked.roots:  # checked before --rebuild forgets anything
+        if not walked.roots:  # checked before --rebuild starts anything
             raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
-        collection.bind_model(model.info, rebuild=options.rebuild)
+        rebuilding = options.rebuild and collection.exists
+        if rebuilding:
+            target = collection.start_rebuild(model.info)  # searchers keep using the old generation
+        else:
+            target = collection
+            target.bind_model(model.info)
+        try:
+            summary = self._index_into(target, model, walked, progress, started, cpu_started)
+        except BaseException:
+            if rebuilding:
+                target.close()  # the half-built generation is removed by the next run on the collection
+            raise
+        if rebuilding:
+            collection.finish_rebuild(target)
+        return summary
+
+    def _index_into(self, collection: Collection, model, walked, progress: ProgressCallback | None,
+                    started: float, cpu_started: float) -> IndexSummary:
+        options = self.options
+        worker_cpu = 0.0
         store = collection.store
         summary = IndexSummary(collection=collection.name, model_id=model.model_id)
         summary.skipped.extend(SkippedFile(p, r) for p, r in walked.problems)
@@ -89,11 +115,15 @@ class LocalRunner:
                             assembler.add(result)
                         assembler.flush()
             summary.removed = store.sweep(walked.roots, run_id)
-        finally:
-            # Even when interrupted, leave FAISS in agreement with what SQLite committed.
-            index_started = time.perf_counter()
-            sync = collection.update_vectors(options.ivf_threshold)
-            index_seconds = time.perf_counter() - index_started
+        except BaseException:
+            # Even when interrupted, leave FAISS in agreement with what SQLite committed (not worth it for
+            # a rebuild's new generation: an interrupted one is never switched to).
+            if not options.rebuild:
+                collection.update_vectors(options.ivf_threshold)
+            raise
+        index_started = time.perf_counter()
+        sync = collection.update_vectors(options.ivf_threshold)
+        index_seconds = time.perf_counter() - index_started
         summary.total = store.count()
         index_meta = sync.index.meta if sync.index is not None else None
         summary.index_kind = index_meta.layout.kind if index_meta else (collection.stats().index_kind or "")
