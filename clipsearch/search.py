@@ -1,5 +1,5 @@
 """The query service: text, an image (path or bytes) or an indexed image as the query, combined with
-weights like rclip ("beach" and not "people"), answered from a collection's FAISS index and joined
+weights ("beach" and not "people"; a text's weight is written as a prefix, "^2:beach"), answered from a collection's FAISS index and joined
 with SQLite metadata.
 
 A `Searcher` keeps its model and index loaded across queries (the REST API holds one per collection);
@@ -12,6 +12,7 @@ it is safe to call from several threads. Example::
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import threading
@@ -28,7 +29,11 @@ from .errors import CollectionError, QueryError
 MAX_QUERY_CHARS = 10_000
 MAX_K = 10_000
 STALE_REFRESH_SECONDS = 10.0
-_WEIGHT_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(.*)$", re.S)
+# "^W:text": a caret, a decimal weight, a colon. Nothing else at the start of a text is read as a weight,
+# so "2:beach" or "12:30 sunset" are plain text; a text that really starts with a caret escapes it: "\\^_^".
+_WEIGHT_RE = re.compile(r"^\^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):(.*)$", re.S)
+WEIGHT_SYNTAX_HELP = ('A weight goes first as ^W: ("^2:beach", "^0.5:sunset"; W > 0, --not subtracts). '
+                      'Other text is taken as it is ("12:30 sunset"); a text starting with ^ is written \\^ ("\\^_^").')
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class SearchQuery:
               and_images: Sequence[str | os.PathLike[str] | bytes] = (),
               not_images: Sequence[str | os.PathLike[str] | bytes] = (), k: int = 10,
               include_query_images: bool = False) -> "SearchQuery":
-        """Assemble a query; texts may carry an rclip-style weight prefix, e.g. "2:beach" or "0.5:sunset"."""
+        """Assemble a query; texts may carry a weight prefix, e.g. "^2:beach" or "^0.5:sunset" (see `parse_weight`)."""
         terms: list[QueryTerm] = []
         if text is not None:
             terms.append(text_term(text))
@@ -85,16 +90,35 @@ class SearchQuery:
                     raise QueryError("empty text query")
                 if len(text) > MAX_QUERY_CHARS:
                     raise QueryError(f"text query of {len(text):,} characters is longer than {MAX_QUERY_CHARS:,}")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise QueryError(f"text query {text[:40].encode('utf-8', 'backslashreplace').decode()!r} is not "
+                                     "valid UTF-8") from exc
             elif term.kind not in ("image", "like"):
                 raise QueryError(f"unknown query term kind {term.kind!r}")
 
 
 def parse_weight(text: str) -> tuple[float, str]:
-    """'2:beach' -> (2.0, 'beach'); 'beach' -> (1.0, 'beach'); 'photo: x' (no number) stays as is."""
+    """Split an optional weight prefix off a query text.
+
+    '^2:beach' -> (2.0, 'beach'); '^.5:sunset' -> (0.5, 'sunset'); 'beach', '2:beach', '12:30 sunset' ->
+    weight 1 and the text unchanged; '\\^_^' -> (1.0, '^_^') (a backslash before a leading caret escapes it).
+    A text starting with '^' that is not '^W:' with W > 0 is a QueryError (negative weights are written
+    with --not, which subtracts the term)."""
+    if text.startswith("\\^"):
+        return 1.0, text[1:]
+    if not text.startswith("^"):
+        return 1.0, text
     match = _WEIGHT_RE.match(text)
-    if match:
-        return float(match.group(1)), match.group(2).strip()
-    return 1.0, text
+    if match is None:
+        raise QueryError(f"malformed weight in {text[:40]!r}: write ^W:text with a number W, e.g. ^2:beach",
+                         "A text that starts with a caret is written with a backslash before it: \\^")
+    weight = float(match.group(1))
+    if not (weight > 0 and math.isfinite(weight)):
+        raise QueryError(f"weight {match.group(1)} in {text[:40]!r} must be a positive number",
+                         "To subtract a text, give it with --not (it takes a weight too: --not '^2:people').")
+    return weight, match.group(2).strip()
 
 
 def text_term(text: str, negate: bool = False) -> QueryTerm:
@@ -132,16 +156,26 @@ class Searcher:
     """Answers `SearchQuery`s over one collection; model and index load lazily and stay loaded."""
 
     def __init__(self, collection: Collection, model=None, model_spec: str | None = None) -> None:
+        """`model`: a loaded `ClipModel` to use; `model_spec`: what the user gave as --model. Either is checked
+        against the collection's model right away (a spec by reading its bundle's model.json, without
+        loading the model), so a wrong or unknown --model fails even when every query text is cached."""
         self.collection = collection
         self.collection_model = collection.require_model()
         self._model = model
+        self._model_given = model is not None
         self._model_spec = model_spec
+        self._model_info = None  # the resolved bundle of model_spec
         self._index = None
         self._index_generation: int | None = None
         self._index_loaded_at = 0.0
         self._lock = threading.RLock()
         if model is not None:
             self._check_model(model)
+        elif model_spec is not None:
+            from .models import resolve_model
+
+            self._model_info = resolve_model(model_spec)
+            self._check_model(self._model_info)
 
     @classmethod
     def open(cls, collection: str = DEFAULT_COLLECTION, index_dir: str | os.PathLike[str] | None = None,
@@ -165,18 +199,36 @@ class Searcher:
             with self._lock:
                 if self._model is None:
                     from .models import load_model
+                    from .runtime import ClipModel
 
-                    model = load_model(self._model_spec or self.collection_model.spec)
+                    model = (ClipModel(self._model_info) if self._model_info is not None
+                             else load_model(self.collection_model.spec))
                     self._check_model(model)
                     self._model = model
         return self._model
 
     def _check_model(self, model) -> None:
+        """`model`: a ClipModel or a BundleInfo (both have model_id)."""
         if model.model_id != self.collection_model.model_id:
             raise CollectionError(
                 f"collection {self.collection.name!r} was built with {self.collection_model.model_id}; "
                 f"model {model.model_id} cannot search it",
                 "Leave out --model to use the collection's own model, or re-index with --rebuild.")
+
+    def _follow_rebuild(self) -> None:
+        """After a rebuild switched the collection to a new generation: reopen it, drop the old index, and
+        the model when it was the collection's own (a given --model must still match; it is checked again)."""
+        with self._lock:
+            if not self.collection.refresh():
+                return
+            self.collection_model = self.collection.require_model()
+            self._index = None
+            self._index_generation = None
+            self._index_loaded_at = 0.0
+            if self._model_given or self._model_info is not None:
+                self._check_model(self._model if self._model is not None else self._model_info)
+            elif self._model is not None and self._model.model_id != self.collection_model.model_id:
+                self._model = None
 
     @property
     def index(self):
@@ -222,6 +274,7 @@ class Searcher:
     # -- queries --------------------------------------------------------------------------------
     def query_vector(self, query: SearchQuery) -> QueryVector:
         query.validate()
+        self._follow_rebuild()
         dim = self.collection_model.embed_dim
         total = np.zeros(dim, dtype=np.float32)
         exclude: set[int] = set()
@@ -282,7 +335,7 @@ class Searcher:
         with self._lock:
             same = {row[0] for row in self.collection.store.db.execute(
                 "SELECT id FROM images WHERE content_hash = ?", [digest])}
-            if not isinstance(value, bytes):
+            if not isinstance(value, bytes) and _is_utf8(str(value)):  # stored paths are UTF-8 text
                 record = self.collection.store.find_by_path(os.path.abspath(str(value)))
                 if record is not None:
                     same.add(record.id)
@@ -294,6 +347,7 @@ class Searcher:
         return self.search_vector(qv.vector, query.k, qv.exclude_ids)
 
     def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = ()) -> list[SearchHit]:
+        self._follow_rebuild()
         index = self.index
         ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids)[0]
         with self._lock:
@@ -306,6 +360,14 @@ class Searcher:
             hits.append(SearchHit(id=image_id, path=record.path, score=round(score, 6), width=record.width,
                                   height=record.height, taken_at=record.taken_at))
         return hits
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def search(query: SearchQuery, collection: str = DEFAULT_COLLECTION,

@@ -85,16 +85,34 @@ def test_and_not_and_weights_combine_like_rclip(indexed, model):
     collection, _ = indexed
     searcher = Searcher(collection, model)
     beach, people, sunset = model.encode_text(["beach", "people", "sunset"])
-    combined = searcher.query_vector(SearchQuery.build(text="beach", and_texts=["0.5:sunset"], not_texts=["2:people"]))
+    combined = searcher.query_vector(SearchQuery.build(text="beach", and_texts=["^0.5:sunset"], not_texts=["^2:people"]))
     expected = beach + 0.5 * sunset - 2 * people
     np.testing.assert_allclose(combined.vector, expected / np.linalg.norm(expected), atol=1e-5)
     ranked = searcher.search(SearchQuery.build(text="beach", not_texts=["people"], k=17))
     ids, vectors = collection.store.all_vectors(model.embed_dim)
     direction = (beach - people) / np.linalg.norm(beach - people)
     assert ranked[0].id == int(ids[np.argmax(vectors @ direction)])
-    assert parse_weight("2:beach") == (2.0, "beach")
-    assert parse_weight(".5:sunset") == (0.5, "sunset")
+    assert parse_weight("^2:beach") == (2.0, "beach")
+    assert parse_weight("^.5:sunset") == (0.5, "sunset")
     assert parse_weight("photo: a dog") == (1.0, "photo: a dog")
+
+
+def test_weight_prefix_never_collides_with_ordinary_text():
+    # Only "^W:" at the very start is a weight: times, ratios and "N:" stay text.
+    for text in ("12:30 sunset", "2:beach", "16:9 panorama", " ^2:leading space", "photo: a dog", "a ^2:b"):
+        assert parse_weight(text) == (1.0, text)
+    assert parse_weight("^2:beach") == (2.0, "beach")
+    assert parse_weight("^0.5: sunset ") == (0.5, "sunset")
+    assert parse_weight("^+3:x") == (3.0, "x")
+    # A text that really starts with a caret escapes it.
+    assert parse_weight("\\^_^ smiley") == (1.0, "^_^ smiley")
+    assert parse_weight("\\^2:beach") == (1.0, "^2:beach")
+    for bad in ("^-1:people", "^0:beach", "^_^", "^2 beach", "^:beach", "^1e3:x"):
+        with pytest.raises(QueryError):
+            parse_weight(bad)
+    query = SearchQuery.build(text="12:30 sunset", and_texts=["^2:beach"], not_texts=["^0.5:people", "9:00"])
+    assert [(t.value, t.weight) for t in query.terms] == [("12:30 sunset", 1.0), ("beach", 2.0), ("people", -0.5),
+                                                         ("9:00", -1.0)]
 
 
 def test_bad_queries_fail_clearly(indexed, model, tmp_path):
@@ -173,3 +191,46 @@ def test_a_repeated_text_query_is_answered_without_loading_the_text_model(indexe
     again = Searcher(collection, fresh_model).search(SearchQuery.build(text="a cat on a sofa", k=5))
     assert not fresh_model.textual.loaded and not fresh_model.visual.loaded
     assert [(h.id, h.score) for h in again] == [(h.id, h.score) for h in first]
+
+
+def test_model_is_checked_even_when_the_query_text_is_cached(indexed, tiny_bundle, tmp_path):
+    import shutil
+
+    from clipsearch.errors import ModelNotAvailable
+
+    collection, _ = indexed
+    Searcher(collection, ClipModel(tiny_bundle, threads=1)).search(SearchQuery.build(text="a cached query", k=3))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["name"] = "not-the-same"
+    (other / "model.json").write_text(json.dumps(meta))
+    query = SearchQuery.build(text="a cached query", k=3)
+    with pytest.raises(CollectionError, match="cannot search it"):
+        Searcher(collection, model_spec=str(other)).search(query)
+    with pytest.raises(ModelNotAvailable, match="no model 'no-such-model'"):
+        Searcher(collection, model_spec="no-such-model").search(query)
+    # The collection's own model given explicitly: validated from model.json, still not loaded for a cached text.
+    same = Searcher(collection, model_spec=str(tiny_bundle))
+    assert len(same.search(query)) == 3 and same._model is None
+    root = str(collection.folder.parent)
+    for spec, message in ((str(other), "cannot search it"), ("no-such-model", "no model 'no-such-model'")):
+        result = subprocess.run([*CLI, "search", "a cached query", "--collection", "s", "--index-dir", root,
+                                 "--model", spec], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_cached_search_never_imports_sqlite_utils_and_keeps_the_cache_recent(indexed, tiny_bundle):
+    collection, _ = indexed
+    Searcher(collection, ClipModel(tiny_bundle, threads=1)).search(SearchQuery.build(text="beach at noon", k=3))
+    collection.store.conn.execute("UPDATE text_cache SET used_at = 1.0")  # last used long ago
+    collection.store.conn.commit()
+    script = ("import sys, json; from clipsearch.search import SearchQuery, Searcher\n"
+              f"s = Searcher.open('s', {str(collection.folder.parent)!r})\n"
+              "hits = s.search(SearchQuery.build(text='beach at noon', k=3))\n"
+              "print(json.dumps([len(hits), 'sqlite_utils' in sys.modules, s._model is None]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [3, False, True]
+    used_at = collection.store.conn.execute("SELECT used_at FROM text_cache WHERE text = 'beach at noon'").fetchone()[0]
+    assert used_at > 1.0  # the hit marked the row as recently used

@@ -18,11 +18,11 @@ _INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/col
 
 @app.command()
 def search(
-    text: Optional[str] = typer.Argument(None, help='What to look for, e.g. "a dog on a beach" (weight prefix: "2:dog")'),
+    text: Optional[str] = typer.Argument(None, help='What to look for, e.g. "a dog on a beach" (weight prefix: "^2:dog"; a leading ^ as text: "\\^")'),
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="An image file as the query"),
     like: Optional[int] = typer.Option(None, "--like", help="The id of an indexed image as the query"),
-    and_: List[str] = typer.Option([], "--and", "-a", help="Add a text to the query (repeatable; weight prefix: '0.5:sunset')"),
-    not_: List[str] = typer.Option([], "--not", "-n", help="Subtract a text from the query (repeatable)"),
+    and_: List[str] = typer.Option([], "--and", "-a", help="Add a text to the query (repeatable; weight prefix: '^0.5:sunset')"),
+    not_: List[str] = typer.Option([], "--not", "-n", help="Subtract a text from the query (repeatable; weight prefix: '^2:people' subtracts twice as much)"),
     k: int = typer.Option(10, "-k", "--top", min=1, max=10_000, help="How many results"),
     collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the collection's model)"),
