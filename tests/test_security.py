@@ -305,3 +305,90 @@ def test_page_forbids_external_resources(indexed):
             text = client.get(asset).text
             assert not re.search(r"(src|href)=[\"']?(https?:)?//", text), asset
             assert "http://" not in text and "https://" not in text, asset
+
+
+# -- Host header (DNS rebinding) --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def strict_hosts(indexed):
+    """An app with the production Host check: no 'testserver', one extra allowed name."""
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, allowed_hosts=("photos.lan",))
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:8000",
+                                  "LOCALHOST:80", "photos.lan", "Photos.LAN:8443"])
+def test_loopback_and_allowed_host_names_are_answered(strict_hosts, host):
+    response = strict_hosts.get("/api/stats", headers={"Host": host})
+    assert response.status_code == 200, (host, response.text)
+
+
+@pytest.mark.parametrize("host", ["testserver", "evil.example", "evil.example:8000", "127.0.0.1.evil.example",
+                                  "localhost.evil.example", "localhost@evil.example", "evil.example#localhost",
+                                  "localhost:80:90", "localhost:port", "[::1", "::1", "photos.lan.evil", "",
+                                  "10.0.0.1", "0.0.0.0"])
+def test_other_host_names_get_400_before_anything_runs(strict_hosts, host):
+    for method, path in (("GET", "/api/stats"), ("GET", "/healthz"), ("GET", "/"), ("POST", "/knn-service")):
+        response = strict_hosts.request(method, path, headers={"Host": host}, content=b'{"text": "cat"}')
+        assert response.status_code == 400, (host, path, response.status_code)
+        assert response.headers["content-type"] == "application/json"
+        assert "does not answer to Host" in response.json()["detail"] and "--allowed-host" in response.json()["hint"]
+
+
+def test_absolute_urls_use_the_checked_host_only(strict_hosts, indexed):
+    body = '{"text": "photo", "num_images": 2, "indice_name": "%s"}' % indexed.name
+    answer = strict_hosts.post("/knn-service", content=body, headers={"Host": "localhost:8123"}).json()
+    assert answer and all(item["url"].startswith("http://localhost:8123/api/images/") for item in answer)
+    refused = strict_hosts.post("/knn-service", content=body, headers={"Host": "evil.example"})
+    assert refused.status_code == 400 and "evil.example/api" not in refused.text
+
+
+def test_a_rebinding_request_to_a_live_server_is_refused(live):
+    with socket.create_connection(("127.0.0.1", live.port), 10) as sock:
+        sock.sendall(b"GET /api/stats HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65_536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    assert b'"images"' not in reply
+    with socket.create_connection(("127.0.0.1", live.port), 10) as sock:  # HTTP/1.0 without any Host
+        sock.sendall(b"GET /api/stats HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65_536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+
+
+def test_malformed_allowed_hosts_are_refused_at_startup():
+    with pytest.raises(ValueError):
+        ServerSettings(allowed_hosts=("evil.example/path",))
+
+
+# -- serving beyond loopback ----------------------------------------------------------------------------------
+def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "CLIPSEARCH_API_KEY"}
+    return subprocess.run([sys.executable, "-m", "clipsearch", "serve", "--port", str(free_port()), *args],
+                          env={**environment, **(env or {})}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "photos.lan"])
+def test_serve_refuses_a_non_loopback_host_without_an_api_key(tmp_path, host):
+    result = _serve("--host", host, "--index-dir", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "refusing to listen on" in result.stderr and "--api-key" in result.stderr and "--insecure" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("extra, env", [(["--insecure"], None), (["--api-key", KEY], None),
+                                        ([], {"CLIPSEARCH_API_KEY": KEY})])
+def test_serve_on_a_non_loopback_host_with_a_key_or_insecure_gets_past_the_check(tmp_path, extra, env):
+    # A missing collection stops it right after the check (exit 1), so nothing ever listens on 0.0.0.0 here.
+    result = _serve("--host", "0.0.0.0", "--collection", "nothing", "--index-dir", str(tmp_path), *extra, env=env)
+    assert result.returncode == 1 and "no collection named 'nothing'" in result.stderr, result.stderr
+    assert "refusing" not in result.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_serve_on_loopback_needs_no_key(tmp_path, host):
+    result = _serve("--host", host, "--collection", "nothing", "--index-dir", str(tmp_path))
+    assert result.returncode == 1 and "refusing" not in result.stderr, result.stderr
