@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -191,18 +192,68 @@ def verify_bundle(info: BundleInfo) -> list[str]:
     return problems
 
 
+def _aside(out: Path) -> Path:
+    """Where `staged_folder` parks the old folder while the new one moves in."""
+    return out.parent / f".{out.name}.old"
+
+
+def _rename(source: Path, target: Path) -> None:
+    os.rename(source, target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover_staged(out: Path | str) -> None:
+    """Finish or undo a `staged_folder` swap that a crash interrupted: with `out` missing, the old folder
+    parked aside goes back; with `out` present, the parked old folder is deleted."""
+    out = Path(out)
+    aside = _aside(out)
+    if not aside.exists():
+        return
+    if out.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        _rename(aside, out)
+        _fsync_dir(out.parent)
+
+
 @contextmanager
 def staged_folder(out: Path | str) -> Iterator[Path]:
     """Build a bundle in a hidden sibling folder; it replaces `out` only when the block completes, so a
-    crash or an error never leaves a half-written bundle behind."""
+    crash or an error never leaves a half-written bundle behind, nor no bundle at all.
+
+    The swap is: rename the old `out` aside, rename the new folder in, delete the old one. A crash between
+    the renames leaves the old folder aside, and `recover_staged` (called by the next `staged_folder` on
+    the same `out` and by model resolution) puts it back."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_staged(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
+        _fsync_dir(staging)
+        aside = _aside(out)
         if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
+            _rename(out, aside)
+        try:
+            _rename(staging, out)
+        except BaseException:
+            if aside.exists() and not out.exists():
+                _rename(aside, out)  # undo: the old bundle stays
+            raise
+        _fsync_dir(out.parent)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import BundleInfo, is_bundle, read_bundle
+from .bundle import BundleInfo, is_bundle, read_bundle, recover_staged
 from .errors import ModelNotAvailable
 from .paths import model_cache_dir
 
@@ -62,20 +62,32 @@ def resolve_model(spec: str | os.PathLike[str] | None = None, *, export_missing:
     """Turn a model spec into a readable bundle, exporting `ARCH/TAG` into the cache when needed."""
     text = str(spec) if spec is not None else default_model_spec()
     candidate = Path(text).expanduser()
+    _recover(candidate)
     if is_bundle(candidate):
         return read_bundle(candidate)
     for root in (BUNDLED_DIR, model_cache_dir()):
+        _recover(root / text)
         if is_bundle(root / text):
             return read_bundle(root / text)
     if "/" in text and not candidate.exists():
         arch, _, tag = text.partition("/")
         cached = model_cache_dir() / cache_name(arch, tag)
+        _recover(cached)
         if is_bundle(cached):
             return read_bundle(cached)
         if not export_missing:
             raise _not_found(text)
         return read_bundle(_export_into_cache(arch, tag, cached))
     raise _not_found(text)
+
+
+def _recover(folder: Path) -> None:
+    """A bundle whose replacement was interrupted by a crash is put back (see `bundle.staged_folder`)."""
+    if not folder.exists() and folder.name:
+        try:
+            recover_staged(folder)
+        except OSError:
+            pass
 
 
 def _export_into_cache(arch: str, tag: str, target: Path) -> Path:

@@ -224,3 +224,72 @@ def test_heic_bytes_decode_without_a_file_name(tmp_path):
                             "b = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, 'PNG'); open_image(b.getvalue())\n"
                             "print('pillow_heif' in sys.modules)"], capture_output=True, text=True)
     assert plain.stdout.strip() == "False"  # a PNG query never pays for the HEIF import
+
+
+def _bundle_like(folder: Path, label: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.json").write_text(json.dumps({"label": label}))
+
+
+def test_staged_folder_swap_never_leaves_no_bundle(tmp_path, monkeypatch):
+    import clipsearch.bundle as bundle
+
+    out = tmp_path / "models" / "b"
+    with bundle.staged_folder(out) as staging:
+        _bundle_like(staging, "v1")
+    assert json.loads((out / "model.json").read_text()) == {"label": "v1"}
+
+    # 1. A failure between "old aside" and "new in": the old bundle is put straight back.
+    real_rename = bundle._rename
+    calls = []
+
+    def failing_second_rename(source, target):
+        calls.append((source, target))
+        if len(calls) == 2:
+            raise OSError("simulated failure between the two renames")
+        real_rename(source, target)
+
+    monkeypatch.setattr(bundle, "_rename", failing_second_rename)
+    with pytest.raises(OSError, match="simulated"):
+        with bundle.staged_folder(out) as staging:
+            _bundle_like(staging, "v2")
+    monkeypatch.setattr(bundle, "_rename", real_rename)
+    assert json.loads((out / "model.json").read_text()) == {"label": "v1"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b"]
+
+    # 2. A crash (the process dies) between the renames: the next call, or resolving the model, recovers it.
+    script = f"""
+import os, json, pathlib
+import clipsearch.bundle as bundle
+real = bundle._rename
+def crash_after_first(source, target):
+    real(source, target)
+    os._exit(9)
+bundle._rename = crash_after_first
+with bundle.staged_folder(pathlib.Path({str(out)!r})) as staging:
+    (staging / "model.json").write_text(json.dumps({{"label": "v3"}}))
+"""
+    crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert crashed.returncode == 9
+    assert not out.exists() and (out.parent / ".b.old" / "model.json").is_file()
+    bundle.recover_staged(out)
+    assert json.loads((out / "model.json").read_text()) == {"label": "v1"}
+
+    # 3. A crash after the new bundle moved in but before the old one was deleted: the leftover goes.
+    (out.parent / ".b.old").mkdir()
+    with bundle.staged_folder(out) as staging:
+        _bundle_like(staging, "v4")
+    assert json.loads((out / "model.json").read_text()) == {"label": "v4"}
+    assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".b.") or p.name == ".b.old"] == ["b"]
+
+
+def test_model_resolution_recovers_a_bundle_left_aside_by_a_crash(tiny_bundle, isolated_home):
+    import shutil
+
+    from clipsearch.models import resolve_model
+    from clipsearch.paths import model_cache_dir
+
+    cached = model_cache_dir() / "tiny-cached"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_bundle, cached.parent / ".tiny-cached.old")  # the state a crash mid-swap leaves
+    assert resolve_model("tiny-cached").path == cached and (cached / "model.json").is_file()
