@@ -454,6 +454,10 @@ class Store:
         removed = 0
         with self.db.atomic():
             for root in roots:
+                try:
+                    root.encode("utf-8")
+                except UnicodeEncodeError:
+                    continue  # a folder whose name is not UTF-8 holds no stored path (they are all UTF-8 text)
                 prefix = root.rstrip("/\\") + "/"
                 where = "run_id IS NOT ? AND (path = ? OR substr(path, 1, ?) = ?)"
                 params = [run_id, root, len(prefix), prefix]

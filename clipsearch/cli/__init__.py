@@ -1,11 +1,14 @@
 """The `clipsearch` command line.
 
 Each sub-module registers its commands on `app`; library errors (`ClipsearchError`) become a short
-message on stderr and exit code 1 — no traceback.
+message on stderr and exit code 1 — no traceback. An argument that is not valid UTF-8 (Python hands such
+bytes over as lone surrogates) is refused up front with exit code 2, unless it names an existing file or
+folder, which is passed on as it is.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -30,7 +33,34 @@ def _register() -> None:
 _register()
 
 
+def _undecodable_argument(argv: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 and does not name an existing file, else None."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            if os.path.lexists(arg):
+                continue  # a real file name in the file system's own bytes: the OS takes it back as it is
+            return arg
+    return None
+
+
+def _shown(arg: str) -> str:
+    """The argument's bytes with the undecodable ones as \\xNN."""
+    return os.fsencode(arg).decode("utf-8", "backslashreplace")
+
+
+def _utf8_error(what: str) -> None:
+    typer.secho(f"error: {what} is not valid UTF-8", err=True, fg="red")
+    typer.echo("Give text arguments in UTF-8 (check the terminal's or script's encoding, e.g. LANG=C.UTF-8).",
+               err=True)
+    sys.exit(2)
+
+
 def main() -> None:
+    bad = _undecodable_argument(sys.argv[1:])
+    if bad is not None:
+        _utf8_error(f"argument '{_shown(bad)}'")
     try:
         app()
     except ClipsearchError as exc:
@@ -38,6 +68,12 @@ def main() -> None:
         if exc.hint:
             typer.echo(exc.hint, err=True)
         sys.exit(1)
+    except UnicodeEncodeError as exc:
+        if "surrogate" not in str(exc):
+            raise
+        # A non-UTF-8 file name that exists reached a place that needs text (a stored path, say).
+        shown = _shown(exc.object) if isinstance(exc.object, str) else repr(exc.object)
+        _utf8_error(f"'{shown}'")
 
 
 if __name__ == "__main__":

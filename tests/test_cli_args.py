@@ -1,0 +1,64 @@
+"""Arguments that are not valid UTF-8 (bytes from a script or a terminal in another encoding): a clear error
+with exit code 2 for text, while existing file and folder names in the file system's own bytes still work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clipsearch.collection import Collection
+from clipsearch.indexer.pipeline import IndexOptions
+from clipsearch.indexer.runner import index_paths
+from clipsearch.runtime import ClipModel
+from photo_fixtures import block_image, make_photos
+
+CLI = [os.fsencode(a) for a in (sys.executable, "-c", "from clipsearch.cli import main; main()")]
+
+
+def run(*args: bytes, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, env=env, timeout=120)
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_bundle):
+    photos = tmp_path / "photos"
+    make_photos(photos, 4)
+    root = tmp_path / "idx"
+    index_paths(Collection.create("u", root), ClipModel(tiny_bundle, threads=1), [str(photos)], IndexOptions(workers=0))
+    env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
+    return tmp_path, os.fsencode(root), env
+
+
+def test_text_that_is_not_utf8_is_a_clear_error(setup):
+    tmp_path, root, env = setup
+    for args in ([b"search", b"caf\xe9 au lait", b"-c", b"u", b"--index-dir", root],
+                 [b"search", b"x", b"--and", b"\xff\xfe", b"-c", b"u", b"--index-dir", root],
+                 [b"search", b"x", b"--collection", b"\xff", b"--index-dir", root],
+                 [b"embed", b"--text", b"\xe9"],
+                 [b"classify", os.fsencode(tmp_path / "photos"), b"--labels", b"caf\xe9,tea"]):
+        result = run(*args, env=env)
+        stderr = result.stderr.decode("utf-8", "replace")
+        assert result.returncode == 2, (args, stderr)
+        assert "is not valid UTF-8" in stderr and "Traceback" not in stderr, (args, stderr)
+    shown = run(b"search", b"caf\xe9", b"-c", b"u", b"--index-dir", root, env=env).stderr.decode()
+    assert "argument 'caf\\xe9' is not valid UTF-8" in shown
+
+
+def test_existing_non_utf8_file_names_still_work(setup):
+    tmp_path, root, env = setup
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(folder)
+    image = folder + b"/query\xff.png"
+    block_image(4242).save(os.fsdecode(image))
+    result = run(b"search", b"--image", image, b"-k", b"2", b"-c", b"u", b"--index-dir", root, b"--json", env=env)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    assert len(__import__("json").loads(result.stdout)) == 2
+    # Indexing such a folder skips what cannot be stored, with the reason, instead of failing.
+    indexed = run(b"index", folder, b"-c", b"u", b"--index-dir", root, env=env)
+    stderr = indexed.stderr.decode("utf-8", "replace")
+    assert indexed.returncode == 0 and "not valid UTF-8" in stderr and "Traceback" not in stderr
+    with Collection.open("u", os.fsdecode(root)) as collection:
+        assert collection.store.count() == 4 and collection.check().ok
