@@ -202,6 +202,63 @@ def test_keyboard_navigation(page, server):
     expect(page.locator("#query")).to_be_focused()
 
 
+def test_a_key_pressed_before_the_viewer_close_event_keeps_its_focus(page, server):
+    """A dialog's close event comes after it closed (in Chromium with the next animation frame, which a busy machine
+    delays past the next key press): "/" right after Escape must leave focus in the search box, not be undone by the
+    viewer putting focus back on the result it was opened from."""
+    page.goto(server.url + "/")
+    page.fill("#query", "green")
+    page.press("#query", "Enter")
+    expect(page.locator("#status")).to_contain_text("results for “green”")
+    page.press("#query", "ArrowDown")
+    page.keyboard.press("Enter")
+    expect(page.locator("#viewer")).to_be_visible()
+    # Close and press "/" in one task, so the key always comes before the close event, however fast the machine.
+    page.evaluate("""() => new Promise((resolve) => {
+        const viewer = document.getElementById('viewer');
+        viewer.addEventListener('close', () => setTimeout(resolve, 0), { once: true });  // after the page's own
+        viewer.close();
+        document.activeElement.dispatchEvent(new KeyboardEvent('keydown', { key: '/', bubbles: true, cancelable: true }));
+    })""")
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.locator("#query")).to_be_focused()
+    # Without a later key press, closing gives focus back to the result, as before.
+    page.press("#query", "ArrowDown")
+    page.keyboard.press("Enter")
+    expect(page.locator("#viewer")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.locator("#results .result").first).to_be_focused()
+    assert page.script_errors == []
+
+
+def test_a_late_search_answer_keeps_the_keyboard_in_the_grid(page, server):
+    """Results that arrive while the user is already moving through the previous ones (typing paused, busy server)
+    replace the grid without dropping focus to the page body: it stays at the same position."""
+    page.goto(server.url + "/")
+    page.fill("#query", "red")
+    page.press("#query", "Enter")
+    expect(page.locator("#status")).to_contain_text("results for “red”")
+    held = []  # the answer to "green" is held back until the user is in the grid
+    page.route(re.compile(r"/api/search\?q=green&"), lambda route: held.append(route))
+    with page.expect_request(re.compile(r"/api/search\?q=green&")):
+        page.fill("#query", "green")
+    expect(page.locator("#status")).to_contain_text("Searching for “green”")
+    results = page.locator("#results .result")
+    page.keyboard.press("ArrowDown")  # into the "red" results still shown
+    page.keyboard.press("ArrowRight")
+    expect(results.nth(1)).to_be_focused()
+    assert len(held) == 1
+    held[0].continue_()
+    expect(page.locator("#status")).to_contain_text("results for “green”")
+    expected = requests.get(f"{server.url}/api/search", params={"q": "green", "k": 20}, timeout=10).json()
+    assert shown_ids(page) == [r["id"] for r in expected["results"]]
+    expect(results.nth(1)).to_be_focused()
+    page.keyboard.press("ArrowLeft")  # and the arrow keys go on working in the new grid
+    expect(results.nth(0)).to_be_focused()
+    assert page.script_errors == [] and page.failed_responses == []
+
+
 def test_error_and_empty_states(page, server):
     page.goto(server.url + "/")
     page.fill("#query", "x" * 10_001)

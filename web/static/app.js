@@ -170,7 +170,12 @@
   }
 
   // ---- results grid ----------------------------------------------------------------------------
+  // A search answered late (after typing paused, or slowly on a busy server) replaces the grid under a user who
+  // may already be moving through it with the arrow keys: focus then stays at the same position in the new grid
+  // (or on the grid itself when it is empty) instead of falling back to the page body.
   function renderResults(results) {
+    const hadFocus = els.results.contains(document.activeElement);
+    const focused = hadFocus ? document.activeElement.closest('.result') : null;
     releaseImages();
     state.results = results;
     els.results.replaceChildren();
@@ -200,6 +205,10 @@
       els.results.append(item);
       showImage(img, result.thumbnail_url);
     });
+    if (hadFocus) {
+      if (results.length) focusResult(focused ? Number(focused.dataset.index) : 0);
+      else els.results.focus();
+    }
   }
 
   function resultButtons() { return Array.from(els.results.querySelectorAll('.result')); }
@@ -255,8 +264,15 @@
     els.moreLikeThis.focus();
   }
 
+  // The close event is not part of closing: the browser delivers it later (Chromium with the next animation frame,
+  // much later on a busy machine), and by then the user may have moved on, e.g. "/" to the search box right after
+  // Escape. So focus goes back to the opener only if it is still nowhere else: on the page body or in the viewer.
   els.viewer.addEventListener('close', () => {
-    if (returnFocus && document.contains(returnFocus)) returnFocus.focus();
+    const opener = returnFocus;
+    returnFocus = null;
+    const active = document.activeElement;
+    const unclaimed = !active || active === document.body || els.viewer.contains(active);
+    if (opener && unclaimed && document.contains(opener)) opener.focus();
   });
   els.closeViewer.addEventListener('click', () => els.viewer.close());
   // A plain link cannot carry the API key: with a key, fetch the file and open it as a blob: URL.
@@ -276,8 +292,8 @@
   els.viewer.addEventListener('click', (event) => { if (event.target === els.viewer) els.viewer.close(); });
   els.moreLikeThis.addEventListener('click', () => {
     const result = state.openResult;
-    els.viewer.close();
     returnFocus = null;
+    els.viewer.close();
     if (result) searchLike(result);
   });
 
