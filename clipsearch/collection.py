@@ -360,11 +360,15 @@ class Collection:
                                bundle_path=store.get_meta("model_path", "") or "",
                                embed_dim=int(store.get_meta("embed_dim", "0") or 0))
 
-    def bind_model(self, info: BundleInfo) -> None:
+    def bind_model(self, info: BundleInfo, rebuild: bool = False) -> None:
         """Record the model the vectors come from (creating a new collection on disk); another model is
-        refused — switching models is a rebuild into a new generation (`start_rebuild`)."""
+        refused. `rebuild=True` forgets every row in place first — only for a caller that has the collection
+        to itself (a benchmark filling it, say): `clipsearch index --rebuild` builds a new generation instead
+        (`start_rebuild`), so searchers never see a half-empty collection."""
+        if rebuild and self.exists:
+            self.store.clear()
         current = self.model
-        if current is not None and current.model_id != info.model_id:
+        if current is not None and current.model_id != info.model_id and not rebuild:
             raise CollectionError(
                 f"collection {self.name!r} was built with model {current.model_id}, not {info.model_id}; "
                 "vectors of two models cannot be mixed",

@@ -253,11 +253,13 @@ class Searcher:
 
     def records(self, ids: Iterable[int]) -> dict:
         """id -> `ImageRecord` of the given ids (unknown ids left out)."""
+        self._follow_rebuild()
         with self._lock:
             return self.collection.store.get_many(ids)
 
     def stored_vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """id -> stored image vector of the given ids (unknown ids left out)."""
+        self._follow_rebuild()
         dim = self.collection_model.embed_dim
         found: dict[int, np.ndarray] = {}
         with self._lock:
@@ -268,6 +270,7 @@ class Searcher:
         return found
 
     def stats(self):
+        self._follow_rebuild()
         with self._lock:
             return self.collection.stats()
 

@@ -473,6 +473,14 @@ class Store:
                 removed += self._delete_where(f"id IN ({','.join('?' * len(chunk))})", chunk)
         return removed
 
+    def clear(self) -> None:
+        """Forget every image in place (ids keep counting up: none is handed out again)."""
+        with self.db.atomic():
+            self.db.execute("DELETE FROM embeddings")
+            self.db.execute("DELETE FROM images")
+            self.db.execute("DELETE FROM skipped")
+            self._bump_generation()
+
     def _delete_where(self, where: str, params: list) -> int:
         self.db.execute(f"DELETE FROM embeddings WHERE id IN (SELECT id FROM images WHERE {where})", params)
         removed = self.db.execute(f"DELETE FROM images WHERE {where}", params).rowcount
