@@ -60,7 +60,7 @@ class LocalRunner:
         walked = walk(roots, options.walk_options())
         if not walked.roots:  # checked before --rebuild starts anything
             raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
-        rebuilding = options.rebuild and collection.exists
+        rebuilding = options.rebuild and current is not None  # else there is nothing to keep serving
         if rebuilding:
             target = collection.start_rebuild(model.info)  # searchers keep using the old generation
         else:
