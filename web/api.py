@@ -24,7 +24,7 @@ from .schemas import (ClassifyResponse, ImageInfo, ImageResult, LabelProbability
                       SearchResponse, StatsResponse)
 from .security import require_api_key
 from .state import WebState
-from .uploads import QueryImage, check_image, decode_base64_image, read_upload
+from .uploads import QueryImage, check_image, decode_base64_image, read_upload, release_freed_memory
 from .urls import image_urls
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)], route_class=StrictRoute)
@@ -144,7 +144,13 @@ def search_combined(request: Request, state: State, body: SearchRequest) -> Sear
                               not_texts=body.not_texts, k=k, include_query_images=body.include_self)
     query.validate()
     text = describe(body.text, body.and_texts, body.not_texts, image is not None, body.image_id)
-    return search_response(request, searcher, text, searcher.search(query), started)
+    try:
+        hits = searcher.search(query)
+    finally:
+        if image is not None:
+            del image, query
+            release_freed_memory()
+    return search_response(request, searcher, text, hits, started)
 
 
 async def uploaded_image(state: WebState, file: UploadFile | None, image: UploadFile | None) -> QueryImage:
@@ -171,7 +177,11 @@ async def search_upload(request: Request, state: State,
     searcher = state.searcher(collection)
     query = SearchQuery.build(text=text or None, image=query_image.data, k=k, include_query_images=include_self)
     query.validate()
-    hits = await run_in_threadpool(searcher.search, query)
+    try:
+        hits = await run_in_threadpool(searcher.search, query)
+    finally:
+        del query_image, query
+        await run_in_threadpool(release_freed_memory)
     return search_response(request, searcher, describe(text or None, [], [], True, None), hits, started)
 
 
@@ -201,7 +211,11 @@ async def classify(state: State,
             decoded = open_image(query_image.data, max_pixels=state.settings.max_image_pixels)
             return classifier().classify_image(decoded)
 
-        scores = await run_in_threadpool(run)
+        try:
+            scores = await run_in_threadpool(run)
+        finally:
+            del query_image
+            await run_in_threadpool(release_freed_memory)
     by_label = {s.label: s.probability for s in scores}
     return ClassifyResponse(took_ms=round((time.perf_counter() - started) * 1000, 2),
                             labels=[LabelProbability(label=s.label, probability=s.probability, similarity=s.similarity)

@@ -26,7 +26,7 @@ from .remote import fetch_image
 from .schemas import ImageId
 from .security import require_api_key
 from .state import WebState
-from .uploads import check_image, decode_base64_image
+from .uploads import check_image, decode_base64_image, release_freed_memory
 from .urls import absolute, image_urls
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["clip-back compatibility"], route_class=StrictRoute)
@@ -143,7 +143,12 @@ async def knn_service(request: Request) -> list[dict]:
             hits = deduplicate(searcher, hits)
         return hits[:num_images]
 
-    hits = await run_in_threadpool(run)
+    try:
+        hits = await run_in_threadpool(run)
+    finally:
+        if image is not None:
+            del image
+            await run_in_threadpool(release_freed_memory)
     found = searcher.records([i for i, _ in hits])
     return [result_item(request, name, found[i], score) for i, score in hits if i in found]
 

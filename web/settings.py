@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipsearch.collection import DEFAULT_COLLECTION
-from clipsearch.preprocess import MAX_IMAGE_PIXELS
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Bounded work per request (SECURITY.md lists every limit). Beyond them a request is refused with 422.
@@ -15,6 +14,9 @@ DEFAULT_MAX_TEXT_CHARS = 1000    # per text; CLIP reads at most 77 tokens (~ 300
 DEFAULT_MAX_LABELS = 100         # labels per /api/classify request (each is embedded through 7 prompts)
 DEFAULT_MAX_LABEL_CHARS = 200    # per label
 DEFAULT_LABEL_CACHE_SIZE = 4096  # label embeddings kept per app (LRU)
+# Decoded pixels per request (a request carries at most one image; 413 beyond). Lower than the library's own
+# limit for local files: a 100 MP PNG already needs ~0.7 GB while it is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class ServerSettings:
     model: str | None = None
     api_key: str | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     allow_remote_images: bool = False
     remote_timeout_seconds: float = 10.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import io
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +23,29 @@ _READ_CHUNK = 1024 * 1024
 # Resizing the short side to the model's input size multiplies the long side by the same factor, so a
 # 1 x 100,000 image would become gigabytes of pixels: refuse shapes no photo has.
 MAX_ASPECT_RATIO = 50
+
+
+def _load_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the pages freed by a large image decode back to the OS. glibc keeps freed heap memory in its
+    per-thread arenas otherwise, so one big query image would leave the server hundreds of MB larger."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass(frozen=True)
