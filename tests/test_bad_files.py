@@ -344,3 +344,70 @@ def test_open_image_and_the_reader_refuse_a_fifo_without_blocking(tmp_path, mode
     os.symlink("nowhere.jpg", tmp_path / "dangling.jpg")
     with pytest.raises(ImageError, match="dangling symlink"):
         open_image(tmp_path / "dangling.jpg")
+
+
+# --- Decoder workers that crash on a file or get stuck ------------------------------------------------
+
+_CRASHING_DECODER = '''
+import os, signal
+import clipsearch.preprocess as preprocess
+
+_open_image = preprocess.open_image
+
+def open_image(source, *args, **kwargs):
+    if isinstance(source, bytes) and source.startswith(b"CRASH-ME"):
+        os.kill(os.getpid(), signal.SIGSEGV)  # what a native decoder bug does to the process
+    return _open_image(source, *args, **kwargs)
+
+preprocess.open_image = open_image
+'''
+
+
+def test_a_file_that_crashes_the_decoder_is_skipped_and_every_other_file_read(tmp_path, model, monkeypatch):
+    from clipsearch.indexer.reader import ParallelReader
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_CRASHING_DECODER)  # loaded by the worker processes only
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])))
+    paths = make_photos(tmp_path / "p", 9)
+    (tmp_path / "p" / "crash.png").write_bytes(b"CRASH-ME" + bytes(100))
+    paths.insert(4, tmp_path / "p" / "crash.png")
+    tasks = [ReadTask(str(p), p.stat().st_size, 0) for p in paths]
+    started = time.monotonic()
+    with ParallelReader(model.preprocess, workers=2, chunk_size=3) as reader:
+        results = list(reader.read(tasks))
+        assert reader.restarts == 2  # tried twice, in two fresh workers, before it is blamed
+    assert time.monotonic() - started < 60
+    assert sorted(r.task.path for r in results) == sorted(map(str, paths))
+    errors = {os.path.basename(r.task.path): r.error for r in results if r.error}
+    assert errors == {"crash.png": "the image decoder crashed on this file"}
+
+    collection = Collection.create("c", tmp_path / "idx")
+    summary = index_paths(collection, model, [str(tmp_path / "p")], IndexOptions(workers=1, chunk_size=4))
+    assert summary.total == 9 and [(os.path.basename(s.path), s.reason) for s in summary.skipped] == [
+        ("crash.png", "the image decoder crashed on this file")]
+    assert collection.check().ok
+
+
+def test_a_stuck_decoder_is_replaced_after_the_file_timeout(tmp_path, model):
+    import signal
+
+    from clipsearch.indexer.reader import ParallelReader
+
+    paths = make_photos(tmp_path / "p", 8)
+    tasks = [ReadTask(str(p), p.stat().st_size, 0) for p in paths]
+    results = []
+    started = time.monotonic()
+    with ParallelReader(model.preprocess, workers=1, chunk_size=2, file_timeout=2) as reader:
+        stopped = []
+        for result in reader.read(tasks):
+            if not results:  # freeze the worker mid-run, as a decoder stuck in an endless loop would be
+                stopped = reader.worker_pids()
+                os.kill(stopped[0], signal.SIGSTOP)
+            results.append(result)
+        assert reader.restarts == 1 and reader.worker_pids() != stopped
+    assert time.monotonic() - started < 60
+    assert sorted(r.task.path for r in results) == sorted(map(str, paths))
+    assert [r.error for r in results if r.error] == []  # the file it held was read by the new worker
+    assert not os.path.exists(f"/proc/{stopped[0]}")

@@ -74,7 +74,10 @@ def _stop_on_signals() -> Iterator[None]:
 def _interrupted(name: str, count: int | None, signum: int) -> "typer.Exit":
     """The line an interrupted run prints, and its exit status (128 + signal: 130 Ctrl-C, 143 SIGTERM)."""
     so_far = f" ({count} images indexed so far)" if count is not None else ""
-    typer.echo(f"{name}: interrupted; run again to finish{so_far}", err=True)
+    try:
+        typer.echo(f"{name}: interrupted; run again to finish{so_far}", err=True)
+    except OSError:  # SIGHUP: the terminal may be gone
+        pass
     return typer.Exit(128 + signum)
 
 
