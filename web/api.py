@@ -234,18 +234,22 @@ def image_info(request: Request, state: State, image_id: str, collection: Collec
                      indexed_at=record.indexed_at, thumbnail_url=thumbnail_url, image_url=image_url)
 
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_THUMBNAIL_RESPONSES = {200: {"description": "A JPEG thumbnail", "content": {"image/jpeg": _BINARY}}, **_IMAGE_ERRORS}
+_FILE_RESPONSES = {200: {"description": "The file's bytes as indexed",
+                         "content": {"image/*": _BINARY, "application/octet-stream": _BINARY}}, **_IMAGE_ERRORS}
 _FILE_NOTE = (" Served only while the file on disk is still the indexed image (same size and modification time, "
               "inside an indexed folder, an image): 404 when it is gone or points elsewhere, 410 when it changed.")
 
 
-@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_IMAGE_ERRORS,
+@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_THUMBNAIL_RESPONSES,
             summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk", description=_FILE_NOTE.strip())
 def image_thumbnail(state: State, image_id: str, collection: CollectionParam = None) -> FileResponse:
     found = state.image(parse_image_id(image_id), collection)
     return state.thumbnails(found.collection).response(found.record, state.served_roots(found.collection))
 
 
-@router.get("/images/{image_id}/file", response_class=FileResponse, responses=_IMAGE_ERRORS,
+@router.get("/images/{image_id}/file", response_class=FileResponse, responses=_FILE_RESPONSES,
             summary="The original file", description=_FILE_NOTE.strip())
 def image_file(state: State, image_id: str, collection: CollectionParam = None) -> Response:
     found = state.image(parse_image_id(image_id), collection)
