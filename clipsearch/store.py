@@ -15,6 +15,7 @@ generation it was built from, which is how a stale index is recognised.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ class Store:
             if create:
                 self.conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
             else:
-                uri = "file:" + quote(str(self.path.absolute())) + "?mode=rw"
+                uri = "file:" + quote(os.fsencode(self.path.absolute())) + "?mode=rw"
                 self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
         except sqlite3.OperationalError as exc:
             raise CollectionError(f"{self.path}: cannot open ({exc})") from exc
@@ -148,7 +149,12 @@ class Store:
                     "Upgrade clipsearch (pip install -U clipsearch), or rebuild the collection with this version: "
                     "clipsearch index PATH --rebuild")
             if version < SCHEMA_VERSION:
-                self._upgrade_schema()
+                try:
+                    self._upgrade_schema()
+                except sqlite3.OperationalError as exc:
+                    # A read-only older collection can still be searched: its tables read the same way.
+                    if "readonly" not in str(exc).replace("-", "").replace(" ", "") or version == 0 and not self._has_tables():
+                        raise
             self.conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as exc:
             self.conn.close()
@@ -178,6 +184,10 @@ class Store:
         self.close()
 
     # -- schema --------------------------------------------------------------------------------
+    def _has_tables(self) -> bool:
+        tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return tables >= _TABLES
+
     def _schema_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 

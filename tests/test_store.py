@@ -159,3 +159,19 @@ def test_text_cache_evicts_the_least_recently_used_and_touches_rows_rarely(tmp_p
         store.cache_text_vectors("m", {"d": vec["d"]}, now=later + 1, keep=3)
         cached = {r[0] for r in store.conn.execute("SELECT text FROM text_cache")}
         assert cached == {"a", "c", "d"}
+
+
+def test_a_read_only_v1_database_can_still_be_read(tmp_path, monkeypatch):
+    path = tmp_path / "meta.sqlite"
+    _v1_database(path)
+
+    def read_only(self):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(Store, "_upgrade_schema", read_only)  # what a read-only mount answers (tests run as root)
+    with Store(path) as store:
+        assert store.count() == 3 and store.get(2).path == "/p/2.png"
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    monkeypatch.undo()
+    with Store(path) as store:  # writable again: migrated as usual
+        assert store.migrated_from == 0
