@@ -178,9 +178,10 @@ class Collection:
 
     @classmethod
     def create(cls, name: str = DEFAULT_COLLECTION, index_dir: Path | str | None = None) -> "Collection":
-        """Open the collection, or prepare a new one: nothing is written to disk until a model is bound
-        (`bind_model`), so a run that fails before that (an unknown --model, say) leaves no empty
-        collection behind."""
+        """Open the collection, or prepare a new one: nothing is written to disk until an indexing run takes
+        its `writer_lock` or a model is bound (`bind_model`). A command that fails before that (an unknown
+        --model, say) leaves no collection behind, and a first run that fails before binding its model
+        removes the empty database again (`discard_if_unbound`)."""
         return cls(cls.folder_for(name, index_dir), name, create=True)
 
     @property
