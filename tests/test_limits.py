@@ -45,7 +45,7 @@ def png(width: int, height: int) -> bytes:
 def test_documented_default_limits():
     settings = ServerSettings()
     assert (settings.max_query_terms, settings.max_text_chars, settings.max_labels, settings.max_label_chars) == \
-        (DEFAULT_MAX_QUERY_TERMS, DEFAULT_MAX_TEXT_CHARS, DEFAULT_MAX_LABELS, DEFAULT_MAX_LABEL_CHARS) == (16, 1000, 100, 200)
+        (DEFAULT_MAX_QUERY_TERMS, DEFAULT_MAX_TEXT_CHARS, DEFAULT_MAX_LABELS, DEFAULT_MAX_LABEL_CHARS) == (16, 1000, 64, 100)
     assert settings.max_k == 1000 and settings.max_upload_bytes == 20 * 1024 * 1024
     assert settings.max_image_pixels == 100_000_000
 
@@ -84,11 +84,11 @@ def test_labels_are_capped(client, indexed):
     assert client.post("/api/classify", data={"labels": ",".join(labels), "image_id": image_id}).status_code == 200
     started = time.perf_counter()
     too_many = client.post("/api/classify", data={"labels": ",".join(labels + ["one more"]), "image_id": image_id})
-    assert too_many.status_code == 422 and "101 labels is more than the limit of 100" in too_many.json()["detail"]
+    assert too_many.status_code == 422 and "65 labels is more than the limit of 64" in too_many.json()["detail"]
     huge = client.post("/api/classify", data={"labels": ",".join(f"l{i}" for i in range(100_000)), "image_id": image_id})
     assert huge.status_code == 422 and time.perf_counter() - started < 5
-    long = client.post("/api/classify", data={"labels": "cat," + "y" * 201, "image_id": image_id})
-    assert long.status_code == 422 and "longer than the limit of 200" in long.json()["detail"]
+    long = client.post("/api/classify", data={"labels": "cat," + "y" * 101, "image_id": image_id})
+    assert long.status_code == 422 and "longer than the limit of 100" in long.json()["detail"]
     duplicates = client.post("/api/classify", data={"labels": ",".join(["cat"] * 500), "image_id": image_id})
     assert duplicates.status_code == 200  # repeated labels count once
 
@@ -187,7 +187,7 @@ def test_server_memory_stays_bounded_across_maximum_size_requests(indexed, tmp_p
             assert requests.post(f"{url}/api/search", json=body, timeout=60).status_code == 200
 
         def max_classify(n: int) -> None:
-            labels = ",".join((f"label {n} {i} " + "z" * 200)[:200] for i in range(DEFAULT_MAX_LABELS))
+            labels = ",".join((f"label {n} {i} " + "z" * 200)[:DEFAULT_MAX_LABEL_CHARS] for i in range(DEFAULT_MAX_LABELS))
             assert requests.post(f"{url}/api/classify", data={"labels": labels, "image_id": image_id},
                                  timeout=120).status_code == 200
 
@@ -212,7 +212,7 @@ def test_server_memory_stays_bounded_across_maximum_size_requests(indexed, tmp_p
         after_text = _memory_kb(server.pid)
         image_seconds = [big_image() for _ in range(3)]
         after_images = _memory_kb(server.pid)
-        report = (f"idle {idle}, warm {warm}, after 20x(search 16x1000 chars + classify 100 labels + refused 2000 "
+        report = (f"idle {idle}, warm {warm}, after 20x(search 16x1000 chars + classify 64 labels + refused 2000 "
                   f"texts) {after_text} in {text_seconds:.1f} s, after 3 16-bit 9400x9400 PNG queries {after_images} "
                   f"({', '.join(f'{s:.1f}' for s in image_seconds)} s)")
         print(report)

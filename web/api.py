@@ -114,7 +114,7 @@ def describe(text: str | None, and_texts: list[str], not_texts: list[str], image
 
 @router.get("/search", response_model=SearchResponse, responses=_QUERY_ERRORS, summary="Search by text")
 def search_text(request: Request, state: State,
-                q: Annotated[str, Query(description="What to look for; weight prefix allowed: '2:beach'")],
+                q: Annotated[str, Query(description="What to look for; at most 1,000 characters (422 beyond)")],
                 k: Annotated[int | None, Query(ge=1, description="How many results (default 20)")] = None,
                 collection: CollectionParam = None) -> SearchResponse:
     started = time.perf_counter()
@@ -188,7 +188,8 @@ async def search_upload(request: Request, state: State,
 @router.post("/classify", response_model=ClassifyResponse, responses=_BODY_ERRORS,
              summary="Zero-shot classify an image (multipart upload, or an indexed image by id) against labels")
 async def classify(state: State,
-                   labels: Annotated[str, Form(description="Comma-separated labels, e.g. 'cat,dog,car'")],
+                   labels: Annotated[str, Form(description="Comma-separated labels, e.g. 'cat,dog,car'; at most 64 "
+                                                       "labels of at most 100 characters (422 beyond)")],
                    file: Annotated[UploadFile | None, File(description="The image")] = None,
                    image: Annotated[UploadFile | None, File(description="Alias of 'file'")] = None,
                    image_id: Annotated[int | None, Form(ge=0, le=2**63 - 1, description="Or: an indexed image")] = None,

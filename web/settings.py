@@ -11,8 +11,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Bounded work per request (SECURITY.md lists every limit). Beyond them a request is refused with 422.
 DEFAULT_MAX_QUERY_TERMS = 16     # texts in one search: text + and + not (clip-back: one text)
 DEFAULT_MAX_TEXT_CHARS = 1000    # per text; CLIP reads at most 77 tokens (~ 300 characters) anyway
-DEFAULT_MAX_LABELS = 100         # labels per /api/classify request (each is embedded through 7 prompts)
-DEFAULT_MAX_LABEL_CHARS = 200    # per label
+DEFAULT_MAX_LABELS = 64          # labels per /api/classify request (each is embedded through 7 prompts)
+DEFAULT_MAX_LABEL_CHARS = 100    # per label
 DEFAULT_LABEL_CACHE_SIZE = 4096  # label embeddings kept per app (LRU)
 # Decoded pixels per request (a request carries at most one image; 413 beyond). Lower than the library's own
 # limit for local files: a 100 MP PNG already needs ~0.7 GB while it is decoded.
