@@ -3,8 +3,8 @@
 Each worker reads a file once, hashes its bytes (BLAKE2b-128, the content hash that recognises
 renamed and copied files), and — unless the hash is already known to the collection — decodes it
 (draft mode for large JPEGs, EXIF orientation, pixel limit: `clipsearch.preprocess.open_image`) and
-resizes it to the model input. Only regular files are ever opened. Pixels travel back as uint8 HWC (4x less IPC than float32); the
-mapper normalises whole batches at once.
+resizes it to the model input. Only regular files are ever opened. Pixels travel back as uint8 HWC
+(4x less IPC than float32); the mapper normalises whole batches at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -234,7 +234,8 @@ class ParallelReader:
     bounded however large the folder is. A worker that dies (a native decoder crash, the OOM killer) or
     spends more than `file_timeout` seconds on one file is replaced; the file it was decoding is tried
     again in a fresh worker and, if it kills that one too, reported as skipped; every other file is read.
-    Workers are started by the thread that enters the reader and die with this process.
+    Workers die with this process (on Linux, with the thread that started them: use a reader from the
+    thread that entered it).
     """
 
     def __init__(self, spec: PreprocessSpec, known_hashes: Iterable[str] = (), workers: int | None = None,

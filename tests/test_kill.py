@@ -36,8 +36,8 @@ def _state(root: Path, name: str, env: dict) -> tuple[set[str], int, list[tuple[
         assert report.ok, report.problems
         paths = set(collection.store.file_states())
         count = collection.store.count()
-    search = subprocess.run([*CLI, "search", QUERY, "-k", "10", "--json", "--collection", name, "--index-dir", str(root)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    search = subprocess.run([*CLI, "search", QUERY, "-k", "10", "--json", "--collection", name,
+                             "--index-dir", str(root)], env=env, capture_output=True, text=True, timeout=300)
     assert search.returncode == 0, search.stderr
     hits = [(hit["path"], hit["score"]) for hit in json.loads(search.stdout)]
     return paths, count, hits
