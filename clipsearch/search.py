@@ -1,6 +1,6 @@
 """The query service: text, an image (path or bytes) or an indexed image as the query, combined with
-weights ("beach" and not "people"; a text's weight is written as a prefix, "^2:beach"), answered from a collection's FAISS index and joined
-with SQLite metadata.
+weights ("beach" and not "people"; a text's weight is a prefix: "^2:beach"), answered from a collection's
+FAISS index and joined with SQLite metadata.
 
 A `Searcher` keeps its model and index loaded across queries (the REST API holds one per collection);
 it is safe to call from several threads. Example::

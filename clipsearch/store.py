@@ -153,7 +153,8 @@ class Store:
                     self._upgrade_schema()
                 except sqlite3.OperationalError as exc:
                     # A read-only older collection can still be searched: its tables read the same way.
-                    if "readonly" not in str(exc).replace("-", "").replace(" ", "") or version == 0 and not self._has_tables():
+                    read_only = "readonly" in str(exc).replace("-", "").replace(" ", "")
+                    if not read_only or (version == 0 and not self._has_tables()):
                         raise
             self.conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as exc:
