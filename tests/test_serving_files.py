@@ -137,3 +137,20 @@ def test_a_folder_swapped_for_a_symlink_elsewhere_is_not_followed(client, indexe
     folder.symlink_to(decoy)
     response = client.get(f"/api/images/{image_id}/file")
     assert response.status_code == 404, response.text
+
+
+def test_a_swap_between_resolving_and_opening_is_caught(client, indexed, monkeypatch):
+    """Simulate the race: the path is resolved while it is still the photo, then becomes a symlink to
+    /etc/passwd before it is opened. O_NOFOLLOW refuses the link; without it, the location of the open file
+    (from /proc) is outside the indexed folders."""
+    from clipsearch.web import images
+
+    image_id = _id(indexed, "photo_000.png")
+    path = _path(indexed, "photo_000.png")
+    path.unlink()
+    path.symlink_to("/etc/passwd")
+    monkeypatch.setattr(images.os.path, "realpath", lambda p: os.fspath(p))  # "resolved before the swap"
+    assert client.get(f"/api/images/{image_id}/file").status_code == 404
+    monkeypatch.setattr(images.os, "O_NOFOLLOW", 0)
+    response = client.get(f"/api/images/{image_id}/file")
+    assert response.status_code == 404 and b"root:" not in response.content

@@ -77,9 +77,18 @@ def open_indexed(record: ImageRecord, roots: Sequence[str]) -> BinaryIO:
 
     404 when it is gone or resolves outside every indexed root (nothing is said about where it points),
     410 when it changed (size, mtime or no longer an image). The returned file is positioned at 0."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    # Resolve first and never open anything outside the roots (opening some devices has side effects); then
+    # open the resolved path with O_NOFOLLOW, so a last component swapped for a symlink meanwhile fails (ELOOP),
+    # and check where the open file really is (a folder swapped meanwhile is caught there).
+    resolved = os.path.realpath(record.path)
+    if not _inside(resolved, roots):
+        if not os.path.lexists(record.path):
+            raise _gone(record, "")
+        raise _gone(record, " inside the indexed folders")
+    flags = (os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_NOFOLLOW", 0))
     try:
-        fd = os.open(record.path, flags)
+        fd = os.open(resolved, flags)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             raise _gone(record, "") from exc
@@ -88,7 +97,7 @@ def open_indexed(record: ImageRecord, roots: Sequence[str]) -> BinaryIO:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _changed(record, "not a regular file")
-        location = _opened_location(fd, record.path)
+        location = _opened_location(fd, resolved)
         if location is None or not _inside(location, roots):
             raise _gone(record, " inside the indexed folders")
         if info.st_size != record.size or info.st_mtime_ns != record.mtime_ns:
