@@ -98,13 +98,13 @@ def test_bad_text_searches_get_json_errors(client, params, status, message):
 
 # -- POST /api/search ------------------------------------------------------------------------------
 def test_combined_text_and_not_query_matches_the_weighted_vector(client, indexed, model):
-    response = client.post("/api/search", json={"text": "beach", "and": ["0.5:sunset"], "not": ["people"], "k": 6})
+    response = client.post("/api/search", json={"text": "beach", "and": ["^0.5:sunset"], "not": ["people"], "k": 6})
     assert response.status_code == 200
     beach, sunset, people = model.encode_text(["beach", "sunset", "people"])
     expected = indexed.ranking(beach + 0.5 * sunset - people)[:6]
     answer = response.json()
     assert ids(answer) == expected
-    assert answer["query"] == "beach +0.5:sunset -people"
+    assert answer["query"] == "beach +^0.5:sunset -people"
 
 
 def test_more_like_this_excludes_the_image_and_ranks_by_its_vector(client, indexed):

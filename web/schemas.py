@@ -30,7 +30,7 @@ class SearchResponse(BaseModel):
 
 class SearchRequest(BaseModel):
     """A combined query: at least one of `text`, `image_b64`, `image_id`; `and` adds texts, `not` subtracts them.
-    Texts may carry an rclip-style weight prefix such as "2:beach"."""
+    Texts may carry a weight prefix such as "^2:beach" (a leading caret itself is written "\\^")."""
 
     model_config = ConfigDict(populate_by_name=True, json_schema_extra={
         "examples": [{"text": "a dog on a beach", "not": ["people"], "k": 20}]})
