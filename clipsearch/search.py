@@ -36,6 +36,8 @@ WEIGHT_SYNTAX_HELP = ('A weight goes first as ^W: ("^2:beach", "^0.5:sunset"; W 
                       'Other text is taken as it is ("12:30 sunset"); a text starting with ^ is written \\^ ("\\^_^").')
 
 
+MAX_QUERY_IMAGE_BYTES = 512 * 1024 * 1024  # the indexer's per-file limit: a query image may be as large
+
 @dataclass(frozen=True)
 class QueryTerm:
     """One part of a query. `kind` is "text" (value: str), "image" (value: path str or bytes) or
@@ -319,20 +321,17 @@ class Searcher:
 
     def _image_vector(self, value: str | bytes | int) -> tuple[np.ndarray, set[int]]:
         """Embed an image file or bytes; also return the ids of indexed copies of those very bytes."""
-        from .preprocess import open_image
+        from .errors import ImageError
+        from .preprocess import open_image, read_image_file
 
         if isinstance(value, bytes):
             data = value
         else:
-            try:
-                data = Path(str(value)).read_bytes()
-            except FileNotFoundError as exc:
-                raise QueryError(f"{value}: no such file") from exc
-            except IsADirectoryError as exc:
-                raise QueryError(f"{value}: is a directory, not an image") from exc
-            except OSError as exc:
-                raise QueryError(f"{value}: cannot read ({exc.strerror or exc})") from exc
-        image = open_image(data)
+            try:  # never opens a FIFO, socket or device (which would hang or read forever)
+                data = read_image_file(value, max_bytes=MAX_QUERY_IMAGE_BYTES)
+            except ImageError as exc:
+                raise QueryError(exc.message, exc.hint) from exc
+        image = open_image(data, draft_size=self.model.preprocess.size[::-1])
         vector = self.model.encode_images([image])[0]
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         with self._lock:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,15 @@ def test_a_cached_search_never_imports_sqlite_utils_and_keeps_the_cache_recent(i
     assert json.loads(result.stdout) == [3, False, True]
     used_at = collection.store.conn.execute("SELECT used_at FROM text_cache WHERE text = 'beach at noon'").fetchone()[0]
     assert used_at > 1.0  # the hit marked the row as recently used
+
+
+def test_search_by_a_fifo_or_device_is_refused_not_hung(indexed, tmp_path):
+    collection, _ = indexed
+    root = str(collection.folder.parent)
+    fifo = tmp_path / "query.jpg"
+    os.mkfifo(fifo)  # nobody ever writes to it: opening it for reading would block forever
+    for target, reason in ((fifo, "not a regular file (fifo)"), (Path("/dev/zero"), "not a regular file")):
+        result = subprocess.run([*CLI, "search", "--image", str(target), "--collection", "s", "--index-dir", root],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0
+        assert reason in result.stderr and "Traceback" not in result.stderr
