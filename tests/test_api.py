@@ -18,7 +18,7 @@ from clipsearch.classify import Classifier
 from clipsearch.runtime import ClipModel
 from clipsearch.web import ServerSettings, create_app
 from photo_fixtures import block_image
-from web_fixtures import PHOTO_COUNT, IndexedPhotos, build_indexed_photos, TEST_HOSTS
+from web_fixtures import PHOTO_COUNT, TEST_HOSTS, IndexedPhotos, app_settings, build_indexed_photos
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
 
 @pytest.fixture(scope="module")
 def client(indexed) -> TestClient:
-    app = create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))
+    app = create_app(app_settings(indexed))
     with TestClient(app) as test_client:
         yield test_client
 
@@ -301,7 +301,7 @@ def test_image_deleted_from_disk_is_404_not_500(tmp_path, tiny_bundle):
     path = indexed.photos[0]
     image_id = indexed.ids_by_path[str(path)]
     path.unlink()
-    with TestClient(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))) as client:
+    with TestClient(create_app(app_settings(indexed))) as client:
         for suffix in ("/file", "/thumbnail"):
             response = client.get(f"/api/images/{image_id}{suffix}")
             assert response.status_code == 404 and "no longer on disk" in response.json()["detail"]
@@ -366,7 +366,7 @@ BODY_FIELDS = {"/api/search": ["text", "image_b64", "image_id", "and", "not", "k
 def test_random_malformed_requests_never_get_a_500(indexed):
     rng = random.Random(1234)
     failures = []
-    app = create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))
+    app = create_app(app_settings(indexed))
     with TestClient(app, raise_server_exceptions=False) as client:
         for path, fields in BODY_FIELDS.items():
             for _ in range(120):

@@ -19,7 +19,7 @@ from clipsearch.bundle import read_bundle
 from clipsearch.collection import Collection
 from clipsearch.store import NewImage
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos, TEST_HOSTS
+from web_fixtures import TEST_HOSTS, IndexedPhotos, LiveServer, app_settings, build_indexed_photos
 
 # Every field ClipClient.__search_knn_api__ sends (clip-retrieval 2.45), with its defaults.
 CLIP_CLIENT_BODY = {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
@@ -37,7 +37,7 @@ def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
 
 @pytest.fixture(scope="module")
 def client(indexed) -> TestClient:
-    with TestClient(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))) as test_client:
+    with TestClient(create_app(app_settings(indexed))) as test_client:
         yield test_client
 
 
@@ -174,7 +174,8 @@ def test_deduplicate_drops_near_copies_of_a_better_result(tmp_path, tiny_bundle)
                          height=8, taken_at=None, vector=v / np.linalg.norm(v)) for i, v in enumerate(vectors)]
         ids = collection.store.write_images(rows, info.model_id, collection.store.next_run_id(), "2026-01-01T00:00:00")
         collection.sync_vectors()
-    with TestClient(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection="synthetic", index_dir=index_dir))) as client:
+    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection="synthetic", index_dir=index_dir)
+    with TestClient(create_app(settings)) as client:
         query = {"embedding_input": basis[0].tolist(), "indice_name": "synthetic", "num_images": 10}
         every = [r["id"] for r in knn(client, **query, deduplicate=False).json()]
         kept = [r["id"] for r in knn(client, **query, deduplicate=True).json()]
@@ -203,7 +204,7 @@ def test_image_url_is_fetched_only_when_enabled(indexed):
     threading.Thread(target=image_host.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{image_host.server_address[1]}/photo.jpg"
     try:
-        settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir, allow_remote_images=True)
+        settings = app_settings(indexed, allow_remote_images=True)
         with TestClient(create_app(settings)) as client:
             results = knn(client, image_url=url, num_images=2, deduplicate=False).json()
             assert results[0]["id"] == indexed.ids_by_path[str(path)]
@@ -215,7 +216,7 @@ def test_image_url_is_fetched_only_when_enabled(indexed):
 
 def test_real_clip_client_against_a_running_server(indexed):
     ClipClient, Modality = load_clip_client_class()
-    app = create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))
+    app = create_app(app_settings(indexed))
     with LiveServer(app) as server:
         client = ClipClient(url=f"{server.url}/knn-service", indice_name=indexed.name, num_images=5,
                             modality=Modality.IMAGE, deduplicate=False)

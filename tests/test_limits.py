@@ -21,7 +21,7 @@ from PIL import Image
 from clipsearch.web import ServerSettings, create_app
 from clipsearch.web.settings import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_LABELS, DEFAULT_MAX_QUERY_TERMS,
                                      DEFAULT_MAX_TEXT_CHARS)
-from web_fixtures import TEST_HOSTS, IndexedPhotos, build_indexed_photos, free_port
+from web_fixtures import IndexedPhotos, app_settings, build_indexed_photos, free_port
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
 
 @pytest.fixture(scope="module")
 def client(indexed):
-    app = create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))
+    app = create_app(app_settings(indexed))
     with TestClient(app) as test_client:
         yield test_client
 
@@ -45,18 +45,21 @@ def png(width: int, height: int) -> bytes:
 def test_documented_default_limits():
     settings = ServerSettings()
     assert (settings.max_query_terms, settings.max_text_chars, settings.max_labels, settings.max_label_chars) == \
-        (DEFAULT_MAX_QUERY_TERMS, DEFAULT_MAX_TEXT_CHARS, DEFAULT_MAX_LABELS, DEFAULT_MAX_LABEL_CHARS) == (16, 1000, 64, 100)
+        (DEFAULT_MAX_QUERY_TERMS, DEFAULT_MAX_TEXT_CHARS, DEFAULT_MAX_LABELS, DEFAULT_MAX_LABEL_CHARS) == \
+        (16, 1000, 64, 100)
     assert settings.max_k == 1000 and settings.max_upload_bytes == 20 * 1024 * 1024
     assert settings.max_image_pixels == 100_000_000
 
 
 def test_query_terms_are_capped(client):
     texts = [f"text {i}" for i in range(DEFAULT_MAX_QUERY_TERMS)]
-    assert client.post("/api/search", json={"text": texts[0], "and": texts[1:10], "not": texts[10:], "k": 2}).status_code == 200
+    body = {"text": texts[0], "and": texts[1:10], "not": texts[10:], "k": 2}
+    assert client.post("/api/search", json=body).status_code == 200
     started = time.perf_counter()
     too_many = client.post("/api/search", json={"text": "x", "and": [f"t{i}" for i in range(2000)]})
     assert time.perf_counter() - started < 2
-    assert too_many.status_code == 422 and "2001 texts in one query is more than the limit of 16" in too_many.json()["detail"]
+    assert too_many.status_code == 422
+    assert "2001 texts in one query is more than the limit of 16" in too_many.json()["detail"]
     assert client.post("/api/search", json={"text": "x", "and": ["a"] * 8, "not": ["b"] * 8}).status_code == 422
 
 
@@ -66,7 +69,8 @@ def test_query_terms_are_capped(client):
     {"method": "POST", "url": "/api/search", "json": {"text": "cat", "and": ["x" * 1001]}},
     {"method": "POST", "url": "/api/search", "json": {"text": "cat", "not": ["x" * 1001]}},
     {"method": "POST", "url": "/knn-service", "content": '{"text": "%s"}' % ("x" * 1001)},
-    {"method": "POST", "url": "/api/search/image", "data": {"text": "x" * 1001}, "files": {"file": ("a.png", png(8, 8))}},
+    {"method": "POST", "url": "/api/search/image", "data": {"text": "x" * 1001},
+     "files": {"file": ("a.png", png(8, 8))}},
 ])
 def test_text_length_is_capped(client, request_kwargs):
     response = client.request(**request_kwargs)
@@ -85,7 +89,8 @@ def test_labels_are_capped(client, indexed):
     started = time.perf_counter()
     too_many = client.post("/api/classify", data={"labels": ",".join(labels + ["one more"]), "image_id": image_id})
     assert too_many.status_code == 422 and "65 labels is more than the limit of 64" in too_many.json()["detail"]
-    huge = client.post("/api/classify", data={"labels": ",".join(f"l{i}" for i in range(100_000)), "image_id": image_id})
+    many = ",".join(f"l{i}" for i in range(100_000))
+    huge = client.post("/api/classify", data={"labels": many, "image_id": image_id})
     assert huge.status_code == 422 and time.perf_counter() - started < 5
     long = client.post("/api/classify", data={"labels": "cat," + "y" * 101, "image_id": image_id})
     assert long.status_code == 422 and "longer than the limit of 100" in long.json()["detail"]
@@ -120,8 +125,7 @@ def test_label_embeddings_are_cached_per_app(client, indexed):
 
 
 def test_decoded_pixels_are_capped_with_413(indexed):
-    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir,
-                              max_image_pixels=200 * 200)
+    settings = app_settings(indexed, max_image_pixels=200 * 200)
     with TestClient(create_app(settings)) as client:
         data = png(201, 200)
         for response in (client.post("/api/search/image", files={"file": ("a.png", data)}),
@@ -183,11 +187,13 @@ def test_server_memory_stays_bounded_across_maximum_size_requests(indexed, tmp_p
 
         def max_search(n: int) -> None:
             texts = [f"query {n} term {i} " + "word " * 198 for i in range(DEFAULT_MAX_QUERY_TERMS)]  # 1,000 chars
-            body = {"text": texts[0][:1000], "and": [t[:1000] for t in texts[1:8]], "not": [t[:1000] for t in texts[8:]]}
+            texts = [t[:DEFAULT_MAX_TEXT_CHARS] for t in texts]
+            body = {"text": texts[0], "and": texts[1:8], "not": texts[8:]}
             assert requests.post(f"{url}/api/search", json=body, timeout=60).status_code == 200
 
         def max_classify(n: int) -> None:
-            labels = ",".join((f"label {n} {i} " + "z" * 200)[:DEFAULT_MAX_LABEL_CHARS] for i in range(DEFAULT_MAX_LABELS))
+            labels = ",".join((f"label {n} {i} " + "z" * 200)[:DEFAULT_MAX_LABEL_CHARS]
+                              for i in range(DEFAULT_MAX_LABELS))
             assert requests.post(f"{url}/api/classify", data={"labels": labels, "image_id": image_id},
                                  timeout=120).status_code == 200
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos, free_port, TEST_HOSTS
+from web_fixtures import IndexedPhotos, LiveServer, app_settings, build_indexed_photos, free_port
 
 KEY = "s3cret-key-for-tests"
 PUBLIC_PATHS = {"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -33,7 +33,7 @@ def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
 
 @pytest.fixture(scope="module")
 def live(indexed):
-    with LiveServer(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))) as server:
+    with LiveServer(create_app(app_settings(indexed))) as server:
         yield server
 
 
@@ -98,7 +98,7 @@ def test_no_body_field_names_a_server_file(live, indexed, field, value):
 # -- uploads ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_limit_app(indexed):
-    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir, max_upload_bytes=50_000)
+    settings = app_settings(indexed, max_upload_bytes=50_000)
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -125,7 +125,7 @@ def test_a_body_far_over_the_limit_is_refused_before_it_is_read(small_limit_app)
 
 
 def test_a_chunked_body_over_the_limit_is_413(indexed):
-    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir, max_upload_bytes=50_000)
+    settings = app_settings(indexed, max_upload_bytes=50_000)
     with LiveServer(create_app(settings)) as server, socket.create_connection(("127.0.0.1", server.port), 10) as sock:
         sock.sendall(b"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"a" * 65_536
@@ -161,7 +161,7 @@ def bomb() -> bytes:
 
 
 def test_decompression_bombs_are_413(indexed, bomb):
-    with TestClient(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))) as client:
+    with TestClient(create_app(app_settings(indexed))) as client:
         upload = client.post("/api/search/image", files={"file": ("bomb.png", bomb, "image/png")})
         assert upload.status_code == 413 and "decompression bomb" in upload.json()["detail"]
         as_json = client.post("/api/search", json={"image_b64": base64.b64encode(bomb).decode()})
@@ -173,7 +173,7 @@ def test_decompression_bombs_are_413(indexed, bomb):
 
 
 def test_pixel_limit_is_configurable(indexed):
-    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir, max_image_pixels=100 * 100)
+    settings = app_settings(indexed, max_image_pixels=100 * 100)
     with TestClient(create_app(settings)) as client:
         response = client.post("/api/search/image", files={"file": ("x.png", _png_of(200, 200), "image/png")})
         assert response.status_code == 413 and "pixel limit" in response.json()["detail"]
@@ -182,7 +182,7 @@ def test_pixel_limit_is_configurable(indexed):
 # -- API key -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def keyed(indexed):
-    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir, api_key=KEY)
+    settings = app_settings(indexed, api_key=KEY)
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -280,15 +280,14 @@ def test_serve_command_reports_a_missing_collection_without_a_traceback(tmp_path
 
 # -- CORS and headers ---------------------------------------------------------------------------------------
 def test_no_cors_headers_unless_configured(indexed):
-    with TestClient(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))) as client:
+    with TestClient(create_app(app_settings(indexed))) as client:
         simple = client.get("/api/stats", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in simple.headers
         preflight = client.options("/api/search", headers={"Origin": "https://evil.example",
                                                            "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in preflight.headers
         assert simple.headers["x-content-type-options"] == "nosniff"
-    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir,
-                              cors_origins=("https://photos.example",))
+    settings = app_settings(indexed, cors_origins=("https://photos.example",))
     with TestClient(create_app(settings)) as client:
         allowed = client.get("/api/stats", headers={"Origin": "https://photos.example"})
         assert allowed.headers["access-control-allow-origin"] == "https://photos.example"
@@ -297,7 +296,7 @@ def test_no_cors_headers_unless_configured(indexed):
 
 
 def test_page_forbids_external_resources(indexed):
-    with TestClient(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))) as client:
+    with TestClient(create_app(app_settings(indexed))) as client:
         page = client.get("/")
         csp = page.headers["content-security-policy"]
         assert "default-src 'self'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp

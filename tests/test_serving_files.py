@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import TEST_HOSTS, IndexedPhotos, build_indexed_photos
+from web_fixtures import TEST_HOSTS, IndexedPhotos, app_settings, build_indexed_photos
 
 
 @pytest.fixture
@@ -24,8 +24,7 @@ def indexed(tmp_path, tiny_bundle) -> IndexedPhotos:
 
 @pytest.fixture
 def client(indexed):
-    with TestClient(create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name,
-                                              index_dir=indexed.index_dir))) as test_client:
+    with TestClient(create_app(app_settings(indexed))) as test_client:
         yield test_client
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from clipsearch.web import ServerSettings, create_app
-from web_fixtures import TEST_HOSTS, IndexedPhotos, build_indexed_photos
+from clipsearch.web import create_app
+from web_fixtures import IndexedPhotos, app_settings, build_indexed_photos
 
 JSON_ROUTES = ["/api/search", "/knn-service", "/metadata"]
 
@@ -38,7 +38,7 @@ def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
 
 @pytest.fixture(scope="module")
 def client(indexed):
-    app = create_app(ServerSettings(allowed_hosts=TEST_HOSTS, collection=indexed.name, index_dir=indexed.index_dir))
+    app = create_app(app_settings(indexed))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -77,7 +77,8 @@ def test_ordinary_bodies_still_work(client, indexed):
     assert client.post("/knn-service", content=nested_ok).status_code == 200
 
 
-@pytest.mark.parametrize("query", ["q=%ED%A0%80", "q=%ED%B0%80&k=2", "q=cat%ff", "q=%C0%AF", "q=cat&collection=%ED%A0%80"])
+@pytest.mark.parametrize("query", ["q=%ED%A0%80", "q=%ED%B0%80&k=2", "q=cat%ff", "q=%C0%AF",
+                                   "q=cat&collection=%ED%A0%80"])
 def test_odd_query_strings_are_not_500(client, query):
     response = client.get(f"/api/search?{query}")
     assert response.status_code < 500 and isinstance(response.json()["detail" if response.status_code >= 400

@@ -15,6 +15,7 @@ from clipsearch.collection import Collection
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
 from clipsearch.runtime import ClipModel
+from clipsearch.web import ServerSettings
 from photo_fixtures import block_image, make_photos
 
 COLLECTION = "photos"
@@ -64,6 +65,12 @@ def build_indexed_photos(root: Path, bundle: Path, count: int = PHOTO_COUNT) -> 
                     IndexOptions(batch_size=8, workers=0))
         ids = {path: state.id for path, state in collection.store.file_states().items()}
     return IndexedPhotos(index_dir=index_dir, name=COLLECTION, photos=photos, ids_by_path=ids, bundle=bundle)
+
+
+def app_settings(indexed: IndexedPhotos, **overrides) -> ServerSettings:
+    """Settings serving `indexed` to Starlette's TestClient (Host 'testserver' allowed)."""
+    return ServerSettings(**{"allowed_hosts": TEST_HOSTS, "collection": indexed.name, "index_dir": indexed.index_dir,
+                             **overrides})
 
 
 def free_port() -> int:

@@ -126,7 +126,8 @@ def _identify(handle: BinaryIO) -> None:
     except Image.DecompressionBombError:
         return  # an image all right; whether it may be decoded is the thumbnail's business
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ApiError(410, "the file on disk is no longer an image", "Re-run `clipsearch index` on its folder.") from exc
+        raise ApiError(410, "the file on disk is no longer an image",
+                       "Re-run `clipsearch index` on its folder.") from exc
 
 
 class OpenFileResponse(Response):

@@ -78,7 +78,7 @@ def serve(
         typer.secho(f"warning: listening on {host} without an API key (--insecure); anyone who can reach it can "
                     "search and download your photos", err=True, fg="yellow")
     if host in _WILDCARDS and not allowed_host:
-        typer.secho(f"note: only loopback Host names are answered; add --allowed-host NAME for each name or "
+        typer.secho("note: only loopback Host names are answered; add --allowed-host NAME for each name or "
                     "address clients use to reach this server", err=True, fg="yellow")
     typer.echo(f"clipsearch: serving collection {collection!r} on http://{_url_host(host)}:{port}/ "
                f"(API docs at /docs{', API key required' if settings.api_key else ''})", err=True)
