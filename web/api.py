@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
@@ -33,6 +34,8 @@ _QUERY_ERRORS = error_responses(400, 401, 404, 422, 503)
 _BODY_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
 _IMAGE_ERRORS = error_responses(400, 401, 404, 410, 422, 503)
 CollectionParam = Annotated[str | None, Query(description="Another collection served by this server")]
+ImageIdParam = Annotated[str, PathParam(description="An image id (a decimal number) from a search result",
+                                   openapi_examples={"an indexed image": {"value": "1"}})]
 
 
 def web_state(request: Request) -> WebState:
@@ -226,7 +229,7 @@ async def classify(state: State,
 
 @router.get("/images/{image_id}", response_model=ImageInfo, responses=error_responses(400, 401, 404, 422, 503),
             summary="Metadata of an indexed image")
-def image_info(request: Request, state: State, image_id: str, collection: CollectionParam = None) -> ImageInfo:
+def image_info(request: Request, state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> ImageInfo:
     found = state.image(parse_image_id(image_id), collection)
     record = found.record
     thumbnail_url, image_url = image_urls(request, record.id, found.collection)
@@ -245,14 +248,14 @@ _FILE_NOTE = (" Served only while the file on disk is still the indexed image (s
 
 @router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_THUMBNAIL_RESPONSES,
             summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk", description=_FILE_NOTE.strip())
-def image_thumbnail(state: State, image_id: str, collection: CollectionParam = None) -> FileResponse:
+def image_thumbnail(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> FileResponse:
     found = state.image(parse_image_id(image_id), collection)
     return state.thumbnails(found.collection).response(found.record, state.served_roots(found.collection))
 
 
 @router.get("/images/{image_id}/file", response_class=FileResponse, responses=_FILE_RESPONSES,
             summary="The original file", description=_FILE_NOTE.strip())
-def image_file(state: State, image_id: str, collection: CollectionParam = None) -> Response:
+def image_file(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> Response:
     found = state.image(parse_image_id(image_id), collection)
     return original_file(found.record, state.served_roots(found.collection))
 
