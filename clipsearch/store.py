@@ -15,6 +15,7 @@ generation it was built from, which is how a stale index is recognised.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -264,6 +265,20 @@ class Store:
     def set_meta(self, values: dict[str, str]) -> None:
         with self.db.atomic():
             self.db["meta"].upsert_all([{"key": k, "value": str(v)} for k, v in values.items()], pk="key")
+
+    def indexed_roots(self) -> dict[str, str]:
+        """Every folder (or file) an indexing run was given, as {absolute path: its real path when indexed}.
+        Empty for collections indexed before roots were recorded."""
+        return json.loads(self.get_meta("roots", "{}") or "{}")
+
+    def record_roots(self, roots: Sequence[str]) -> None:
+        """Remember the roots of a run with the real location each had then (the web server serves files only
+        from inside these, so a root later swapped for a symlink elsewhere does not widen what it serves)."""
+        known = self.indexed_roots()
+        fresh = {os.path.abspath(root): os.path.realpath(root) for root in roots
+                 if os.path.abspath(root) not in known}
+        if fresh:
+            self.set_meta({"roots": json.dumps({**known, **fresh}, sort_keys=True)})
 
     @property
     def generation(self) -> int:

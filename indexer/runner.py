@@ -86,6 +86,7 @@ class LocalRunner:
         walk_seconds = time.perf_counter() - started
 
         run_id = store.next_run_id()
+        store.record_roots(walked.roots)
         plan = make_plan(walked.files, store)
         store.touch(plan.unchanged_ids, run_id)
         store.touch_skipped(plan.still_bad_paths, run_id)

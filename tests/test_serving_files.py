@@ -138,6 +138,20 @@ def test_a_folder_swapped_for_a_symlink_elsewhere_is_not_followed(client, indexe
     assert response.status_code == 404, response.text
 
 
+
+def test_a_server_started_after_the_folder_swap_still_refuses_it(indexed, tmp_path):
+    """The indexer records each root's real location, so a server that first starts after the swap does not
+    take the new location as an indexed folder."""
+    image_id = _id(indexed, "photo_000.png")
+    folder = _path(indexed, "photo_000.png").parent
+    decoy = tmp_path / "decoy"
+    shutil.copytree(folder, decoy)
+    shutil.rmtree(folder)
+    folder.symlink_to(decoy)
+    with TestClient(create_app(app_settings(indexed))) as fresh:
+        for response in _both(fresh, image_id):
+            assert response.status_code == 404, response.text
+
 def test_a_swap_between_resolving_and_opening_is_caught(client, indexed, monkeypatch):
     """Simulate the race: the path is resolved while it is still the photo, then becomes a symlink to
     /etc/passwd before it is opened. O_NOFOLLOW refuses the link; without it, the location of the open file

@@ -76,7 +76,8 @@ class WebState:
     def served_roots(self, name: str) -> tuple[str, ...]:
         """The folders a collection's files may resolve into when they are served: the indexed folders, derived
         from the stored paths (the store keeps no list of roots) as the topmost folders that directly hold an
-        indexed file, each resolved (realpath) when first derived. Recomputed when the collection changes."""
+        indexed file, each resolved (realpath) when first derived. Recomputed when the collection changes.
+        Collections indexed since roots are recorded use the recorded real paths instead (see Store.record_roots)."""
         searcher = self.searcher(name)
         with searcher.lock:
             store = searcher.collection.store
@@ -84,6 +85,12 @@ class WebState:
             cached = self._roots.get(name)
             if cached is not None and cached[:2] == key:
                 return cached[2]
+            recorded = store.indexed_roots()
+            if recorded:  # the real location each root had when it was indexed
+                roots = tuple(sorted(set(recorded.values())))
+                with self._lock:
+                    self._roots[name] = (*key, roots)
+                return roots
             folders = sorted({os.path.dirname(path) for path in store.file_states()})
         topmost: set[str] = set()
         for folder in folders:  # sorted, so ancestors come first
