@@ -90,7 +90,7 @@ def index(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: one per core; 0 = none)"),
     exclude: List[str] = typer.Option([], "--exclude", help="Glob of files or folders to leave out (repeatable)"),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also walk hidden and tool folders (.git, node_modules, ...)"),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Forget all vectors and re-embed (needed to switch models)"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Re-embed everything into a new generation (needed to switch models); searches use the old one until it is complete"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Encoder threads (default: all cores)"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
