@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import BundleError
+from .paths import fsync_dir
 
 BUNDLE_FORMAT = "clipsearch-bundle/1"
 BUNDLE_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json", "model.json")
@@ -201,19 +202,6 @@ def _rename(source: Path, target: Path) -> None:
     os.rename(source, target)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def recover_staged(out: Path | str) -> None:
     """Finish or undo a `staged_folder` swap that a crash interrupted: with `out` missing, the old folder
     parked aside goes back; with `out` present, the parked old folder is deleted."""
@@ -225,7 +213,7 @@ def recover_staged(out: Path | str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         _rename(aside, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
 
 
 @contextmanager
@@ -242,7 +230,7 @@ def staged_folder(out: Path | str) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
-        _fsync_dir(staging)
+        fsync_dir(staging)
         aside = _aside(out)
         if out.exists():
             _rename(out, aside)
@@ -252,7 +240,7 @@ def staged_folder(out: Path | str) -> Iterator[Path]:
             if aside.exists() and not out.exists():
                 _rename(aside, out)  # undo: the old bundle stays
             raise
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         shutil.rmtree(aside, ignore_errors=True)
     finally:
         if staging.exists():

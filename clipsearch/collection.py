@@ -34,6 +34,7 @@ import numpy as np
 from . import paths
 from .bundle import BundleInfo, is_bundle
 from .errors import CollectionError
+from .paths import fsync_dir
 from .store import Store
 from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex
 
@@ -130,19 +131,6 @@ def data_folder(root: Path) -> Path:
         raise CollectionError(f"{root / POINTER_FILE}: does not name a generation folder ({name[:40]!r})",
                               "Rebuild the collection with: clipsearch index PATH --rebuild")
     return root / name
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Collection:
@@ -334,7 +322,7 @@ class Collection:
         if not staged._pinned or staged.root != self.root:
             raise ValueError("finish_rebuild needs the collection start_rebuild returned")
         staged.close()  # checkpoints the new database
-        _fsync_dir(staged.folder)
+        fsync_dir(staged.folder)
         pointer = self.root / POINTER_FILE
         tmp = self.root / f".{POINTER_FILE}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -342,7 +330,7 @@ class Collection:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, pointer)  # the switch: readers see the old or the new generation, never a mix
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.close()
         self.folder = staged.folder
         self._create = False

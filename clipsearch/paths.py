@@ -32,3 +32,17 @@ def model_cache_dir() -> Path:
 
 def collections_dir() -> Path:
     return home() / "collections"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort: some filesystems refuse to fsync a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
