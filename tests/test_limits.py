@@ -21,7 +21,7 @@ from PIL import Image
 from clipsearch.web import ServerSettings, create_app
 from clipsearch.web.settings import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_LABELS, DEFAULT_MAX_QUERY_TERMS,
                                      DEFAULT_MAX_TEXT_CHARS)
-from web_fixtures import IndexedPhotos, app_settings, build_indexed_photos, free_port
+from web_fixtures import IndexedPhotos, app_settings, build_indexed_photos, free_port, wait_until_healthy
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +175,7 @@ def test_server_memory_stays_bounded_across_maximum_size_requests(indexed, tmp_p
     url = f"http://127.0.0.1:{port}"
     image_id = str(next(iter(indexed.ids_by_path.values())))
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(url, server)
 
         def max_search(n: int) -> None:
             texts = [f"query {n} term {i} " + "word " * 198 for i in range(DEFAULT_MAX_QUERY_TERMS)]  # 1,000 chars

@@ -12,7 +12,6 @@ import select
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -20,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import IndexedPhotos, LiveServer, app_settings, build_indexed_photos, free_port
+from web_fixtures import IndexedPhotos, LiveServer, app_settings, build_indexed_photos, free_port, wait_until_healthy
 
 KEY = "s3cret-key-for-tests"
 PUBLIC_PATHS = {"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -247,16 +246,7 @@ def test_serve_command_takes_the_key_from_the_environment_and_binds_loopback(ind
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "clipsearch serve did not start"
-            time.sleep(0.2)
+        wait_until_healthy(url, process)
         assert requests.get(f"{url}/api/stats", timeout=5).status_code == 401
         stats = requests.get(f"{url}/api/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
         assert stats.status_code == 200 and stats.json()["images"] == len(indexed.photos)

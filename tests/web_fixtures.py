@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import requests
 import uvicorn
 
 from clipsearch.collection import Collection
@@ -101,3 +103,19 @@ class LiveServer:
     def __exit__(self, *exc_info) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    """Poll `url`/healthz until a `clipsearch serve` subprocess answers; fail with its stderr if it exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None:
+            raise AssertionError(f"clipsearch serve exited: {process.communicate()[1]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("clipsearch serve did not start")
+        time.sleep(0.2)
