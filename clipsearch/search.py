@@ -18,7 +18,6 @@ import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np

@@ -60,10 +60,8 @@ def test_random_sigkills_then_a_final_run_equal_a_clean_run(tmp_path, tiny_bundl
     root = tmp_path / "idx"
     env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
 
-    started = time.monotonic()
     clean = subprocess.run(_command(folder, root, "clean", tiny_bundle), env=env, capture_output=True, text=True,
                            timeout=600)
-    clean_seconds = time.monotonic() - started
     assert clean.returncode == 0, clean.stderr
     expected = _state(root, "clean", env)
     assert expected[1] == TOTAL
