@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
 from clipsearch.web import ServerSettings, create_app
 from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos
@@ -56,6 +58,16 @@ def page(browser, server):
         f"{response.status} {response.url}"))
     yield page
     context.close()
+
+
+@contextmanager
+def fresh_page(browser) -> Iterator[tuple[BrowserContext, Page]]:
+    """A page in a context of its own, closed even when the test fails (no leftovers for the next test)."""
+    context = browser.new_context()
+    try:
+        yield context, context.new_page()
+    finally:
+        context.close()
 
 
 def shown_ids(page: Page) -> list[int]:
@@ -272,8 +284,10 @@ def test_error_and_empty_states(page, server):
     expect(page.locator("#status")).to_have_text("Type to search your photos.")
     page.set_input_files("#file-input", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
     expect(page.locator("#error")).to_contain_text("not an image")
-    # exactly the two refused requests, answered with their statuses; no script error
-    assert [entry.split()[0] for entry in page.failed_responses] == ["400", "415"]
+    # only the two refused requests, answered with their statuses (the long query twice when the typing pause of
+    # a busy machine lets its search start before Enter); no script error
+    statuses = [entry.split()[0] for entry in page.failed_responses]
+    assert list(dict.fromkeys(statuses)) == ["422", "415"] and statuses.count("415") == 1, statuses
     assert page.script_errors == []
 
 
@@ -285,45 +299,41 @@ def test_empty_collection_says_so(browser, tmp_path, tiny_bundle):
         collection.bind_model(read_bundle(tiny_bundle))
         collection.sync_vectors()
     with LiveServer(create_app(ServerSettings(collection="empty", index_dir=tmp_path))) as live:
-        context = browser.new_context()
-        page = context.new_page()
-        page.goto(live.url + "/")
-        expect(page.locator("#status")).to_contain_text("This collection is empty")
-        page.fill("#query", "cat")
-        page.press("#query", "Enter")
-        expect(page.locator("#status")).to_contain_text("No photos found")
-        context.close()
+        with fresh_page(browser) as (context, page):
+            page.goto(live.url + "/")
+            expect(page.locator("#status")).to_contain_text("This collection is empty")
+            page.fill("#query", "cat")
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text("No photos found")
 
 
 def test_page_asks_for_the_api_key_once(browser, indexed):
     settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, api_key=KEY)
     with LiveServer(create_app(settings)) as live:
-        context = browser.new_context()
-        page = context.new_page()
-        page.goto(live.url + "/")
-        dialog = page.locator("#key-dialog")
-        expect(dialog).to_be_visible()
-        page.fill("#api-key", "wrong")
-        page.click("#key-form button[type=submit]")
-        expect(dialog).to_be_visible()  # asked again after a wrong key
-        expect(page.locator("#key-message")).to_contain_text("not accepted")
-        page.fill("#api-key", KEY)
-        page.click("#key-form button[type=submit]")
-        expect(dialog).to_be_hidden()
-        expect(page.locator("#footer")).to_contain_text("photos")
-        page.fill("#query", "blue")
-        page.press("#query", "Enter")
-        expect(page.locator("#results .result").first).to_be_visible()
-        wait_for_thumbnails(page)  # thumbnails fetched with the key, shown as blob: URLs
-        sources = page.locator("#results img").evaluate_all("els => els.map(e => e.src)")
-        assert sources and all(re.match(r"^blob:", s) for s in sources)
-        page.locator("#results .result").first.click()
-        with context.expect_page() as opened:
-            page.click("#open-full")  # the full file, fetched with the key
-        opened.value.wait_for_url(re.compile(r"^blob:"))  # about:blank first, then the fetched file
-        opened.value.close()
-        page.keyboard.press("Escape")
-        page.reload()  # the key is remembered for the session: no second prompt
-        expect(page.locator("#footer")).to_contain_text("photos")
-        expect(dialog).to_be_hidden()
-        context.close()
+        with fresh_page(browser) as (context, page):
+            page.goto(live.url + "/")
+            dialog = page.locator("#key-dialog")
+            expect(dialog).to_be_visible()
+            page.fill("#api-key", "wrong")
+            page.click("#key-form button[type=submit]")
+            expect(dialog).to_be_visible()  # asked again after a wrong key
+            expect(page.locator("#key-message")).to_contain_text("not accepted")
+            page.fill("#api-key", KEY)
+            page.click("#key-form button[type=submit]")
+            expect(dialog).to_be_hidden()
+            expect(page.locator("#footer")).to_contain_text("photos")
+            page.fill("#query", "blue")
+            page.press("#query", "Enter")
+            expect(page.locator("#results .result").first).to_be_visible()
+            wait_for_thumbnails(page)  # thumbnails fetched with the key, shown as blob: URLs
+            sources = page.locator("#results img").evaluate_all("els => els.map(e => e.src)")
+            assert sources and all(re.match(r"^blob:", s) for s in sources)
+            page.locator("#results .result").first.click()
+            with context.expect_page() as opened:
+                page.click("#open-full")  # the full file, fetched with the key
+            opened.value.wait_for_url(re.compile(r"^blob:"))  # about:blank first, then the fetched file
+            opened.value.close()
+            page.keyboard.press("Escape")
+            page.reload()  # the key is remembered for the session: no second prompt
+            expect(page.locator("#footer")).to_contain_text("photos")
+            expect(dialog).to_be_hidden()
