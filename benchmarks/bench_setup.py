@@ -86,7 +86,7 @@ def export_clipsearch_bundle(arch: str, out: Path, name: str) -> Path:
     """A random-init open_clip model as a clipsearch bundle (fp32)."""
     if (out / "model.json").is_file():
         return out
-    from clipsearch.export import ExportRequest, export_bundle
+    from clipsearch.model.export import ExportRequest, export_bundle
 
     log(f"exporting random-init {arch} bundle to {out}")
     return export_bundle(ExportRequest(arch=arch, pretrained=None, random_init=True, out=out, precision="fp32", seed=0,

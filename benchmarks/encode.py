@@ -61,8 +61,8 @@ def main() -> None:
     import open_clip
     import torch
 
-    from clipsearch.export import ExportRequest, export_bundle, load_open_clip
-    from clipsearch.runtime import ClipModel
+    from clipsearch.model.export import ExportRequest, export_bundle, load_open_clip
+    from clipsearch.model.runtime import ClipModel
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -59,7 +59,7 @@ def run_rclip(photos: Path, exe: Path, datadir: Path, batch_size: int) -> dict:
 
 def decode_only(files: list[Path], bundle: Path, workers: int) -> dict:
     """Our reader alone (hash + draft decode + resize): wall rate, and CPU seconds per image with 1 worker."""
-    from clipsearch.bundle import read_bundle, read_preprocess
+    from clipsearch.model.bundle import read_bundle, read_preprocess
     from clipsearch.indexer.reader import ParallelReader, ReadTask
 
     spec = read_preprocess(read_bundle(bundle))
@@ -77,7 +77,7 @@ def decode_only(files: list[Path], bundle: Path, workers: int) -> dict:
 
 def decode_cpu_cost(files: list[Path], bundle: Path, sample: int = 40) -> float:
     """CPU seconds per image of our per-file work, measured in this process (single core)."""
-    from clipsearch.bundle import read_bundle, read_preprocess
+    from clipsearch.model.bundle import read_bundle, read_preprocess
     from clipsearch.indexer.reader import ReadTask, read_one
 
     spec = read_preprocess(read_bundle(bundle))
@@ -89,7 +89,7 @@ def decode_cpu_cost(files: list[Path], bundle: Path, sample: int = 40) -> float:
 
 
 def encode_only(bundle: Path, batch_size: int = 32, batches: int = 4) -> dict:
-    from clipsearch.runtime import ClipModel
+    from clipsearch.model.runtime import ClipModel
 
     model = ClipModel(bundle)
     h, w = model.preprocess.size
@@ -167,7 +167,7 @@ def main() -> None:
     same_arch = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
     models = [("rclip-arch ViT-B-32-256", str(same_arch))]
     from clipsearch.errors import ClipsearchError
-    from clipsearch.models import DEFAULT_MODEL, resolve_model
+    from clipsearch.model.resolve import DEFAULT_MODEL, resolve_model
 
     default_spec = args.default_model or DEFAULT_MODEL
     try:

@@ -36,9 +36,9 @@ def random_units(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def fill_collection(index_dir: Path, name: str, bundle: Path, count: int) -> str:
-    from clipsearch.bundle import read_bundle
-    from clipsearch.collection import Collection
-    from clipsearch.store import NewImage
+    from clipsearch.model.bundle import read_bundle
+    from clipsearch.store.collection import Collection
+    from clipsearch.store.database import NewImage
 
     info = read_bundle(bundle)
     collection = Collection.create(name, index_dir)
@@ -135,7 +135,7 @@ def main() -> None:
         datadir = export_rclip_models(work / "rclip-data-latency", bundle)
     models = [("ViT-B-32-256", bundle)]
     from clipsearch.errors import ClipsearchError
-    from clipsearch.models import DEFAULT_MODEL, resolve_model
+    from clipsearch.model.resolve import DEFAULT_MODEL, resolve_model
 
     try:
         models.append((f"{DEFAULT_MODEL} (product default)", resolve_model(DEFAULT_MODEL).path))

@@ -167,7 +167,7 @@ class Classifier:
 def _as_image(image):
     from PIL import Image
 
-    from .preprocess import open_image
+    from .model.preprocess import open_image
 
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .collection import DEFAULT_COLLECTION, Collection
+from .store.collection import DEFAULT_COLLECTION, Collection
 from .errors import CollectionError, QueryError
 
 MAX_QUERY_CHARS = 10_000
@@ -173,7 +173,7 @@ class Searcher:
         if model is not None:
             self._check_model(model)
         elif model_spec is not None:
-            from .models import resolve_model
+            from .model.resolve import resolve_model
 
             self._model_info = resolve_model(model_spec)
             self._check_model(self._model_info)
@@ -199,8 +199,8 @@ class Searcher:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    from .models import load_model
-                    from .runtime import ClipModel
+                    from .model.resolve import load_model
+                    from .model.runtime import ClipModel
 
                     model = (ClipModel(self._model_info) if self._model_info is not None
                              else load_model(self.collection_model.spec))
@@ -321,7 +321,7 @@ class Searcher:
     def _image_vector(self, value: str | bytes | int) -> tuple[np.ndarray, set[int]]:
         """Embed an image file or bytes; also return the ids of indexed copies of those very bytes."""
         from .errors import ImageError
-        from .preprocess import open_image, read_image_file
+        from .model.preprocess import open_image, read_image_file
 
         if isinstance(value, bytes):
             data = value

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from clipsearch.bundle import PreprocessSpec
-from clipsearch.store import FileState, NewImage, SkippedFile, Store
-from clipsearch.vectors import DEFAULT_IVF_THRESHOLD
+from clipsearch.model.bundle import PreprocessSpec
+from clipsearch.store.database import FileState, NewImage, SkippedFile, Store
+from clipsearch.store.vectors import DEFAULT_IVF_THRESHOLD
 
 from .reader import ReadResult, ReadTask
 from .walk import FoundFile, WalkOptions

@@ -2,7 +2,7 @@
 
 Each worker reads a file once, hashes its bytes (BLAKE2b-128, the content hash that recognises
 renamed and copied files), and — unless the hash is already known to the collection — decodes it
-(draft mode for large JPEGs, EXIF orientation, pixel limit: `clipsearch.preprocess.open_image`) and
+(draft mode for large JPEGs, EXIF orientation, pixel limit: `clipsearch.model.preprocess.open_image`) and
 resizes it to the model input. Only regular files are ever opened. Pixels travel back as uint8 HWC
 (4x less IPC than float32); the mapper normalises whole batches at once.
 """
@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from clipsearch.bundle import PreprocessSpec
+from clipsearch.model.bundle import PreprocessSpec
 from clipsearch.errors import ClipsearchError, ImageError
 
 # EXIF tags: Orientation, DateTime (IFD0); DateTimeOriginal, DateTimeDigitized (Exif IFD).
@@ -61,7 +61,7 @@ class ReadResult:
 
 def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] | set[str] = frozenset()) -> ReadResult:
     """Hash and (unless known) decode one file; never raises for a bad file, returns `error` instead."""
-    from clipsearch.preprocess import open_image, open_regular_file, resize_for_model
+    from clipsearch.model.preprocess import open_image, open_regular_file, resize_for_model
 
     if task.size > MAX_FILE_BYTES:
         return ReadResult(task, error=f"file too large ({task.size:,} bytes)")
@@ -107,7 +107,7 @@ def _header_facts(data: bytes) -> tuple[int | None, int | None, str | None]:
     """Displayed width/height (after EXIF orientation) and the EXIF capture time, from the header only."""
     from PIL import Image
 
-    from clipsearch.preprocess import pixel_limit
+    from clipsearch.model.preprocess import pixel_limit
 
     try:
         with pixel_limit(), Image.open(io.BytesIO(data)) as image:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError
-from clipsearch.store import SkippedFile
+from clipsearch.store.database import SkippedFile
 
 from .pipeline import BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan
 from .reader import ParallelReader
@@ -41,7 +41,7 @@ class LocalRunner:
 
     def run(self, collection: Collection, model, roots: Sequence[str | Path],
             progress: ProgressCallback | None = None) -> IndexSummary:
-        """Index `roots` into `collection` with `model` (a `clipsearch.runtime.ClipModel`)."""
+        """Index `roots` into `collection` with `model` (a `clipsearch.model.runtime.ClipModel`)."""
         with collection.writer_lock():
             try:
                 return self._run(collection, model, roots, progress)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from clipsearch.preprocess import IMAGE_SUFFIXES, not_regular_reason
+from clipsearch.model.preprocess import IMAGE_SUFFIXES, not_regular_reason
 
 # Folders that hold tooling or caches, not photos.
 SKIPPED_DIR_NAMES = frozenset({

@@ -19,7 +19,7 @@ def isolated_home(tmp_path_factory, monkeypatch) -> Path:
 
 
 def _export(out: Path, precision: str = "fp32") -> Path:
-    from clipsearch.export import ExportRequest, export_bundle
+    from clipsearch.model.export import ExportRequest, export_bundle
 
     return export_bundle(ExportRequest(arch=TINY_ARCH, pretrained=None, random_init=True, out=out,
                                        precision=precision, seed=TINY_SEED, name=f"{TINY_ARCH}-test"))
@@ -40,6 +40,6 @@ def tiny_bundles(tmp_path_factory, tiny_bundle) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_torch_model():
     """The same weights as `tiny_bundle`, as an open_clip torch module (seeded random init)."""
-    from clipsearch.export import load_open_clip
+    from clipsearch.model.export import load_open_clip
 
     return load_open_clip(TINY_ARCH, None, True, seed=TINY_SEED)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from clipsearch.classify import Classifier
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from clipsearch.web import ServerSettings, create_app
 from photo_fixtures import block_image
 from web_fixtures import PHOTO_COUNT, TEST_HOSTS, IndexedPhotos, app_settings, build_indexed_photos

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.reader import ReadTask, read_one
 from clipsearch.indexer.runner import index_paths
 from clipsearch.indexer.walk import WalkOptions, walk
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from photo_fixtures import block_image, bump_mtime, make_photos
 
 
@@ -189,7 +189,7 @@ def _jpeg_claiming_size(width: int, height: int) -> bytes:
 
 
 def test_a_100_megapixel_camera_jpeg_is_indexed_and_one_over_the_limit_is_skipped(tmp_path, model):
-    from clipsearch.preprocess import MAX_IMAGE_PIXELS
+    from clipsearch.model.preprocess import MAX_IMAGE_PIXELS
 
     assert MAX_IMAGE_PIXELS >= 200_000_000
     pillow_default = Image.MAX_IMAGE_PIXELS
@@ -217,7 +217,7 @@ def test_a_100_megapixel_camera_jpeg_is_indexed_and_one_over_the_limit_is_skippe
 # --- 16-bit images: native depth, bounded memory ------------------------------------------------------
 
 def test_16_bit_values_are_scaled_full_range():
-    from clipsearch.preprocess import open_image
+    from clipsearch.model.preprocess import open_image
 
     out = io.BytesIO()
     Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16)).save(out, format="PNG")
@@ -228,9 +228,9 @@ def test_16_bit_values_are_scaled_full_range():
 
 _RSS_PROBE = r"""
 import json, resource, sys
-from clipsearch.bundle import PreprocessSpec
+from clipsearch.model.bundle import PreprocessSpec
 from clipsearch.indexer.reader import ReadTask, read_one
-from clipsearch.preprocess import open_image
+from clipsearch.model.preprocess import open_image
 open_image(sys.argv[2])  # warm up: Pillow plugins and numpy code paths loaded before the baseline
 path = sys.argv[1]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -332,7 +332,7 @@ def test_index_skips_special_files_with_reasons_and_does_not_hang(tmp_path, mode
 
 def test_open_image_and_the_reader_refuse_a_fifo_without_blocking(tmp_path, model):
     from clipsearch.errors import ImageError
-    from clipsearch.preprocess import open_image, read_image_file
+    from clipsearch.model.preprocess import open_image, read_image_file
 
     fifo = tmp_path / "swapped.jpg"
     os.mkfifo(fifo)  # e.g. a file replaced by a FIFO after the walk saw a regular file
@@ -350,7 +350,7 @@ def test_open_image_and_the_reader_refuse_a_fifo_without_blocking(tmp_path, mode
 
 _CRASHING_DECODER = '''
 import os, signal
-import clipsearch.preprocess as preprocess
+import clipsearch.model.preprocess as preprocess
 
 _open_image = preprocess.open_image
 

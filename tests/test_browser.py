@@ -292,8 +292,8 @@ def test_error_and_empty_states(page, server):
 
 
 def test_empty_collection_says_so(browser, tmp_path, tiny_bundle):
-    from clipsearch.bundle import read_bundle
-    from clipsearch.collection import Collection
+    from clipsearch.model.bundle import read_bundle
+    from clipsearch.store.collection import Collection
 
     with Collection.create("empty", tmp_path) as collection:
         collection.bind_model(read_bundle(tiny_bundle))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from clipsearch.classify import DEFAULT_TEMPLATES, Classifier, classify, parse_labels
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from clipsearch.errors import QueryError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from photo_fixtures import block_image, make_photos
 
 CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from photo_fixtures import block_image, make_photos
 
 CLI = [os.fsencode(a) for a in (sys.executable, "-c", "from clipsearch.cli import main; main()")]

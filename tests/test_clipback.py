@@ -15,9 +15,9 @@ import pytest
 import requests
 from fastapi.testclient import TestClient
 
-from clipsearch.bundle import read_bundle
-from clipsearch.collection import Collection
-from clipsearch.store import NewImage
+from clipsearch.model.bundle import read_bundle
+from clipsearch.store.collection import Collection
+from clipsearch.store.database import NewImage
 from clipsearch.web import ServerSettings, create_app
 from web_fixtures import TEST_HOSTS, IndexedPhotos, LiveServer, app_settings, build_indexed_photos
 

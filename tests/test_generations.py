@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from clipsearch.collection import POINTER_FILE, Collection, list_collections
+from clipsearch.store.collection import POINTER_FILE, Collection, list_collections
 from clipsearch.errors import CollectionError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from clipsearch.search import SearchQuery, Searcher
 from photo_fixtures import block_image, make_photos
 
@@ -177,7 +177,7 @@ def test_a_failed_index_with_an_unknown_model_leaves_no_collection(tmp_path, tin
 
 
 def test_check_of_a_collection_without_a_model_says_so(tmp_path, tiny_bundle):
-    from clipsearch.store import Store
+    from clipsearch.store.database import Store
 
     root = tmp_path / "idx"
     (root / "e").mkdir(parents=True)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from photo_fixtures import block_image, bump_mtime, make_photos
 
 
@@ -355,7 +355,7 @@ def test_a_stale_index_is_rebuilt_in_memory_when_small_and_used_as_saved_when_la
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])
     # An indexing run in progress has committed one more image to SQLite but not yet saved FAISS.
-    from clipsearch.store import NewImage
+    from clipsearch.store.database import NewImage
 
     vector = model.encode_images([block_image(777)])[0]
     collection.store.write_images([NewImage(path=str(photos / "pending.png"), size=1, mtime_ns=1, content_hash="p" * 32,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from photo_fixtures import block_image
 from test_processes import session_processes, wait_until_gone
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.bundle import read_bundle, verify_bundle
-from clipsearch.runtime import ClipModel
+from clipsearch.model.bundle import read_bundle, verify_bundle
+from clipsearch.model.runtime import ClipModel
 
 VARIED_TEXTS = [
     "a dog on a beach",
@@ -129,8 +129,8 @@ NO_TORCH_SCRIPT = """
 import sys, json
 from PIL import Image
 import numpy as np
-from clipsearch.runtime import ClipModel
-from clipsearch.preprocess import open_image
+from clipsearch.model.runtime import ClipModel
+from clipsearch.model.preprocess import open_image
 m = ClipModel(sys.argv[1])
 t = m.encode_text(["a photo of a cat", "a dog"])
 i = m.encode_images([open_image(sys.argv[2], draft_size=(64, 64))])
@@ -191,8 +191,8 @@ def test_cli_models_export_info_and_cache_lookup(isolated_home, tmp_path):
 
 
 def test_extreme_aspect_ratio_is_resized_without_blowing_up_memory():
-    from clipsearch.bundle import PreprocessSpec
-    from clipsearch.preprocess import image_to_pixels
+    from clipsearch.model.bundle import PreprocessSpec
+    from clipsearch.model.preprocess import image_to_pixels
 
     spec = PreprocessSpec(size=(224, 224))
     strip = Image.new("RGB", (1, 100_000), (200, 30, 30))  # resize-then-crop would allocate 224 x 22.4M px
@@ -204,7 +204,7 @@ def test_extreme_aspect_ratio_is_resized_without_blowing_up_memory():
 
 HEIC_BYTES_SCRIPT = """
 import io, sys
-from clipsearch.preprocess import open_image
+from clipsearch.model.preprocess import open_image
 data = open(sys.argv[1], "rb").read()
 image = open_image(data)  # bytes, no file name: recognised by its ftyp box
 print(image.size, "pillow_heif" in sys.modules)
@@ -220,7 +220,7 @@ def test_heic_bytes_decode_without_a_file_name(tmp_path):
     done = subprocess.run([sys.executable, "-c", HEIC_BYTES_SCRIPT, str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(40, 30) True"
-    plain = subprocess.run([sys.executable, "-c", "import sys, io\nfrom PIL import Image\nfrom clipsearch.preprocess import open_image\n"
+    plain = subprocess.run([sys.executable, "-c", "import sys, io\nfrom PIL import Image\nfrom clipsearch.model.preprocess import open_image\n"
                             "b = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, 'PNG'); open_image(b.getvalue())\n"
                             "print('pillow_heif' in sys.modules)"], capture_output=True, text=True)
     assert plain.stdout.strip() == "False"  # a PNG query never pays for the HEIF import
@@ -232,7 +232,7 @@ def _bundle_like(folder: Path, label: str) -> None:
 
 
 def test_staged_folder_swap_never_leaves_no_bundle(tmp_path, monkeypatch):
-    import clipsearch.bundle as bundle
+    import clipsearch.model.bundle as bundle
 
     out = tmp_path / "models" / "b"
     with bundle.staged_folder(out) as staging:
@@ -260,7 +260,7 @@ def test_staged_folder_swap_never_leaves_no_bundle(tmp_path, monkeypatch):
     # 2. A crash (the process dies) between the renames: the next call, or resolving the model, recovers it.
     script = f"""
 import os, json, pathlib
-import clipsearch.bundle as bundle
+import clipsearch.model.bundle as bundle
 real = bundle._rename
 def crash_after_first(source, target):
     real(source, target)
@@ -286,7 +286,7 @@ with bundle.staged_folder(pathlib.Path({str(out)!r})) as staging:
 def test_model_resolution_recovers_a_bundle_left_aside_by_a_crash(tiny_bundle, isolated_home):
     import shutil
 
-    from clipsearch.models import resolve_model
+    from clipsearch.model.resolve import resolve_model
     from clipsearch.paths import model_cache_dir
 
     cached = model_cache_dir() / "tiny-cached"

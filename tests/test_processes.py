@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from photo_fixtures import block_image
 
 CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError, QueryError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from clipsearch.search import SearchQuery, Searcher, parse_weight
 from photo_fixtures import block_image, make_photos
 

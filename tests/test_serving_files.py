@@ -69,10 +69,10 @@ def test_an_indexed_symlink_to_outside_the_indexed_folders_is_never_followed(tmp
     Image.new("RGB", (40, 30), "blue").save(photos / "own.png")
     (photos / "link.png").symlink_to(outside / "private.png")  # indexed through the link (walk follows files)
     (photos / "alias.png").symlink_to(photos / "own.png")      # a link inside the indexed folder is fine
-    from clipsearch.collection import Collection
+    from clipsearch.store.collection import Collection
     from clipsearch.indexer.pipeline import IndexOptions
     from clipsearch.indexer.runner import index_paths
-    from clipsearch.runtime import ClipModel
+    from clipsearch.model.runtime import ClipModel
 
     index_dir = tmp_path / "collections"
     with Collection.create("links", index_dir) as collection:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 
-from clipsearch.store import Store
+from clipsearch.store.database import Store
 
 
 def _open_and_count(path: str) -> int:
@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from clipsearch.errors import CollectionError  # noqa: E402
-from clipsearch.store import SCHEMA_VERSION, NewImage  # noqa: E402
+from clipsearch.store.database import SCHEMA_VERSION, NewImage  # noqa: E402
 
 # The schema clipsearch wrote before schema versions existed (v1: user_version 0, ids reusable).
 V1_DDL = """
@@ -101,7 +101,7 @@ def test_a_v1_database_is_migrated_in_place_keeping_its_ids(tmp_path):
 
 
 def test_migration_keeps_ids_a_saved_index_holds_out_of_reach(tmp_path):
-    from clipsearch.collection import Collection
+    from clipsearch.store.collection import Collection
 
     folder = tmp_path / "idx" / "c"
     folder.mkdir(parents=True)
@@ -138,7 +138,7 @@ def test_concurrent_first_opens_of_a_v1_database_migrate_once(tmp_path):
 # -- the query text cache ---------------------------------------------------------------------------
 
 def test_text_cache_evicts_the_least_recently_used_and_touches_rows_rarely(tmp_path):
-    from clipsearch.store import TEXT_CACHE_TOUCH_SECONDS
+    from clipsearch.store.database import TEXT_CACHE_TOUCH_SECONDS
 
     vec = {t: np.full(4, i, np.float32) for i, t in enumerate("abcd")}
     with Store(tmp_path / "meta.sqlite") as store:

@@ -96,7 +96,7 @@ def test_train_command_few_steps_gives_a_loadable_bundle(tmp_path: Path) -> None
     from typer.testing import CliRunner
 
     from clipsearch.cli import app
-    from clipsearch.runtime import ClipModel
+    from clipsearch.model.runtime import ClipModel
     from clipsearch.train.pipeline import load_checkpoint
     from clipsearch.train.towers import load_minilm
 

@@ -13,10 +13,10 @@ import numpy as np
 import requests
 import uvicorn
 
-from clipsearch.collection import Collection
+from clipsearch.store.collection import Collection
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
-from clipsearch.runtime import ClipModel
+from clipsearch.model.runtime import ClipModel
 from clipsearch.web import ServerSettings
 from photo_fixtures import block_image, make_photos
 

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, Response
 
 import clipsearch
 from clipsearch.classify import Classifier, parse_labels
-from clipsearch.preprocess import open_image
+from clipsearch.model.preprocess import open_image
 from clipsearch.search import SearchHit, SearchQuery, Searcher
 
 from .errors import ApiError

@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from clipsearch.search import SearchQuery, Searcher
-from clipsearch.store import ImageRecord
+from clipsearch.store.database import ImageRecord
 
 from .errors import ApiError, describe_validation_errors
 from .openapi import error_responses

@@ -31,8 +31,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from clipsearch.errors import ImageError
-from clipsearch.preprocess import open_image
-from clipsearch.store import ImageRecord
+from clipsearch.model.preprocess import open_image
+from clipsearch.store.database import ImageRecord
 
 from .errors import ApiError
 

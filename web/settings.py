@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipsearch.collection import DEFAULT_COLLECTION
+from clipsearch.store.collection import DEFAULT_COLLECTION
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Bounded work per request (SECURITY.md lists every limit). Beyond them a request is refused with 422.

@@ -7,9 +7,9 @@ import threading
 from dataclasses import dataclass
 
 from clipsearch.classify import LabelCache
-from clipsearch.collection import Collection, list_collections
+from clipsearch.store.collection import Collection, list_collections
 from clipsearch.search import Searcher
-from clipsearch.store import ImageRecord
+from clipsearch.store.database import ImageRecord
 
 from .errors import ApiError
 from .images import THUMBNAIL_DIR, ThumbnailCache
@@ -61,7 +61,7 @@ class WebState:
         collection = Collection.open(name, self.settings.index_dir)
         model = None
         if self.settings.model_threads:
-            from clipsearch.models import load_model
+            from clipsearch.model.resolve import load_model
 
             model = load_model(self.settings.model or collection.require_model().spec, threads=self.settings.model_threads)
         return Searcher(collection, model=model, model_spec=self.settings.model)

@@ -96,10 +96,10 @@ def index(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
 ) -> None:
     """Index photos: new files are embedded, changed ones re-embedded, vanished ones removed."""
-    from ..collection import Collection
+    from ..store.collection import Collection
     from ..indexer.pipeline import IndexOptions
     from ..indexer.runner import LocalRunner
-    from ..models import load_model
+    from ..model.resolve import load_model
 
     with _stop_on_signals():
         try:
@@ -140,7 +140,7 @@ def check(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Verify that SQLite and FAISS agree (counts, ids, model); exit 1 with the details when they do not."""
-    from ..collection import Collection
+    from ..store.collection import Collection
 
     with Collection.open(collection, index_dir) as target:
         report = target.check()
@@ -166,7 +166,7 @@ def stats(
     """Counts, model, index type and bytes on disk of a collection."""
     from dataclasses import asdict
 
-    from ..collection import Collection
+    from ..store.collection import Collection
 
     with Collection.open(collection, index_dir) as target:
         info = target.stats()

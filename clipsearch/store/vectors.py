@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import CollectionError
+from ..errors import CollectionError
 
 DEFAULT_IVF_THRESHOLD = 50_000
 INDEX_FILE = "vectors.faiss"

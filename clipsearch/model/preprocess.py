@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bundle import PreprocessSpec
-from .errors import ImageError
+from ..errors import ImageError
 
 # The project's pixel limit: larger images are refused as possible decompression bombs. 250 megapixels
 # takes every camera photo (a 100 MP medium-format frame is 12000 x 8400) and most stitched panoramas;

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import BundleInfo, PreprocessSpec, read_bundle, read_preprocess
-from .errors import BundleError
+from ..errors import BundleError
 from .preprocess import image_to_pixels
 from .tokenizer import TextTokenizer
 

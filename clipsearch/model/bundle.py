@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import BundleError
-from .paths import fsync_dir
+from ..errors import BundleError
+from ..paths import fsync_dir
 
 BUNDLE_FORMAT = "clipsearch-bundle/1"
 BUNDLE_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json", "model.json")

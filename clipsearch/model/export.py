@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
-from .errors import ModelNotAvailable
+from ..errors import ModelNotAvailable
 
 PRECISIONS = ("fp32", "fp16", "int8")
 OPSET = 17
@@ -393,7 +393,7 @@ def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision:
             embed_dim = int(VisualGraph(model)(pixels[:1]).shape[-1])
         text = TextSpec(tokenizer="clip_bpe", inputs=("input_ids",), clean="open_clip", bos_id=bos_id,
                         eos_id=eos_id, pad_id=0, pad_to="longest" if dynamic else "context")
-        from . import __version__
+        from .. import __version__
 
         write_model_json(staging, {
             "name": name, "source": source, "embed_dim": embed_dim, "logit_scale": logit_scale,

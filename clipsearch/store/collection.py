@@ -31,11 +31,11 @@ from typing import Iterator
 
 import numpy as np
 
-from . import paths
-from .bundle import BundleInfo, is_bundle
-from .errors import CollectionError
-from .paths import fsync_dir
-from .store import Store
+from .. import paths
+from ..model.bundle import BundleInfo, is_bundle
+from ..errors import CollectionError
+from ..paths import fsync_dir
+from .database import Store
 from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex
 
 DEFAULT_COLLECTION = "default"
@@ -62,7 +62,7 @@ class CollectionModel:
 
     @property
     def spec(self) -> str:
-        """What to pass to `clipsearch.models.resolve_model` to get this model back."""
+        """What to pass to `clipsearch.model.resolve.resolve_model` to get this model back."""
         return self.bundle_path if is_bundle(Path(self.bundle_path)) else self.name
 
 
