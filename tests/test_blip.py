@@ -26,8 +26,9 @@ from clipsearch.model.runtime import ClipModel
 from photo_fixtures import block_image, make_photos
 from test_model_layer import VARIED_TEXTS
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+# The export extra (installed by scripts/test) brings both: a missing one is a failure, never a skip.
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 IMAGE_SIZE = 64
 EMOJI_MINI_TOKENIZER = Path(__file__).resolve().parents[1] / "clipsearch" / "model" / "bundled" / "emoji-mini" / "tokenizer.json"
