@@ -7,6 +7,9 @@ it is safe to call from several threads. Example::
 
     searcher = Searcher.open("default")
     hits = searcher.search(SearchQuery.build(text="beach", not_texts=["people"], k=20))
+
+Re-ranking (`rerank=True`, models with an ITM head such as BLIP bundles): the top `rerank_k` ITC candidates
+are read again from their files and scored by the cross-encoder, see `Searcher.search`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,21 @@ WEIGHT_SYNTAX_HELP = ('A weight goes first as ^W: ("^2:beach", "^0.5:sunset"; W 
 
 MAX_QUERY_IMAGE_BYTES = 512 * 1024 * 1024  # the indexer's per-file limit: a query image may be as large
 
+# Re-ranking with an ITM head. The final score of a re-ranked hit is
+#     ITM match logit + ITC_WEIGHT * ITC cosine
+# where the match logit is logits[match] - logits[no match] = log(p / (1 - p)) of the head's match probability
+# p, and the ITC cosine is the hit's ordinary score. The ITM term decides; with weight 1 the ITC term (in
+# [-1, 1], in practice a spread of a few tenths) breaks near-ties. Weight 1 is what BLIP's own retrieval
+# evaluation uses (it ranks the top-k ITC candidates by itm logits[:, 1] + raw ITC cosine); we take the margin
+# instead of logits[:, 1] alone because it does not move when a head shifts both logits. 1.0 is provisional:
+# it is to be chosen on held-out queries of the collection styles we train on.
+ITC_WEIGHT = 1.0
+DEFAULT_RERANK_K = 32
+MAX_RERANK_K = 256
+EXPORT_BLIP_HINT = ("Re-ranking needs a model with an ITM head: export a BLIP retrieval model with "
+                    "`clipsearch models export-blip Salesforce/blip-itm-base-coco --out DIR` and index with "
+                    "--model DIR, or search without --rerank.")
+
 @dataclass(frozen=True)
 class QueryTerm:
     """One part of a query. `kind` is "text" (value: str), "image" (value: path str or bytes) or
@@ -53,16 +71,26 @@ class QueryTerm:
 
 @dataclass(frozen=True)
 class SearchQuery:
+    """A query. With `rerank`, the top `rerank_k` hits are re-scored by the model's ITM head (text queries
+    only: the positive texts, joined by spaces, are what the head reads; negative terms act through the
+    ITC stage). `min_match` (a probability in [0, 1]) needs `rerank` (a QueryError otherwise: the match
+    probability only exists for re-ranked hits) and keeps only re-ranked hits whose match probability is at
+    least that."""
+
     terms: tuple[QueryTerm, ...]
     k: int = 10
     include_query_images: bool = False  # return the query image itself (by id, path or identical bytes)
+    rerank: bool = False
+    rerank_k: int = DEFAULT_RERANK_K
+    min_match: float | None = None
 
     @classmethod
     def build(cls, text: str | None = None, image: str | os.PathLike[str] | bytes | None = None,
               like: int | None = None, and_texts: Sequence[str] = (), not_texts: Sequence[str] = (),
               and_images: Sequence[str | os.PathLike[str] | bytes] = (),
               not_images: Sequence[str | os.PathLike[str] | bytes] = (), k: int = 10,
-              include_query_images: bool = False) -> "SearchQuery":
+              include_query_images: bool = False, rerank: bool = False, rerank_k: int | None = None,
+              min_match: float | None = None) -> "SearchQuery":
         """Assemble a query; texts may carry a weight prefix, e.g. "^2:beach" or "^0.5:sunset" (see `parse_weight`)."""
         terms: list[QueryTerm] = []
         if text is not None:
@@ -75,7 +103,13 @@ class SearchQuery:
         terms.extend(image_term(i) for i in and_images)
         terms.extend(text_term(t, negate=True) for t in not_texts)
         terms.extend(image_term(i, negate=True) for i in not_images)
-        return cls(terms=tuple(terms), k=k, include_query_images=include_query_images)
+        return cls(terms=tuple(terms), k=k, include_query_images=include_query_images, rerank=bool(rerank),
+                   rerank_k=DEFAULT_RERANK_K if rerank_k is None else rerank_k, min_match=min_match)
+
+    @property
+    def itm_text(self) -> str:
+        """What the ITM head reads when re-ranking: the positive texts in order, joined by spaces."""
+        return " ".join(str(t.value) for t in self.terms if t.kind == "text" and t.weight > 0)
 
     def validate(self) -> None:
         if not self.terms:
@@ -98,6 +132,21 @@ class SearchQuery:
                                      "valid UTF-8") from exc
             elif term.kind not in ("image", "like"):
                 raise QueryError(f"unknown query term kind {term.kind!r}")
+        self._validate_rerank()
+
+    def _validate_rerank(self) -> None:
+        if isinstance(self.rerank_k, bool) or not isinstance(self.rerank_k, int) or not 1 <= self.rerank_k <= MAX_RERANK_K:
+            raise QueryError(f"rerank_k must be between 1 and {MAX_RERANK_K}, not {self.rerank_k}")
+        if self.min_match is not None:
+            if not (isinstance(self.min_match, (int, float)) and 0.0 <= float(self.min_match) <= 1.0):
+                raise QueryError(f"min_match must be a probability between 0 and 1, not {self.min_match}")
+            if not self.rerank:
+                raise QueryError("min_match needs re-ranking: the match probability comes from the ITM head",
+                                 "Add --rerank (REST: rerank=true), or leave out --min-match.")
+        if self.rerank and any(t.kind in ("image", "like") and t.weight > 0 for t in self.terms):
+            raise QueryError("re-ranking needs a text query: the ITM head compares a text with each image, and "
+                             "this query searches by an image",
+                             "Search by text with --rerank, or leave out --rerank for image queries.")
 
 
 def parse_weight(text: str) -> tuple[float, str]:
@@ -140,6 +189,10 @@ class SearchHit:
     width: int | None
     height: int | None
     taken_at: str | None = None
+    # Re-ranked hits only (None otherwise): `score` is then the final score (ITM match logit +
+    # ITC_WEIGHT * itc_score), `itc_score` the cosine of the ITC stage, `match` the ITM match probability.
+    itc_score: float | None = None
+    match: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -343,9 +396,61 @@ class Searcher:
         return vector, same
 
     def search(self, query: SearchQuery) -> list[SearchHit]:
-        """Best-first hits joined with their metadata."""
+        """Best-first hits joined with their metadata.
+
+        With `query.rerank`: the top `rerank_k` ITC hits are decoded again from their files, their image tokens
+        computed in one batch and scored against the query text by the ITM head in one call. Those hits are
+        sorted by ITM match logit + ITC_WEIGHT * ITC cosine (`score`; `itc_score` and `match` added), then
+        come the candidates whose file can no longer be read (ITC order, unscored), then, when k > rerank_k,
+        the remaining hits in ITC order; the first k are returned. With `min_match` only re-ranked hits whose
+        match probability reaches it are returned (unscored hits have no probability and are left out).
+        QueryError when the model has no ITM head."""
+        query.validate()
+        if query.rerank:
+            self._require_itm()
         qv = self.query_vector(query)
-        return self.search_vector(qv.vector, query.k, qv.exclude_ids)
+        if not query.rerank:
+            return self.search_vector(qv.vector, query.k, qv.exclude_ids)
+        hits = self.search_vector(qv.vector, max(query.k, query.rerank_k), qv.exclude_ids)
+        return self._rerank(query, hits)[:query.k]
+
+    def _require_itm(self):
+        model = self.model
+        scorer = model.itm if getattr(model, "has_itm", False) else None
+        if scorer is None:
+            raise QueryError(f"model {model.info.name} cannot re-rank (no ITM head)", EXPORT_BLIP_HINT)
+        return scorer
+
+    def _rerank(self, query: SearchQuery, hits: list[SearchHit]) -> list[SearchHit]:
+        from dataclasses import replace
+
+        from .errors import ClipsearchError
+        from .model.preprocess import open_image
+
+        scorer = self._require_itm()
+        candidates, rest = hits[:query.rerank_k], hits[query.rerank_k:]
+        draft = tuple(self.model.preprocess.size[::-1])
+        readable, images, unreadable = [], [], []
+        for hit in candidates:
+            try:  # open_image refuses FIFOs, devices and bombs; a vanished or broken file is just unscored
+                images.append(open_image(hit.path, draft_size=draft))
+                readable.append(hit)
+            except (ClipsearchError, OSError, ValueError):
+                unreadable.append(hit)
+        scored: list[SearchHit] = []
+        if readable:
+            tokens = self.model.image_tokens(images)
+            del images
+            itm = scorer.score(query.itm_text, tokens)
+            for hit, margin, probability in zip(readable, itm.match_logit, itm.probability):
+                final = float(margin) + ITC_WEIGHT * hit.score
+                scored.append(replace(hit, score=round(final, 6), itc_score=hit.score,
+                                      match=round(float(probability), 6)))
+            order = sorted(range(len(scored)), key=lambda i: (-scored[i].score, i))  # ties keep ITC order
+            scored = [scored[i] for i in order]
+        if query.min_match is not None:
+            return [hit for hit in scored if hit.match is not None and hit.match >= query.min_match]
+        return scored + unreadable + rest
 
     def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = ()) -> list[SearchHit]:
         self._follow_rebuild()

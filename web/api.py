@@ -21,8 +21,8 @@ from .errors import ApiError
 from .images import original_file
 from .openapi import error_responses
 from .parsing import StrictRoute
-from .schemas import (ClassifyResponse, ImageInfo, ImageResult, LabelProbability, ModelInfo, SearchRequest,
-                      SearchResponse, StatsResponse)
+from .schemas import (MIN_MATCH_DESCRIPTION, RERANK_DESCRIPTION, RERANK_K_DESCRIPTION, ClassifyResponse, ImageInfo,
+                      ImageResult, LabelProbability, ModelInfo, SearchRequest, SearchResponse, StatsResponse)
 from .security import require_api_key
 from .state import WebState
 from .uploads import QueryImage, check_image, decode_base64_image, read_upload, release_freed_memory
@@ -99,7 +99,8 @@ def search_response(request: Request, searcher: Searcher, query_text: str, hits:
     for hit in hits:
         thumbnail_url, image_url = image_urls(request, hit.id, name)
         results.append(ImageResult(id=hit.id, path=hit.path, score=hit.score, width=hit.width, height=hit.height,
-                                   taken_at=hit.taken_at, thumbnail_url=thumbnail_url, image_url=image_url))
+                                   taken_at=hit.taken_at, thumbnail_url=thumbnail_url, image_url=image_url,
+                                   itc_score=hit.itc_score, match=hit.match))
     return SearchResponse(query=query_text, took_ms=round((time.perf_counter() - started) * 1000, 2),
                           collection=name, results=results)
 
@@ -119,10 +120,14 @@ def describe(text: str | None, and_texts: list[str], not_texts: list[str], image
 def search_text(request: Request, state: State,
                 q: Annotated[str, Query(description="What to look for; at most 1,000 characters (422 beyond)")],
                 k: Annotated[int | None, Query(ge=1, description="How many results (default 20)")] = None,
-                collection: CollectionParam = None) -> SearchResponse:
+                collection: CollectionParam = None,
+                rerank: Annotated[bool, Query(description=RERANK_DESCRIPTION)] = False,
+                rerank_k: Annotated[int | None, Query(ge=1, le=256, description=RERANK_K_DESCRIPTION)] = None,
+                min_match: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False,
+                                                         description=MIN_MATCH_DESCRIPTION)] = None) -> SearchResponse:
     started = time.perf_counter()
     check_texts(state, [q])
-    query = SearchQuery.build(text=q, k=checked_k(state, k))
+    query = SearchQuery.build(text=q, k=checked_k(state, k), rerank=rerank, rerank_k=rerank_k, min_match=min_match)
     query.validate()
     searcher = state.searcher(collection)
     return search_response(request, searcher, q, searcher.search(query), started)
@@ -144,7 +149,8 @@ def search_combined(request: Request, state: State, body: SearchRequest) -> Sear
     if body.image_id is not None:
         state.image(body.image_id, body.collection)  # 404 for an unknown id
     query = SearchQuery.build(text=body.text, image=image, like=body.image_id, and_texts=body.and_texts,
-                              not_texts=body.not_texts, k=k, include_query_images=body.include_self)
+                              not_texts=body.not_texts, k=k, include_query_images=body.include_self,
+                              rerank=body.rerank, rerank_k=body.rerank_k, min_match=body.min_match)
     query.validate()
     text = describe(body.text, body.and_texts, body.not_texts, image is not None, body.image_id)
     try:

@@ -6,6 +6,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+RERANK_DESCRIPTION = ("Re-score the top rerank_k hits with the model's ITM head (text queries; models exported with "
+                      "`clipsearch models export-blip`, 400 for other models or image queries); re-scored hits get "
+                      "itc_score and match")
+RERANK_K_DESCRIPTION = "How many top hits rerank re-scores (default 32, 1-256: 422 beyond)"
+MIN_MATCH_DESCRIPTION = ("With rerank: keep only re-scored hits whose match probability is at least this (0-1: 422 "
+                         "beyond; 400 without rerank)")
+
 # Ids are SQLite integers: anything outside int64 cannot name an image (and must not reach SQLite).
 ImageId = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
@@ -13,12 +20,17 @@ ImageId = Annotated[int, Field(ge=0, le=2**63 - 1)]
 class ImageResult(BaseModel):
     id: int
     path: str
-    score: float = Field(description="Cosine similarity to the query; results come best first")
+    score: float = Field(description="Cosine similarity to the query; results come best first. For a hit re-scored "
+                                     "with rerank: ITM match logit + ITC cosine (itc_score)")
     width: int | None
     height: int | None
     taken_at: str | None = None
     thumbnail_url: str
     image_url: str
+    itc_score: float | None = Field(None, description="With rerank, for re-scored hits: the cosine similarity of the "
+                                                      "first (ITC) stage; null otherwise")
+    match: float | None = Field(None, description="With rerank, for re-scored hits: the ITM head's probability that "
+                                                  "the image matches the text (0-1); null otherwise")
 
 
 class SearchResponse(BaseModel):
@@ -45,6 +57,9 @@ class SearchRequest(BaseModel):
     k: int | None = Field(None, ge=1, description="How many results (default 20, at most 1000: 422 beyond)")
     collection: str | None = Field(None, description="Another collection served by this server")
     include_self: bool = Field(False, description="Also return the query image itself when it is indexed")
+    rerank: bool = Field(False, description=RERANK_DESCRIPTION)
+    rerank_k: int | None = Field(None, ge=1, le=256, description=RERANK_K_DESCRIPTION)
+    min_match: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=MIN_MATCH_DESCRIPTION)
 
 
 class LabelProbability(BaseModel):

@@ -28,22 +28,40 @@ def search(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the collection's model)"),
     include_self: bool = typer.Option(False, "--include-self", help="Also return the query image itself"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
-    as_json: bool = typer.Option(False, "--json", help='Print [{"id", "path", "score", "width", "height"}] best first'),
+    as_json: bool = typer.Option(False, "--json", help='Print [{"id", "path", "score", "width", "height"}] best first '
+                                 '(with --rerank also "itc_score" and "match", null for hits that were not re-scored)'),
+    rerank: bool = typer.Option(False, "--rerank", help="Re-score the top hits with the model's ITM head (text queries; "
+                                "models exported with `clipsearch models export-blip`)"),
+    rerank_k: int = typer.Option(32, "--rerank-k", min=1, max=256, help="How many top hits --rerank re-scores"),
+    min_match: Optional[float] = typer.Option(None, "--min-match", min=0.0, max=1.0,
+                                              help="With --rerank: keep only hits whose ITM match probability is at "
+                                                   "least this (0-1); an error without --rerank"),
 ) -> None:
-    """Find indexed photos by text, by an example image, or by an indexed image."""
+    """Find indexed photos by text, by an example image, or by an indexed image.
+
+    With --rerank the score of a re-scored hit is the ITM match logit plus the ITC cosine (its plain score)."""
     from ..search import SearchQuery, Searcher
 
     query = SearchQuery.build(text=text, image=image, like=like, and_texts=and_, not_texts=not_, k=k,
-                              include_query_images=include_self)
+                              include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match)
     query.validate()  # before loading anything
     with Searcher.open(collection, index_dir, model) as searcher:
         hits = searcher.search(query)
     if as_json:
-        typer.echo(json.dumps([{"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height}
-                               for h in hits], indent=2, ensure_ascii=False))
+        rows = []
+        for h in hits:
+            row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height}
+            if rerank:
+                row.update(itc_score=h.itc_score, match=h.match)
+            rows.append(row)
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     for rank, hit in enumerate(hits, 1):
-        typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
+        if rerank:
+            match = "       -" if hit.match is None else f"p={hit.match:.4f}"
+            typer.echo(f"{rank:>3}  {hit.score:.4f}  {match}  {hit.path}")
+        else:
+            typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
 
 
 def _image_files(targets: List[Path]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -2,7 +2,8 @@
 
 `OnnxSession` is the one session abstraction: it opens its graph on first use (so a text query never
 loads visual.onnx), picks CUDA when onnxruntime-gpu offers it and the CPU with every core otherwise.
-`ClipModel` puts a bundle's two graphs, tokenizer and preprocessing together.
+`ClipModel` puts a bundle's two graphs, tokenizer and preprocessing together; for bundles with an ITM head
+(BLIP) it also gives the image tokens the head reads and a lazily opened `ItmScorer` (see itm.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class OnnxSession:
         self.options = options
         self._session = None
         self._input_names: frozenset[str] | None = None  # read once from the graph, not per call
+        self._first_output: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -80,11 +82,15 @@ class OnnxSession:
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, inputs: dict[str, np.ndarray], output: str | None = None) -> np.ndarray:
+        """The graph's `output` (default: its first output). Only that output is requested from onnxruntime,
+        so a graph with a second, large output (BLIP's image tokens) does not hand it back to every caller."""
         session = self.session
         if self._input_names is None:
+            self._first_output = session.get_outputs()[0].name  # before _input_names: other threads test that
             self._input_names = frozenset(i.name for i in session.get_inputs())
-        return session.run(None, {k: v for k, v in inputs.items() if k in self._input_names})[0]
+        wanted = output or self._first_output
+        return session.run([wanted], {k: v for k, v in inputs.items() if k in self._input_names})[0]
 
 
 class ClipModel:
@@ -99,6 +105,9 @@ class ClipModel:
         self.visual = OnnxSession(self.info.file("visual.onnx"), options)
         self.textual = OnnxSession(self.info.file("textual.onnx"), options)
         self._tokenizer: TextTokenizer | None = None
+        self._options = options
+        self._itm = None  # ItmScorer, made on first use of `itm`
+        self._itm_lock = threading.Lock()
 
     @property
     def embed_dim(self) -> int:
@@ -132,3 +141,34 @@ class ClipModel:
         if not images:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return self.encode_pixels(np.stack([image_to_pixels(img, self.preprocess) for img in images]))
+
+    # -- ITM (bundles whose model.json has an "itm" object, e.g. BLIP) ----------------------------
+    @property
+    def has_itm(self) -> bool:
+        return isinstance(self.info.extra.get("itm"), dict)
+
+    @property
+    def itm(self):
+        """The bundle's `ItmScorer` (its graph opens on the first score), or None when there is no ITM head."""
+        if not self.has_itm:
+            return None
+        if self._itm is None:
+            with self._itm_lock:
+                if self._itm is None:
+                    from .itm import ItmScorer
+
+                    self._itm = ItmScorer(self.info, self._options, tokenizer=self.tokenizer)
+        return self._itm
+
+    def image_tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """float32 [len(images), T, Dv]: the visual graph's token output that the ITM head attends to (named
+        in model.json's itm object), in one batch. BundleError for a bundle without an ITM head."""
+        if not self.has_itm:
+            raise BundleError(f"model {self.info.name} has no ITM head: its visual graph gives no image tokens")
+        name = str(self.info.extra["itm"].get("image_tokens", "image_tokens"))
+        if not images:
+            shape = self.info.extra["itm"].get("image_tokens_shape") or [0, 0]
+            return np.zeros((0, *shape), dtype=np.float32)
+        pixels = np.stack([image_to_pixels(img, self.preprocess) for img in images])
+        return np.ascontiguousarray(self.visual.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)},
+                                                    output=name), dtype=np.float32)
