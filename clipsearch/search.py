@@ -51,6 +51,7 @@ MAX_QUERY_IMAGE_BYTES = 512 * 1024 * 1024  # the indexer's per-file limit: a que
 ITC_WEIGHT = 1.0
 DEFAULT_RERANK_K = 32
 MAX_RERANK_K = 256
+RERANK_BATCH = DEFAULT_RERANK_K  # candidates per visual + ITM call
 EXPORT_BLIP_HINT = ("Re-ranking needs a model with an ITM head: export a BLIP retrieval model with "
                     "`clipsearch models export-blip Salesforce/blip-itm-base-coco --out DIR` and index with "
                     "--model DIR, or search without --rerank.")
@@ -430,22 +431,29 @@ class Searcher:
         scorer = self._require_itm()
         candidates, rest = hits[:query.rerank_k], hits[query.rerank_k:]
         draft = tuple(self.model.preprocess.size[::-1])
-        readable, images, unreadable = [], [], []
-        for hit in candidates:
-            try:  # open_image refuses FIFOs, devices and bombs; a vanished or broken file is just unscored
-                images.append(open_image(hit.path, draft_size=draft))
-                readable.append(hit)
-            except (ClipsearchError, OSError, ValueError):
-                unreadable.append(hit)
         scored: list[SearchHit] = []
-        if readable:
+        unreadable: list[SearchHit] = []
+        # Candidates go through the visual and ITM graphs RERANK_BATCH at a time (one call for the default k):
+        # a large rerank_k must not hold every candidate's image tokens at once (BLIP-base: 1.8 MB each).
+        for start in range(0, len(candidates), RERANK_BATCH):
+            readable, images = [], []
+            for hit in candidates[start:start + RERANK_BATCH]:
+                try:  # open_image refuses FIFOs, devices and bombs; a vanished or broken file is just unscored
+                    images.append(open_image(hit.path, draft_size=draft))
+                    readable.append(hit)
+                except (ClipsearchError, OSError, ValueError):
+                    unreadable.append(hit)
+            if not readable:
+                continue
             tokens = self.model.image_tokens(images)
             del images
             itm = scorer.score(query.itm_text, tokens)
+            del tokens
             for hit, margin, probability in zip(readable, itm.match_logit, itm.probability):
                 final = float(margin) + ITC_WEIGHT * hit.score
                 scored.append(replace(hit, score=round(final, 6), itc_score=hit.score,
                                       match=round(float(probability), 6)))
+        if scored:
             order = sorted(range(len(scored)), key=lambda i: (-scored[i].score, i))  # ties keep ITC order
             scored = [scored[i] for i in order]
         if query.min_match is not None:

@@ -108,6 +108,16 @@ def test_rerank_changes_order_only_within_the_top_k_and_scores_are_itm_plus_itc(
     assert [(h.id, h.score) for h in deeper] == [(h.id, h.score) for h in ranked[:3]]
 
 
+
+def test_candidates_scored_in_several_batches_rank_as_in_one(searcher, monkeypatch):
+    import clipsearch.search as search_module
+
+    whole = searcher.search(SearchQuery.build(text=TEXT, k=PHOTOS, rerank=True, rerank_k=PHOTOS))
+    monkeypatch.setattr(search_module, "RERANK_BATCH", 4)  # 14 candidates: batches of 4, 4, 4 and 2
+    batched = searcher.search(SearchQuery.build(text=TEXT, k=PHOTOS, rerank=True, rerank_k=PHOTOS))
+    assert [h.id for h in batched] == [h.id for h in whole]
+    assert np.allclose([h.score for h in batched], [h.score for h in whole], atol=1e-5)
+
 def test_itm_scorer_batch_equals_pairs_and_match_logit_is_the_margin(model, blip_bundle):  # noqa: F811
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 70, 3), dtype=np.uint8)) for i in range(5)]
