@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import PreprocessSpec, TextSpec, sha256_file, staged_folder, write_model_json
-from .export import HUB_HOST, OPSET, PRECISIONS, _hub_reachable, externalize_weights
+from .export import HUB_HOST, OPSET, PRECISIONS, _hub_reachable, export_extra_missing, externalize_weights
 from ..errors import ModelNotAvailable
 
 DEFAULT_MODEL_ID = "Salesforce/blip-itm-base-coco"
@@ -47,10 +47,7 @@ def import_transformers(model: str = "a BLIP model"):
         import torch  # noqa: F401
         import transformers
     except ImportError as exc:
-        raise ModelNotAvailable(
-            f"exporting {model} needs torch and transformers, which are not installed",
-            "Install them with `pip install 'clipsearch[export]'` (online), or use the bundled offline model: --model emoji-mini",
-        ) from exc
+        raise export_extra_missing(model, "torch and transformers") from exc
     return transformers
 
 

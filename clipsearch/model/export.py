@@ -34,14 +34,18 @@ class ExportRequest:
     seed: int = 0
 
 
+def export_extra_missing(model: str, packages: str) -> ModelNotAvailable:
+    """The error for an export whose torch-side packages (the `export` extra) are not installed."""
+    return ModelNotAvailable(
+        f"exporting {model} needs {packages}, which are not installed",
+        "Install them with `pip install 'clipsearch[export]'` (online), or use the bundled offline model: --model emoji-mini")
+
+
 def import_open_clip(model: str = "a model"):
     try:
         import open_clip
     except ImportError as exc:
-        raise ModelNotAvailable(
-            f"exporting {model} needs torch and open_clip_torch, which are not installed",
-            "Install them with `pip install 'clipsearch[export]'` (online), or use the bundled offline model: --model emoji-mini",
-        ) from exc
+        raise export_extra_missing(model, "torch and open_clip_torch") from exc
     open_clip.add_model_config(CONFIG_DIR)
     return open_clip
 
