@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,49 @@ import numpy as np
 
 from ..errors import CollectionError
 
+
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class signals_deferred:
+    """Hold Ctrl-C, SIGTERM and SIGHUP back while a write transaction runs: their Python handlers (the ones that
+    unwind a run, e.g. KeyboardInterrupt) are called right after it instead of in the middle. Without this, an
+    interrupt landing between sqlite-utils' `atomic()` starting and the `with` block taking over leaves its
+    generator to be finalised after the connection closed, which prints a traceback on the way out.
+
+    Handlers run in the main thread only, so only there is anything swapped; signals whose handler is not a
+    Python function (SIG_DFL, SIG_IGN) keep their ordinary effect."""
+
+    def __enter__(self) -> "signals_deferred":
+        self.saved: dict[int, object] = {}
+        self.pending: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            for signum in _DEFERRED_SIGNALS:
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    self.saved[signum] = handler
+                    signal.signal(signum, self._hold)
+        except BaseException:  # an interrupt arrived while swapping: put every handler back, then unwind
+            self._restore()
+            raise
+        return self
+
+    def _hold(self, signum: int, frame: object) -> None:
+        if self.pending is None:
+            self.pending = signum
+
+    def _restore(self) -> None:
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)
+        self.saved = {}
+
+    def __exit__(self, *exc_info: object) -> None:
+        saved = dict(self.saved)
+        self._restore()
+        if self.pending is not None:
+            saved[self.pending](self.pending, None)
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -139,8 +184,7 @@ class Store:
         except sqlite3.OperationalError as exc:
             raise CollectionError(f"{self.path}: cannot open ({exc})") from exc
         try:
-            if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                self.conn.execute("PRAGMA journal_mode=wal")
+            self._use_wal()
             self.conn.execute("PRAGMA synchronous=NORMAL")
             version = self._schema_version()
             if version > SCHEMA_VERSION:
@@ -165,6 +209,21 @@ class Store:
         except BaseException:
             self.conn.close()
             raise
+
+    def _use_wal(self) -> None:
+        """Switch to WAL once per database. Changing the journal mode needs an exclusive lock, and SQLite may
+        answer "database is locked" at once instead of waiting its busy timeout when several processes open a
+        new database together: retry until the timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        while True:
+            try:
+                if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self.conn.execute("PRAGMA journal_mode=wal")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @property
     def db(self):
@@ -263,7 +322,7 @@ class Store:
         return row[0] if row else default
 
     def set_meta(self, values: dict[str, str]) -> None:
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             self.db["meta"].upsert_all([{"key": k, "value": str(v)} for k, v in values.items()], pk="key")
 
     def indexed_roots(self) -> dict[str, str]:
@@ -427,7 +486,7 @@ class Store:
     def write_images(self, images: Sequence[NewImage], model_id: str, run_id: int, indexed_at: str) -> list[int]:
         """Insert or update rows and their vectors in one transaction; returns the ids in order."""
         ids: list[int] = []
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             if images:
                 self._bump_generation()
             generation = self.generation
@@ -455,7 +514,7 @@ class Store:
 
     def touch(self, ids: Sequence[int], run_id: int, new_stats: dict[int, tuple[int, int]] | None = None) -> None:
         """Mark rows as seen by `run_id` (and record a new size/mtime for content-identical files)."""
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             for start in range(0, len(ids), 500):
                 chunk = [int(i) for i in ids[start:start + 500]]
                 self.db.execute(f"UPDATE images SET run_id = ? WHERE id IN ({','.join('?' * len(chunk))})",
@@ -464,21 +523,21 @@ class Store:
                 self.db.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", [size, mtime_ns, image_id])
 
     def record_skipped(self, entries: Sequence[tuple[str, int, int, str]], run_id: int) -> None:
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             self.db["skipped"].upsert_all(
                 [{"path": p, "size": s, "mtime_ns": m, "reason": r, "run_id": run_id} for p, s, m, r in entries], pk="path")
             for path, *_ in entries:  # a file that turned bad no longer belongs in the index
                 self._delete_where("path = ?", [path])
 
     def touch_skipped(self, paths: Sequence[str], run_id: int) -> None:
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             for path in paths:
                 self.db.execute("UPDATE skipped SET run_id = ? WHERE path = ?", [run_id, path])
 
     def sweep(self, roots: Sequence[str], run_id: int) -> int:
         """Delete rows under `roots` not seen by `run_id` (deleted or excluded files); returns how many."""
         removed = 0
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             for root in roots:
                 try:
                     root.encode("utf-8")
@@ -493,7 +552,7 @@ class Store:
 
     def delete_ids(self, ids: Sequence[int]) -> int:
         removed = 0
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             for start in range(0, len(ids), 500):
                 chunk = [int(i) for i in ids[start:start + 500]]
                 removed += self._delete_where(f"id IN ({','.join('?' * len(chunk))})", chunk)
@@ -501,7 +560,7 @@ class Store:
 
     def clear(self) -> None:
         """Forget every image in place (ids keep counting up: none is handed out again)."""
-        with self.db.atomic():
+        with signals_deferred(), self.db.atomic():
             self.db.execute("DELETE FROM embeddings")
             self.db.execute("DELETE FROM images")
             self.db.execute("DELETE FROM skipped")
