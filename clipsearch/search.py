@@ -27,6 +27,7 @@ import numpy as np
 
 from .store.collection import DEFAULT_COLLECTION, Collection
 from .errors import CollectionError, QueryError
+from .text import is_utf8
 
 MAX_QUERY_CHARS = 10_000
 MAX_K = 10_000
@@ -126,11 +127,9 @@ class SearchQuery:
                     raise QueryError("empty text query")
                 if len(text) > MAX_QUERY_CHARS:
                     raise QueryError(f"text query of {len(text):,} characters is longer than {MAX_QUERY_CHARS:,}")
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as exc:
+                if not is_utf8(text):
                     raise QueryError(f"text query {text[:40].encode('utf-8', 'backslashreplace').decode()!r} is not "
-                                     "valid UTF-8") from exc
+                                     "valid UTF-8")
             elif term.kind not in ("image", "like"):
                 raise QueryError(f"unknown query term kind {term.kind!r}")
         self._validate_rerank()
@@ -390,7 +389,7 @@ class Searcher:
         with self._lock:
             same = {row[0] for row in self.collection.store.db.execute(
                 "SELECT id FROM images WHERE content_hash = ?", [digest])}
-            if not isinstance(value, bytes) and _is_utf8(str(value)):  # stored paths are UTF-8 text
+            if not isinstance(value, bytes) and is_utf8(str(value)):  # stored paths are UTF-8 text
                 record = self.collection.store.find_by_path(os.path.abspath(str(value)))
                 if record is not None:
                     same.add(record.id)
@@ -474,14 +473,6 @@ class Searcher:
             hits.append(SearchHit(id=image_id, path=record.path, score=round(score, 6), width=record.width,
                                   height=record.height, taken_at=record.taken_at))
         return hits
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def search(query: SearchQuery, collection: str = DEFAULT_COLLECTION,

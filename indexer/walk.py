@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from clipsearch.model.preprocess import IMAGE_SUFFIXES, not_regular_reason
+from clipsearch.text import is_utf8
 
 # Folders that hold tooling or caches, not photos.
 SKIPPED_DIR_NAMES = frozenset({
@@ -51,14 +52,6 @@ def _excluded(path: str, name: str, root: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(path, p) for p in patterns)
 
 
-def _storable(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # undecodable bytes in a file name (surrogate escapes)
-        return False
-
-
 def _stat_problem(path: str, exc: OSError) -> str:
     if exc.errno == errno.ENOENT and os.path.islink(path):
         return "dangling symlink"
@@ -68,7 +61,7 @@ def _stat_problem(path: str, exc: OSError) -> str:
 
 
 def _printable(path: str) -> str:
-    return path.encode("utf-8", "replace").decode() if not _storable(path) else path
+    return path.encode("utf-8", "replace").decode() if not is_utf8(path) else path
 
 
 def iter_files(root: str, options: WalkOptions, problems: list[tuple[str, str]]) -> Iterator[FoundFile]:
@@ -81,7 +74,7 @@ def iter_files(root: str, options: WalkOptions, problems: list[tuple[str, str]])
     if not stat_module.S_ISDIR(root_stat.st_mode):
         if not stat_module.S_ISREG(root_stat.st_mode):
             problems.append((_printable(root), not_regular_reason(root_stat.st_mode)))
-        elif not _storable(root):
+        elif not is_utf8(root):
             problems.append((_printable(root), "file name is not valid UTF-8"))
         else:
             yield FoundFile(root, root_stat.st_size, root_stat.st_mtime_ns)
@@ -116,7 +109,7 @@ def iter_files(root: str, options: WalkOptions, problems: list[tuple[str, str]])
                 continue
             if options.exclude and _excluded(entry.path, name, root, options.exclude):
                 continue
-            if not _storable(entry.path):
+            if not is_utf8(entry.path):
                 problems.append((_printable(entry.path), "file name is not valid UTF-8"))
                 continue
             try:

@@ -22,6 +22,8 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, UploadFile
 
+from clipsearch.text import is_utf8
+
 from .errors import ApiError
 from .security import check_api_key
 
@@ -50,17 +52,8 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-def has_surrogates(text: str) -> bool:
-    """True for strings that cannot be encoded as UTF-8 (lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def check_text(text: str, where: str) -> None:
-    if has_surrogates(text):
+    if not is_utf8(text):
         raise ApiError(400, f"{where} contains a lone surrogate (not valid Unicode text)")
 
 

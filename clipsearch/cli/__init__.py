@@ -14,6 +14,7 @@ import sys
 import typer
 
 from ..errors import ClipsearchError
+from ..text import is_utf8
 
 app = typer.Typer(
     name="clipsearch",
@@ -36,11 +37,7 @@ _register()
 def _undecodable_argument(argv: list[str]) -> str | None:
     """The first argument that is not valid UTF-8 and does not name an existing file, else None."""
     for arg in argv:
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            if os.path.lexists(arg):
-                continue  # a real file name in the file system's own bytes: the OS takes it back as it is
+        if not is_utf8(arg) and not os.path.lexists(arg):  # a real file name in its own bytes is passed on
             return arg
     return None
 

@@ -29,6 +29,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ..errors import CollectionError
+from ..text import is_utf8
 
 
 _DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -539,9 +540,7 @@ class Store:
         removed = 0
         with signals_deferred(), self.db.atomic():
             for root in roots:
-                try:
-                    root.encode("utf-8")
-                except UnicodeEncodeError:
+                if not is_utf8(root):
                     continue  # a folder whose name is not UTF-8 holds no stored path (they are all UTF-8 text)
                 prefix = root.rstrip("/\\") + "/"
                 where = "run_id IS NOT ? AND (path = ? OR substr(path, 1, ?) = ?)"
