@@ -38,9 +38,6 @@ _WEIGHT_RE = re.compile(r"^\^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):(.*)$", re.S)
 WEIGHT_SYNTAX_HELP = ('A weight goes first as ^W: ("^2:beach", "^0.5:sunset"; W > 0, --not subtracts). '
                       'Other text is taken as it is ("12:30 sunset"); a text starting with ^ is written \\^ ("\\^_^").')
 
-
-MAX_QUERY_IMAGE_BYTES = 512 * 1024 * 1024  # the indexer's per-file limit: a query image may be as large
-
 # Re-ranking with an ITM head. The final score of a re-ranked hit is
 #     ITM match logit + ITC_WEIGHT * ITC cosine
 # where the match logit is logits[match] - logits[no match] = log(p / (1 - p)) of the head's match probability
@@ -374,13 +371,13 @@ class Searcher:
     def _image_vector(self, value: str | bytes | int) -> tuple[np.ndarray, set[int]]:
         """Embed an image file or bytes; also return the ids of indexed copies of those very bytes."""
         from .errors import ImageError
-        from .model.preprocess import open_image, read_image_file
+        from .model.preprocess import MAX_IMAGE_FILE_BYTES, open_image, read_image_file
 
         if isinstance(value, bytes):
             data = value
         else:
             try:  # never opens a FIFO, socket or device (which would hang or read forever)
-                data = read_image_file(value, max_bytes=MAX_QUERY_IMAGE_BYTES)
+                data = read_image_file(value, max_bytes=MAX_IMAGE_FILE_BYTES)
             except ImageError as exc:
                 raise QueryError(exc.message, exc.hint) from exc
         image = open_image(data, draft_size=self.model.preprocess.size[::-1])

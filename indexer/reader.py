@@ -26,10 +26,10 @@ import numpy as np
 
 from clipsearch.model.bundle import PreprocessSpec
 from clipsearch.errors import ClipsearchError, ImageError
+from clipsearch.model.preprocess import MAX_IMAGE_FILE_BYTES
 
 # EXIF tags: Orientation, DateTime (IFD0); DateTimeOriginal, DateTimeDigitized (Exif IFD).
 _ORIENTATION, _DATETIME, _EXIF_IFD, _DATETIME_ORIGINAL, _DATETIME_DIGITIZED = 274, 306, 0x8769, 36867, 36868
-MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,19 +63,19 @@ def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] 
     """Hash and (unless known) decode one file; never raises for a bad file, returns `error` instead."""
     from clipsearch.model.preprocess import open_image, open_regular_file, resize_for_model
 
-    if task.size > MAX_FILE_BYTES:
+    if task.size > MAX_IMAGE_FILE_BYTES:
         return ReadResult(task, error=f"file too large ({task.size:,} bytes)")
     try:
         # Never opens a FIFO, socket or device (one swapped in since the walk is caught by fstat).
         with open_regular_file(task.path) as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+            data = handle.read(MAX_IMAGE_FILE_BYTES + 1)
     except ImageError as exc:
         reason = exc.message[len(task.path) + 2:] if exc.message.startswith(task.path + ": ") else exc.message
         return ReadResult(task, error="file disappeared while indexing" if reason == "no such file" else reason)
     except OSError as exc:
         return ReadResult(task, error=f"cannot read: {exc.strerror or exc}")
-    if len(data) > MAX_FILE_BYTES:
-        return ReadResult(task, error=f"file too large (more than {MAX_FILE_BYTES:,} bytes)")
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        return ReadResult(task, error=f"file too large (more than {MAX_IMAGE_FILE_BYTES:,} bytes)")
     if not data:
         return ReadResult(task, error="empty file")
     content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -28,6 +28,7 @@ from ..errors import ImageError
 # takes every camera photo (a 100 MP medium-format frame is 12000 x 8400) and most stitched panoramas;
 # Pillow's own default (89.5 MP warning, 179 MP error) is replaced by this limit inside `open_image`.
 MAX_IMAGE_PIXELS = 250_000_000
+MAX_IMAGE_FILE_BYTES = 512 * 1024 * 1024  # larger files are refused unread (indexing and query images)
 
 _HEIF_REGISTERED = False
 
