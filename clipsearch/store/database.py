@@ -31,7 +31,6 @@ import numpy as np
 from ..errors import CollectionError
 from ..text import is_utf8
 
-
 _DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -74,6 +73,7 @@ class signals_deferred:
         self._restore()
         if self.pending is not None:
             saved[self.pending](self.pending, None)
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -187,13 +187,7 @@ class Store:
         try:
             self._use_wal()
             self.conn.execute("PRAGMA synchronous=NORMAL")
-            version = self._schema_version()
-            if version > SCHEMA_VERSION:
-                raise CollectionError(
-                    f"{self.path}: schema version {version} is newer than this clipsearch understands "
-                    f"(up to {SCHEMA_VERSION})",
-                    "Upgrade clipsearch (pip install -U clipsearch), or rebuild the collection with this version: "
-                    "clipsearch index PATH --rebuild")
+            version = self._checked_schema_version()
             if version < SCHEMA_VERSION:
                 try:
                     self._upgrade_schema()
@@ -222,7 +216,7 @@ class Store:
                     self.conn.execute("PRAGMA journal_mode=wal")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
 
@@ -250,8 +244,16 @@ class Store:
         tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         return tables >= _TABLES
 
-    def _schema_version(self) -> int:
-        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+    def _checked_schema_version(self) -> int:
+        """PRAGMA user_version; a database written by a newer clipsearch is refused."""
+        version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise CollectionError(
+                f"{self.path}: schema version {version} is newer than this clipsearch understands "
+                f"(up to {SCHEMA_VERSION})",
+                "Upgrade clipsearch (pip install -U clipsearch), or rebuild the collection with this version: "
+                "clipsearch index PATH --rebuild")
+        return version
 
     def _upgrade_schema(self) -> None:
         """Create a new database's tables, or migrate an older schema in place, in one exclusive transaction.
@@ -260,11 +262,7 @@ class Store:
         self.conn.execute("PRAGMA foreign_keys=OFF")  # a table rebuild drops the table others refer to
         self.conn.execute("BEGIN IMMEDIATE")  # take the write lock up front (waits for another process)
         try:
-            version = self._schema_version()
-            if version > SCHEMA_VERSION:
-                raise CollectionError(f"{self.path}: schema version {version} is newer than this clipsearch "
-                                      f"understands (up to {SCHEMA_VERSION})",
-                                      "Upgrade clipsearch (pip install -U clipsearch).")
+            version = self._checked_schema_version()
             if version < SCHEMA_VERSION:
                 tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if "images" not in tables:
