@@ -86,11 +86,21 @@ class OnnxSession:
         """The graph's `output` (default: its first output). Only that output is requested from onnxruntime,
         so a graph with a second, large output (BLIP's image tokens) does not hand it back to every caller."""
         session = self.session
-        if self._input_names is None:
-            self._first_output = session.get_outputs()[0].name  # before _input_names: other threads test that
-            self._input_names = frozenset(i.name for i in session.get_inputs())
+        self.run_prepare()
         wanted = output or self._first_output
         return session.run([wanted], {k: v for k, v in inputs.items() if k in self._input_names})[0]
+
+    def run_outputs(self, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """Several named outputs of one call of the graph (e.g. an image's embedding and its tokens)."""
+        self.run_prepare()
+        return self.session.run(list(outputs), {k: v for k, v in inputs.items() if k in self._input_names})
+
+    def run_prepare(self) -> None:
+        """Open the graph and read its input names (done by the first run)."""
+        if self._input_names is None:
+            session = self.session
+            self._first_output = session.get_outputs()[0].name  # before _input_names: other threads test that
+            self._input_names = frozenset(i.name for i in session.get_inputs())
 
 
 class ClipModel:
@@ -159,6 +169,33 @@ class ClipModel:
 
                     self._itm = ItmScorer(self.info, self._options, tokenizer=self.tokenizer)
         return self._itm
+
+    @property
+    def image_tokens_output(self) -> str | None:
+        """The name of visual.onnx's token output the ITM head reads, or None without an ITM head."""
+        if not self.has_itm:
+            return None
+        return str(self.info.extra["itm"].get("image_tokens", "image_tokens"))
+
+    @property
+    def image_tokens_shape(self) -> tuple[int, int] | None:
+        """(T, D) of one image's tokens as model.json states it, or None without an ITM head."""
+        shape = self.info.extra["itm"].get("image_tokens_shape") if self.has_itm else None
+        return (int(shape[0]), int(shape[1])) if shape else None
+
+    def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One call of the visual graph giving both the L2-normalised embeddings [N, D] and the ITM image
+        tokens [N, T, Dt] (float32). BundleError for a bundle without an ITM head."""
+        name = self.image_tokens_output
+        if name is None:
+            raise BundleError(f"model {self.info.name} has no ITM head: its visual graph gives no image tokens")
+        if len(pixels) == 0:
+            t, d = self.image_tokens_shape or (0, 0)
+            return np.zeros((0, self.embed_dim), np.float32), np.zeros((0, t, d), np.float32)
+        embeds_name = self.visual.session.get_outputs()[0].name
+        embeds, tokens = self.visual.run_outputs({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)},
+                                                 [embeds_name, name])
+        return (np.ascontiguousarray(embeds, dtype=np.float32), np.ascontiguousarray(tokens, dtype=np.float32))
 
     def image_tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
         """float32 [len(images), T, Dv]: the visual graph's token output that the ITM head attends to (named
