@@ -313,6 +313,7 @@ def test_stats_describe_the_collection(client, indexed):
     assert stats["collection"] == indexed.name and stats["images"] == PHOTO_COUNT + 1
     assert stats["model"]["embed_dim"] == 64 and stats["index_count"] == PHOTO_COUNT + 1 and stats["index_fresh"]
     assert stats["collections"] == [indexed.name]
+    assert stats["can_rerank"] is False  # the tiny open_clip model has no ITM head (the page hides its toggle)
 
 
 def test_healthz(client):
@@ -328,6 +329,17 @@ def test_openapi_documents_every_route(client):
     assert set(paths["/api/search"]) == {"get", "post"}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_openapi_documents_the_rerank_fields(client):
+    spec = client.get("/openapi.json").json()
+    can_rerank = spec["components"]["schemas"]["StatsResponse"]["properties"]["can_rerank"]
+    assert can_rerank["type"] == "boolean" and "ITM head" in can_rerank["description"]
+    knn = spec["paths"]["/knn-service"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "ITM head" in knn["rerank"]["description"] and "similarity is then the final score" in knn["rerank"]["description"]
+    rerank_k = next(option for option in knn["rerank_k"]["anyOf"] if option["type"] == "integer")
+    min_match = next(option for option in knn["min_match"]["anyOf"] if option["type"] == "number")
+    assert (rerank_k["minimum"], rerank_k["maximum"]) == (1, 256) and (min_match["minimum"], min_match["maximum"]) == (0, 1)
 
 
 def test_unknown_routes_and_methods_are_json_errors(client):

@@ -275,4 +275,4 @@ def stats(state: State, collection: CollectionParam = None) -> StatsResponse:
     return StatsResponse(collection=info.name, images=info.images, skipped=info.skipped, model=model,
                          index_kind=info.index_kind, index_count=info.index_count, index_fresh=info.index_fresh,
                          bytes_on_disk=info.bytes_on_disk, collections=state.collection_names(),
-                         version=clipsearch.__version__)
+                         version=clipsearch.__version__, can_rerank=state.can_rerank(info.name))

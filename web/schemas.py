@@ -105,6 +105,8 @@ class StatsResponse(BaseModel):
     bytes_on_disk: int
     collections: list[str]
     version: str
+    can_rerank: bool = Field(False, description="Whether this collection's model has an ITM head, so text searches "
+                                                "accept rerank=true (the page shows its Re-rank toggle)")
 
 
 class Health(BaseModel):

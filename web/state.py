@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from clipsearch.classify import LabelCache
+from clipsearch.errors import ClipsearchError
 from clipsearch.store.collection import Collection, list_collections
 from clipsearch.search import Searcher
 from clipsearch.store.database import ImageRecord
@@ -65,6 +66,15 @@ class WebState:
 
             model = load_model(self.settings.model or collection.require_model().spec, threads=self.settings.model_threads)
         return Searcher(collection, model=model, model_spec=self.settings.model)
+
+    def can_rerank(self, name: str | None = None) -> bool:
+        """Whether the model that searches this collection has an ITM head (re-ranking is possible). Loads the
+        model when it is not loaded yet; a model that cannot be loaded cannot re-rank."""
+        searcher = self.searcher(name)
+        try:
+            return bool(getattr(searcher.model, "has_itm", False))
+        except ClipsearchError:
+            return False
 
     def image(self, image_id: int, collection: str | None = None) -> FoundImage:
         searcher = self.searcher(collection)
