@@ -19,7 +19,7 @@ from clipsearch.model.bundle import read_bundle
 from clipsearch.store.collection import Collection
 from clipsearch.store.database import NewImage
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import TEST_HOSTS, IndexedPhotos, LiveServer, app_settings, build_indexed_photos
+from web_fixtures import TEST_HOSTS, IndexedPhotos, LiveServer, app_settings, build_indexed_photos, export_tiny_blip
 
 # Every field ClipClient.__search_knn_api__ sends (clip-retrieval 2.45), with its defaults.
 CLIP_CLIENT_BODY = {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
@@ -38,6 +38,15 @@ def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
 @pytest.fixture(scope="module")
 def client(indexed) -> TestClient:
     with TestClient(create_app(app_settings(indexed))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def rerank_client(tmp_path_factory) -> TestClient:
+    """A collection indexed (the normal indexing path) with test_blip's tiny random BLIP, whose ITM head re-ranks."""
+    root = tmp_path_factory.mktemp("clipback-rerank")
+    built = build_indexed_photos(root / "data", export_tiny_blip(root / "bundle"))
+    with TestClient(create_app(app_settings(built))) as test_client:
         yield test_client
 
 
@@ -238,3 +247,83 @@ def test_real_clip_client_against_a_running_server(indexed):
         wrong_index = ClipClient(url=f"{server.url}/knn-service", indice_name="laion5B").query(text="cat")
         assert "unknown collection 'laion5B'" in wrong_index["detail"]
         assert requests.get(f"{server.url}/indices-list", timeout=5).json() == [indexed.name]
+
+
+RERANK_TEXT = "a red square"
+
+
+def test_knn_rerank_reorders_the_top_rerank_k_like_the_rest_api(rerank_client):
+    assert rerank_client.get("/api/stats").json()["can_rerank"] is True
+    plain = knn(rerank_client, text=RERANK_TEXT, num_images=6, deduplicate=False).json()
+    assert all("match" not in r and "itc_score" not in r for r in plain)
+    answer = knn(rerank_client, text=RERANK_TEXT, num_images=6, deduplicate=False, rerank=True, rerank_k=3)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    rest = rerank_client.get("/api/search", params={"q": RERANK_TEXT, "k": 6, "rerank": "true", "rerank_k": 3})
+    expected = rest.json()["results"]
+    assert [r["id"] for r in results] == [r["id"] for r in expected]
+    # clip-back's shape, similarity = the final score; the re-scored top 3 add match and itc_score
+    assert all({"id", "similarity", "image_path", "caption", "url"} <= set(r) for r in results)
+    assert [r["similarity"] for r in results] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    top, rest_of = results[:3], results[3:]
+    assert [r["match"] for r in top] == pytest.approx([r["match"] for r in expected[:3]], abs=1e-5)
+    assert all(0 <= r["match"] <= 1 for r in top)
+    assert {r["id"] for r in top} == {r["id"] for r in plain[:3]}  # only the top rerank_k change order
+    by_id = {r["id"]: r["similarity"] for r in plain}
+    assert [r["itc_score"] for r in top] == pytest.approx([by_id[r["id"]] for r in top], abs=1e-5)
+    assert [r["similarity"] for r in top] == sorted((r["similarity"] for r in top), reverse=True)
+    assert rest_of == plain[3:]  # beyond rerank_k: ITC order and scores, no match
+
+
+def test_knn_rerank_false_or_null_is_the_plain_answer(rerank_client):
+    plain = knn(rerank_client, text=RERANK_TEXT, num_images=5, deduplicate=False).json()
+    for off in (False, None):
+        same = knn(rerank_client, text=RERANK_TEXT, num_images=5, deduplicate=False, rerank=off, rerank_k=2)
+        assert same.status_code == 200 and same.json() == plain
+    assert [r["id"] for r in plain] == [r["id"] for r in rerank_client.get(
+        "/api/search", params={"q": RERANK_TEXT, "k": 5}).json()["results"]]
+
+
+def test_knn_min_match_keeps_only_likely_matches(rerank_client):
+    everything = knn(rerank_client, text=RERANK_TEXT, num_images=13, deduplicate=False, rerank=True).json()
+    matches = sorted(r["match"] for r in everything)
+    assert len(matches) == 13 and matches[0] < matches[-1]
+    threshold = (matches[5] + matches[6]) / 2  # between two distinct values: 7 results reach it
+    kept = knn(rerank_client, text=RERANK_TEXT, num_images=13, deduplicate=False, rerank=True,
+               min_match=threshold).json()
+    assert [r["id"] for r in kept] == [r["id"] for r in everything if r["match"] >= threshold]
+    assert len(kept) == 7 and all(r["match"] >= threshold for r in kept)
+
+
+@pytest.mark.parametrize("fields, status, message", [
+    ({"rerank": "sometimes"}, 422, "rerank"),
+    ({"rerank": [True]}, 422, "rerank"),
+    ({"rerank": True, "rerank_k": 0}, 422, "rerank_k"),
+    ({"rerank": True, "rerank_k": 257}, 422, "rerank_k"),
+    ({"rerank": True, "rerank_k": "ten"}, 422, "rerank_k"),
+    ({"rerank": True, "min_match": 1.5}, 422, "min_match"),
+    ({"rerank": True, "min_match": -0.1}, 422, "min_match"),
+    ({"rerank": True, "min_match": "high"}, 422, "min_match"),
+    ({"min_match": 0.5}, 400, "min_match needs rerank"),
+    ({"rerank": False, "min_match": 0.5}, 400, "min_match needs rerank"),
+    ({"rerank": True, "text": None, "embedding_input": [0.1] * 24}, 400, "rerank needs a text query"),
+])
+def test_bad_rerank_fields_are_clear_errors(rerank_client, fields, status, message):
+    response = knn(rerank_client, **({"text": RERANK_TEXT} | fields))
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+def test_knn_rerank_with_an_image_query_is_refused(rerank_client, indexed):
+    image = base64.b64encode(indexed.photos[0].read_bytes()).decode()
+    response = knn(rerank_client, image=image, rerank=True)
+    assert response.status_code == 400 and "rerank needs a text query" in response.json()["detail"]
+    assert "hint" in response.json()
+
+
+def test_knn_rerank_without_an_itm_head_says_how_to_get_one(client):
+    response = knn(client, text="cat", rerank=True)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert "cannot re-rank (no ITM head)" in body["detail"] and "export-blip" in body["hint"]
+    assert client.get("/api/stats").json()["can_rerank"] is False

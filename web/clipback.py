@@ -4,12 +4,16 @@ clip-back reads bodies with `get_json(force=True)`: clients (ClipClient, the fro
 JSON without a JSON content type, so the body is parsed whatever the header says. Every field the
 clients send is accepted; nulls mean "default"; unknown fields are ignored; the safety and aesthetic
 fields are accepted and ignored (a local photo collection has no LAION safety/aesthetic models).
+
+One addition that ClipClient never sends: `rerank` (with `rerank_k`, `min_match`) re-scores the top text→image
+hits with the model's ITM head, as `rerank=true` does on /api/search. `similarity` is then the final score and
+re-scored results add `match` (the ITM probability) and `itc_score`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -23,7 +27,7 @@ from .errors import ApiError, describe_validation_errors
 from .openapi import error_responses
 from .parsing import StrictRoute, parse_json_body
 from .remote import fetch_image
-from .schemas import ImageId
+from .schemas import MIN_MATCH_DESCRIPTION, RERANK_K_DESCRIPTION, ImageId
 from .security import require_api_key
 from .state import WebState
 from .uploads import check_image, decode_base64_image, release_freed_memory
@@ -55,6 +59,13 @@ class KnnRequest(BaseModel):
     use_violence_detector: Any = None
     aesthetic_score: Any = None
     aesthetic_weight: Any = None
+    rerank: bool | None = Field(None, description="Not part of clip-back: re-score the top rerank_k hits of a text "
+                                                  "query with the model's ITM head (models exported with `clipsearch "
+                                                  "models export-blip`; 400 for other models and non-text queries). "
+                                                  "similarity is then the final score; re-scored results add match "
+                                                  "and itc_score")
+    rerank_k: int | None = Field(None, ge=1, le=256, description=RERANK_K_DESCRIPTION)
+    min_match: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=MIN_MATCH_DESCRIPTION)
 
     @field_validator("text", "image", "image_url", "modality", "indice_name", mode="before")
     @classmethod
@@ -129,19 +140,25 @@ async def knn_service(request: Request) -> list[dict]:
     if image is not None:
         image = check_image(image, state.settings.max_image_pixels).data
 
-    def run() -> list[tuple[int, float]]:
-        if knn.text is not None or image is not None:
-            query = SearchQuery.build(text=knn.text, image=image if knn.text is None else None, k=num_result_ids,
-                                      include_query_images=True)
-            vector = searcher.query_vector(query).vector
-        elif knn.embedding_input is not None:
-            vector = embedding_vector(knn.embedding_input, searcher.collection_model.embed_dim)
+    check_rerank(knn)
+
+    def run() -> list[Hit]:
+        if knn.rerank:
+            hits = reranked(searcher, knn, num_result_ids)
         else:
-            raise ApiError(400, "must fill one of text, image, image_url and embedding_input")
-        hits = searcher.index.search(vector[None, :], num_result_ids)[0]
+            hits = [Hit(i, score) for i, score in searcher.index.search(query_vector()[None, :], num_result_ids)[0]]
         if knn.deduplicate:
             hits = deduplicate(searcher, hits)
         return hits[:num_images]
+
+    def query_vector() -> np.ndarray:
+        if knn.text is not None or image is not None:
+            query = SearchQuery.build(text=knn.text, image=image if knn.text is None else None, k=num_result_ids,
+                                      include_query_images=True)
+            return searcher.query_vector(query).vector
+        if knn.embedding_input is not None:
+            return embedding_vector(knn.embedding_input, searcher.collection_model.embed_dim)
+        raise ApiError(400, "must fill one of text, image, image_url and embedding_input")
 
     try:
         hits = await run_in_threadpool(run)
@@ -149,8 +166,33 @@ async def knn_service(request: Request) -> list[dict]:
         if image is not None:
             del image
             await run_in_threadpool(release_freed_memory)
-    found = searcher.records([i for i, _ in hits])
-    return [result_item(request, name, found[i], score) for i, score in hits if i in found]
+    found = searcher.records([hit.id for hit in hits])
+    return [result_item(request, name, found[hit.id], hit) for hit in hits if hit.id in found]
+
+
+class Hit(NamedTuple):
+    id: int
+    similarity: float
+    match: float | None = None
+    itc_score: float | None = None
+
+
+def check_rerank(knn: KnnRequest) -> None:
+    """400 for re-ranking fields that cannot apply: rerank without a text, min_match without rerank."""
+    if knn.rerank and knn.text is None:
+        raise ApiError(400, "rerank needs a text query: the ITM head compares a text with each image",
+                       "Send 'text', or leave out 'rerank' for image and embedding queries.")
+    if knn.min_match is not None and not knn.rerank:
+        raise ApiError(400, "min_match needs rerank: the match probability comes from the ITM head",
+                       "Add \"rerank\": true, or leave out min_match.")
+
+
+def reranked(searcher: Searcher, knn: KnnRequest, k: int) -> list[Hit]:
+    """The text query's hits re-ranked by the ITM head (Searcher.search: a QueryError, i.e. 400, for a model
+    without one). Results are the query's k best by final score, then any unscored ones in ITC order."""
+    query = SearchQuery.build(text=knn.text, k=k, include_query_images=True, rerank=True, rerank_k=knn.rerank_k,
+                              min_match=knn.min_match)
+    return [Hit(hit.id, hit.score, hit.match, hit.itc_score) for hit in searcher.search(query)]
 
 
 @router.post("/metadata", summary="Metadata of result ids (clip-back)", openapi_extra=_schema(MetadataRequest),
@@ -175,18 +217,18 @@ def embedding_vector(values: list[float], dim: int) -> np.ndarray:
     return vector / norm
 
 
-def deduplicate(searcher: Searcher, hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
+def deduplicate(searcher: Searcher, hits: list[Hit]) -> list[Hit]:
     """Drop results whose stored vector is within clip-back's cosine threshold of a better result."""
-    vectors = searcher.stored_vectors([i for i, _ in hits])
-    kept: list[tuple[int, float]] = []
+    vectors = searcher.stored_vectors([hit.id for hit in hits])
+    kept: list[Hit] = []
     kept_vectors: list[np.ndarray] = []
-    for image_id, score in hits:
-        vector = vectors.get(image_id)
+    for hit in hits:
+        vector = vectors.get(hit.id)
         if vector is None:
             continue
         if kept_vectors and float(np.max(np.stack(kept_vectors) @ vector)) > DEDUPLICATE_THRESHOLD:
             continue
-        kept.append((image_id, score))
+        kept.append(hit)
         kept_vectors.append(vector)
     return kept
 
@@ -197,5 +239,10 @@ def metadata_of(request: Request, collection: str, record: ImageRecord) -> dict:
             "width": record.width, "height": record.height}
 
 
-def result_item(request: Request, collection: str, record: ImageRecord, similarity: float) -> dict:
-    return {"id": record.id, "similarity": round(float(similarity), 6), **metadata_of(request, collection, record)}
+def result_item(request: Request, collection: str, record: ImageRecord, hit: Hit) -> dict:
+    """clip-back's result shape; a re-scored hit also has `match` and `itc_score`."""
+    item = {"id": record.id, "similarity": round(float(hit.similarity), 6), **metadata_of(request, collection, record)}
+    if hit.match is not None:
+        item["match"] = round(float(hit.match), 6)
+        item["itc_score"] = round(float(hit.itc_score), 6)
+    return item
