@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import requests
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos
+from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos, export_tiny_blip
 
 pytestmark = pytest.mark.browser
 
@@ -337,3 +338,134 @@ def test_page_asks_for_the_api_key_once(browser, indexed):
             page.reload()  # the key is remembered for the session: no second prompt
             expect(page.locator("#footer")).to_contain_text("photos")
             expect(dialog).to_be_hidden()
+
+
+# -- re-ranking ----------------------------------------------------------------------------------------------------
+RERANK_QUERY = "a red square"
+
+
+@pytest.fixture(scope="module")
+def rerank_server(tmp_path_factory):
+    """A collection indexed (the normal indexing path) with test_blip's tiny random BLIP: its model can re-rank."""
+    root = tmp_path_factory.mktemp("browser-rerank")
+    built = build_indexed_photos(root / "data", export_tiny_blip(root / "bundle"))
+    with LiveServer(create_app(ServerSettings(collection=built.name, index_dir=built.index_dir))) as live:
+        yield live
+
+
+def api_search(server: LiveServer, **params) -> list[dict]:
+    answer = requests.get(f"{server.url}/api/search", params={"q": RERANK_QUERY, "k": 20, **params}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["results"]
+
+
+def shown_matches(page: Page) -> list[str]:
+    return page.locator("#results .result .match").all_inner_texts()
+
+
+def as_percent(probability: float) -> str:
+    return f"match {math.floor(probability * 100 + 0.5)}%"  # JavaScript's Math.round
+
+
+def test_rerank_toggle_is_absent_when_the_model_cannot_rerank(page, server):
+    page.goto(server.url + "/?q=green&rerank=1&min_match=0.5")  # a link made on a re-ranking collection
+    expect(page.locator("#footer")).to_contain_text("photos")
+    expect(page.locator("#status")).to_contain_text("results for “green”")
+    expect(page.locator("#rerank-controls")).to_be_hidden()
+    expect(page.get_by_label("Re-rank")).to_be_hidden()
+    with page.expect_request(re.compile(r"/api/search\?")) as searched:
+        page.fill("#query", "blue")
+        page.press("#query", "Enter")
+    assert "rerank" not in searched.value.url and "min_match" not in searched.value.url
+    expect(page.locator("#status")).to_contain_text("results for “blue”")
+    expect(page.locator("#results .result .match")).to_have_count(0)
+    assert "rerank" not in page.url
+    # Tab from the search box skips the hidden controls: the next stop after the k selector is the button.
+    page.focus("#k")
+    page.keyboard.press("Tab")
+    expect(page.locator("#search-form button[type=submit]")).to_be_focused()
+    assert page.script_errors == [] and page.failed_responses == []
+
+
+def test_rerank_toggle_changes_the_request_and_shows_match_probabilities(browser, rerank_server):
+    server = rerank_server
+    with fresh_page(browser) as (context, page):
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server.url + "/")
+        toggle = page.get_by_role("checkbox", name="Re-rank")
+        expect(toggle).to_be_visible()
+        expect(toggle).not_to_be_checked()
+        expect(page.get_by_label("Min. match")).to_be_disabled()
+        expect(toggle).to_have_accessible_description(re.compile(r"image-text matching head.*how likely it matches"))
+
+        # Off: the plain search, scores only.
+        with page.expect_request(re.compile(r"/api/search\?")) as searched:
+            page.fill("#query", RERANK_QUERY)
+            page.press("#query", "Enter")
+        assert "rerank" not in searched.value.url
+        plain = api_search(server)
+        expect(page.locator("#status")).to_contain_text(f"results for “{RERANK_QUERY}”")
+        assert shown_ids(page) == [r["id"] for r in plain]
+        expect(page.locator("#results .result .match")).to_have_count(0)
+
+        # On, from the keyboard: the request asks for re-ranking and every result shows its match probability.
+        toggle.focus()
+        with page.expect_request(re.compile(r"/api/search\?.*rerank=true")) as searched:
+            page.keyboard.press("Space")
+        assert "min_match" not in searched.value.url
+        expect(page.locator("#status")).to_contain_text(f"results for “{RERANK_QUERY}”, re-ranked")
+        reranked = api_search(server, rerank="true")
+        assert all(r["match"] is not None for r in reranked)
+        assert shown_ids(page) == [r["id"] for r in reranked]
+        assert shown_matches(page) == [as_percent(r["match"]) for r in reranked]
+        first = page.locator("#results .result").first
+        expect(first.locator(".score")).to_have_text(f"{reranked[0]['score']:.3f}")
+        expect(first).to_have_attribute("aria-label", re.compile(rf", {as_percent(reranked[0]['match'])}\. Open"))
+        assert "rerank=1" in page.url and f"q={RERANK_QUERY.replace(' ', '+')}" in page.url
+        screenshot(page, "browser-rerank.png")
+
+        # A minimum match: sent as min_match; only results at least that likely are shown.
+        expect(page.get_by_label("Min. match")).to_be_enabled()
+        with page.expect_request(re.compile(r"/api/search\?.*rerank=true.*min_match=0.9")):
+            page.select_option("#min-match", "0.9")
+        likely = api_search(server, rerank="true", min_match=0.9)
+        assert 0 < len(likely) < len(reranked)  # the threshold keeps some results and drops others
+        expect(page.locator("#results .result")).to_have_count(len(likely))
+        assert shown_ids(page) == [r["id"] for r in likely]
+        assert all(int(text.split()[1].rstrip("%")) >= 90 for text in shown_matches(page))
+
+        # The state is in the URL: a reload searches again the same way.
+        assert "min_match=0.9" in page.url
+        page.reload()
+        expect(page.get_by_role("checkbox", name="Re-rank")).to_be_checked()
+        expect(page.locator("#min-match")).to_have_value("0.9")
+        expect(page.locator("#query")).to_have_value(RERANK_QUERY)
+        expect(page.locator("#results .result")).to_have_count(len(likely))
+        assert shown_ids(page) == [r["id"] for r in likely]
+
+        # Off again: a plain request, no match shown, the URL forgets rerank and min_match.
+        with page.expect_request(re.compile(r"/api/search\?")) as searched:
+            page.get_by_role("checkbox", name="Re-rank").click()
+        assert "rerank" not in searched.value.url and "min_match" not in searched.value.url
+        expect(page.locator("#status")).not_to_contain_text("re-ranked")
+        expect(page.locator("#results .result")).to_have_count(len(plain))
+        expect(page.locator("#results .result .match")).to_have_count(0)
+        assert "rerank" not in page.url and "min_match" not in page.url
+        expect(page.get_by_label("Min. match")).to_be_disabled()
+        assert errors == []
+
+
+def test_a_refused_rerank_shows_the_api_message_and_hint(browser, rerank_server):
+    """A re-ranked query the API refuses (e.g. a collection indexed before image tokens were stored) shows the
+    answer's detail and hint like other errors. The refusal is stubbed: how a collection lacks tokens is the
+    library's business."""
+    body = {"detail": "collection 'photos' has no stored image tokens", "hint": "Run: clipsearch index --tokens"}
+    with fresh_page(browser) as (context, page):
+        page.route(re.compile(r"/api/search\?.*rerank=true"),
+                   lambda route: route.fulfill(status=400, json=body))
+        page.goto(rerank_server.url + f"/?q={RERANK_QUERY.replace(' ', '+')}&rerank=1")
+        expect(page.locator("#error")).to_be_visible()
+        expect(page.locator("#error")).to_have_text(f"{body['detail']} — {body['hint']}")
+        expect(page.locator("#status")).to_have_text("The search failed.")
+        expect(page.locator("#results .result")).to_have_count(0)

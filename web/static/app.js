@@ -7,6 +7,7 @@
   const $ = (id) => document.getElementById(id);
   const els = {
     form: $('search-form'), query: $('query'), k: $('k'),
+    rerankControls: $('rerank-controls'), rerank: $('rerank'), minMatch: $('min-match'),
     dropZone: $('drop-zone'), fileInput: $('file-input'),
     example: $('example'), exampleImage: $('example-image'), classifyForm: $('classify-form'),
     labels: $('labels'), labelResults: $('label-results'), clearExample: $('clear-example'),
@@ -29,6 +30,7 @@
     openResult: null,
     typingTimer: null,
     keyPrompt: null,
+    canRerank: false,       // the collection's model has an ITM head (stats.can_rerank)
   };
 
   // ---- API -------------------------------------------------------------------------------------
@@ -138,9 +140,45 @@
   }
 
   function k() { return Number(els.k.value) || 20; }
+  function reranking() { return state.canRerank && els.rerank.checked; }
+  function percent(probability) { return `${Math.round(probability * 100)}%`; }
+
+  // ---- search state in the URL (?q=&k=&rerank=1&min_match=), so a reload or a shared link searches again -------
+  function searchParams(q) {
+    const params = new URLSearchParams();
+    if (q) params.set('q', q);
+    if (els.k.value !== '20') params.set('k', els.k.value);
+    if (reranking()) {
+      params.set('rerank', '1');
+      if (els.minMatch.value) params.set('min_match', els.minMatch.value);
+    }
+    return params;
+  }
+
+  function saveState(q) {
+    const query = searchParams(q).toString();
+    const url = window.location.pathname + (query ? `?${query}` : '') + window.location.hash;
+    if (url !== window.location.pathname + window.location.search + window.location.hash) {
+      window.history.replaceState(null, '', url);
+    }
+  }
+
+  function selectIfOffered(select, value) {
+    if (value !== null && Array.from(select.options).some((o) => o.value === value)) select.value = value;
+  }
+
+  function restoreState() {
+    const params = new URLSearchParams(window.location.search);
+    if (params.get('q')) els.query.value = params.get('q');
+    selectIfOffered(els.k, params.get('k'));
+    els.rerank.checked = params.get('rerank') === '1' || params.get('rerank') === 'true';
+    selectIfOffered(els.minMatch, params.get('min_match'));
+    els.minMatch.disabled = !els.rerank.checked;
+  }
 
   function searchText() {
     const q = els.query.value.trim();
+    saveState(q);
     if (!q) {
       state.requestSeq++;
       renderResults([]);
@@ -149,7 +187,12 @@
       return;
     }
     const params = new URLSearchParams({ q, k: String(k()) });
-    runSearch(`for “${q}”`, () => apiJson(`api/search?${params}`));
+    if (reranking()) {
+      params.set('rerank', 'true');
+      if (els.minMatch.value) params.set('min_match', els.minMatch.value);
+    }
+    const how = reranking() ? `for “${q}”, re-ranked` : `for “${q}”`;
+    runSearch(how, () => apiJson(`api/search?${params}`));
   }
 
   function searchExample() {
@@ -189,7 +232,9 @@
       button.tabIndex = index === 0 ? 0 : -1;  // roving focus: Tab enters the grid once, arrows move
       const name = fileName(result.path);
       const score = result.score.toFixed(3);
-      button.setAttribute('aria-label', `${index + 1}. ${name}, score ${score}. Open for the full image and more like this.`);
+      const match = result.match == null ? '' : `match ${percent(result.match)}`;
+      button.setAttribute('aria-label',
+        `${index + 1}. ${name}, score ${score}${match ? `, ${match}` : ''}. Open for the full image and more like this.`);
       const img = document.createElement('img');
       img.alt = name;
       img.loading = 'lazy';
@@ -200,6 +245,12 @@
       caption.innerHTML = '<span class="name"></span><span class="score"></span>';
       caption.querySelector('.name').textContent = `${index + 1}. ${name}`;
       caption.querySelector('.score').textContent = score;
+      if (match) {
+        const matchText = document.createElement('span');
+        matchText.className = 'match';
+        matchText.textContent = match;
+        caption.append(matchText);
+      }
       button.append(img, caption);
       item.append(button);
       els.results.append(item);
@@ -258,7 +309,8 @@
     els.viewerImage.removeAttribute('src');
     showImage(els.viewerImage, result.image_url);
     const size = result.width && result.height ? `${result.width} × ${result.height} px · ` : '';
-    els.viewerMeta.textContent = `${size}score ${result.score.toFixed(3)} · ${result.path}`;
+    const match = result.match == null ? '' : ` · match ${percent(result.match)}`;
+    els.viewerMeta.textContent = `${size}score ${result.score.toFixed(3)}${match} · ${result.path}`;
     els.openFull.href = result.image_url;
     els.viewer.showModal();
     els.moreLikeThis.focus();
@@ -404,6 +456,15 @@
   els.k.addEventListener('change', () => {
     if (els.query.value.trim()) searchText();
     else if (state.exampleFile) searchExample();
+    else saveState('');
+  });
+  // Re-ranking applies to text searches only (the ITM head compares a text with each image).
+  els.rerank.addEventListener('change', () => {
+    els.minMatch.disabled = !els.rerank.checked;
+    if (els.query.value.trim()) searchText(); else saveState('');
+  });
+  els.minMatch.addEventListener('change', () => {
+    if (els.query.value.trim()) searchText(); else saveState('');
   });
   els.query.addEventListener('keydown', (event) => {
     if (event.key === 'ArrowDown' && resultButtons().length) { event.preventDefault(); focusResult(0); }
@@ -421,8 +482,11 @@
 
   // ---- start -----------------------------------------------------------------------------------
   async function start() {
+    restoreState();
     try {
       const stats = await apiJson('api/stats');
+      state.canRerank = stats.can_rerank === true;
+      els.rerankControls.hidden = !state.canRerank;
       const model = stats.model ? ` · model ${stats.model.name}` : '';
       const link = document.createElement('a');
       link.href = 'docs';
