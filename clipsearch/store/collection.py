@@ -4,6 +4,8 @@ Layout of ``<root>/<name>/``::
 
     meta.sqlite (+ -wal, -shm)   images, vectors, skipped files, the model the collection was built with
     vectors.faiss, vectors.json  the search index and which store generation / model it reflects
+    tokens.bin                   the ITM image tokens SQLite holds, memory-mapped by re-ranking searchers
+                                 (collections that store tokens; rewritten atomically with the vectors)
     index.lock                   held by the indexing run that writes the collection
     CURRENT, gen-N/              after a `--rebuild`: CURRENT names the generation folder gen-N that holds
                                  the files above (without CURRENT they sit in the collection folder itself)
@@ -36,6 +38,8 @@ from ..model.bundle import BundleInfo, is_bundle
 from ..errors import CollectionError
 from ..paths import fsync_dir
 from .database import Store
+from .tokens import DEFAULT_MAX_TOKEN_BYTES, DEFAULT_STORAGE, TOKENS_FILE, TokenCodec, TokenFile, format_bytes, \
+    write_token_file
 from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex
 
 DEFAULT_COLLECTION = "default"
@@ -46,7 +50,7 @@ GENERATION_PREFIX = "gen-"
 _GENERATION_RE = re.compile(r"^gen-([0-9]{1,9})$")
 # What a generation's data is made of, when it sits in the collection folder itself (before any rebuild).
 _DATA_FILES = (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", STORE_FILE + "-journal", INDEX_FILE,
-               SIDECAR_FILE, TRAINED_FILE)
+               SIDECAR_FILE, TRAINED_FILE, TOKENS_FILE)
 _DATA_DIRS = ("thumbnails",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -77,6 +81,13 @@ class CollectionStats:
     index_count: int | None
     index_fresh: bool
     bytes_on_disk: int
+    # ITM image tokens: "on"/"off" (None: never decided, a collection from before tokens), how they are
+    # stored, how many images have them and what one image's take
+    tokens: str | None = None
+    token_storage: str | None = None
+    token_shape: tuple[int, int] | None = None
+    tokens_stored: int = 0
+    token_bytes_per_image: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,29 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """Whether an indexing run stores ITM image tokens, and why (`reason` is printed by the CLI)."""
+
+    codec: TokenCodec | None
+    reason: str = ""
+    explicit: bool = False  # --tokens / --no-tokens was given
+
+
+def model_token_codec(model) -> TokenCodec | None:
+    """How a `ClipModel`'s image tokens would be stored, or None for a model without an ITM head."""
+    if not getattr(model, "has_itm", False):
+        return None
+    itm = model.info.extra.get("itm") or {}
+    storage = str(itm.get("image_tokens_storage", DEFAULT_STORAGE))
+    shape = model.image_tokens_shape
+    if shape is None:  # model.json does not say: ask the graph once
+        size = model.preprocess.size
+        _, tokens = model.encode_pixels_with_tokens(np.zeros((1, 3, size[0], size[1]), dtype=np.float32))
+        shape = (int(tokens.shape[1]), int(tokens.shape[2]))
+    return TokenCodec(storage, (int(shape[0]), int(shape[1])))
 
 
 def collections_root(index_dir: Path | str | None = None) -> Path:
@@ -373,6 +407,106 @@ class Collection:
                                   "Index some photos first: clipsearch index PATH")
         return model
 
+    # -- ITM image tokens -------------------------------------------------------------------------
+    @property
+    def tokens_setting(self) -> str | None:
+        """"on" / "off" as the last indexing run decided, None when no run ever did (older collections)."""
+        if not self.exists:
+            return None
+        value = self.store.get_meta("tokens")
+        return value if value in ("on", "off") else None
+
+    @property
+    def token_codec(self) -> TokenCodec | None:
+        """How this collection's stored tokens are encoded (recorded when it started storing them)."""
+        if not self.exists:
+            return None
+        store = self.store
+        try:
+            return TokenCodec.from_meta(store.get_meta("tokens_storage"), store.get_meta("tokens_shape"))
+        except CollectionError:
+            return None
+
+    def choose_tokens(self, model, requested: bool | None,
+                      max_default_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> TokenChoice:
+        """Whether a run with `model` stores image tokens: `requested` (--tokens/--no-tokens) when given, else
+        what the collection remembers, else on for a model with an ITM head whose tokens take at most
+        `max_default_bytes` per image. CollectionError for --tokens with a model without an ITM head."""
+        codec = model_token_codec(model)
+        if requested is False:
+            return TokenChoice(None, "--no-tokens", explicit=True)
+        if codec is None:
+            if requested:
+                raise CollectionError(f"model {model.info.name} has no ITM head, so it has no image tokens to store",
+                                      "Leave out --tokens, or index with a model that can re-rank (e.g. an "
+                                      "`clipsearch models export-blip` bundle).")
+            return TokenChoice(None, "the model has no ITM head")
+        if requested:
+            return TokenChoice(codec, "--tokens", explicit=True)
+        remembered = self.tokens_setting
+        if remembered == "on":
+            return TokenChoice(codec, "stored since an earlier run")
+        if remembered == "off":
+            return TokenChoice(None, "turned off by an earlier run (--tokens turns them on)")
+        if codec.bytes_per_image <= max_default_bytes:
+            return TokenChoice(codec, f"the ITM head's tokens take {format_bytes(codec.bytes_per_image)}/image")
+        return TokenChoice(None, f"the ITM head's tokens would take {format_bytes(codec.bytes_per_image)}/image "
+                                 f"(more than {format_bytes(max_default_bytes)}): store them with --tokens")
+
+    def apply_tokens(self, choice: TokenChoice) -> None:
+        """Record a run's choice; turning tokens off drops the stored ones (the choice is remembered only when
+        it was explicit or the collection stores tokens, so a big head's default stays a default)."""
+        store = self.store
+        if choice.codec is not None:
+            recorded = self.token_codec
+            if recorded is not None and recorded != choice.codec and store.has_any_tokens():
+                store.delete_all_tokens()  # another layout than the stored rows: compute them again
+            store.set_meta({"tokens": "on", **choice.codec.to_meta()})
+        elif choice.explicit:
+            store.delete_all_tokens()
+            store.set_meta({"tokens": "off"})
+
+    def _token_file_fresh(self) -> bool:
+        try:
+            current = TokenFile(self.folder / TOKENS_FILE)
+        except CollectionError:
+            return False
+        model = self.model
+        fresh = (current.tokens_gen == self.store.tokens_generation and model is not None
+                 and current.header.model_id == model.model_id and current.codec == self.token_codec)
+        current.close()
+        return fresh
+
+    def update_tokens(self) -> bool:
+        """Bring tokens.bin in line with the tokens SQLite holds (removed when there are none); True when it
+        was written. Rows whose blob does not fit the collection's codec are left out (`check` reports them)."""
+        store, path = self.store, self.folder / TOKENS_FILE
+        codec = self.token_codec
+        if codec is None or not store.has_any_tokens():
+            if path.exists():
+                path.unlink()
+            return False
+        if self._token_file_fresh():
+            return False
+        model = self.require_model()
+        size = codec.bytes_per_image
+        count = int(store.conn.execute("SELECT count(*) FROM image_tokens WHERE length(data) = ?", [size]).fetchone()[0])
+
+        def rows():
+            for ids, blobs in store.iter_token_blobs():
+                keep = [i for i, blob in enumerate(blobs) if len(blob) == size]
+                yield ids[keep], [blobs[i] for i in keep]
+
+        write_token_file(path, codec, count, rows(), store.tokens_generation, model.model_id)
+        return True
+
+    def load_tokens(self) -> TokenFile | None:
+        """The memory-mapped token file, or None when there is none (or it cannot be read)."""
+        try:
+            return TokenFile(self.folder / TOKENS_FILE)
+        except CollectionError:
+            return None
+
     # -- vectors ----------------------------------------------------------------------------------
     def vectors_fresh(self) -> bool:
         """True when the saved FAISS index reflects the current store generation."""
@@ -425,13 +559,16 @@ class Collection:
         """Bring the saved index up to date: nothing when fresh; appending when the store only gained rows
         since it was saved (and the layout still fits); a full rebuild from SQLite otherwise."""
         if self.vectors_fresh():
+            self.update_tokens()
             return VectorSync(None, "none")
         appended = self._append_new_vectors(ivf_threshold)
         if appended is not None:
             self.save_vectors(appended)
+            self.update_tokens()
             return VectorSync(appended, "append")
         index = self.build_vectors(ivf_threshold)
         self.save_vectors(index)
+        self.update_tokens()
         return VectorSync(index, "rebuild")
 
     def _append_new_vectors(self, ivf_threshold: int) -> VectorIndex | None:
@@ -504,6 +641,7 @@ class Collection:
         wrong_model = store.db.execute("SELECT count(*) FROM images WHERE model_id != ?", [model.model_id]).fetchone()[0]
         if wrong_model:
             problems.append(f"{wrong_model} images were embedded with another model than {model.model_id}")
+        problems.extend(self._check_tokens(model, row_ids, sample_size))
         try:
             index = VectorIndex.load(self.folder)
         except CollectionError as exc:
@@ -534,6 +672,82 @@ class Collection:
             problems.extend(self._check_vector_sample(index, model.embed_dim, sample_size))
         return CheckReport(self.name, images, index.count, problems)
 
+    def _check_tokens(self, model: CollectionModel, row_ids: np.ndarray, sample_size: int) -> list[str]:
+        """Token rows against images (every image of a token-storing collection has one, no orphans), blob
+        sizes and values, and tokens.bin against SQLite (same ids, same bytes for a sample)."""
+        store = self.store
+        stored = store.count_tokens()
+        setting, codec = self.tokens_setting, self.token_codec
+        if not stored and setting != "on":
+            if (self.folder / TOKENS_FILE).exists():
+                return [f"{TOKENS_FILE} exists but SQLite holds no image tokens"]
+            return []
+        if codec is None:
+            return [f"SQLite holds {stored} image token rows but the collection records no token layout"]
+        problems: list[str] = []
+        token_ids = store.token_ids()
+        orphans = np.setdiff1d(token_ids, row_ids)
+        if len(orphans):
+            problems.append(f"{len(orphans)} image token rows without an image (e.g. {orphans[:5].tolist()})")
+        if setting == "on":
+            missing = np.setdiff1d(row_ids, token_ids)
+            if len(missing):
+                problems.append(f"{len(missing)} of {len(row_ids)} images have no stored image tokens "
+                                f"(e.g. {missing[:5].tolist()}); run `clipsearch index` on the collection's "
+                                "folders again to compute them")
+        wrong = {size: n for size, n in store.token_blob_sizes().items() if size != codec.bytes_per_image}
+        bad_ids: set[int] = set()
+        if wrong:
+            bad_ids = {int(r[0]) for r in store.conn.execute(
+                "SELECT id FROM image_tokens WHERE length(data) IS NOT ?", [codec.bytes_per_image])}
+            problems.append(f"{sum(wrong.values())} image token rows have the wrong size (e.g. ids "
+                            f"{sorted(bad_ids)[:5]}: {', '.join(f'{s} bytes' for s in sorted(wrong))}; "
+                            f"{codec.describe()} takes {codec.bytes_per_image})")
+        invalid = [int(i) for ids, blobs in store.iter_token_blobs() for i, blob in zip(ids.tolist(), blobs)
+                   if len(blob) == codec.bytes_per_image and not codec.valid(blob)]
+        if invalid:
+            problems.append(f"{len(invalid)} image token rows hold non-finite or negative scales (e.g. ids {invalid[:5]})")
+            bad_ids.update(invalid)
+        path = self.folder / TOKENS_FILE
+        if not stored:
+            if path.exists():
+                problems.append(f"{TOKENS_FILE} exists but SQLite holds no image tokens")
+            return problems
+        try:
+            mapped = TokenFile(path)
+        except CollectionError as exc:
+            problems.append(exc.message if path.exists() else
+                            f"{TOKENS_FILE} is missing (SQLite holds {stored} image token rows); run "
+                            "`clipsearch index` again to write it")
+            return problems
+        try:
+            if mapped.codec != codec or mapped.header.model_id != model.model_id:
+                problems.append(f"{TOKENS_FILE} holds {mapped.codec.describe()} of model {mapped.header.model_id}, "
+                                f"the collection {codec.describe()} of {model.model_id}")
+                return problems
+            if mapped.tokens_gen != store.tokens_generation:
+                problems.append(f"{TOKENS_FILE} reflects tokens generation {mapped.tokens_gen}, SQLite is at "
+                                f"{store.tokens_generation} (an interrupted run?); run `clipsearch index` again")
+                return problems
+            expected = np.setdiff1d(token_ids, np.asarray(sorted(bad_ids), dtype=np.int64))
+            if not np.array_equal(np.asarray(mapped.ids), expected):
+                only_file = np.setdiff1d(mapped.ids, expected)
+                only_sql = np.setdiff1d(expected, mapped.ids)
+                problems.append(f"{TOKENS_FILE} ids differ from SQLite's: {len(only_file)} only in the file, "
+                                f"{len(only_sql)} only in SQLite")
+                return problems
+            if len(expected):
+                pick = expected[np.random.default_rng(0).choice(len(expected), size=min(sample_size, len(expected)),
+                                                                replace=False)]
+                blobs = store.token_blobs(pick.tolist())
+                rows = mapped.rows(pick.tolist())
+                differ = [i for i in pick.tolist() if mapped.blob(rows[i]) != blobs.get(i)]
+                if differ:
+                    problems.append(f"{TOKENS_FILE} tokens of ids {differ[:5]} differ from the ones in SQLite")
+        finally:
+            mapped.close()
+        return problems
+
     def _check_vector_sample(self, index: VectorIndex, dim: int, sample_size: int) -> list[str]:
         ids = self.store.ids()
         pick = ids[np.random.default_rng(0).choice(len(ids), size=min(sample_size, len(ids)), replace=False)]
@@ -561,10 +775,14 @@ class Collection:
             pass
         skipped = int(store.db.execute("SELECT count(*) FROM skipped").fetchone()[0])
         size = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        codec = self.token_codec
         return CollectionStats(name=self.name, folder=str(self.root), images=store.count(), skipped=skipped,
                                model=self.model, index_kind=meta.layout.kind if meta else None,
                                index_count=meta.count if meta else None, index_fresh=self.vectors_fresh(),
-                               bytes_on_disk=size)
+                               bytes_on_disk=size, tokens=self.tokens_setting,
+                               token_storage=codec.storage if codec else None,
+                               token_shape=tuple(codec.shape) if codec else None, tokens_stored=store.count_tokens(),
+                               token_bytes_per_image=codec.bytes_per_image if codec else None)
 
 
 def _remove_data(folder: Path) -> list[Path]:

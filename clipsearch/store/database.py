@@ -6,11 +6,16 @@ Tables::
                indexed_at, model_id, run_id (the last indexing run that saw the file: mark-and-sweep)
     embeddings id -> float32 vector bytes (the FAISS index is rebuilt from these, so a killed run
                never leaves vectors that SQLite does not know about)
+    image_tokens id -> the image's ITM tokens (clipsearch.store.tokens: int8 + per-token scales, or fp16),
+               for collections whose model has an ITM head and that store them; written in the same
+               transaction as the vector, deleted with the image
     skipped    path, size, mtime_ns, reason (bad files: not decoded again until they change)
-    meta       key -> value (model, generation, run counter)
+    meta       key -> value (model, generation, run counter, tokens setting and tokens generation)
 
 Every write that changes what a search can return bumps `generation`; the FAISS file records the
-generation it was built from, which is how a stale index is recognised.
+generation it was built from, which is how a stale index is recognised. Every write of image tokens bumps
+`tokens_gen` (a token row records the value it was written at), which the memory-mapped token file records
+the same way.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class NewImage:
     taken_at: str | None
     vector: np.ndarray
     id: int | None = None
+    tokens: bytes | None = None  # the encoded ITM image tokens (None: the image has none; old ones are dropped)
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,8 @@ _TABLES = {"images", "embeddings", "skipped", "meta", "text_cache"}
 #   v1  images.id INTEGER PRIMARY KEY: SQLite reuses the largest id after it is deleted
 #   v2  images.id AUTOINCREMENT: an id is never handed out twice, so a stale FAISS index can only
 #       name rows that are gone, never another image
-SCHEMA_VERSION = 2
+#   v3  image_tokens table (ITM image tokens per image id; empty until a collection stores them)
+SCHEMA_VERSION = 3
 
 _IMAGES_DDL = """CREATE TABLE {name} (
    "id" INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -158,6 +165,8 @@ _OTHER_TABLES_DDL = (
     'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)',
     'CREATE TABLE IF NOT EXISTS "text_cache" ("model_id" TEXT, "text" TEXT, "vector" BLOB, "used_at" REAL, '
     'PRIMARY KEY ("model_id", "text"))',
+    'CREATE TABLE IF NOT EXISTS "image_tokens" ("id" INTEGER PRIMARY KEY REFERENCES "images"("id"), "data" BLOB, '
+    '"written_gen" INTEGER)',
 )
 
 _IMAGE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height", "taken_at",
@@ -364,6 +373,84 @@ class Store:
     def count_embeddings(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM embeddings").fetchone()[0])
 
+    # -- image tokens ------------------------------------------------------------------------------
+    @property
+    def has_token_table(self) -> bool:
+        """False only for an older collection opened read-only (its schema could not be upgraded)."""
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'image_tokens'"
+                                 ).fetchone() is not None
+
+    @property
+    def tokens_generation(self) -> int:
+        return int(self.get_meta("tokens_gen", "0") or 0)
+
+    def count_tokens(self) -> int:
+        if not self.has_token_table:
+            return 0
+        return int(self.conn.execute("SELECT count(*) FROM image_tokens").fetchone()[0])
+
+    def has_any_tokens(self) -> bool:
+        return self.has_token_table and self.conn.execute("SELECT 1 FROM image_tokens LIMIT 1").fetchone() is not None
+
+    def token_ids(self) -> np.ndarray:
+        if not self.has_token_table:
+            return np.zeros(0, dtype=np.int64)
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM image_tokens ORDER BY id")), dtype=np.int64)
+
+    def ids_without_tokens(self, ids: Iterable[int]) -> list[int]:
+        """Those of `ids` that have no token row."""
+        wanted = [int(i) for i in ids]
+        if not self.has_token_table:
+            return wanted
+        have: set[int] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            have.update(r[0] for r in self.conn.execute(
+                f"SELECT id FROM image_tokens WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return [i for i in wanted if i not in have]
+
+    def token_generations(self, ids: Iterable[int]) -> dict[int, int]:
+        """id -> tokens generation its row was written at, for those of `ids` that have tokens."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, int] = {}
+        if not self.has_token_table:
+            return found
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            found.update((int(i), int(g or 0)) for i, g in self.conn.execute(
+                f"SELECT id, written_gen FROM image_tokens WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def token_blobs(self, ids: Iterable[int]) -> dict[int, bytes]:
+        """id -> stored token blob of those of `ids` that have one."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        if not self.has_token_table:
+            return found
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            found.update((int(i), bytes(b)) for i, b in self.conn.execute(
+                f"SELECT id, CAST(data AS BLOB) FROM image_tokens WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def iter_token_blobs(self, chunk: int = 1024) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+        """Yield (ids int64 [n], blobs) over every stored token row, in id order."""
+        if not self.has_token_table:
+            return
+        cursor = self.conn.execute("SELECT id, CAST(data AS BLOB) FROM image_tokens ORDER BY id")
+        while True:
+            rows = cursor.fetchmany(chunk)
+            if not rows:
+                return
+            yield np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [bytes(r[1]) for r in rows]
+
+    def token_blob_sizes(self) -> dict[int, int]:
+        """blob size -> how many rows have it."""
+        if not self.has_token_table:
+            return {}
+        return {int(size or 0): int(n) for size, n in self.conn.execute(
+            "SELECT length(data), count(*) FROM image_tokens GROUP BY length(data)")}
+
     def file_states(self) -> dict[str, FileState]:
         """path -> (id, size, mtime_ns, hash) of every indexed file."""
         return {path: FileState(id_, size, mtime, digest) for id_, path, size, mtime, digest in
@@ -488,7 +575,9 @@ class Store:
         with signals_deferred(), self.db.atomic():
             if images:
                 self._bump_generation()
+                self._bump_generation("tokens_gen")
             generation = self.generation
+            tokens_gen = self.tokens_generation
             for image in images:
                 values = (image.path, image.size, image.mtime_ns, image.content_hash, image.width, image.height,
                           image.taken_at, indexed_at, model_id, run_id)
@@ -500,6 +589,8 @@ class Store:
                 else:
                     # A path can only be new here, unless a previous killed run wrote it; replace that row.
                     self.db.execute("DELETE FROM embeddings WHERE id IN (SELECT id FROM images WHERE path = ?)", [image.path])
+                    self.db.execute("DELETE FROM image_tokens WHERE id IN (SELECT id FROM images WHERE path = ?)",
+                                    [image.path])
                     self.db.execute("DELETE FROM images WHERE path = ?", [image.path])
                     cursor = self.db.execute(
                         "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at, "
@@ -507,9 +598,38 @@ class Store:
                     image_id = int(cursor.lastrowid)
                 self.db.execute("INSERT OR REPLACE INTO embeddings (id, vector, written_gen) VALUES (?, ?, ?)",
                                 [image_id, np.ascontiguousarray(image.vector, dtype=np.float32).tobytes(), generation])
+                if image.tokens is not None:
+                    self.db.execute("INSERT OR REPLACE INTO image_tokens (id, data, written_gen) VALUES (?, ?, ?)",
+                                    [image_id, image.tokens, tokens_gen])
+                else:  # new content without tokens: tokens of the old content must not stay
+                    self.db.execute("DELETE FROM image_tokens WHERE id = ?", [image_id])
                 self.db.execute("DELETE FROM skipped WHERE path = ?", [image.path])
                 ids.append(image_id)
         return ids
+
+    def write_tokens(self, rows: Sequence[tuple[int, bytes]]) -> int:
+        """Add tokens to images that are indexed already (their vectors stay as they are), in one transaction.
+        Ids that are no longer indexed are left out; returns how many rows were written."""
+        if not rows:
+            return 0
+        written = 0
+        with signals_deferred(), self.db.atomic():
+            self._bump_generation("tokens_gen")
+            tokens_gen = self.tokens_generation
+            for image_id, blob in rows:
+                written += self.db.execute(
+                    "INSERT OR REPLACE INTO image_tokens (id, data, written_gen) SELECT id, ?, ? FROM images "
+                    "WHERE id = ?", [blob, tokens_gen, int(image_id)]).rowcount
+        return written
+
+    def delete_all_tokens(self) -> int:
+        """Drop every stored token (a collection that stops storing them)."""
+        if not self.has_any_tokens():
+            return 0
+        with signals_deferred(), self.db.atomic():
+            removed = self.db.execute("DELETE FROM image_tokens").rowcount
+            self._bump_generation("tokens_gen")
+        return removed
 
     def touch(self, ids: Sequence[int], run_id: int, new_stats: dict[int, tuple[int, int]] | None = None) -> None:
         """Mark rows as seen by `run_id` (and record a new size/mtime for content-identical files)."""
@@ -559,20 +679,26 @@ class Store:
         """Forget every image in place (ids keep counting up: none is handed out again)."""
         with signals_deferred(), self.db.atomic():
             self.db.execute("DELETE FROM embeddings")
+            self.db.execute("DELETE FROM image_tokens")
             self.db.execute("DELETE FROM images")
             self.db.execute("DELETE FROM skipped")
             self._bump_generation()
+            self._bump_generation("tokens_gen")
 
     def _delete_where(self, where: str, params: list) -> int:
         self.db.execute(f"DELETE FROM embeddings WHERE id IN (SELECT id FROM images WHERE {where})", params)
+        tokens = self.db.execute(f"DELETE FROM image_tokens WHERE id IN (SELECT id FROM images WHERE {where})",
+                                 params).rowcount
         removed = self.db.execute(f"DELETE FROM images WHERE {where}", params).rowcount
         if removed:
             self._bump_generation()
+        if tokens > 0:
+            self._bump_generation("tokens_gen")
         return max(0, removed)
 
-    def _bump_generation(self) -> None:
-        self.db.execute("INSERT INTO meta (key, value) VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE SET "
-                        "value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)")
+    def _bump_generation(self, key: str = "generation") -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT(key) DO UPDATE SET "
+                        "value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)", [key])
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
