@@ -8,6 +8,8 @@ Counting conventions of `IndexSummary` (the `--json` contract):
   removed  paths that left the index (deleted, excluded, or now unreadable)
   skipped  files that could not be used, each with its reason
   total    images in the collection after the run
+  tokens   "int8"/"fp16" when the collection stores ITM image tokens ("" otherwise); tokens_added counts the
+           already indexed images whose tokens this run computed (`index --tokens` on an older collection)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from clipsearch.model.bundle import PreprocessSpec
 from clipsearch.store.database import FileState, NewImage, SkippedFile, Store
+from clipsearch.store.tokens import TokenCodec
 from clipsearch.store.vectors import DEFAULT_IVF_THRESHOLD
 
 from .reader import ReadResult, ReadTask
@@ -40,6 +43,7 @@ class IndexOptions:
     chunk_size: int = 4
     worker_nice: int = 0
     encoder_threads: int | None = None
+    tokens: bool | None = None  # store ITM image tokens: True --tokens, False --no-tokens, None as remembered/default
 
     def walk_options(self) -> WalkOptions:
         return WalkOptions(exclude=tuple(self.exclude), include_hidden=self.include_hidden)
@@ -61,6 +65,9 @@ class IndexSummary:
     model_id: str = ""
     index_kind: str = ""
     index_update: str = ""  # "none" | "append" | "rebuild": what happened to the FAISS index
+    tokens: str = ""  # how ITM image tokens are stored ("" when the collection stores none)
+    token_bytes_per_image: int = 0
+    tokens_added: int = 0  # indexed images that got their tokens in this run without being re-embedded
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -79,6 +86,23 @@ class Plan:
     existing: dict[str, FileState] = field(default_factory=dict)  # path -> state, for changed known files
     still_bad: list[SkippedFile] = field(default_factory=list)  # unchanged files that failed before
     still_bad_paths: list[str] = field(default_factory=list)
+    backfill: dict[str, FileState] = field(default_factory=dict)  # unchanged files read again for their tokens
+
+
+def plan_token_backfill(plan: Plan, files: Sequence[FoundFile], store: Store) -> None:
+    """Read again the unchanged files that have no stored tokens (a collection that starts storing them, or a
+    run that was killed while adding them): their tokens are computed, their vectors kept."""
+    if not plan.unchanged_ids:
+        return
+    missing = set(store.ids_without_tokens(plan.unchanged_ids))
+    if not missing:
+        return
+    states = store.file_states()
+    for found in files:
+        state = states.get(found.path)
+        if state is not None and state.id in missing and found.path not in plan.existing:
+            plan.backfill[found.path] = state
+            plan.to_read.append(ReadTask(found.path, found.size, found.mtime_ns, force_decode=True))
 
 
 def make_plan(files: Sequence[FoundFile], store: Store) -> Plan:
@@ -102,10 +126,12 @@ def make_plan(files: Sequence[FoundFile], store: Store) -> Plan:
 
 
 class Mapper:
-    """The visual encoder stage: uint8 [H, W, 3] images -> L2-normalised float32 vectors."""
+    """The visual encoder stage: uint8 [H, W, 3] images -> L2-normalised float32 vectors, and with a token
+    codec also each image's encoded ITM tokens, from the same call of the visual graph."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, codec: TokenCodec | None = None) -> None:
         self.model = model
+        self.codec = codec
         spec: PreprocessSpec = model.preprocess
         self._scale = (1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))).reshape(1, 1, 1, 3)
         self._shift = (np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)).reshape(1, 1, 1, 3)
@@ -121,31 +147,56 @@ class Mapper:
             return np.zeros((0, self.model.embed_dim), dtype=np.float32)
         return self.model.encode_pixels(self.normalise(images))
 
+    def encode_with_tokens(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[bytes | None]]:
+        """(vectors [N, D], one token blob per image: None without a codec)."""
+        if self.codec is None or not images:
+            return self.encode(images), [None] * len(images)
+        vectors, tokens = self.model.encode_pixels_with_tokens(self.normalise(images))
+        return vectors, self.codec.encode(tokens)
+
 
 class Writer:
     """Writes rows + vectors to the store, one transaction per batch (a killed run loses at most a batch)."""
 
-    def __init__(self, store: Store, model_id: str, run_id: int, dim: int, summary: IndexSummary) -> None:
+    def __init__(self, store: Store, model_id: str, run_id: int, dim: int, summary: IndexSummary,
+                 codec: TokenCodec | None = None) -> None:
         self.store = store
         self.model_id = model_id
         self.run_id = run_id
         self.dim = dim
         self.summary = summary
+        self.codec = codec  # set: every row written gets tokens
         self.hash_to_id: dict[str, int] = store.known_hashes()
 
     def vector_for_hash(self, content_hash: str) -> np.ndarray | None:
         image_id = self.hash_to_id.get(content_hash)
         return None if image_id is None else self.store.vector(image_id, self.dim)
 
+    def reusable(self, content_hash: str) -> tuple[np.ndarray, bytes | None] | None:
+        """The vector (and, when the collection stores tokens, the tokens) of an indexed image with these
+        bytes, or None when there is none to copy (then the file is decoded and encoded)."""
+        image_id = self.hash_to_id.get(content_hash)
+        if image_id is None:
+            return None
+        vector = self.store.vector(image_id, self.dim)
+        if vector is None:
+            return None
+        if self.codec is None:
+            return vector, None
+        blob = self.store.token_blobs([image_id]).get(image_id)
+        if blob is None or len(blob) != self.codec.bytes_per_image:
+            return None
+        return vector, blob
+
     def write(self, results: Sequence[ReadResult], vectors: Sequence[np.ndarray], existing: dict[str, FileState],
-              reused_flags: Sequence[bool]) -> None:
+              reused_flags: Sequence[bool], tokens: Sequence[bytes | None] | None = None) -> None:
         rows = []
-        for result, vector in zip(results, vectors):
+        for result, vector, blob in zip(results, vectors, tokens or [None] * len(results)):
             task = result.task
             state = existing.get(task.path)
             rows.append(NewImage(path=task.path, size=task.size, mtime_ns=task.mtime_ns, content_hash=result.content_hash,
                                  width=result.width, height=result.height, taken_at=result.taken_at, vector=vector,
-                                 id=state.id if state else None))
+                                 id=state.id if state else None, tokens=blob))
             if state is not None and self.hash_to_id.get(state.content_hash) == state.id:
                 del self.hash_to_id[state.content_hash]  # its old content is about to be overwritten
         ids = self.store.write_images(rows, self.model_id, self.run_id, _now())
@@ -159,6 +210,9 @@ class Writer:
             else:
                 self.summary.added += 1
                 self.summary.embedded += 1
+
+    def write_tokens(self, rows: Sequence[tuple[int, bytes]]) -> None:
+        self.summary.tokens_added += self.store.write_tokens(rows)
 
     def refresh_stat(self, result: ReadResult, state: FileState) -> None:
         """A known file whose size/mtime changed but whose bytes did not: just record the new stat."""
@@ -174,12 +228,15 @@ class Writer:
 class BatchAssembler:
     """Turns reader results into writer calls: vectors by hash where possible, encoder batches otherwise."""
 
-    def __init__(self, mapper: Mapper, writer: Writer, existing: dict[str, FileState], batch_size: int) -> None:
+    def __init__(self, mapper: Mapper, writer: Writer, existing: dict[str, FileState], batch_size: int,
+                 backfill: dict[str, FileState] | None = None) -> None:
         self.mapper = mapper
         self.writer = writer
         self.existing = existing
+        self.backfill = backfill or {}  # unchanged indexed files read again for their tokens only
         self.batch_size = max(1, batch_size)
         self.to_encode: list[ReadResult] = []
+        self.to_tokenise: list[tuple[int, np.ndarray]] = []
         self.retry: list[ReadTask] = []  # known-hash files whose vector went away: decode them after all
         self.encode_seconds = 0.0
 
@@ -187,25 +244,44 @@ class BatchAssembler:
         if result.error is not None:
             self.writer.skip([(result.task, result.error)])
             return
+        filling = self.backfill.get(result.task.path)
+        if filling is not None:
+            if filling.content_hash == result.content_hash and result.pixels is not None:
+                self.to_tokenise.append((filling.id, result.pixels))
+                if len(self.to_tokenise) >= self.batch_size:
+                    self.flush_tokens()
+                return
+            self.existing[result.task.path] = filling  # other bytes under the same size and mtime: re-embed
         state = self.existing.get(result.task.path)
         if state is not None and state.content_hash == result.content_hash:
             self.writer.refresh_stat(result, state)
             return
         if result.known:
-            vector = self.writer.vector_for_hash(result.content_hash)
-            if vector is None:
+            reusable = self.writer.reusable(result.content_hash)
+            if reusable is None:
                 self.retry.append(ReadTask(result.task.path, result.task.size, result.task.mtime_ns, force_decode=True))
                 return
             source = self.writer.store.get(self.writer.hash_to_id[result.content_hash])
             filled = ReadResult(result.task, result.content_hash, source.width if source else None,
                                 source.height if source else None, source.taken_at if source else None)
-            self.writer.write([filled], [vector], self.existing, [True])
+            self.writer.write([filled], [reusable[0]], self.existing, [True], [reusable[1]])
             return
         self.to_encode.append(result)
         if len(self.to_encode) >= self.batch_size:
             self.flush()
 
+    def flush_tokens(self) -> None:
+        """Tokens of already indexed, unchanged images (their vectors are not touched)."""
+        if not self.to_tokenise:
+            return
+        batch, self.to_tokenise = self.to_tokenise, []
+        started = time.perf_counter()
+        _, blobs = self.mapper.encode_with_tokens([pixels for _, pixels in batch])
+        self.encode_seconds += time.perf_counter() - started
+        self.writer.write_tokens([(image_id, blob) for (image_id, _), blob in zip(batch, blobs) if blob is not None])
+
     def flush(self) -> None:
+        self.flush_tokens()
         if not self.to_encode:
             return
         batch, self.to_encode = self.to_encode, []
@@ -218,7 +294,7 @@ class BatchAssembler:
             if slot is not None:
                 sources.append(("duplicate", slot))
                 continue
-            known = self.writer.vector_for_hash(result.content_hash) if result.content_hash in self.writer.hash_to_id else None
+            known = self.writer.reusable(result.content_hash) if result.content_hash in self.writer.hash_to_id else None
             if known is not None:
                 sources.append(("known", known))
                 continue
@@ -226,11 +302,12 @@ class BatchAssembler:
             sources.append(("encoded", len(encode_rows)))
             encode_rows.append(result)
         started = time.perf_counter()
-        encoded = self.mapper.encode([r.pixels for r in encode_rows])
+        encoded, encoded_tokens = self.mapper.encode_with_tokens([r.pixels for r in encode_rows])
         self.encode_seconds += time.perf_counter() - started
-        vectors = [encoded[src] if kind != "known" else src for kind, src in sources]
+        vectors = [encoded[src] if kind != "known" else src[0] for kind, src in sources]
+        tokens = [encoded_tokens[src] if kind != "known" else src[1] for kind, src in sources]
         reused = [kind != "encoded" for kind, _ in sources]
-        self.writer.write(batch, vectors, self.existing, reused)
+        self.writer.write(batch, vectors, self.existing, reused, tokens)
 
 
 def _now() -> str:

@@ -9,6 +9,10 @@ interrupted run has been resumed.
 `--rebuild` indexes into a new generation of the collection (`Collection.start_rebuild`) while the old one
 keeps serving searches, and switches to it atomically only once the new one is complete and its FAISS
 index saved (`Collection.finish_rebuild`); a killed or failed rebuild leaves the old collection as it was.
+
+ITM image tokens (models with an ITM head, `Collection.choose_tokens`): written with each image's vector in
+the same transaction; unchanged images that have none are read again for them (vectors kept), so turning
+tokens on for an indexed collection, or resuming a killed run that was adding them, is incremental.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError
 from clipsearch.store.database import SkippedFile
 
-from .pipeline import BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan
+from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
+                       plan_token_backfill)
 from .reader import ParallelReader
 from .walk import walk
 
@@ -38,6 +43,7 @@ class LocalRunner:
     def __init__(self, options: IndexOptions = IndexOptions()) -> None:
         self.options = options
         self.last_timings: RunTimings | None = None
+        self.last_token_choice = None  # the TokenChoice of the last run (the CLI prints its reason)
 
     def run(self, collection: Collection, model, roots: Sequence[str | Path],
             progress: ProgressCallback | None = None) -> IndexSummary:
@@ -60,14 +66,17 @@ class LocalRunner:
         walked = walk(roots, options.walk_options())
         if not walked.roots:  # checked before --rebuild starts anything
             raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
+        tokens = collection.choose_tokens(model, options.tokens)  # before --rebuild: the old choice carries over
+        self.last_token_choice = tokens
         rebuilding = options.rebuild and current is not None  # else there is nothing to keep serving
         if rebuilding:
             target = collection.start_rebuild(model.info)  # searchers keep using the old generation
         else:
             target = collection
             target.bind_model(model.info)
+        target.apply_tokens(tokens)
         try:
-            summary = self._index_into(target, model, walked, progress, started, cpu_started)
+            summary = self._index_into(target, model, walked, progress, started, cpu_started, tokens.codec)
         except BaseException:
             if rebuilding:
                 target.close()  # the half-built generation is removed by the next run on the collection
@@ -77,7 +86,7 @@ class LocalRunner:
         return summary
 
     def _index_into(self, collection: Collection, model, walked, progress: ProgressCallback | None,
-                    started: float, cpu_started: float) -> IndexSummary:
+                    started: float, cpu_started: float, codec=None) -> IndexSummary:
         options = self.options
         worker_cpu = 0.0
         store = collection.store
@@ -92,9 +101,12 @@ class LocalRunner:
         store.touch_skipped(plan.still_bad_paths, run_id)
         summary.unchanged = len(plan.unchanged_ids)
         summary.skipped.extend(plan.still_bad)
+        if codec is not None:
+            plan_token_backfill(plan, walked.files, store)
+            summary.tokens, summary.token_bytes_per_image = codec.storage, codec.bytes_per_image
 
-        writer = Writer(store, model.model_id, run_id, model.embed_dim, summary)
-        assembler = BatchAssembler(Mapper(model), writer, plan.existing, options.batch_size)
+        writer = Writer(store, model.model_id, run_id, model.embed_dim, summary, codec)
+        assembler = BatchAssembler(Mapper(model, codec), writer, plan.existing, options.batch_size, plan.backfill)
         total = len(plan.to_read)
         done = 0
         if progress:

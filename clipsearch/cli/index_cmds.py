@@ -94,6 +94,11 @@ def index(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Encoder threads (default: all cores)"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+    tokens: Optional[bool] = typer.Option(
+        None, "--tokens/--no-tokens",
+        help="Store the ITM image tokens that `search --rerank` reads (models with an ITM head; on by default when "
+             "they take at most 64 KB per image). --tokens also computes them for images indexed without them; "
+             "--no-tokens drops them. The choice is remembered"),
 ) -> None:
     """Index photos: new files are embedded, changed ones re-embedded, vanished ones removed."""
     from ..store.collection import Collection
@@ -110,7 +115,8 @@ def index(
                     spec = model or (remembered.spec if remembered else None)
                     clip = load_model(spec, threads=threads)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
-                                           include_hidden=include_hidden, rebuild=rebuild)
+                                           include_hidden=include_hidden, rebuild=rebuild, tokens=tokens)
+                    _announce_tokens(target, clip, tokens)
                     show_bar = not as_json and sys.stderr.isatty()
                     with _progress_bar(show_bar) as progress:
                         summary = LocalRunner(options).run(target, clip, [str(p) for p in paths], progress)
@@ -129,8 +135,33 @@ def index(
     typer.echo(f"{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} reused, "
                f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
                f"{summary.total} images in total ({summary.seconds:.1f} s, {rate:.1f} img/s)")
+    if summary.tokens:
+        added = f", {summary.tokens_added} added to indexed images" if summary.tokens_added else ""
+        typer.echo(f"  ITM image tokens: {summary.tokens}, {_format_bytes(summary.token_bytes_per_image)}/image{added}")
     for skipped in summary.skipped:
         typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+
+
+def _format_bytes(count: int) -> str:
+    from ..store.tokens import format_bytes
+
+    return format_bytes(count)
+
+
+def _announce_tokens(target, clip, requested: Optional[bool]) -> None:
+    """Say on stderr what storing ITM image tokens costs when asked for with --tokens, and why a model with an
+    ITM head stores none when its tokens are too big to store by default. A model without a head says nothing."""
+    from ..errors import CollectionError
+
+    try:
+        choice = target.choose_tokens(clip, requested)
+    except CollectionError:
+        return  # the run reports it
+    if choice.codec is not None and requested:
+        typer.echo(f"{target.name}: storing ITM image tokens ({choice.codec.describe()})", err=True)
+    elif choice.codec is None and getattr(clip, "has_itm", False) and requested is None and target.tokens_setting != "off":
+        typer.echo(f"{target.name}: not storing ITM image tokens: {choice.reason} (search --rerank needs them)",
+                   err=True)
 
 
 @app.command()
@@ -144,11 +175,16 @@ def check(
 
     with Collection.open(collection, index_dir) as target:
         report = target.check()
+        tokens_stored = target.store.count_tokens()
+        codec = target.token_codec
+    token_bytes = codec.bytes_per_image if codec is not None and tokens_stored else None
     if as_json:
         typer.echo(json.dumps({"collection": report.name, "ok": report.ok, "images": report.images,
-                               "index_count": report.index_count, "problems": report.problems}, indent=2))
+                               "index_count": report.index_count, "tokens_stored": tokens_stored,
+                               "token_bytes_per_image": token_bytes, "problems": report.problems}, indent=2))
     elif report.ok:
-        typer.echo(f"{report.name}: ok ({report.images} images, index holds {report.index_count})")
+        tokens_note = f", {tokens_stored} with ITM tokens ({token_bytes} bytes/image)" if token_bytes else ""
+        typer.echo(f"{report.name}: ok ({report.images} images, index holds {report.index_count}{tokens_note})")
     else:
         typer.secho(f"{report.name}: {len(report.problems)} problem(s)", err=True, fg="red")
         for problem in report.problems:
@@ -179,4 +215,10 @@ def stats(
     typer.echo(f"model        {model.model_id if model else '-'}")
     typer.echo(f"index        {info.index_kind or '-'}, {info.index_count if info.index_count is not None else '-'} vectors"
                f"{'' if info.index_fresh else '  (stale: run clipsearch index again)'}")
+    if info.tokens_stored or info.tokens == "on":
+        t, d = info.token_shape or (0, 0)
+        typer.echo(f"tokens       {info.tokens_stored} images, {info.token_storage} {t}x{d}, "
+                   f"{info.token_bytes_per_image} bytes/image ({_format_bytes(info.tokens_stored * (info.token_bytes_per_image or 0))})")
+    elif info.tokens == "off":
+        typer.echo("tokens       off (index --tokens stores them for search --rerank)")
     typer.echo(f"disk         {info.bytes_on_disk / 1e6:.2f} MB")
