@@ -9,7 +9,8 @@ it is safe to call from several threads. Example::
     hits = searcher.search(SearchQuery.build(text="beach", not_texts=["people"], k=20))
 
 Re-ranking (`rerank=True`, models with an ITM head such as BLIP bundles): the top `rerank_k` ITC candidates
-are read again from their files and scored by the cross-encoder, see `Searcher.search`.
+are scored by the cross-encoder from the image tokens stored at index time (no image file is read), see
+`Searcher.search`.
 """
 
 from __future__ import annotations
@@ -39,20 +40,32 @@ WEIGHT_SYNTAX_HELP = ('A weight goes first as ^W: ("^2:beach", "^0.5:sunset"; W 
                       'Other text is taken as it is ("12:30 sunset"); a text starting with ^ is written \\^ ("\\^_^").')
 
 # Re-ranking with an ITM head. The final score of a re-ranked hit is
-#     ITM match logit + ITC_WEIGHT * ITC cosine
+#     ITM match logit + λ * ITC cosine
 # where the match logit is logits[match] - logits[no match] = log(p / (1 - p)) of the head's match probability
-# p, and the ITC cosine is the hit's ordinary score. The ITM term decides; with weight 1 the ITC term (in
-# [-1, 1], in practice a spread of a few tenths) breaks near-ties. Weight 1 is what BLIP's own retrieval
-# evaluation uses (it ranks the top-k ITC candidates by itm logits[:, 1] + raw ITC cosine); we take the margin
-# instead of logits[:, 1] alone because it does not move when a head shifts both logits. 1.0 is provisional:
-# it is to be chosen on held-out queries of the collection styles we train on.
-ITC_WEIGHT = 1.0
+# p, and the ITC cosine is the hit's ordinary score. λ is the bundle's own (model.json's itm object,
+# "itc_weight"; chosen on held-out queries of the styles the head was trained on), DEFAULT_ITC_WEIGHT when it
+# does not say. With weight 1 the ITC term (in [-1, 1], in practice a spread of a few tenths) breaks
+# near-ties; 1 is what BLIP's own retrieval evaluation uses (it ranks the top-k ITC candidates by
+# itm logits[:, 1] + raw ITC cosine); we take the margin instead of logits[:, 1] alone because it does not
+# move when a head shifts both logits.
+DEFAULT_ITC_WEIGHT = 1.0
 DEFAULT_RERANK_K = 32
 MAX_RERANK_K = 256
-RERANK_BATCH = DEFAULT_RERANK_K  # candidates per visual + ITM call
+RERANK_BATCH = DEFAULT_RERANK_K  # candidates per ITM call
 EXPORT_BLIP_HINT = ("Re-ranking needs a model with an ITM head: export a BLIP retrieval model with "
                     "`clipsearch models export-blip Salesforce/blip-itm-base-coco --out DIR` and index with "
                     "--model DIR, or search without --rerank.")
+
+
+def itc_weight(model) -> float:
+    """λ of a model with an ITM head: model.json's itm object "itc_weight", else DEFAULT_ITC_WEIGHT."""
+    itm = model.info.extra.get("itm") if getattr(model, "info", None) is not None else None
+    value = itm.get("itc_weight") if isinstance(itm, dict) else None
+    try:
+        weight = float(value) if value is not None else DEFAULT_ITC_WEIGHT
+    except (TypeError, ValueError):
+        return DEFAULT_ITC_WEIGHT
+    return weight if math.isfinite(weight) else DEFAULT_ITC_WEIGHT
 
 @dataclass(frozen=True)
 class QueryTerm:
@@ -187,7 +200,7 @@ class SearchHit:
     height: int | None
     taken_at: str | None = None
     # Re-ranked hits only (None otherwise): `score` is then the final score (ITM match logit +
-    # ITC_WEIGHT * itc_score), `itc_score` the cosine of the ITC stage, `match` the ITM match probability.
+    # λ * itc_score, λ = `itc_weight(model)`), `itc_score` the cosine of the ITC stage, `match` the ITM match probability.
     itc_score: float | None = None
     match: float | None = None
 
@@ -219,6 +232,7 @@ class Searcher:
         self._index = None
         self._index_generation: int | None = None
         self._index_loaded_at = 0.0
+        self._tokens = None  # the collection's memory-mapped TokenFile, loaded by the first re-ranking
         self._lock = threading.RLock()
         if model is not None:
             self._check_model(model)
@@ -276,6 +290,7 @@ class Searcher:
             self._index = None
             self._index_generation = None
             self._index_loaded_at = 0.0
+            self._tokens = None
             if self._model_given or self._model_info is not None:
                 self._check_model(self._model if self._model is not None else self._model_info)
             elif self._model is not None and self._model.model_id != self.collection_model.model_id:
@@ -395,16 +410,17 @@ class Searcher:
     def search(self, query: SearchQuery) -> list[SearchHit]:
         """Best-first hits joined with their metadata.
 
-        With `query.rerank`: the top `rerank_k` ITC hits are decoded again from their files, their image tokens
-        computed in one batch and scored against the query text by the ITM head in one call. Those hits are
-        sorted by ITM match logit + ITC_WEIGHT * ITC cosine (`score`; `itc_score` and `match` added), then
-        come the candidates whose file can no longer be read (ITC order, unscored), then, when k > rerank_k,
-        the remaining hits in ITC order; the first k are returned. With `min_match` only re-ranked hits whose
-        match probability reaches it are returned (unscored hits have no probability and are left out).
-        QueryError when the model has no ITM head."""
+        With `query.rerank`: the top `rerank_k` ITC hits are scored against the query text by the ITM head from
+        the image tokens stored at index time (`stored_tokens`; no file is decoded), RERANK_BATCH per call.
+        Those hits are sorted by ITM match logit + λ * ITC cosine (`score`; `itc_score` and `match` added, λ =
+        `itc_weight(model)`), then come the candidates without stored tokens (ITC order, unscored), then, when
+        k > rerank_k, the remaining hits in ITC order; the first k are returned. With `min_match` only
+        re-ranked hits whose match probability reaches it are returned (unscored hits have no probability and
+        are left out). QueryError when the model has no ITM head, or the collection stores no tokens."""
         query.validate()
         if query.rerank:
             self._require_itm()
+            self._require_tokens()
         qv = self.query_vector(query)
         if not query.rerank:
             return self.search_vector(qv.vector, query.k, qv.exclude_ids)
@@ -418,35 +434,95 @@ class Searcher:
             raise QueryError(f"model {model.info.name} cannot re-rank (no ITM head)", EXPORT_BLIP_HINT)
         return scorer
 
+    def _require_tokens(self) -> None:
+        """QueryError when the collection holds no image tokens at all (indexed before they were stored, or
+        with --no-tokens, or with a head too big to store them by default)."""
+        self._follow_rebuild()
+        with self._lock:
+            collection = self.collection
+            if collection.store.has_any_tokens():
+                return
+            name = collection.name
+            roots = list(collection.store.indexed_roots())
+        where = " ".join(_shell_quote(r) for r in roots[:3]) if roots else "PATH"
+        raise QueryError(
+            f"collection {name!r} has no stored image tokens, which re-ranking reads (it was indexed before they "
+            "were stored, or without them)",
+            f"Add them with: clipsearch index {where} --collection {name} --tokens (computes the tokens of the "
+            "images already indexed; their vectors are kept), or re-run the indexing with --tokens; "
+            "or search without --rerank.")
+
+    def stored_tokens(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """id -> float32 [T, D] ITM image tokens of those `ids` that have them: from the memory-mapped token
+        file when it reflects SQLite, else (an indexing run in progress or killed) the rows it holds that did
+        not change since it was written from there, and the others straight from SQLite."""
+        self._follow_rebuild()
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return {}
+        with self._lock:
+            collection = self.collection
+            store = collection.store
+            codec = collection.token_codec
+            if codec is None:
+                return {}
+            generation = store.tokens_generation
+            mapped = self._token_file(generation)
+            if mapped is not None and (mapped.codec != codec or mapped.header.model_id != self.collection_model.model_id):
+                mapped = None
+            if mapped is not None and mapped.tokens_gen == generation:
+                from_file = mapped.rows(wanted)
+                from_sql: list[int] = []
+            else:
+                written = store.token_generations(wanted)
+                rows = mapped.rows([i for i, g in written.items() if g <= mapped.tokens_gen]) if mapped else {}
+                from_file = rows
+                from_sql = [i for i in written if i not in rows]
+            blobs = store.token_blobs(from_sql) if from_sql else {}
+        found: dict[int, np.ndarray] = {}
+        if from_file:
+            order = list(from_file)
+            for image_id, tokens in zip(order, mapped.tokens([from_file[i] for i in order])):
+                found[image_id] = tokens
+        for image_id, blob in blobs.items():
+            if codec.valid(blob):  # a damaged row is left unscored (check reports it)
+                found[image_id] = codec.decode([blob])[0]
+        return found
+
+    def _token_file(self, generation: int):
+        """The loaded TokenFile, reloaded when a newer one was written since (call with the lock held)."""
+        from .store.tokens import TOKENS_FILE
+
+        current = self._tokens
+        if current is not None and current.tokens_gen == generation:
+            return current
+        path = self.collection.folder / TOKENS_FILE
+        try:
+            stat = path.stat()
+            identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            identity = None
+        if current is None or identity != current.identity:
+            self._tokens = self.collection.load_tokens() if identity is not None else None
+        return self._tokens
+
     def _rerank(self, query: SearchQuery, hits: list[SearchHit]) -> list[SearchHit]:
         from dataclasses import replace
 
-        from .errors import ClipsearchError
-        from .model.preprocess import open_image
-
         scorer = self._require_itm()
+        weight = itc_weight(self.model)
         candidates, rest = hits[:query.rerank_k], hits[query.rerank_k:]
-        draft = tuple(self.model.preprocess.size[::-1])
+        stored = self.stored_tokens([hit.id for hit in candidates])
+        ready = [hit for hit in candidates if hit.id in stored]
+        unscored = [hit for hit in candidates if hit.id not in stored]
         scored: list[SearchHit] = []
-        unreadable: list[SearchHit] = []
-        # Candidates go through the visual and ITM graphs RERANK_BATCH at a time (one call for the default k):
-        # a large rerank_k must not hold every candidate's image tokens at once (BLIP-base: 1.8 MB each).
-        for start in range(0, len(candidates), RERANK_BATCH):
-            readable, images = [], []
-            for hit in candidates[start:start + RERANK_BATCH]:
-                try:  # open_image refuses FIFOs, devices and bombs; a vanished or broken file is just unscored
-                    images.append(open_image(hit.path, draft_size=draft))
-                    readable.append(hit)
-                except (ClipsearchError, OSError, ValueError):
-                    unreadable.append(hit)
-            if not readable:
-                continue
-            tokens = self.model.image_tokens(images)
-            del images
-            itm = scorer.score(query.itm_text, tokens)
-            del tokens
-            for hit, margin, probability in zip(readable, itm.match_logit, itm.probability):
-                final = float(margin) + ITC_WEIGHT * hit.score
+        # RERANK_BATCH candidates per ITM call (one call for the default k): a large rerank_k must not feed the
+        # head every candidate's tokens at once.
+        for start in range(0, len(ready), RERANK_BATCH):
+            chunk = ready[start:start + RERANK_BATCH]
+            itm = scorer.score(query.itm_text, np.stack([stored[hit.id] for hit in chunk]))
+            for hit, margin, probability in zip(chunk, itm.match_logit, itm.probability):
+                final = float(margin) + weight * hit.score
                 scored.append(replace(hit, score=round(final, 6), itc_score=hit.score,
                                       match=round(float(probability), 6)))
         if scored:
@@ -454,7 +530,7 @@ class Searcher:
             scored = [scored[i] for i in order]
         if query.min_match is not None:
             return [hit for hit in scored if hit.match is not None and hit.match >= query.min_match]
-        return scored + unreadable + rest
+        return scored + unscored + rest
 
     def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = ()) -> list[SearchHit]:
         self._follow_rebuild()
@@ -470,6 +546,12 @@ class Searcher:
             hits.append(SearchHit(id=image_id, path=record.path, score=round(score, 6), width=record.width,
                                   height=record.height, taken_at=record.taken_at))
         return hits
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 def search(query: SearchQuery, collection: str = DEFAULT_COLLECTION,
