@@ -156,3 +156,54 @@ def evaluate_cmd(
     else:
         typer.echo(f"{info.name} ({info.precision}) full gallery: {report.full}")
         typer.echo(f"{info.name} ({info.precision}) flags excluded: {report.no_flags}")
+
+
+@train_app.command("itm")
+def itm_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle made by `clipsearch train` (its graphs give the head's features)"),
+    out: List[Path] = typer.Option(..., "--out", help="Bundle folder to write (repeat with --also)"),
+    also: List[Path] = typer.Option([], "--also", help="Another bundle of the same model (e.g. its int8 twin) "
+                                    "that gets the same head; pair each with an --out"),
+    steps: int = typer.Option(1500, "--steps"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes; the schedule follows the clock"),
+    copies: int = typer.Option(2, "--copies", help="Augmented renderings per training sprite (plus a clean one)"),
+    scenes: int = typer.Option(12000, "--scenes", help="Two-emoji scenes (each with a swapped and an other-relation caption)"),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache and checkpoint"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a fusion ITM head (re-ranker) for a bundle on the emoji data and write bundles that re-rank."""
+    from ..train.itm_pipeline import ItmRunRequest, run_itm
+    from ..train.pipeline import default_work_dir
+
+    sources = [bundle, *also]
+    if len(out) != len(sources):
+        raise typer.BadParameter(f"give one --out per bundle: {len(sources)} bundles, {len(out)} --out")
+    request = ItmRunRequest(bundle=bundle, out=list(out), work_dir=work_dir or default_work_dir(f"{bundle.name}-itm"),
+                            steps=steps, time_budget_s=time_budget * 60 if time_budget else None, copies=copies,
+                            n_scenes=scenes, seed=seed)
+    run_itm(request, sources, log=typer.echo)
+
+
+@train_app.command("evaluate-rerank")
+def evaluate_rerank_cmd(
+    model: str = typer.Argument(..., help="Bundle folder or model name with an ITM head (e.g. emoji-mini)"),
+    k: int = typer.Option(32, "--rerank-k"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Fixed random sample of the Noto gallery"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Held-out Noto R@1/5/10 with and without ITM re-ranking, overall and on the compositional queries."""
+    from ..model.resolve import resolve_model
+    from ..train.emoji_data import open_emoji_dataset
+    from ..train.evaluate import noto_gallery
+    from ..train.evaluate_rerank import evaluate_rerank
+
+    info = resolve_model(model, export_missing=False)
+    dataset = open_emoji_dataset(int(info.extra.get("image_size", [64])[0]))  # the sprites cached for this model
+    report = evaluate_rerank(info.path, noto_gallery(dataset, limit=limit), {c.index: c.label for c in dataset.concepts},
+                             k=k, threads=threads, log=lambda m: None if as_json else typer.echo(m))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.lines():
+            typer.echo(line)

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .bundle import PreprocessSpec, TextSpec, sha256_file, staged_folder, write_model_json
+from .bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
 from .export import HUB_HOST, OPSET, PRECISIONS, _hub_reachable, export_extra_missing, externalize_weights
 from ..errors import ModelNotAvailable
 
@@ -327,14 +327,7 @@ def write_blip_bundle(model, tokenizer, image_processor, out: Path | str, name: 
                 "enc_token_id": _token_id(tokenizer, "[ENC]"),
             },
         }
-        written = write_model_json(staging, meta)
-        # write_model_json hashes the standard files; add the ITM graph so --verify covers it too.
-        files = dict(written["files"])
-        for extra in (ITM_FILE, ITM_FILE + ".data"):
-            if (staging / extra).is_file():
-                files[extra] = sha256_file(staging / extra)
-        written["files"] = files
-        (staging / "model.json").write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_model_json(staging, meta)  # hashes itm.onnx too, so --verify covers it
     return out
 
 

@@ -37,6 +37,7 @@ BUNDLE_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.jso
 HASHED_FILES = ("visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json")
 # Optional: graph weights stored beside the graph (ONNX external data), hashed when present.
 WEIGHT_FILES = ("visual.onnx.data", "textual.onnx.data")
+ITM_FILES = ("itm.onnx", "itm.onnx.data")  # the optional ITM head (and its external weights)
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,46 @@ class BundleInfo:
 
     @property
     def model_id(self) -> str:
-        """Identifies the vector space: two bundles with the same id produce comparable image vectors."""
+        """Identifies the vector space: two bundles with the same id produce comparable image vectors.
+
+        It is derived from visual.onnx's sha256, or from model.json's "model_id_from" when a later graph keeps
+        the embedding of an earlier one and only adds outputs (e.g. the image tokens of an ITM head): then
+        collections indexed with the earlier graph stay searchable."""
         graph, weights = self.files.get("visual.onnx", ""), self.files.get("visual.onnx.data", "")
         digest = (hashlib.sha256(f"{graph}:{weights}".encode()).hexdigest() if weights else graph)[:12]
+        derived = self.extra.get("model_id_from")
+        if isinstance(derived, str) and derived:
+            digest = derived[:12]
         return f"{self.name}@{digest}" if digest else self.name
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """The path of one of the bundle's files; a file shared with a sibling bundle (model.json "links")
+        lives in that sibling's folder."""
+        link = self.links.get(name)
+        return self.path / (link if link is not None else name)
+
+    @property
+    def links(self) -> dict[str, str]:
+        return linked_files(self.path, self.extra.get("links"))
+
+
+def linked_files(folder: Path, raw: Any) -> dict[str, str]:
+    """model.json's "links": {file: "../SIBLING/file"}: a file stored once for bundles side by side (the
+    bundled emoji-mini and emoji-mini-int8 share their text graph). Only a sibling folder's file of the same
+    name is accepted: nothing outside the folder that holds the bundles can be named."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BundleError(f"{folder / 'model.json'}: \"links\" is not an object")
+    links = {}
+    for name, target in raw.items():
+        parts = Path(str(target)).parts
+        if (len(parts) != 3 or parts[0] != ".." or parts[2] != name or parts[1] in ("", ".", "..")
+                or "/" in name or "\\" in name):
+            raise BundleError(f"{folder / 'model.json'}: link {name!r} -> {target!r} must name the same file in a "
+                              "sibling bundle (\"../SIBLING/FILE\")")
+        links[str(name)] = str(target)
+    return links
 
 
 def sha256_file(path: Path) -> str:
@@ -124,7 +158,11 @@ def is_bundle(path: Path) -> bool:
 def read_bundle(path: Path | str) -> BundleInfo:
     """Read and validate a bundle folder (all files present, model.json well-formed)."""
     folder = Path(path)
-    missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
+    try:
+        links = linked_files(folder, json.loads((folder / "model.json").read_text(encoding="utf-8")).get("links"))
+    except (OSError, ValueError, AttributeError):
+        links = {}  # reported below (missing or malformed model.json)
+    missing = [name for name in BUNDLE_FILES if not (folder / links.get(name, name)).is_file()]
     if missing:
         raise BundleError(
             f"{folder} is not a complete model bundle: missing {', '.join(missing)}",
@@ -175,8 +213,9 @@ def write_model_json(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
         text = asdict(meta["text"])
         text["inputs"] = list(text["inputs"])
         meta["text"] = text
-    meta["files"] = {name: sha256_file(folder / name) for name in HASHED_FILES + WEIGHT_FILES
-                     if (folder / name).is_file()}
+    links = linked_files(folder, meta.get("links"))
+    meta["files"] = {name: sha256_file(folder / links.get(name, name)) for name in HASHED_FILES + WEIGHT_FILES + ITM_FILES
+                     if (folder / links.get(name, name)).is_file()}
     (folder / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
 
@@ -245,3 +284,24 @@ def staged_folder(out: Path | str) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def share_files(folder: Path, sibling: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """Store files once for two bundles side by side: each of `names` that is byte-identical in `folder` and
+    in its sibling `sibling` is deleted from `folder` and recorded in its model.json "links". Returns the new
+    model.json. BundleError when a file differs (sharing it would change the model)."""
+    folder, sibling = Path(folder), Path(sibling)
+    if folder.resolve().parent != sibling.resolve().parent:
+        raise BundleError(f"{folder} and {sibling} are not side by side: only sibling bundles can share files")
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    links = dict(meta.get("links") or {})
+    for name in names:
+        own = folder / name
+        if name in links:
+            continue
+        if sha256_file(own) != sha256_file(sibling / name):
+            raise BundleError(f"{own} differs from {sibling / name}: it cannot be shared")
+        own.unlink()
+        links[name] = f"../{sibling.name}/{name}"
+    meta["links"] = links
+    return write_model_json(folder, meta)

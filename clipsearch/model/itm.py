@@ -10,6 +10,18 @@ The head reads one text and the token sequence of one image (visual.onnx's secon
 `ClipModel.image_tokens`) and gives two logits, "no match" and "match". `ItmScorer` scores one text against
 K images in a single call of the graph: the graph does not broadcast, so the text's ids are repeated K times.
 The session opens on the first score, so a model that never re-ranks never loads the graph.
+
+Two kinds of head:
+
+* BLIP (`clipsearch models export-blip`): itm.onnx holds its own text encoder with cross-attention; it
+  reads the token ids.
+* fusion (`clipsearch train itm`, the bundled emoji-mini): a small head over the frozen dual encoder. It
+  reads the text tower's hidden states, a second output of textual.onnx named by "text_tokens"::
+
+    "itm": {"kind": "fusion", "inputs": ["token_features", "attention_mask", "image_tokens"],
+            "text_tokens": "token_features", "itc_weight": λ, ...}
+
+"itc_weight" is the λ of the final re-ranking score, ITM match logit + λ·ITC cosine (1.0 when absent).
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ class ItmSpec:
     output: str
     image_tokens: str  # the name of visual.onnx's token output
     match_index: int
+    text_tokens: str | None = None  # fusion heads: the name of textual.onnx's hidden-state output
+    itc_weight: float = 1.0  # λ of the final score: ITM match logit + λ·ITC cosine
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ItmSpec":
@@ -44,7 +58,9 @@ class ItmSpec:
                        inputs=tuple(str(i) for i in raw.get("inputs", ("input_ids", "attention_mask", "image_tokens"))),
                        output=str(raw.get("output", "itm_logits")),
                        image_tokens=str(raw.get("image_tokens", "image_tokens")),
-                       match_index=int(raw.get("match_index", 1)))
+                       match_index=int(raw.get("match_index", 1)),
+                       text_tokens=str(raw["text_tokens"]) if raw.get("text_tokens") else None,
+                       itc_weight=float(raw.get("itc_weight", 1.0)))
         except (TypeError, ValueError) as exc:
             raise BundleError(f"model.json's \"itm\" entry is malformed: {exc}") from exc
 
@@ -82,7 +98,10 @@ def itm_scores(logits: np.ndarray, match_index: int) -> ItmScores:
 class ItmScorer:
     """Scores a text against images' tokens with a bundle's ITM graph (opened lazily)."""
 
-    def __init__(self, info: BundleInfo, options=None, tokenizer: TextTokenizer | None = None) -> None:
+    def __init__(self, info: BundleInfo, options=None, tokenizer: TextTokenizer | None = None,
+                 textual=None) -> None:
+        """`textual`: the bundle's text graph session (an `OnnxSession`), which a fusion head reads the text's
+        hidden states from; opened here when not given."""
         from .runtime import OnnxSession, SessionOptions
 
         if "itm" not in info.extra:
@@ -94,6 +113,9 @@ class ItmScorer:
             raise BundleError(f"{info.path} is not a complete model bundle: missing {self.spec.file}",
                               "Export it again with `clipsearch models export-blip`.")
         self.session = OnnxSession(path, options or SessionOptions())
+        self.textual = None
+        if self.spec.text_tokens is not None:
+            self.textual = textual or OnnxSession(info.file("textual.onnx"), options or SessionOptions())
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
 
@@ -121,7 +143,12 @@ class ItmScorer:
         if count == 0:
             return np.zeros((0, 2), dtype=np.float32)
         batch = self.tokenizer([text])
-        inputs = {name: np.repeat(value, count, axis=0) for name, value in batch.inputs.items()}
+        text_inputs = dict(batch.inputs)
+        if self.textual is not None:  # a fusion head reads the text tower's hidden states, not the ids
+            states = self.textual.run(batch.inputs, output=self.spec.text_tokens)
+            text_inputs = {self.spec.inputs[0]: np.asarray(states, dtype=np.float32),
+                           "attention_mask": batch.inputs.get("attention_mask", np.ones_like(batch.inputs["input_ids"]))}
+        inputs = {name: np.repeat(value, count, axis=0) for name, value in text_inputs.items()}
         inputs[next((n for n in self.spec.inputs if n not in inputs), "image_tokens")] = tokens
         return np.asarray(self.session.run(inputs, output=self.spec.output), dtype=np.float32)
 

@@ -167,7 +167,8 @@ class ClipModel:
                 if self._itm is None:
                     from .itm import ItmScorer
 
-                    self._itm = ItmScorer(self.info, self._options, tokenizer=self.tokenizer)
+                    self._itm = ItmScorer(self.info, self._options, tokenizer=self.tokenizer,
+                                           textual=self.textual)
         return self._itm
 
     @property

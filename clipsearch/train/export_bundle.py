@@ -127,13 +127,22 @@ def rebuild_text_graph(bundle: Path, out: Path, precision: str = "fp32") -> Path
     out = Path(out)
     with staged_folder(out) as staging:
         shutil.copytree(bundle, staging, dirs_exist_ok=True)
+        meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
+        for name, target in (meta.pop("links", None) or {}).items():  # files shared with a sibling: copy them
+            if name != "textual.onnx":
+                shutil.copyfile(bundle / target, staging / name)
         export_textual(load_minilm(), head, staging / "textual.onnx.raw")
         if precision == "fp32":
             (staging / "textual.onnx.raw").replace(staging / "textual.onnx")
         else:
             quantize_int8(staging / "textual.onnx.raw", staging / "textual.onnx", conv=False)
             (staging / "textual.onnx.raw").unlink()
-        meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
+        if isinstance(meta.get("itm"), dict) and meta["itm"].get("text_tokens"):  # a fusion head reads its states
+            import onnx
+
+            from .itm_graphs import expose_text_states
+
+            onnx.save(expose_text_states(onnx.load(str(staging / "textual.onnx"))), str(staging / "textual.onnx"))
         meta["text_precision"] = precision
         visual = meta.get("visual_precision", "fp32")
         meta["precision"] = visual if visual == precision else "mixed"

@@ -1,0 +1,91 @@
+"""Graph surgery for the fusion ITM head (export time, needs the `onnx` package).
+
+* `feature_tensors` finds, in a bundle's own graphs, the tensors the head reads: the image tower's last
+  feature map (what its global pooling reduces) and the text tower's last hidden states (what its masked
+  mean pooling sums). Found by the pooling ops, so the fp32 and the int8 graphs both work.
+* `tapped` returns a graph with such internal tensors added as outputs (for computing training features with
+  onnxruntime from exactly the graphs the product runs).
+* `graft_image_tokens` adds the head's image tokenizer to visual.onnx: every existing node is kept as it
+  is, so the embedding output is unchanged, and a second output `image_tokens` appears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from ..errors import ClipsearchError
+
+IMAGE_TOKENS = "image_tokens"
+TEXT_TOKENS = "token_features"
+
+
+@dataclass(frozen=True)
+class FeatureTensors:
+    feature_map: str  # visual: [B, C, H, W] before pooling
+    text_states: str  # textual: [B, L, D] before pooling
+
+
+def _producer(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def image_feature_map(model: onnx.ModelProto) -> str:
+    for node in model.graph.node:
+        if node.op_type in ("ReduceMean", "GlobalAveragePool"):
+            return node.input[0]
+    raise ClipsearchError("cannot find the image tower's pooling in visual.onnx (no ReduceMean)")
+
+
+def text_hidden_states(model: onnx.ModelProto) -> str:
+    made_by = _producer(model.graph)
+    for node in model.graph.node:
+        if node.op_type == "ReduceSum":
+            mul = made_by.get(node.input[0])
+            if mul is not None and mul.op_type == "Mul":
+                return mul.input[0]
+    raise ClipsearchError("cannot find the text tower's masked mean pooling in textual.onnx (no Mul → ReduceSum)")
+
+
+def feature_tensors(bundle: Path) -> FeatureTensors:
+    visual = onnx.load(str(bundle / "visual.onnx"))
+    textual = onnx.load(str(bundle / "textual.onnx"))
+    return FeatureTensors(image_feature_map(visual), text_hidden_states(textual))
+
+
+def tapped(model: onnx.ModelProto, outputs: dict[str, str]) -> onnx.ModelProto:
+    """A copy of `model` with internal tensors exposed as extra outputs: {new output name: tensor name}."""
+    tapped_model = onnx.ModelProto()
+    tapped_model.CopyFrom(model)
+    graph = tapped_model.graph
+    for name, tensor in outputs.items():
+        graph.node.append(helper.make_node("Identity", [tensor], [name], name=f"tap_{name}"))
+        graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return tapped_model
+
+
+def graft_image_tokens(visual: onnx.ModelProto, tokenizer: onnx.ModelProto) -> onnx.ModelProto:
+    """visual.onnx + the image tokenizer graph (inputs `feature_map`, `embeds`; output `image_tokens`), wired
+    to the visual graph's feature map and its embedding output. Outputs: the embedding, then image_tokens."""
+    embeds = visual.graph.output[0].name
+    feature_map = image_feature_map(visual)
+    exposed = tapped(visual, {"itm_feature_map": feature_map})
+    merged = onnx.compose.merge_models(
+        exposed, tokenizer, io_map=[("itm_feature_map", "feature_map"), (embeds, "embeds")],
+        prefix2="itm_", outputs=[embeds, f"itm_{IMAGE_TOKENS}"])
+    # name the new output plainly
+    for node in merged.graph.node:
+        node.output[:] = [IMAGE_TOKENS if o == f"itm_{IMAGE_TOKENS}" else o for o in node.output]
+    for out in merged.graph.output:
+        if out.name == f"itm_{IMAGE_TOKENS}":
+            out.name = IMAGE_TOKENS
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def expose_text_states(textual: onnx.ModelProto) -> onnx.ModelProto:
+    """textual.onnx with its last hidden states as a second output, `token_features` [B, L, D]."""
+    return tapped(textual, {TEXT_TOKENS: text_hidden_states(textual)})
