@@ -58,14 +58,10 @@ EXPORT_BLIP_HINT = ("Re-ranking needs a model with an ITM head: export a BLIP re
 
 
 def itc_weight(model) -> float:
-    """λ of a model with an ITM head: model.json's itm object "itc_weight", else DEFAULT_ITC_WEIGHT."""
-    itm = model.info.extra.get("itm") if getattr(model, "info", None) is not None else None
-    value = itm.get("itc_weight") if isinstance(itm, dict) else None
-    try:
-        weight = float(value) if value is not None else DEFAULT_ITC_WEIGHT
-    except (TypeError, ValueError):
-        return DEFAULT_ITC_WEIGHT
-    return weight if math.isfinite(weight) else DEFAULT_ITC_WEIGHT
+    """λ of a model with an ITM head: model.json's itm object "itc_weight" (`ItmSpec.itc_weight`)."""
+    scorer = model.itm if getattr(model, "has_itm", False) else None
+    return scorer.spec.itc_weight if scorer is not None else DEFAULT_ITC_WEIGHT
+
 
 @dataclass(frozen=True)
 class QueryTerm:

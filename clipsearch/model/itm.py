@@ -60,9 +60,16 @@ class ItmSpec:
                        image_tokens=str(raw.get("image_tokens", "image_tokens")),
                        match_index=int(raw.get("match_index", 1)),
                        text_tokens=str(raw["text_tokens"]) if raw.get("text_tokens") else None,
-                       itc_weight=float(raw.get("itc_weight", 1.0)))
+                       itc_weight=_finite(raw.get("itc_weight", 1.0), "itc_weight"))
         except (TypeError, ValueError) as exc:
             raise BundleError(f"model.json's \"itm\" entry is malformed: {exc}") from exc
+
+
+def _finite(value: Any, name: str) -> float:
+    number = float(value)
+    if not np.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
