@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 TINY_ARCH = "clipsearch-tiny"
 TINY_SEED = 0
+TEST_MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # test-only open_clip configs (not in the package)
+# Set for the whole run (session fixtures export before any per-test fixture runs), and inherited by CLI subprocesses.
+os.environ["CLIPSEARCH_OPEN_CLIP_CONFIGS"] = str(TEST_MODEL_CONFIGS)
 
 
 @pytest.fixture(autouse=True)

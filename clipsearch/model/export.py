@@ -19,7 +19,9 @@ from ..errors import ModelNotAvailable
 
 PRECISIONS = ("fp32", "fp16", "int8")
 OPSET = 17
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Extra open_clip model configs (JSON files as in open_clip's model_configs/), e.g. a custom architecture
+# or the tests' tiny random-init ones: folders separated by os.pathsep.
+CONFIG_DIRS_ENV = "CLIPSEARCH_OPEN_CLIP_CONFIGS"
 HUB_HOST = "huggingface.co"
 
 
@@ -46,7 +48,9 @@ def import_open_clip(model: str = "a model"):
         import open_clip
     except ImportError as exc:
         raise export_extra_missing(model, "torch and open_clip_torch") from exc
-    open_clip.add_model_config(CONFIG_DIR)
+    for folder in filter(None, os.environ.get(CONFIG_DIRS_ENV, "").split(os.pathsep)):
+        if Path(folder).is_dir():
+            open_clip.add_model_config(folder)
     return open_clip
 
 
