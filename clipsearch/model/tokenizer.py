@@ -10,6 +10,7 @@ pure waste.
 from __future__ import annotations
 
 import html
+import string
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +25,23 @@ def open_clip_clean(text: str) -> str:
     import ftfy
 
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def immich_clean(text: str) -> str:
+    """Immich's `clean_text`: runs of whitespace (Python's `str.split`) folded into one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def immich_canonicalize(text: str) -> str:
+    """Immich's `clean_text(canonicalize=True)`: whitespace folded, ASCII punctuation removed, lower case."""
+    return immich_clean(text).translate(_PUNCTUATION).lower()
+
+
+# model.json "text.clean" -> the function applied before tokenizer.json ("none": the text as given)
+CLEANERS = {"open_clip": open_clip_clean, "immich": immich_clean, "immich_canonicalize": immich_canonicalize}
 
 
 @dataclass(frozen=True)
@@ -48,7 +66,8 @@ class TextTokenizer:
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, with start/end tokens and truncation to the context length."""
-        cleaned = [open_clip_clean(t) for t in texts] if self.spec.clean == "open_clip" else list(texts)
+        clean = CLEANERS.get(self.spec.clean)
+        cleaned = [clean(t) for t in texts] if clean is not None else list(texts)
         add_special = self.spec.bos_id is None  # WordPiece bundles let tokenizer.json add [CLS]/[SEP]
         encodings = self._tokenizer.encode_batch(cleaned, add_special_tokens=add_special)
         rows = []
