@@ -4,7 +4,9 @@ A model spec is one of:
   * a bundle folder (anything containing model.json),
   * a name in the local model cache (`clipsearch models list`) or a bundled model (`emoji-mini`),
   * `ARCH/TAG`, an open_clip architecture and pretrained tag, exported into the cache on first use
-    (needs the `export` extra and, the first time, a network connection).
+    (needs the `export` extra and, the first time, a network connection),
+  * `hf:ORG/REPO[/SUBFOLDER][@REVISION]`, a clipsearch bundle or an Immich CLIP export on the Hugging Face Hub,
+    downloaded with huggingface_hub (no torch) and placed in the cache on first use (see `hub/`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "emoji-mini"
 # What we recommend for real photos on a connected machine.
 RECOMMENDED_PRETRAINED = "ViT-B-32/laion2b_s34b_b79k"
+# The same without torch: a ready ONNX export on the Hugging Face Hub.
+RECOMMENDED_HUB = "hf:immich-app/ViT-B-32__openai"
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ def _not_found(spec: str) -> ModelNotAvailable:
     known = ", ".join(e.name for e in list_models()) or "none"
     return ModelNotAvailable(
         f"no model '{spec}': not a bundle folder, not in the model cache ({model_cache_dir()}), not a bundled model",
-        f"Known models: {known}. Use a bundle folder, a listed name, or ARCH/TAG such as {RECOMMENDED_PRETRAINED} "
+        f"Known models: {known}. Use a bundle folder, a listed name, {RECOMMENDED_HUB} (downloaded on first use, "
+        f"no torch), or ARCH/TAG such as {RECOMMENDED_PRETRAINED} "
         "(exported on first use; needs `pip install 'clipsearch[export]'` and a network connection once).",
     )
 
@@ -61,6 +66,10 @@ def _not_found(spec: str) -> ModelNotAvailable:
 def resolve_model(spec: str | os.PathLike[str] | None = None, *, export_missing: bool = True) -> BundleInfo:
     """Turn a model spec into a readable bundle, exporting `ARCH/TAG` into the cache when needed."""
     text = str(spec) if spec is not None else default_model_spec()
+    if text.startswith("hf:"):
+        from .hub import resolve_hub
+
+        return read_bundle(resolve_hub(text, fetch=export_missing))
     candidate = Path(text).expanduser()
     _recover(candidate)
     if is_bundle(candidate):
@@ -79,6 +88,33 @@ def resolve_model(spec: str | os.PathLike[str] | None = None, *, export_missing:
             raise _not_found(text)
         return read_bundle(_export_into_cache(arch, tag, cached))
     raise _not_found(text)
+
+
+def suits_photos(info: BundleInfo) -> bool | None:
+    """Whether a bundle is meant for photographs: model.json's "suits_photos" when it says, else what its source
+    implies (pretrained open_clip, BLIP and Immich exports: yes; our trained and random-init models: no)."""
+    stated = info.extra.get("suits_photos")
+    if isinstance(stated, bool):
+        return stated
+    kind = str(info.source.get("kind", ""))
+    if kind == "open_clip":
+        return not info.source.get("random_init") and bool(info.source.get("pretrained"))
+    if kind in ("transformers-blip", "immich"):
+        return True
+    if kind == "clipsearch-train":
+        return False
+    return None
+
+
+def default_model_notice(chosen: str | None) -> str | None:
+    """One line for a collection created without --model whose default is the bundled emoji model."""
+    if chosen is not None:
+        return None
+    spec = default_model_spec()
+    if spec not in ("emoji-mini", "emoji-mini-int8") or os.environ.get("CLIPSEARCH_MODEL"):
+        return None
+    return (f"note: using the bundled model {spec}, made for emoji and icons, not photographs; for photos use "
+            f"--model {RECOMMENDED_HUB} (a one-time download, no torch) or set CLIPSEARCH_MODEL")
 
 
 def _recover(folder: Path) -> None:
