@@ -104,7 +104,7 @@ def index(
     from ..store.collection import Collection
     from ..indexer.pipeline import IndexOptions
     from ..indexer.runner import LocalRunner
-    from ..model.resolve import load_model
+    from ..model.resolve import default_model_notice, load_model
 
     with _stop_on_signals():
         try:
@@ -114,6 +114,9 @@ def index(
                     remembered = target.model
                     spec = model or (remembered.spec if remembered else None)
                     clip = load_model(spec, threads=threads)
+                    notice = default_model_notice(spec)
+                    if notice and not as_json:
+                        typer.echo(notice, err=True)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens)
                     _announce_tokens(target, clip, tokens)

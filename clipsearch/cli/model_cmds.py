@@ -1,4 +1,4 @@
-"""`clipsearch models …` (export, list, info) and `clipsearch embed`."""
+"""`clipsearch models …` (export, pull, list, info) and `clipsearch embed`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,25 @@ def export_blip_cmd(
     typer.echo(f"exported {model_id} ({precision}) to {folder}")
 
 
+@models_app.command("pull")
+def pull_cmd(
+    spec: str = typer.Argument(..., help="hf:ORG/REPO[/SUBFOLDER][@REVISION], e.g. hf:immich-app/ViT-B-32__openai"),
+) -> None:
+    """Download a model from the Hugging Face Hub into the model cache (no torch): a clipsearch bundle, or an
+    Immich CLIP export converted into one. Uses huggingface_hub's cache, HF_ENDPOINT and HF_HUB_OFFLINE."""
+    from ..model.bundle import read_bundle
+    from ..model.hub import is_hub_spec, pull
+
+    if not is_hub_spec(spec):
+        raise typer.BadParameter("write hf:ORG/REPO (open_clip ARCH/TAG models are exported with `models export`)",
+                                 param_hint="SPEC")
+    info = read_bundle(pull(spec))
+    hub = info.extra.get("hub") or {}
+    licence = info.extra.get("license") or hub.get("license") or "not stated by the repository"
+    typer.echo(f"{spec}: {info.name} (dim {info.embed_dim}, {info.precision}) from commit {str(hub.get('commit'))[:12]}, "
+               f"licence: {licence}\n  in {info.path}\n  use it with: --model {spec}")
+
+
 @models_app.command("list")
 def list_cmd(
     architectures: bool = typer.Option(False, "--architectures", help="List open_clip architectures and tags instead"),
@@ -67,25 +86,30 @@ def list_cmd(
         typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join(r["spec"] for r in rows))
         return
     from ..model.bundle import read_bundle
-    from ..model.resolve import list_models
+    from ..model.resolve import list_models, suits_photos
 
     rows = []
     for entry in list_models():
         info = read_bundle(entry.path)
+        hub = info.extra.get("hub") or {}
         rows.append({"name": entry.name, "origin": entry.origin, "path": str(entry.path), "embed_dim": info.embed_dim,
-                     "precision": info.precision})
+                     "precision": info.precision, "photos": suits_photos(info), "spec": hub.get("spec")})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     elif not rows:
         typer.echo("no models yet; export one with `clipsearch models export ARCH --pretrained TAG --out DIR`")
     else:
+        marks = {True: "photos", False: "not photos", None: "photos?"}
         for row in rows:
-            typer.echo(f"{row['name']:<40} {row['origin']:<8} dim={row['embed_dim']:<5} {row['precision']:<5} {row['path']}")
+            typer.echo(f"{row['name']:<40} {row['origin']:<8} {marks[row['photos']]:<10} dim={row['embed_dim']:<5} "
+                       f"{row['precision']:<5} {row['path']}")
+        if not any(row["photos"] for row in rows):
+            typer.echo("no model for photographs yet: clipsearch models pull hf:immich-app/ViT-B-32__openai")
 
 
 @models_app.command("info")
 def info_cmd(
-    model: str = typer.Argument(..., help="Bundle folder or model name"),
+    model: str = typer.Argument(..., help="Bundle folder, model name, or a pulled hf:ORG/REPO"),
     verify: bool = typer.Option(False, "--verify", help="Check each file's sha256 against model.json"),
 ) -> None:
     """Print a bundle's model.json (and verify its checksums with --verify)."""
@@ -97,6 +121,10 @@ def info_cmd(
     raw["path"] = str(info.path)
     raw["model_id"] = info.model_id
     raw["sizes"] = {p.name: p.stat().st_size for p in sorted(info.path.iterdir()) if p.is_file()}
+    hub = raw.get("hub") or {}
+    raw["license"] = raw.get("license") or hub.get("license") or info.source.get("license") or "not stated"
+    if hub:
+        raw["provenance"] = {k: hub.get(k) for k in ("spec", "repo", "subfolder", "revision", "commit", "endpoint")}
     if verify:
         problems = verify_bundle(info)
         raw["verified"] = not problems
