@@ -70,3 +70,4 @@ def test_recall_floor_on_held_out_noto_sample(name: str) -> None:
     assert report.full.queries == report.full.gallery >= 200
     assert report.full.r1 >= FLOORS[name]["r1"], str(report.full)
     assert report.full.r10 >= FLOORS[name]["r10"], str(report.full)
+

