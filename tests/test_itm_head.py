@@ -138,3 +138,48 @@ def test_bundled_models_fit_the_package_budget_and_share_their_text_tower() -> N
         "textual.onnx": "../emoji-mini/textual.onnx", "tokenizer.json": "../emoji-mini/tokenizer.json",
         "text_head.npy": "../emoji-mini/text_head.npy"}
     assert not (BUNDLED / "emoji-mini-int8" / "textual.onnx").exists()
+
+
+def _synthetic_features(n_concepts: int = 40, per_concept: int = 3, seed: int = 0):
+    from clipsearch.train.itm_data import ItmCorpus, ItmFeatures
+
+    rng = np.random.default_rng(seed)
+    n = n_concepts * per_concept
+    concepts = np.repeat(np.arange(n_concepts), per_concept)
+    centres = rng.normal(size=(n_concepts, 8)).astype(np.float32)
+    embeds = centres[concepts] + 0.1 * rng.normal(size=(n, 8)).astype(np.float32)
+    embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
+    text = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    lengths = rng.integers(2, 6, n_concepts)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    features = ItmFeatures(embeds, rng.normal(size=(n, 4, 2, 2)).astype(np.float16), concepts.astype(np.int64),
+                           np.full(n, -1), np.zeros(n, dtype=bool), text.astype(np.float32),
+                           rng.normal(size=(int(offsets[-1]), 6)).astype(np.float16), offsets.astype(np.int64))
+    corpus = ItmCorpus([f"c{i}" for i in range(n_concepts)], [f"c{i}" for i in range(n_concepts)],
+                       [[i] for i in range(n_concepts)], [], {}, np.arange(n), np.zeros(0, np.int64))
+    return features, corpus
+
+
+def test_hard_negatives_are_drawn_off_the_diagonal_and_favour_similar_ones() -> None:
+    from clipsearch.train.itm_train import _mine
+
+    rng = np.random.default_rng(0)
+    sim = np.eye(4) + np.array([[0, .9, 0, 0], [.9, 0, 0, 0], [0, 0, 0, .9], [0, 0, .9, 0]])
+    draws = np.stack([_mine(sim.copy(), 0.02, rng) for _ in range(200)])
+    assert (draws != np.arange(4)).all()  # never the positive itself
+    assert (draws == np.array([1, 0, 3, 2])).mean() > 0.99  # the look-alike, at a low temperature
+
+
+def test_ranking_batches_hold_distinct_concepts_in_itc_order_with_the_right_one() -> None:
+    from clipsearch.train.itm_train import ItmTrainConfig, _Sampler
+
+    features, corpus = _synthetic_features()
+    sampler = _Sampler(features, corpus, ItmTrainConfig(rank_queries=8, rank_candidates=5, batch_singles=8))
+    caps, rows, targets = sampler.ranking_batch()
+    assert rows.shape == (8, 5)
+    for cap, cand, target in zip(caps, rows, targets):
+        concepts = features.image_concepts[cand]
+        assert len(set(concepts.tolist())) == 5 and concepts[target] == cap  # caption i names concept i
+    padded, mask = features.states(caps)
+    lengths = features.text_offsets[caps + 1] - features.text_offsets[caps]
+    assert (mask.sum(axis=1) == lengths).all() and padded.shape[:2] == mask.shape

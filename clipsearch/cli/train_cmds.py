@@ -170,6 +170,9 @@ def itm_cmd(
     scenes: int = typer.Option(12000, "--scenes", help="Two-emoji scenes (each with a swapped and an other-relation caption)"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache and checkpoint"),
     seed: int = typer.Option(0, "--seed"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Continue from a head checkpoint (itm-head.pt)"),
+    rank_queries: int = typer.Option(0, "--rank-queries", help="Queries per step of the listwise re-ranking loss "
+                                     "over ITC top-16 candidates (0: the matching loss only)"),
 ) -> None:
     """Train a fusion ITM head (re-ranker) for a bundle on the emoji data and write bundles that re-rank."""
     from ..train.itm_pipeline import ItmRunRequest, run_itm
@@ -180,7 +183,7 @@ def itm_cmd(
         raise typer.BadParameter(f"give one --out per bundle: {len(sources)} bundles, {len(out)} --out")
     request = ItmRunRequest(bundle=bundle, out=list(out), work_dir=work_dir or default_work_dir(f"{bundle.name}-itm"),
                             steps=steps, time_budget_s=time_budget * 60 if time_budget else None, copies=copies,
-                            n_scenes=scenes, seed=seed)
+                            n_scenes=scenes, seed=seed, init=init, rank_queries=rank_queries)
     run_itm(request, sources, log=typer.echo)
 
 

@@ -28,7 +28,7 @@ class ItmHeadConfig:
     grid_width: int = 192  # channels of the image tower's last feature map
     grid_tokens: int = 9  # H·W of that feature map
     embed_dim: int = 384  # the dual encoder's embedding size
-    width: int = 256
+    width: int = 192
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 2

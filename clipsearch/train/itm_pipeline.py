@@ -24,7 +24,7 @@ from .itm_data import ItmCorpus, ItmFeatures, build_corpus, encode_texts_with_st
 from .itm_graphs import IMAGE_TOKENS, TEXT_TOKENS, expose_text_states, graft_image_tokens, image_feature_map, \
     tapped, text_hidden_states
 from .itm_head import ItmHead, ItmHeadConfig
-from .itm_train import ItmTrainConfig, load_head, save_head, train_itm_head, validation_rerank
+from .itm_train import ITC_WEIGHTS, ItmTrainConfig, load_head, save_head, train_itm_head, validation_rerank
 
 OPSET = 17
 ITM_FILE = "itm.onnx"
@@ -214,6 +214,16 @@ class ItmRunRequest:
     n_scenes: int = 12000
     seed: int = 0
     threads: int | None = None
+    init: Path | None = None  # continue from a head checkpoint (e.g. a run with the matching loss only)
+    rank_queries: int = 0  # queries per step of the re-ranking loss (0: matching loss only)
+
+
+def provenance_init(init: Path | None) -> dict | None:
+    """What a continued run started from: the earlier run's own provenance."""
+    if init is None:
+        return None
+    _, raw = load_head(init)
+    return {"checkpoint": Path(init).name, "provenance": raw.get("provenance")}
 
 
 def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], None] = print) -> dict:
@@ -247,10 +257,13 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     head_cfg = ItmHeadConfig(text_width=features.text_states.shape[1], grid_width=features.feature_maps.shape[1],
                              grid_tokens=features.feature_maps.shape[2] * features.feature_maps.shape[3],
                              embed_dim=features.image_embeds.shape[1])
-    cfg = ItmTrainConfig(steps=request.steps, time_budget_s=request.time_budget_s, seed=request.seed)
+    cfg = ItmTrainConfig(steps=request.steps, time_budget_s=request.time_budget_s, seed=request.seed,
+                         init=str(request.init) if request.init else None, rank_queries=request.rank_queries,
+                         **({"batch_singles": 32, "batch_scenes": 16, "lr": 5e-4} if request.init else {}))
     checkpoint = request.work_dir / "itm-head.pt"
     result = train_itm_head(features, corpus, head_cfg, cfg, log)
-    chosen, table = validation_rerank(result.head, features, corpus)
+    weights = ITC_WEIGHTS + ((round(result.learned_itc_weight, 2),) if result.learned_itc_weight else ())
+    chosen, table = validation_rerank(result.head, features, corpus, weights=tuple(sorted(set(weights))))
     for row in table:
         log(f"  validation λ={row.itc_weight:g}: R@1 {row.r1:.1f}  R@10 {row.r10:.1f}")
     log(f"chosen λ = {chosen.itc_weight:g}")
@@ -262,6 +275,7 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
         "captions": len(corpus.captions), "minimal_pair_concepts": len(corpus.pairs),
         "validation": [asdict(r) for r in table], "itc_weight_chosen_on": "validation split of the training styles",
         "threads": torch.get_num_threads(), "itm_graph_validation": graph_figures,
+        "learned_itc_weight": result.learned_itc_weight, "init": provenance_init(request.init),
     }
     save_head(result.head, checkpoint, {"provenance": provenance, "itc_weight": chosen.itc_weight,
                                         "itm_precision": itm_precision})

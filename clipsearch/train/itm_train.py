@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from .itm_data import ItmCorpus, ItmFeatures
 from .itm_head import ItmHead, ItmHeadConfig
 
-ITC_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+ITC_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 RERANK_K = 32
 
 
 @dataclass(frozen=True)
 class ItmTrainConfig:
     steps: int = 1500
-    batch_singles: int = 96
-    batch_scenes: int = 32
+    batch_singles: int = 64
+    batch_scenes: int = 24
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: int = 50
@@ -42,6 +42,13 @@ class ItmTrainConfig:
     time_budget_s: float | None = None
     seed: int = 0
     log_every: int = 50
+    # The re-ranking loss: queries whose candidates are their ITC top `rank_candidates` (distinct concepts among
+    # the training renderings, the right one included), scored by ITM margin + λ·cosine (λ learned, starting
+    # at rank_itc_weight), softmax cross-entropy towards the right image.
+    rank_queries: int = 0  # off by default: on the training styles it lowered validation R@1 (MODEL_CARD)
+    rank_candidates: int = 16
+    rank_itc_weight: float = 20.0
+    init: str | None = None  # a head checkpoint to start from
 
 
 @dataclass
@@ -50,6 +57,7 @@ class ItmTrainResult:
     steps: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    learned_itc_weight: float | None = None
 
 
 class _Sampler:
@@ -93,6 +101,39 @@ class _Sampler:
                 break
         return np.array(rows), np.array(caps), negs
 
+    def ranking_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(caption ids [B], candidate rows [B, K] of distinct concepts in ITC order with the right concept's
+        best rendering among them, index of that one per query [B])."""
+        k = self.cfg.rank_candidates
+        rows = self.rng.choice(self.singles, self.cfg.rank_queries, replace=False)
+        caps = []
+        for row in rows:
+            variants = self.c.concept_captions[int(self.f.image_concepts[row])]
+            caps.append(variants[0] if self.rng.random() < 0.6 else variants[int(self.rng.integers(len(variants)))])
+        caps = np.array(caps)
+        sims = self.f.text_embeds[caps] @ self.f.image_embeds[self.singles].T
+        top = np.argpartition(-sims, 20 * k, axis=1)[:, :20 * k]
+        cands, targets = [], []
+        for q, row in enumerate(rows):
+            concept = int(self.f.image_concepts[row])
+            order = top[q][np.argsort(-sims[q, top[q]])]
+            seen: set[int] = set()
+            chosen: list[int] = []
+            for col in order:
+                c = int(self.f.image_concepts[self.singles[col]])
+                if c not in seen:
+                    seen.add(c)
+                    chosen.append(int(self.singles[col]))
+                if len(chosen) == k:
+                    break
+            concepts = [int(self.f.image_concepts[r]) for r in chosen]
+            if concept not in concepts:
+                chosen[-1] = int(row)
+                concepts[-1] = concept
+            cands.append(chosen)
+            targets.append(concepts.index(concept))
+        return caps, np.array(cands), np.array(targets)
+
 
 def _mine(sim: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
     """For each row, a column drawn from softmax(sim / T) with the diagonal masked."""
@@ -110,10 +151,14 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
                    log: Callable[[str], None] = print) -> ItmTrainResult:
     torch.manual_seed(cfg.seed)
     head = ItmHead(head_cfg)
+    if cfg.init:
+        head, _ = load_head(Path(cfg.init))
+        head.train()
+    log_lambda = torch.nn.Parameter(torch.tensor(float(np.log(cfg.rank_itc_weight))))
     decay = [p for n, p in head.named_parameters() if p.ndim >= 2 and "pos" not in n]
     other = [p for n, p in head.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+                             {"params": other + [log_lambda], "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     sampler = _Sampler(features, corpus, cfg)
     rng = np.random.default_rng(cfg.seed + 7)
     started = time.perf_counter()
@@ -145,6 +190,18 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
         # positives are a quarter of the pairs: weight them up to half of the loss
         weights = torch.where(labels == 1, float(len(labels) - len(rows)) / len(rows), 1.0)
         loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
+        if cfg.rank_queries:
+            r_caps, r_rows, r_target = sampler.ranking_batch()
+            b, k = r_rows.shape
+            flat = r_rows.reshape(-1)
+            states, mask = features.states(np.repeat(r_caps, k))
+            tokens = head.image_tokens(torch.from_numpy(features.feature_maps[flat].astype(np.float32)),
+                                       torch.from_numpy(features.image_embeds[flat]))
+            pair = head(torch.from_numpy(states), torch.from_numpy(mask), tokens)
+            margin = (pair[:, 1] - pair[:, 0]).view(b, k)
+            itc = torch.from_numpy(np.einsum("bd,bkd->bk", features.text_embeds[r_caps], features.image_embeds[r_rows]))
+            rank_loss = F.cross_entropy(margin + log_lambda.exp() * itc, torch.from_numpy(r_target))
+            loss = loss + rank_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -156,10 +213,10 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
                 acc = float((logits.argmax(1) == labels).float().mean())
             history.append({"step": step, "loss": round(running, 4), "acc": round(acc, 4),
                             "seconds": round(time.perf_counter() - started, 1)})
-            log(f"itm step {step}/{cfg.steps}  loss {running:.3f}  acc {acc:.3f}  lr {opt.param_groups[0]['lr']:.2e}  "
-                f"{time.perf_counter() - started:.0f}s")
+            log(f"itm step {step}/{cfg.steps}  loss {running:.3f}  acc {acc:.3f}  λ {float(log_lambda.exp()):.1f}  "
+                f"lr {opt.param_groups[0]['lr']:.2e}  {time.perf_counter() - started:.0f}s")
     head.eval()
-    return ItmTrainResult(head, step, time.perf_counter() - started, history)
+    return ItmTrainResult(head, step, time.perf_counter() - started, history, float(log_lambda.exp()))
 
 
 @torch.no_grad()
