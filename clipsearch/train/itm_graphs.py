@@ -1,6 +1,6 @@
 """Graph surgery for the fusion ITM head (export time, needs the `onnx` package).
 
-* `feature_tensors` finds, in a bundle's own graphs, the tensors the head reads: the image tower's last
+* `image_feature_map` and `text_hidden_states` find, in a bundle's own graphs, the tensors the head reads: the image tower's last
   feature map (what its global pooling reduces) and the text tower's last hidden states (what its masked
   mean pooling sums). Found by the pooling ops, so the fp32 and the int8 graphs both work.
 * `tapped` returns a graph with such internal tensors added as outputs (for computing training features with
@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import onnx
 from onnx import helper
 
@@ -21,12 +18,6 @@ from ..errors import ClipsearchError
 
 IMAGE_TOKENS = "image_tokens"
 TEXT_TOKENS = "token_features"
-
-
-@dataclass(frozen=True)
-class FeatureTensors:
-    feature_map: str  # visual: [B, C, H, W] before pooling
-    text_states: str  # textual: [B, L, D] before pooling
 
 
 def _producer(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -48,12 +39,6 @@ def text_hidden_states(model: onnx.ModelProto) -> str:
             if mul is not None and mul.op_type == "Mul":
                 return mul.input[0]
     raise ClipsearchError("cannot find the text tower's masked mean pooling in textual.onnx (no Mul → ReduceSum)")
-
-
-def feature_tensors(bundle: Path) -> FeatureTensors:
-    visual = onnx.load(str(bundle / "visual.onnx"))
-    textual = onnx.load(str(bundle / "textual.onnx"))
-    return FeatureTensors(image_feature_map(visual), text_hidden_states(textual))
 
 
 def tapped(model: onnx.ModelProto, outputs: dict[str, str]) -> onnx.ModelProto:

@@ -39,8 +39,8 @@ class TappedBundle:
         self.info = read_bundle(bundle)
         self.preprocess = read_preprocess(self.info)
         self.tokenizer = TextTokenizer.from_bundle(self.info)
-        visual = onnx.load(str(bundle / "visual.onnx"))
-        textual = onnx.load(str(bundle / "textual.onnx"))
+        visual = onnx.load(str(self.info.file("visual.onnx")))
+        textual = onnx.load(str(self.info.file("textual.onnx")))
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
@@ -177,11 +177,11 @@ def write_itm_bundle(source: Path, out: Path, head: ItmHead, itc_weight: float, 
     tokenizer_graph, fusion = head_graphs(head)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "preprocess.json", "ATTRIBUTION.md", "text_head.npy"):
-        if (source / name).is_file() and source.resolve() != out.resolve():
-            shutil.copyfile(source / name, out / name)
-    visual = graft_image_tokens(onnx.load(str(source / "visual.onnx")), tokenizer_graph)
+        if info.file(name).is_file() and source.resolve() != out.resolve():
+            shutil.copyfile(info.file(name), out / name)  # a file shared with a sibling is copied here
+    visual = graft_image_tokens(onnx.load(str(info.file("visual.onnx"))), tokenizer_graph)
     onnx.save(visual, str(out / "visual.onnx"))
-    onnx.save(expose_text_states(onnx.load(str(source / "textual.onnx"))), str(out / "textual.onnx"))
+    onnx.save(expose_text_states(onnx.load(str(info.file("textual.onnx")))), str(out / "textual.onnx"))
     if itm_precision == "int8":
         onnx.save(fusion, str(out / (ITM_FILE + ".fp32")))
         quantize_itm(out / (ITM_FILE + ".fp32"), out / ITM_FILE)
@@ -190,6 +190,7 @@ def write_itm_bundle(source: Path, out: Path, head: ItmHead, itc_weight: float, 
         onnx.save(fusion, str(out / ITM_FILE))
     meta = json.loads((source / "model.json").read_text(encoding="utf-8"))
     meta.pop("files", None)
+    meta.pop("links", None)  # write_bundles shares files again between the new bundles
     meta["model_id_from"] = meta.get("model_id_from") or info.files.get("visual.onnx")
     cfg = head.cfg
     meta["itm"] = {
