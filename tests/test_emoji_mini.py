@@ -18,11 +18,12 @@ from clipsearch.train.evaluate import evaluate_bundle, folder_gallery
 BUNDLED = Path(clipsearch.__file__).parent / "model" / "bundled"
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
-# Floors a few points under what the committed bundles measure on sample_data (see MODEL_CARD.md).
-# Measured at commit time: emoji-mini R@1 71.3% / R@10 90.7%, emoji-mini-int8 R@1 72.3% / R@10 90.7% (300 images).
+# Floors about 3 points under what the committed bundles measure on sample_data (see MODEL_CARD.md), so a real
+# regression fails CI. Measured: emoji-mini R@1 71.3% / R@10 90.7%, emoji-mini-int8 R@1 72.3% / R@10 90.7%
+# (300 images); a different CPU's rounding moves these by a query or two, not by 3 points.
 FLOORS = {
-    "emoji-mini": {"r1": 0.62, "r10": 0.84},
-    "emoji-mini-int8": {"r1": 0.62, "r10": 0.84},
+    "emoji-mini": {"r1": 0.68, "r10": 0.87},
+    "emoji-mini-int8": {"r1": 0.69, "r10": 0.87},
 }
 
 
