@@ -210,3 +210,20 @@ def evaluate_rerank_cmd(
     else:
         for line in report.lines():
             typer.echo(line)
+
+
+@train_app.command("int8-text-variants")
+def int8_text_variants_cmd(
+    model: str = typer.Argument("emoji-mini", help="A bundle made by `clipsearch train` (has text_head.npy)"),
+    count: int = typer.Option(1800, "--captions", help="Captions to compare on (half names, half scenes)"),
+) -> None:
+    """Score int8 variants of the text graph against fp32 on captions (no held-out images): how emoji-mini's
+    int8 text graph was chosen."""
+    from ..model.resolve import resolve_model
+    from ..train.emoji_data import open_emoji_dataset
+    from ..train.int8_text_choice import choice_captions, score_variants
+
+    info = resolve_model(model, export_missing=False)
+    labels = [c.label for c in open_emoji_dataset(int(info.extra.get("image_size", [64])[0])).concepts]
+    best = max(score_variants(info.path, choice_captions(labels, count), log=typer.echo), key=lambda s: s.mean_cosine)
+    typer.echo(f"highest mean cosine: {best.name}")
