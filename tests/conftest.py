@@ -47,3 +47,19 @@ def tiny_torch_model():
     from clipsearch.model.export import load_open_clip
 
     return load_open_clip(TINY_ARCH, None, True, seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def blip_source(tmp_path_factory):
+    """The tiny random BLIP (blip_fixtures.py) saved with save_pretrained: (folder, torch model, tokenizer)."""
+    from blip_fixtures import save_tiny_blip
+
+    return save_tiny_blip(tmp_path_factory.mktemp("blip-source") / "tiny-blip")
+
+
+@pytest.fixture(scope="session")
+def blip_bundle(blip_source, tmp_path_factory) -> Path:
+    """`blip_source` exported to a bundle (fp32) once per session; tests that change a bundle copy it first."""
+    from clipsearch.model.blip import export_blip
+
+    return export_blip(str(blip_source[0]), tmp_path_factory.mktemp("blip-bundles") / "tiny-blip-fp32")

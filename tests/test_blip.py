@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from PIL import Image
 from clipsearch.model.bundle import read_bundle, verify_bundle
 from clipsearch.model.preprocess import image_to_pixels
 from clipsearch.model.runtime import ClipModel
+from blip_fixtures import IMAGE_SIZE
 from photo_fixtures import block_image, make_photos
 from test_model_layer import VARIED_TEXTS
 
@@ -30,62 +30,8 @@ from test_model_layer import VARIED_TEXTS
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-IMAGE_SIZE = 64
-EMOJI_MINI_TOKENIZER = Path(__file__).resolve().parents[1] / "clipsearch" / "model" / "bundled" / "emoji-mini" / "tokenizer.json"
-
-
-def blip_tokenizer():
-    """BLIP's tokenizer as the hub ships it: BertTokenizer (lower case) + bos [DEC] + additional [ENC]."""
-    vocab = json.loads(EMOJI_MINI_TOKENIZER.read_text(encoding="utf-8"))["model"]["vocab"]
-    return transformers.BertTokenizer(vocab=dict(vocab), bos_token="[DEC]", additional_special_tokens=["[ENC]"])
-
-
-def tiny_config(vocab_size: int):
-    return transformers.BlipConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=512),
-        # BlipVisionConfig's default initializer_range (1e-10) makes every random image look alike.
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMAGE_SIZE, patch_size=16, initializer_range=0.02),
-        image_text_hidden_size=24,
-    )
-
-
-def _spread_itm_logits(model, tokenizer) -> None:
-    """A random tiny model's ITM logits barely depend on the input (the [CLS] state is nearly constant), so
-    the parity test would compare saturated or constant probabilities: scale the head up and centre it so
-    the match probability of the test pairs spreads across (0, 1)."""
-    texts = ["a dog on a beach", "a red car", "two cats on a sofa", "mountains at night"]
-    pixels = torch.from_numpy(np.stack([np.random.default_rng(i).standard_normal((3, IMAGE_SIZE, IMAGE_SIZE))
-                                        for i in range(len(texts))]).astype(np.float32))
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        model.itm_head.weight.normal_(0.0, 30.0)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels).itm_score
-        model.itm_head.bias.sub_(logits.mean(dim=0))
-
-
-@pytest.fixture(scope="module")
-def blip_source(tmp_path_factory):
-    """A save_pretrained folder (model, tokenizer, image processor) and the torch model itself."""
-    from clipsearch.model.blip import random_blip
-
-    folder = tmp_path_factory.mktemp("blip-source") / "tiny-blip"
-    tokenizer = blip_tokenizer()
-    model = random_blip(tiny_config(len(tokenizer)), seed=0)
-    _spread_itm_logits(model, tokenizer)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    transformers.BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
-    return folder, model, tokenizer
-
-
-@pytest.fixture(scope="module")
-def blip_bundle(blip_source, tmp_path_factory) -> Path:
-    from clipsearch.model.blip import export_blip
-
-    folder, _, _ = blip_source
-    return export_blip(str(folder), tmp_path_factory.mktemp("blip-bundles") / "tiny-blip-fp32")
+# the tiny BLIP and its fixtures (blip_source, blip_bundle: one export per test session) live in blip_fixtures.py
+# and conftest.py
 
 
 def _images(count: int) -> list[Image.Image]:

@@ -15,7 +15,7 @@ import requests
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos, export_tiny_blip
+from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos
 
 pytestmark = pytest.mark.browser
 
@@ -345,10 +345,10 @@ RERANK_QUERY = "a red square"
 
 
 @pytest.fixture(scope="module")
-def rerank_server(tmp_path_factory):
-    """A collection indexed (the normal indexing path) with test_blip's tiny random BLIP: its model can re-rank."""
+def rerank_server(tmp_path_factory, blip_bundle):
+    """A collection indexed (the normal indexing path) with the tiny random BLIP (blip_fixtures.py): its model can re-rank."""
     root = tmp_path_factory.mktemp("browser-rerank")
-    built = build_indexed_photos(root / "data", export_tiny_blip(root / "bundle"))
+    built = build_indexed_photos(root / "data", blip_bundle)
     with LiveServer(create_app(ServerSettings(collection=built.name, index_dir=built.index_dir))) as live:
         yield live
 

@@ -19,7 +19,7 @@ from clipsearch.model.bundle import read_bundle
 from clipsearch.store.collection import Collection
 from clipsearch.store.database import NewImage
 from clipsearch.web import ServerSettings, create_app
-from web_fixtures import TEST_HOSTS, IndexedPhotos, LiveServer, app_settings, build_indexed_photos, export_tiny_blip
+from web_fixtures import TEST_HOSTS, IndexedPhotos, LiveServer, app_settings, build_indexed_photos
 
 # Every field ClipClient.__search_knn_api__ sends (clip-retrieval 2.45), with its defaults.
 CLIP_CLIENT_BODY = {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
@@ -42,10 +42,10 @@ def client(indexed) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def rerank_client(tmp_path_factory) -> TestClient:
-    """A collection indexed (the normal indexing path) with test_blip's tiny random BLIP, whose ITM head re-ranks."""
+def rerank_client(tmp_path_factory, blip_bundle) -> TestClient:
+    """A collection indexed (the normal indexing path) with the tiny random BLIP (blip_fixtures.py), whose ITM head re-ranks."""
     root = tmp_path_factory.mktemp("clipback-rerank")
-    built = build_indexed_photos(root / "data", export_tiny_blip(root / "bundle"))
+    built = build_indexed_photos(root / "data", blip_bundle)
     with TestClient(create_app(app_settings(built))) as test_client:
         yield test_client
 

@@ -5,7 +5,7 @@ queries fail clearly, a text-only search never opens the ITM graph and re-rankin
 (tokens are stored at index time), candidates without stored tokens are kept unscored, and the CLI and REST
 expose the new fields. More on stored tokens in test_tokens.py.
 
-The model is test_blip's tiny random BLIP (its fixtures are imported, not copied)."""
+The model is the tiny random BLIP of blip_fixtures.py (session fixtures in conftest.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from clipsearch.search import DEFAULT_ITC_WEIGHT as ITC_WEIGHT, SearchQuery, Sea
 from clipsearch.store.collection import Collection
 from clipsearch.web import ServerSettings, create_app
 from photo_fixtures import make_photos
-from test_blip import blip_bundle, blip_source  # noqa: F401  (module fixtures: the tiny random BLIP bundle)
 from web_fixtures import TEST_HOSTS
 
 NAME = "rr"
@@ -51,12 +50,12 @@ def _index(root: Path, bundle: Path, count: int = PHOTOS) -> Path:
 
 
 @pytest.fixture(scope="module")
-def index_dir(blip_bundle, tmp_path_factory) -> Path:  # noqa: F811
+def index_dir(blip_bundle, tmp_path_factory) -> Path:
     return _index(tmp_path_factory.mktemp("rerank"), blip_bundle)
 
 
 @pytest.fixture(scope="module")
-def model(blip_bundle) -> ClipModel:  # noqa: F811
+def model(blip_bundle) -> ClipModel:
     return ClipModel(blip_bundle, threads=1)
 
 
@@ -90,7 +89,7 @@ def _expected(bundle: Path, text: str, paths: list[str]) -> tuple[np.ndarray, np
     return logits[:, 1] - logits[:, 0] + ITC_WEIGHT * itc, itc, probability
 
 
-def test_rerank_changes_order_only_within_the_top_k_and_scores_are_itm_plus_itc(searcher, blip_bundle):  # noqa: F811
+def test_rerank_changes_order_only_within_the_top_k_and_scores_are_itm_plus_itc(searcher, blip_bundle):
     itc = searcher.search(SearchQuery.build(text=TEXT, k=PHOTOS))
     assert all(h.itc_score is None and h.match is None for h in itc)
     top = 6
@@ -128,7 +127,7 @@ def test_candidates_scored_in_several_batches_rank_as_in_one(searcher, monkeypat
     assert [h.id for h in batched] == [h.id for h in whole]
     assert np.allclose([h.score for h in batched], [h.score for h in whole], atol=1e-5)
 
-def test_itm_scorer_batch_equals_pairs_and_match_logit_is_the_margin(model, blip_bundle):  # noqa: F811
+def test_itm_scorer_batch_equals_pairs_and_match_logit_is_the_margin(model, blip_bundle):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 70, 3), dtype=np.uint8)) for i in range(5)]
     tokens = model.image_tokens(images)
@@ -192,7 +191,7 @@ def test_a_model_without_an_itm_head_cannot_rerank(tiny_bundle, tmp_path):
     assert "clipsearch models export-blip" in done.stderr
 
 
-def test_text_search_never_opens_the_itm_graph_and_reranking_never_runs_the_visual_graph(index_dir, blip_bundle):  # noqa: F811
+def test_text_search_never_opens_the_itm_graph_and_reranking_never_runs_the_visual_graph(index_dir, blip_bundle):
     model = ClipModel(blip_bundle, threads=1)
     with Searcher(Collection.open(NAME, index_dir), model) as searcher:
         searcher.search(SearchQuery.build(text="something never searched before", k=3))
@@ -210,7 +209,7 @@ def test_text_search_never_opens_the_itm_graph_and_reranking_never_runs_the_visu
         assert requested == [["image_embeds"]]
 
 
-def test_candidates_without_stored_tokens_keep_their_itc_order_after_the_reranked_ones(blip_bundle, tmp_path):  # noqa: F811
+def test_candidates_without_stored_tokens_keep_their_itc_order_after_the_reranked_ones(blip_bundle, tmp_path):
     index_dir = _index(tmp_path, blip_bundle, count=8)
     with Searcher(Collection.open(NAME, index_dir), ClipModel(blip_bundle, threads=1)) as searcher:
         itc = searcher.search(SearchQuery.build(text=TEXT, k=8))

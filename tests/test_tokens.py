@@ -5,7 +5,7 @@ from stored tokens ranking as fresh tokens do, collections without tokens explai
 (remembered; big heads only on request), fp16 storage and the bundle's itc_weight, and SIGKILLs mid-index
 leaving tokens consistent.
 
-The model is test_blip's tiny random BLIP (17 tokens x 32: 612 bytes/image as int8)."""
+The model is the tiny random BLIP (blip_fixtures.py) (17 tokens x 32: 612 bytes/image as int8)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from clipsearch.search import SearchQuery, Searcher
 from clipsearch.store.collection import Collection
 from clipsearch.store.tokens import TOKENS_FILE, TokenCodec, TokenFile, dequantize_int8, quantize_int8
 from photo_fixtures import block_image, make_photos
-from test_blip import blip_bundle, blip_source  # noqa: F401  (module fixtures: the tiny random BLIP bundle)
 from test_processes import session_processes, wait_until_gone
 
 NAME = "tok"
@@ -50,12 +49,12 @@ def _index(folder: Path, index_dir: Path, bundle: Path, tokens: bool | None = No
 
 
 @pytest.fixture(scope="module")
-def model(blip_bundle) -> ClipModel:  # noqa: F811
+def model(blip_bundle) -> ClipModel:
     return ClipModel(blip_bundle, threads=1)
 
 
 @pytest.fixture(scope="module")
-def indexed(blip_bundle, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
+def indexed(blip_bundle, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tokens")
     make_photos(root / "photos", PHOTOS)
     summary = _index(root / "photos", root / "collections", blip_bundle)
@@ -96,7 +95,7 @@ def test_int8_quantiser_error_is_at_most_half_a_step_of_each_token():
     assert not codec.valid(blobs[0][:-1]) and not codec.valid(np.float32(np.nan).tobytes() + blobs[0][4:])
 
 
-def test_tokens_stored_at_index_time_equal_the_visual_graphs(indexed, model, blip_bundle):  # noqa: F811
+def test_tokens_stored_at_index_time_equal_the_visual_graphs(indexed, model, blip_bundle):
     folder, index_dir = indexed
     with Collection.open(NAME, index_dir) as collection:
         assert collection.check().ok, collection.check().problems
@@ -169,7 +168,7 @@ def test_stale_token_file_rows_come_from_sqlite(indexed, model, tmp_path):
         assert np.array_equal(searcher.stored_tokens(ids)[ids[0]], after[ids[0]])
 
 
-def test_a_collection_without_tokens_explains_and_index_tokens_adds_them(blip_bundle, tmp_path):  # noqa: F811
+def test_a_collection_without_tokens_explains_and_index_tokens_adds_them(blip_bundle, tmp_path):
     folder, index_dir = tmp_path / "photos", tmp_path / "collections"
     make_photos(folder, 8)
     base = ["--collection", NAME, "--index-dir", str(index_dir), "--model", str(blip_bundle), "--workers", "0"]
@@ -220,7 +219,7 @@ def test_a_collection_without_tokens_explains_and_index_tokens_adds_them(blip_bu
         assert collection.check().ok
 
 
-def test_an_older_collection_gets_tokens_from_a_plain_rerun(blip_bundle, tmp_path):  # noqa: F811
+def test_an_older_collection_gets_tokens_from_a_plain_rerun(blip_bundle, tmp_path):
     folder, index_dir = tmp_path / "photos", tmp_path / "collections"
     make_photos(folder, 6)
     _index(folder, index_dir, blip_bundle, tokens=False)
@@ -238,7 +237,7 @@ def test_an_older_collection_gets_tokens_from_a_plain_rerun(blip_bundle, tmp_pat
         assert collection.check().ok and collection.store.count_tokens() == 6
 
 
-def test_big_heads_store_tokens_only_when_asked(blip_bundle, tmp_path):  # noqa: F811
+def test_big_heads_store_tokens_only_when_asked(blip_bundle, tmp_path):
     model = ClipModel(blip_bundle, threads=1)
     collection = Collection.create(NAME, tmp_path)
     assert collection.choose_tokens(model, None).codec == TokenCodec("int8", (17, 32))
@@ -259,7 +258,7 @@ def test_a_model_without_an_itm_head_refuses_tokens(tiny_bundle, tmp_path):
         assert summary.tokens == "" and collection.store.count_tokens() == 0 and collection.check().ok
 
 
-def test_deleted_and_changed_files_lose_or_replace_their_tokens(blip_bundle, tmp_path):  # noqa: F811
+def test_deleted_and_changed_files_lose_or_replace_their_tokens(blip_bundle, tmp_path):
     folder, index_dir = tmp_path / "photos", tmp_path / "collections"
     paths = make_photos(folder, 6)
     _index(folder, index_dir, blip_bundle)
@@ -331,7 +330,7 @@ def test_check_flags_damaged_missing_and_mismatched_tokens(indexed, tmp_path):
     assert problems() == []
 
 
-def test_fp16_storage_and_the_bundles_itc_weight(blip_bundle, tmp_path):  # noqa: F811
+def test_fp16_storage_and_the_bundles_itc_weight(blip_bundle, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(blip_bundle, bundle)
     meta = json.loads((bundle / "model.json").read_text())
@@ -386,7 +385,7 @@ def _consistent(root: Path, complete: bool) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_index_and_mid_backfill_leaves_tokens_consistent(blip_bundle, tmp_path):  # noqa: F811
+def test_sigkill_mid_index_and_mid_backfill_leaves_tokens_consistent(blip_bundle, tmp_path):
     total = 160
     folder = tmp_path / "photos"
     folder.mkdir()

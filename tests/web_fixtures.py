@@ -69,24 +69,6 @@ def build_indexed_photos(root: Path, bundle: Path, count: int = PHOTO_COUNT) -> 
     return IndexedPhotos(index_dir=index_dir, name=COLLECTION, photos=photos, ids_by_path=ids, bundle=bundle)
 
 
-def export_tiny_blip(folder: Path) -> Path:
-    """test_blip's tiny random BLIP (an ITM head: collections built with it can re-rank) exported to a bundle in
-    `folder`. Imports torch and transformers, so only the tests that re-rank pay for them."""
-    import transformers
-
-    from clipsearch.model.blip import export_blip, random_blip
-    from test_blip import IMAGE_SIZE, _spread_itm_logits, blip_tokenizer, tiny_config
-
-    source = folder / "tiny-blip-source"
-    tokenizer = blip_tokenizer()
-    model = random_blip(tiny_config(len(tokenizer)), seed=0)
-    _spread_itm_logits(model, tokenizer)
-    model.save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    transformers.BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(source)
-    return export_blip(str(source), folder / "tiny-blip")
-
-
 def app_settings(indexed: IndexedPhotos, **overrides) -> ServerSettings:
     """Settings serving `indexed` to Starlette's TestClient (Host 'testserver' allowed)."""
     return ServerSettings(**{"allowed_hosts": TEST_HOSTS, "collection": indexed.name, "index_dir": indexed.index_dir,
