@@ -24,11 +24,24 @@ def _producer(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
-def image_feature_map(model: onnx.ModelProto) -> str:
+def image_feature_map(model: onnx.ModelProto, side: int | None = None) -> str:
+    """The feature map the head reads: what the global pooling reduces (the last stage), or with `side` the
+    last ReLU output of that spatial size (e.g. 6 for the 6×6 stage before the last one at 48 px)."""
+    pooled = next((node.input[0] for node in model.graph.node if node.op_type in ("ReduceMean", "GlobalAveragePool")),
+                  None)
+    if pooled is None:
+        raise ClipsearchError("cannot find the image tower's pooling in visual.onnx (no ReduceMean)")
+    if side is None:
+        return pooled
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    found = None
     for node in model.graph.node:
-        if node.op_type in ("ReduceMean", "GlobalAveragePool"):
-            return node.input[0]
-    raise ClipsearchError("cannot find the image tower's pooling in visual.onnx (no ReduceMean)")
+        if node.op_type == "Relu" and shapes.get(node.output[0], [])[-2:] == [side, side]:
+            found = node.output[0]
+    if found is None:
+        raise ClipsearchError(f"visual.onnx has no {side}×{side} feature map")
+    return found
 
 
 def text_hidden_states(model: onnx.ModelProto) -> str:
@@ -56,7 +69,8 @@ def graft_image_tokens(visual: onnx.ModelProto, tokenizer: onnx.ModelProto) -> o
     """visual.onnx + the image tokenizer graph (inputs `feature_map`, `embeds`; output `image_tokens`), wired
     to the visual graph's feature map and its embedding output. Outputs: the embedding, then image_tokens."""
     embeds = visual.graph.output[0].name
-    feature_map = image_feature_map(visual)
+    grid = [d.dim_value for d in tokenizer.graph.input[0].type.tensor_type.shape.dim]  # [batch, C, H, W]
+    feature_map = image_feature_map(visual, grid[-1] if len(grid) == 4 and grid[-1] > 0 else None)
     exposed = tapped(visual, {"itm_feature_map": feature_map})
     merged = onnx.compose.merge_models(
         exposed, tokenizer, io_map=[("itm_feature_map", "feature_map"), (embeds, "embeds")],

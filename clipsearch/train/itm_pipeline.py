@@ -33,7 +33,7 @@ ITM_FILE = "itm.onnx"
 class TappedBundle:
     """A bundle's own graphs with the head's inputs exposed, run with onnxruntime."""
 
-    def __init__(self, bundle: Path, threads: int | None = None) -> None:
+    def __init__(self, bundle: Path, threads: int | None = None, grid_side: int | None = None) -> None:
         import onnxruntime as ort
 
         self.info = read_bundle(bundle)
@@ -45,7 +45,8 @@ class TappedBundle:
         if threads:
             so.intra_op_num_threads = threads
         self.visual = ort.InferenceSession(
-            tapped(visual, {"fmap": image_feature_map(visual)}).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            tapped(visual, {"fmap": image_feature_map(visual, grid_side)}).SerializeToString(), so,
+            providers=["CPUExecutionProvider"])
         self.textual = ort.InferenceSession(
             tapped(textual, {"states": text_hidden_states(textual)}).SerializeToString(), so,
             providers=["CPUExecutionProvider"])
@@ -217,6 +218,7 @@ class ItmRunRequest:
     threads: int | None = None
     init: Path | None = None  # continue from a head checkpoint (e.g. a run with the matching loss only)
     rank_queries: int = 0  # queries per step of the re-ranking loss (0: matching loss only)
+    grid_side: int | None = None  # the image tokens' feature map: None = the last stage, else its side (6: 6×6)
 
 
 def provenance_init(init: Path | None) -> dict | None:
@@ -236,7 +238,7 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
 
     started = time.perf_counter()
     request.work_dir.mkdir(parents=True, exist_ok=True)
-    bundle = TappedBundle(request.bundle, request.threads)
+    bundle = TappedBundle(request.bundle, request.threads, request.grid_side)
     size = bundle.preprocess.size[0]
     dataset = open_emoji_dataset(size)
     sets = [dataset.sprites(s) for s in TRAIN_STYLES]
@@ -245,7 +247,8 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     train_idx, val_idx = _split(len(sprites), 0.03, np.random.default_rng(0))  # the towers' own split
     labels = [c.label for c in dataset.concepts]
     corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed)
-    cache = request.work_dir / f"features-{corpus.key(bundle.info.model_id + str(request.copies))}.npz"
+    grid = "" if request.grid_side is None else f"grid{request.grid_side}"
+    cache = request.work_dir / f"features-{corpus.key(bundle.info.model_id + str(request.copies) + grid)}.npz"
     if cache.is_file():
         features = ItmFeatures.load(cache)
         log(f"features from {cache}")
@@ -277,6 +280,7 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
         "validation": [asdict(r) for r in table], "itc_weight_chosen_on": "validation split of the training styles",
         "threads": torch.get_num_threads(), "itm_graph_validation": graph_figures,
         "learned_itc_weight": result.learned_itc_weight, "init": provenance_init(request.init),
+        "feature_map": f"{features.feature_maps.shape[1]}×{features.feature_maps.shape[2]}×{features.feature_maps.shape[3]}",
     }
     save_head(result.head, checkpoint, {"provenance": provenance, "itc_weight": chosen.itc_weight,
                                         "itm_precision": itm_precision})
