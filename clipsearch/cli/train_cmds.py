@@ -173,6 +173,8 @@ def itm_cmd(
     init: Optional[Path] = typer.Option(None, "--init", help="Continue from a head checkpoint (itm-head.pt)"),
     rank_queries: int = typer.Option(0, "--rank-queries", help="Queries per step of the listwise re-ranking loss "
                                      "over ITC top-16 candidates (0: the matching loss only)"),
+    grid_side: Optional[int] = typer.Option(None, "--grid-side", help="Image tokens from the feature map of this "
+                                            "side (e.g. 6 for 6×6 at 48 px); default: the last stage"),
 ) -> None:
     """Train a fusion ITM head (re-ranker) for a bundle on the emoji data and write bundles that re-rank."""
     from ..train.itm_pipeline import ItmRunRequest, run_itm
@@ -183,7 +185,8 @@ def itm_cmd(
         raise typer.BadParameter(f"give one --out per bundle: {len(sources)} bundles, {len(out)} --out")
     request = ItmRunRequest(bundle=bundle, out=list(out), work_dir=work_dir or default_work_dir(f"{bundle.name}-itm"),
                             steps=steps, time_budget_s=time_budget * 60 if time_budget else None, copies=copies,
-                            n_scenes=scenes, seed=seed, init=init, rank_queries=rank_queries)
+                            n_scenes=scenes, seed=seed, init=init, rank_queries=rank_queries,
+                            grid_side=grid_side)
     run_itm(request, sources, log=typer.echo)
 
 
