@@ -74,14 +74,17 @@ def pull_cmd(
 
 @models_app.command("list")
 def list_cmd(
-    architectures: bool = typer.Option(False, "--architectures", help="List open_clip architectures and tags instead"),
+    architectures: bool = typer.Option(False, "--architectures", help="List the open_clip architectures and tags `models export` reproduces exactly instead"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Bundled and cached models (or, with --architectures, what open_clip can export)."""
+    """Bundled and cached models (or, with --architectures, what open_clip can export exactly)."""
     if architectures:
         from ..model.export import import_open_clip
+        from ..model.tokenizer_export import exportable_architectures
 
-        pairs = import_open_clip().list_pretrained()
+        open_clip = import_open_clip()
+        supported = exportable_architectures(open_clip)  # decided from each config: nothing is downloaded
+        pairs = [(a, t) for a, t in open_clip.list_pretrained() if a in supported]
         rows = [{"arch": a, "tag": t, "spec": f"{a}/{t}"} for a, t in pairs]
         typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join(r["spec"] for r in rows))
         return

@@ -3,6 +3,11 @@
 The image graph takes pixel_values [batch, 3, H, W]; the text graph takes input_ids [batch, seq] with a
 dynamic sequence axis (the positional embedding and causal mask are sliced to `seq`, so a 5-word query
 costs 7 tokens of compute, not 77). Both graphs end in L2 normalisation.
+
+The tokenizer is open_clip's own `get_tokenizer(arch)`, reproduced exactly or refused (tokenizer_export.py):
+CLIP BPE, or a Hugging Face fast tokenizer feeding a Hugging Face text tower, whose text graph takes ids padded
+to the context length and derives the attention mask from the pad id as open_clip does. Other families, and
+image preprocessing the runtime cannot reproduce, are refused with ModelNotAvailable before any download.
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
+from .bundle import PreprocessSpec, staged_folder, write_model_json
+from .tokenizer_export import BundleTokenizer, bundle_tokenizer, check_exportable
 from ..errors import ModelNotAvailable
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -104,9 +110,11 @@ def load_open_clip(arch: str, pretrained: str | None, random_init: bool, seed: i
 
     if arch not in open_clip.list_models():
         raise ModelNotAvailable(f"unknown open_clip architecture '{arch}'", "List them with: clipsearch models list --architectures")
+    check_exportable(open_clip, arch)  # from the config alone: refused before any download
     if random_init:
         torch.manual_seed(seed)
-        model = open_clip.create_model(arch, pretrained=None)
+        # random weights throughout: no base weights for a Hugging Face text tower either
+        model = open_clip.create_model(arch, pretrained=None, pretrained_text=False)
     else:
         if not pretrained:
             raise ModelNotAvailable(f"no weights given for {arch}", "Pass --pretrained TAG_OR_FILE, or --random-init for tests")
@@ -119,11 +127,27 @@ def load_open_clip(arch: str, pretrained: str | None, random_init: bool, seed: i
     return model
 
 
+# What clipsearch/model/preprocess.py reproduces of open_clip's image transform.
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
 def preprocess_spec_of(model) -> PreprocessSpec:
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     size = cfg.get("size", getattr(model.visual, "image_size", 224))
     if isinstance(size, int):
         size = (size, size)
+    mode, interpolation = cfg.get("resize_mode", "shortest"), cfg.get("interpolation", "bicubic")
+    problems = []
+    if mode not in RESIZE_MODES:
+        problems.append(f"resize mode '{mode}' (the runtime does {', '.join(RESIZE_MODES)})")
+    if interpolation not in INTERPOLATIONS:
+        problems.append(f"interpolation '{interpolation}' (the runtime does {', '.join(INTERPOLATIONS)})")
+    if problems:
+        from .tokenizer_export import REFUSAL_HINT
+
+        raise ModelNotAvailable(f"cannot export this model exactly: its image preprocessing uses {' and '.join(problems)}",
+                                REFUSAL_HINT)
     return PreprocessSpec.from_dict({
         "size": list(size),
         "resize_mode": cfg.get("resize_mode", "shortest"),
@@ -365,18 +389,39 @@ def externalize_weights(graph: Path, min_bytes: int = 1024) -> None:
                     location=data.name, size_threshold=min_bytes)
 
 
-def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision: str = "fp32") -> Path:
-    """Export an open_clip model (already loaded, eval mode) as a bundle folder at `out`, atomically."""
+def clip_bpe_tokenizer(context_length: int = 77) -> BundleTokenizer:
+    from .bundle import TextSpec
+
+    tokenizer, bos_id, eos_id = build_clip_tokenizer(_default_bpe_path())
+    spec = TextSpec(tokenizer="clip_bpe", inputs=("input_ids",), clean="open_clip", bos_id=bos_id, eos_id=eos_id,
+                    pad_id=0, pad_to="longest")
+    return BundleTokenizer(tokenizer, spec, {}, context_length, "clip_bpe")
+
+
+def tokenizer_for(arch: str) -> BundleTokenizer:
+    """The bundle tokenizer reproducing open_clip's own `get_tokenizer(arch)`, or ModelNotAvailable."""
+    open_clip = import_open_clip(arch)
+    check_exportable(open_clip, arch)
+    return bundle_tokenizer(arch, open_clip.get_tokenizer(arch), lambda: build_clip_tokenizer(_default_bpe_path()))
+
+
+def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision: str = "fp32",
+                 text: BundleTokenizer | None = None) -> Path:
+    """Export an open_clip model (already loaded, eval mode) as a bundle folder at `out`, atomically.
+    `text` is the bundle tokenizer (default: CLIP BPE, for a model with a CLIP text tower)."""
     import torch
+
+    from .tokenizer import TextTokenizer
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
+    if text is None:
+        text = clip_bpe_tokenizer(int(getattr(model, "context_length", 77)))
     with staged_folder(out) as staging:
         VisualGraph, DynamicTextGraph, FixedTextGraph = _build_graph_modules(model)
         spec = preprocess_spec_of(model)
-        tokenizer, bos_id, eos_id = build_clip_tokenizer(_default_bpe_path())
-        tokenizer.save(str(staging / "tokenizer.json"))
+        text.tokenizer.save(str(staging / "tokenizer.json"))
         (staging / "preprocess.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
 
         pixels = torch.zeros(2, 3, *spec.size)
@@ -384,11 +429,14 @@ def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision:
                     {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
 
         tower = _text_tower(model)
-        context_length = int(getattr(model, "context_length", 77))
-        dynamic = _dynamic_text_ok(tower)
-        text_module = DynamicTextGraph(tower, eos_id).eval() if dynamic else FixedTextGraph(model).eval()
-        ids = torch.zeros(2, 7 if dynamic else context_length, dtype=torch.long)
-        ids[:, 0], ids[:, 6] = bos_id, eos_id
+        context_length = text.context_length
+        # Hugging Face towers take ids padded to the context length: the graph derives the attention mask from
+        # the pad id inside (open_clip's HFTextEncoder.forward), so no mask input is needed.
+        dynamic = text.family == "clip_bpe" and _dynamic_text_ok(tower)
+        text_spec = replace(text.spec, pad_to="longest" if dynamic else "context")
+        text_module = DynamicTextGraph(tower, text_spec.eos_id).eval() if dynamic else FixedTextGraph(model).eval()
+        sample = TextTokenizer(text.tokenizer, text_spec, context_length, text.rules)
+        ids = torch.from_numpy(sample(["a photo of a dog on the beach", "a cat"]).inputs["input_ids"])
         axes = {"input_ids": {0: "batch", 1: "seq"}} if dynamic else {"input_ids": {0: "batch"}}
         axes["text_embeds"] = {0: "batch"}
         export_onnx(text_module, (ids,), staging / "textual.onnx", ["input_ids"], "text_embeds", axes)
@@ -399,15 +447,16 @@ def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision:
         with torch.no_grad():
             logit_scale = float(model.logit_scale.exp().item())
             embed_dim = int(VisualGraph(model)(pixels[:1]).shape[-1])
-        text = TextSpec(tokenizer="clip_bpe", inputs=("input_ids",), clean="open_clip", bos_id=bos_id,
-                        eos_id=eos_id, pad_id=0, pad_to="longest" if dynamic else "context")
         from .. import __version__
 
-        write_model_json(staging, {
+        meta = {
             "name": name, "source": source, "embed_dim": embed_dim, "logit_scale": logit_scale,
             "precision": precision, "context_length": context_length, "image_size": list(spec.size),
-            "text": text, "clipsearch_version": __version__,
-        })
+            "text": text_spec, "clipsearch_version": __version__,
+        }
+        if text.rules:
+            meta["text_rules"] = text.rules
+        write_model_json(staging, meta)
     return out
 
 
@@ -420,8 +469,9 @@ def default_bundle_name(arch: str, pretrained: str | None, random_init: bool, pr
 def export_bundle(request: ExportRequest) -> Path:
     """Load an open_clip architecture (pretrained tag, checkpoint file, or random init) and write a bundle."""
     model = load_open_clip(request.arch, request.pretrained, request.random_init, seed=request.seed)
+    text = tokenizer_for(request.arch)
     name = request.name or default_bundle_name(request.arch, request.pretrained, request.random_init, request.precision)
     source = {"kind": "open_clip", "arch": request.arch,
               "pretrained": None if request.random_init else request.pretrained,
               "random_init": request.random_init, "seed": request.seed if request.random_init else None}
-    return write_bundle(model, request.out, name, source, request.precision)
+    return write_bundle(model, request.out, name, source, request.precision, text)

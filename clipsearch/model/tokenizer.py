@@ -5,6 +5,11 @@ whitespace folding + lower case), `<start_of_text>` … `<end_of_text>`, and tru
 end-of-text token last. Batches are padded only to their longest member, never to the context length:
 CLIP's causal mask makes the end-of-text token independent of anything after it, so padding would be
 pure waste.
+
+For bundles exported from an open_clip Hugging Face tokenizer (text.tokenizer "hf_open_clip") the ids equal
+open_clip's `HFTokenizer`: its clean mode ("open_clip_whitespace" | "open_clip_lower" | "open_clip_canonicalize"),
+the special tokens and truncation of tokenizer.json (as transformers applies them), padding to the context
+length with the pad id, and model.json's "text_rules" "replace_ids" (open_clip's `strip_sep_token`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .bundle import BundleInfo, TextSpec
+from ..errors import BundleError
 
 
 def open_clip_clean(text: str) -> str:
@@ -40,8 +46,26 @@ def immich_canonicalize(text: str) -> str:
     return immich_clean(text).translate(_PUNCTUATION).lower()
 
 
+def open_clip_whitespace(text: str) -> str:
+    """open_clip's `_clean_whitespace` (HFTokenizer's default): basic_clean, then whitespace folded."""
+    return " ".join(open_clip_clean(text).split())
+
+
+def open_clip_lower(text: str) -> str:
+    """open_clip's `_clean_lower`: basic_clean, whitespace folded, lower case."""
+    return open_clip_whitespace(text).lower()
+
+
+def open_clip_canonicalize(text: str) -> str:
+    """open_clip's `_clean_canonicalize`: basic_clean, then big_vision's canonicalize_text."""
+    text = open_clip_clean(text).replace("_", " ").translate(_PUNCTUATION).lower()
+    return " ".join(text.split())
+
+
 # model.json "text.clean" -> the function applied before tokenizer.json ("none": the text as given)
-CLEANERS = {"open_clip": open_clip_clean, "immich": immich_clean, "immich_canonicalize": immich_canonicalize}
+CLEANERS = {"open_clip": open_clip_clean, "immich": immich_clean, "immich_canonicalize": immich_canonicalize,
+            "open_clip_whitespace": open_clip_whitespace, "open_clip_lower": open_clip_lower,
+            "open_clip_canonicalize": open_clip_canonicalize}
 
 
 @dataclass(frozen=True)
@@ -53,16 +77,29 @@ class TokenBatch:
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, spec: TextSpec, context_length: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, spec: TextSpec, context_length: int,
+                 rules: dict | None = None) -> None:
+        if spec.clean != "none" and spec.clean not in CLEANERS:
+            raise BundleError(f"unknown text clean mode {spec.clean!r} in model.json",
+                              "The bundle needs a newer clipsearch: pip install -U clipsearch")
+        rules = dict(rules or {})
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        if rules.get("truncation") == "tokenizer.json":
+            # the truncation transformers applies for `max_length=context_length, truncation=True`
+            self._tokenizer.enable_truncation(max_length=context_length, stride=0, strategy="longest_first",
+                                              direction=str(rules.get("truncation_side", "right")))
+        else:
+            self._tokenizer.no_truncation()
+        self._replace = {int(k): int(v) for k, v in (rules.get("replace_ids") or {}).items()}
         self.spec = spec
         self.context_length = context_length
 
     @classmethod
     def from_bundle(cls, info: BundleInfo) -> "TextTokenizer":
-        return cls(Tokenizer.from_file(str(info.file("tokenizer.json"))), info.text, info.context_length)
+        rules = info.extra.get("text_rules")
+        return cls(Tokenizer.from_file(str(info.file("tokenizer.json"))), info.text, info.context_length,
+                   rules if isinstance(rules, dict) else None)
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, with start/end tokens and truncation to the context length."""
@@ -80,6 +117,8 @@ class TextTokenizer:
                 last = ids[-1]
                 ids = ids[:limit]
                 ids[-1] = last  # the end token (CLIP's EOT or BERT's [SEP]) always survives truncation
+            if self._replace:
+                ids = [self._replace.get(t, t) for t in ids]
             rows.append(ids)
         return rows
 
@@ -89,7 +128,8 @@ class TextTokenizer:
         width = int(lengths.max()) if len(rows) else 1
         if self.spec.pad_to == "context":
             width = self.context_length
-        ids = np.full((len(rows), width), self.spec.pad_id, dtype=np.int64)
+        pad_id = self._replace.get(self.spec.pad_id, self.spec.pad_id)  # open_clip replaces after padding
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
         inputs = {"input_ids": ids}
