@@ -9,12 +9,20 @@ Layout (format ``clipsearch-bundle/1``)::
     tokenizer.json    a Hugging Face `tokenizers` file (CLIP byte-level BPE, or WordPiece for BERT-like towers)
     preprocess.json   image transform: size, resize_mode, interpolation, crop, mean, std, fill_color
     model.json        name, source, embed_dim, logit_scale, precision, context_length, text spec, sha256 per file
+    itm.onnx          optional: a re-ranking head, described by model.json's "itm" object (see itm.py)
 
 The `text` object of model.json says how to turn strings into graph inputs::
 
-    {"tokenizer": "clip_bpe" | "wordpiece", "inputs": ["input_ids"] | ["input_ids", "attention_mask"],
-     "clean": "open_clip" | "none", "bos_id": int | null, "eos_id": int | null, "pad_id": int,
-     "pad_to": "longest" | "context"}
+    {"tokenizer": "clip_bpe" | "wordpiece" | "hf_open_clip", "inputs": ["input_ids"] | ["input_ids", "attention_mask"],
+     "clean": "open_clip" | "none" | "open_clip_whitespace" | "open_clip_lower" | "open_clip_canonicalize"
+              | "immich" | "immich_canonicalize",
+     "bos_id": int | null, "eos_id": int | null, "pad_id": int, "pad_to": "longest" | "context"}
+
+(an unknown clean mode is a BundleError, never raw text); a top-level "text_rules" object adds what open_clip's
+Hugging Face tokenizers do after padding (truncation side; "replace_ids", e.g. strip_sep_token's {sep: 0}).
+Other optional keys: "model_id_from" (the sha256 of an earlier visual graph whose embedding this one keeps, so
+the model id and the collections built with it stay valid) and "links" ({file: "../SIBLING/file"}: a file
+stored once in a sibling bundle, see `linked_files`).
 """
 
 from __future__ import annotations
