@@ -305,7 +305,7 @@ def choose_itm_precision(head: ItmHead, features: ItmFeatures, corpus: ItmCorpus
     return chosen, figures
 
 
-SHARED_FILES = ("textual.onnx", ITM_FILE, "tokenizer.json")
+SHARED_FILES = ("textual.onnx", ITM_FILE, "tokenizer.json", "text_head.npy")
 
 
 def write_bundles(head: ItmHead, itc_weight: float, provenance: dict, itm_precision: str, sources: list[Path],
