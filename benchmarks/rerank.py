@@ -10,8 +10,7 @@ re-ranked p50/p99 minus the ITC-only p50. Target: p50 added latency <= 40 ms at 
     python benchmarks/rerank.py [--model emoji-mini|BUNDLE] [--repeats 200] [--json-out FILE]
                                 [--results benchmarks/RESULTS.md [--force]]
 
---model defaults to the bundled emoji-mini once it has an ITM head; until then a tiny random BLIP bundle
-(exported as tests/test_blip.py does: needs torch + transformers, the `export` extra) stands in. Load
+--model defaults to the bundled emoji-mini (its fusion ITM head); any bundle with an ITM head works. Load
 average is recorded at the start and the end; RESULTS.md is not written when the machine was busy at the start
 (1-minute load above half the cores; at the end that figure includes the benchmark itself) unless --force.
 """
@@ -41,52 +40,13 @@ TARGET_MS = 40.0
 TITLE = "Re-ranking latency (benchmarks/rerank.py)"
 
 
-def tiny_blip_bundle(out: Path) -> Path:
-    """A tiny random BLIP retrieval model exported to a bundle (tests/test_blip.py's configuration)."""
-    if (out / "model.json").is_file():
-        return out
-    import torch
-    import transformers
-
-    from clipsearch.model.blip import export_blip, random_blip
-
-    log(f"exporting a tiny random BLIP bundle to {out}")
-    vocab = json.loads((REPO / "clipsearch" / "model" / "bundled" / "emoji-mini" / "tokenizer.json")
-                       .read_text(encoding="utf-8"))["model"]["vocab"]
-    tokenizer = transformers.BertTokenizer(vocab=dict(vocab), bos_token="[DEC]", additional_special_tokens=["[ENC]"])
-    config = transformers.BlipConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=512),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=16, initializer_range=0.02),
-        image_text_hidden_size=24)
-    source = out.parent / (out.name + "-source")
-    model = random_blip(config, seed=0)
-    with torch.no_grad():
-        model.itm_head.weight.normal_(0.0, 30.0)
-    model.save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    transformers.BlipImageProcessor(size={"height": 64, "width": 64}).save_pretrained(source)
-    return export_blip(str(source), out)
-
-
-def pick_model(spec: str | None, work: Path) -> tuple[Path, str]:
-    from clipsearch.errors import ClipsearchError
+def pick_model(spec: str | None) -> tuple[Path, str]:
     from clipsearch.model.resolve import resolve_model
 
-    if spec:
-        info = resolve_model(spec)
-        if "itm" not in info.extra:
-            raise SystemExit(f"model {info.name} has no ITM head: nothing to re-rank with")
-        return Path(info.path), info.name
-    try:
-        info = resolve_model("emoji-mini")
-        if "itm" in info.extra:
-            return Path(info.path), info.name
-        log("the bundled emoji-mini has no ITM head yet: using a tiny random BLIP bundle instead")
-    except ClipsearchError:
-        pass
-    return tiny_blip_bundle(work / "bundles" / "tiny-blip"), "tiny random BLIP (stand-in)"
+    info = resolve_model(spec or "emoji-mini")
+    if "itm" not in info.extra:
+        raise SystemExit(f"model {info.name} has no ITM head: nothing to re-rank with")
+    return Path(info.path), info.name
 
 
 def build_collection(index_dir: Path, name: str, bundle: Path):
@@ -127,7 +87,7 @@ def busy(note: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="bundle or model name with an ITM head (default: emoji-mini when it has one)")
+    parser.add_argument("--model", help="bundle or model name with an ITM head (default: emoji-mini)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
     parser.add_argument("--query", default=QUERY)
@@ -141,7 +101,7 @@ def main() -> None:
 
     report: dict = {"machine": machine_note(), "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "query": args.query, "repeats": args.repeats, "rows": []}
-    bundle, label = pick_model(args.model, args.work_dir)
+    bundle, label = pick_model(args.model)
     report["model"] = label
     name = f"rerank-{bundle.name}"
     collection, model = build_collection(args.work_dir / "collections", name, bundle)
