@@ -16,29 +16,16 @@ import numpy as np
 import pytest
 
 from clipsearch.errors import ModelNotAvailable
+from test_model_layer import VARIED_TEXTS
 
 HF_ARCH = "clipsearch-tiny-hf"  # mean pooler, clean "whitespace" (HFTokenizer's default)
 HF_STRIP_ARCH = "clipsearch-tiny-hf-stripsep"  # strip_sep_token, clean "canonicalize", CLS pooling
 HF_TOWER_DIR = "clipsearch-tiny-hf-tower"  # the relative hf_model_name / hf_tokenizer_name of both configs
 MINILM_TOKENIZER = Path(__file__).parents[1] / "clipsearch/model/bundled/emoji-mini/tokenizer.json"
 
-TEXTS = [
-    "a dog on a beach",
-    "",
-    "   ",
-    "Café crème brûlée à la française",
-    "东京タワーの夜景 서울 北京",
-    "🐶🐱🍕 emoji!! 👩🏽‍🚀",
-    "  lots   of\t\nwhitespace \u00a0 and\u2003em spaces  ",
-    "don't you're it's I'll we've she'd I'm",
-    "<b>html</b> &amp; &lt;tag&gt; &amp;amp;",
-    "“curly quotes” ‘single’ — em dash… ellipsis",
-    "ＦＵＬＬＷＩＤＴＨ ｌｅｔｔｅｒｓ",
-    "snake_case_words and under_scores",
-    "MiXeD CaSe WORDS [SEP] [CLS] [PAD] literal specials",
-    "word " * 60,
-    "supercalifragilisticexpialidocious antidisestablishmentarianism",
-]
+# test_model_layer's varied texts, plus what an HF WordPiece tokenizer treats specially
+TEXTS = [*VARIED_TEXTS, "snake_case_words and under_scores", "MiXeD CaSe WORDS [SEP] [CLS] [PAD] literal specials",
+         "word " * 60]
 
 
 @pytest.fixture(scope="module")
