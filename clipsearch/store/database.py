@@ -402,36 +402,20 @@ class Store:
         wanted = [int(i) for i in ids]
         if not self.has_token_table:
             return wanted
-        have: set[int] = set()
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            have.update(r[0] for r in self.conn.execute(
-                f"SELECT id FROM image_tokens WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        have = {r[0] for r in self._select_by_ids("SELECT id FROM image_tokens", wanted)}
         return [i for i in wanted if i not in have]
 
     def token_generations(self, ids: Iterable[int]) -> dict[int, int]:
         """id -> tokens generation its row was written at, for those of `ids` that have tokens."""
-        wanted = [int(i) for i in ids]
-        found: dict[int, int] = {}
         if not self.has_token_table:
-            return found
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            found.update((int(i), int(g or 0)) for i, g in self.conn.execute(
-                f"SELECT id, written_gen FROM image_tokens WHERE id IN ({','.join('?' * len(chunk))})", chunk))
-        return found
+            return {}
+        return {int(i): int(g or 0) for i, g in self._select_by_ids("SELECT id, written_gen FROM image_tokens", ids)}
 
     def token_blobs(self, ids: Iterable[int]) -> dict[int, bytes]:
         """id -> stored token blob of those of `ids` that have one."""
-        wanted = [int(i) for i in ids]
-        found: dict[int, bytes] = {}
         if not self.has_token_table:
-            return found
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            found.update((int(i), bytes(b)) for i, b in self.conn.execute(
-                f"SELECT id, CAST(data AS BLOB) FROM image_tokens WHERE id IN ({','.join('?' * len(chunk))})", chunk))
-        return found
+            return {}
+        return {int(i): bytes(b) for i, b in self._select_by_ids("SELECT id, CAST(data AS BLOB) FROM image_tokens", ids)}
 
     def iter_token_blobs(self, chunk: int = 1024) -> Iterator[tuple[np.ndarray, list[bytes]]]:
         """Yield (ids int64 [n], blobs) over every stored token row, in id order."""
@@ -476,14 +460,16 @@ class Store:
         return rows.get(int(image_id))
 
     def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        return {row[0]: ImageRecord(*row)
+                for row in self._select_by_ids(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images", ids)}
+
+    def _select_by_ids(self, select: str, ids: Iterable[int], chunk: int = 500) -> Iterator[tuple]:
+        """Rows of `select` + " WHERE id IN (...)" for `ids`, asked `chunk` ids at a time (SQLite's bound
+        parameter limit)."""
         wanted = [int(i) for i in ids]
-        found: dict[int, ImageRecord] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE id IN ({marks})", chunk):
-                found[row[0]] = ImageRecord(*row)
-        return found
+        for start in range(0, len(wanted), chunk):
+            part = wanted[start:start + chunk]
+            yield from self.conn.execute(f"{select} WHERE id IN ({','.join('?' * len(part))})", part)
 
     def find_by_path(self, path: str) -> ImageRecord | None:
         row = self.conn.execute(f"SELECT {', '.join(_IMAGE_COLUMNS)} FROM images WHERE path = ?", [path]).fetchone()
