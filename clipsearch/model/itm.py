@@ -48,6 +48,8 @@ class ItmSpec:
     match_index: int
     text_tokens: str | None = None  # fusion heads: the name of textual.onnx's hidden-state output
     itc_weight: float = 1.0  # λ of the final score: ITM match logit + λ·ITC cosine
+    image_tokens_shape: tuple[int, int] | None = None  # (T, D) of one image's tokens, when model.json says
+    image_tokens_storage: str | None = None  # how the index stores them ("int8", "fp16"), when model.json says
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ItmSpec":
@@ -60,8 +62,12 @@ class ItmSpec:
                        image_tokens=str(raw.get("image_tokens", "image_tokens")),
                        match_index=int(raw.get("match_index", 1)),
                        text_tokens=str(raw["text_tokens"]) if raw.get("text_tokens") else None,
-                       itc_weight=_finite(raw.get("itc_weight", 1.0), "itc_weight"))
-        except (TypeError, ValueError) as exc:
+                       itc_weight=_finite(raw.get("itc_weight", 1.0), "itc_weight"),
+                       image_tokens_shape=((int(raw["image_tokens_shape"][0]), int(raw["image_tokens_shape"][1]))
+                                           if raw.get("image_tokens_shape") else None),
+                       image_tokens_storage=(str(raw["image_tokens_storage"]) if raw.get("image_tokens_storage")
+                                             else None))
+        except (TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"model.json's \"itm\" entry is malformed: {exc}") from exc
 
 

@@ -172,17 +172,25 @@ class ClipModel:
         return self._itm
 
     @property
-    def image_tokens_output(self) -> str | None:
-        """The name of visual.onnx's token output the ITM head reads, or None without an ITM head."""
+    def itm_spec(self):
+        """model.json's "itm" object as an `ItmSpec`, or None without an ITM head (no graph is opened)."""
         if not self.has_itm:
             return None
-        return str(self.info.extra["itm"].get("image_tokens", "image_tokens"))
+        from .itm import ItmSpec
+
+        return ItmSpec.from_dict(self.info.extra["itm"])
+
+    @property
+    def image_tokens_output(self) -> str | None:
+        """The name of visual.onnx's token output the ITM head reads, or None without an ITM head."""
+        spec = self.itm_spec
+        return spec.image_tokens if spec is not None else None
 
     @property
     def image_tokens_shape(self) -> tuple[int, int] | None:
         """(T, D) of one image's tokens as model.json states it, or None without an ITM head."""
-        shape = self.info.extra["itm"].get("image_tokens_shape") if self.has_itm else None
-        return (int(shape[0]), int(shape[1])) if shape else None
+        spec = self.itm_spec
+        return spec.image_tokens_shape if spec is not None else None
 
     def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One call of the visual graph giving both the L2-normalised embeddings [N, D] and the ITM image
@@ -201,12 +209,6 @@ class ClipModel:
     def image_tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
         """float32 [len(images), T, Dv]: the visual graph's token output that the ITM head attends to (named
         in model.json's itm object), in one batch. BundleError for a bundle without an ITM head."""
-        if not self.has_itm:
-            raise BundleError(f"model {self.info.name} has no ITM head: its visual graph gives no image tokens")
-        name = str(self.info.extra["itm"].get("image_tokens", "image_tokens"))
-        if not images:
-            shape = self.info.extra["itm"].get("image_tokens_shape") or [0, 0]
-            return np.zeros((0, *shape), dtype=np.float32)
-        pixels = np.stack([image_to_pixels(img, self.preprocess) for img in images])
-        return np.ascontiguousarray(self.visual.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)},
-                                                    output=name), dtype=np.float32)
+        pixels = (np.stack([image_to_pixels(img, self.preprocess) for img in images]) if images
+                  else np.zeros((0, 3, *self.preprocess.size), dtype=np.float32))
+        return self.encode_pixels_with_tokens(pixels)[1]

@@ -123,11 +123,11 @@ class TokenChoice:
 
 def model_token_codec(model) -> TokenCodec | None:
     """How a `ClipModel`'s image tokens would be stored, or None for a model without an ITM head."""
-    if not getattr(model, "has_itm", False):
+    spec = model.itm_spec if getattr(model, "has_itm", False) else None
+    if spec is None:
         return None
-    itm = model.info.extra.get("itm") or {}
-    storage = str(itm.get("image_tokens_storage", DEFAULT_STORAGE))
-    shape = model.image_tokens_shape
+    storage = spec.image_tokens_storage or DEFAULT_STORAGE
+    shape = spec.image_tokens_shape
     if shape is None:  # model.json does not say: ask the graph once
         size = model.preprocess.size
         _, tokens = model.encode_pixels_with_tokens(np.zeros((1, 3, size[0], size[1]), dtype=np.float32))
