@@ -1,9 +1,9 @@
 """Held-out evaluation of re-ranking with a bundle's ITM head, through the torch-free runtime.
 
 For every query, the top `k` gallery images by the dual encoder (ITC) are re-scored by the head exactly as
-`clipsearch search --rerank` does: image tokens from the visual graph, rounded to int8 per token as the index
-stores them, one ITM call per query, final score = match logit + λ·cosine (λ from model.json). Reported: R@1/5/10
-without and with re-ranking, over all queries and over the *compositional* queries — those whose concept has a
+`clipsearch search --rerank` does: image tokens from the visual graph, encoded and decoded with the codec the
+index stores them with (int8 per token for emoji-mini), one ITM call per query, final score = match logit +
+λ·cosine (λ from model.json). Reported: R@1/5/10 without and with re-ranking, over all queries and over the *compositional* queries — those whose concept has a
 minimal pair in the gallery (a name that differs in one word or in a skin-tone suffix: "man cook"/"woman cook",
 "thumbs up: dark skin tone"/"thumbs up: medium-dark skin tone"), the case a bag-of-words dual encoder blurs.
 """
@@ -19,12 +19,6 @@ import numpy as np
 
 from .evaluate import Gallery
 from .itm_data import minimal_pairs
-
-
-def int8_round_trip(tokens: np.ndarray) -> np.ndarray:
-    """Symmetric int8 per token, back to float32 (what the search reads from the index)."""
-    scale = np.maximum(np.abs(tokens).max(axis=-1, keepdims=True), 1e-8) / 127.0
-    return (np.clip(np.round(tokens / scale), -127, 127) * scale).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -82,18 +76,20 @@ def evaluate_rerank(bundle: Path | str, gallery: Gallery, labels: dict[int, str]
                     threads: int | None = None, log: Callable[[str], None] = print) -> RerankReport:
     from ..model.preprocess import load_pixels
     from ..model.runtime import ClipModel
+    from ..store.collection import model_token_codec
 
     started = time.perf_counter()
     model = ClipModel(bundle, threads=threads)
     scorer = model.itm
     if scorer is None:
         raise ValueError(f"{bundle} has no ITM head")
+    codec = model_token_codec(model)
     embeds, tokens = [], []
     for start in range(0, len(gallery.images), 256):
         pixels = np.stack([load_pixels(p, model.preprocess) for p in gallery.images[start:start + 256]])
         e, t = model.encode_pixels_with_tokens(pixels)
         embeds.append(e)
-        tokens.append(int8_round_trip(t))
+        tokens.append(codec.decode(codec.encode(t)))  # what the search reads back from the index
     image_emb, image_tokens = np.concatenate(embeds), np.concatenate(tokens)
     g_concepts = np.asarray(gallery.image_concepts)
     weight = scorer.spec.itc_weight

@@ -323,10 +323,3 @@ def write_bundles(head: ItmHead, itc_weight: float, provenance: dict, itm_precis
             share_files(out, first, same)
             log(f"{out.name} shares {', '.join(same)} with {first.name}")
 
-
-def rewrite_from_checkpoint(checkpoint: Path, sources: list[Path], outs: list[Path],
-                            log: Callable[[str], None] = print) -> None:
-    """Write the bundles again from a trained head (`work_dir/itm-head.pt`), e.g. onto re-exported towers."""
-    head, raw = load_head(checkpoint)
-    write_bundles(head, float(raw["itc_weight"]), raw["provenance"], str(raw.get("itm_precision", "fp32")),
-                  sources, outs, log)
