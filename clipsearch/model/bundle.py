@@ -21,14 +21,17 @@ The `text` object of model.json says how to turn strings into graph inputs::
 (an unknown clean mode is a BundleError, never raw text); a top-level "text_rules" object adds what open_clip's
 Hugging Face tokenizers do after padding (truncation side; "replace_ids", e.g. strip_sep_token's {sep: 0}).
 Other optional keys: "model_id_from" (the sha256 of an earlier visual graph whose embedding this one keeps, so
-the model id and the collections built with it stay valid) and "links" ({file: "../SIBLING/file"}: a file
-stored once in a sibling bundle, see `linked_files`).
+the model id and the collections built with it stay valid), "links" ({file: "../SIBLING/file"}: a file
+stored once in a sibling bundle, see `linked_files`) and "duplicates" ({"threshold": cosine, "how": text}: the
+model's own near-duplicate threshold, see `DuplicateSpec`). model.json itself is not hashed and the model id
+comes from visual.onnx, so such metadata can be added to a bundle without changing its id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -130,6 +133,32 @@ class BundleInfo:
     @property
     def links(self) -> dict[str, str]:
         return linked_files(self.path, self.extra.get("links"))
+
+    @property
+    def duplicates(self) -> "DuplicateSpec | None":
+        """model.json's optional "duplicates" object (the model's near-duplicate threshold), or None."""
+        return DuplicateSpec.from_raw(self.path, self.extra.get("duplicates"))
+
+
+@dataclass(frozen=True)
+class DuplicateSpec:
+    """A model's near-duplicate threshold: two images whose embeddings have at least this cosine similarity
+    are copies of one another (resized, re-encoded, slightly cropped or colour-shifted). Cosines are not
+    comparable between models, so each bundle carries its own, calibrated for it (`how` says on what)."""
+
+    threshold: float
+    how: str = ""
+
+    @classmethod
+    def from_raw(cls, folder: Path, raw: Any) -> "DuplicateSpec | None":
+        if raw is None:
+            return None
+        threshold = raw.get("threshold") if isinstance(raw, dict) else None
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+                or not 0 < threshold <= 1):
+            raise BundleError(f"{folder / 'model.json'}: \"duplicates\" must be an object whose \"threshold\" is a "
+                              f"cosine similarity above 0 and at most 1, not {raw!r}"[:300])
+        return cls(threshold=float(threshold), how=str(raw.get("how", "")))
 
 
 def linked_files(folder: Path, raw: Any) -> dict[str, str]:
