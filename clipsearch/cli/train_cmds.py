@@ -230,3 +230,41 @@ def int8_text_variants_cmd(
     labels = [c.label for c in open_emoji_dataset(int(info.extra.get("image_size", [64])[0])).concepts]
     best = max(score_variants(info.path, choice_captions(labels, count), log=typer.echo), key=lambda s: s.mean_cosine)
     typer.echo(f"highest mean cosine: {best.name}")
+
+
+@train_app.command("duplicate-threshold")
+def duplicate_threshold_cmd(
+    model: str = typer.Argument("emoji-mini", help="Bundle folder or model name"),
+    images: Optional[Path] = typer.Option(None, "--images", help="A folder of distinct images to calibrate on "
+                                          "(default: the emoji training styles' validation split, rendered at 64 px)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many images of --images"),
+    min_precision: Optional[float] = typer.Option(None, "--min-precision", min=0.0, max=1.0,
+                                                  help="Choose the lowest threshold with at least this pairwise "
+                                                       "precision instead of the highest F1"),
+    write: bool = typer.Option(False, "--write", help="Record the threshold in the bundle's model.json "
+                               "(\"duplicates\"; the model id does not change)"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Choose a model's near-duplicate threshold on altered copies of distinct images (torch-free)."""
+    from ..model.resolve import resolve_model
+    from ..model.runtime import ClipModel
+    from ..train.duplicate_threshold import calibrate, folder_images, to_json, validation_sprites, write_threshold
+
+    info = resolve_model(model, export_missing=False)
+    if images is not None:
+        sources, desc = folder_images(images, limit), f"images of {images.name}"
+    else:
+        sources, desc = validation_sprites(), "validation sprites of the emoji training styles"
+    if len(sources) < 2:
+        raise typer.BadParameter("needs at least two distinct images", param_hint="--images")
+    result = calibrate(ClipModel(info, threads=threads), sources, desc, min_precision=min_precision,
+                       log=lambda m: None if as_json else typer.echo(m))
+    if as_json:
+        typer.echo(json.dumps(to_json(result), indent=2))
+    else:
+        for line in result.lines():
+            typer.echo(line)
+    if write:
+        written = write_threshold(info.path, result)
+        typer.echo(f"wrote duplicates.threshold = {written['threshold']} to {info.path / 'model.json'}", err=as_json)
