@@ -10,6 +10,10 @@ interrupted run has been resumed.
 keeps serving searches, and switches to it atomically only once the new one is complete and its FAISS
 index saved (`Collection.finish_rebuild`); a killed or failed rebuild leaves the old collection as it was.
 
+`LocalRunner.update` is the same run over only the paths a watcher saw change (`walk.walk_changes`): their files
+are planned, read, reused by content hash and written exactly as a full run's, and the sweep covers only those
+paths, so a rename copies the vector of the file it was (its old path is swept in the same run).
+
 ITM image tokens (models with an ITM head, `Collection.choose_tokens`): written with each image's vector in
 the same transaction; unchanged images that have none are read again for them (vectors kept), so turning
 tokens on for an indexed collection, or resuming a killed run that was adding them, is incremental.
@@ -29,7 +33,7 @@ from clipsearch.store.database import SkippedFile
 from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
                        plan_token_backfill)
 from .reader import ParallelReader
-from .walk import walk
+from .walk import WalkResult, walk
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,25 @@ class LocalRunner:
             except BaseException:
                 collection.discard_if_unbound()  # a first run that failed early leaves no empty collection
                 raise
+
+    def update(self, collection: Collection, model, changes: WalkResult,
+               progress: ProgressCallback | None = None) -> IndexSummary:
+        """Bring the index in line with the paths in `changes.roots` (from `walk.walk_changes`) and nothing else:
+        new, changed and renamed files among `changes.files` are indexed, and whatever the index holds under those
+        paths that is no longer there is removed. The collection must have been indexed (its model bound); the
+        paths are not recorded as indexed roots (they lie inside ones that are). Not for --rebuild."""
+        if self.options.rebuild:
+            raise ValueError("update() does not rebuild; run() with rebuild=True does")
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        with collection.writer_lock():
+            current = collection.require_model()
+            if current.model_id != model.model_id:
+                collection.bind_model(model.info)  # raises: another model's vectors are never mixed in
+            tokens = collection.choose_tokens(model, None)  # as the collection's last full run decided
+            self.last_token_choice = tokens
+            return self._index_into(collection, model, changes, progress, started, cpu_started, tokens.codec,
+                                    record_roots=False)
 
     def _run(self, collection: Collection, model, roots: Sequence[str | Path],
              progress: ProgressCallback | None) -> IndexSummary:
@@ -85,8 +108,8 @@ class LocalRunner:
             collection.finish_rebuild(target)
         return summary
 
-    def _index_into(self, collection: Collection, model, walked, progress: ProgressCallback | None,
-                    started: float, cpu_started: float, codec=None) -> IndexSummary:
+    def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,
+                    started: float, cpu_started: float, codec=None, record_roots: bool = True) -> IndexSummary:
         options = self.options
         worker_cpu = 0.0
         store = collection.store
@@ -95,7 +118,8 @@ class LocalRunner:
         walk_seconds = time.perf_counter() - started
 
         run_id = store.next_run_id()
-        store.record_roots(walked.roots)
+        if record_roots:
+            store.record_roots(walked.roots)
         plan = make_plan(walked.files, store)
         store.touch(plan.unchanged_ids, run_id)
         store.touch_skipped(plan.still_bad_paths, run_id)

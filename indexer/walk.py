@@ -1,7 +1,10 @@
 """Finding image files: a recursive walk that skips hidden and tool folders, honours --exclude globs,
 and reports (instead of raising on) folders it cannot read, names SQLite cannot store, and entries with an
 image suffix that are not regular files (FIFOs, sockets, devices), dangling symlinks and symlink loops.
-Nothing here ever opens a file: entries are classified by stat alone."""
+Nothing here ever opens a file: entries are classified by stat alone.
+
+`walk_changes` walks only the paths a watcher saw change (clipsearch watch), by the same rules as a walk of their
+root would reach them."""
 
 from __future__ import annotations
 
@@ -64,8 +67,46 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "replace").decode() if not is_utf8(path) else path
 
 
-def iter_files(root: str, options: WalkOptions, problems: list[tuple[str, str]]) -> Iterator[FoundFile]:
-    """Yield image files under `root` (a file or a folder), depth first, in sorted name order."""
+def _folder_left_out(path: str, name: str, root: str, options: WalkOptions) -> bool:
+    """A sub-folder a walk of `root` does not enter: hidden, a tool folder, or excluded."""
+    if (name.startswith(".") or name in SKIPPED_DIR_NAMES) and not options.include_hidden:
+        return True
+    return bool(options.exclude) and _excluded(path, name, root, options.exclude)
+
+
+def _file_left_out(path: str, name: str, root: str, options: WalkOptions) -> bool:
+    """A file a walk of `root` does not consider: hidden, not named like an image, or excluded."""
+    if name.startswith(".") and not options.include_hidden:
+        return True
+    if os.path.splitext(name)[1].lower() not in options.suffixes:
+        return True
+    return bool(options.exclude) and _excluded(path, name, root, options.exclude)
+
+
+def _image_file(path: str, problems: list[tuple[str, str]]) -> FoundFile | None:
+    """A path that passed the name rules, classified by stat: the image file, or None (a problem was recorded,
+    or it is a symlink to a folder, which is not followed)."""
+    if not is_utf8(path):
+        problems.append((_printable(path), "file name is not valid UTF-8"))
+        return None
+    try:
+        stat = os.stat(path)  # follows a symlink to its target
+    except OSError as exc:
+        problems.append((path, _stat_problem(path, exc)))
+        return None
+    if stat_module.S_ISDIR(stat.st_mode):
+        return None  # a symlink to a folder that happens to be named like an image; not followed
+    if not stat_module.S_ISREG(stat.st_mode):
+        problems.append((path, not_regular_reason(stat.st_mode)))
+        return None
+    return FoundFile(path, stat.st_size, stat.st_mtime_ns)
+
+
+def iter_files(root: str, options: WalkOptions, problems: list[tuple[str, str]],
+               base: str | None = None) -> Iterator[FoundFile]:
+    """Yield image files under `root` (a file or a folder), depth first, in sorted name order. `base`: the
+    folder --exclude patterns are relative to when `root` is a folder inside the one being indexed."""
+    base = root if base is None else base
     try:
         root_stat = os.stat(root)
     except OSError as exc:
@@ -91,38 +132,19 @@ def iter_files(root: str, options: WalkOptions, problems: list[tuple[str, str]])
         subfolders = []
         for entry in entries:
             name = entry.name
-            hidden = name.startswith(".")
             try:
                 is_dir = entry.is_dir(follow_symlinks=options.follow_symlinks)
             except OSError:
                 is_dir = False  # a symlink loop or a vanished entry: classified by the stat below
             if is_dir:
-                if (hidden and not options.include_hidden) or (name in SKIPPED_DIR_NAMES and not options.include_hidden):
-                    continue
-                if options.exclude and _excluded(entry.path, name, root, options.exclude):
-                    continue
-                subfolders.append(entry.path)
+                if not _folder_left_out(entry.path, name, base, options):
+                    subfolders.append(entry.path)
                 continue
-            if hidden and not options.include_hidden:
+            if _file_left_out(entry.path, name, base, options):
                 continue
-            if os.path.splitext(name)[1].lower() not in options.suffixes:
-                continue
-            if options.exclude and _excluded(entry.path, name, root, options.exclude):
-                continue
-            if not is_utf8(entry.path):
-                problems.append((_printable(entry.path), "file name is not valid UTF-8"))
-                continue
-            try:
-                stat = entry.stat()  # follows a symlink to its target
-            except OSError as exc:
-                problems.append((entry.path, _stat_problem(entry.path, exc)))
-                continue
-            if stat_module.S_ISDIR(stat.st_mode):
-                continue  # a symlink to a folder that happens to be named like an image; not followed
-            if not stat_module.S_ISREG(stat.st_mode):
-                problems.append((entry.path, not_regular_reason(stat.st_mode)))
-                continue
-            yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
+            found = _image_file(entry.path, problems)
+            if found is not None:
+                yield found
         stack.extend(reversed(subfolders))
 
 
@@ -143,6 +165,71 @@ def walk(roots: Sequence[str | Path], options: WalkOptions = WalkOptions()) -> W
             continue
         result.roots.append(root)
         for found in iter_files(root, options, result.problems):
+            if found.path not in seen:
+                seen.add(found.path)
+                result.files.append(found)
+    return result
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _reached_from(root: str, path: str, options: WalkOptions) -> bool:
+    """Whether a walk of the folder `root` enters every folder between it and `path` (by name alone)."""
+    parts = os.path.relpath(path, root).split(os.sep)[:-1]
+    folder = root
+    for name in parts:
+        folder = os.path.join(folder, name)
+        if _folder_left_out(folder, name, root, options):
+            return False
+    return True
+
+
+def might_hold_images(root: str, path: str, is_folder: bool, options: WalkOptions = WalkOptions()) -> bool:
+    """Whether a walk of the folder `root` reaches `path`, by name alone (nothing is read, so it also answers for a
+    path that is gone): a folder it enters, or a file it considers. False for a path outside `root`."""
+    if not _inside(path, root):
+        return False
+    if path == root:
+        return True
+    if not _reached_from(root, path, options):
+        return False
+    left_out = _folder_left_out if is_folder else _file_left_out
+    return not left_out(path, os.path.basename(path), root, options)
+
+
+def walk_changes(changes: Sequence[tuple[str, str]], options: WalkOptions = WalkOptions()) -> WalkResult:
+    """The image files at or under changed paths, found by the rules a walk of their root follows; `changes`
+    holds (root, changed path) pairs, both absolute, the path inside its root (a pair outside is left out).
+
+    `roots` of the result are the changed paths themselves, whether or not they still exist: an indexing run
+    over it sweeps whatever the index holds under them that was not found (deleted, renamed away, now
+    excluded), and leaves the rest of the collection alone. A path that no longer exists is no problem."""
+    result = WalkResult()
+    seen: set[str] = set()
+    scoped: set[str] = set()
+    for root, path in changes:
+        if not _inside(path, root) or path in scoped:
+            continue
+        scoped.add(path)
+        result.roots.append(path)
+        if not os.path.lexists(path):
+            continue
+        if path == root:
+            found_files: Iterator[FoundFile] = iter_files(root, options, result.problems)
+        elif not os.path.isdir(root) or not _reached_from(root, path, options):
+            continue
+        elif os.path.isdir(path) and not os.path.islink(path):
+            if _folder_left_out(path, os.path.basename(path), root, options):
+                continue
+            found_files = iter_files(path, options, result.problems, base=root)
+        elif _file_left_out(path, os.path.basename(path), root, options):
+            continue
+        else:
+            found = _image_file(path, result.problems)
+            found_files = iter([found] if found is not None else [])
+        for found in found_files:
             if found.path not in seen:
                 seen.add(found.path)
                 result.files.append(found)
