@@ -28,7 +28,7 @@ app = typer.Typer(
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`. Each module keeps heavy imports
     # (onnxruntime, faiss, torch) inside its command functions so `clipsearch --help` stays fast.
-    from . import index_cmds, model_cmds, search_cmds, serve_cmds, train_cmds  # noqa: F401
+    from . import index_cmds, model_cmds, search_cmds, serve_cmds, train_cmds, watch_cmds  # noqa: F401
 
 
 _register()

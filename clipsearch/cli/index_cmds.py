@@ -99,8 +99,17 @@ def index(
         help="Store the ITM image tokens that `search --rerank` reads (models with an ITM head; on by default when "
              "they take at most 64 KB per image). --tokens also computes them for images indexed without them; "
              "--no-tokens drops them. The choice is remembered"),
+    watch: bool = typer.Option(False, "--watch", help="Keep watching PATHS afterwards and index what changes "
+                                                      "(as `clipsearch watch`; --json prints one line per run)"),
 ) -> None:
     """Index photos: new files are embedded, changed ones re-embedded, vanished ones removed."""
+    if watch:
+        from .watch_cmds import run_watch
+
+        run_watch(paths, collection=collection, model=model, batch_size=batch_size, workers=workers,
+                  exclude=exclude, include_hidden=include_hidden, rebuild=rebuild, threads=threads,
+                  index_dir=index_dir, as_json=as_json, tokens=tokens)
+        return
     from ..store.collection import Collection
     from ..indexer.pipeline import IndexOptions
     from ..indexer.runner import LocalRunner
@@ -134,15 +143,21 @@ def index(
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
         return
+    _print_summary(summary)
+
+
+def _print_summary(summary, prefix: str = "", list_skipped: bool = True, tokens_line: bool = True) -> None:
+    """The human-readable lines of an `IndexSummary` (stdout; skipped files on stderr)."""
     rate = (summary.embedded + summary.reused) / summary.seconds if summary.seconds else 0.0
-    typer.echo(f"{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} reused, "
-               f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
+    typer.echo(f"{prefix}{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} "
+               f"reused, {summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
                f"{summary.total} images in total ({summary.seconds:.1f} s, {rate:.1f} img/s)")
-    if summary.tokens:
+    if summary.tokens and (tokens_line or summary.tokens_added):
         added = f", {summary.tokens_added} added to indexed images" if summary.tokens_added else ""
         typer.echo(f"  ITM image tokens: {summary.tokens}, {_format_bytes(summary.token_bytes_per_image)}/image{added}")
-    for skipped in summary.skipped:
-        typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+    if list_skipped:
+        for skipped in summary.skipped:
+            typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
 
 
 def _format_bytes(count: int) -> str:
