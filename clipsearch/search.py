@@ -8,6 +8,11 @@ it is safe to call from several threads. Example::
     searcher = Searcher.open("default")
     hits = searcher.search(SearchQuery.build(text="beach", not_texts=["people"], k=20))
 
+Filters (`filter=SearchFilter.parse(folders=..., after=..., before=..., orientation=..., min_size=...)`, see
+clipsearch.filters) act inside the nearest-neighbour search: the ids that pass are read from SQLite and only
+they are ranked, so a filtered query returns k hits whenever k images pass. They compose with every query kind
+and with re-ranking (which re-scores the filtered candidates).
+
 Re-ranking (`rerank=True`, models with an ITM head such as BLIP bundles): the top `rerank_k` ITC candidates
 are scored by the cross-encoder from the image tokens stored at index time (no image file is read), see
 `Searcher.search`.
@@ -28,11 +33,13 @@ import numpy as np
 
 from .store.collection import DEFAULT_COLLECTION, Collection
 from .errors import CollectionError, QueryError
+from .filters import EmptyReason, SearchFilter, empty_reason, image_date
 from .text import is_utf8
 
 MAX_QUERY_CHARS = 10_000
 MAX_K = 10_000
 STALE_REFRESH_SECONDS = 10.0
+ALLOWED_CACHE_SIZE = 8  # allow-lists of recent filters, per store generation (the page re-queries as you type)
 # "^W:text": a caret, a decimal weight, a colon. Nothing else at the start of a text is read as a weight,
 # so "2:beach" or "12:30 sunset" are plain text; a text that really starts with a caret escapes it: "\\^_^".
 _WEIGHT_RE = re.compile(r"^\^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):(.*)$", re.S)
@@ -91,6 +98,7 @@ class SearchQuery:
     rerank: bool = False
     rerank_k: int = DEFAULT_RERANK_K
     min_match: float | None = None
+    filter: SearchFilter | None = None  # only images that pass it are ranked
 
     @classmethod
     def build(cls, text: str | None = None, image: str | os.PathLike[str] | bytes | None = None,
@@ -98,7 +106,7 @@ class SearchQuery:
               and_images: Sequence[str | os.PathLike[str] | bytes] = (),
               not_images: Sequence[str | os.PathLike[str] | bytes] = (), k: int = 10,
               include_query_images: bool = False, rerank: bool = False, rerank_k: int | None = None,
-              min_match: float | None = None) -> "SearchQuery":
+              min_match: float | None = None, filter: SearchFilter | None = None) -> "SearchQuery":
         """Assemble a query; texts may carry a weight prefix, e.g. "^2:beach" or "^0.5:sunset" (see `parse_weight`)."""
         terms: list[QueryTerm] = []
         if text is not None:
@@ -112,7 +120,8 @@ class SearchQuery:
         terms.extend(text_term(t, negate=True) for t in not_texts)
         terms.extend(image_term(i, negate=True) for i in not_images)
         return cls(terms=tuple(terms), k=k, include_query_images=include_query_images, rerank=bool(rerank),
-                   rerank_k=DEFAULT_RERANK_K if rerank_k is None else rerank_k, min_match=min_match)
+                   rerank_k=DEFAULT_RERANK_K if rerank_k is None else rerank_k, min_match=min_match,
+                   filter=filter if filter is not None and filter.active else None)
 
     @property
     def itm_text(self) -> str:
@@ -199,6 +208,10 @@ class SearchHit:
     # λ * itc_score, λ = `itc_weight(model)`), `itc_score` the cosine of the ITC stage, `match` the ITM match probability.
     itc_score: float | None = None
     match: float | None = None
+    # With a date filter (after/before) only: the date it compared, as local ISO text, and which one it is:
+    # "taken_at" (the EXIF capture time) or "mtime" (the file's modification time, for files without one).
+    date: str | None = None
+    date_source: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,6 +242,7 @@ class Searcher:
         self._index_generation: int | None = None
         self._index_loaded_at = 0.0
         self._tokens = None  # the collection's memory-mapped TokenFile, loaded by the first re-ranking
+        self._allowed: dict[tuple[SearchFilter, tuple[int, int]], np.ndarray] = {}  # (filter, db version) -> ids
         self._lock = threading.RLock()
         if model is not None:
             self._check_model(model)
@@ -419,8 +433,8 @@ class Searcher:
             self._require_tokens()
         qv = self.query_vector(query)
         if not query.rerank:
-            return self.search_vector(qv.vector, query.k, qv.exclude_ids)
-        hits = self.search_vector(qv.vector, max(query.k, query.rerank_k), qv.exclude_ids)
+            return self.search_vector(qv.vector, query.k, qv.exclude_ids, query.filter)
+        hits = self.search_vector(qv.vector, max(query.k, query.rerank_k), qv.exclude_ids, query.filter)
         return self._rerank(query, hits)[:query.k]
 
     def _require_itm(self):
@@ -528,20 +542,51 @@ class Searcher:
             return [hit for hit in scored if hit.match is not None and hit.match >= query.min_match]
         return scored + unscored + rest
 
-    def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = ()) -> list[SearchHit]:
+    def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = (),
+                      filter: SearchFilter | None = None) -> list[SearchHit]:
+        """The k nearest images to `vector`; with an active `filter`, the k nearest of those that pass it."""
         self._follow_rebuild()
         index = self.index
-        ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids)[0]
+        allowed = self.allowed_ids(filter) if filter is not None and filter.active else None
+        ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids, allowed=allowed)[0]
         with self._lock:
             records = self.collection.store.get_many([i for i, _ in ranked])
         hits = []
+        dated = filter is not None and filter.uses_date
         for image_id, score in ranked:
             record = records.get(image_id)
             if record is None:  # the index is ahead of SQLite: never show a row we cannot name
                 continue
+            date, source = image_date(record.taken_at, record.mtime_ns) if dated else (None, None)
             hits.append(SearchHit(id=image_id, path=record.path, score=round(score, 6), width=record.width,
-                                  height=record.height, taken_at=record.taken_at))
+                                  height=record.height, taken_at=record.taken_at, date=date, date_source=source))
         return hits
+
+    def allowed_ids(self, filter: SearchFilter) -> np.ndarray:
+        """Sorted ids of the images that pass `filter`, from SQLite (the last few filters' lists are kept until
+        the database changes: its generation, or any commit by another connection, which PRAGMA data_version
+        counts — e.g. an indexing run recording a touched file's new mtime without a new generation)."""
+        self._follow_rebuild()
+        with self._lock:
+            store = self.collection.store
+            version = (store.generation, int(store.conn.execute("PRAGMA data_version").fetchone()[0]))
+            key = (filter, version)
+            found = self._allowed.get(key)
+            if found is None:
+                found = store.ids_where(*filter.sql())
+                self._allowed = {k: v for k, v in self._allowed.items() if k[1] == version}
+                if len(self._allowed) >= ALLOWED_CACHE_SIZE:
+                    self._allowed.pop(next(iter(self._allowed)))
+                self._allowed[key] = found
+            return found
+
+    def why_empty(self, filter: SearchFilter | None) -> EmptyReason | None:
+        """For a search that found nothing: why, when its filters match no image at all (None otherwise)."""
+        if filter is None or not filter.active:
+            return None
+        self._follow_rebuild()
+        with self._lock:
+            return empty_reason(self.collection.store, filter)
 
 
 def _shell_quote(text: str) -> str:

@@ -452,6 +452,15 @@ class Store:
     def ids(self) -> np.ndarray:
         return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
 
+    def ids_where(self, where: str, params: Sequence = ()) -> np.ndarray:
+        """Sorted ids of the images matching an SQL condition over the `images` table (the condition comes from
+        code, e.g. `SearchFilter.sql`; values go in `params`)."""
+        return np.fromiter((r[0] for r in self.conn.execute(f"SELECT id FROM images WHERE {where} ORDER BY id",
+                                                            list(params))), dtype=np.int64)
+
+    def count_where(self, where: str, params: Sequence = ()) -> int:
+        return int(self.conn.execute(f"SELECT count(*) FROM images WHERE {where}", list(params)).fetchone()[0])
+
     def embedding_ids(self) -> np.ndarray:
         return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM embeddings ORDER BY id")), dtype=np.int64)
 

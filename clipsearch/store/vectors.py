@@ -21,6 +21,8 @@ import numpy as np
 from ..errors import CollectionError
 
 DEFAULT_IVF_THRESHOLD = 50_000
+# A filtered search of an IVF-PQ index ranks allow-lists up to this size exactly (see VectorIndex._search_allowed).
+EXACT_SUBSET_MAX = 20_000
 INDEX_FILE = "vectors.faiss"
 SIDECAR_FILE = "vectors.json"
 TRAINED_FILE = "ivfpq.trained.faiss"
@@ -85,6 +87,9 @@ class VectorIndex:
     def __init__(self, index, meta: IndexMeta) -> None:
         self.index = index
         self.meta = meta
+        self._id_map: np.ndarray | None = None  # position -> id (filtered searches)
+        self._sorted_ids: np.ndarray | None = None  # id_map sorted, and the order that sorts it (None: it is)
+        self._id_order: np.ndarray | None = None
         _apply_search_params(index, meta.layout)
 
     # -- building ----------------------------------------------------------------------------
@@ -138,6 +143,7 @@ class VectorIndex:
             max_id = int(np.max(ids))
             added += len(ids)
         self.meta = replace(self.meta, count=int(self.index.ntotal), generation=generation, max_id=max_id)
+        self._id_map = self._sorted_ids = self._id_order = None
         return added
 
     def empty_trained_copy(self):
@@ -206,22 +212,108 @@ class VectorIndex:
 
         return np.sort(faiss.vector_to_array(self.index.id_map).astype(np.int64))
 
-    def search(self, queries: np.ndarray, k: int, exclude_ids: Iterable[int] = ()) -> list[list[tuple[int, float]]]:
-        """Top-k (id, inner product) per query row, best first, never returning an excluded id."""
+    def search(self, queries: np.ndarray, k: int, exclude_ids: Iterable[int] = (),
+               allowed: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+        """Top-k (id, inner product) per query row, best first, never returning an excluded id. With `allowed`
+        (ids, e.g. those that pass a search filter) only those ids are ranked, inside the search: k hits come
+        back whenever at least k allowed ids are indexed (see `_search_allowed`)."""
         excluded = {int(i) for i in exclude_ids}
         if self.count == 0 or k <= 0:
             return [[] for _ in range(len(queries))]
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta.dim)
+        if allowed is not None:
+            return self._search_allowed(queries, k, np.asarray(allowed, dtype=np.int64), excluded)
         fetch = min(self.count, k + len(excluded))
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta.dim), fetch)
-        results = []
-        for row_scores, row_ids in zip(scores, ids):
-            hits = [(int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) not in excluded]
-            results.append(hits[:k])
-        return results
+        scores, ids = self.index.search(queries, fetch)
+        return _hits(scores, ids, excluded, k)
+
+    # -- filtered queries ----------------------------------------------------------------------
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """The internal positions (0..count-1, the order vectors were added) of those `ids` that are indexed.
+        FAISS ids are SQLite row ids; `IDMap` keeps them in `id_map`, in position order."""
+        id_map = self._positions_to_ids()
+        if self._sorted_ids is None:
+            # Built and appended in increasing id order, so normally already sorted.
+            order = None if bool(np.all(id_map[1:] > id_map[:-1])) else np.argsort(id_map, kind="stable")
+            self._sorted_ids, self._id_order = (id_map if order is None else id_map[order]), order
+        sorted_ids = self._sorted_ids
+        if not len(sorted_ids) or not len(ids):
+            return np.zeros(0, dtype=np.int64)
+        at = np.searchsorted(sorted_ids, ids)
+        found = at < len(sorted_ids)
+        found[found] = sorted_ids[at[found]] == ids[found]
+        at = at[found]
+        return (at if self._id_order is None else self._id_order[at]).astype(np.int64)
+
+    def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray,
+                        excluded: set[int]) -> list[list[tuple[int, float]]]:
+        """Rank only `allowed` ids. Two ways, both with FAISS id selectors over internal positions:
+
+        - exact: the flat vectors (the IDMap,Flat index itself; for IVF-PQ, the refine stage's flat copy of
+          every vector) searched with an IDSelectorBatch. FAISS then computes inner products for the selected
+          vectors only, so this costs a membership test per stored vector plus one dot product per allowed
+          vector (measured at 100k x 512: 0.4 ms for 1,000 allowed, 16 ms for 60,000, 8.5 ms unfiltered).
+          It always finds every allowed vector, so it is the only path for the flat layout and for small
+          allow-lists of an IVF-PQ index.
+        - IVF-PQ with the selector in its inverted lists: probing nprobe of nlist lists sees only about
+          nprobe/nlist of the allowed vectors, so a small allow-list would come back short (a 1% filter
+          probing 1/8 of the lists sees ~0.1% of the collection). Used only when the allow-list is larger
+          than EXACT_SUBSET_MAX and nprobe can be raised so that the probed lists hold about twice the
+          candidates the refine stage wants; when even that returns fewer than k hits, the exact way answers.
+        """
+        import faiss
+
+        positions = self.positions(np.setdiff1d(allowed, np.fromiter(excluded, dtype=np.int64, count=len(excluded))))
+        if not len(positions):
+            return [[] for _ in range(len(queries))]
+        k = min(k, len(positions))
+        selector = faiss.IDSelectorBatch(positions)
+        layout = self.meta.layout
+        if layout.kind == "ivfpq" and len(positions) > EXACT_SUBSET_MAX:
+            ivf = faiss.extract_index_ivf(self.index)
+            wanted = 2 * k * max(1, layout.refine_factor)
+            nprobe = max(layout.nprobe, math.ceil(ivf.nlist * wanted / len(positions)))
+            if nprobe <= ivf.nlist // 2:
+                params = faiss.IndexRefineSearchParameters(
+                    k_factor=float(max(1, layout.refine_factor)),
+                    base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=int(nprobe)))
+                # Through IDMap with no top-level selector: it only translates the labels back to ids.
+                scores, ids = self.index.search(queries, k, params=params)
+                hits = _hits(scores, ids, excluded, k)
+                if all(len(row) >= k for row in hits):
+                    return hits
+        scores, internal = self._flat_vectors().search(queries, k, params=faiss.SearchParameters(sel=selector))
+        labels = np.where(internal >= 0, self._positions_to_ids()[np.maximum(internal, 0)], -1)
+        return _hits(scores, labels, excluded, k)
+
+    def _positions_to_ids(self) -> np.ndarray:
+        """IDMap's id_map as an array (position -> id), read once per loaded index."""
+        if self._id_map is None:
+            import faiss
+
+            self._id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return self._id_map
+
+    def _flat_vectors(self):
+        """The index that holds every vector uncompressed, by internal position."""
+        import faiss
+
+        inner = faiss.downcast_index(self.index.index)
+        if self.meta.layout.kind == "ivfpq":
+            return faiss.downcast_index(inner.refine_index)
+        return inner
 
     def bytes_on_disk(self, folder: Path) -> int:
         return sum((Path(folder) / name).stat().st_size for name in (INDEX_FILE, SIDECAR_FILE, TRAINED_FILE)
                    if (Path(folder) / name).is_file())
+
+
+def _hits(scores: np.ndarray, ids: np.ndarray, excluded: set[int], k: int) -> list[list[tuple[int, float]]]:
+    results = []
+    for row_scores, row_ids in zip(scores, ids):
+        hits = [(int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) not in excluded]
+        results.append(hits[:k])
+    return results
 
 
 def _apply_search_params(index, layout: IndexLayout) -> None:
