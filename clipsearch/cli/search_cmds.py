@@ -36,32 +36,62 @@ def search(
     min_match: Optional[float] = typer.Option(None, "--min-match", min=0.0, max=1.0,
                                               help="With --rerank: keep only hits whose ITM match probability is at "
                                                    "least this (0-1); an error without --rerank"),
+    in_: List[str] = typer.Option([], "--in", help="Only photos in this folder, at any depth (repeatable: any of them)"),
+    after: Optional[str] = typer.Option(None, "--after", help="Only photos taken on or after this date (2024-05-01 or "
+                                        "2024-05-01T14:30; EXIF capture time, else the file's modification time)"),
+    before: Optional[str] = typer.Option(None, "--before", help="Only photos taken before this date (exclusive; same "
+                                         "dates as --after)"),
+    orientation: Optional[str] = typer.Option(None, "--orientation", help="landscape, portrait or square (sides "
+                                              "within 1%)"),
+    min_size: Optional[str] = typer.Option(None, "--min-size", help="Only photos at least this big, WxH in pixels "
+                                           "(e.g. 1920x1080)"),
 ) -> None:
     """Find indexed photos by text, by an example image, or by an indexed image.
 
+    Filters (--in, --after, --before, --orientation, --min-size) apply inside the search: k results whenever k
+    photos pass them. With --after/--before each result says which date it was compared by (EXIF "taken" time,
+    or the file's "mtime" for photos without one).
+
     With --rerank the score of a re-scored hit is the ITM match logit plus the ITC cosine (its plain score)."""
+    from ..filters import SearchFilter
     from ..search import SearchQuery, Searcher
 
+    search_filter = SearchFilter.parse(folders=in_, after=after, before=before, orientation=orientation,
+                                       min_size=min_size, base=os.getcwd())
     query = SearchQuery.build(text=text, image=image, like=like, and_texts=and_, not_texts=not_, k=k,
-                              include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match)
+                              include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match,
+                              filter=search_filter)
     query.validate()  # before loading anything
     with Searcher.open(collection, index_dir, model) as searcher:
         hits = searcher.search(query)
+        reason = searcher.why_empty(query.filter) if not hits else None
+    if reason is not None:
+        typer.echo(f"no results: {reason.message}", err=True)
+        if reason.hint:
+            typer.echo(reason.hint, err=True)
+    dated = search_filter.uses_date
     if as_json:
         rows = []
         for h in hits:
             row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height}
             if rerank:
                 row.update(itc_score=h.itc_score, match=h.match)
+            if dated:
+                row.update(date=h.date, date_source=h.date_source)
             rows.append(row)
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     for rank, hit in enumerate(hits, 1):
+        date = f"{_DATE_WORDS.get(hit.date_source or '', '?')} {hit.date}  " if dated else ""
         if rerank:
             match = "       -" if hit.match is None else f"p={hit.match:.4f}"
-            typer.echo(f"{rank:>3}  {hit.score:.4f}  {match}  {hit.path}")
+            typer.echo(f"{rank:>3}  {hit.score:.4f}  {match}  {date}{hit.path}")
         else:
-            typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
+            typer.echo(f"{rank:>3}  {hit.score:.4f}  {date}{hit.path}")
+
+
+# How text output names the date a date filter compared: the EXIF capture time or the file's modification time.
+_DATE_WORDS = {"taken_at": "taken", "mtime": "mtime"}
 
 
 def _image_files(targets: List[Path]) -> tuple[list[str], list[tuple[str, str]]]:
