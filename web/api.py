@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, Response
 
 import clipsearch
 from clipsearch.classify import Classifier, parse_labels
+from clipsearch.filters import SearchFilter
 from clipsearch.model.preprocess import open_image
 from clipsearch.search import SearchHit, SearchQuery, Searcher
 
@@ -21,7 +22,8 @@ from .errors import ApiError
 from .images import original_file
 from .openapi import error_responses
 from .parsing import StrictRoute
-from .schemas import (MIN_MATCH_DESCRIPTION, RERANK_DESCRIPTION, RERANK_K_DESCRIPTION, ClassifyResponse, ImageInfo,
+from .schemas import (AFTER_DESCRIPTION, BEFORE_DESCRIPTION, IN_DESCRIPTION, MIN_MATCH_DESCRIPTION, MIN_SIZE_DESCRIPTION,
+                      ORIENTATION_DESCRIPTION, RERANK_DESCRIPTION, RERANK_K_DESCRIPTION, ClassifyResponse, ImageInfo,
                       ImageResult, LabelProbability, ModelInfo, SearchRequest, SearchResponse, StatsResponse)
 from .security import require_api_key
 from .state import WebState
@@ -34,6 +36,12 @@ _QUERY_ERRORS = error_responses(400, 401, 404, 422, 503)
 _BODY_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
 _IMAGE_ERRORS = error_responses(400, 401, 404, 410, 422, 503)
 CollectionParam = Annotated[str | None, Query(description="Another collection served by this server")]
+InParam = Annotated[list[str] | None, Query(alias="in", description=IN_DESCRIPTION + " (repeat the parameter for "
+                                                                                "several)")]
+AfterParam = Annotated[str | None, Query(description=AFTER_DESCRIPTION)]
+BeforeParam = Annotated[str | None, Query(description=BEFORE_DESCRIPTION)]
+OrientationParam = Annotated[str | None, Query(description=ORIENTATION_DESCRIPTION)]
+MinSizeParam = Annotated[str | None, Query(description=MIN_SIZE_DESCRIPTION)]
 ImageIdParam = Annotated[str, PathParam(description="An image id (a decimal number) from a search result",
                                    openapi_examples={"an indexed image": {"value": "1"}})]
 
@@ -92,17 +100,33 @@ def checked_k(state: WebState, k: int | None) -> int:
     return k
 
 
+def parse_filter(folders: list[str] | str | None, after: str | None, before: str | None, orientation: str | None,
+                 min_size: str | None) -> SearchFilter:
+    """The request's filters (a FilterError, i.e. 400 with a hint, for a bad value; folders must be absolute)."""
+    return SearchFilter.parse(folders=folders, after=after, before=before, orientation=orientation, min_size=min_size)
+
+
+def empty_note(searcher: Searcher, search_filter: SearchFilter, hits: list[SearchHit]) -> str | None:
+    """Why a filtered search found nothing, when the filters match no image (None otherwise)."""
+    reason = searcher.why_empty(search_filter) if not hits else None
+    if reason is None:
+        return None
+    return reason.message + (f". {reason.hint}" if reason.hint else "")
+
+
 def search_response(request: Request, searcher: Searcher, query_text: str, hits: list[SearchHit],
-                    started: float) -> SearchResponse:
+                    started: float, search_filter: SearchFilter | None = None, note: str | None = None) -> SearchResponse:
     name = searcher.collection.name
     results = []
     for hit in hits:
         thumbnail_url, image_url = image_urls(request, hit.id, name)
         results.append(ImageResult(id=hit.id, path=hit.path, score=hit.score, width=hit.width, height=hit.height,
                                    taken_at=hit.taken_at, thumbnail_url=thumbnail_url, image_url=image_url,
-                                   itc_score=hit.itc_score, match=hit.match))
+                                   itc_score=hit.itc_score, match=hit.match, date=hit.date, date_source=hit.date_source))
+    active = search_filter is not None and search_filter.active
     return SearchResponse(query=query_text, took_ms=round((time.perf_counter() - started) * 1000, 2),
-                          collection=name, results=results)
+                          collection=name, results=results, filters=search_filter.describe() if active else None,
+                          note=note)
 
 
 def describe(text: str | None, and_texts: list[str], not_texts: list[str], image: bool, image_id: int | None) -> str:
@@ -124,13 +148,18 @@ def search_text(request: Request, state: State,
                 rerank: Annotated[bool, Query(description=RERANK_DESCRIPTION)] = False,
                 rerank_k: Annotated[int | None, Query(ge=1, le=256, description=RERANK_K_DESCRIPTION)] = None,
                 min_match: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False,
-                                                         description=MIN_MATCH_DESCRIPTION)] = None) -> SearchResponse:
+                                                         description=MIN_MATCH_DESCRIPTION)] = None,
+                in_: InParam = None, after: AfterParam = None, before: BeforeParam = None,
+                orientation: OrientationParam = None, min_size: MinSizeParam = None) -> SearchResponse:
     started = time.perf_counter()
     check_texts(state, [q])
-    query = SearchQuery.build(text=q, k=checked_k(state, k), rerank=rerank, rerank_k=rerank_k, min_match=min_match)
+    search_filter = parse_filter(in_, after, before, orientation, min_size)
+    query = SearchQuery.build(text=q, k=checked_k(state, k), rerank=rerank, rerank_k=rerank_k, min_match=min_match,
+                              filter=search_filter)
     query.validate()
     searcher = state.searcher(collection)
-    return search_response(request, searcher, q, searcher.search(query), started)
+    hits = searcher.search(query)
+    return search_response(request, searcher, q, hits, started, search_filter, empty_note(searcher, search_filter, hits))
 
 
 @router.post("/search", response_model=SearchResponse, responses=_BODY_ERRORS, dependencies=[Depends(require_json)],
@@ -145,12 +174,14 @@ def search_combined(request: Request, state: State, body: SearchRequest) -> Sear
                             state.settings.max_image_pixels).data
     if body.text is None and image is None and body.image_id is None:
         raise ApiError(400, "empty query: give text, image_b64 or image_id")
+    search_filter = parse_filter(body.in_folders, body.after, body.before, body.orientation, body.min_size)
     searcher = state.searcher(body.collection)
     if body.image_id is not None:
         state.image(body.image_id, body.collection)  # 404 for an unknown id
     query = SearchQuery.build(text=body.text, image=image, like=body.image_id, and_texts=body.and_texts,
                               not_texts=body.not_texts, k=k, include_query_images=body.include_self,
-                              rerank=body.rerank, rerank_k=body.rerank_k, min_match=body.min_match)
+                              rerank=body.rerank, rerank_k=body.rerank_k, min_match=body.min_match,
+                              filter=search_filter)
     query.validate()
     text = describe(body.text, body.and_texts, body.not_texts, image is not None, body.image_id)
     try:
@@ -159,7 +190,8 @@ def search_combined(request: Request, state: State, body: SearchRequest) -> Sear
         if image is not None:
             del image, query
             release_freed_memory()
-    return search_response(request, searcher, text, hits, started)
+    return search_response(request, searcher, text, hits, started, search_filter,
+                           empty_note(searcher, search_filter, hits))
 
 
 async def uploaded_image(state: WebState, file: UploadFile | None, image: UploadFile | None) -> QueryImage:
@@ -178,20 +210,29 @@ async def search_upload(request: Request, state: State,
                         k: Annotated[int | None, Form(ge=1)] = None,
                         text: Annotated[str | None, Form(description="Optional text to add to the image")] = None,
                         collection: Annotated[str | None, Form()] = None,
-                        include_self: Annotated[bool, Form()] = False) -> SearchResponse:
+                        include_self: Annotated[bool, Form()] = False,
+                        in_: Annotated[list[str] | None, Form(alias="in", description=IN_DESCRIPTION)] = None,
+                        after: Annotated[str | None, Form(description=AFTER_DESCRIPTION)] = None,
+                        before: Annotated[str | None, Form(description=BEFORE_DESCRIPTION)] = None,
+                        orientation: Annotated[str | None, Form(description=ORIENTATION_DESCRIPTION)] = None,
+                        min_size: Annotated[str | None, Form(description=MIN_SIZE_DESCRIPTION)] = None) -> SearchResponse:
     started = time.perf_counter()
     k = checked_k(state, k)
     check_texts(state, [text])
+    search_filter = parse_filter(in_, after, before, orientation, min_size)
     query_image = await uploaded_image(state, file, image)
     searcher = state.searcher(collection)
-    query = SearchQuery.build(text=text or None, image=query_image.data, k=k, include_query_images=include_self)
+    query = SearchQuery.build(text=text or None, image=query_image.data, k=k, include_query_images=include_self,
+                              filter=search_filter)
     query.validate()
     try:
         hits = await run_in_threadpool(searcher.search, query)
     finally:
         del query_image, query
         await run_in_threadpool(release_freed_memory)
-    return search_response(request, searcher, describe(text or None, [], [], True, None), hits, started)
+    note = await run_in_threadpool(empty_note, searcher, search_filter, hits)
+    return search_response(request, searcher, describe(text or None, [], [], True, None), hits, started,
+                           search_filter, note)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_BODY_ERRORS,

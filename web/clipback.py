@@ -8,6 +8,10 @@ fields are accepted and ignored (a local photo collection has no LAION safety/ae
 One addition that ClipClient never sends: `rerank` (with `rerank_k`, `min_match`) re-scores the top text→image
 hits with the model's ITM head, as `rerank=true` does on /api/search. `similarity` is then the final score and
 re-scored results add `match` (the ITM probability) and `itc_score`.
+
+Also never sent by ClipClient: the filters of /api/search, `in` (a folder or a list of them), `after`, `before`,
+`orientation` and `min_size`. They act inside the search, like there: num_result_ids neighbours among the
+images that pass.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from clipsearch.filters import SearchFilter
 from clipsearch.search import SearchQuery, Searcher
 from clipsearch.store.database import ImageRecord
 
@@ -27,7 +32,8 @@ from .errors import ApiError, describe_validation_errors
 from .openapi import error_responses
 from .parsing import StrictRoute, parse_json_body
 from .remote import fetch_image
-from .schemas import MIN_MATCH_DESCRIPTION, RERANK_K_DESCRIPTION, ImageId
+from .schemas import (AFTER_DESCRIPTION, BEFORE_DESCRIPTION, IN_DESCRIPTION, MIN_MATCH_DESCRIPTION, MIN_SIZE_DESCRIPTION,
+                      ORIENTATION_DESCRIPTION, RERANK_K_DESCRIPTION, ImageId)
 from .security import require_api_key
 from .state import WebState
 from .uploads import check_image, decode_base64_image, release_freed_memory
@@ -66,6 +72,11 @@ class KnnRequest(BaseModel):
                                                   "and itc_score")
     rerank_k: int | None = Field(None, ge=1, le=256, description=RERANK_K_DESCRIPTION)
     min_match: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=MIN_MATCH_DESCRIPTION)
+    in_folders: list[str] | str | None = Field(None, alias="in", description="Not part of clip-back: " + IN_DESCRIPTION)
+    after: str | None = Field(None, description="Not part of clip-back: " + AFTER_DESCRIPTION)
+    before: str | None = Field(None, description="Not part of clip-back: " + BEFORE_DESCRIPTION)
+    orientation: str | None = Field(None, description="Not part of clip-back: " + ORIENTATION_DESCRIPTION)
+    min_size: str | None = Field(None, description="Not part of clip-back: " + MIN_SIZE_DESCRIPTION)
 
     @field_validator("text", "image", "image_url", "modality", "indice_name", mode="before")
     @classmethod
@@ -141,12 +152,16 @@ async def knn_service(request: Request) -> list[dict]:
         image = check_image(image, state.settings.max_image_pixels).data
 
     check_rerank(knn)
+    search_filter = SearchFilter.parse(folders=knn.in_folders, after=knn.after, before=knn.before,
+                                       orientation=knn.orientation, min_size=knn.min_size)
 
     def run() -> list[Hit]:
         if knn.rerank:
-            hits = reranked(searcher, knn, num_result_ids)
+            hits = reranked(searcher, knn, num_result_ids, search_filter)
         else:
-            hits = [Hit(i, score) for i, score in searcher.index.search(query_vector()[None, :], num_result_ids)[0]]
+            allowed = searcher.allowed_ids(search_filter) if search_filter.active else None
+            hits = [Hit(i, score) for i, score in
+                    searcher.index.search(query_vector()[None, :], num_result_ids, allowed=allowed)[0]]
         if knn.deduplicate:
             hits = deduplicate(searcher, hits)
         return hits[:num_images]
@@ -187,11 +202,11 @@ def check_rerank(knn: KnnRequest) -> None:
                        "Add \"rerank\": true, or leave out min_match.")
 
 
-def reranked(searcher: Searcher, knn: KnnRequest, k: int) -> list[Hit]:
+def reranked(searcher: Searcher, knn: KnnRequest, k: int, search_filter: SearchFilter | None = None) -> list[Hit]:
     """The text query's hits re-ranked by the ITM head (Searcher.search: a QueryError, i.e. 400, for a model
     without one). Results are the query's k best by final score, then any unscored ones in ITC order."""
     query = SearchQuery.build(text=knn.text, k=k, include_query_images=True, rerank=True, rerank_k=knn.rerank_k,
-                              min_match=knn.min_match)
+                              min_match=knn.min_match, filter=search_filter)
     return [Hit(hit.id, hit.score, hit.match, hit.itc_score) for hit in searcher.search(query)]
 
 

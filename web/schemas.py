@@ -13,6 +13,16 @@ RERANK_K_DESCRIPTION = "How many top hits rerank re-scores (default 32, 1-256: 4
 MIN_MATCH_DESCRIPTION = ("With rerank: keep only re-scored hits whose match probability is at least this (0-1: 422 "
                          "beyond; 400 without rerank)")
 
+IN_DESCRIPTION = ("Only images in this folder, at any depth: an absolute path as result paths show it (several: "
+                  "images in any of them; at most 64)")
+AFTER_DESCRIPTION = ("Only images dated on or after this (inclusive): 2024-05-01, 2024-05, 2024 or 2024-05-01T14:30[:00], "
+                     "optionally with a UTC offset. The date is the EXIF capture time (taken_at), else the file's "
+                     "modification time; results then say which (date, date_source). 400 for a bad date")
+BEFORE_DESCRIPTION = "Only images dated before this (exclusive); the same dates as after"
+ORIENTATION_DESCRIPTION = ("landscape, portrait or square (sides within 1% of each other); 400 for anything else. "
+                           "Images of unknown size match none")
+MIN_SIZE_DESCRIPTION = "Only images at least this big, WIDTHxHEIGHT in pixels, e.g. 1920x1080 (400 otherwise)"
+
 # Ids are SQLite integers: anything outside int64 cannot name an image (and must not reach SQLite).
 ImageId = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
@@ -31,6 +41,11 @@ class ImageResult(BaseModel):
                                                       "first (ITC) stage; null otherwise")
     match: float | None = Field(None, description="With rerank, for re-scored hits: the ITM head's probability that "
                                                   "the image matches the text (0-1); null otherwise")
+    date: str | None = Field(None, description="With after/before: the date the filter compared (local time, ISO); "
+                                               "null otherwise")
+    date_source: str | None = Field(None, description="With after/before: which date that is, 'taken_at' (EXIF capture "
+                                                      "time) or 'mtime' (the file's modification time, for images "
+                                                      "without one); null otherwise")
 
 
 class SearchResponse(BaseModel):
@@ -38,6 +53,10 @@ class SearchResponse(BaseModel):
     took_ms: float
     collection: str
     results: list[ImageResult]
+    filters: str | None = Field(None, description="The filters as understood (in, after, before, orientation, "
+                                                  "min_size), null without filters")
+    note: str | None = Field(None, description="When there are no results because no image passes the filters: why "
+                                               "(e.g. a folder holding no indexed image)")
 
 
 class SearchRequest(BaseModel):
@@ -60,6 +79,11 @@ class SearchRequest(BaseModel):
     rerank: bool = Field(False, description=RERANK_DESCRIPTION)
     rerank_k: int | None = Field(None, ge=1, le=256, description=RERANK_K_DESCRIPTION)
     min_match: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=MIN_MATCH_DESCRIPTION)
+    in_folders: list[str] | str | None = Field(None, alias="in", description=IN_DESCRIPTION + "; a list or one string")
+    after: str | None = Field(None, description=AFTER_DESCRIPTION)
+    before: str | None = Field(None, description=BEFORE_DESCRIPTION)
+    orientation: str | None = Field(None, description=ORIENTATION_DESCRIPTION)
+    min_size: str | None = Field(None, description=MIN_SIZE_DESCRIPTION)
 
 
 class LabelProbability(BaseModel):
