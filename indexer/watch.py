@@ -187,6 +187,15 @@ class _EventHandler:
         self.queue.add(changes)
 
 
+def _workers_for(files: int, options: IndexOptions) -> int:
+    """Decoder processes for a batch of `files`: as configured, but no more than it has chunks (each start costs
+    an interpreter), and none when nothing is read; at least one when something is, unless configured to none."""
+    if options.workers == 0 or files == 0:
+        return 0
+    configured = options.workers if options.workers is not None else (os.cpu_count() or 1)
+    return max(1, min(configured, -(-files // max(1, options.chunk_size))))
+
+
 class Watcher:
     """Indexes `roots` into `collection`, then keeps them indexed until stopped. `run` blocks (call it on the thread
     that should run the indexing: decoder processes are tied to it); `stop` may be called from anywhere."""
@@ -285,6 +294,9 @@ class Watcher:
         if not changes.roots:
             return
         self.collection.refresh()
+        workers = _workers_for(len(changes.files), runner.options)
+        if workers != runner.options.workers:  # no more decoder processes than a batch of a few files can use
+            runner = LocalRunner(replace(runner.options, workers=workers))
         try:
             summary = runner.update(self.collection, self.model, changes)
         except ClipsearchError as exc:  # another `clipsearch index` holds the collection, say: try again later
