@@ -8,6 +8,8 @@
   const els = {
     form: $('search-form'), query: $('query'), k: $('k'),
     rerankControls: $('rerank-controls'), rerank: $('rerank'), minMatch: $('min-match'),
+    filters: $('filters'), filterIn: $('filter-in'), filterAfter: $('filter-after'), filterBefore: $('filter-before'),
+    filterOrientation: $('filter-orientation'), filterMinSize: $('filter-min-size'), clearFilters: $('clear-filters'),
     dropZone: $('drop-zone'), fileInput: $('file-input'),
     example: $('example'), exampleImage: $('example-image'), classifyForm: $('classify-form'),
     labels: $('labels'), labelResults: $('label-results'), clearExample: $('clear-example'),
@@ -31,6 +33,7 @@
     typingTimer: null,
     keyPrompt: null,
     canRerank: false,       // the collection's model has an ITM head (stats.can_rerank)
+    like: null,             // the result whose "more like this" search is shown (searched again when filters change)
   };
 
   // ---- API -------------------------------------------------------------------------------------
@@ -127,8 +130,10 @@
       if (seq !== state.requestSeq) return;
       renderResults(answer.results);
       const count = answer.results.length;
-      setStatus(count === 0 ? `No photos found ${describe}. Try other words or another image.`
-        : `${count} result${count === 1 ? '' : 's'} ${describe}, best first (${Math.round(answer.took_ms)} ms).`);
+      const filtered = answer.filters ? ` Only photos ${answer.filters}.` : '';
+      setStatus(count === 0
+        ? `No photos found ${describe}. ${answer.note ? `${answer.note}` : `Try other words or another image.${filtered}`}`
+        : `${count} result${count === 1 ? '' : 's'} ${describe}, best first (${Math.round(answer.took_ms)} ms).${filtered}`);
     } catch (err) {
       if (seq !== state.requestSeq) return;
       renderResults([]);
@@ -143,7 +148,18 @@
   function reranking() { return state.canRerank && els.rerank.checked; }
   function percent(probability) { return `${Math.round(probability * 100)}%`; }
 
-  // ---- search state in the URL (?q=&k=&rerank=1&min_match=), so a reload or a shared link searches again -------
+  // ---- filters: the same names as the REST API's parameters (in, after, before, orientation, min_size) ---------
+  function filterEntries() {
+    const entries = [
+      ['in', els.filterIn.value.trim()], ['after', els.filterAfter.value], ['before', els.filterBefore.value],
+      ['orientation', els.filterOrientation.value], ['min_size', els.filterMinSize.value.trim()],
+    ];
+    return entries.filter(([, value]) => value);
+  }
+
+  function showFiltersActive() { els.filters.classList.toggle('active', filterEntries().length > 0); }
+
+  // ---- search state in the URL (?q=&k=&rerank=1&min_match=&in=&after=...), so a reload or a shared link searches again
   function searchParams(q) {
     const params = new URLSearchParams();
     if (q) params.set('q', q);
@@ -152,6 +168,7 @@
       params.set('rerank', '1');
       if (els.minMatch.value) params.set('min_match', els.minMatch.value);
     }
+    filterEntries().forEach(([name, value]) => params.set(name, value));
     return params;
   }
 
@@ -174,11 +191,18 @@
     els.rerank.checked = params.get('rerank') === '1' || params.get('rerank') === 'true';
     selectIfOffered(els.minMatch, params.get('min_match'));
     els.minMatch.disabled = !els.rerank.checked;
+    els.filterIn.value = params.get('in') || '';
+    els.filterAfter.value = params.get('after') || '';
+    els.filterBefore.value = params.get('before') || '';
+    selectIfOffered(els.filterOrientation, params.get('orientation'));
+    els.filterMinSize.value = params.get('min_size') || '';
+    showFiltersActive();
   }
 
   function searchText() {
     const q = els.query.value.trim();
     saveState(q);
+    if (q) state.like = null;
     if (!q) {
       state.requestSeq++;
       renderResults([]);
@@ -191,6 +215,7 @@
       params.set('rerank', 'true');
       if (els.minMatch.value) params.set('min_match', els.minMatch.value);
     }
+    filterEntries().forEach(([name, value]) => params.set(name, value));
     const how = reranking() ? `for “${q}”, re-ranked` : `for “${q}”`;
     runSearch(how, () => apiJson(`api/search?${params}`));
   }
@@ -200,16 +225,29 @@
     const form = new FormData();
     form.append('file', state.exampleFile, state.exampleFile.name || 'pasted-image');
     form.append('k', String(k()));
+    filterEntries().forEach(([name, value]) => form.append(name, value));
+    saveState('');
     runSearch('like your image', () => apiJson('api/search/image', { method: 'POST', body: form }));
   }
 
   function searchLike(result) {
     els.query.value = '';
+    state.like = result;
+    saveState('');
+    const body = { image_id: result.id, k: k(), ...Object.fromEntries(filterEntries()) };
     runSearch(`like ${fileName(result.path)}`, () => apiJson('api/search', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ image_id: result.id, k: k() }),
+      body: JSON.stringify(body),
     }));
+  }
+
+  // The current search again (after k or a filter changed): by text, by the "more like this" image, or by the example.
+  function rerun() {
+    if (els.query.value.trim()) searchText();
+    else if (state.like) searchLike(state.like);
+    else if (state.exampleFile) searchExample();
+    else searchText();  // nothing to search: clears the results and keeps the state in the URL
   }
 
   // ---- results grid ----------------------------------------------------------------------------
@@ -251,6 +289,12 @@
         matchText.textContent = match;
         caption.append(matchText);
       }
+      if (result.date) {  // with a date filter: the date it compared, and which one
+        const dateText = document.createElement('span');
+        dateText.className = 'date';
+        dateText.textContent = describeDate(result);
+        caption.append(dateText);
+      }
       button.append(img, caption);
       item.append(button);
       els.results.append(item);
@@ -260,6 +304,11 @@
       if (results.length) focusResult(focused ? Number(focused.dataset.index) : 0);
       else els.results.focus();
     }
+  }
+
+  function describeDate(result) {
+    const when = result.date.replace('T', ' ').slice(0, 16);
+    return result.date_source === 'taken_at' ? `taken ${when}` : `file changed ${when}`;
   }
 
   function resultButtons() { return Array.from(els.results.querySelectorAll('.result')); }
@@ -310,7 +359,8 @@
     showImage(els.viewerImage, result.image_url);
     const size = result.width && result.height ? `${result.width} × ${result.height} px · ` : '';
     const match = result.match == null ? '' : ` · match ${percent(result.match)}`;
-    els.viewerMeta.textContent = `${size}score ${result.score.toFixed(3)}${match} · ${result.path}`;
+    const date = result.date ? ` · ${describeDate(result)}` : '';
+    els.viewerMeta.textContent = `${size}score ${result.score.toFixed(3)}${match}${date} · ${result.path}`;
     els.openFull.href = result.image_url;
     els.viewer.showModal();
     els.moreLikeThis.focus();
@@ -363,6 +413,7 @@
     els.example.hidden = false;
     els.labelResults.replaceChildren();
     els.query.value = '';
+    state.like = null;
     searchExample();
   }
 
@@ -451,12 +502,17 @@
   els.form.addEventListener('submit', (event) => {
     event.preventDefault();
     clearTimeout(state.typingTimer);
-    searchText();
+    rerun();
   });
-  els.k.addEventListener('change', () => {
-    if (els.query.value.trim()) searchText();
-    else if (state.exampleFile) searchExample();
-    else saveState('');
+  els.k.addEventListener('change', rerun);
+  // Filters search again when changed (text fields on Enter or when left, like the other form controls).
+  [els.filterIn, els.filterAfter, els.filterBefore, els.filterOrientation, els.filterMinSize].forEach((control) => {
+    control.addEventListener('change', () => { showFiltersActive(); rerun(); });
+  });
+  els.clearFilters.addEventListener('click', () => {
+    [els.filterIn, els.filterAfter, els.filterBefore, els.filterOrientation, els.filterMinSize].forEach((c) => { c.value = ''; });
+    showFiltersActive();
+    rerun();
   });
   // Re-ranking applies to text searches only (the ITM head compares a text with each image).
   els.rerank.addEventListener('change', () => {
