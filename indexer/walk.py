@@ -14,7 +14,7 @@ import os
 import stat as stat_module
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from clipsearch.model.preprocess import IMAGE_SUFFIXES, not_regular_reason
 from clipsearch.text import is_utf8
@@ -205,7 +205,8 @@ def walk_changes(changes: Sequence[tuple[str, str]], options: WalkOptions = Walk
 
     `roots` of the result are the changed paths themselves, whether or not they still exist: an indexing run
     over it sweeps whatever the index holds under them that was not found (deleted, renamed away, now
-    excluded), and leaves the rest of the collection alone. A path that no longer exists is no problem."""
+    excluded), and leaves the rest of the collection alone. A path that no longer exists is no problem, except
+    a root itself: as in `walk`, a root that is gone is reported, and what the index holds under it is kept."""
     result = WalkResult()
     seen: set[str] = set()
     scoped: set[str] = set()
@@ -213,24 +214,29 @@ def walk_changes(changes: Sequence[tuple[str, str]], options: WalkOptions = Walk
         if not _inside(path, root) or path in scoped:
             continue
         scoped.add(path)
-        result.roots.append(path)
-        if not os.path.lexists(path):
-            continue
-        if path == root:
-            found_files: Iterator[FoundFile] = iter_files(root, options, result.problems)
-        elif not os.path.isdir(root) or not _reached_from(root, path, options):
-            continue
-        elif os.path.isdir(path) and not os.path.islink(path):
-            if _folder_left_out(path, os.path.basename(path), root, options):
-                continue
-            found_files = iter_files(path, options, result.problems, base=root)
-        elif _file_left_out(path, os.path.basename(path), root, options):
-            continue
+        if path == root:  # exactly as `walk`: a root that is gone (an unmounted disk?) is reported, not swept
+            whole = walk([root], options)
+            result.roots.extend(whole.roots)
+            result.problems.extend(whole.problems)
+            found_files: Iterable[FoundFile] = whole.files
         else:
-            found = _image_file(path, result.problems)
-            found_files = iter([found] if found is not None else [])
+            result.roots.append(path)
+            found_files = _files_at(root, path, options, result.problems)
         for found in found_files:
             if found.path not in seen:
                 seen.add(found.path)
                 result.files.append(found)
     return result
+
+
+def _files_at(root: str, path: str, options: WalkOptions, problems: list[tuple[str, str]]) -> Iterable[FoundFile]:
+    """The image files a walk of the folder `root` finds at or under `path` (a file or folder inside it)."""
+    if not os.path.lexists(path) or not os.path.isdir(root) or not _reached_from(root, path, options):
+        return ()
+    name = os.path.basename(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        return () if _folder_left_out(path, name, root, options) else iter_files(path, options, problems, base=root)
+    if _file_left_out(path, name, root, options):
+        return ()
+    found = _image_file(path, problems)
+    return () if found is None else (found,)

@@ -243,6 +243,27 @@ def test_walk_changes_follows_the_walk_rules_and_sweeps_what_is_gone(tmp_path):
     assert not might_hold_images(root, str(folder / "skip"), True, options)
     assert might_hold_images(root, root, True, options)
     assert walk_changes([(root, root)], options).files == walk([folder], options).files
+    gone = str(tmp_path / "unmounted")  # a root that vanished is reported and kept, as `index` does
+    missing = walk_changes([(gone, gone)], options)
+    assert missing.roots == [] and missing.problems == [(gone, "no such file or folder")]
+
+
+def test_a_single_watched_file_follows_an_atomic_replace_and_nothing_beside_it(tmp_path, model):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = folder / "one.png"
+    block_image(1).save(photo)
+    root = tmp_path / "idx"
+    watcher = Watcher(Collection.create("file", root), model, [photo], OPTIONS,
+                      WatchOptions(debounce=0.2, rescan_interval=0))
+    with Running(watcher):
+        before = stored(root, "file")[str(photo)]
+        block_image(2).save(folder / "sibling.png")  # not watched: beside the file, not the file
+        block_image(3).save(folder / ".one.png.tmp", format="PNG")
+        os.replace(folder / ".one.png.tmp", photo)  # how editors and sync tools save
+        wait_for(lambda: not np.allclose(stored(root, "file")[str(photo)], before), "the replaced file")
+    assert set(stored(root, "file")) == {str(photo)}
+    assert watcher.totals.embedded == 2 and watcher.totals.batches == 1
 
 
 def test_change_queue_debounces_and_drops_paths_under_a_changed_folder():
