@@ -29,6 +29,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to `app`. Each module keeps heavy imports
     # (onnxruntime, faiss, torch) inside its command functions so `clipsearch --help` stays fast.
     from . import index_cmds, model_cmds, search_cmds, serve_cmds, train_cmds, watch_cmds  # noqa: F401
+    from . import library_cmds  # noqa: F401
 
 
 _register()

@@ -1,0 +1,54 @@
+"""`clipsearch duplicates`: groups of near-identical images in a collection, from its stored vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+
+_INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
+
+
+@app.command()
+def duplicates(
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", "-t",
+                                              help="Cosine similarity at which two images count as copies (0-1; "
+                                                   "default: the model's own, from its model.json)"),
+    neighbours: int = typer.Option(16, "--neighbours", min=1, max=256,
+                                   help="Nearest images each image is compared with"),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help='Print {"collection", "threshold", "images", "groups": '
+                                 '[{"count", "keep", "images": [{"id", "path", "bytes", "width", "height", '
+                                 '"similarity", "keep"}]}], ...}'),
+) -> None:
+    """Group near-identical images (resized, re-encoded, slightly cropped or colour-shifted copies) and suggest
+    which one of each group to keep: the most pixels, then the largest file. Reads no image file: the index's
+    own vectors are compared."""
+    from ..duplicates import check_threshold, find_duplicates
+    from ..search import Searcher
+
+    if threshold is not None:
+        check_threshold(threshold)  # before opening anything
+    with Searcher.open(collection, index_dir) as searcher:
+        report = find_duplicates(searcher, threshold, neighbours)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return
+    how = report.threshold.describe(report.model_name)
+    if not report.groups:
+        typer.echo(f"{report.collection}: no near-duplicates among {report.images:,} images ({how})")
+        return
+    typer.echo(f"{report.collection}: {len(report.groups):,} group{'s' if len(report.groups) != 1 else ''} of "
+               f"near-duplicates, {report.redundant:,} redundant image{'s' if report.redundant != 1 else ''} among "
+               f"{report.images:,} ({how}); keep = suggested copy (most pixels, then largest file)")
+    for number, group in enumerate(report.groups, 1):
+        typer.echo(f"\ngroup {number} ({len(group.images)} images)")
+        for image in group.images:
+            dims = f"{image.width}×{image.height}" if image.width and image.height else "?×?"
+            typer.echo(f"  {'keep' if image.keep else '    '}  {dims:>11}  {image.bytes:>12,} bytes  "
+                       f"{image.similarity:.4f}  {image.path}")
