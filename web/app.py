@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import clipsearch
 
-from . import api, clipback, page
+from . import api, clipback, duplicates, page
 from .errors import install_error_handlers
 from .openapi import install_openapi
 from .schemas import Health
@@ -55,6 +55,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(clipback.router)
     app.include_router(page.router)
+    app.include_router(duplicates.router)
+    app.include_router(duplicates.page_router)
     page.mount_static(app)
 
     if settings.cors_origins:
