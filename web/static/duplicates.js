@@ -143,6 +143,7 @@
         actions.append(badge);
       }
       const open = document.createElement('a');
+      open.className = 'open';
       open.href = image.image_url;
       open.target = '_blank';
       open.rel = 'noopener noreferrer';
@@ -172,7 +173,7 @@
       els.groups.replaceChildren(...answer.groups.map((g, i) => renderGroup(g, i + 1)));
       const how = answer.threshold_source === 'model' ? 'the model’s own threshold' : 'your threshold';
       const at = `${how} ${answer.threshold}`;
-      if (!els.threshold.value) els.threshold.placeholder = `model's own: ${answer.threshold}`;
+      if (!els.threshold.value) els.threshold.placeholder = `${answer.threshold} (model's own)`;
       els.status.textContent = answer.groups.length === 0
         ? `No near-duplicates among ${plural(answer.images, 'image')} at ${at}.`
         : `${plural(answer.groups.length, 'group')}, ${answer.redundant.toLocaleString()} redundant `
@@ -203,6 +204,21 @@
       showError(err.message);
     }
   }
+
+  // With a key, "Open" fetches the file with it and shows it as a blob: URL in the new tab (a plain link would 401).
+  els.groups.addEventListener('click', async (event) => {
+    const link = event.target.closest('a.open');
+    if (!link || !state.apiKey) return;
+    event.preventDefault();
+    const opened = window.open('', '_blank');
+    try {
+      const url = URL.createObjectURL(await (await api(link.getAttribute('href'))).blob());
+      if (opened) opened.location.href = url; else window.location.assign(url);
+    } catch (err) {
+      if (opened) opened.close();
+      showError(err.message);
+    }
+  });
 
   els.form.addEventListener('submit', (event) => {
     event.preventDefault();
