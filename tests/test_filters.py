@@ -138,6 +138,29 @@ def test_a_large_allow_list_of_an_ivf_index_is_searched_through_its_lists(synthe
         assert np.mean(recalls) >= 0.9, recalls
 
 
+def test_an_ivf_search_that_comes_back_short_is_answered_exactly(synthetic, monkeypatch):
+    """Allowed images all in inverted lists the query does not probe: the IVF pass finds none of them, and the
+    exact pass over the allowed vectors answers instead (a full page, exact order)."""
+    import faiss
+
+    monkeypatch.setattr(vectors_module, "EXACT_SUBSET_MAX", 100)
+    with Collection.open("ivf", synthetic.index_dir) as collection:
+        index = collection.load_vectors()
+    ivf = faiss.extract_index_ivf(index.index)
+    query = synthetic.vectors[4242]
+    near_lists = set(ivf.quantizer.search(query[None], ivf.nlist // 2)[1][0].tolist())
+    lists = ivf.quantizer.search(synthetic.vectors, 1)[1][:, 0]
+    far = np.array([i for i in range(N) if int(lists[i]) not in near_lists], dtype=np.int64)
+    assert len(far) > 100
+    exact_calls = []
+    flat_vectors = vectors_module.VectorIndex._flat_vectors
+    monkeypatch.setattr(vectors_module.VectorIndex, "_flat_vectors",
+                        lambda self: exact_calls.append(1) or flat_vectors(self))
+    hits = index.search(query[None], 30, allowed=synthetic.ids[far])[0]
+    assert exact_calls == [1]
+    assert [i for i, _ in hits] == synthetic.exact(query, far, 30)
+
+
 def test_every_kind_of_query_composes_with_filters(synthetic, searcher, tiny_bundle):
     from clipsearch.model.runtime import ClipModel
 
