@@ -242,6 +242,7 @@ class Searcher:
         self._index_generation: int | None = None
         self._index_loaded_at = 0.0
         self._tokens = None  # the collection's memory-mapped TokenFile, loaded by the first re-ranking
+        self._text_key: str | None = None  # the query cache's key (see _text_cache_key)
         self._allowed: dict[tuple[SearchFilter, tuple[int, int]], np.ndarray] = {}  # (filter, db version) -> ids
         self._lock = threading.RLock()
         if model is not None:
@@ -301,6 +302,7 @@ class Searcher:
             self._index_generation = None
             self._index_loaded_at = 0.0
             self._tokens = None
+            self._text_key = None
             if self._model_given or self._model_info is not None:
                 self._check_model(self._model if self._model is not None else self._model_info)
             elif self._model is not None and self._model.model_id != self.collection_model.model_id:
@@ -382,7 +384,7 @@ class Searcher:
 
     def text_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Embed texts, answering repeated ones from the collection's query cache (no model load at all)."""
-        model_id, dim = self.collection_model.model_id, self.collection_model.embed_dim
+        model_id, dim = self._text_cache_key(), self.collection_model.embed_dim
         with self._lock:
             found = self.collection.store.cached_text_vectors(model_id, texts, dim)
         missing = [t for t in dict.fromkeys(texts) if t not in found]
@@ -392,6 +394,24 @@ class Searcher:
                 self.collection.store.cache_text_vectors(model_id, fresh, time.time())
             found.update(fresh)
         return found
+
+    def _text_cache_key(self) -> str:
+        """The query cache's key: the collection's model id (which follows the image tower) plus the sha256 of
+        the text graph that answers, read from model.json without loading it. A bundle whose text tower changed
+        (e.g. a new int8 recipe) then never answers from vectors of the old one."""
+        if self._text_key is None:
+            info = self._model.info if self._model is not None else self._model_info
+            if info is None:
+                from .errors import ClipsearchError
+                from .model.resolve import resolve_model
+
+                try:
+                    info = resolve_model(self.collection_model.spec, export_missing=False)
+                except ClipsearchError:  # the model is gone: encoding will say so; cached entries can't be told apart
+                    return self.collection_model.model_id
+            text_sha = info.files.get("textual.onnx", "")[:12]
+            self._text_key = f"{self.collection_model.model_id}+text@{text_sha}" if text_sha else info.model_id
+        return self._text_key
 
     def _image_vector(self, value: str | bytes | int) -> tuple[np.ndarray, set[int]]:
         """Embed an image file or bytes; also return the ids of indexed copies of those very bytes."""

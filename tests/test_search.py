@@ -247,3 +247,33 @@ def test_search_by_a_fifo_or_device_is_refused_not_hung(indexed, tmp_path):
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode != 0
         assert reason in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_changed_text_graph_never_answers_from_the_old_graphs_cached_vectors(tmp_path, tiny_bundles):
+    """The model id follows the image tower, so a bundle whose text graph is replaced (a new int8 recipe) keeps
+    its collections; their query cache must not keep answering with the old text graph's vectors."""
+    import json
+    import shutil
+
+    from clipsearch.model.bundle import write_model_json
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles["fp32"], bundle)
+    folder = tmp_path / "photos"
+    make_photos(folder, 4)
+    collection = Collection.create("t", tmp_path / "idx")
+    index_paths(collection, ClipModel(bundle, threads=1), [str(folder)], IndexOptions(batch_size=8, workers=1))
+    old = Searcher(collection).text_vectors(["a cached query"])["a cached query"]
+
+    for name in ("textual.onnx", "textual.onnx.data"):  # the int8 export's text graph, same image tower
+        (bundle / name).unlink(missing_ok=True)
+        if (tiny_bundles["int8"] / name).exists():
+            shutil.copyfile(tiny_bundles["int8"] / name, bundle / name)
+    meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
+    write_model_json(bundle, meta)
+    new_model = ClipModel(bundle, threads=1)
+    assert new_model.model_id == collection.require_model().model_id  # same vector space: still searchable
+
+    fresh = Searcher(Collection.open("t", tmp_path / "idx")).text_vectors(["a cached query"])["a cached query"]
+    expected = new_model.encode_text(["a cached query"])[0]
+    assert np.allclose(fresh, expected, atol=1e-6) and not np.allclose(fresh, old, atol=1e-4)
