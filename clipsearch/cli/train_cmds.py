@@ -149,7 +149,12 @@ def evaluate_cmd(
     from ..train.evaluate import evaluate_bundle, folder_gallery, noto_gallery
 
     info = resolve_model(model, export_missing=False)
-    gallery = folder_gallery(sample_data) if sample_data else noto_gallery(limit=limit)
+    if sample_data:
+        gallery = folder_gallery(sample_data)
+    else:  # the cached dataset at the size the bundle was trained at (its concept order is the same at any size)
+        from ..train.emoji_data import open_emoji_dataset
+
+        gallery = noto_gallery(open_emoji_dataset(int(info.extra.get("image_size", [64])[0])), limit=limit)
     report = evaluate_bundle(info.path, gallery, threads=threads)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -248,7 +248,9 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     labels = [c.label for c in dataset.concepts]
     corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed)
     grid = "" if request.grid_side is None else f"grid{request.grid_side}"
-    cache = request.work_dir / f"features-{corpus.key(bundle.info.model_id + str(request.copies) + grid)}.npz"
+    # the model id follows visual.onnx only; the text states come from textual.onnx, so its checksum is in the key
+    source = bundle.info.model_id + bundle.info.files.get("textual.onnx", "")
+    cache = request.work_dir / f"features-{corpus.key(source + str(request.copies) + grid)}.npz"
     if cache.is_file():
         features = ItmFeatures.load(cache)
         log(f"features from {cache}")
