@@ -191,7 +191,8 @@ def _example_request(path: str, method: str, indexed: IndexedPhotos) -> dict:
     url = path.replace("{image_id}", str(image_id))
     photo = indexed.photos[0].read_bytes()
     if method == "get":
-        return {"method": "GET", "url": url, "params": {"q": "cat"} if url == "/api/search" else None}
+        params = {"/api/search": {"q": "cat"}, "/api/duplicates": {"threshold": 0.95}}.get(url)
+        return {"method": "GET", "url": url, "params": params}
     if url == "/api/search":
         return {"method": "POST", "url": url, "json": {"text": "cat"}}
     if url in ("/api/search/image", "/api/classify"):
@@ -206,7 +207,7 @@ def _every_operation(client: TestClient) -> list[tuple[str, str]]:
 
 def test_every_data_route_requires_the_key(keyed, indexed):
     operations = _every_operation(keyed)
-    assert len(operations) == 11  # 8 REST operations + 3 clip-back ones
+    assert len(operations) == 12  # 9 REST operations + 3 clip-back ones
     for path, method in operations:
         request = _example_request(path, method, indexed)
         missing = keyed.request(**request)
