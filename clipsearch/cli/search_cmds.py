@@ -45,6 +45,20 @@ def search(
                                               "within 1%)"),
     min_size: Optional[str] = typer.Option(None, "--min-size", help="Only photos at least this big, WxH in pixels "
                                            "(e.g. 1920x1080)"),
+    preview: bool = typer.Option(False, "--preview", help="Show a thumbnail under each result in terminals that "
+                                 "display images (kitty, iTerm2, sixel); paths only elsewhere or into a pipe"),
+    preview_protocol: Optional[str] = typer.Option(None, "--preview-protocol", metavar="auto|kitty|iterm2|sixel|none",
+                                                   help="Use this image protocol (implies --preview), even into a "
+                                                        "pipe; default: $CLIPSEARCH_PREVIEW, else detected"),
+    preview_size: int = typer.Option(160, "--preview-size", min=16, max=2048,
+                                     help="Thumbnail height in pixels for --preview"),
+    paths_only: bool = typer.Option(False, "--paths-only", help="Print only the paths, one per line, best first"),
+    null: bool = typer.Option(False, "-0", "--null", help="Print only the paths, each ended by a NUL byte "
+                              "(for xargs -0)"),
+    copy_to: Optional[Path] = typer.Option(None, "--copy-to", metavar="DIR", help="Also copy the results into "
+                                           "DIR (created) as 01-name.jpg, 02-..., never overwriting"),
+    link_to: Optional[Path] = typer.Option(None, "--link-to", metavar="DIR", help="Like --copy-to, with "
+                                           "symbolic links to the files (absolute targets)"),
 ) -> None:
     """Find indexed photos by text, by an example image, or by an indexed image.
 
@@ -52,9 +66,44 @@ def search(
     photos pass them. With --after/--before each result says which date it was compared by (EXIF "taken" time,
     or the file's "mtime" for photos without one).
 
-    With --rerank the score of a re-scored hit is the ITM match logit plus the ITC cosine (its plain score)."""
+    With --rerank the score of a re-scored hit is the ITM match logit plus the ITC cosine (its plain score).
+
+    --copy-to/--link-to DIR gather the results as <rank>-<name> (01-beach.jpg ...; "01-beach (2).jpg" when the
+    name is taken): missing files are reported on stderr and skipped, and the exit code is 1 only when none of the
+    results could be gathered. They combine with --json (each row then has "gathered": the new path or null),
+    --paths-only, -0 and --preview; messages go to stderr."""
     from ..filters import SearchFilter
     from ..search import SearchQuery, Searcher
+
+    outputs = [name for name, on in (("--json", as_json), ("--paths-only", paths_only), ("-0/--null", null),
+                                     ("--preview", preview or preview_protocol is not None)) if on]
+    if paths_only and null:
+        outputs.remove("--paths-only")  # -0 is --paths-only with NUL endings
+    if len(outputs) > 1:
+        raise typer.BadParameter("cannot be used together (each chooses what stdout shows)",
+                                 param_hint=" / ".join(outputs))
+    if copy_to is not None and link_to is not None:
+        raise typer.BadParameter("cannot be used together (choose one way to gather the results)",
+                                 param_hint="--copy-to / --link-to")
+    drawing = "none"  # the image protocol of --preview, chosen before anything is loaded
+    if preview or preview_protocol is not None:
+        from .preview import PreviewError, check_protocol, choose
+
+        if preview_protocol is not None:
+            try:
+                check_protocol(preview_protocol)
+            except PreviewError as exc:
+                raise typer.BadParameter(f"{exc.message} ({exc.hint})", param_hint="--preview-protocol") from exc
+        choice = choose(preview_protocol, os.environ, sys.stdout.isatty())  # a bad $CLIPSEARCH_PREVIEW: exit 1
+        drawing = choice.protocol
+        if drawing == "none" and choice.reason != "stdout is not a terminal" and preview_protocol is None:
+            typer.echo(f"note: no thumbnails ({choice.reason}); set CLIPSEARCH_PREVIEW=kitty, iterm2 or sixel, or "
+                       f"pass --preview-protocol, if this terminal shows images", err=True)
+    gather_to, gather_mode = (copy_to, "copy") if copy_to is not None else (link_to, "link")
+    if gather_to is not None:
+        from .handoff import check_folder
+
+        check_folder(gather_to, f"--{gather_mode}-to")
 
     search_filter = SearchFilter.parse(folders=in_, after=after, before=before, orientation=orientation,
                                        min_size=min_size, base=os.getcwd())
@@ -69,18 +118,38 @@ def search(
         typer.echo(f"no results: {reason.message}", err=True)
         if reason.hint:
             typer.echo(reason.hint, err=True)
+    report = None
+    if gather_to is not None and hits:
+        from .handoff import gather
+
+        report = gather([h.path for h in hits], gather_to, gather_mode)
     dated = search_filter.uses_date
     if as_json:
         rows = []
-        for h in hits:
+        for rank, h in enumerate(hits, 1):
             row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height}
             if rerank:
                 row.update(itc_score=h.itc_score, match=h.match)
             if dated:
                 row.update(date=h.date, date_source=h.date_source)
+            if report is not None:
+                row.update(gathered=report.target_of(rank))
             rows.append(row)
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
-        return
+    elif paths_only or null:
+        end = b"\0" if null else b"\n"
+        out = sys.stdout.buffer
+        out.write(b"".join(os.fsencode(h.path) + end for h in hits))
+        out.flush()
+    else:
+        _print_hits(hits, rerank, dated, drawing, preview_size)
+    if report is not None:
+        _report_gathered(report, len(hits))
+
+
+def _print_hits(hits: list, rerank: bool, dated: bool, protocol: str, size: int) -> None:
+    """The text listing (rank, score, [match,] [date,] path), with a thumbnail under each line in `protocol` (an
+    image protocol of preview.py, or "none")."""
     for rank, hit in enumerate(hits, 1):
         date = f"{_DATE_WORDS.get(hit.date_source or '', '?')} {hit.date}  " if dated else ""
         if rerank:
@@ -88,6 +157,30 @@ def search(
             typer.echo(f"{rank:>3}  {hit.score:.4f}  {match}  {date}{hit.path}")
         else:
             typer.echo(f"{rank:>3}  {hit.score:.4f}  {date}{hit.path}")
+        if protocol != "none":
+            from .preview import PreviewError, render
+
+            try:
+                picture = render(hit.path, protocol, size)
+            except PreviewError as exc:
+                typer.echo(f"     (no preview: {exc.message})")
+                continue
+            sys.stdout.write(picture + "\n")
+            sys.stdout.flush()
+
+
+def _report_gathered(report, found: int) -> None:
+    """Say on stderr what --copy-to/--link-to did; HandoffError (exit 1) if not one result could be gathered."""
+    from .handoff import HandoffError
+
+    verb = "copied" if report.mode == "copy" else "linked"
+    for skipped in report.skipped:
+        typer.echo(f"skipped {skipped.source}: {skipped.reason}", err=True)
+    if not report.gathered:
+        raise HandoffError(f"none of the {found} results could be {verb} into {report.folder}",
+                           hint="their files are gone or unreadable; `clipsearch index` the folders again to "
+                                "update the collection")
+    typer.echo(f"{verb} {len(report.gathered)} of {found} results into {report.folder}", err=True)
 
 
 # How text output names the date a date filter compared: the EXIF capture time or the file's modification time.
