@@ -46,10 +46,11 @@ def search(
     min_size: Optional[str] = typer.Option(None, "--min-size", help="Only photos at least this big, WxH in pixels "
                                            "(e.g. 1920x1080)"),
     preview: bool = typer.Option(False, "--preview", help="Show a thumbnail under each result in terminals that "
-                                 "display images (kitty, iTerm2, sixel); paths only elsewhere or into a pipe"),
-    preview_protocol: Optional[str] = typer.Option(None, "--preview-protocol", metavar="auto|kitty|iterm2|sixel|none",
-                                                   help="Use this image protocol (implies --preview), even into a "
-                                                        "pipe; default: $CLIPSEARCH_PREVIEW, else detected"),
+                                 "display images (kitty, iTerm2, sixel); the plain listing elsewhere or into a pipe"),
+    preview_protocol: Optional[str] = typer.Option(None, "--preview-protocol", metavar="PROTOCOL",
+                                                   help="auto, kitty, iterm2, sixel or none: draw with this (implies "
+                                                        "--preview), even into a pipe; default: $CLIPSEARCH_PREVIEW "
+                                                        "in a terminal, else detected"),
     preview_size: int = typer.Option(160, "--preview-size", min=16, max=2048,
                                      help="Thumbnail height in pixels for --preview"),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only the paths, one per line, best first"),
