@@ -109,6 +109,14 @@ def test_page_shows_a_bad_threshold_and_no_duplicates(browser, server):
         expect(page.locator("#status")).to_contain_text("No near-duplicates among 42 images at your threshold 1")
 
 
+def test_the_search_page_links_to_the_duplicates_view(browser, server):
+    with fresh_page(browser) as (context, page):
+        page.goto(server.url + "/")
+        page.click("#duplicates-link")
+        expect(page).to_have_url(re.compile(r"/duplicates(\?collection=dups)?$"))
+        expect(page.locator("#groups .group").first).to_be_visible()
+
+
 def test_page_asks_for_the_api_key(browser, collection):
     with LiveServer(create_app(ServerSettings(collection=NAME, index_dir=collection, api_key=KEY))) as live:
         with fresh_page(browser) as (context, page):
