@@ -47,8 +47,9 @@ class HandoffReport:
     gathered: list[Gathered] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
-    def target_of(self, rank: int) -> str | None:
-        return next((g.target for g in self.gathered if g.rank == rank), None)
+    def targets(self) -> dict[int, str]:
+        """Where each gathered result went, by rank."""
+        return {g.rank: g.target for g in self.gathered}
 
 
 def check_folder(folder: str | os.PathLike[str], option: str = "--copy-to") -> Path:

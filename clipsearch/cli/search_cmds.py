@@ -126,6 +126,7 @@ def search(
         report = gather([h.path for h in hits], gather_to, gather_mode)
     dated = search_filter.uses_date
     if as_json:
+        targets = report.targets() if report is not None else {}
         rows = []
         for rank, h in enumerate(hits, 1):
             row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height}
@@ -134,7 +135,7 @@ def search(
             if dated:
                 row.update(date=h.date, date_source=h.date_source)
             if report is not None:
-                row.update(gathered=report.target_of(rank))
+                row.update(gathered=targets.get(rank))
             rows.append(row)
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     elif paths_only or null:
