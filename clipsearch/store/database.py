@@ -180,19 +180,28 @@ class Store:
     `create=False` opens an existing database only (a missing file is an error instead of a new, empty
     database)."""
 
-    def __init__(self, path: Path, create: bool = True) -> None:
+    def __init__(self, path: Path, create: bool = True, read_only: bool = False) -> None:
         self.path = Path(path)
         self._db = None
         self.migrated_from: int | None = None  # the schema version this open upgraded, if it did
+        self.read_only = read_only
         try:
             # check_same_thread=False: a Searcher serves API threads, serialising access with its own lock.
-            if create:
+            if create and not read_only:
                 self.conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
             else:
-                uri = "file:" + quote(os.fsencode(self.path.absolute())) + "?mode=rw"
+                mode = "ro" if read_only else "rw"
+                uri = "file:" + quote(os.fsencode(self.path.absolute())) + f"?mode={mode}"
                 self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
         except sqlite3.OperationalError as exc:
             raise CollectionError(f"{self.path}: cannot open ({exc})") from exc
+        if read_only:  # a reader beside a writing connection (WAL): no journal switch, no schema upgrade
+            try:
+                self._checked_schema_version()
+            except BaseException:
+                self.conn.close()
+                raise
+            return
         try:
             self._use_wal()
             self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -547,7 +556,7 @@ class Store:
     def _best_effort_write(self, write) -> None:
         """Run `write()` in its own transaction with a short busy timeout; give up quietly when the database
         is busy or read-only. Plain sqlite3 (no sqlite-utils import on the search path)."""
-        if self.conn.in_transaction:
+        if self.conn.in_transaction or self.read_only:
             return  # never commit someone else's transaction
         self.conn.execute("PRAGMA busy_timeout = 250")
         try:
@@ -697,6 +706,47 @@ class Store:
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+
+
+class ThreadReaders:
+    """Read-only `Store`s of a database, one per thread that asks (`for_thread`): threads read at the same
+    time (WAL lets readers run beside each other and beside a writer) instead of sharing one connection behind
+    a lock. A thread's reader is reopened when it asks for another file (a rebuild switched generations);
+    readers of threads that ended are closed when a new one is opened, the rest by `close`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._readers: dict[int, tuple[threading.Thread, Store]] = {}
+        self._closed = False
+
+    def for_thread(self, path: Path) -> Store:
+        me = threading.current_thread()
+        entry = self._readers.get(threading.get_ident())
+        if entry is not None and entry[0] is me and entry[1].path == path:
+            return entry[1]
+        reader = Store(path, create=False, read_only=True)
+        with self._lock:
+            if self._closed:
+                reader.close()
+                raise CollectionError(f"{path}: the searcher was closed")
+            done = [key for key, (thread, _) in self._readers.items() if not thread.is_alive()]
+            if entry is not None:
+                done.append(threading.get_ident())
+            finished = [self._readers.pop(key)[1] for key in set(done) if key in self._readers]
+            self._readers[threading.get_ident()] = (me, reader)
+        for store in finished:
+            store.close()
+        return reader
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            readers, self._readers = list(self._readers.values()), {}
+        for _, store in readers:
+            store.close()
 
 
 def _decode_vector(blob: bytes, dim: int) -> np.ndarray:
