@@ -30,6 +30,7 @@ def _register() -> None:
     # (onnxruntime, faiss, torch) inside its command functions so `clipsearch --help` stays fast.
     from . import index_cmds, model_cmds, search_cmds, serve_cmds, train_cmds, watch_cmds  # noqa: F401
     from . import library_cmds  # noqa: F401
+    from . import interchange_cmds  # noqa: F401
 
 
 _register()

@@ -1,0 +1,719 @@
+"""Embeddings in clip-retrieval's layout: `import_embeddings` loads what its `clip inference` wrote, and
+`export_embeddings` writes a collection out the same way, so embeddings move between the two without
+re-embedding any image.
+
+The layout (clip_retrieval/clip_inference/writer.py)::
+
+    DIR/img_emb/img_emb_{n}.npy            [rows, dim] fp16 (clip inference) or fp32, L2-normalised rows
+    DIR/metadata/metadata_{n}.parquet      row-aligned with the npy of the same n: image_path (the file, or a
+                                           webdataset key), caption (with text enabled), and the columns of
+                                           the input's .json metadata flattened (url, width, height, ...)
+    DIR/text_emb/text_emb_{n}.npy          caption embeddings: not imported (this is an image index); the
+                                           caption column is kept as metadata
+
+`{n}` is the partition number, zero-padded to the digits of the partition count. An export also writes
+`id`, `width`, `height`, `taken_at` (readers of the layout ignore extra columns) and `clipsearch.json`, the
+model the vectors come from, which an import of that folder checks against (or uses when --model is left out).
+
+How a row becomes an image of the collection:
+
+* `image_path` naming a file on this machine (relative paths are taken from `root`, default the current
+  folder): stored under its absolute path with the file's size and mtime, so a later `clipsearch index` of
+  that folder finds it unchanged and keeps the imported vector.
+* otherwise a row with a `url`: a *URL row*. Its stored path is the URL itself (a stored path of a local file
+  is always absolute, so the two never collide); searches return it as the path, and the web server never
+  fetches it (it serves bytes only of local files inside the collection's folders, and a URL is neither).
+* otherwise `image_path` as an absolute path whose file is not here (yet): searchable; shown once it appears.
+* neither: skipped.
+
+url and caption (and the row's original image_path) are kept in the `imported` table, whose rows go with their
+image (ON DELETE CASCADE), so `export_embeddings` writes them back. Vectors are stored exactly as given (fp16
+rows widened to fp32). A row whose norm is not 1 (beyond fp16 rounding) makes the import refuse the shard
+unless `normalize=True`, which scales every vector to unit length; zero or non-finite rows are skipped.
+
+Incremental and crash-safe like indexing: each shard is one transaction (its rows, vectors and the
+`import_shards` record of the shard), so a killed import loses at most the shard it was writing. A shard
+already recorded with the same row count and file sizes is not read again; rows whose path (or URL) the
+collection already holds are skipped, so importing a folder twice adds nothing, and importing it after clip
+inference added shards imports only the new ones. The FAISS index is brought up to date at the end (or by the
+next run or search, when killed), keeping SQLite row id = FAISS id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ClipsearchError
+from ..text import is_utf8
+from .collection import Collection
+from .database import NewImage, Store, signals_deferred
+
+IMG_EMB_DIR = "img_emb"
+TEXT_EMB_DIR = "text_emb"
+METADATA_DIR = "metadata"
+MODEL_FILE = "clipsearch.json"
+DEFAULT_SHARD_SIZE = 1_000_000  # clip inference's default --write_batch_size
+NORM_TOLERANCE = 1e-2  # fp16 rounding moves a unit vector's norm by ~1e-3
+_SHARD_RE = re.compile(r"^img_emb_([0-9]+)\.npy$")
+_PARQUET_HINT = "Install the interchange extra: pip install 'clipsearch[interchange]' (it adds pyarrow)."
+
+_DDL = (
+    'CREATE TABLE IF NOT EXISTS "imported" ("id" INTEGER PRIMARY KEY REFERENCES "images"("id") ON DELETE CASCADE, '
+    '"source" TEXT NOT NULL, "shard" TEXT NOT NULL, "row" INTEGER NOT NULL, "image_path" TEXT, "url" TEXT, '
+    '"caption" TEXT)',
+    'CREATE TABLE IF NOT EXISTS "import_shards" ("source" TEXT NOT NULL, "shard" TEXT NOT NULL, "rows" INTEGER, '
+    '"npy_bytes" INTEGER, "parquet_bytes" INTEGER, "imported" INTEGER, "skipped" INTEGER, "imported_at" TEXT, '
+    'PRIMARY KEY ("source", "shard"))',
+)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class InterchangeError(ClipsearchError):
+    """An embeddings folder that cannot be imported (or a folder an export cannot write into)."""
+
+
+# -- reading the layout ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    """One img_emb_{n}.npy with its metadata_{n}.parquet, as found and checked (header only) before importing."""
+
+    label: str  # the zero-padded n of the file names
+    embeddings: Path
+    metadata: Path
+    rows: int
+    dim: int
+    dtype: str
+
+    @property
+    def number(self) -> int:
+        return int(self.label)
+
+    def fingerprint(self) -> tuple[int, int, int]:
+        return self.rows, self.embeddings.stat().st_size, self.metadata.stat().st_size
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What `clipsearch.json` of an export says about the vectors' model."""
+
+    model_id: str
+    name: str
+    spec: str
+    embed_dim: int
+
+
+def _parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise InterchangeError("reading and writing parquet metadata needs pyarrow, which is not installed",
+                               _PARQUET_HINT) from exc
+    return pq
+
+
+def find_shards(folder: Path | str) -> list[Shard]:
+    """Every shard of an embeddings folder in partition order, each checked for what can be checked cheaply:
+    its metadata file is there, both files are readable, rows agree, the npy is a 2-D float matrix."""
+    pq = _parquet()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InterchangeError(f"{folder}: not a folder",
+                               "Give the folder clip inference wrote (its --output_folder), holding img_emb/ and metadata/.")
+    emb_dir = folder / IMG_EMB_DIR
+    if not emb_dir.is_dir():
+        extra = " (it has text_emb/ only: clip inference ran without images)" if (folder / TEXT_EMB_DIR).is_dir() else ""
+        raise InterchangeError(f"{folder}: no {IMG_EMB_DIR}/ folder{extra}",
+                               f"Give the folder clip inference wrote: {IMG_EMB_DIR}/img_emb_N.npy and "
+                               f"{METADATA_DIR}/metadata_N.parquet.")
+    found = sorted(((int(m.group(1)), m.group(1), p) for p in emb_dir.iterdir() if (m := _SHARD_RE.match(p.name))),
+                   key=lambda item: (item[0], item[1]))
+    if not found:
+        raise InterchangeError(f"{emb_dir}: no img_emb_N.npy files")
+    numbers = [n for n, _, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise InterchangeError(f"{emb_dir}: a partition number appears twice (e.g. img_emb_1.npy and img_emb_01.npy)")
+    missing = [f"{METADATA_DIR}/metadata_{label}.parquet" for _, label, _ in found
+               if not (folder / METADATA_DIR / f"metadata_{label}.parquet").is_file()]
+    if missing:
+        raise InterchangeError(f"{folder}: {len(missing)} shard(s) have no metadata file: {', '.join(missing[:5])}"
+                               + (" …" if len(missing) > 5 else ""),
+                               "Each img_emb_N.npy needs the metadata_N.parquet that clip inference wrote with it "
+                               "(the image_path/url of each row); copy the whole output folder.")
+    shards = []
+    for _, label, npy in found:
+        meta = folder / METADATA_DIR / f"metadata_{label}.parquet"
+        try:
+            matrix = np.load(npy, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InterchangeError(f"{npy}: not a readable .npy file ({exc})") from exc
+        if matrix.ndim != 2 or matrix.dtype.kind != "f":
+            raise InterchangeError(f"{npy}: holds a {matrix.dtype} array of shape {tuple(matrix.shape)}, "
+                                   "not a [rows, dim] float matrix of embeddings")
+        try:
+            parquet = pq.ParquetFile(meta)
+            rows = parquet.metadata.num_rows
+            columns = set(parquet.schema_arrow.names)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+            raise InterchangeError(f"{meta}: not a readable parquet file ({exc})") from exc
+        if rows != matrix.shape[0]:
+            raise InterchangeError(f"{npy.name} has {matrix.shape[0]} rows but {meta.name} has {rows}: the two "
+                                   "files of a shard must be row-aligned",
+                                   "Use the files clip inference wrote together, unchanged.")
+        if not columns & {"image_path", "url"}:
+            raise InterchangeError(f"{meta}: has neither an image_path nor a url column "
+                                   f"(its columns: {', '.join(sorted(columns)) or 'none'})",
+                                   "Each row must say which image it is: image_path (a file) or url.")
+        shards.append(Shard(label, npy, meta, int(rows), int(matrix.shape[1]), str(matrix.dtype)))
+        del matrix
+    dims = sorted({s.dim for s in shards})
+    if len(dims) > 1:
+        raise InterchangeError(f"{folder}: the shards have vectors of different sizes ({', '.join(map(str, dims))}): "
+                               "they come from more than one model")
+    return shards
+
+
+def read_model_record(folder: Path | str) -> ModelRecord | None:
+    """The model an export recorded in `clipsearch.json`, None for folders clip inference wrote."""
+    path = Path(folder) / MODEL_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return ModelRecord(str(raw["model_id"]), str(raw.get("name", "")), str(raw.get("spec", "")),
+                           int(raw["embed_dim"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InterchangeError(f"{path}: unreadable ({exc})",
+                               "Delete it to import the folder as clip inference output (then --model is needed).") from exc
+
+
+# -- import ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SkippedRow:
+    shard: str
+    row: int
+    what: str  # the image_path or url, "" when the row has neither
+    reason: str
+
+
+@dataclass
+class ImportSummary:
+    collection: str
+    model_id: str
+    source: str
+    shards: int = 0
+    shards_unchanged: int = 0  # already imported with the same files: not read again
+    rows: int = 0  # rows in every shard
+    imported: int = 0
+    unchanged: int = 0  # rows of shards already imported
+    url_rows: int = 0  # imported rows stored as a URL (no local file)
+    missing_files: int = 0  # imported rows naming a file that is not on this machine
+    normalized: int = 0  # rows scaled to unit length (normalize=True)
+    skipped: list[SkippedRow] = field(default_factory=list)
+    total: int = 0  # images in the collection afterwards
+    index_update: str = ""
+    seconds: float = 0.0
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.skipped:
+            key = _reason_kind(row.reason)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict:
+        raw = asdict(self)
+        raw["skipped_by_reason"] = self.skipped_by_reason()
+        return raw
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(" (", 1)[0]
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    root: Path | None = None  # relative image_path values are taken from here (default: the current folder)
+    normalize: bool = False  # scale non-unit vectors instead of refusing the shard
+
+
+def import_embeddings(collection: Collection, folder: Path | str, model_info=None,
+                      options: ImportOptions = ImportOptions(),
+                      progress: ProgressCallback | None = None) -> ImportSummary:
+    """Import an embeddings folder into `collection`. `model_info` (a `BundleInfo`) is the model the vectors
+    were made with: required for a collection without a model unless the folder is an export that names one
+    (then resolve it first: `recorded_model_spec`), and checked against the collection's otherwise."""
+    with collection.writer_lock():
+        try:
+            return _Importer(collection, Path(folder), model_info, options, progress).run()
+        except BaseException:
+            collection.discard_if_unbound()
+            raise
+
+
+def _recorded_model(folder: Path):
+    """The `BundleInfo` of the model an export names in `clipsearch.json`, if it is still on this machine; None
+    for a folder without one. InterchangeError when it names a model that cannot be found."""
+    record = read_model_record(folder)
+    if record is None:
+        return None
+    from ..model.resolve import resolve_model
+
+    spec = record.spec or record.name
+    try:
+        info = resolve_model(spec, export_missing=False)
+    except ClipsearchError as exc:
+        raise InterchangeError(f"{folder} holds vectors of model {record.name or record.model_id}, which is not on "
+                               f"this machine ({exc.message})",
+                               "Pass --model with that model (a bundle folder, hf: or ARCH/TAG spec).") from exc
+    if info.model_id != record.model_id:
+        raise InterchangeError(f"{spec} is now model {info.model_id}, but {folder} holds vectors of {record.model_id}",
+                               "Pass --model with the model the collection was exported from.")
+    return info
+
+
+class _Importer:
+    def __init__(self, collection: Collection, folder: Path, model_info, options: ImportOptions,
+                 progress: ProgressCallback | None) -> None:
+        self.collection = collection
+        self.folder = folder
+        # provenance text only: a folder name that is not UTF-8 is recorded with its bytes escaped
+        self.source = os.fsencode(os.path.abspath(folder)).decode("utf-8", "backslashreplace")
+        self.info = model_info
+        self.options = options
+        self.progress = progress
+        self.root = os.path.abspath(options.root) if options.root is not None else os.getcwd()
+
+    def run(self) -> ImportSummary:
+        started = time.perf_counter()
+        shards = find_shards(self.folder)
+        collection = self.collection
+        dim = shards[0].dim
+        current = collection.model
+        info = self.info
+        if info is None and current is None:
+            info = _recorded_model(self.folder)
+        if info is None and current is None:
+            raise InterchangeError(
+                f"collection {collection.name!r} is new: name the model the embeddings were made with",
+                "Add --model with the CLIP model given to clip inference, e.g. --model ViT-B-32/openai for its "
+                "default ViT-B/32, or an hf: / bundle spec of the same model.")
+        model_id = info.model_id if info is not None else current.model_id
+        model_dim = info.embed_dim if info is not None else current.embed_dim
+        model_name = (info.name if info is not None else current.name) or model_id
+        if dim != model_dim:
+            raise InterchangeError(
+                f"the embeddings in {self.folder} have {dim} dimensions but model {model_name} makes "
+                f"{model_dim}-dimensional vectors: they come from another model",
+                "Give --model the CLIP model clip inference used (its --clip_model), e.g. ViT-B-32/openai "
+                "(512 dimensions), ViT-L-14/openai (768), ViT-H-14/laion2b_s32b_b79k (1024)."
+                + (f" This collection is bound to {current.spec}; import into another --collection." if current else ""))
+        record = read_model_record(self.folder)
+        if record is not None and record.model_id != model_id:
+            raise InterchangeError(
+                f"{self.folder} was exported from a collection of model {record.name or record.model_id} "
+                f"({record.model_id}), not {model_name} ({model_id})",
+                f"Import it with --model {record.spec or record.name} into a collection of that model.")
+        if info is not None:
+            collection.bind_model(info)  # raises when the collection holds another model's vectors
+        store = collection.store
+        _ensure_tables(store)
+        summary = ImportSummary(collection=collection.name, model_id=model_id, source=self.source,
+                                shards=len(shards), rows=sum(s.rows for s in shards))
+        run_id = store.next_run_id()
+        done = 0
+        if self.progress:
+            self.progress(0, summary.rows)
+        folders: set[str] = set()
+        try:
+            for shard in shards:
+                self._import_shard(store, shard, model_id, run_id, summary, folders)
+                done += shard.rows
+                if self.progress:
+                    self.progress(done, summary.rows)
+            _record_roots(store, folders)
+        except BaseException:
+            _record_roots(store, folders)
+            collection.update_vectors()  # FAISS in line with the shards committed so far
+            raise
+        sync = collection.update_vectors()
+        summary.index_update = sync.update
+        summary.total = store.count()
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _import_shard(self, store: Store, shard: Shard, model_id: str, run_id: int, summary: ImportSummary,
+                      folders: set[str]) -> None:
+        fingerprint = shard.fingerprint()
+        recorded = store.conn.execute(
+            "SELECT rows, npy_bytes, parquet_bytes FROM import_shards WHERE source = ? AND shard = ?",
+            [self.source, shard.label]).fetchone()
+        if recorded is not None and tuple(recorded) == fingerprint:
+            summary.shards_unchanged += 1
+            summary.unchanged += shard.rows
+            return
+        vectors = self._vectors(shard, summary)
+        columns = _read_metadata(shard)
+        images: list[NewImage] = []
+        extras: list[tuple[int, str | None, str | None, str | None]] = []  # row, image_path, url, caption
+        skipped: list[SkippedRow] = []
+        seen: dict[str, int] = {}
+        candidates: list[tuple[int, str, bool]] = []  # row, stored path, is a URL row
+        for row in range(shard.rows):
+            image_path, url = columns["image_path"][row], columns["url"][row]
+            if vectors[row] is None:
+                skipped.append(SkippedRow(shard.label, row, image_path or url or "", "vector is zero or not finite"))
+                continue
+            key, is_url = self._stored_path(image_path, url)
+            if key is None:
+                skipped.append(SkippedRow(shard.label, row, "", "no image_path or url"))
+                continue
+            if not is_utf8(key):  # a --root whose name is not UTF-8: SQLite stores paths as UTF-8 text
+                shown = os.fsencode(key).decode("utf-8", "backslashreplace")
+                skipped.append(SkippedRow(shard.label, row, shown, "path is not valid UTF-8"))
+                continue
+            if key in seen:
+                skipped.append(SkippedRow(shard.label, row, key, f"duplicate of row {seen[key]} of this shard"))
+                continue
+            seen[key] = row
+            candidates.append((row, key, is_url))
+        existing = _existing_paths(store, [key for _, key, _ in candidates])
+        now = _now()
+        for row, key, is_url in candidates:
+            if key in existing:
+                skipped.append(SkippedRow(shard.label, row, key, f"already in the collection (id {existing[key]})"))
+                continue
+            size = mtime_ns = 0
+            width, height = columns["width"][row], columns["height"][row]
+            if not is_url:
+                try:
+                    stat = os.stat(key)
+                    if not os.path.isfile(key):
+                        raise FileNotFoundError(key)
+                    size, mtime_ns = int(stat.st_size), int(stat.st_mtime_ns)
+                    folders.add(os.path.dirname(key))
+                    if width is None or height is None:
+                        width, height = _image_size(key)
+                except OSError:
+                    summary.missing_files += 1
+            else:
+                summary.url_rows += 1
+            vector = vectors[row]
+            digest = hashlib.blake2b(vector.tobytes(), digest_size=16).hexdigest()
+            images.append(NewImage(path=key, size=size, mtime_ns=mtime_ns, content_hash=f"imported:{digest}",
+                                   width=width, height=height, taken_at=columns["taken_at"][row], vector=vector))
+            extras.append((row, columns["image_path"][row], columns["url"][row], columns["caption"][row]))
+        with signals_deferred(), store.db.atomic():  # the shard's rows, their provenance and its record together
+            ids = store.write_images(images, model_id, run_id, now) if images else []
+            store.conn.executemany(
+                'INSERT OR REPLACE INTO imported (id, source, shard, "row", image_path, url, caption) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(image_id, self.source, shard.label, row, path, url, caption)
+                 for image_id, (row, path, url, caption) in zip(ids, extras)])
+            store.db.execute(
+                "INSERT OR REPLACE INTO import_shards (source, shard, rows, npy_bytes, parquet_bytes, imported, "
+                "skipped, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [self.source, shard.label, *fingerprint, len(ids), len(skipped), now])
+        summary.imported += len(ids)
+        summary.skipped.extend(skipped)
+
+    def _vectors(self, shard: Shard, summary: ImportSummary) -> list[np.ndarray | None]:
+        """float32 rows of the shard (None for a zero or non-finite row); InterchangeError for non-unit rows
+        unless normalizing. The file is memory-mapped and widened row by row (a 1M-row fp16 shard is not
+        copied whole)."""
+        matrix = np.load(shard.embeddings, mmap_mode="r", allow_pickle=False)
+        norms = np.empty(shard.rows, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, shard.rows, 65536):
+                chunk = np.asarray(matrix[start:start + 65536], dtype=np.float64)
+                norms[start:start + len(chunk)] = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        unusable = ~np.isfinite(norms) | (norms < 1e-12)
+        off = ~unusable & (np.abs(norms - 1.0) > NORM_TOLERANCE)
+        if off.any() and not self.options.normalize:
+            first = int(np.flatnonzero(off)[0])
+            raise InterchangeError(
+                f"{shard.embeddings.name}: {int(off.sum())} of {shard.rows} vectors are not L2-normalised "
+                f"(row {first} has norm {norms[first]:.4g}); clip inference writes unit vectors, so these may "
+                "not be CLIP image embeddings",
+                "If they are (normalisation was left out), import with --normalize to scale each to unit length."
+                + (" Shards before this one were imported." if summary.imported or summary.unchanged else ""))
+        rows: list[np.ndarray | None] = []
+        for i in range(shard.rows):
+            if unusable[i]:
+                rows.append(None)
+            elif self.options.normalize:
+                rows.append((np.asarray(matrix[i], dtype=np.float64) / norms[i]).astype(np.float32))
+            else:
+                rows.append(np.array(matrix[i], dtype=np.float32))
+        if self.options.normalize:
+            summary.normalized += int((~unusable).sum())
+        del matrix
+        return rows
+
+    def _stored_path(self, image_path: str | None, url: str | None) -> tuple[str | None, bool]:
+        """(the path the row is stored under, whether it is a URL row); (None, False) for neither."""
+        local = None
+        if image_path and is_url_path(image_path):  # a URL in the path column
+            url, image_path = url or image_path, None
+        if image_path:
+            local = os.path.abspath(os.path.join(self.root, os.path.expanduser(image_path)))
+            if os.path.isfile(local):
+                return local, False
+        if url:
+            return url, True
+        return local, False
+
+
+def _read_metadata(shard: Shard) -> dict[str, list]:
+    """The columns an import uses, each a list of the shard's rows (None where a value or column is missing)."""
+    pq = _parquet()
+    wanted = ("image_path", "url", "caption", "width", "height", "taken_at")
+    try:
+        names = set(pq.ParquetFile(shard.metadata).schema_arrow.names)
+        table = pq.read_table(shard.metadata, columns=[c for c in wanted if c in names])
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+        raise InterchangeError(f"{shard.metadata}: cannot be read ({exc})") from exc
+    if table.num_rows != shard.rows:
+        raise InterchangeError(f"{shard.metadata.name} has {table.num_rows} rows but {shard.embeddings.name} has "
+                               f"{shard.rows}")
+    columns: dict[str, list] = {}
+    for name in wanted:
+        values = table.column(name).to_pylist() if name in table.column_names else [None] * shard.rows
+        if name in ("width", "height"):
+            values = [_positive_int(v) for v in values]
+        else:
+            values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in values]
+            if name in ("image_path", "url"):
+                values = [v if v and v.strip() else None for v in values]
+        columns[name] = values
+    return columns
+
+
+def _positive_int(value) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if number > 0 else None
+
+
+def _image_size(path: str) -> tuple[int | None, int | None]:
+    """Width and height from the file's header (no decoding); (None, None) when it is not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return int(image.width), int(image.height)
+    except Exception:  # noqa: BLE001 - any unreadable file just has no size
+        return None, None
+
+
+def _existing_paths(store: Store, paths: Sequence[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for start in range(0, len(paths), 500):
+        part = list(paths[start:start + 500])
+        found.update((p, int(i)) for p, i in store.conn.execute(
+            f"SELECT path, id FROM images WHERE path IN ({','.join('?' * len(part))})", part))
+    return found
+
+
+def _ensure_tables(store: Store) -> None:
+    with signals_deferred(), store.db.atomic():
+        for statement in _DDL:
+            store.db.execute(statement)
+
+
+def _has_imported_table(store: Store) -> bool:
+    return store.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'imported'"
+                              ).fetchone() is not None
+
+
+def _record_roots(store: Store, folders: set[str]) -> None:
+    """The topmost folders holding imported local files become the collection's served roots (the web server
+    shows files only from inside those); URL rows add none."""
+    topmost: list[str] = []
+    for folder in sorted(folders):
+        if not any(folder == top or folder.startswith(top.rstrip(os.sep) + os.sep) for top in topmost):
+            topmost.append(folder)
+    if topmost:
+        store.record_roots(topmost)
+
+
+def imported_metadata(store: Store, ids: Sequence[int]) -> dict[int, dict[str, str | None]]:
+    """id -> {"image_path", "url", "caption"} as imported, for those of `ids` that were imported."""
+    if not _has_imported_table(store):
+        return {}
+    found: dict[int, dict[str, str | None]] = {}
+    wanted = [int(i) for i in ids]
+    for start in range(0, len(wanted), 500):
+        part = wanted[start:start + 500]
+        for image_id, image_path, url, caption in store.conn.execute(
+                f"SELECT id, image_path, url, caption FROM imported WHERE id IN ({','.join('?' * len(part))})", part):
+            found[int(image_id)] = {"image_path": image_path, "url": url, "caption": caption}
+    return found
+
+
+def is_url_path(path: str) -> bool:
+    """True for the stored path of a URL row (local paths are stored absolute, URLs keep their scheme)."""
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+@dataclass
+class ExportSummary:
+    collection: str
+    folder: str
+    model_id: str
+    rows: int = 0
+    shards: int = 0
+    dim: int = 0
+    dtype: str = "float32"
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_embeddings(collection: Collection, folder: Path | str, shard_size: int = DEFAULT_SHARD_SIZE,
+                      fp16: bool = False, progress: ProgressCallback | None = None) -> ExportSummary:
+    """Write every image of `collection` (id order) in clip-retrieval's layout into `folder`, which must not
+    hold embeddings yet. Each file is written under a temporary name and renamed into place; the rows come
+    from one SQLite read, so an indexing run writing meanwhile cannot split a row from its vector."""
+    if shard_size < 1:
+        raise InterchangeError("the shard size must be at least 1")
+    _parquet()  # before anything is created
+    started = time.perf_counter()
+    folder = Path(folder)
+    model = collection.require_model()
+    store = collection.store
+    if store.count() == 0:
+        raise InterchangeError(f"collection {collection.name!r} has no images to export")
+    emb_dir, meta_dir = folder / IMG_EMB_DIR, folder / METADATA_DIR
+    if folder.exists() and not folder.is_dir():
+        raise InterchangeError(f"{folder}: is a file, not a folder")
+    taken = [p.name for d in (emb_dir, meta_dir, folder / TEXT_EMB_DIR) if d.is_dir() for p in d.iterdir()]
+    if taken or (folder / MODEL_FILE).exists():
+        raise InterchangeError(f"{folder}: already holds embeddings ({', '.join(sorted(taken)[:3]) or MODEL_FILE})",
+                               "Export into a new or empty folder.")
+    try:
+        emb_dir.mkdir(parents=True, exist_ok=True)
+        meta_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InterchangeError(f"cannot create {folder}: {exc.strerror or exc}") from exc
+    dim = model.embed_dim
+    summary = ExportSummary(collection=collection.name, folder=str(folder), model_id=model.model_id, dim=dim,
+                            dtype="float16" if fp16 else "float32")
+    store.conn.execute("BEGIN")  # one read snapshot for the count and every row
+    try:
+        return _export_snapshot(collection, store, folder, model, shard_size, fp16, progress, summary, started)
+    finally:
+        store.conn.rollback()
+
+
+def _export_snapshot(collection: Collection, store: Store, folder: Path, model, shard_size: int, fp16: bool,
+                     progress: ProgressCallback | None, summary: ExportSummary, started: float) -> ExportSummary:
+    pq = _parquet()
+    emb_dir, meta_dir, dim = folder / IMG_EMB_DIR, folder / METADATA_DIR, model.embed_dim
+    count = store.count()
+    if count == 0:
+        raise InterchangeError(f"collection {collection.name!r} has no images to export")
+    shard_count = max(1, math.ceil(count / shard_size))
+    digits = int(math.log10(shard_count)) + 1  # as clip inference names its partitions
+    if progress:
+        progress(0, count)
+    done = 0
+    for number, rows in enumerate(_export_rows(store, dim, shard_size)):
+        label = str(number).zfill(digits)
+        vectors = np.stack([r[-1] for r in rows]).astype(np.float16 if fp16 else np.float32)
+        npy = emb_dir / f"img_emb_{label}.npy"
+        parquet = meta_dir / f"metadata_{label}.parquet"
+        _write_atomically(npy, lambda handle, v=vectors: np.save(handle, v))
+        table = _metadata_table(rows)
+        _write_atomically(parquet, lambda handle, t=table: pq.write_table(t, handle))
+        summary.files += [str(npy.relative_to(folder)), str(parquet.relative_to(folder))]
+        summary.shards += 1
+        summary.rows += len(rows)
+        done += len(rows)
+        if progress:
+            progress(done, count)
+    record = {"model_id": model.model_id, "name": model.name, "spec": model.spec, "embed_dim": dim,
+              "collection": collection.name, "rows": summary.rows, "dtype": summary.dtype, "exported_at": _now()}
+    _write_atomically(folder / MODEL_FILE, lambda handle: handle.write(
+        (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+    summary.files.append(MODEL_FILE)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _export_rows(store: Store, dim: int, shard_size: int) -> Iterator[list[tuple]]:
+    """Shards of rows (id, path, width, height, taken_at, image_path, url, caption, vector) in id order."""
+    joined = _has_imported_table(store)
+    extra = "m.image_path, m.url, m.caption" if joined else "NULL, NULL, NULL"
+    join = "LEFT JOIN imported m ON m.id = i.id" if joined else ""
+    cursor = store.conn.execute(
+        f"SELECT i.id, i.path, i.width, i.height, i.taken_at, {extra}, e.vector FROM images i "
+        f"JOIN embeddings e ON e.id = i.id {join} ORDER BY i.id")
+    while True:
+        rows = cursor.fetchmany(shard_size)
+        if not rows:
+            return
+        out = []
+        for *fields, blob in rows:
+            vector = np.frombuffer(blob, dtype=np.float32)
+            if vector.size != dim:
+                raise InterchangeError(f"image {fields[0]}: its stored vector has {vector.size} dimensions, not {dim}",
+                                       "Check the collection: clipsearch check")
+            out.append((*fields, vector))
+        yield out
+
+
+def _metadata_table(rows: list[tuple]):
+    """The parquet columns of a shard: image_path (the local file; for a URL row the image_path it was imported
+    with, if any), url and caption when any row has one, and id, width, height, taken_at."""
+    import pyarrow as pa
+
+    image_paths, urls, captions = [], [], []
+    for _id, path, _w, _h, _t, imported_path, url, caption in (r[:-1] for r in rows):
+        url_row = url is not None and path == url
+        image_paths.append(imported_path if url_row else path)
+        urls.append(url)
+        captions.append(caption)
+    columns = {"image_path": pa.array(image_paths, type=pa.string())}
+    if any(u is not None for u in urls):
+        columns["url"] = pa.array(urls, type=pa.string())
+    if any(c is not None for c in captions):
+        columns["caption"] = pa.array(captions, type=pa.string())
+    columns["id"] = pa.array([r[0] for r in rows], type=pa.int64())
+    columns["width"] = pa.array([r[2] for r in rows], type=pa.int32())
+    columns["height"] = pa.array([r[3] for r in rows], type=pa.int32())
+    columns["taken_at"] = pa.array([r[4] for r in rows], type=pa.string())
+    return pa.table(columns)
+
+
+def _write_atomically(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InterchangeError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,365 @@
+"""import-embeddings / export-embeddings: clip-retrieval's `clip inference` layout (img_emb/img_emb_N.npy +
+metadata/metadata_N.parquet) into a collection and back, searched through the library, the CLI and clip-back's
+/knn-service (including the real ClipClient)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+import pyarrow.parquet as pq  # noqa: E402
+
+from clipsearch.errors import ClipsearchError  # noqa: E402
+from clipsearch.indexer.pipeline import IndexOptions  # noqa: E402
+from clipsearch.indexer.runner import index_paths  # noqa: E402
+from clipsearch.model.bundle import read_bundle  # noqa: E402
+from clipsearch.model.runtime import ClipModel  # noqa: E402
+from clipsearch.search import SearchQuery, Searcher  # noqa: E402
+from clipsearch.store.collection import Collection, list_collections  # noqa: E402
+from clipsearch.store.interchange import (ImportOptions, InterchangeError, export_embeddings, find_shards,  # noqa: E402
+                                          import_embeddings, imported_metadata)
+from photo_fixtures import block_image, make_photos  # noqa: E402
+
+CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+URL = "https://example.com/images/remote-cat.jpg"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A clip-inference output folder: shard 0 (fp16) = photos 0-2, shard 1 (fp32) = photos 3-4 + a URL-only
+    row. `rows` lists (stored path, url, caption, vector as written) in import order."""
+
+    folder: Path
+    photos: list[Path]
+    rows: list[tuple[str, str | None, str, np.ndarray]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle) -> ClipModel:
+    return ClipModel(tiny_bundle, threads=1)
+
+
+def write_shard(folder: Path, label: str, vectors: np.ndarray, columns: dict[str, list]) -> None:
+    (folder / "img_emb").mkdir(parents=True, exist_ok=True)
+    (folder / "metadata").mkdir(parents=True, exist_ok=True)
+    np.save(folder / "img_emb" / f"img_emb_{label}.npy", vectors)
+    pq.write_table(pa.table(columns), folder / "metadata" / f"metadata_{label}.parquet")
+
+
+def build_layout(root: Path, model: ClipModel) -> Layout:
+    photos = make_photos(root / "photos", 5)
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in photos] + [block_image(777)]  # the last one is not on disk
+    vectors = model.encode_images(images)
+    folder = root / "clip-out"
+    first = vectors[:3].astype(np.float16)
+    write_shard(folder, "0", first, {"image_path": [str(p) for p in photos[:3]],
+                                     "caption": [f"photo {i}" for i in range(3)]})
+    second = vectors[3:].astype(np.float32)
+    write_shard(folder, "1", second, {"image_path": [str(photos[3]), str(photos[4]), "000123"],
+                                      "caption": ["photo 3", "photo 4", "a remote cat"],
+                                      "url": [None, None, URL]})
+    rows = [(str(photos[i]), None, f"photo {i}", first[i].astype(np.float32)) for i in range(3)]
+    rows += [(str(photos[3]), None, "photo 3", second[0]), (str(photos[4]), None, "photo 4", second[1]),
+             (URL, URL, "a remote cat", second[2])]
+    return Layout(folder, photos, rows)
+
+
+@pytest.fixture()
+def layout(tmp_path, model) -> Layout:
+    return build_layout(tmp_path, model)
+
+
+def run_import(index_dir: Path, folder: Path, bundle: Path | None, name: str = "imported", **options):
+    info = read_bundle(bundle) if bundle is not None else None
+    return import_embeddings(Collection.create(name, index_dir), folder, info, ImportOptions(**options))
+
+
+def contents(index_dir: Path, name: str) -> list[tuple]:
+    """(id, path, width, height, taken_at, url, caption, vector bytes) of every image, in id order."""
+    with Collection.open(name, index_dir) as collection:
+        store = collection.store
+        ids, vectors = store.all_vectors(collection.require_model().embed_dim)
+        records = store.get_many(ids.tolist())
+        extra = imported_metadata(store, ids.tolist())
+        return [(int(i), records[int(i)].path, records[int(i)].width, records[int(i)].height, records[int(i)].taken_at,
+                 extra.get(int(i), {}).get("url"), extra.get(int(i), {}).get("caption"), v.tobytes())
+                for i, v in zip(ids, vectors)]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=180, env=env or dict(os.environ))
+
+
+# -- import -------------------------------------------------------------------------------------------------------
+def test_import_keeps_rows_ids_metadata_and_vectors(tmp_path, layout, tiny_bundle, model):
+    index_dir = tmp_path / "collections"
+    summary = run_import(index_dir, layout.folder, tiny_bundle)
+    assert (summary.shards, summary.rows, summary.imported, summary.unchanged) == (2, 6, 6, 0)
+    assert summary.skipped == [] and summary.url_rows == 1 and summary.missing_files == 0 and summary.total == 6
+    rows = contents(index_dir, "imported")
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6]  # shard order, row order
+    for (image_id, path, width, height, _, url, caption, vector), (want_path, want_url, want_caption, want) in zip(
+            rows, layout.rows):
+        assert (path, url, caption) == (want_path, want_url, want_caption)
+        assert vector == want.astype(np.float32).tobytes()  # exact: fp16 widened, fp32 as written
+        assert (width, height) == ((160, 120) if url is None else (None, None))  # read from the files' headers
+    with Collection.open("imported", index_dir) as collection:
+        report = collection.check()
+        assert report.ok, report.problems
+        assert collection.require_model().model_id == model.model_id
+        store = collection.store
+        url_row = store.get(6)
+        assert (url_row.path, url_row.size, url_row.mtime_ns) == (URL, 0, 0)
+        local = store.get(1)
+        stat = os.stat(layout.photos[0])
+        assert (local.size, local.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+        # the web server serves files only from recorded folders: the photos' folder, never anything for the URL
+        assert set(store.indexed_roots()) == {str(layout.photos[0].parent)}
+
+
+def test_imported_collection_searches_by_text_image_and_vector(tmp_path, layout, tiny_bundle, model):
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    vectors = np.stack([r[3] for r in layout.rows])
+    with Searcher.open("imported", index_dir) as searcher:
+        text = model.encode_text(["a blue square"])[0]
+        expected = (np.argsort(-(vectors @ text), kind="stable") + 1).tolist()
+        hits = searcher.search(SearchQuery.build(text="a blue square", k=6))
+        assert [h.id for h in hits] == expected
+        assert {h.path for h in hits} == {r[0] for r in layout.rows}  # the URL row answers with its URL
+        by_image = searcher.search(SearchQuery.build(image=str(layout.photos[4]), k=1, include_query_images=True))
+        assert by_image[0].id == 5
+        by_vector = searcher.search_vector(layout.rows[5][3], 1)
+        assert by_vector[0].id == 6 and by_vector[0].path == URL
+
+
+def test_reimport_adds_nothing_and_new_shards_are_imported_alone(tmp_path, layout, tiny_bundle):
+    index_dir = tmp_path / "collections"
+    partial = tmp_path / "partial"
+    shutil.copytree(layout.folder, partial)
+    for name in ("img_emb/img_emb_1.npy", "metadata/metadata_1.parquet"):
+        (partial / name).unlink()
+    first = run_import(index_dir, partial, tiny_bundle)
+    assert (first.imported, first.total) == (3, 3)
+    # clip inference wrote another shard: only its rows are read and imported (the model is remembered)
+    for name in ("img_emb/img_emb_1.npy", "metadata/metadata_1.parquet"):
+        shutil.copy(layout.folder / name, partial / name)
+    second = run_import(index_dir, partial, None)
+    assert (second.imported, second.unchanged, second.shards_unchanged, second.total) == (3, 3, 1, 6)
+    before = contents(index_dir, "imported")
+    again = run_import(index_dir, partial, tiny_bundle)
+    assert (again.imported, again.unchanged, again.shards_unchanged, again.skipped) == (0, 6, 2, [])
+    # the same rows from another folder (a copy): read, and every row skipped as already there
+    copy = run_import(index_dir, layout.folder, None)
+    assert copy.imported == 0 and len(copy.skipped) == 6
+    assert copy.skipped_by_reason() == {"already in the collection": 6}
+    assert contents(index_dir, "imported") == before
+    with Collection.open("imported", index_dir) as collection:
+        assert collection.check().ok
+
+
+def test_a_later_index_run_keeps_the_imported_vectors(tmp_path, layout, tiny_bundle, model):
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    before = contents(index_dir, "imported")
+    with Collection.create("imported", index_dir) as collection:
+        summary = index_paths(collection, model, [str(layout.photos[0].parent)], IndexOptions(workers=0))
+    assert (summary.added, summary.updated, summary.unchanged, summary.removed) == (0, 0, 5, 0)
+    assert contents(index_dir, "imported") == before
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+def test_dimension_mismatch_is_refused_before_anything_is_written(tmp_path, tiny_bundle):
+    folder = tmp_path / "clip-out"
+    vectors = np.random.default_rng(0).normal(size=(2, 512)).astype(np.float32)
+    write_shard(folder, "0", vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
+                {"image_path": ["/a.jpg", "/b.jpg"]})
+    with pytest.raises(InterchangeError) as error:
+        run_import(tmp_path / "collections", folder, tiny_bundle)
+    assert "have 512 dimensions but model" in error.value.message and "64-dimensional" in error.value.message
+    assert "--model" in error.value.hint and "ViT-B-32/openai" in error.value.hint
+    assert list_collections(tmp_path / "collections") == []
+
+
+def test_a_new_collection_needs_the_model(tmp_path, layout):
+    with pytest.raises(InterchangeError, match="is new: name the model") as error:
+        run_import(tmp_path / "collections", layout.folder, None)
+    assert "--model" in error.value.hint
+    assert list_collections(tmp_path / "collections") == []
+
+
+def test_malformed_folders_are_clear_errors(tmp_path, layout, tiny_bundle):
+    index_dir = tmp_path / "collections"
+
+    def broken(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(layout.folder, target)
+        return target
+
+    missing = broken("missing-metadata")
+    (missing / "metadata" / "metadata_1.parquet").unlink()
+    with pytest.raises(InterchangeError, match=r"1 shard\(s\) have no metadata file: metadata/metadata_1.parquet"):
+        find_shards(missing)
+    misaligned = broken("misaligned")
+    pq.write_table(pa.table({"image_path": ["/x.jpg"]}), misaligned / "metadata" / "metadata_1.parquet")
+    with pytest.raises(InterchangeError, match="img_emb_1.npy has 3 rows but metadata_1.parquet has 1"):
+        run_import(index_dir, misaligned, tiny_bundle)
+    no_columns = broken("no-columns")
+    pq.write_table(pa.table({"caption": ["a", "b", "c"]}), no_columns / "metadata" / "metadata_1.parquet")
+    with pytest.raises(InterchangeError, match="neither an image_path nor a url column"):
+        run_import(index_dir, no_columns, tiny_bundle)
+    not_parquet = broken("not-parquet")
+    (not_parquet / "metadata" / "metadata_0.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InterchangeError, match="not a readable parquet file"):
+        run_import(index_dir, not_parquet, tiny_bundle)
+    with pytest.raises(InterchangeError, match="no img_emb/ folder"):
+        run_import(index_dir, tmp_path, tiny_bundle)
+    assert list_collections(index_dir) == []  # every check ran before anything was written
+
+
+def test_non_normalised_vectors_are_refused_or_scaled(tmp_path, layout, tiny_bundle):
+    index_dir = tmp_path / "collections"
+    raw = layout.folder / "img_emb" / "img_emb_1.npy"
+    vectors = np.load(raw)
+    scaled = vectors * 3
+    scaled[1] = 0  # a zero row can never be used
+    np.save(raw, scaled)
+    with pytest.raises(InterchangeError, match="2 of 3 vectors are not L2-normalised") as error:
+        run_import(index_dir, layout.folder, tiny_bundle)
+    assert "--normalize" in error.value.hint and "Shards before this one were imported" in error.value.hint
+    with Collection.open("imported", index_dir) as collection:  # shard 0 is in, SQLite and FAISS agree
+        assert collection.store.count() == 3 and collection.check().ok
+    summary = run_import(index_dir, layout.folder, tiny_bundle, normalize=True)
+    assert (summary.imported, summary.unchanged, summary.normalized) == (2, 3, 2)
+    assert [(s.row, s.reason) for s in summary.skipped] == [(1, "vector is zero or not finite")]
+    rows = contents(index_dir, "imported")
+    assert [r[1] for r in rows] == [r[0] for r in layout.rows[:4]] + [URL]
+    assert np.frombuffer(rows[3][7], dtype=np.float32) == pytest.approx(vectors[0], abs=1e-6)
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+def test_export_then_import_round_trip_is_exact(tmp_path, layout, tiny_bundle):
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    out = tmp_path / "exported"
+    with Collection.open("imported", index_dir) as collection:
+        summary = export_embeddings(collection, out, shard_size=4)
+    assert (summary.rows, summary.shards, summary.dim, summary.dtype) == (6, 2, 64, "float32")
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy"]
+    table = pq.read_table(out / "metadata" / "metadata_1.parquet").to_pydict()
+    assert table["id"] == [5, 6] and table["url"] == [None, URL] and table["image_path"] == [str(layout.photos[4]), "000123"]
+    assert table["caption"] == ["photo 4", "a remote cat"] and table["width"] == [160, None]
+    assert json.loads((out / "clipsearch.json").read_text())["embed_dim"] == 64
+    shards = find_shards(out)
+    assert [(s.label, s.rows, s.dtype) for s in shards] == [("0", 4, "float32"), ("1", 2, "float32")]
+    run_import(index_dir, out, None, name="again")  # the export names its model
+    assert contents(index_dir, "again") == contents(index_dir, "imported")
+    # fp16, as clip inference writes: one rounding, then stable
+    with Collection.open("again", index_dir) as collection:
+        export_embeddings(collection, tmp_path / "half", fp16=True)
+    assert np.load(tmp_path / "half" / "img_emb" / "img_emb_0.npy").dtype == np.float16
+    run_import(index_dir, tmp_path / "half", tiny_bundle, name="half")
+    for original, half in zip(contents(index_dir, "imported"), contents(index_dir, "half")):
+        assert original[:7] == half[:7]
+        rounded = np.frombuffer(original[7], dtype=np.float32).astype(np.float16).astype(np.float32)
+        assert np.frombuffer(half[7], dtype=np.float32).tobytes() == rounded.tobytes()
+
+
+def test_export_refuses_a_folder_that_holds_embeddings_and_an_empty_collection(tmp_path, layout, tiny_bundle):
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    with Collection.open("imported", index_dir) as collection:
+        with pytest.raises(InterchangeError, match="already holds embeddings"):
+            export_embeddings(collection, layout.folder)
+    (layout.folder / "clipsearch.json").write_text(json.dumps({"model_id": "someone-else", "name": "other",
+                                                               "spec": "other", "embed_dim": 64}))
+    with pytest.raises(InterchangeError, match="was exported from a collection of model other"):
+        run_import(index_dir, layout.folder, tiny_bundle)
+
+
+# -- CLI and clip-back ----------------------------------------------------------------------------------------------
+def test_cli_import_export_and_search(tmp_path, layout, tiny_bundle):
+    index_dir = str(tmp_path / "collections")
+    result = cli("import-embeddings", str(layout.folder), "-c", "clip", "--model", str(tiny_bundle),
+                 "--index-dir", index_dir)
+    assert result.returncode == 0, result.stderr
+    assert "clip: 6 imported, 0 already imported (0 of 2 shards unchanged), 0 skipped; 6 images in total" in result.stdout
+    assert "1 rows have a URL and no local file" in result.stdout
+    again = cli("import-embeddings", str(layout.folder), "-c", "clip", "--index-dir", index_dir, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["imported"] == 0 and json.loads(again.stdout)["shards_unchanged"] == 2
+    found = cli("search", "a blue square", "-k", "6", "-c", "clip", "--index-dir", index_dir, "--json")
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert sorted(h["id"] for h in hits) == [1, 2, 3, 4, 5, 6] and URL in {h["path"] for h in hits}
+    exported = cli("export-embeddings", str(tmp_path / "out"), "-c", "clip", "--index-dir", index_dir, "--fp16")
+    assert exported.returncode == 0, exported.stderr
+    assert "clip: 6 rows in 1 shard(s) of 64-dim float16 vectors written to" in exported.stdout
+    wrong = cli("import-embeddings", str(layout.folder), "-c", "new", "--index-dir", index_dir)
+    assert wrong.returncode == 1 and "error: collection 'new' is new: name the model" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    refused = cli("export-embeddings", str(tmp_path / "out"), "-c", "clip", "--index-dir", index_dir)
+    assert refused.returncode == 1 and "already holds embeddings" in refused.stderr
+
+
+@pytest.fixture()
+def served(tmp_path, layout, tiny_bundle):
+    from fastapi.testclient import TestClient
+
+    from clipsearch.web import ServerSettings, create_app
+    from web_fixtures import TEST_HOSTS
+
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle, name="photos")
+    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection="photos", index_dir=index_dir)
+    with TestClient(create_app(settings)) as client:
+        yield client, settings
+
+
+def test_knn_service_answers_from_an_imported_collection(served, layout, model):
+    client, _ = served
+    body = {"indice_name": "photos", "num_images": 6, "num_result_ids": 6, "deduplicate": False, "modality": "image"}
+    vectors = np.stack([r[3] for r in layout.rows])
+    for target in (1, 5):  # a local file and the URL row
+        query = vectors[target]
+        response = client.post("/knn-service", content=json.dumps({**body, "embedding_input": (query * 2).tolist()}))
+        assert response.status_code == 200, response.text
+        results = response.json()
+        assert [r["id"] for r in results] == (np.argsort(-(vectors @ query), kind="stable") + 1).tolist()
+        assert results[0]["id"] == target + 1 and results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    url_hit = next(r for r in results if r["id"] == 6)
+    assert url_hit["image_path"] == URL
+    text = client.post("/knn-service", content=json.dumps({**body, "text": "a blue square"})).json()
+    expected = np.argsort(-(vectors @ model.encode_text(["a blue square"])[0]), kind="stable") + 1
+    assert [r["id"] for r in text] == expected.tolist()
+    # local files are served by id; the URL row is never fetched or served
+    assert client.get("/api/images/1/file").status_code == 200
+    assert client.get("/api/images/6/file").status_code == 404
+
+
+def test_real_clip_client_embedding_input_against_an_imported_collection(served, layout):
+    from test_clipback import load_clip_client_class
+    from clipsearch.web import create_app
+    from web_fixtures import LiveServer
+
+    ClipClient, Modality = load_clip_client_class()
+    _, settings = served
+    with LiveServer(create_app(settings)) as server:
+        client = ClipClient(url=f"{server.url}/knn-service", indice_name="photos", num_images=3,
+                            modality=Modality.IMAGE, deduplicate=False)
+        results = client.query(embedding_input=layout.rows[3][3].tolist())
+        assert [r["id"] for r in results][:1] == [4]
+        assert results[0]["image_path"] == str(layout.photos[3])
+        by_text = client.query(text="a red circle")
+        assert len(by_text) == 3 and all({"id", "similarity", "image_path", "url"} <= set(r) for r in by_text)
