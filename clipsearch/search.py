@@ -26,12 +26,13 @@ import os
 import re
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .store.collection import DEFAULT_COLLECTION, Collection
+from .store.collection import DEFAULT_COLLECTION, Collection, data_folder
 from .errors import CollectionError, QueryError
 from .filters import EmptyReason, SearchFilter, empty_reason, image_date
 from .text import is_utf8
@@ -245,6 +246,7 @@ class Searcher:
         self._text_key: str | None = None  # the query cache's key (see _text_cache_key)
         self._allowed: dict[tuple[SearchFilter, tuple[int, int]], np.ndarray] = {}  # (filter, db version) -> ids
         self._lock = threading.RLock()
+        self.model_threads: int | None = None  # onnxruntime threads of a model this searcher loads (None: all cores)
         if model is not None:
             self._check_model(model)
         elif model_spec is not None:
@@ -277,8 +279,8 @@ class Searcher:
                     from .model.resolve import load_model
                     from .model.runtime import ClipModel
 
-                    model = (ClipModel(self._model_info) if self._model_info is not None
-                             else load_model(self.collection_model.spec))
+                    model = (ClipModel(self._model_info, threads=self.model_threads) if self._model_info is not None
+                             else load_model(self.collection_model.spec, threads=self.model_threads))
                     self._check_model(model)
                     self._model = model
         return self._model
@@ -293,7 +295,10 @@ class Searcher:
 
     def _follow_rebuild(self) -> None:
         """After a rebuild switched the collection to a new generation: reopen it, drop the old index, and
-        the model when it was the collection's own (a given --model must still match; it is checked again)."""
+        the model when it was the collection's own (a given --model must still match; it is checked again).
+        The usual case (no switch: CURRENT still names the folder in use) takes no lock."""
+        if data_folder(self.collection.root) == self.collection.folder:
+            return
         with self._lock:
             if not self.collection.refresh():
                 return
@@ -329,20 +334,27 @@ class Searcher:
         """Serialises use of the collection's single SQLite connection; hold it for direct store access."""
         return self._lock
 
+    @contextmanager
+    def reading(self) -> Iterator:
+        """The `Store` that query reads go to: here the collection's one connection, under `lock`. A subclass
+        that serves many threads gives each its own read-only connection instead (web.served)."""
+        with self._lock:
+            yield self.collection.store
+
     def records(self, ids: Iterable[int]) -> dict:
         """id -> `ImageRecord` of the given ids (unknown ids left out)."""
         self._follow_rebuild()
-        with self._lock:
-            return self.collection.store.get_many(ids)
+        with self.reading() as store:
+            return store.get_many(ids)
 
     def stored_vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """id -> stored image vector of the given ids (unknown ids left out)."""
         self._follow_rebuild()
         dim = self.collection_model.embed_dim
         found: dict[int, np.ndarray] = {}
-        with self._lock:
+        with self.reading() as store:
             for image_id in ids:
-                vector = self.collection.store.vector(int(image_id), dim)
+                vector = store.vector(int(image_id), dim)
                 if vector is not None:
                     found[int(image_id)] = vector
         return found
@@ -353,7 +365,9 @@ class Searcher:
             return self.collection.stats()
 
     # -- queries --------------------------------------------------------------------------------
-    def query_vector(self, query: SearchQuery) -> QueryVector:
+    def query_vector(self, query: SearchQuery, text_vectors: Mapping[str, np.ndarray] | None = None) -> QueryVector:
+        """The combined query; `text_vectors` (text -> embedding, e.g. from a batched encoder call) answers
+        the texts it holds, the others are embedded here."""
         query.validate()
         self._follow_rebuild()
         dim = self.collection_model.embed_dim
@@ -361,14 +375,16 @@ class Searcher:
         exclude: set[int] = set()
         texts = [t for t in query.terms if t.kind == "text"]
         if texts:
-            encoded = self.text_vectors([str(t.value) for t in texts])
+            known = dict(text_vectors or {})
+            missing = [str(t.value) for t in texts if str(t.value) not in known]
+            encoded = {**known, **(self.text_vectors(missing) if missing else {})}
             for term in texts:
                 total += term.weight * encoded[str(term.value)]
         for term in query.terms:
             if term.kind == "like":
                 image_id = int(term.value)
-                with self._lock:
-                    vector = self.collection.store.vector(image_id, dim)
+                with self.reading() as store:
+                    vector = store.vector(image_id, dim)
                 if vector is None:
                     raise QueryError(f"no indexed image with id {image_id} in collection {self.collection.name!r}")
                 total += term.weight * vector
@@ -385,15 +401,19 @@ class Searcher:
     def text_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Embed texts, answering repeated ones from the collection's query cache (no model load at all)."""
         model_id, dim = self._text_cache_key(), self.collection_model.embed_dim
-        with self._lock:
-            found = self.collection.store.cached_text_vectors(model_id, texts, dim)
+        with self.reading() as store:
+            found = store.cached_text_vectors(model_id, texts, dim)
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             fresh = dict(zip(missing, self.model.encode_text(missing)))
-            with self._lock:
-                self.collection.store.cache_text_vectors(model_id, fresh, time.time())
+            self._remember_texts(model_id, fresh)
             found.update(fresh)
         return found
+
+    def _remember_texts(self, model_id: str, vectors: dict[str, np.ndarray]) -> None:
+        """Add freshly embedded texts to the query cache (a serving subclass queues them for a writer thread)."""
+        with self._lock:
+            self.collection.store.cache_text_vectors(model_id, vectors, time.time())
 
     def _text_cache_key(self) -> str:
         """The query cache's key: the collection's model id (which follows the image tower) plus the sha256 of
@@ -428,17 +448,18 @@ class Searcher:
         image = open_image(data, draft_size=self.model.preprocess.size[::-1])
         vector = self.model.encode_images([image])[0]
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        with self._lock:
-            same = {row[0] for row in self.collection.store.db.execute(
+        with self.reading() as store:
+            same = {row[0] for row in store.conn.execute(
                 "SELECT id FROM images WHERE content_hash = ?", [digest])}
             if not isinstance(value, bytes) and is_utf8(str(value)):  # stored paths are UTF-8 text
-                record = self.collection.store.find_by_path(os.path.abspath(str(value)))
+                record = store.find_by_path(os.path.abspath(str(value)))
                 if record is not None:
                     same.add(record.id)
         return vector, same
 
-    def search(self, query: SearchQuery) -> list[SearchHit]:
-        """Best-first hits joined with their metadata.
+    def search(self, query: SearchQuery, text_vectors: Mapping[str, np.ndarray] | None = None) -> list[SearchHit]:
+        """Best-first hits joined with their metadata (`text_vectors`: embeddings of query texts computed
+        already, see `query_vector`).
 
         With `query.rerank`: the top `rerank_k` ITC hits are scored against the query text by the ITM head from
         the image tokens stored at index time (`stored_tokens`; no file is decoded), RERANK_BATCH per call.
@@ -451,7 +472,7 @@ class Searcher:
         if query.rerank:
             self._require_itm()
             self._require_tokens()
-        qv = self.query_vector(query)
+        qv = self.query_vector(query, text_vectors)
         if not query.rerank:
             return self.search_vector(qv.vector, query.k, qv.exclude_ids, query.filter)
         hits = self.search_vector(qv.vector, max(query.k, query.rerank_k), qv.exclude_ids, query.filter)
@@ -569,8 +590,8 @@ class Searcher:
         index = self.index
         allowed = self.allowed_ids(filter) if filter is not None and filter.active else None
         ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids, allowed=allowed)[0]
-        with self._lock:
-            records = self.collection.store.get_many([i for i, _ in ranked])
+        with self.reading() as store:
+            records = store.get_many([i for i, _ in ranked])
         hits = []
         dated = filter is not None and filter.uses_date
         for image_id, score in ranked:
