@@ -18,15 +18,15 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
-from clipsearch.errors import ClipsearchError  # noqa: E402
 from clipsearch.indexer.pipeline import IndexOptions  # noqa: E402
 from clipsearch.indexer.runner import index_paths  # noqa: E402
 from clipsearch.model.bundle import read_bundle  # noqa: E402
 from clipsearch.model.runtime import ClipModel  # noqa: E402
 from clipsearch.search import SearchQuery, Searcher  # noqa: E402
 from clipsearch.store.collection import Collection, list_collections  # noqa: E402
-from clipsearch.store.interchange import (ImportOptions, InterchangeError, export_embeddings, find_shards,  # noqa: E402
-                                          import_embeddings, imported_metadata)
+from clipsearch.store.interchange import (ImportOptions, InterchangeError, find_shards, import_embeddings,  # noqa: E402
+                                          imported_metadata)
+from clipsearch.store.interchange_export import export_embeddings  # noqa: E402
 from photo_fixtures import block_image, make_photos  # noqa: E402
 
 CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]

@@ -118,7 +118,7 @@ def export_embeddings(
 ) -> None:
     """Write a collection's embeddings in clip-retrieval's layout (readable by its tools and by import-embeddings)."""
     from ..store.collection import Collection
-    from ..store.interchange import export_embeddings as run_export
+    from ..store.interchange_export import export_embeddings as run_export
 
     with Collection.open(collection, index_dir) as target:
         show_bar = not as_json and sys.stderr.isatty()

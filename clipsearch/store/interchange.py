@@ -1,5 +1,5 @@
 """Embeddings in clip-retrieval's layout: `import_embeddings` loads what its `clip inference` wrote, and
-`export_embeddings` writes a collection out the same way, so embeddings move between the two without
+`interchange_export.export_embeddings` writes a collection out the same way, so embeddings move between the two without
 re-embedding any image.
 
 The layout (clip_retrieval/clip_inference/writer.py)::
@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -338,7 +338,8 @@ class _Importer:
         folders: set[str] = set()
         try:
             for shard in shards:
-                self._import_shard(store, shard, model_id, run_id, summary, folders)
+                tick = (lambda n, base=done: self.progress(base + n, summary.rows)) if self.progress else None
+                self._import_shard(store, shard, model_id, run_id, summary, folders, tick)
                 done += shard.rows
                 if self.progress:
                     self.progress(done, summary.rows)
@@ -354,7 +355,7 @@ class _Importer:
         return summary
 
     def _import_shard(self, store: Store, shard: Shard, model_id: str, run_id: int, summary: ImportSummary,
-                      folders: set[str]) -> None:
+                      folders: set[str], tick: Callable[[int], None] | None = None) -> None:
         fingerprint = shard.fingerprint()
         recorded = store.conn.execute(
             "SELECT rows, npy_bytes, parquet_bytes FROM import_shards WHERE source = ? AND shard = ?",
@@ -390,7 +391,9 @@ class _Importer:
             candidates.append((row, key, is_url))
         existing = _existing_paths(store, [key for _, key, _ in candidates])
         now = _now()
-        for row, key, is_url in candidates:
+        for done, (row, key, is_url) in enumerate(candidates):
+            if tick is not None and done and done % 8192 == 0:
+                tick(row)  # a big shard moves the bar while its files are looked at
             if key in existing:
                 skipped.append(SkippedRow(shard.label, row, key, f"already in the collection (id {existing[key]})"))
                 continue
@@ -567,152 +570,6 @@ def imported_metadata(store: Store, ids: Sequence[int]) -> dict[int, dict[str, s
 def is_url_path(path: str) -> bool:
     """True for the stored path of a URL row (local paths are stored absolute, URLs keep their scheme)."""
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
-
-
-# -- export ---------------------------------------------------------------------------------------------------
-@dataclass
-class ExportSummary:
-    collection: str
-    folder: str
-    model_id: str
-    rows: int = 0
-    shards: int = 0
-    dim: int = 0
-    dtype: str = "float32"
-    files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def export_embeddings(collection: Collection, folder: Path | str, shard_size: int = DEFAULT_SHARD_SIZE,
-                      fp16: bool = False, progress: ProgressCallback | None = None) -> ExportSummary:
-    """Write every image of `collection` (id order) in clip-retrieval's layout into `folder`, which must not
-    hold embeddings yet. Each file is written under a temporary name and renamed into place; the rows come
-    from one SQLite read, so an indexing run writing meanwhile cannot split a row from its vector."""
-    if shard_size < 1:
-        raise InterchangeError("the shard size must be at least 1")
-    _parquet()  # before anything is created
-    started = time.perf_counter()
-    folder = Path(folder)
-    model = collection.require_model()
-    store = collection.store
-    if store.count() == 0:
-        raise InterchangeError(f"collection {collection.name!r} has no images to export")
-    emb_dir, meta_dir = folder / IMG_EMB_DIR, folder / METADATA_DIR
-    if folder.exists() and not folder.is_dir():
-        raise InterchangeError(f"{folder}: is a file, not a folder")
-    taken = [p.name for d in (emb_dir, meta_dir, folder / TEXT_EMB_DIR) if d.is_dir() for p in d.iterdir()]
-    if taken or (folder / MODEL_FILE).exists():
-        raise InterchangeError(f"{folder}: already holds embeddings ({', '.join(sorted(taken)[:3]) or MODEL_FILE})",
-                               "Export into a new or empty folder.")
-    try:
-        emb_dir.mkdir(parents=True, exist_ok=True)
-        meta_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InterchangeError(f"cannot create {folder}: {exc.strerror or exc}") from exc
-    dim = model.embed_dim
-    summary = ExportSummary(collection=collection.name, folder=str(folder), model_id=model.model_id, dim=dim,
-                            dtype="float16" if fp16 else "float32")
-    store.conn.execute("BEGIN")  # one read snapshot for the count and every row
-    try:
-        return _export_snapshot(collection, store, folder, model, shard_size, fp16, progress, summary, started)
-    finally:
-        store.conn.rollback()
-
-
-def _export_snapshot(collection: Collection, store: Store, folder: Path, model, shard_size: int, fp16: bool,
-                     progress: ProgressCallback | None, summary: ExportSummary, started: float) -> ExportSummary:
-    pq = _parquet()
-    emb_dir, meta_dir, dim = folder / IMG_EMB_DIR, folder / METADATA_DIR, model.embed_dim
-    count = store.count()
-    if count == 0:
-        raise InterchangeError(f"collection {collection.name!r} has no images to export")
-    shard_count = max(1, math.ceil(count / shard_size))
-    digits = int(math.log10(shard_count)) + 1  # as clip inference names its partitions
-    if progress:
-        progress(0, count)
-    done = 0
-    for number, rows in enumerate(_export_rows(store, dim, shard_size)):
-        label = str(number).zfill(digits)
-        vectors = np.stack([r[-1] for r in rows]).astype(np.float16 if fp16 else np.float32)
-        npy = emb_dir / f"img_emb_{label}.npy"
-        parquet = meta_dir / f"metadata_{label}.parquet"
-        _write_atomically(npy, lambda handle, v=vectors: np.save(handle, v))
-        table = _metadata_table(rows)
-        _write_atomically(parquet, lambda handle, t=table: pq.write_table(t, handle))
-        summary.files += [str(npy.relative_to(folder)), str(parquet.relative_to(folder))]
-        summary.shards += 1
-        summary.rows += len(rows)
-        done += len(rows)
-        if progress:
-            progress(done, count)
-    record = {"model_id": model.model_id, "name": model.name, "spec": model.spec, "embed_dim": dim,
-              "collection": collection.name, "rows": summary.rows, "dtype": summary.dtype, "exported_at": _now()}
-    _write_atomically(folder / MODEL_FILE, lambda handle: handle.write(
-        (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
-    summary.files.append(MODEL_FILE)
-    summary.seconds = time.perf_counter() - started
-    return summary
-
-
-def _export_rows(store: Store, dim: int, shard_size: int) -> Iterator[list[tuple]]:
-    """Shards of rows (id, path, width, height, taken_at, image_path, url, caption, vector) in id order."""
-    joined = _has_imported_table(store)
-    extra = "m.image_path, m.url, m.caption" if joined else "NULL, NULL, NULL"
-    join = "LEFT JOIN imported m ON m.id = i.id" if joined else ""
-    cursor = store.conn.execute(
-        f"SELECT i.id, i.path, i.width, i.height, i.taken_at, {extra}, e.vector FROM images i "
-        f"JOIN embeddings e ON e.id = i.id {join} ORDER BY i.id")
-    while True:
-        rows = cursor.fetchmany(shard_size)
-        if not rows:
-            return
-        out = []
-        for *fields, blob in rows:
-            vector = np.frombuffer(blob, dtype=np.float32)
-            if vector.size != dim:
-                raise InterchangeError(f"image {fields[0]}: its stored vector has {vector.size} dimensions, not {dim}",
-                                       "Check the collection: clipsearch check")
-            out.append((*fields, vector))
-        yield out
-
-
-def _metadata_table(rows: list[tuple]):
-    """The parquet columns of a shard: image_path (the local file; for a URL row the image_path it was imported
-    with, if any), url and caption when any row has one, and id, width, height, taken_at."""
-    import pyarrow as pa
-
-    image_paths, urls, captions = [], [], []
-    for _id, path, _w, _h, _t, imported_path, url, caption in (r[:-1] for r in rows):
-        url_row = url is not None and path == url
-        image_paths.append(imported_path if url_row else path)
-        urls.append(url)
-        captions.append(caption)
-    columns = {"image_path": pa.array(image_paths, type=pa.string())}
-    if any(u is not None for u in urls):
-        columns["url"] = pa.array(urls, type=pa.string())
-    if any(c is not None for c in captions):
-        columns["caption"] = pa.array(captions, type=pa.string())
-    columns["id"] = pa.array([r[0] for r in rows], type=pa.int64())
-    columns["width"] = pa.array([r[2] for r in rows], type=pa.int32())
-    columns["height"] = pa.array([r[3] for r in rows], type=pa.int32())
-    columns["taken_at"] = pa.array([r[4] for r in rows], type=pa.string())
-    return pa.table(columns)
-
-
-def _write_atomically(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InterchangeError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _now() -> str:
