@@ -276,6 +276,20 @@ def test_export_then_import_round_trip_is_exact(tmp_path, layout, tiny_bundle):
         assert np.frombuffer(half[7], dtype=np.float32).tobytes() == rounded.tobytes()
 
 
+def test_an_indexed_collection_exports_and_imports_exactly(tmp_path, tiny_bundle, model):
+    index_dir = tmp_path / "collections"
+    photos = make_photos(tmp_path / "photos", 6)
+    with Collection.create("indexed", index_dir) as collection:
+        index_paths(collection, model, [str(tmp_path / "photos")], IndexOptions(workers=0))
+    with Collection.open("indexed", index_dir) as collection:
+        export_embeddings(collection, tmp_path / "out", shard_size=5)
+    table = pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet")
+    assert table.column_names == ["image_path", "id", "width", "height", "taken_at"]  # no url/caption: none has one
+    run_import(index_dir, tmp_path / "out", None, name="copy")
+    original, copy = contents(index_dir, "indexed"), contents(index_dir, "copy")
+    assert copy == original and sorted(r[1] for r in copy) == sorted(map(str, photos))
+
+
 def test_export_refuses_a_folder_that_holds_embeddings_and_an_empty_collection(tmp_path, layout, tiny_bundle):
     index_dir = tmp_path / "collections"
     run_import(index_dir, layout.folder, tiny_bundle)
