@@ -1,0 +1,156 @@
+"""Dynamic batching of text queries: the texts of concurrent requests are embedded in one encoder call.
+
+Requests put their texts on a queue and get a future; one batcher thread takes the first waiting request,
+gathers whatever else arrives within `window` seconds (at most `max_batch` distinct texts), embeds them all in
+one call and completes every future with its own texts' vectors. While that call runs, new requests queue up,
+so under load a batch fills without waiting; a lone request waits at most `window`. This is what serving
+systems call dynamic batching (a queue, one batcher, a future per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clipsearch.errors import ClipsearchError
+
+DEFAULT_MAX_BATCH = 32
+DEFAULT_WINDOW_SECONDS = 0.002
+
+Embed = Callable[[list[str]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch: int = DEFAULT_MAX_BATCH
+    window_seconds: float = DEFAULT_WINDOW_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if not 0 <= self.window_seconds <= 1:
+            raise ValueError("the batch window must be between 0 and 1 s")
+
+
+@dataclass
+class _Pending:
+    texts: tuple[str, ...]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    requests: int
+    calls: int  # encoder calls (one per batch)
+    largest_batch: int  # distinct texts in the largest call
+
+
+class BatcherClosed(ClipsearchError):
+    """The server is shutting down."""
+
+
+_STOP = object()
+
+
+class TextBatcher:
+    """Embeds the texts of concurrent requests together through `embed` (texts -> text: vector), which runs
+    only in this batcher's thread. `submit` works from any thread; `vectors` is the awaitable form."""
+
+    def __init__(self, embed: Embed, policy: BatchPolicy = BatchPolicy(), name: str = "clipsearch-batcher") -> None:
+        self._embed = embed
+        self.policy = policy
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._requests = self._calls = self._largest = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: Sequence[str]) -> "Future[dict[str, np.ndarray]]":
+        pending = _Pending(tuple(texts))
+        with self._lock:
+            if self._closed:
+                raise BatcherClosed("the server is shutting down")
+            self._requests += 1
+            self._queue.put(pending)
+        return pending.future
+
+    async def vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        return await asyncio.wrap_future(self.submit(texts))
+
+    def waiting(self) -> int:
+        """Requests queued and not yet taken into a batch."""
+        return self._queue.qsize()
+
+    def stats(self) -> BatcherStats:
+        with self._lock:
+            return BatcherStats(self._requests, self._calls, self._largest)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    # -- the batcher thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch, stopping = self._gather(first)
+            self._answer(batch)
+            if stopping:
+                return
+
+    def _gather(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        """`first` plus what arrives within the window, up to max_batch distinct texts (a request is never split)."""
+        batch = [first]
+        distinct = set(first.texts)
+        deadline = time.monotonic() + self.policy.window_seconds
+        while len(distinct) < self.policy.max_batch:
+            try:
+                remaining = deadline - time.monotonic()
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+            distinct.update(item.texts)
+        return batch, False
+
+    def _answer(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]  # requests that went away: skipped
+        if not live:
+            return
+        texts = list(dict.fromkeys(text for pending in live for text in pending.texts))
+        try:
+            vectors = self._call(texts)
+        except Exception as exc:
+            if len(live) == 1:  # the request hears it (a ClipsearchError keeps its HTTP status)
+                live[0].future.set_exception(exc)
+                return
+            for pending in live:  # one request's texts must not fail the others: answer each on its own
+                try:
+                    pending.future.set_result(self._call(list(dict.fromkeys(pending.texts))))
+                except Exception as own:
+                    pending.future.set_exception(own)
+            return
+        for pending in live:
+            pending.future.set_result({text: vectors[text] for text in pending.texts})
+
+    def _call(self, texts: list[str]) -> dict[str, np.ndarray]:
+        with self._lock:
+            self._calls += 1
+            self._largest = max(self._largest, len(texts))
+        return self._embed(texts)
