@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
 import clipsearch
@@ -46,7 +45,7 @@ ImageIdParam = Annotated[str, PathParam(description="An image id (a decimal numb
                                    openapi_examples={"an indexed image": {"value": "1"}})]
 
 
-def web_state(request: Request) -> WebState:
+async def web_state(request: Request) -> WebState:  # async: no thread hop for a field read
     return request.app.state.web
 
 
@@ -60,7 +59,7 @@ def parse_image_id(image_id: str) -> int:
     return int(image_id)
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """JSON routes answer 415 to other content types (instead of a confusing validation error)."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -141,7 +140,7 @@ def describe(text: str | None, and_texts: list[str], not_texts: list[str], image
 
 
 @router.get("/search", response_model=SearchResponse, responses=_QUERY_ERRORS, summary="Search by text")
-def search_text(request: Request, state: State,
+async def search_text(request: Request, state: State,
                 q: Annotated[str, Query(description="What to look for; at most 1,000 characters (422 beyond)")],
                 k: Annotated[int | None, Query(ge=1, description="How many results (default 20)")] = None,
                 collection: CollectionParam = None,
@@ -157,27 +156,29 @@ def search_text(request: Request, state: State,
     query = SearchQuery.build(text=q, k=checked_k(state, k), rerank=rerank, rerank_k=rerank_k, min_match=min_match,
                               filter=search_filter)
     query.validate()
-    searcher = state.searcher(collection)
-    hits = searcher.search(query)
-    return search_response(request, searcher, q, hits, started, search_filter, empty_note(searcher, search_filter, hits))
+    searcher = await state.searcher_for(collection)
+    hits = await state.search(searcher, query)
+    note = await state.run(empty_note, searcher, search_filter, hits) if not hits else None
+    return search_response(request, searcher, q, hits, started, search_filter, note)
 
 
 @router.post("/search", response_model=SearchResponse, responses=_BODY_ERRORS, dependencies=[Depends(require_json)],
              summary="Search by a combination of text, an example image and an indexed image")
-def search_combined(request: Request, state: State, body: SearchRequest) -> SearchResponse:
+async def search_combined(request: Request, state: State, body: SearchRequest) -> SearchResponse:
     started = time.perf_counter()
     k = checked_k(state, body.k)
     check_texts(state, [body.text, *body.and_texts, *body.not_texts])
     image: bytes | None = None
     if body.image_b64 is not None:
-        image = check_image(decode_base64_image(body.image_b64, state.settings.max_upload_bytes),
-                            state.settings.max_image_pixels).data
+        limits = state.settings
+        image = await state.run(lambda: check_image(decode_base64_image(body.image_b64, limits.max_upload_bytes),
+                                                    limits.max_image_pixels).data)
     if body.text is None and image is None and body.image_id is None:
         raise ApiError(400, "empty query: give text, image_b64 or image_id")
     search_filter = parse_filter(body.in_folders, body.after, body.before, body.orientation, body.min_size)
-    searcher = state.searcher(body.collection)
+    searcher = await state.searcher_for(body.collection)
     if body.image_id is not None:
-        state.image(body.image_id, body.collection)  # 404 for an unknown id
+        await state.run(state.image, body.image_id, body.collection)  # 404 for an unknown id
     query = SearchQuery.build(text=body.text, image=image, like=body.image_id, and_texts=body.and_texts,
                               not_texts=body.not_texts, k=k, include_query_images=body.include_self,
                               rerank=body.rerank, rerank_k=body.rerank_k, min_match=body.min_match,
@@ -185,13 +186,13 @@ def search_combined(request: Request, state: State, body: SearchRequest) -> Sear
     query.validate()
     text = describe(body.text, body.and_texts, body.not_texts, image is not None, body.image_id)
     try:
-        hits = searcher.search(query)
+        hits = await state.search(searcher, query)
     finally:
         if image is not None:
             del image, query
-            release_freed_memory()
-    return search_response(request, searcher, text, hits, started, search_filter,
-                           empty_note(searcher, search_filter, hits))
+            await state.run(release_freed_memory)
+    note = await state.run(empty_note, searcher, search_filter, hits) if not hits else None
+    return search_response(request, searcher, text, hits, started, search_filter, note)
 
 
 async def uploaded_image(state: WebState, file: UploadFile | None, image: UploadFile | None) -> QueryImage:
@@ -199,7 +200,7 @@ async def uploaded_image(state: WebState, file: UploadFile | None, image: Upload
     if upload is None:
         raise ApiError(422, "send the image as a multipart file field named 'file'")
     data = await read_upload(upload, state.settings.max_upload_bytes)
-    return check_image(data, state.settings.max_image_pixels)
+    return await state.run(check_image, data, state.settings.max_image_pixels)
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_BODY_ERRORS,
@@ -221,16 +222,16 @@ async def search_upload(request: Request, state: State,
     check_texts(state, [text])
     search_filter = parse_filter(in_, after, before, orientation, min_size)
     query_image = await uploaded_image(state, file, image)
-    searcher = state.searcher(collection)
+    searcher = await state.searcher_for(collection)
     query = SearchQuery.build(text=text or None, image=query_image.data, k=k, include_query_images=include_self,
                               filter=search_filter)
     query.validate()
     try:
-        hits = await run_in_threadpool(searcher.search, query)
+        hits = await state.search(searcher, query)
     finally:
         del query_image, query
-        await run_in_threadpool(release_freed_memory)
-    note = await run_in_threadpool(empty_note, searcher, search_filter, hits)
+        await state.run(release_freed_memory)
+    note = await state.run(empty_note, searcher, search_filter, hits) if not hits else None
     return search_response(request, searcher, describe(text or None, [], [], True, None), hits, started,
                            search_filter, note)
 
@@ -246,15 +247,17 @@ async def classify(state: State,
                    collection: Annotated[str | None, Form()] = None) -> ClassifyResponse:
     started = time.perf_counter()
     label_list = checked_labels(state, labels)
-    searcher = state.searcher(collection)
+    searcher = await state.searcher_for(collection)
 
     def classifier() -> Classifier:
         return Classifier(searcher.model, label_list, cache=state.label_cache)
 
     if image_id is not None and file is None and image is None:
-        state.image(image_id, collection)
-        vector = searcher.stored_vectors([image_id])[image_id]
-        scores = await run_in_threadpool(lambda: classifier().classify_vector(vector))
+        def by_id() -> list:
+            state.image(image_id, collection)  # 404 for an unknown id
+            return classifier().classify_vector(searcher.stored_vectors([image_id])[image_id])
+
+        scores = await state.run(by_id)
     else:
         query_image = await uploaded_image(state, file, image)
 
@@ -263,10 +266,10 @@ async def classify(state: State,
             return classifier().classify_image(decoded)
 
         try:
-            scores = await run_in_threadpool(run)
+            scores = await state.run(run)
         finally:
             del query_image
-            await run_in_threadpool(release_freed_memory)
+            await state.run(release_freed_memory)
     by_label = {s.label: s.probability for s in scores}
     return ClassifyResponse(took_ms=round((time.perf_counter() - started) * 1000, 2),
                             labels=[LabelProbability(label=s.label, probability=s.probability, similarity=s.similarity)
@@ -276,8 +279,9 @@ async def classify(state: State,
 
 @router.get("/images/{image_id}", response_model=ImageInfo, responses=error_responses(400, 401, 404, 422, 503),
             summary="Metadata of an indexed image")
-def image_info(request: Request, state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> ImageInfo:
-    found = state.image(parse_image_id(image_id), collection)
+async def image_info(request: Request, state: State, image_id: ImageIdParam,
+                     collection: CollectionParam = None) -> ImageInfo:
+    found = await state.run(state.image, parse_image_id(image_id), collection)
     record = found.record
     thumbnail_url, image_url = image_urls(request, record.id, found.collection)
     return ImageInfo(id=record.id, collection=found.collection, path=record.path, file_name=Path(record.path).name,
@@ -295,25 +299,34 @@ _FILE_NOTE = (" Served only while the file on disk is still the indexed image (s
 
 @router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_THUMBNAIL_RESPONSES,
             summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk", description=_FILE_NOTE.strip())
-def image_thumbnail(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> FileResponse:
-    found = state.image(parse_image_id(image_id), collection)
-    return state.thumbnails(found.collection).response(found.record, state.served_roots(found.collection))
+async def image_thumbnail(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> FileResponse:
+    def thumbnail() -> FileResponse:
+        found = state.image(parse_image_id(image_id), collection)
+        return state.thumbnails(found.collection).response(found.record, state.served_roots(found.collection))
+
+    return await state.run(thumbnail)
 
 
 @router.get("/images/{image_id}/file", response_class=FileResponse, responses=_FILE_RESPONSES,
             summary="The original file", description=_FILE_NOTE.strip())
-def image_file(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> Response:
-    found = state.image(parse_image_id(image_id), collection)
-    return original_file(found.record, state.served_roots(found.collection))
+async def image_file(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> Response:
+    def file() -> Response:
+        found = state.image(parse_image_id(image_id), collection)
+        return original_file(found.record, state.served_roots(found.collection))
+
+    return await state.run(file)
 
 
 @router.get("/stats", response_model=StatsResponse, responses=error_responses(400, 401, 422, 503),
             summary="Collection statistics")
-def stats(state: State, collection: CollectionParam = None) -> StatsResponse:
-    searcher = state.searcher(collection)
-    info = searcher.stats()
-    model = ModelInfo(id=info.model.model_id, name=info.model.name, embed_dim=info.model.embed_dim) if info.model else None
-    return StatsResponse(collection=info.name, images=info.images, skipped=info.skipped, model=model,
-                         index_kind=info.index_kind, index_count=info.index_count, index_fresh=info.index_fresh,
-                         bytes_on_disk=info.bytes_on_disk, collections=state.collection_names(),
-                         version=clipsearch.__version__, can_rerank=state.can_rerank(info.name))
+async def stats(state: State, collection: CollectionParam = None) -> StatsResponse:
+    def gather() -> StatsResponse:
+        info = state.searcher(collection).stats()
+        model = (ModelInfo(id=info.model.model_id, name=info.model.name, embed_dim=info.model.embed_dim)
+                 if info.model else None)
+        return StatsResponse(collection=info.name, images=info.images, skipped=info.skipped, model=model,
+                             index_kind=info.index_kind, index_count=info.index_count, index_fresh=info.index_fresh,
+                             bytes_on_disk=info.bytes_on_disk, collections=state.collection_names(),
+                             version=clipsearch.__version__, can_rerank=state.can_rerank(info.name))
+
+    return await state.run(gather)

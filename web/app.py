@@ -49,7 +49,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     @app.get("/healthz", response_model=Health, tags=["health"], summary="Liveness (no key needed)")
-    def healthz() -> Health:
+    async def healthz() -> Health:  # on the event loop: never waits for a worker thread
         return Health(status="ok")
 
     app.include_router(api.router)

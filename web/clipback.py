@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from clipsearch.filters import SearchFilter
@@ -116,8 +115,9 @@ def _schema(model: type[BaseModel]) -> dict:
 
 @router.get("/indices-list", summary="Collections this server can search (clip-back)",
             responses=error_responses(400, 401))
-def indices_list(request: Request) -> list[str]:
-    return request.app.state.web.collection_names()
+async def indices_list(request: Request) -> list[str]:
+    state: WebState = request.app.state.web
+    return await state.run(state.collection_names)
 
 
 @router.post("/knn-service", summary="Nearest images to a text, an image or an embedding (clip-back)",
@@ -136,26 +136,37 @@ async def knn_service(request: Request) -> list[dict]:
     if knn.text is not None and len(knn.text) > state.settings.max_text_chars:
         raise ApiError(422, f"text of {len(knn.text):,} characters is longer than the limit of "
                             f"{state.settings.max_text_chars:,}")
-    name = state.resolve_name(knn.indice_name)
-    searcher = state.searcher(name)
+    name = await state.run(state.resolve_name, knn.indice_name)
+    searcher = await state.searcher_for(name)
 
     image: bytes | None = None
     if knn.text is None and knn.image is not None:
-        image = decode_base64_image(knn.image, state.settings.max_upload_bytes)
+        image = await state.run(decode_base64_image, knn.image, state.settings.max_upload_bytes)
     elif knn.text is None and knn.image_url is not None:
         if not state.settings.allow_remote_images:
             raise ApiError(400, "image_url is disabled on this server (it makes no requests to other hosts)",
                            "Send the image itself as base64 in 'image', or start the server with --allow-remote-images.")
-        image = await run_in_threadpool(fetch_image, knn.image_url, state.settings.max_upload_bytes,
-                                        state.settings.remote_timeout_seconds)
+        image = await state.run(fetch_image, knn.image_url, state.settings.max_upload_bytes,
+                                state.settings.remote_timeout_seconds)
     if image is not None:
-        image = check_image(image, state.settings.max_image_pixels).data
+        image = (await state.run(check_image, image, state.settings.max_image_pixels)).data
 
     check_rerank(knn)
     search_filter = SearchFilter.parse(folders=knn.in_folders, after=knn.after, before=knn.before,
                                        orientation=knn.orientation, min_size=knn.min_size)
 
-    def run() -> list[Hit]:
+    text_vectors = None
+    if knn.text is not None and not knn.rerank:  # embedded together with other requests' texts (web/batching.py)
+        text_query = SearchQuery.build(text=knn.text)
+        text_query.validate()  # a bad text is this request's 400, never a batch's failure
+        text_vectors = await state.text_vectors(searcher, [str(text_query.terms[0].value)])
+
+    def run() -> list[dict]:
+        hits = ranked()
+        found = searcher.records([hit.id for hit in hits])
+        return [result_item(request, name, found[hit.id], hit) for hit in hits if hit.id in found]
+
+    def ranked() -> list[Hit]:
         if knn.rerank:
             hits = reranked(searcher, knn, num_result_ids, search_filter)
         else:
@@ -170,19 +181,17 @@ async def knn_service(request: Request) -> list[dict]:
         if knn.text is not None or image is not None:
             query = SearchQuery.build(text=knn.text, image=image if knn.text is None else None, k=num_result_ids,
                                       include_query_images=True)
-            return searcher.query_vector(query).vector
+            return searcher.query_vector(query, text_vectors).vector
         if knn.embedding_input is not None:
             return embedding_vector(knn.embedding_input, searcher.collection_model.embed_dim)
         raise ApiError(400, "must fill one of text, image, image_url and embedding_input")
 
     try:
-        hits = await run_in_threadpool(run)
+        return await state.run(run)
     finally:
         if image is not None:
             del image
-            await run_in_threadpool(release_freed_memory)
-    found = searcher.records([hit.id for hit in hits])
-    return [result_item(request, name, found[hit.id], hit) for hit in hits if hit.id in found]
+            await state.run(release_freed_memory)
 
 
 class Hit(NamedTuple):
@@ -217,9 +226,12 @@ async def metadata(request: Request) -> list[dict]:
     wanted = parse(MetadataRequest, await json_body(request))
     if len(wanted.ids) > MAX_METADATA_IDS:
         raise ApiError(400, f"at most {MAX_METADATA_IDS} ids per request")
-    name = state.resolve_name(wanted.indice_name)
-    found = state.searcher(name).records(wanted.ids)
-    return [{"id": i, "metadata": metadata_of(request, name, found[i])} for i in wanted.ids if i in found]
+    def run() -> list[dict]:
+        name = state.resolve_name(wanted.indice_name)
+        found = state.searcher(name).records(wanted.ids)
+        return [{"id": i, "metadata": metadata_of(request, name, found[i])} for i in wanted.ids if i in found]
+
+    return await state.run(run)
 
 
 def embedding_vector(values: list[float], dim: int) -> np.ndarray:

@@ -17,6 +17,12 @@ DEFAULT_LABEL_CACHE_SIZE = 4096  # label embeddings kept per app (LRU)
 # Decoded pixels per request (a request carries at most one image; 413 beyond). Lower than the library's own
 # limit for local files: a 100 MP PNG already needs ~0.7 GB while it is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# Serving under load (web/executor.py, web/batching.py): blocking work runs in `workers` threads (None: two per
+# core, at least 4) with at most `queue_limit` jobs waiting (503 + Retry-After beyond); concurrent text queries
+# are embedded together, up to `max_batch` texts gathered for at most `batch_window_ms`.
+DEFAULT_QUEUE_LIMIT = 64
+DEFAULT_MAX_BATCH = 32
+DEFAULT_BATCH_WINDOW_MS = 2.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,10 @@ class ServerSettings:
     hosts); `cors_origins` empty means no CORS headers at all. `allowed_hosts` are the Host header names
     the server answers to besides the loopback ones (localhost, 127.0.0.1, [::1]); any port.
     `max_image_pixels` bounds the decoded pixels of a request (each request carries at most one image).
+    `model_threads`: onnxruntime intra-op threads per graph (None: 1 when serving, see web.state
+    SERVING_MODEL_THREADS: concurrency comes from requests running side by side — the text batcher's thread,
+    image queries in the workers — so one thread per call keeps them from oversubscribing the cores).
+    `workers`, `queue_limit`, `max_batch`, `batch_window_ms`: see the constants above.
     """
 
     collection: str = DEFAULT_COLLECTION
@@ -50,6 +60,10 @@ class ServerSettings:
     max_labels: int = DEFAULT_MAX_LABELS
     max_label_chars: int = DEFAULT_MAX_LABEL_CHARS
     label_cache_size: int = DEFAULT_LABEL_CACHE_SIZE
+    workers: int | None = None
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+    max_batch: int = DEFAULT_MAX_BATCH
+    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -60,9 +74,18 @@ class ServerSettings:
             raise ValueError("thumbnail_px must be between 16 and 1024")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError("default_k must be between 1 and max_k")
-        for name in ("max_query_terms", "max_text_chars", "max_labels", "max_label_chars", "max_image_pixels"):
+        for name in ("max_query_terms", "max_text_chars", "max_labels", "max_label_chars", "max_image_pixels",
+                     "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.model_threads is not None and self.model_threads < 1:
+            raise ValueError("model_threads must be at least 1")
+        if self.queue_limit < 0:
+            raise ValueError("queue_limit must not be negative")
+        if not 0 <= self.batch_window_ms <= 1000:
+            raise ValueError("batch_window_ms must be between 0 and 1000")
         from .security import allowed_host_names
 
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))

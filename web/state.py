@@ -1,21 +1,33 @@
-"""Per-app state (lives on `app.state.web`): the settings and one loaded `Searcher` per collection."""
+"""Per-app state (lives on `app.state.web`): the settings, one loaded `ServedSearcher` per collection, and the
+serving machinery they share: the bounded executor for blocking work, a text batcher per collection and the
+query-cache writer. Async routes hand their blocking work to `run` and their query texts to `text_vectors`."""
 
 from __future__ import annotations
 
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
 
 from clipsearch.classify import LabelCache
 from clipsearch.errors import ClipsearchError
 from clipsearch.store.collection import Collection, list_collections
-from clipsearch.search import Searcher
+from clipsearch.search import SearchHit, SearchQuery
 from clipsearch.store.database import ImageRecord
 
+from .batching import BatchPolicy, TextBatcher
+from .cache_writer import TextCacheWriter
 from .errors import ApiError
+from .executor import BoundedExecutor, ExecutorLimits, default_workers
 from .images import THUMBNAIL_DIR, ThumbnailCache
 from .security import allowed_host_names
+from .served import ServedSearcher
 from .settings import ServerSettings
+
+T = TypeVar("T")
+SERVING_MODEL_THREADS = 1  # onnxruntime intra-op threads per graph when serving (see settings.model_threads)
 
 
 @dataclass(frozen=True)
@@ -31,9 +43,50 @@ class WebState:
         self.settings = settings
         self.allowed_hosts = allowed_host_names(settings.allowed_hosts)
         self.label_cache = LabelCache(settings.label_cache_size)
-        self._searchers: dict[str, Searcher] = {}
+        self._searchers: dict[str, ServedSearcher] = {}
+        self._batchers: dict[str, TextBatcher] = {}
         self._roots: dict[str, tuple[int, int, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
+        self.executor = BoundedExecutor(ExecutorLimits(settings.workers or default_workers(), settings.queue_limit))
+        self.batch_policy = BatchPolicy(settings.max_batch, settings.batch_window_ms / 1000)
+        self.cache_writer = TextCacheWriter()
+
+    # -- serving -------------------------------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in the bounded executor (503 with Retry-After when it is full)."""
+        return await self.executor.run(fn, *args, **kwargs)
+
+    def batcher(self, searcher: ServedSearcher) -> TextBatcher:
+        """The collection's text batcher: its thread embeds the texts of concurrent queries in one call."""
+        name = searcher.collection.name
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            with self._lock:
+                batcher = self._batchers.get(name)
+                if batcher is None:
+                    batcher = TextBatcher(searcher.text_vectors, self.batch_policy,
+                                          name=f"clipsearch-batcher-{name}")
+                    self._batchers[name] = batcher
+        return batcher
+
+    async def text_vectors(self, searcher: ServedSearcher, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Embeddings of `texts` (from the query cache or batched with other requests' texts)."""
+        return await self.batcher(searcher).vectors(texts) if texts else {}
+
+    async def search(self, searcher: ServedSearcher, query: SearchQuery) -> list[SearchHit]:
+        """`searcher.search(query)` with the query texts embedded by the batcher and the rest in the executor."""
+        query.validate()  # a bad text is this request's 400, never a batch's failure
+        texts = [str(term.value) for term in query.terms if term.kind == "text"]
+        vectors = await self.text_vectors(searcher, texts)
+        return await self.run(searcher.search, query, vectors)
+
+    async def searcher_for(self, name: str | None = None) -> ServedSearcher:
+        """`searcher(name)` without blocking the event loop (resolving another collection lists the folder)."""
+        if not name or name == self.settings.collection:
+            found = self._searchers.get(self.settings.collection)
+            if found is not None:
+                return found
+        return await self.run(self.searcher, name)
 
     def collection_names(self) -> list[str]:
         """The default collection first, then every other collection under the same folder."""
@@ -49,7 +102,7 @@ class WebState:
         known = ", ".join(self.collection_names())
         raise ApiError(400, f"unknown collection {name!r}", f"This server has: {known}.")
 
-    def searcher(self, name: str | None = None) -> Searcher:
+    def searcher(self, name: str | None = None) -> ServedSearcher:
         resolved = self.resolve_name(name)
         with self._lock:
             searcher = self._searchers.get(resolved)
@@ -58,14 +111,11 @@ class WebState:
                 self._searchers[resolved] = searcher
             return searcher
 
-    def _open(self, name: str) -> Searcher:
+    def _open(self, name: str) -> ServedSearcher:
         collection = Collection.open(name, self.settings.index_dir)
-        model = None
-        if self.settings.model_threads:
-            from clipsearch.model.resolve import load_model
-
-            model = load_model(self.settings.model or collection.require_model().spec, threads=self.settings.model_threads)
-        return Searcher(collection, model=model, model_spec=self.settings.model)
+        searcher = ServedSearcher(collection, model_spec=self.settings.model, writer=self.cache_writer)
+        searcher.model_threads = self.settings.model_threads or SERVING_MODEL_THREADS
+        return searcher
 
     def can_rerank(self, name: str | None = None) -> bool:
         """Whether the model that searches this collection has an ITM head (re-ranking is possible). Loads the
@@ -89,8 +139,7 @@ class WebState:
         indexed file, each resolved (realpath) when first derived. Recomputed when the collection changes.
         Collections indexed since roots are recorded use the recorded real paths instead (see Store.record_roots)."""
         searcher = self.searcher(name)
-        with searcher.lock:
-            store = searcher.collection.store
+        with searcher.reading() as store:
             key = (store.generation, store.count())
             cached = self._roots.get(name)
             if cached is not None and cached[:2] == key:
@@ -130,6 +179,12 @@ class WebState:
         _ = searcher.index
 
     def close(self) -> None:
+        with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close()
+        self.executor.close()
+        self.cache_writer.close()
         with self._lock:
             for searcher in self._searchers.values():
                 searcher.close()

@@ -38,7 +38,18 @@ def serve(
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
                                              help="Let clip-back's image_url make this server fetch URLs"),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow cross-origin calls from this origin (repeatable)"),
-    model_threads: Optional[int] = typer.Option(None, "--model-threads", help="ONNX threads per model (default: all cores)"),
+    model_threads: Optional[int] = typer.Option(None, "--model-threads", min=1,
+                                                help="onnxruntime threads per model call (default: 1; requests run "
+                                                     "side by side instead)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Threads for blocking work: search, SQLite, image decoding, "
+                                               "thumbnails (default: 2 per core, at least 4)"),
+    queue_limit: int = typer.Option(64, "--queue-limit", min=0,
+                                    help="Requests that may wait for a worker; more get 503 with Retry-After"),
+    max_batch: int = typer.Option(32, "--max-batch", min=1,
+                                  help="Most texts of concurrent queries embedded in one encoder call"),
+    batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, max=1000.0,
+                                          help="How long a text query waits for others to share its encoder call"),
     root_path: str = typer.Option("", "--root-path", help="URL prefix when behind a reverse proxy"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     allowed_host: List[str] = typer.Option(
@@ -66,7 +77,8 @@ def serve(
         settings = ServerSettings(collection=collection, index_dir=index_dir, model=model, api_key=api_key,
                                   max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                   allow_remote_images=allow_remote_images, cors_origins=tuple(cors_origin),
-                                  model_threads=model_threads, allowed_hosts=hosts)
+                                  model_threads=model_threads, allowed_hosts=hosts, workers=workers,
+                                  queue_limit=queue_limit, max_batch=max_batch, batch_window_ms=batch_window_ms)
     except ValueError as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from exc

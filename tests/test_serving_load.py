@@ -1,0 +1,296 @@
+"""Serving under load (issue 12): blocking work runs in the bounded executor, so a search held up on purpose
+delays neither /healthz nor other searches; concurrent text queries share encoder calls (dynamic batching)
+and each still gets its own vector; an index refresh is built aside and swapped in, searches answering from
+the old index until then; a full executor answers 503 with Retry-After.
+
+Nothing here measures time: slowness is an Event the test holds, and every assertion is about which request
+finished while which was still held. Timeouts only bound how long a broken build can hang."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from clipsearch.model.runtime import ClipModel
+from clipsearch.store.collection import Collection
+from clipsearch.store.database import NewImage
+from clipsearch.web import ServerSettings, create_app
+from web.batching import BatchPolicy, TextBatcher
+from web.executor import BoundedExecutor, ExecutorLimits, ServerBusy
+from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos
+
+HOLD = 60  # seconds a held call waits at most (a deadlock guard, never a measurement)
+SLOW_K = 7
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
+    return build_indexed_photos(tmp_path_factory.mktemp("serving-load"), tiny_bundle)
+
+
+def unique(text: str) -> str:
+    """A query text no earlier run has cached (tests pass when run twice over the same collection)."""
+    return f"{text} {uuid.uuid4().hex[:8]}"
+
+
+def settings(indexed: IndexedPhotos, **overrides) -> ServerSettings:
+    return ServerSettings(**{"collection": indexed.name, "index_dir": indexed.index_dir, **overrides})
+
+
+def search(url: str, text: str, k: int = 3) -> requests.Response:
+    return requests.get(f"{url}/api/search", params={"q": text, "k": k}, timeout=HOLD)
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + HOLD
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_a_held_search_delays_neither_healthz_nor_other_searches(indexed, monkeypatch):
+    app = create_app(settings(indexed, workers=2))
+    searcher = app.state.web.searcher()
+    index = searcher.index
+    original = index.search
+    entered, release = threading.Event(), threading.Event()
+
+    def held_search(queries, k, *args, **kwargs):
+        if k == SLOW_K:
+            entered.set()
+            assert release.wait(HOLD)
+        return original(queries, k, *args, **kwargs)
+
+    monkeypatch.setattr(index, "search", held_search)
+    with LiveServer(app) as live, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(search, live.url, unique("a held query"), SLOW_K)
+        try:
+            assert entered.wait(HOLD), "the held search never reached the index"
+            health = requests.get(f"{live.url}/healthz", timeout=HOLD)
+            other = search(live.url, unique("another query"))
+            stats = requests.get(f"{live.url}/api/stats", timeout=HOLD)
+            assert not slow.done(), "the held search finished before it was released"
+        finally:
+            release.set()
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        assert other.status_code == 200 and len(other.json()["results"]) == 3
+        assert stats.status_code == 200
+        answer = slow.result(timeout=HOLD)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == SLOW_K
+
+
+def test_healthz_answers_while_every_worker_is_held_and_the_queue_is_full(indexed, monkeypatch):
+    """workers=1, queue_limit=1: one search held, one waiting; a third is refused with 503 + Retry-After at once
+    and /healthz still answers."""
+    app = create_app(settings(indexed, workers=1, queue_limit=1))
+    state = app.state.web
+    searcher = state.searcher()
+    index = searcher.index
+    original = index.search
+    entered, release = threading.Event(), threading.Event()
+
+    def held_search(queries, k, *args, **kwargs):
+        if k == SLOW_K:
+            entered.set()
+            assert release.wait(HOLD)
+        return original(queries, k, *args, **kwargs)
+
+    monkeypatch.setattr(index, "search", held_search)
+    with LiveServer(app) as live, ThreadPoolExecutor(2) as pool:
+        held = pool.submit(search, live.url, unique("held"), SLOW_K)
+        try:
+            assert entered.wait(HOLD)
+            waiting = pool.submit(search, live.url, unique("waiting"))
+            wait_until(lambda: state.executor.stats().admitted == 2, "the second search to queue")
+            refused = search(live.url, unique("refused"))
+            health = requests.get(f"{live.url}/healthz", timeout=HOLD)
+            assert not held.done() and not waiting.done()
+        finally:
+            release.set()
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "busy" in refused.json()["detail"]
+        assert health.status_code == 200
+        assert held.result(timeout=HOLD).status_code == 200
+        assert waiting.result(timeout=HOLD).status_code == 200
+        assert state.executor.stats().refused == 1
+
+
+def test_concurrent_text_queries_share_encoder_calls_over_http(indexed, monkeypatch):
+    app = create_app(settings(indexed, workers=2, max_batch=32, batch_window_ms=0))
+    state = app.state.web
+    searcher = state.searcher()
+    model = searcher.model
+    original = model.encode_text
+    calls: list[list[str]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def counted(texts):
+        calls.append(list(texts))
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(HOLD)
+        return original(texts)
+
+    monkeypatch.setattr(model, "encode_text", counted)
+    first = unique("the first query")
+    others = [unique(f"query number {i}") for i in range(8)]
+    with LiveServer(app) as live, ThreadPoolExecutor(9) as pool:
+        held = pool.submit(search, live.url, first, 20)
+        try:
+            assert entered.wait(HOLD)
+            answers = {text: pool.submit(search, live.url, text, 20) for text in others}
+            batcher = state.batcher(searcher)
+            wait_until(lambda: batcher.waiting() == len(others), "the other queries to queue behind the first")
+        finally:
+            release.set()
+        assert held.result(timeout=HOLD).status_code == 200
+        responses = {text: future.result(timeout=HOLD) for text, future in answers.items()}
+    assert len(calls) == 2, calls  # 9 queries, 2 encoder calls: the held one, then the 8 that queued behind it
+    assert calls[0] == [first] and sorted(calls[1]) == sorted(others)
+    for text, response in responses.items():
+        assert response.status_code == 200
+        assert [r["id"] for r in response.json()["results"]] == indexed.text_ranking(text)[:20]
+
+
+def test_batched_vectors_equal_encoding_each_text_alone(tiny_bundle):
+    model = ClipModel(tiny_bundle, threads=1)
+    calls: list[list[str]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def embed(texts: list[str]) -> dict[str, np.ndarray]:
+        calls.append(list(texts))
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(HOLD)
+        return dict(zip(texts, model.encode_text(texts)))
+
+    batcher = TextBatcher(embed, BatchPolicy(max_batch=32, window_seconds=0))
+    try:
+        first = batcher.submit(["a dog"])
+        assert entered.wait(HOLD)
+        texts = [["a red car"], ["snow on a mountain", "a dog"], ["a much longer query about a birthday cake with "
+                                                                  "candles on a kitchen table"], ["x"]]
+        futures = [batcher.submit(t) for t in texts]
+        wait_until(lambda: batcher.waiting() == len(texts), "the requests to queue")
+        release.set()
+        results = [f.result(timeout=HOLD) for f in futures]
+        assert first.result(timeout=HOLD).keys() == {"a dog"}
+    finally:
+        release.set()
+        batcher.close()
+    assert len(calls) == 2
+    assert sorted(calls[1]) == sorted({t for group in texts for t in group})
+    for group, result in zip(texts, results):
+        assert list(result) == group  # each request gets its own texts, nobody else's
+        for text in group:
+            alone = model.encode_text([text])[0]
+            np.testing.assert_allclose(result[text], alone, atol=1e-5)
+    assert batcher.stats().calls == 2 and batcher.stats().largest_batch == len(calls[1])
+
+
+def test_a_batch_with_a_failing_request_still_answers_the_others():
+    def embed(texts: list[str]) -> dict[str, np.ndarray]:
+        if "bad" in texts:
+            raise ValueError("cannot embed 'bad'")
+        return {t: np.full(2, len(t), np.float32) for t in texts}
+
+    gate = threading.Event()
+    batcher = TextBatcher(lambda texts: (gate.wait(HOLD), embed(texts))[1], BatchPolicy(window_seconds=0))
+    try:
+        first = batcher.submit(["first"])
+        good, bad = batcher.submit(["good"]), batcher.submit(["bad"])
+        gate.set()
+        assert first.result(timeout=HOLD)["first"][0] == 5
+        assert good.result(timeout=HOLD)["good"][0] == 4
+        with pytest.raises(ValueError):
+            bad.result(timeout=HOLD)
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_an_index_refresh_is_built_aside_and_swapped_in(tmp_path, tiny_bundle, monkeypatch):
+    """An indexing run writes a new image while the server runs: searches answer from the old index while the
+    new one is being built (held on an Event), /healthz too, then from the new one after the swap."""
+    indexed = build_indexed_photos(tmp_path, tiny_bundle, count=4)
+    app = create_app(settings(indexed))
+    searcher = app.state.web.searcher()
+    searcher.stale_refresh_seconds = 0  # rebuild from SQLite at once (an indexing run still writing)
+    old_index = searcher.index
+    building, release = threading.Event(), threading.Event()
+    original = searcher._build_index
+
+    def held_build(collection):
+        building.set()
+        assert release.wait(HOLD)
+        return original(collection)
+
+    monkeypatch.setattr(searcher, "_build_index", held_build)
+    text = unique("a picture of the new image")
+    vector = ClipModel(tiny_bundle, threads=1).encode_text([text])[0]
+    with Collection.open(indexed.name, indexed.index_dir) as writer:  # what an indexing run's writer does
+        model_id = writer.require_model().model_id
+        new_id = writer.store.write_images(
+            [NewImage(path=str(tmp_path / "photos" / "new.jpg"), size=1, mtime_ns=1, content_hash="n" * 32, width=8,
+                      height=8, taken_at=None, vector=vector)], model_id, writer.store.next_run_id(), "2024")[0]
+    swaps = searcher.swaps
+    with LiveServer(app) as live:
+        during = search(live.url, text, k=20)  # sees the change and starts the refresh
+        assert building.wait(HOLD), "no refresh started"
+        also_during = search(live.url, text, k=20)
+        health = requests.get(f"{live.url}/healthz", timeout=HOLD)
+        assert searcher.index is old_index and searcher.swaps == swaps
+        release.set()
+        assert searcher.wait_for_swap(swaps, HOLD), "the refreshed index was never swapped in"
+        after = search(live.url, text, k=20)
+        swapped_in = searcher.index
+    for answer in (during, also_during):
+        assert answer.status_code == 200
+        assert new_id not in [r["id"] for r in answer.json()["results"]]  # the old index: 5 images
+        assert len(answer.json()["results"]) == 5
+    assert health.status_code == 200
+    assert swapped_in is not old_index and swapped_in.count == 6
+    assert after.status_code == 200 and after.json()["results"][0]["id"] == new_id
+
+
+def test_reads_use_one_read_only_connection_per_thread(indexed):
+    app = create_app(settings(indexed))
+    searcher = app.state.web.searcher()
+    seen: dict[int, object] = {}
+
+    def read(_: int) -> None:
+        with searcher.reading() as store:
+            assert store.read_only
+            seen[threading.get_ident()] = store
+            store.count()
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(read, range(12)))
+    stores = list(seen.values())
+    assert len({id(s) for s in stores}) == len(seen) and all(s is not searcher.collection.store for s in stores)
+    app.state.web.close()
+
+
+def test_bounded_executor_counts_a_job_until_it_finishes():
+    executor = BoundedExecutor(ExecutorLimits(workers=1, queue_limit=0))
+    gate = threading.Event()
+    try:
+        running = executor.submit(gate.wait, HOLD)
+        with pytest.raises(ServerBusy) as refused:
+            executor.submit(lambda: None)
+        assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "1"}
+        gate.set()
+        assert running.result(timeout=HOLD) is True
+        wait_until(lambda: executor.stats().admitted == 0, "the finished job to be released")
+        assert executor.submit(lambda: 42).result(timeout=HOLD) == 42
+    finally:
+        gate.set()
+        executor.close()
