@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -40,7 +40,8 @@ from ..paths import fsync_dir
 from .database import Store
 from .tokens import DEFAULT_MAX_TOKEN_BYTES, DEFAULT_STORAGE, TOKENS_FILE, TokenCodec, TokenFile, format_bytes, \
     write_token_file
-from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex
+from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex, outgrown, \
+    remove_index_leftovers
 
 DEFAULT_COLLECTION = "default"
 STORE_FILE = "meta.sqlite"
@@ -88,6 +89,20 @@ class CollectionStats:
     token_shape: tuple[int, int] | None = None
     tokens_stored: int = 0
     token_bytes_per_image: int | None = None
+    # the index policy's choice and the tuned search knobs (None before an index exists)
+    index_factory: str | None = None
+    index_nprobe: int | None = None
+    index_nlist: int | None = None
+    index_refine_factor: int | None = None
+    index_recall: float | None = None  # recall@10 the tuned knobs reached on held-out queries
+    index_target_recall: float | None = None
+    index_on_disk: bool = False
+    index_budget_bytes: int | None = None
+    index_resident_bytes: int | None = None  # the policy's estimate
+    index_trained_on: int | None = None
+    index_trained_at: str | None = None
+    index_train_reason: str | None = None
+    index_reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -326,6 +341,8 @@ class Collection:
                 removed.append(child)
         if current != self.root:
             removed.extend(_remove_data(self.root))
+        meta = _read_meta(current)
+        removed.extend(remove_index_leftovers(current, keep=meta.layout.lists_file if meta else ""))
         return removed
 
     def start_rebuild(self, info: BundleInfo) -> "Collection":
@@ -399,6 +416,18 @@ class Collection:
         self.store.set_meta({"model_id": info.model_id, "model_name": info.name, "model_path": str(info.path),
                              "embed_dim": str(info.embed_dim),
                              "created_at": self.store.get_meta("created_at") or _now()})
+
+    @property
+    def index_memory_budget(self) -> int | None:
+        """The memory budget of the vector index in bytes (`index --max-index-memory`), None: the default."""
+        if not self.exists:
+            return None
+        value = self.store.get_meta("index_max_memory")
+        return int(value) if value and value.isdigit() else None
+
+    def set_index_memory_budget(self, budget: int | None) -> None:
+        """Remember the budget the index policy plans with (None: back to the default fraction of RAM)."""
+        self.store.set_meta({"index_max_memory": str(int(budget)) if budget else ""})
 
     def require_model(self) -> CollectionModel:
         model = self.model
@@ -525,28 +554,53 @@ class Collection:
         return (intact and meta.generation == self.store.generation and model is not None
                 and meta.model_id == model.model_id)
 
-    def build_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> VectorIndex:
-        """Build the FAISS index from the store's vectors (reusing a trained IVF-PQ quantizer when it fits)."""
+    def build_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD, workdir: Path | None = None) -> VectorIndex:
+        """Build the FAISS index from the store's vectors, as `policy.plan_index` says for the collection's size and
+        memory budget (reusing a trained IVF-PQ quantizer until the collection outgrows it). `workdir`: where an
+        IVF-PQ index's files are written (the writer passes the collection folder; readers the temp dir)."""
         model = self.require_model()
         store, dim = self.store, model.embed_dim
         count = store.count_embeddings()
-        previous_trained_on = 0
-        try:
-            from .vectors import IndexMeta
+        previous = _read_meta(self.folder)
+        trained = VectorIndex.load_trained(self.folder) if previous and previous.trained_on else None
+        reason = ""
+        if previous and previous.trained_on and outgrown(count, previous.trained_on):
+            reason = (f"retrained: {count:,} vectors, {count / previous.trained_on:.1f}x the {previous.trained_on:,} "
+                      "it was trained at")
+        index = VectorIndex.build(store.iter_vectors(dim), count=count, dim=dim, model_id=model.model_id,
+                                  generation=store.generation, ivf_threshold=ivf_threshold, trained=trained,
+                                  trained_on=previous.trained_on if previous else 0,
+                                  sample=lambda n: self.sample_vectors(n), budget_bytes=self.index_memory_budget,
+                                  workdir=workdir, train_reason=reason)
+        if previous and not index.meta.trained_at and index.meta.trained_on == previous.trained_on:
+            index.meta = replace(index.meta, trained_at=previous.trained_at, train_reason=previous.train_reason)
+        return index
 
-            previous_trained_on = IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8")).trained_on
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        trained = VectorIndex.load_trained(self.folder) if previous_trained_on else None
-
-        def sample(n: int) -> np.ndarray:
-            ids, vectors = store.all_vectors(dim)
-            pick = np.random.default_rng(0).choice(len(ids), size=min(n, len(ids)), replace=False)
-            return vectors[np.sort(pick)]
-
-        return VectorIndex.build(store.iter_vectors(dim), count=count, dim=dim, model_id=model.model_id,
-                                 generation=store.generation, ivf_threshold=ivf_threshold, trained=trained,
-                                 trained_on=previous_trained_on, sample=sample)
+    def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
+        """n stored vectors at random, read straight from SQLite by id (never all of them): ids are drawn between
+        the smallest and the largest and kept when they have a vector, a few rounds, then from the id list."""
+        store, dim = self.store, self.require_model().embed_dim
+        low, high = store.db.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM embeddings").fetchone()
+        total = store.count_embeddings()
+        n = min(n, total)
+        rng = np.random.default_rng(seed)
+        picked: set[int] = set()
+        for _ in range(8):
+            if len(picked) >= n:
+                break
+            candidates = np.unique(rng.integers(low, high + 1, size=2 * (n - len(picked)) + 16)).tolist()
+            found = [int(r[0]) for r in store._select_by_ids("SELECT id FROM embeddings", candidates)]
+            picked.update(found[: n - len(picked)] if len(found) > n - len(picked) else found)
+        if len(picked) < n:  # sparse ids: draw from the list of ids (8 bytes per vector)
+            ids = store.embedding_ids()
+            rest = np.setdiff1d(ids, np.fromiter(picked, dtype=np.int64, count=len(picked)))
+            picked.update(rng.choice(rest, size=n - len(picked), replace=False).tolist())
+        chosen = sorted(picked)[:n]
+        vectors = np.zeros((len(chosen), dim), dtype=np.float32)
+        row = {image_id: i for i, image_id in enumerate(chosen)}
+        for image_id, blob in store._select_by_ids("SELECT id, vector FROM embeddings", chosen):
+            vectors[row[int(image_id)]] = np.frombuffer(blob, dtype=np.float32, count=dim)
+        return vectors
 
     def save_vectors(self, index: VectorIndex) -> None:
         index.save(self.folder)
@@ -566,7 +620,7 @@ class Collection:
             self.save_vectors(appended)
             self.update_tokens()
             return VectorSync(appended, "append")
-        index = self.build_vectors(ivf_threshold)
+        index = self.build_vectors(ivf_threshold, workdir=self.folder)
         self.save_vectors(index)
         self.update_tokens()
         return VectorSync(index, "rebuild")
@@ -585,8 +639,8 @@ class Collection:
             return None
         if IndexLayout.for_size(count, meta.dim, ivf_threshold).kind != meta.layout.kind:
             return None  # crossed the exact/IVF-PQ threshold
-        if meta.layout.kind == "ivfpq" and count > 4 * meta.trained_on:
-            return None  # grown too much for the trained quantizer: retrain
+        if meta.layout.kind == "ivfpq" and (meta.layout.on_disk or outgrown(count, meta.trained_on)):
+            return None  # grown too much for the trained quantizer (retrain), or on-disk lists (merged anew)
         if store.vectors_unchanged_since(meta.generation, meta.max_id) != (meta.count, meta.count):
             return None  # something the index holds was deleted or re-embedded
         index_file = self.folder / INDEX_FILE
@@ -596,7 +650,8 @@ class Collection:
             index = VectorIndex.load(self.folder)
         except CollectionError:
             return None
-        index.append(store.iter_vectors(meta.dim, min_id=meta.max_id + 1), generation=store.generation)
+        index.append(store.iter_vectors(meta.dim, min_id=meta.max_id + 1), generation=store.generation,
+                     workdir=self.folder)
         return index if index.count == count else None
 
     def load_vectors(self, mmap: bool = False, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> VectorIndex:
@@ -782,11 +837,37 @@ class Collection:
                                bytes_on_disk=size, tokens=self.tokens_setting,
                                token_storage=codec.storage if codec else None,
                                token_shape=tuple(codec.shape) if codec else None, tokens_stored=store.count_tokens(),
-                               token_bytes_per_image=codec.bytes_per_image if codec else None)
+                               token_bytes_per_image=codec.bytes_per_image if codec else None,
+                               **_index_stats(meta))
+
+
+def _read_meta(folder: Path):
+    """The saved index's sidecar, None when missing or unreadable."""
+    from .vectors import IndexMeta
+
+    try:
+        return IndexMeta.from_json((Path(folder) / SIDECAR_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _index_stats(meta) -> dict:
+    if meta is None:
+        return {}
+    layout = meta.layout
+    ivf = layout.kind == "ivfpq"
+    return dict(index_factory=layout.factory, index_nprobe=layout.nprobe if ivf else None,
+                index_nlist=layout.nlist if ivf else None, index_refine_factor=layout.refine_factor if ivf else None,
+                index_recall=layout.tuned_recall if ivf and layout.target_recall else None,
+                index_target_recall=layout.target_recall if ivf and layout.target_recall else None,
+                index_on_disk=layout.on_disk, index_budget_bytes=layout.budget_bytes or None,
+                index_resident_bytes=layout.resident_bytes or None, index_trained_on=meta.trained_on or None,
+                index_trained_at=meta.trained_at or None, index_train_reason=meta.train_reason or None,
+                index_reasons=tuple(layout.reasons))
 
 
 def _remove_data(folder: Path) -> list[Path]:
-    removed = []
+    removed = remove_index_leftovers(folder)
     for name in _DATA_FILES:
         target = folder / name
         if target.is_file():
