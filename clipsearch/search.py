@@ -100,6 +100,7 @@ class SearchQuery:
     rerank_k: int = DEFAULT_RERANK_K
     min_match: float | None = None
     filter: SearchFilter | None = None  # only images that pass it are ranked
+    nprobe: int | None = None  # inverted lists an IVF index probes (None: the value tuned when it was built)
 
     @classmethod
     def build(cls, text: str | None = None, image: str | os.PathLike[str] | bytes | None = None,
@@ -107,7 +108,8 @@ class SearchQuery:
               and_images: Sequence[str | os.PathLike[str] | bytes] = (),
               not_images: Sequence[str | os.PathLike[str] | bytes] = (), k: int = 10,
               include_query_images: bool = False, rerank: bool = False, rerank_k: int | None = None,
-              min_match: float | None = None, filter: SearchFilter | None = None) -> "SearchQuery":
+              min_match: float | None = None, filter: SearchFilter | None = None,
+              nprobe: int | None = None) -> "SearchQuery":
         """Assemble a query; texts may carry a weight prefix, e.g. "^2:beach" or "^0.5:sunset" (see `parse_weight`)."""
         terms: list[QueryTerm] = []
         if text is not None:
@@ -122,7 +124,7 @@ class SearchQuery:
         terms.extend(image_term(i, negate=True) for i in not_images)
         return cls(terms=tuple(terms), k=k, include_query_images=include_query_images, rerank=bool(rerank),
                    rerank_k=DEFAULT_RERANK_K if rerank_k is None else rerank_k, min_match=min_match,
-                   filter=filter if filter is not None and filter.active else None)
+                   filter=filter if filter is not None and filter.active else None, nprobe=nprobe)
 
     @property
     def itm_text(self) -> str:
@@ -136,6 +138,9 @@ class SearchQuery:
             raise QueryError("a query needs at least one positive term (--not only subtracts)")
         if not 1 <= self.k <= MAX_K:
             raise QueryError(f"k must be between 1 and {MAX_K}, not {self.k}")
+        if self.nprobe is not None and (isinstance(self.nprobe, bool) or not isinstance(self.nprobe, int)
+                                        or not 1 <= self.nprobe <= 65_536):
+            raise QueryError(f"nprobe must be between 1 and 65536, not {self.nprobe}")
         for term in self.terms:
             if term.kind == "text":
                 text = str(term.value)
@@ -474,8 +479,9 @@ class Searcher:
             self._require_tokens()
         qv = self.query_vector(query, text_vectors)
         if not query.rerank:
-            return self.search_vector(qv.vector, query.k, qv.exclude_ids, query.filter)
-        hits = self.search_vector(qv.vector, max(query.k, query.rerank_k), qv.exclude_ids, query.filter)
+            return self.search_vector(qv.vector, query.k, qv.exclude_ids, query.filter, nprobe=query.nprobe)
+        hits = self.search_vector(qv.vector, max(query.k, query.rerank_k), qv.exclude_ids, query.filter,
+                                  nprobe=query.nprobe)
         return self._rerank(query, hits)[:query.k]
 
     def _require_itm(self):
@@ -584,12 +590,14 @@ class Searcher:
         return scored + unscored + rest
 
     def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = (),
-                      filter: SearchFilter | None = None) -> list[SearchHit]:
-        """The k nearest images to `vector`; with an active `filter`, the k nearest of those that pass it."""
+                      filter: SearchFilter | None = None, nprobe: int | None = None) -> list[SearchHit]:
+        """The k nearest images to `vector`; with an active `filter`, the k nearest of those that pass it.
+        `nprobe` overrides the IVF index's tuned value for this search."""
         self._follow_rebuild()
         index = self.index
         allowed = self.allowed_ids(filter) if filter is not None and filter.active else None
-        ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids, allowed=allowed)[0]
+        ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids, allowed=allowed,
+                              nprobe=nprobe)[0]
         with self.reading() as store:
             records = store.get_many([i for i, _ in ranked])
         hits = []

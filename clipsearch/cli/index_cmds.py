@@ -101,10 +101,22 @@ def index(
              "--no-tokens drops them. The choice is remembered"),
     watch: bool = typer.Option(False, "--watch", help="Keep watching PATHS afterwards and index what changes "
                                                       "(as `clipsearch watch`; --json prints one line per run)"),
+    max_index_memory: Optional[str] = typer.Option(
+        None, "--max-index-memory", metavar="SIZE",
+        help="Memory the vector index may keep resident, e.g. 2GB, 500MB (default: 25% of RAM; remembered). Past "
+             "50k photos it picks the index: IVF-PQ codes, smaller codes with OPQ, or inverted lists on disk"),
 ) -> None:
     """Index photos: new files are embedded, changed ones re-embedded, vanished ones removed."""
+    budget = _parse_size(max_index_memory, "--max-index-memory") if max_index_memory is not None else None
     if watch:
         from .watch_cmds import run_watch
+
+        if budget is not None:
+            from ..store.collection import Collection
+
+            with Collection.create(collection, index_dir) as target:
+                if target.exists:
+                    target.set_index_memory_budget(budget)
 
         run_watch(paths, collection=collection, model=model, batch_size=batch_size, workers=workers,
                   exclude=exclude, include_hidden=include_hidden, rebuild=rebuild, threads=threads,
@@ -120,6 +132,8 @@ def index(
             target = Collection.create(collection, index_dir)
             with target:
                 try:
+                    if budget is not None:
+                        target.set_index_memory_budget(budget)
                     remembered = target.model
                     spec = model or (remembered.spec if remembered else None)
                     clip = load_model(spec, threads=threads)
@@ -144,6 +158,17 @@ def index(
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
         return
     _print_summary(summary)
+
+
+def _parse_size(text: str, option: str) -> int:
+    """'2GB', '500MB', '1.5G', '4096' (bytes) -> bytes (powers of 1000; KiB/MiB/GiB/TiB: of 1024)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a size such as 2GB, 500MB or 1.5GiB", param_hint=option)
+    base = 1024 if match.group(3) else 1000
+    return int(float(match.group(1)) * base ** " kmgt".index(match.group(2) or " "))
 
 
 def _print_summary(summary, prefix: str = "", list_skipped: bool = True, tokens_line: bool = True) -> None:
@@ -233,6 +258,21 @@ def stats(
     typer.echo(f"model        {model.model_id if model else '-'}")
     typer.echo(f"index        {info.index_kind or '-'}, {info.index_count if info.index_count is not None else '-'} vectors"
                f"{'' if info.index_fresh else '  (stale: run clipsearch index again)'}")
+    if info.index_factory:
+        typer.echo(f"  structure  {info.index_factory}{'  (inverted lists on disk)' if info.index_on_disk else ''}")
+    if info.index_nprobe is not None:
+        recall = (f", recall@10 {info.index_recall:.3f} on held-out queries (target {info.index_target_recall:.2f})"
+                  if info.index_recall is not None else "")
+        typer.echo(f"  search     nprobe {info.index_nprobe} of {info.index_nlist} lists, refine x{info.index_refine_factor}"
+                   f"{recall}")
+    if info.index_budget_bytes:
+        typer.echo(f"  memory     ~{_format_bytes(info.index_resident_bytes or 0)} resident, budget "
+                   f"{_format_bytes(info.index_budget_bytes)}")
+    if info.index_trained_on:
+        typer.echo(f"  trained    at {info.index_trained_on} vectors{', ' + info.index_trained_at if info.index_trained_at else ''}"
+                   f"{' (' + info.index_train_reason + ')' if info.index_train_reason else ''}")
+    for reason in info.index_reasons:
+        typer.echo(f"  why        {reason}")
     if info.tokens_stored or info.tokens == "on":
         t, d = info.token_shape or (0, 0)
         typer.echo(f"tokens       {info.tokens_stored} images, {info.token_storage} {t}x{d}, "

@@ -60,6 +60,8 @@ def search(
                                            "DIR (created) as 01-name.jpg, 02-..., never overwriting"),
     link_to: Optional[Path] = typer.Option(None, "--link-to", metavar="DIR", help="Like --copy-to, with "
                                            "symbolic links to the files (absolute targets)"),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=65_536, help="Inverted lists an IVF index "
+                                         "probes (default: the value tuned when it was built; see `stats`)"),
 ) -> None:
     """Find indexed photos by text, by an example image, or by an indexed image.
 
@@ -110,7 +112,7 @@ def search(
                                        min_size=min_size, base=os.getcwd())
     query = SearchQuery.build(text=text, image=image, like=like, and_texts=and_, not_texts=not_, k=k,
                               include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match,
-                              filter=search_filter)
+                              filter=search_filter, nprobe=nprobe)
     query.validate()  # before loading anything
     with Searcher.open(collection, index_dir, model) as searcher:
         hits = searcher.search(query)

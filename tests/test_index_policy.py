@@ -1,0 +1,267 @@
+"""The index policy (store/policy.py), tuned search knobs, growth, deletions and on-disk inverted lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch.store import vectors as vectors_module
+from clipsearch.store.collection import Collection
+from clipsearch.store.policy import MIN_CODE_BYTES, choose_nlist, plan_index
+from clipsearch.store.vectors import IndexLayout, VectorIndex
+
+GB = 1 << 30
+
+
+def clustered(n: int, dim: int, seed: int = 0, centres: int = 200) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    middle = rng.standard_normal((centres, dim))
+    x = middle[rng.integers(0, centres, n)] + 0.5 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# -- the policy: a pure function of size, dimensions and budget -------------------------------------------------
+
+@pytest.mark.parametrize("count, dim, budget, kind, factory, on_disk", [
+    (49_999, 512, 4 * GB, "flat", "IDMap,Flat", False),
+    (49_999, 512, 1 << 20, "flat", "IDMap,Flat", False),  # over budget, but too small to compress
+    (100_000, 512, 4 * GB, "ivfpq", "IVF1024,PQ256x4fs", False),
+    (1_000_000, 384, 4 * GB, "ivfpq", "IVF4096,PQ192x4fs", False),
+    (5_000_000, 512, 4 * GB, "ivfpq", "IVF16384_HNSW32,PQ256x4fs", False),
+    (50_000_000, 512, 4 * GB, "ivfpq", "OPQ64_512,IVF65536_HNSW32,PQ64x4fs", False),  # 32-byte codes + OPQ
+    (1_000_000_000, 512, 4 * GB, "ivfpq", "IVF65536_HNSW32,PQ64np", True),  # even 8-byte codes do not fit
+])
+def test_policy_choices(count, dim, budget, kind, factory, on_disk):
+    plan = plan_index(count, dim, budget)
+    assert (plan.kind, plan.factory, plan.on_disk) == (kind, factory, on_disk)
+    assert plan.reasons and plan.budget_bytes == budget
+    if kind == "ivfpq" and not on_disk:
+        assert plan.resident_bytes <= budget
+        assert 39 * plan.nlist <= plan.train_points <= 256 * plan.nlist
+
+
+def test_policy_nlist_and_codes_follow_the_rules():
+    assert choose_nlist(250_000) == 2048 and choose_nlist(1_000_000) == 4096  # ≈ 4√N
+    assert choose_nlist(3_000_000) == 16_384 and choose_nlist(30_000_000) == 65_536
+    assert choose_nlist(2_000) == 32  # at least 39 training points per list
+    tight = plan_index(10_000_000, 512, 400 << 20)
+    assert tight.opq and tight.code_bytes == 16 and not tight.on_disk
+    assert plan_index(10_000_000, 512, 330 << 20).code_bytes == MIN_CODE_BYTES
+    roomy = plan_index(10_000_000, 512, 64 * GB)
+    assert not roomy.opq and roomy.code_bytes == 128
+    # The old layout string is what the policy picks at 100k x 512 with room to spare.
+    assert IndexLayout.for_size(100_000, 512, budget_bytes=4 * GB).factory == "IDMap,IVF1024,PQ256x4fs,RFlat"
+
+
+# -- built through the real path: recall, tuned knobs, nprobe -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sixty_k(tmp_path_factory):
+    """60,000 clustered vectors (dim 64) in a collection, indexed by `update_vectors` as `clipsearch index` does."""
+    n, dim = 60_000, 64
+    x = clustered(n, dim)
+    index_dir = tmp_path_factory.mktemp("policy") / "collections"
+    info = _fake_info(dim)
+    collection = Collection.create("sixty", index_dir)
+    collection.bind_model(info)
+    rows = [synthetic_row(i, x[i]) for i in range(n)]
+    ids = np.asarray(collection.store.write_images(rows, info.model_id, collection.store.next_run_id(), "2026-01-01"))
+    sync = collection.update_vectors()
+    assert sync.update == "rebuild"
+    collection.close()
+    return index_dir, ids, x
+
+
+def _fake_info(dim: int):
+    """What `Collection.bind_model` reads of a bundle: synthetic vectors need no model."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model_id=f"synthetic-{dim}", name="synthetic", path=Path("/nonexistent"), embed_dim=dim)
+
+
+def synthetic_row(i: int, vector: np.ndarray):
+    from clipsearch.store.database import NewImage
+
+    return NewImage(path=f"/lib/img{i:06d}.jpg", size=1000 + i, mtime_ns=i, content_hash=f"{i:032x}", width=640,
+                    height=480, taken_at=None, vector=vector)
+
+
+def _recall(found: list[list[tuple[int, float]]], exact: np.ndarray) -> float:
+    return float(np.mean([len({i for i, _ in f} & set(e.tolist())) / len(e) for f, e in zip(found, exact)]))
+
+
+def test_sixty_thousand_vectors_reach_the_target_recall(sixty_k):
+    index_dir, ids, x = sixty_k
+    with Collection.open("sixty", index_dir) as collection:
+        index = collection.load_vectors(mmap=True)
+        stats = collection.stats()
+    layout = index.meta.layout
+    assert layout.kind == "ivfpq" and layout.target_recall == 0.95 and layout.tuned_recall >= 0.95
+    rng = np.random.default_rng(7)
+    queries = x[rng.choice(len(x), 200, replace=False)] + 0.1 * rng.standard_normal((200, x.shape[1])).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = ids[np.argsort(-(queries @ x.T), axis=1)[:, :10]]
+    assert _recall(index.search(queries, 10), exact) >= 0.95
+    # Scores are exact inner products (the refine stage reads the mapped full vectors).
+    first_id, first_score = index.search(queries[:1], 1)[0][0]
+    assert first_score == pytest.approx(float(queries[0] @ x[np.searchsorted(ids, first_id)]), abs=1e-5)
+    # Tuned values are in the sidecar and in stats.
+    assert stats.index_nprobe == layout.nprobe and stats.index_refine_factor == layout.refine_factor
+    assert stats.index_recall == layout.tuned_recall and stats.index_factory == layout.factory
+    assert stats.index_trained_on == len(ids) and stats.index_train_reason == "first IVF-PQ build"
+    # --nprobe per query changes what is found: one list finds less than all of them.
+    one = _recall(index.search(queries, 10, nprobe=1), exact)
+    every = _recall(index.search(queries, 10, nprobe=layout.nlist), exact)
+    assert one < every and every >= 0.95
+
+
+def test_stats_cli_shows_the_tuned_values(sixty_k):
+    index_dir, _, _ = sixty_k
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "clipsearch", "stats", "-c", "sixty", "--index-dir",
+                                         str(index_dir), *extra], capture_output=True, text=True, env=env, check=True)
+    info = json.loads(run("--json").stdout)
+    assert info["index_nprobe"] >= 1 and info["index_refine_factor"] >= 1 and info["index_recall"] >= 0.95
+    text = run().stdout
+    assert f"nprobe {info['index_nprobe']} of {info['index_nlist']} lists" in text and "why" in text
+
+
+def test_resident_memory_is_near_the_code_size(sixty_k):
+    index_dir, ids, _ = sixty_k
+    with Collection.open("sixty", index_dir) as collection:
+        index = collection.load_vectors(mmap=True)
+    per_vector = index.resident_bytes() / len(ids)
+    assert per_vector < 4 * 64 / 2  # codes of d/4 bytes + ids, far below the 256 bytes of the full vectors
+
+
+# -- growth, deletions ---------------------------------------------------------------------------------------
+
+def _write(collection, info, x, start):
+    rows = [synthetic_row(start + i, v) for i, v in enumerate(x)]
+    return collection.store.write_images(rows, info.model_id, collection.store.next_run_id(), "2026-01-01")
+
+
+def test_growth_appends_without_retraining_then_retrains_after_outgrowing(tmp_path):
+    dim = 32
+    info = _fake_info(dim)
+    x = clustered(30_000, dim, seed=3)
+    with Collection.create("grow", tmp_path) as collection:
+        collection.bind_model(info)
+        _write(collection, info, x[:2_000], 0)
+        assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
+        first = collection.load_vectors().meta
+        assert first.trained_on == 2_000
+        _write(collection, info, x[2_000:10_000], 2_000)  # 5x: appended, same quantizer
+        assert collection.update_vectors(ivf_threshold=1_000).update == "append"
+        meta = collection.load_vectors().meta
+        assert meta.trained_on == 2_000 and meta.count == 10_000 and meta.trained_at == first.trained_at
+        _write(collection, info, x[10_000:], 10_000)  # 15x: outgrown, retrained
+        assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
+        meta = collection.load_vectors().meta
+        assert meta.trained_on == 30_000 and "15.0x the 2,000" in meta.train_reason
+        assert collection.check().ok
+
+
+def test_deletions_remove_ids(tmp_path):
+    dim = 32
+    info = _fake_info(dim)
+    x = clustered(5_000, dim, seed=4)
+    with Collection.create("del", tmp_path) as collection:
+        collection.bind_model(info)
+        ids = _write(collection, info, x, 0)
+        collection.update_vectors(ivf_threshold=1_000)
+        gone = list(ids[100:200])
+        collection.store.db.execute(f"DELETE FROM embeddings WHERE id IN ({','.join(map(str, gone))})")
+        collection.store.db.execute(f"DELETE FROM images WHERE id IN ({','.join(map(str, gone))})")
+        collection.store._bump_generation()
+        assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
+        index = collection.load_vectors()
+        assert not set(gone) & set(index.ids().tolist()) and index.count == 4_900
+        hits = index.search(x[100:110], 5)
+        assert all(i not in gone for row in hits for i, _ in row)
+        assert collection.check().ok
+
+
+# -- on-disk inverted lists ----------------------------------------------------------------------------------
+
+def test_on_disk_lists_search_like_in_memory_lists(tmp_path):
+    dim = 32
+    info = _fake_info(dim)
+    x = clustered(6_000, dim, seed=5)
+    results = {}
+    for name, budget in (("memory", 4 * GB), ("disk", 50_000)):  # 50 kB: not even 8-byte codes fit
+        with Collection.create(name, tmp_path) as collection:
+            collection.bind_model(info)
+            collection.set_index_memory_budget(budget)
+            _write(collection, info, x, 0)
+            collection.update_vectors(ivf_threshold=1_000)
+            index = collection.load_vectors()
+            assert index.meta.layout.on_disk == (name == "disk")
+            results[name] = index.search(x[:50], 10, nprobe=index.meta.layout.nlist)  # every list: exact
+            assert collection.check().ok
+            if name == "disk":
+                files = sorted(p.name for p in collection.folder.iterdir() if p.name.startswith("vectors-"))
+                assert [Path(f).suffix for f in files] == [".ivfdata", ".lists"]
+                assert collection.stats().index_on_disk
+    assert [[i for i, _ in row] for row in results["disk"]] == [[i for i, _ in row] for row in results["memory"]]
+
+
+# -- the composite file and crash safety ---------------------------------------------------------------------
+
+def test_streamed_file_equals_faiss_own_serialisation(tmp_path):
+    import faiss
+
+    dim, n = 16, 500
+    x = clustered(n, dim)
+    base = faiss.index_factory(dim, "IVF4,PQ8x4fs", faiss.METRIC_INNER_PRODUCT)
+    base.train(x)
+    ids = np.arange(n, dtype=np.int64) * 3 + 1
+    reference = faiss.IndexIDMap(faiss.IndexRefine(faiss.clone_index(base), faiss.IndexFlatIP(dim)))
+    reference.add_with_ids(x, ids)
+    faiss.downcast_index(reference.index).k_factor = 4.0
+    streamed = faiss.clone_index(base)
+    streamed.add(x)
+    vectors_module._compose(tmp_path / "f", streamed, iter([x[:200], x[200:]]), ids, dim, 4.0)
+    assert (tmp_path / "f").read_bytes() == bytes(faiss.serialize_index(reference))
+
+
+def test_a_killed_save_leaves_the_old_index_and_is_cleaned_up(tmp_path):
+    """Killed after the new index file was written but before it was moved into place: the saved index still
+    loads and answers, and the next writer removes the leftovers."""
+    dim = 32
+    info = _fake_info(dim)
+    x = clustered(3_000, dim, seed=6)
+    with Collection.create("kill", tmp_path) as collection:
+        collection.bind_model(info)
+        _write(collection, info, x[:2_000], 0)
+        collection.update_vectors(ivf_threshold=1_000)
+        folder = collection.folder
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from clipsearch.store import vectors
+from clipsearch.store.collection import Collection
+from test_index_policy import _fake_info, _write, clustered
+def die(*args, **kwargs):
+    os._exit(9)
+vectors.os.replace = die
+with Collection.open("kill", {str(tmp_path)!r}) as c:
+    _write(c, _fake_info({dim}), clustered(3_000, {dim}, seed=6)[2_000:], 2_000)
+    c.update_vectors(ivf_threshold=1_000)
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert any(p.name.endswith(".tmp") for p in folder.iterdir())
+    with Collection.open("kill", tmp_path) as collection:
+        index = collection.load_vectors(ivf_threshold=1_000)  # the old index, as saved
+        assert index.count == 2_000 and index.search(x[:1], 1)[0][0][1] == pytest.approx(1.0, abs=1e-5)
+        with collection.writer_lock():
+            assert not any(p.name.endswith(".tmp") for p in folder.iterdir())
+            assert collection.update_vectors(ivf_threshold=1_000).update == "append"
+        assert collection.load_vectors().count == 3_000 and collection.check().ok
