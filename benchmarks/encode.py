@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_section  # noqa: E402
+from results import MachineLoad, write_section  # noqa: E402
 
 QUERY = "a dog running on the beach"  # 6 words, 7 tokens + start/end
 
@@ -56,7 +56,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    parser.add_argument("--force", action="store_true", help="write RESULTS.md even when the machine was busy")
     args = parser.parse_args()
+    load = MachineLoad()
 
     import open_clip
     import torch
@@ -108,6 +110,7 @@ def main() -> None:
         txt_cos = float((engine.encode_text([QUERY, "a red heart", "two cats"]) * ref_txt).sum(1).min())
         parity[precision] = (img_cos, txt_cos)
 
+    load.finish()
     base = best["torch eager"]
     lines = [
         f"{args.arch} random init, {size[0]} px, batch {args.batch}, {threads} threads, "
@@ -124,9 +127,13 @@ def main() -> None:
         lines.append(f"| {name} | {best[name]:.1f} | {best[name] / base:.2f} | {p50:.2f} | {p99:.2f} | {cos} |")
     lines.append("")
     lines.append("All rounds (images/s): " + "; ".join(f"{n}: {', '.join(f'{v:.1f}' for v in vals)}" for n, vals in rates.items()))
-    command = "python benchmarks/encode.py " + " ".join(sys.argv[1:])
-    write_section(args.out, "Encoder throughput (benchmarks/encode.py)", command.strip(), "\n".join(lines))
+    lines.append("")
+    lines.append(f"Machine: {load.note()}.")
     print("\n".join(lines))
+    lines[-1] = load.label_for_results(args.force, args.out)
+    command = "python benchmarks/encode.py " + " ".join(sys.argv[1:])
+    title = "Encoder throughput (benchmarks/encode.py)" + ("" if args.arch == "ViT-B-32" else f", {args.arch}")
+    write_section(args.out, title, command.strip(), "\n".join(lines))
 
 
 if __name__ == "__main__":

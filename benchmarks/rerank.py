@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_setup import log, machine_note  # noqa: E402
+from results import MachineLoad, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
@@ -80,11 +80,6 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def busy(note: str) -> bool:
-    load = float(note.split("load average (1/5/15 min) ")[1].split("/")[0])
-    return load > (os.cpu_count() or 1) / 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="bundle or model name with an ITM head (default: emoji-mini)")
@@ -99,6 +94,7 @@ def main() -> None:
 
     from clipsearch.search import SearchQuery, Searcher
 
+    load = MachineLoad()
     report: dict = {"machine": machine_note(), "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "query": args.query, "repeats": args.repeats, "rows": []}
     bundle, label = pick_model(args.model)
@@ -122,6 +118,7 @@ def main() -> None:
             log(f"k={k:4d}: ITC {row['itc_p50_ms']:.2f} ms, re-ranked {row['rerank_p50_ms']:.2f} ms p50 / "
                 f"{row['rerank_p99_ms']:.2f} ms p99, added {row['added_p50_ms']:.2f} ms p50")
     report["machine_at_end"] = machine_note()
+    load.finish()
     report["verdict"] = verdict(report)
     text = json.dumps(report, indent=2)
     print(text)
@@ -131,14 +128,10 @@ def main() -> None:
     if args.results:
         # Only the start decides: at the end the 1-minute load average includes this benchmark's own threads
         # (it keeps both cores busy); the end figure is recorded beside the results.
-        if busy(report["machine"]) and not args.force:
-            raise SystemExit(f"not writing {args.results}: the machine was busy ({report['machine']} at the start, "
-                             f"{report['machine_at_end'].split(', ', 1)[-1]} at the end); rerun when idle, or --force")
-        from results import write_section
-
+        label = load.label_for_results(args.force, args.results)
         command = (f"python benchmarks/rerank.py --model {args.model or 'emoji-mini'} --repeats {args.repeats} "
                    f"--results benchmarks/RESULTS.md")
-        write_section(args.results, TITLE, command, markdown(report))
+        write_section(args.results, TITLE, command, markdown(report) + ("\n" + label if "busy" in label else ""))
 
 
 def verdict(report: dict) -> str:

@@ -7,8 +7,10 @@ Each section is fenced by HTML comments so that benchmarks can rerun independent
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HEADER = "# Benchmark results\n\nEvery figure below was produced by the command shown with it, on the machine described.\n"
@@ -30,3 +32,38 @@ def _cores() -> int:
     import os
 
     return os.cpu_count() or 1
+
+
+@dataclass
+class MachineLoad:
+    """The load average at a benchmark's start and end. A figure taken while other jobs load the cores misleads
+    in both directions, so RESULTS.md is written only when the machine was quiet at the start (1-minute load
+    at most half the cores; the end figure includes the benchmark's own threads) unless forced, and forced
+    figures are labelled."""
+
+    start: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    end: tuple[float, float, float] | None = None
+
+    def finish(self) -> None:
+        self.end = os.getloadavg()
+
+    @property
+    def busy(self) -> bool:
+        return self.start[0] > _cores() / 2
+
+    def note(self) -> str:
+        def fmt(load: tuple[float, float, float]) -> str:
+            return "/".join(f"{v:.1f}" for v in load)
+
+        end = f", {fmt(self.end)} at the end" if self.end else ""
+        return f"load average (1/5/15 min) {fmt(self.start)} at the start{end}; {_cores()} cores"
+
+    def label_for_results(self, force: bool, results: Path) -> str:
+        """The line to put beside the figures; refuses (SystemExit) a busy machine's figures unless `force`."""
+        if self.busy and not force:
+            raise SystemExit(f"not writing {results}: the machine was busy ({self.note()}); rerun when idle, "
+                             f"or --force to write labelled figures")
+        label = f"Machine: {self.note()}."
+        if self.busy:
+            label += " **Taken on a busy machine (--force): these figures may mislead in either direction.**"
+        return label
