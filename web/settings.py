@@ -7,6 +7,9 @@ from pathlib import Path
 
 from clipsearch.store.collection import DEFAULT_COLLECTION
 
+from .batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_SECONDS
+from .executor import DEFAULT_QUEUE_LIMIT
+
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Bounded work per request (SECURITY.md lists every limit). Beyond them a request is refused with 422.
 DEFAULT_MAX_QUERY_TERMS = 16     # texts in one search: text + and + not (clip-back: one text)
@@ -20,9 +23,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Serving under load (web/executor.py, web/batching.py): blocking work runs in `workers` threads (None: two per
 # core, at least 4) with at most `queue_limit` jobs waiting (503 + Retry-After beyond); concurrent text queries
 # are embedded together, up to `max_batch` texts gathered for at most `batch_window_ms`.
-DEFAULT_QUEUE_LIMIT = 64
-DEFAULT_MAX_BATCH = 32
-DEFAULT_BATCH_WINDOW_MS = 2.0
+DEFAULT_BATCH_WINDOW_MS = DEFAULT_WINDOW_SECONDS * 1000
 
 
 @dataclass(frozen=True)
