@@ -35,14 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import log, machine_note  # noqa: E402
-from results import write_section  # noqa: E402
+from bench_setup import log  # noqa: E402
+from results import MachineLoad, write_section  # noqa: E402
 from search_latency import fill_collection  # noqa: E402
 
 TITLE = "REST API load (benchmarks/serve_load.py)"
 TARGET_QPS = 250.0
 TARGET_P99_MS = 150.0
-QUIET_LOAD_PER_CORE = 0.5
 SUBJECTS = ["dog", "cat", "beach", "mountain", "city street", "birthday cake", "red car", "snow", "forest path",
             "sunset", "bicycle", "old church", "kitchen", "concert", "boat", "bridge", "flowers", "child"]
 PLACES = ["at night", "in the rain", "on a sunny day", "from above", "close up", "in winter", "indoors", "by the sea"]
@@ -187,10 +186,6 @@ def start_indexing(folder: Path, index_dir: Path, collection: str, bundle: Path,
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def load_per_core() -> float:
-    return os.getloadavg()[0] / (os.cpu_count() or 1)
-
-
 def verdicts(row: LoadRow) -> list[str]:
     qps_ok = row.qps >= TARGET_QPS
     p99_ok = row.p99_ms is not None and row.p99_ms <= TARGET_P99_MS
@@ -216,16 +211,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--force", action="store_true",
-                        help=f"write RESULTS.md even when the 1-minute load is above {QUIET_LOAD_PER_CORE} per core "
+                        help="write RESULTS.md even when the 1-minute load is above 0.5 per core at the start "
                              "(the figures are labelled as taken on a busy machine)")
     args = parser.parse_args()
 
-    start_note, start_load = machine_note(), load_per_core()
-    busy = start_load > QUIET_LOAD_PER_CORE
-    if busy and not args.no_write and not args.force:
-        raise SystemExit(f"the machine is busy ({start_note}: {start_load:.2f} per core > {QUIET_LOAD_PER_CORE}); "
-                         "figures taken now would measure the other jobs too. Wait for a quiet machine, or pass "
-                         "--no-write (print only) or --force (write them, labelled as taken under load).")
+    load = MachineLoad()
+    if not args.no_write:
+        load.label_for_results(args.force, args.out)  # refuses a busy machine now, not after minutes of work
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or export_bundle_for(args.arch, args.precision,
@@ -269,7 +261,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    end_note = machine_note()
+    load.finish()
 
     print(json.dumps([asdict(r) for r in rows], indent=2))
     cores = os.cpu_count() or 1
@@ -277,15 +269,13 @@ def main() -> None:
           f"{cores * 1000 / bound_ms:.0f} QPS on {cores} cores doing nothing else")
     for row in rows:
         print(f"verdict ({row.label}): " + "; ".join(verdicts(row)))
-    print(f"machine at start: {start_note}; at end: {end_note}" + ("  [BUSY: figures taken under load]" if busy else ""))
+    print(f"machine: {load.note()}" + ("  [BUSY: figures taken under load]" if load.busy else ""))
 
-    label = (f"**Taken on a busy machine (1-minute load {start_load:.2f} per core at the start, --force): these "
-             "figures measure other jobs too.**\n\n" if busy else "")
-    body = (label + f"`clipsearch serve` (uvicorn, 1 process, 127.0.0.1, {' '.join(args.serve_option) or 'defaults'}) "
+    body = (f"`clipsearch serve` (uvicorn, 1 process, 127.0.0.1, {' '.join(args.serve_option) or 'defaults'}) "
             f"over {args.count:,} vectors ({index_kind} index), random-init {args.arch} {args.precision} text tower; "
             f"{args.clients} clients sending `GET /api/search?q=...&k={args.k}`, every query text new (the query "
             "cache answers none); clients in a separate process (asyncio + httpx, keep-alive) on the same cores. "
-            f"Machine at start: {start_note}; at the end: {end_note}.\n\n"
+            f"{load.label_for_results(True, args.out)}\n\n"
             "| load | clients | seconds | requests | QPS | p50 (ms) | p99 (ms) | errors | note |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
     for r in rows:
