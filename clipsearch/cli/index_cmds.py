@@ -17,8 +17,8 @@ _INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/col
 
 
 @contextmanager
-def _progress_bar(enabled: bool) -> Iterator:
-    """A rich progress bar (count, images/s, ETA) on a terminal; a no-op callback otherwise."""
+def _progress_bar(enabled: bool, label: str = "indexing", unit: str = "img/s", rate_format: str = ".1f") -> Iterator:
+    """A rich progress bar (count, rate, ETA) on a terminal; no callback otherwise."""
     if not enabled:
         yield None
         return
@@ -29,12 +29,12 @@ def _progress_bar(enabled: bool) -> Iterator:
     class RateColumn(ProgressColumn):
         def render(self, task) -> Text:
             speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} img/s" if speed else "– img/s")
+            return Text(f"{speed:{rate_format}} {unit}" if speed else f"– {unit}")
 
-    progress = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), RateColumn(), TextColumn("ETA"),
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), RateColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=Console(stderr=True), transient=False)
     with progress:
-        task = progress.add_task("indexing", total=None)
+        task = progress.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
@@ -125,7 +125,6 @@ def index(
     from ..store.collection import Collection
     from ..indexer.pipeline import IndexOptions
     from ..indexer.runner import LocalRunner
-    from ..model.resolve import default_model_notice, load_model
 
     with _stop_on_signals():
         try:
@@ -134,15 +133,9 @@ def index(
                 try:
                     if budget is not None:
                         target.set_index_memory_budget(budget)
-                    remembered = target.model
-                    spec = model or (remembered.spec if remembered else None)
-                    clip = load_model(spec, threads=threads)
-                    notice = default_model_notice(spec)
-                    if notice and not as_json:
-                        typer.echo(notice, err=True)
+                    clip = _collection_model(target, model, threads, as_json, tokens)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens)
-                    _announce_tokens(target, clip, tokens)
                     show_bar = not as_json and sys.stderr.isatty()
                     with _progress_bar(show_bar) as progress:
                         summary = LocalRunner(options).run(target, clip, [str(p) for p in paths], progress)
@@ -189,6 +182,22 @@ def _format_bytes(count: int) -> str:
     from ..store.tokens import format_bytes
 
     return format_bytes(count)
+
+
+def _collection_model(target, model: Optional[str], threads: Optional[int], as_json: bool,
+                      tokens: Optional[bool]):
+    """The model an indexing run of `target` uses (--model, else the collection's own, else the default, with the
+    one-line notice when that is the bundled emoji model), after saying what happens to ITM tokens."""
+    from ..model.resolve import default_model_notice, load_model
+
+    remembered = target.model
+    spec = model or (remembered.spec if remembered else None)
+    clip = load_model(spec, threads=threads)
+    notice = default_model_notice(spec)
+    if notice and not as_json:
+        typer.echo(notice, err=True)
+    _announce_tokens(target, clip, tokens)
+    return clip
 
 
 def _announce_tokens(target, clip, requested: Optional[bool]) -> None:

@@ -6,40 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
 from . import app
-from .index_cmds import _INDEX_DIR_HELP, _interrupted, _stop_on_signals
-
-
-@contextmanager
-def _progress_bar(enabled: bool, label: str) -> Iterator:
-    """A rich progress bar (rows, rows/s, ETA) on a terminal; no callback otherwise."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} rows/s" if speed else "– rows/s")
-
-    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), RateColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-    with progress:
-        task = progress.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield update
+from .index_cmds import _INDEX_DIR_HELP, _interrupted, _progress_bar, _stop_on_signals
 
 
 @app.command("import-embeddings")
@@ -72,7 +45,7 @@ def import_embeddings(
                     info = resolve_model(model) if model is not None else None  # else the collection's, or the
                     # one an export names in its clipsearch.json
                     show_bar = not as_json and sys.stderr.isatty()
-                    with _progress_bar(show_bar, "importing") as progress:
+                    with _progress_bar(show_bar, "importing", "rows/s", ",.0f") as progress:
                         summary = run_import(target, folder, info, ImportOptions(root=root, normalize=normalize),
                                              progress)
                 except KeyboardInterrupt as exc:
@@ -122,7 +95,7 @@ def export_embeddings(
 
     with Collection.open(collection, index_dir) as target:
         show_bar = not as_json and sys.stderr.isatty()
-        with _progress_bar(show_bar, "exporting") as progress:
+        with _progress_bar(show_bar, "exporting", "rows/s", ",.0f") as progress:
             summary = run_export(target, folder, shard_size=shard_size, fp16=fp16, progress=progress)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))

@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Sequence
 import typer
 
 from . import app
-from .index_cmds import _INDEX_DIR_HELP, _Stopped, _announce_tokens, _interrupted, _print_summary, _stop_on_signals
+from .index_cmds import _INDEX_DIR_HELP, _Stopped, _collection_model, _interrupted, _print_summary, _stop_on_signals
 
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -55,7 +55,6 @@ def run_watch(paths: Sequence[Path], *, collection: str, model: Optional[str], b
     (a periodic rescan is abandoned at once, safely) and exits 0; a second one abandons the batch too."""
     from ..indexer.pipeline import IndexOptions
     from ..indexer.watch import Watcher, WatchOptions
-    from ..model.resolve import default_model_notice, load_model
     from ..store.collection import Collection
 
     roots = [str(p) for p in paths]
@@ -65,15 +64,9 @@ def run_watch(paths: Sequence[Path], *, collection: str, model: Optional[str], b
             target = Collection.create(collection, index_dir)
             with target:
                 try:
-                    remembered = target.model
-                    spec = model or (remembered.spec if remembered else None)
-                    clip = load_model(spec, threads=threads)
-                    notice = default_model_notice(spec)
-                    if notice and not as_json:
-                        typer.echo(notice, err=True)
+                    clip = _collection_model(target, model, threads, as_json, tokens)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens)
-                    _announce_tokens(target, clip, tokens)
                     watcher = Watcher(target, clip, roots, options,
                                       WatchOptions(debounce=debounce, max_delay=5 * debounce,
                                                    rescan_interval=rescan_interval),
