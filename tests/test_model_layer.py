@@ -98,9 +98,11 @@ def test_precision_variants_stay_close_to_fp32(tiny_bundles):
         figures[precision] = (float(text_cos), float(image_cos))
     print("precision parity (min cosine text, image):", figures)
     assert min(figures["fp16"]) >= 0.999
-    # int8: the image tower dynamically quantised (measured 0.99+ on this tiny model); the text tower has int8
-    # weights and fp32 activations, so it stays much closer to fp32
-    assert figures["int8"][1] >= 0.98 and figures["int8"][0] >= 0.999
+    # int8: the image tower dynamically quantised (measured 0.99+ on this tiny model); the text tower with the
+    # recipe model.json names, chosen by its fidelity (see the next test)
+    choice = json.loads((tiny_bundles["int8"] / "model.json").read_text(encoding="utf-8"))["text_int8"]
+    assert choice["recipe"] in ("dynamic", "weights") and choice["floor"] == 0.995
+    assert figures["int8"][1] >= 0.98 and figures["int8"][0] >= 0.99
 
     def graph_bytes(folder: Path, graph: str) -> int:
         return sum(p.stat().st_size for p in folder.glob(f"{graph}*"))  # graph + external weights
@@ -109,17 +111,32 @@ def test_precision_variants_stay_close_to_fp32(tiny_bundles):
         assert graph_bytes(tiny_bundles["int8"], graph) < 0.6 * graph_bytes(tiny_bundles["fp32"], graph)
 
 
-def test_int8_text_tower_quantises_weights_not_activations(tiny_bundles):
+def test_int8_text_recipe_is_the_faster_one_only_when_it_stays_faithful(tiny_bundle, tmp_path, monkeypatch):
     import onnx
 
-    graph = onnx.load(str(tiny_bundles["int8"] / "textual.onnx")).graph
-    ops = {node.op_type for node in graph.node}
-    assert "DynamicQuantizeLinear" not in ops and "MatMulInteger" not in ops  # no activation is rounded
+    from clipsearch.model import quantize
+    from clipsearch.model.tokenizer import TextTokenizer
+
+    feeds = TextTokenizer.from_bundle(read_bundle(tiny_bundle))(list(quantize.FIDELITY_CAPTIONS)).inputs
+    source = tiny_bundle / "textual.onnx"
+
+    def ops(graph: Path) -> set[str]:
+        return {node.op_type for node in onnx.load(str(graph)).graph.node}
+
+    monkeypatch.setattr(quantize, "TEXT_FIDELITY_FLOOR", 0.0)  # any fidelity will do: the fast recipe
+    fast = quantize.choose_text_int8(source, tmp_path / "fast.onnx", feeds)
+    assert fast.recipe == "dynamic" and set(fast.fidelity) == {"dynamic"}
+    assert "DynamicQuantizeLinear" in ops(tmp_path / "fast.onnx")
+
+    monkeypatch.setattr(quantize, "TEXT_FIDELITY_FLOOR", 1.01)  # unreachable: int8 weights, fp32 activations
+    accurate = quantize.choose_text_int8(source, tmp_path / "accurate.onnx", feeds)
+    assert accurate.recipe == "weights" and accurate.fidelity["dynamic"] == fast.fidelity["dynamic"]
+    assert accurate.fidelity["weights"] >= 0.999 and accurate.fidelity["weights"] > accurate.fidelity["dynamic"]
+    graph = onnx.load(str(tmp_path / "accurate.onnx")).graph
+    assert not {"DynamicQuantizeLinear", "MatMulInteger"} & {node.op_type for node in graph.node}
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     assert int8_weights and {t.name for t in int8_weights} <= dequantized
-    visual_ops = {node.op_type for node in onnx.load(str(tiny_bundles["int8"] / "visual.onnx")).graph.node}
-    assert "DynamicQuantizeLinear" in visual_ops  # the image tower keeps onnxruntime's dynamic int8 (speed)
 
 
 def test_bundle_checksums_detect_tampering(tiny_bundle, tmp_path):

@@ -352,12 +352,14 @@ def export_onnx(module, args: tuple, path: Path, input_names: list[str], output_
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def convert_precision(folder: Path, precision: str) -> None:
-    """Rewrite visual.onnx and textual.onnx of a fp32 bundle folder in fp16 or int8 (in place)."""
+def convert_precision(folder: Path, precision: str, text_feeds: dict | None = None) -> dict | None:
+    """Rewrite visual.onnx and textual.onnx of a fp32 bundle folder in fp16 or int8 (in place); returns the int8
+    text recipe chosen on `text_feeds` (clipsearch.model.quantize), for model.json."""
     from .quantize import convert_graph
 
-    for name in ("visual.onnx", "textual.onnx"):
-        convert_graph(folder / name, precision, text=name == "textual.onnx")
+    convert_graph(folder / "visual.onnx", precision, text=False)
+    choice = convert_graph(folder / "textual.onnx", precision, text=True, feeds=text_feeds)
+    return choice.to_dict() if choice else None
 
 
 def externalize_weights(graph: Path, min_bytes: int = 1024) -> None:
@@ -423,7 +425,9 @@ def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision:
         axes = {"input_ids": {0: "batch", 1: "seq"}} if dynamic else {"input_ids": {0: "batch"}}
         axes["text_embeds"] = {0: "batch"}
         export_onnx(text_module, (ids,), staging / "textual.onnx", ["input_ids"], "text_embeds", axes)
-        convert_precision(staging, precision)
+        from .quantize import FIDELITY_CAPTIONS
+
+        text_int8 = convert_precision(staging, precision, sample(list(FIDELITY_CAPTIONS)).inputs)
         for graph in ("visual.onnx", "textual.onnx"):
             externalize_weights(staging / graph)
 
@@ -439,6 +443,8 @@ def write_bundle(model, out: Path, name: str, source: dict[str, Any], precision:
         }
         if text.rules:
             meta["text_rules"] = text.rules
+        if text_int8:
+            meta["text_int8"] = text_int8
         write_model_json(staging, meta)
     return out
 

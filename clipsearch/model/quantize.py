@@ -1,27 +1,79 @@
 """int8 graphs for bundles (export time only: needs the `onnx` package and onnxruntime.quantization).
 
-Two recipes, one per tower kind:
+Text towers get one of two recipes, chosen per model by how close it stays to the fp32 text embedding on a fixed
+set of captions (`choose_text_int8`):
 
-* Text towers: **weight-only int8**. Every constant weight of a MatMul/Gemm is stored as int8 with one fp32
-  scale per output channel and a DequantizeLinear in front of the product; activations stay fp32. Embedding
-  tables (Gather) are quantised the same way by onnxruntime. Why: dynamic quantisation also rounds every
-  activation to 8 bits with one scale per tensor, and transformer text activations have outlier channels
-  (LLM.int8(), Dettmers et al. 2022). On emoji-mini's MiniLM tower that cost 1.4 points of held-out R@10
-  (mean cosine to the fp32 text embedding 0.986); weight-only int8 costs 0.3 points (cosine 0.998) at the
-  same file size. See MODEL_CARD.md, "How the int8 text graph was chosen".
-* Image towers: onnxruntime's **dynamic int8** (MatMul/Gemm, and Conv for convnets): there the speed-up is
-  the point (images are encoded in bulk) and the measured cost is small (0.2–0.3 points of R@10 on emoji-mini).
+* **dynamic** — onnxruntime's dynamic int8 of every constant-weight MatMul (activations rounded to 8 bits per
+  tensor at run time; attention scores stay fp32). About 3× faster than fp32 per query, but transformer text
+  activations have outlier channels (LLM.int8(), Dettmers et al. 2022) that one scale per tensor handles badly.
+* **weights** — int8 weights with one fp32 scale per output channel and a DequantizeLinear in front of each
+  product; activations stay fp32. Nearly fp32 quality at the same file size, about half dynamic's speed.
+
+The faster recipe is used when its mean cosine to fp32 reaches TEXT_FIDELITY_FLOOR, else the accurate one. On
+emoji-mini's MiniLM tower dynamic int8 reached 0.986 and cost 1.4 points of held-out R@10, weight-only 0.998 and
+0.3 points (MODEL_CARD.md, "How the int8 text graph was chosen"); the floor sits between the two.
+
+Image towers: onnxruntime's dynamic int8 (MatMul/Gemm, and Conv for convnets): images are encoded in bulk, where
+the speed-up is the point, and the measured cost is small (0.3 points of R@10 on emoji-mini).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-TEXT_RECIPE = "int8 weights (per output channel), fp32 activations"
-VISUAL_RECIPE = "dynamic int8"
+TEXT_FIDELITY_FLOOR = 0.995
+_SUBJECTS = ("dog", "cat", "car", "bicycle", "tree", "beach", "mountain", "city street", "child", "old man", "woman",
+             "red apple", "birthday cake", "sunset", "snowy field", "boat", "bird", "flower", "kitchen", "book")
+_TEMPLATES = ("a photo of a {}", "a {} at night", "two {}s side by side", "a close-up of a {}",
+              "a blurry photo of a {}", "a {} in the rain")
+FIDELITY_CAPTIONS = tuple(t.format(s) for s in _SUBJECTS for t in _TEMPLATES)  # 120 fixed captions
+
+
+@dataclass(frozen=True)
+class TextInt8Choice:
+    """Which int8 recipe a text graph got, and the fidelity (mean cosine to fp32) that decided it."""
+
+    recipe: str  # "dynamic" | "weights"
+    fidelity: dict[str, float]
+    floor: float = TEXT_FIDELITY_FLOOR
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "mean_cosine_to_fp32": self.fidelity, "floor": self.floor,
+                "captions": len(FIDELITY_CAPTIONS)}
+
+
+def quantize_text_dynamic(source: Path, target: Path, exclude: Iterable[str] = ()) -> None:
+    """onnxruntime's dynamic int8 of every constant-weight MatMul/Gemm (and the embedding tables)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=list(exclude),
+                     extra_options={"MatMulConstBOnly": True})
+
+
+def choose_text_int8(source: Path, target: Path, feeds: dict[str, np.ndarray]) -> TextInt8Choice:
+    """Write `target` with the faster text recipe if it keeps TEXT_FIDELITY_FLOOR on `feeds` (the tokenized
+    FIDELITY_CAPTIONS), else with int8 weights and fp32 activations."""
+    import onnxruntime as ort
+
+    def embed(graph: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        out = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    reference = embed(source)
+    fidelity = {}
+    for recipe, quantize in (("dynamic", quantize_text_dynamic), ("weights", quantize_text_weights)):
+        quantize(source, target)
+        fidelity[recipe] = round(float(np.mean(np.sum(embed(target) * reference, axis=1))), 5)
+        if recipe == "dynamic" and fidelity[recipe] >= TEXT_FIDELITY_FLOOR:
+            return TextInt8Choice("dynamic", fidelity, TEXT_FIDELITY_FLOOR)
+    return TextInt8Choice("weights", fidelity, TEXT_FIDELITY_FLOOR)
 
 
 def quantize_text_weights(source: Path, target: Path, exclude: Iterable[str] = ()) -> None:
@@ -87,14 +139,19 @@ def quantize_visual_dynamic(source: Path, target: Path, conv: bool) -> None:
                          op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
 
 
-def convert_graph(path: Path, precision: str, text: bool) -> None:
-    """Rewrite one fp32 graph in place as fp16, or as int8 with the recipe of its kind (`text`: a text
-    tower or a fusion head that reads text; else an image tower). fp32 leaves it as it is."""
+def convert_graph(path: Path, precision: str, text: bool, feeds: dict[str, np.ndarray] | None = None
+                  ) -> TextInt8Choice | None:
+    """Rewrite one fp32 graph in place as fp16, or as int8 with the recipe of its kind (`text`: a text tower or
+    a fusion head that reads text; else an image tower). A text graph given `feeds` (see choose_text_int8) gets
+    the faster recipe when it is faithful enough, and the choice is returned; without them, int8 weights."""
     if precision == "fp32":
-        return
+        return None
     target = path.with_name(path.name + ".tmp")
+    choice = None
     if precision == "int8":
-        if text:
+        if text and feeds is not None:
+            choice = choose_text_int8(path, target, feeds)
+        elif text:
             quantize_text_weights(path, target)
         else:
             quantize_visual_dynamic(path, target, conv=False)
@@ -106,3 +163,4 @@ def convert_graph(path: Path, precision: str, text: bool) -> None:
     else:
         raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
     target.replace(path)
+    return choice
