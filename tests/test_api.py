@@ -314,6 +314,18 @@ def test_stats_describe_the_collection(client, indexed):
     assert stats["model"]["embed_dim"] == 64 and stats["index_count"] == PHOTO_COUNT + 1 and stats["index_fresh"]
     assert stats["collections"] == [indexed.name]
     assert stats["can_rerank"] is False  # the tiny open_clip model has no ITM head (the page hides its toggle)
+    assert stats["index_factory"] and "Flat" in stats["index_factory"]  # small: exact, nothing tuned
+    assert stats["index_nprobe"] is None and stats["index_recall"] is None
+
+
+def test_nprobe_is_a_search_parameter_that_exact_indexes_ignore(client):
+    plain = client.get("/api/search", params={"q": "a red square", "k": 5}).json()["results"]
+    probed = client.get("/api/search", params={"q": "a red square", "k": 5, "nprobe": 3}).json()["results"]
+    posted = client.post("/api/search", json={"text": "a red square", "k": 5, "nprobe": 3}).json()["results"]
+    assert [r["id"] for r in probed] == [r["id"] for r in plain] == [r["id"] for r in posted]
+    for bad in (0, 70_000, "many"):
+        assert client.get("/api/search", params={"q": "x", "nprobe": bad}).status_code == 422
+        assert client.post("/api/search", json={"text": "x", "nprobe": bad}).status_code == 422
 
 
 def test_healthz(client):

@@ -21,7 +21,7 @@ from .errors import ApiError
 from .images import original_file
 from .openapi import error_responses
 from .parsing import StrictRoute
-from .schemas import (AFTER_DESCRIPTION, BEFORE_DESCRIPTION, IN_DESCRIPTION, MIN_MATCH_DESCRIPTION, MIN_SIZE_DESCRIPTION,
+from .schemas import (AFTER_DESCRIPTION, BEFORE_DESCRIPTION, IN_DESCRIPTION, MIN_MATCH_DESCRIPTION, MIN_SIZE_DESCRIPTION, NPROBE_DESCRIPTION,
                       ORIENTATION_DESCRIPTION, RERANK_DESCRIPTION, RERANK_K_DESCRIPTION, ClassifyResponse, ImageInfo,
                       ImageResult, LabelProbability, ModelInfo, SearchRequest, SearchResponse, StatsResponse)
 from .security import require_api_key
@@ -149,12 +149,14 @@ async def search_text(request: Request, state: State,
                 min_match: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False,
                                                          description=MIN_MATCH_DESCRIPTION)] = None,
                 in_: InParam = None, after: AfterParam = None, before: BeforeParam = None,
-                orientation: OrientationParam = None, min_size: MinSizeParam = None) -> SearchResponse:
+                orientation: OrientationParam = None, min_size: MinSizeParam = None,
+                nprobe: Annotated[int | None, Query(ge=1, le=65_536, description=NPROBE_DESCRIPTION)] = None,
+                ) -> SearchResponse:
     started = time.perf_counter()
     check_texts(state, [q])
     search_filter = parse_filter(in_, after, before, orientation, min_size)
     query = SearchQuery.build(text=q, k=checked_k(state, k), rerank=rerank, rerank_k=rerank_k, min_match=min_match,
-                              filter=search_filter)
+                              filter=search_filter, nprobe=nprobe)
     query.validate()
     searcher = await state.searcher_for(collection)
     hits = await state.search(searcher, query)
@@ -182,7 +184,7 @@ async def search_combined(request: Request, state: State, body: SearchRequest) -
     query = SearchQuery.build(text=body.text, image=image, like=body.image_id, and_texts=body.and_texts,
                               not_texts=body.not_texts, k=k, include_query_images=body.include_self,
                               rerank=body.rerank, rerank_k=body.rerank_k, min_match=body.min_match,
-                              filter=search_filter)
+                              filter=search_filter, nprobe=body.nprobe)
     query.validate()
     text = describe(body.text, body.and_texts, body.not_texts, image is not None, body.image_id)
     try:
@@ -327,6 +329,8 @@ async def stats(state: State, collection: CollectionParam = None) -> StatsRespon
         return StatsResponse(collection=info.name, images=info.images, skipped=info.skipped, model=model,
                              index_kind=info.index_kind, index_count=info.index_count, index_fresh=info.index_fresh,
                              bytes_on_disk=info.bytes_on_disk, collections=state.collection_names(),
-                             version=clipsearch.__version__, can_rerank=state.can_rerank(info.name))
+                             version=clipsearch.__version__, can_rerank=state.can_rerank(info.name),
+                             index_factory=info.index_factory, index_nprobe=info.index_nprobe,
+                             index_refine_factor=info.index_refine_factor, index_recall=info.index_recall)
 
     return await state.run(gather)

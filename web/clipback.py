@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from clipsearch.filters import SearchFilter
 from clipsearch.search import SearchQuery, Searcher
 from clipsearch.store.database import ImageRecord
+from clipsearch.store.interchange import is_url_path
 
 from .errors import ApiError, describe_validation_errors
 from .openapi import error_responses
@@ -262,7 +263,10 @@ def deduplicate(searcher: Searcher, hits: list[Hit]) -> list[Hit]:
 
 def metadata_of(request: Request, collection: str, record: ImageRecord) -> dict:
     _, image_url = image_urls(request, record.id, collection)
-    return {"image_path": record.path, "caption": Path(record.path).name, "url": absolute(request, image_url),
+    # A URL row of `clipsearch import-embeddings` (stored path = its URL): clip-back's own behaviour for such rows,
+    # the original URL, never a link to this server (which serves local files only and never fetches URLs).
+    url = record.path if is_url_path(record.path) else absolute(request, image_url)
+    return {"image_path": record.path, "caption": Path(record.path).name, "url": url,
             "width": record.width, "height": record.height}
 
 

@@ -6,6 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+NPROBE_DESCRIPTION = ("Inverted lists an IVF index probes for this query (default: the value tuned when the index "
+                      "was built, shown by GET /api/stats); more is slower and finds more. Ignored by exact indexes.")
 RERANK_DESCRIPTION = ("Re-score the top rerank_k hits with the model's ITM head (text queries; models exported with "
                       "`clipsearch models export-blip`, 400 for other models or image queries); re-scored hits get "
                       "itc_score and match")
@@ -79,6 +81,7 @@ class SearchRequest(BaseModel):
     rerank: bool = Field(False, description=RERANK_DESCRIPTION)
     rerank_k: int | None = Field(None, ge=1, le=256, description=RERANK_K_DESCRIPTION)
     min_match: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=MIN_MATCH_DESCRIPTION)
+    nprobe: int | None = Field(None, ge=1, le=65_536, description=NPROBE_DESCRIPTION)
     in_folders: list[str] | str | None = Field(None, alias="in", description=IN_DESCRIPTION + "; a list or one string")
     after: str | None = Field(None, description=AFTER_DESCRIPTION)
     before: str | None = Field(None, description=BEFORE_DESCRIPTION)
@@ -131,6 +134,10 @@ class StatsResponse(BaseModel):
     version: str
     can_rerank: bool = Field(False, description="Whether this collection's model has an ITM head, so text searches "
                                                 "accept rerank=true (the page shows its Re-rank toggle)")
+    index_factory: str | None = Field(None, description="The FAISS index the policy chose (factory string)")
+    index_nprobe: int | None = Field(None, description="Inverted lists probed per query, tuned at build time")
+    index_refine_factor: int | None = Field(None, description="PQ candidates re-scored per result, tuned at build time")
+    index_recall: float | None = Field(None, description="recall@10 the tuned values reached on held-out queries")
 
 
 class Health(BaseModel):
