@@ -19,11 +19,12 @@ BUNDLED = Path(clipsearch.__file__).parent / "model" / "bundled"
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
 # Floors about 3 points under what the committed bundles measure on sample_data (see MODEL_CARD.md), so a real
-# regression fails CI. Measured: emoji-mini R@1 71.3% / R@10 90.7%, emoji-mini-int8 R@1 72.3% / R@10 90.7%
-# (300 images); a different CPU's rounding moves these by a query or two, not by 3 points.
+# regression fails CI. Measured: emoji-mini R@1 70.3% / R@10 90.7%, emoji-mini-int8 R@1 71.0% / R@10 90.3%
+# (300 images, text graph with int8 weights and fp32 activations); a different CPU's rounding moves these by a
+# query or two, not by 3 points.
 FLOORS = {
-    "emoji-mini": {"r1": 0.68, "r10": 0.87},
-    "emoji-mini-int8": {"r1": 0.69, "r10": 0.87},
+    "emoji-mini": {"r1": 0.67, "r10": 0.87},
+    "emoji-mini-int8": {"r1": 0.68, "r10": 0.87},
 }
 
 
@@ -75,9 +76,9 @@ def test_recall_floor_on_held_out_noto_sample(name: str) -> None:
 
 
 # Re-ranking the top 32 with the bundled ITM head on the same 300 images (evaluate_rerank: the torch-free runtime,
-# image tokens rounded to int8 as the index stores them). Measured: emoji-mini R@1 71.3 -> 72.7, R@10 90.7 -> 91.7;
-# emoji-mini-int8 R@1 72.3 -> 71.7, R@10 90.7 -> 92.0. Floors about 3 points under.
-RERANK_FLOORS = {"emoji-mini": {"r1": 0.69, "r10": 0.88}, "emoji-mini-int8": {"r1": 0.68, "r10": 0.88}}
+# image tokens rounded to int8 as the index stores them). Measured: emoji-mini R@1 70.3 -> 69.0, R@10 90.7 -> 92.0;
+# emoji-mini-int8 R@1 71.0 -> 69.0, R@10 90.3 -> 92.0. Floors about 3 points under.
+RERANK_FLOORS = {"emoji-mini": {"r1": 0.66, "r10": 0.89}, "emoji-mini-int8": {"r1": 0.66, "r10": 0.89}}
 
 
 @pytest.mark.parametrize("name", sorted(RERANK_FLOORS))
