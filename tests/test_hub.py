@@ -151,8 +151,12 @@ def test_tampered_published_bundle_is_refused(hub_cache, tiny_bundle):
 
 
 def test_immich_layout_converts_to_a_bundle_with_equal_embeddings(hub_cache, tiny_bundle, immich_repo):
+    from clipsearch.model.bundle import read_bundle
+    from clipsearch.model.hub import pull
+
     put_in_hub_cache(hub_cache, "immich-app/tiny__test", _repo_files(immich_repo))
-    info = resolve_model("hf:immich-app/tiny__test")
+    info = read_bundle(pull("hf:immich-app/tiny__test", precision="fp32"))
+    assert info.precision == "fp32" and info.extra["hub"]["precision"] == "fp32"
     assert info.source["kind"] == "immich" and info.extra["license"] == "mit"
     assert info.extra["hub"]["commit"] == COMMIT and "visual/model.onnx" in info.extra["hub"]["files"]
     assert info.text.pad_to == "context" and info.context_length == 77
@@ -168,6 +172,31 @@ def test_immich_layout_converts_to_a_bundle_with_equal_embeddings(hub_cache, tin
     assert pulled.tokenizer.token_ids([TEXTS[odd]]) != source.tokenizer.token_ids([TEXTS[odd]])
     assert np.allclose(pulled.encode_images(_images()), source.encode_images(_images()), atol=1e-5)
     assert np.allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+
+
+def test_immich_pull_is_int8_by_default_and_close_to_the_original(hub_cache, tiny_bundle, immich_repo):
+    import onnx
+
+    from clipsearch.model.hub import pull
+
+    put_in_hub_cache(hub_cache, "immich-app/tiny__test", _repo_files(immich_repo))
+    info = resolve_model("hf:immich-app/tiny__test")  # what --model hf:… pulls: int8, as models export writes
+    assert info.precision == "int8" and info.extra["hub"]["precision"] == "int8"
+    choice = info.extra["text_int8"]
+    assert choice["recipe"] in ("dynamic", "weights") and choice["mean_cosine_to_fp32"][choice["recipe"]] > 0.99
+    visual_ops = {n.op_type for n in onnx.load(str(info.path / "visual.onnx")).graph.node for a in n.attribute
+                  if a.HasField("g") for n in a.g.node}  # the quantised batch-1 graph inside the Scan
+    assert "DynamicQuantizeLinear" in visual_ops
+    source, pulled = ClipModel(tiny_bundle), ClipModel(info)
+    plain = [t for t in TEXTS if "&" not in t]
+    assert ((pulled.encode_text(plain) * source.encode_text(plain)).sum(axis=1) > 0.98).all()
+    assert ((pulled.encode_images(_images()) * source.encode_images(_images())).sum(axis=1) > 0.98).all()
+    # the same commit at another precision is converted again; at the same one it is kept
+    before = (info.path / "visual.onnx").stat().st_mtime_ns
+    assert pull("hf:immich-app/tiny__test") == info.path and (info.path / "visual.onnx").stat().st_mtime_ns == before
+    fp32 = ClipModel(pull("hf:immich-app/tiny__test", precision="fp32"))
+    assert fp32.info.precision == "fp32"
+    assert np.allclose(fp32.encode_images(_images()), source.encode_images(_images()), atol=1e-5)
 
 
 def test_immich_tokenizer_that_cannot_be_reproduced_is_refused(hub_cache, immich_repo, tmp_path):

@@ -58,6 +58,8 @@ def export_blip_cmd(
 @models_app.command("pull")
 def pull_cmd(
     spec: str = typer.Argument(..., help="hf:ORG/REPO[/SUBFOLDER][@REVISION], e.g. hf:immich-app/ViT-B-32__openai"),
+    precision: str = typer.Option("int8", "--precision", help="int8 (default, as `models export`) | fp32: how an "
+                                  "Immich export is converted (a published clipsearch bundle keeps its own)"),
 ) -> None:
     """Download a model from the Hugging Face Hub into the model cache (no torch): a clipsearch bundle, or an
     Immich CLIP export converted into one. Uses huggingface_hub's cache, HF_ENDPOINT and HF_HUB_OFFLINE."""
@@ -67,7 +69,9 @@ def pull_cmd(
     if not is_hub_spec(spec):
         raise typer.BadParameter("write hf:ORG/REPO (open_clip ARCH/TAG models are exported with `models export`)",
                                  param_hint="SPEC")
-    info = read_bundle(pull(spec))
+    if precision not in ("int8", "fp32"):
+        raise typer.BadParameter("choose int8 or fp32", param_hint="--precision")
+    info = read_bundle(pull(spec, precision))
     hub = info.extra.get("hub") or {}
     licence = info.extra.get("license") or hub.get("license") or "not stated by the repository"
     typer.echo(f"{spec}: {info.name} (dim {info.embed_dim}, {info.precision}) from commit {str(hub.get('commit'))[:12]}, "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -55,9 +55,12 @@ def quantize_text_dynamic(source: Path, target: Path, exclude: Iterable[str] = (
                      extra_options={"MatMulConstBOnly": True})
 
 
-def choose_text_int8(source: Path, target: Path, feeds: dict[str, np.ndarray]) -> TextInt8Choice:
+def choose_text_int8(source: Path, target: Path, feeds: dict[str, np.ndarray], reference: Path | None = None,
+                     finish: Callable[[Path, Path], None] | None = None) -> TextInt8Choice:
     """Write `target` with the faster text recipe if it keeps TEXT_FIDELITY_FLOOR on `feeds` (the tokenized
-    FIDELITY_CAPTIONS), else with int8 weights and fp32 activations."""
+    FIDELITY_CAPTIONS), else with int8 weights and fp32 activations. `finish(quantized, target)` turns a
+    quantized `source` into the graph that takes `feeds` (e.g. wraps a batch-1 graph for batches), and
+    `reference` is the fp32 graph of that form (default: `source` itself)."""
     import onnxruntime as ort
 
     def embed(graph: Path) -> np.ndarray:
@@ -66,11 +69,19 @@ def choose_text_int8(source: Path, target: Path, feeds: dict[str, np.ndarray]) -
         out = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
-    reference = embed(source)
+    reference_embeds = embed(reference or source)
     fidelity = {}
     for recipe, quantize in (("dynamic", quantize_text_dynamic), ("weights", quantize_text_weights)):
-        quantize(source, target)
-        fidelity[recipe] = round(float(np.mean(np.sum(embed(target) * reference, axis=1))), 5)
+        if finish is None:
+            quantize(source, target)
+        else:
+            staged = target.with_name(target.name + ".quantized.onnx")
+            try:
+                quantize(source, staged)
+                finish(staged, target)
+            finally:
+                staged.unlink(missing_ok=True)
+        fidelity[recipe] = round(float(np.mean(np.sum(embed(target) * reference_embeds, axis=1))), 5)
         if recipe == "dynamic" and fidelity[recipe] >= TEXT_FIDELITY_FLOOR:
             return TextInt8Choice("dynamic", fidelity, TEXT_FIDELITY_FLOOR)
     return TextInt8Choice("weights", fidelity, TEXT_FIDELITY_FLOOR)

@@ -225,8 +225,39 @@ def _check_embeddings(ref: HubRef, root: Path, folder: Path, pad_token: str, can
             raise BundleError(f"{ref.spec}: the converted {what} graph does not reproduce the original's embedding")
 
 
-def convert(ref: HubRef, root: Path, target: Path, provenance: dict[str, Any]) -> Path:
-    """Write the bundle for the Immich repository snapshot `root` (its files already downloaded) at `target`."""
+def _to_int8(root: Path, staging: Path, text_inputs: list[GraphInput]) -> dict[str, Any]:
+    """Replace the staged fp32 graphs with int8 ones: each original batch-1 graph is quantised, then wrapped for
+    batches like the fp32 one (image tower: dynamic int8; text tower: the recipe `choose_text_int8` picks on
+    its fixed captions against the staged fp32 text graph). Returns the text choice for model.json."""
+    import tempfile
+
+    from ..quantize import FIDELITY_CAPTIONS, choose_text_int8, quantize_visual_dynamic
+    from ..tokenizer import TextTokenizer
+
+    feeds = TextTokenizer.from_bundle(read_bundle(staging))(list(FIDELITY_CAPTIONS)).inputs
+    with tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
+        visual = Path(tmp) / "visual-int8.onnx"
+        quantize_visual_dynamic(root / "visual" / "model.onnx", visual, conv=False)
+        for stale in staging.glob("visual.onnx*"):
+            stale.unlink()
+        batch_graph(visual, staging / "visual.onnx", [GraphInput("pixel_values", "image", "float")], "image_embeds",
+                    "visual")
+        reference = Path(tmp) / "textual-fp32"
+        reference.mkdir()
+        for part in staging.glob("textual.onnx*"):
+            part.replace(reference / part.name)
+        choice = choose_text_int8(
+            root / "textual" / "model.onnx", staging / "textual.onnx", feeds, reference=reference / "textual.onnx",
+            finish=lambda quantized, out: batch_graph(quantized, out, text_inputs, "text_embeds", "textual"))
+    return choice.to_dict()
+
+
+def convert(ref: HubRef, root: Path, target: Path, provenance: dict[str, Any], precision: str = "int8") -> Path:
+    """Write the bundle for the Immich repository snapshot `root` (its files already downloaded) at `target`:
+    the published graphs wrapped for batches and checked against the originals, then (precision "int8", the
+    default) quantised as `models export` does."""
+    if precision not in ("int8", "fp32"):
+        raise BundleError(f"unknown precision {precision!r} for a pulled model", "Choose int8 (default) or fp32")
     config = _json(root / "config.json")
     text, context_length, text_inputs = text_plan(ref, root)
     preprocess = _preprocess(_json(root / "visual" / "preprocess_cfg.json"), root / "visual" / "preprocess_cfg.json")
@@ -240,7 +271,7 @@ def convert(ref: HubRef, root: Path, target: Path, provenance: dict[str, Any]) -
         embed_dim = int(config.get("embed_dim") or out_dims[-1])
         from ... import __version__
 
-        write_model_json(staging, {
+        meta = {
             "name": ref.cache_name,
             "source": {"kind": "immich", "repo": ref.repo_id, "commit": provenance.get("commit"),
                        "open_clip_config": config},
@@ -255,8 +286,13 @@ def convert(ref: HubRef, root: Path, target: Path, provenance: dict[str, Any]) -
             "hub": provenance,
             "suits_photos": True,
             "clipsearch_version": __version__,
-        })
+        }
+        write_model_json(staging, meta)
         _check_embeddings(ref, root, staging, pad_token, text.clean == "immich_canonicalize")
+        if precision == "int8":  # quantised after the exact conversion was checked
+            meta["text_int8"] = _to_int8(root, staging, text_inputs)
+            meta["precision"] = "int8"
+            write_model_json(staging, meta)
     return target
 
 

@@ -70,9 +70,10 @@ def _provenance(ref: HubRef, snapshot: Path, layout: str, files: dict[str, str])
             "layout": layout, "license": card_license(snapshot), "files": files}
 
 
-def pull(ref: HubRef | str) -> Path:
+def pull(ref: HubRef | str, precision: str = "int8") -> Path:
     """Download (or, offline, take from the Hub cache) and place the bundle in the model cache; a bundle already
-    built from the same commit is kept as it is."""
+    built from the same commit (and, for an Immich export, at the same `precision`: int8 by default, like
+    `models export`) is kept as it is. A published clipsearch bundle keeps the precision it was published in."""
     ref = parse_hub_spec(ref) if isinstance(ref, str) else ref
     target = cache_folder(ref)
     ref_found, snapshot, layout = _detect(ref)
@@ -85,7 +86,7 @@ def pull(ref: HubRef | str) -> Path:
     else:
         snapshot = download(ref_found, immich.PATTERNS, revision)
         require_files(ref_found, snapshot, immich.REQUIRED)
-    if _built_from(target, commit, ref_found):
+    if _built_from(target, commit, ref_found, None if layout == "bundle" else precision):
         return target
     root = snapshot / ref_found.subfolder if ref_found.subfolder else snapshot
     if layout == "bundle":
@@ -93,13 +94,15 @@ def pull(ref: HubRef | str) -> Path:
                  if (snapshot / p).is_file()}
         return published.place(ref_found, snapshot, target, _provenance(ref_found, snapshot, layout, files))
     provenance = _provenance(ref_found, snapshot, layout, immich.source_checksums(root))
-    return immich.convert(ref_found, root, target, provenance)
+    return immich.convert(ref_found, root, target, {**provenance, "precision": precision}, precision)
 
 
-def _built_from(target: Path, commit: str, ref: HubRef) -> bool:
+def _built_from(target: Path, commit: str, ref: HubRef, precision: str | None) -> bool:
     try:
         hub = json.loads((target / "model.json").read_text(encoding="utf-8")).get("hub") or {}
     except (OSError, ValueError):
         return False
-    return hub.get("commit") == commit and (hub.get("subfolder") or "") == ref.subfolder and is_bundle(target)
+    same_precision = precision is None or hub.get("precision", "fp32") == precision  # older pulls: fp32
+    return (hub.get("commit") == commit and (hub.get("subfolder") or "") == ref.subfolder and same_precision
+            and is_bundle(target))
 
