@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
+import typer.core
 
 from . import app
 
@@ -81,7 +82,29 @@ def _interrupted(name: str, count: int | None, signum: int) -> "typer.Exit":
     return typer.Exit(128 + signum)
 
 
-@app.command()
+class _IndexCommand(typer.core.TyperCommand):
+    """`index` with `--ray [ADDRESS]`: Typer options cannot take an optional value, so a `--ray` not followed by an
+    address (nothing, an option, or an existing file or folder) is read as `--ray=local` before parsing."""
+
+    def parse_args(self, ctx, args: List[str]) -> List[str]:
+        return super().parse_args(ctx, _ray_value_optional(args))
+
+
+def _ray_value_optional(args: List[str]) -> List[str]:
+    import os
+
+    out: List[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg == "--ray" and (following is None or following.startswith("-") or os.path.lexists(following)):
+            arg = "--ray=local"
+        out.append(arg)
+    return out
+
+
+@app.command(cls=_IndexCommand)
 def index(
     paths: List[Path] = typer.Argument(..., help="Folders or image files to index (recursively)"),
     collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
@@ -105,9 +128,22 @@ def index(
         None, "--max-index-memory", metavar="SIZE",
         help="Memory the vector index may keep resident, e.g. 2GB, 500MB (default: 25% of RAM; remembered). Past "
              "50k photos it picks the index: IVF-PQ codes, smaller codes with OPQ, or inverted lists on disk"),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="[ADDRESS]",
+        help="Read, decode and embed on Ray Data (needs the ray extra): --ray alone starts a local Ray instance; "
+             "--ray ray://HEAD:10001 (or HEAD:6379, auto) uses an existing cluster. The value after --ray is its "
+             "address unless it starts with - or names an existing file. Shards in clip-retrieval's layout are "
+             "merged into the collection"),
+    ray_concurrency: Optional[int] = typer.Option(
+        None, "--ray-concurrency", min=1, help="With --ray: encoder actors (default: 1 locally, half the cluster's CPUs)"),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus", min=0.0, help="With --ray: CPUs per encoder actor"),
+    ray_gpus: float = typer.Option(0.0, "--ray-gpus", min=0.0, help="With --ray: GPUs per encoder actor (CUDA)"),
+    ray_shards: Optional[Path] = typer.Option(
+        None, "--ray-shards", help="With --ray: keep the shards (img_emb/, metadata/) in this new folder"),
 ) -> None:
     """Index photos: new files are embedded, changed ones re-embedded, vanished ones removed."""
     budget = _parse_size(max_index_memory, "--max-index-memory") if max_index_memory is not None else None
+    ray_options = _ray_options(ray, ray_concurrency, ray_cpus, ray_gpus, ray_shards, watch)
     if watch:
         from .watch_cmds import run_watch
 
@@ -138,7 +174,8 @@ def index(
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens)
                     show_bar = not as_json and sys.stderr.isatty()
                     with _progress_bar(show_bar) as progress:
-                        summary = LocalRunner(options).run(target, clip, [str(p) for p in paths], progress)
+                        runner = LocalRunner(options) if ray_options is None else _ray_runner(options, ray_options)
+                        summary = runner.run(target, clip, [_index_path(p, ray_options) for p in paths], progress)
                 except KeyboardInterrupt as exc:
                     try:
                         count = target.store.count()
@@ -151,6 +188,45 @@ def index(
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
         return
     _print_summary(summary)
+
+
+def _ray_options(ray: Optional[str], concurrency: Optional[int], cpus: float, gpus: float,
+                 shards: Optional[Path], watch: bool):
+    """The `RayOptions` of --ray and its companions (None without --ray; Ray itself is imported only by the run)."""
+    if ray is None:
+        if concurrency is not None or shards is not None or cpus != 1.0 or gpus != 0.0:
+            raise typer.BadParameter("--ray-concurrency, --ray-cpus, --ray-gpus and --ray-shards go with --ray",
+                                     param_hint="--ray")
+        return None
+    if watch:
+        raise typer.BadParameter("watch mode indexes locally: leave out --ray or --watch", param_hint="--ray")
+    from ..indexer.ray_runner import RayError, RayOptions, parse_address
+
+    try:
+        address = parse_address(ray)
+    except RayError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ray") from None
+    return RayOptions(address=address, concurrency=concurrency, num_cpus=cpus, num_gpus=gpus, shards_dir=shards)
+
+
+def _ray_runner(options, ray_options):
+    from ..indexer.ray_runner import RayRunner
+
+    return RayRunner(options, ray_options)
+
+
+def _index_path(path: Path, ray_options) -> str:
+    """A PATHS argument as given to the runner: with --ray an fsspec URL (s3://...) is kept as typed (Path() would
+    fold its // into one, which is put back here)."""
+    import os
+    import re
+
+    text = str(path)
+    match = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]+):/+(.*)", text, flags=re.DOTALL)
+    if ray_options is None or match is None or os.path.exists(text):
+        return text
+    scheme, rest = match.groups()
+    return "/" + rest if scheme == "file" else f"{scheme}://{rest}"
 
 
 def _parse_size(text: str, option: str) -> int:
