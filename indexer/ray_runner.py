@@ -66,7 +66,7 @@ class RayError(ClipsearchError):
 @dataclass(frozen=True)
 class RayOptions:
     address: str | None = None  # None: start a local Ray instance; else ray.init(address=...) ("auto", "ray://h:10001")
-    concurrency: int | None = None  # encoder actors (default: 1 on a local instance, else one per 2 cluster CPUs)
+    concurrency: int | None = None  # encoder actors (default: `RayRunner._default_concurrency`)
     num_cpus: float = 1.0  # per encoder actor (also its onnxruntime threads, at least 1)
     num_gpus: float = 0.0  # per encoder actor; > 0 runs the encoder with CUDAExecutionProvider
     decode_batch: int = 8  # files per decoding task batch
@@ -547,7 +547,7 @@ class RayRunner(LocalRunner):
             remote = bool(ray_options.address or os.environ.get("RAY_ADDRESS"))
             ship = ray_options.ship_bundle if ray_options.ship_bundle is not None else remote
             bundle = BundleSource.of(model.info, ship, ray)
-            concurrency = ray_options.concurrency or self._default_concurrency(ray, remote)
+            concurrency = ray_options.concurrency or self._default_concurrency(ray)
             decode_batch = max(1, ray_options.decode_batch)
             items = [{"path": t.path, "size": t.size, "mtime_ns": t.mtime_ns, "force": t.force_decode} for t in tasks]
             dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(total / decode_batch)))
@@ -576,11 +576,14 @@ class RayRunner(LocalRunner):
             raise RayError(f"the Ray job returned {done} rows for {total} files")
         return done
 
-    def _default_concurrency(self, ray, remote: bool) -> int:
-        if not remote:
-            return 1  # a local instance: the other cores decode
-        cpus = int(ray.cluster_resources().get("CPU", 2))
-        return max(1, cpus // 2)
+    def _default_concurrency(self, ray) -> int:
+        """One encoder actor per GPU share with --ray-gpus; else one per CPU share when Ray Data fuses the decoding
+        into the actors (both stages ask for one CPU: the default), or half the CPUs left to decoding tasks."""
+        resources, options = ray.cluster_resources(), self.ray_options
+        if options.num_gpus > 0:
+            return max(1, int(resources.get("GPU", 0) // options.num_gpus))
+        cpus, per_actor = float(resources.get("CPU", 1)), max(options.num_cpus, 0.25)
+        return max(1, int(cpus // per_actor) if options.num_cpus == 1 else int(cpus // (2 * per_actor)))
 
     def _merge(self, folder: Path, model, codec, writer: Writer, plan) -> None:
         """The shards into the collection through the local pipeline's assembler and writer (vectors as computed on

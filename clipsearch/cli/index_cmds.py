@@ -135,7 +135,7 @@ def index(
              "address unless it starts with - or names an existing file. Shards in clip-retrieval's layout are "
              "merged into the collection"),
     ray_concurrency: Optional[int] = typer.Option(
-        None, "--ray-concurrency", min=1, help="With --ray: encoder actors (default: 1 locally, half the cluster's CPUs)"),
+        None, "--ray-concurrency", min=1, help="With --ray: encoder actors (default: one per CPU; per GPU with --ray-gpus)"),
     ray_cpus: float = typer.Option(1.0, "--ray-cpus", min=0.0, help="With --ray: CPUs per encoder actor"),
     ray_gpus: float = typer.Option(0.0, "--ray-gpus", min=0.0, help="With --ray: GPUs per encoder actor (CUDA)"),
     ray_shards: Optional[Path] = typer.Option(
