@@ -85,7 +85,7 @@ def main() -> int:
 
     import faiss
 
-    from clipsearch.store.vectors import VectorIndex
+    from clipsearch.store.index.vectors import VectorIndex
 
     at_start = machine_note()
     load_start = os.getloadavg()[0]

@@ -24,7 +24,7 @@ import numpy as np
 from clipsearch.model.bundle import PreprocessSpec
 from clipsearch.store.database import FileState, NewImage, SkippedFile, Store
 from clipsearch.store.tokens import TokenCodec
-from clipsearch.store.vectors import DEFAULT_IVF_THRESHOLD
+from clipsearch.store.index.vectors import DEFAULT_IVF_THRESHOLD
 
 from .reader import ReadResult, ReadTask
 from .walk import FoundFile, WalkOptions

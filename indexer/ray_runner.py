@@ -44,15 +44,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from clipsearch.errors import ClipsearchError, CollectionError
-from clipsearch.store.collection import Collection
-from clipsearch.store.database import SkippedFile
+from clipsearch.errors import ClipsearchError
 from clipsearch.store.interchange import DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADATA_DIR, find_shards, is_url_path
 
-from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
-                       plan_token_backfill)
+from .pipeline import BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer
 from .reader import ParallelReader, ReadResult, ReadTask, read_one
-from .runner import LocalRunner, RunTimings
+from .runner import LocalRunner
 from .walk import FoundFile, WalkResult, walk
 
 _RAY_HINT = "Install the ray extra: pip install 'clipsearch[ray]' (ray[data] >= 2.9)."
@@ -436,83 +433,22 @@ class RayRunner(LocalRunner):
     def update(self, collection, model, changes, progress=None) -> IndexSummary:
         raise RayError("watch mode runs locally", "Leave out --ray with --watch.")
 
-    def _run(self, collection: Collection, model, roots: Sequence[str | Path],
-             progress: ProgressCallback | None) -> IndexSummary:
-        # LocalRunner._run with walk_roots (fsspec URLs) instead of walk.walk
-        options = self.options
-        started = time.perf_counter()
-        cpu_started = time.process_time()
-        current = collection.model
-        if current is not None and current.model_id != model.model_id and not options.rebuild:
-            collection.bind_model(model.info)  # raises: another model's vectors are never mixed in
-        walked = walk_roots(roots, options)
-        if not walked.roots:
-            raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
-        tokens = collection.choose_tokens(model, options.tokens)
-        self.last_token_choice = tokens
-        rebuilding = options.rebuild and current is not None
-        if rebuilding:
-            target = collection.start_rebuild(model.info)
-        else:
-            target = collection
-            target.bind_model(model.info)
-        target.apply_tokens(tokens)
-        try:
-            summary = self._index_into(target, model, walked, progress, started, cpu_started, tokens.codec)
-        except BaseException:
-            if rebuilding:
-                target.close()
-            raise
-        if rebuilding:
-            collection.finish_rebuild(target)
-        return summary
+    def _walk(self, roots: Sequence[str | Path]) -> WalkResult:
+        return walk_roots(roots, self.options)  # local folders and fsspec URLs
 
-    def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,
-                    started: float, cpu_started: float, codec=None, record_roots: bool = True) -> IndexSummary:
-        # LocalRunner._index_into with the read loop replaced by Ray (embed to shards) and the merge of the shards
-        options = self.options
-        store = collection.store
-        summary = IndexSummary(collection=collection.name, model_id=model.model_id)
-        summary.skipped.extend(SkippedFile(p, r) for p, r in walked.problems)
-        walk_seconds = time.perf_counter() - started
-
-        run_id = store.next_run_id()
-        if record_roots:
-            store.record_roots([r for r in walked.roots if not is_url_path(r)])
-        plan = make_plan(walked.files, store)
-        store.touch(plan.unchanged_ids, run_id)
-        store.touch_skipped(plan.still_bad_paths, run_id)
-        summary.unchanged = len(plan.unchanged_ids)
-        summary.skipped.extend(plan.still_bad)
-        if codec is not None:
-            plan_token_backfill(plan, walked.files, store)
-            summary.tokens, summary.token_bytes_per_image = codec.storage, codec.bytes_per_image
-
-        writer = Writer(store, model.model_id, run_id, model.embed_dim, summary, codec)
-        encode_seconds = 0.0
-        try:
-            if plan.to_read:
-                with self._shards_folder() as folder:
-                    encode_started = time.perf_counter()
-                    self.embed_to_shards(model, codec, plan.to_read, frozenset(writer.hash_to_id), folder, progress)
-                    encode_seconds = time.perf_counter() - encode_started
-                    self._merge(folder, model, codec, writer, plan)
-            summary.removed = store.sweep(walked.roots, run_id)
-        except BaseException:
-            if not options.rebuild:
-                collection.update_vectors(options.ivf_threshold)
-            raise
-        index_started = time.perf_counter()
-        sync = collection.update_vectors(options.ivf_threshold)
-        index_seconds = time.perf_counter() - index_started
-        summary.total = store.count()
-        index_meta = sync.index.meta if sync.index is not None else None
-        summary.index_kind = index_meta.layout.kind if index_meta else (collection.stats().index_kind or "")
-        summary.index_update = sync.update
-        summary.seconds = time.perf_counter() - started
-        summary.cpu_seconds = time.process_time() - cpu_started
-        self.last_timings = RunTimings(walk_seconds, encode_seconds, index_seconds)
-        return summary
+    def _embed(self, model, codec, plan, writer: Writer, progress: ProgressCallback | None) -> tuple[float, float]:
+        """Read, decode and encode on Ray into shards, then merge the shards through `writer`. Ray workers' CPU
+        time is not counted."""
+        if not plan.to_read:
+            if progress:
+                progress(0, 0)
+            return 0.0, 0.0
+        with self._shards_folder() as folder:
+            encode_started = time.perf_counter()
+            self.embed_to_shards(model, codec, plan.to_read, frozenset(writer.hash_to_id), folder, progress)
+            encode_seconds = time.perf_counter() - encode_started
+            self._merge(folder, model, codec, writer, plan)
+        return encode_seconds, 0.0
 
     @contextmanager
     def _shards_folder(self) -> Iterator[Path]:

@@ -29,6 +29,7 @@ from typing import Sequence
 from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError
 from clipsearch.store.database import SkippedFile
+from clipsearch.store.interchange import is_url_path
 
 from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
                        plan_token_backfill)
@@ -86,7 +87,7 @@ class LocalRunner:
         current = collection.model
         if current is not None and current.model_id != model.model_id and not options.rebuild:
             collection.bind_model(model.info)  # raises: another model's vectors are never mixed in
-        walked = walk(roots, options.walk_options())
+        walked = self._walk(roots)
         if not walked.roots:  # checked before --rebuild starts anything
             raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
         tokens = collection.choose_tokens(model, options.tokens)  # before --rebuild: the old choice carries over
@@ -108,10 +109,42 @@ class LocalRunner:
             collection.finish_rebuild(target)
         return summary
 
+    # -- the two steps another runner replaces (see indexer/ray_runner.py) -------------------------------------------
+    def _walk(self, roots: Sequence[str | Path]) -> WalkResult:
+        """The files under `roots` (local folders here)."""
+        return walk(roots, self.options.walk_options())
+
+    def _embed(self, model, codec, plan, writer: Writer, progress: ProgressCallback | None) -> tuple[float, float]:
+        """Read, decode and encode `plan.to_read` and hand every result to `writer`; returns (encode seconds,
+        CPU seconds spent outside this process). Here: decoder processes feeding the encoder in batches."""
+        options = self.options
+        worker_cpu = 0.0
+        assembler = BatchAssembler(Mapper(model, codec), writer, plan.existing, options.batch_size, plan.backfill)
+        total = len(plan.to_read)
+        done = 0
+        if progress:
+            progress(0, total)
+        if not plan.to_read:
+            return 0.0, 0.0
+        with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
+                            chunk_size=options.chunk_size, nice=options.worker_nice) as reader:
+            for result in reader.read(plan.to_read):
+                worker_cpu += result.cpu_seconds
+                assembler.add(result)
+                done += 1
+                if progress and (done % 8 == 0 or done == total):
+                    progress(done, total)
+            assembler.flush()
+            if assembler.retry:
+                retry, assembler.retry = assembler.retry, []
+                for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
+                    assembler.add(result)
+                assembler.flush()
+        return assembler.encode_seconds, worker_cpu
+
     def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,
                     started: float, cpu_started: float, codec=None, record_roots: bool = True) -> IndexSummary:
         options = self.options
-        worker_cpu = 0.0
         store = collection.store
         summary = IndexSummary(collection=collection.name, model_id=model.model_id)
         summary.skipped.extend(SkippedFile(p, r) for p, r in walked.problems)
@@ -119,7 +152,7 @@ class LocalRunner:
 
         run_id = store.next_run_id()
         if record_roots:
-            store.record_roots(walked.roots)
+            store.record_roots([r for r in walked.roots if not is_url_path(r)])  # URLs: no folder to show
         plan = make_plan(walked.files, store)
         store.touch(plan.unchanged_ids, run_id)
         store.touch_skipped(plan.still_bad_paths, run_id)
@@ -130,27 +163,8 @@ class LocalRunner:
             summary.tokens, summary.token_bytes_per_image = codec.storage, codec.bytes_per_image
 
         writer = Writer(store, model.model_id, run_id, model.embed_dim, summary, codec)
-        assembler = BatchAssembler(Mapper(model, codec), writer, plan.existing, options.batch_size, plan.backfill)
-        total = len(plan.to_read)
-        done = 0
-        if progress:
-            progress(0, total)
         try:
-            if plan.to_read:
-                with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
-                                    chunk_size=options.chunk_size, nice=options.worker_nice) as reader:
-                    for result in reader.read(plan.to_read):
-                        worker_cpu += result.cpu_seconds
-                        assembler.add(result)
-                        done += 1
-                        if progress and (done % 8 == 0 or done == total):
-                            progress(done, total)
-                    assembler.flush()
-                    if assembler.retry:
-                        retry, assembler.retry = assembler.retry, []
-                        for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
-                            assembler.add(result)
-                        assembler.flush()
+            encode_seconds, worker_cpu = self._embed(model, codec, plan, writer, progress)
             summary.removed = store.sweep(walked.roots, run_id)
         except BaseException:
             # Even when interrupted, leave FAISS in agreement with what SQLite committed (not worth it for
@@ -167,7 +181,7 @@ class LocalRunner:
         summary.index_update = sync.update
         summary.seconds = time.perf_counter() - started
         summary.cpu_seconds = time.process_time() - cpu_started + worker_cpu
-        self.last_timings = RunTimings(walk_seconds, assembler.encode_seconds, index_seconds)
+        self.last_timings = RunTimings(walk_seconds, encode_seconds, index_seconds)
         return summary
 
 

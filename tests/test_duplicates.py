@@ -320,7 +320,7 @@ def test_grouping_through_the_collection_index_layouts(count, ivf_threshold):
     """Random vectors with 500 planted near-copies (cosine about 0.99), through a collection's own index layouts
     (flat; IVF-PQ with its refine stage): exactly the planted pairs come out. (100k images with 384 dimensions on
     IVF-PQ: 41 s of k-NN and grouping on the shared 2-core machine, see MODEL_CARD.md.)"""
-    from clipsearch.store.vectors import VectorIndex
+    from clipsearch.store.index.vectors import VectorIndex
 
     rng = np.random.default_rng(0)
     dim = 64

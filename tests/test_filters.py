@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from clipsearch.filters import FilterError, SearchFilter, parse_date
 from clipsearch.model.bundle import read_bundle
 from clipsearch.search import SearchQuery, Searcher
-from clipsearch.store import vectors as vectors_module
+from clipsearch.store.index import vectors as vectors_module
 from clipsearch.store.collection import Collection
 from clipsearch.store.database import NewImage, Store
 from clipsearch.web import ServerSettings, create_app

@@ -1,4 +1,4 @@
-"""The index policy (store/policy.py), tuned search knobs, growth, deletions and on-disk inverted lists."""
+"""The index policy (store/index/policy.py), tuned search knobs, growth, deletions and on-disk inverted lists."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipsearch.store import vectors as vectors_module
+from clipsearch.store.index import vectors as vectors_module
 from clipsearch.store.collection import Collection
-from clipsearch.store.policy import MIN_CODE_BYTES, choose_nlist, plan_index
-from clipsearch.store.vectors import IndexLayout, VectorIndex
+from clipsearch.store.index.policy import MIN_CODE_BYTES, choose_nlist, plan_index
+from clipsearch.store.index.vectors import IndexLayout, VectorIndex
 
 GB = 1 << 30
 
@@ -245,7 +245,7 @@ def test_a_killed_save_leaves_the_old_index_and_is_cleaned_up(tmp_path):
     script = f"""
 import os, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from clipsearch.store import vectors
+from clipsearch.store.index import vectors
 from clipsearch.store.collection import Collection
 from test_index_policy import _fake_info, _write, clustered
 def die(*args, **kwargs):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clipsearch.errors import CollectionError
-from clipsearch.store.vectors import IndexLayout, VectorIndex
+from clipsearch.store.index.vectors import IndexLayout, VectorIndex
 
 
 def clustered_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 from clipsearch.search import STALE_REFRESH_SECONDS, Searcher
 from clipsearch.store.collection import STORE_FILE, Collection
 from clipsearch.store.database import Store, ThreadReaders
-from clipsearch.store.vectors import VectorIndex
+from clipsearch.store.index.vectors import VectorIndex
 
 from .cache_writer import TextCacheWriter
 

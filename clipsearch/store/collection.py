@@ -40,7 +40,7 @@ from ..paths import fsync_dir
 from .database import Store
 from .tokens import DEFAULT_MAX_TOKEN_BYTES, DEFAULT_STORAGE, TOKENS_FILE, TokenCodec, TokenFile, format_bytes, \
     write_token_file
-from .vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex, outgrown, \
+from .index.vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex, outgrown, \
     remove_index_leftovers
 
 DEFAULT_COLLECTION = "default"
@@ -262,7 +262,7 @@ class Collection:
     def _reserve_indexed_ids(self, store: Store) -> None:
         """Ids a saved FAISS index holds are never handed out again (it may name rows deleted since)."""
         try:
-            from .vectors import IndexMeta
+            from .index.vectors import IndexMeta
 
             meta = IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, KeyError, TypeError):
@@ -360,7 +360,7 @@ class Collection:
             # index can never be shown a new image for an old vector.
             high = self.store.id_high_water()
             try:
-                from .vectors import IndexMeta
+                from .index.vectors import IndexMeta
 
                 high = max(high, IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8")).max_id)
             except (OSError, ValueError, KeyError, TypeError):
@@ -543,7 +543,7 @@ class Collection:
         if not sidecar.is_file():
             return False
         try:
-            from .vectors import IndexMeta
+            from .index.vectors import IndexMeta
 
             meta = IndexMeta.from_json(sidecar.read_text(encoding="utf-8"))
         except (ValueError, KeyError, TypeError):
@@ -626,7 +626,7 @@ class Collection:
         return VectorSync(index, "rebuild")
 
     def _append_new_vectors(self, ivf_threshold: int) -> VectorIndex | None:
-        from .vectors import IndexLayout, IndexMeta
+        from .index.vectors import IndexLayout, IndexMeta
 
         model = self.model
         try:
@@ -823,7 +823,7 @@ class Collection:
         store = self.store
         meta = None
         try:
-            from .vectors import IndexMeta
+            from .index.vectors import IndexMeta
 
             meta = IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, KeyError, TypeError):
@@ -843,7 +843,7 @@ class Collection:
 
 def _read_meta(folder: Path):
     """The saved index's sidecar, None when missing or unreadable."""
-    from .vectors import IndexMeta
+    from .index.vectors import IndexMeta
 
     try:
         return IndexMeta.from_json((Path(folder) / SIDECAR_FILE).read_text(encoding="utf-8"))

@@ -167,7 +167,7 @@ def _align(n: int, to: int = 64) -> int:
 def write_token_file(path: Path, codec: TokenCodec, count: int, rows: Iterable[tuple[np.ndarray, list[bytes]]],
                      tokens_gen: int, model_id: str) -> None:
     """Write `count` rows, given as (ids int64 [n], blobs) chunks in increasing id order, atomically to `path`."""
-    from .vectors import _atomic_write
+    from .index.vectors import _atomic_write
 
     header = TokenFileHeader(codec.storage, tuple(codec.shape), int(count), int(tokens_gen), model_id)
 

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import CollectionError
+from ...errors import CollectionError
 from .policy import FLAT_MAX, IndexPlan, plan_index
 
 DEFAULT_IVF_THRESHOLD = FLAT_MAX
