@@ -63,3 +63,35 @@ def blip_bundle(blip_source, tmp_path_factory) -> Path:
     from clipsearch.model.blip import export_blip
 
     return export_blip(str(blip_source[0]), tmp_path_factory.mktemp("blip-bundles") / "tiny-blip-fp32")
+
+
+# -- browser tests (test_browser*.py): Debian's Chromium through Playwright, never a downloaded browser ---------------
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    from web_fixtures import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    """A page of the module's `server`, recording the origins it requests, script errors and failed responses."""
+    from urllib.parse import urlsplit
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.requested_origins = set()  # scheme://host of every request ("blob://" for local object URLs)
+    page.on("request", lambda request: page.requested_origins.add(
+        f"{urlsplit(request.url).scheme}://{urlsplit(request.url).netloc}"))
+    page.script_errors = []  # uncaught exceptions in the page's JavaScript
+    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
+    page.failed_responses = []
+    page.on("response", lambda response: response.status >= 400 and page.failed_responses.append(
+        f"{response.status} {response.url}"))
+    yield page
+    context.close()

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import requests
-from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 from clipsearch.web import ServerSettings, create_app
 from web_fixtures import IndexedPhotos, LiveServer, build_indexed_photos
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("CLIPSEARCH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 KEY = "browser-test-key"
 
@@ -35,30 +30,6 @@ def indexed(tmp_path_factory, tiny_bundle) -> IndexedPhotos:
 def server(indexed):
     with LiveServer(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture()
-def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.requested_origins = set()  # scheme://host of every request ("blob://" for local object URLs)
-    page.on("request", lambda request: page.requested_origins.add(
-        f"{urlsplit(request.url).scheme}://{urlsplit(request.url).netloc}"))
-    page.script_errors = []  # uncaught exceptions in the page's JavaScript
-    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
-    page.failed_responses = []
-    page.on("response", lambda response: response.status >= 400 and page.failed_responses.append(
-        f"{response.status} {response.url}"))
-    yield page
-    context.close()
 
 
 @contextmanager

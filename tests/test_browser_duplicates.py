@@ -8,10 +8,10 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from clipsearch.web import ServerSettings, create_app
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, KEY, fresh_page
+from test_browser import ARTIFACTS, KEY, fresh_page
 from test_duplicates import index_folder, make_folder
 from web_fixtures import LiveServer
 
@@ -32,14 +32,6 @@ def collection(tmp_path_factory) -> tuple[Path, dict[str, int]]:
 def server(collection):
     with LiveServer(create_app(ServerSettings(collection=NAME, index_dir=collection))) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def wait_for_thumbnails(page) -> None:

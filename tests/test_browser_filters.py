@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from PIL import Image
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
@@ -21,7 +21,7 @@ from clipsearch.model.runtime import ClipModel
 from clipsearch.store.collection import Collection
 from clipsearch.web import ServerSettings, create_app
 from photo_fixtures import block_image
-from test_browser import CHROMIUM, CHROMIUM_ARGS, shown_ids
+from test_browser import shown_ids
 from web_fixtures import LiveServer
 
 pytestmark = pytest.mark.browser
@@ -69,24 +69,6 @@ def photos(tmp_path_factory, tiny_bundle) -> tuple[Path, Path]:
 def server(photos):
     with LiveServer(create_app(ServerSettings(collection=NAME, index_dir=photos[1]))) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture()
-def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.script_errors = []
-    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
-    yield page
-    context.close()
 
 
 def api_ids(server: LiveServer, **params) -> list[int]:

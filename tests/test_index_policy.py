@@ -14,7 +14,7 @@ import pytest
 from clipsearch.store.index import vectors as vectors_module
 from clipsearch.store.collection import Collection
 from clipsearch.store.index.policy import MIN_CODE_BYTES, choose_nlist, plan_index
-from clipsearch.store.index.vectors import IndexLayout, VectorIndex
+from clipsearch.store.index.vectors import IndexLayout
 
 GB = 1 << 30
 

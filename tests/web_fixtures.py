@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import socket
 import subprocess
 import threading
@@ -24,6 +26,10 @@ COLLECTION = "photos"
 PHOTO_COUNT = 12
 # Starlette's TestClient sends `Host: testserver`; test apps allow that name instead of weakening the Host check.
 TEST_HOSTS = ("testserver",)
+
+CHROMIUM = os.environ.get("CLIPSEARCH_CHROMIUM", "/usr/bin/chromium")  # Debian's, never a downloaded browser
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 
 
 @dataclass(frozen=True)
