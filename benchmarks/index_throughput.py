@@ -148,11 +148,17 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--results", type=Path, help="write the section of this RESULTS.md (e.g. benchmarks/RESULTS.md)")
     parser.add_argument("--render", type=Path, help="only write the RESULTS.md section from the --json-out of an earlier run")
+    parser.add_argument("--force", action="store_true", help="write RESULTS.md even when the machine was busy (labelled)")
     args = parser.parse_args()
     if args.render:
         report = json.loads(args.render.read_text())
         write_results(args, report)
         return
+    from results import MachineLoad
+
+    load = MachineLoad()
+    if args.results:
+        load.label_for_results(args.force, args.results)  # a busy machine is refused now, not after minutes of work
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -238,6 +244,8 @@ def main() -> None:
                 row["cpu_efficiency_median"] = statistics.median(cpu_efficiency[name])
         report["rows"].append(row)
     report["machine_at_end"] = machine_note()
+    load.finish()
+    report["machine_label"] = load.label_for_results(True, args.results) if load.busy else f"Machine: {load.note()}."
     text = json.dumps(report, indent=2)
     print(text)
     if args.json_out:
@@ -252,7 +260,8 @@ def write_results(args, report: dict) -> None:
 
     report.setdefault("rounds", args.rounds)
     command = f"python benchmarks/index_throughput.py --count {report['count']} --rounds {report['rounds']} --results benchmarks/RESULTS.md"
-    write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, markdown(report, args))
+    body = markdown(report, args) + ("\n" + report["machine_label"] if "machine_label" in report else "")
+    write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, body)
 
 
 def markdown(report: dict, args) -> str:

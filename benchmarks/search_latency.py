@@ -118,11 +118,17 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--results", type=Path, help="write the section of this RESULTS.md (e.g. benchmarks/RESULTS.md)")
     parser.add_argument("--render", type=Path, help="only write the RESULTS.md section from the --json-out of an earlier run")
+    parser.add_argument("--force", action="store_true", help="write RESULTS.md even when the machine was busy (labelled)")
     args = parser.parse_args()
     if args.render:
         report = json.loads(args.render.read_text())
         write_results(args, report)
         return
+    from results import MachineLoad
+
+    load = MachineLoad()
+    if args.results:
+        load.label_for_results(args.force, args.results)  # a busy machine is refused now, not after minutes of work
 
     work = args.work_dir
     bundle = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
@@ -169,6 +175,8 @@ def main() -> None:
                                    "command": 'cd DIR && rclip -n "a dog"'})
             log(f"  rclip {theirs['median_seconds']:.3f} s")
     report["machine_at_end"] = machine_note()
+    load.finish()
+    report["machine_label"] = load.label_for_results(True, args.results) if load.busy else f"Machine: {load.note()}."
     text = json.dumps(report, indent=2)
     print(text)
     if args.json_out:
@@ -184,7 +192,8 @@ def write_results(args, report: dict) -> None:
     counts = report.get("counts", args.counts)
     repeats = report.get("repeats", args.repeats)
     command = f"python benchmarks/search_latency.py --counts {' '.join(map(str, counts))} --repeats {repeats} --results benchmarks/RESULTS.md"
-    write_section(args.results, "Search latency from the shell (benchmarks/search_latency.py)", command, markdown(report))
+    body = markdown(report) + ("\n" + report["machine_label"] if "machine_label" in report else "")
+    write_section(args.results, "Search latency from the shell (benchmarks/search_latency.py)", command, body)
 
 
 def markdown(report: dict) -> str:
