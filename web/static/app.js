@@ -41,32 +41,9 @@
     constructor(status, message) { super(message); this.status = status; }
   }
 
-  function authHeaders() {
-    return state.apiKey ? { 'X-API-Key': state.apiKey } : {};
-  }
-
-  async function askForKey(message) {
-    if (!state.keyPrompt) {
-      state.keyPrompt = new Promise((resolve) => {
-        els.keyMessage.textContent = message;
-        els.keyInput.value = '';
-        const onClose = () => {
-          els.keyDialog.removeEventListener('close', onClose);
-          state.keyPrompt = null;
-          const key = els.keyDialog.returnValue === 'ok' ? els.keyInput.value.trim() : '';
-          if (key) {
-            state.apiKey = key;
-            sessionStorage.setItem(KEY_STORAGE, key);
-          }
-          resolve(Boolean(key));
-        };
-        els.keyDialog.addEventListener('close', onClose);
-        els.keyDialog.showModal();
-        els.keyInput.focus();
-      });
-    }
-    return state.keyPrompt;
-  }
+  const apiKey = window.clipsearchApiKey(els, state, KEY_STORAGE);  // api-key.js
+  function authHeaders() { return apiKey.headers(); }
+  function askForKey(message) { return apiKey.ask(message); }
 
   // On 401 the page asks for the key (again, after a wrong one) until it is accepted or the user cancels.
   async function api(path, options = {}) {

@@ -14,31 +14,9 @@
   const state = { apiKey: sessionStorage.getItem(KEY_STORAGE) || '', seq: 0, objectUrls: [], keyPrompt: null };
 
   // ---- API (as on the search page) ---------------------------------------------------------------
-  function authHeaders() { return state.apiKey ? { 'X-API-Key': state.apiKey } : {}; }
-
-  function askForKey(message) {
-    if (!state.keyPrompt) {
-      state.keyPrompt = new Promise((resolve) => {
-        els.keyMessage.textContent = message;
-        els.keyInput.value = '';
-        const onClose = () => {
-          els.keyDialog.removeEventListener('close', onClose);
-          state.keyPrompt = null;
-          const key = els.keyDialog.returnValue === 'ok' ? els.keyInput.value.trim() : '';
-          if (key) {
-            state.apiKey = key;
-            sessionStorage.setItem(KEY_STORAGE, key);
-          }
-          resolve(Boolean(key));
-        };
-        els.keyDialog.addEventListener('close', onClose);
-        els.keyDialog.returnValue = '';
-        els.keyDialog.showModal();
-        els.keyInput.focus();
-      });
-    }
-    return state.keyPrompt;
-  }
+  const apiKey = window.clipsearchApiKey(els, state, KEY_STORAGE);  // api-key.js
+  function authHeaders() { return apiKey.headers(); }
+  function askForKey(message) { return apiKey.ask(message); }
 
   async function api(path) {
     for (;;) {
