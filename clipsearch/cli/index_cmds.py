@@ -59,17 +59,25 @@ def _stop_on_signals() -> Iterator[None]:
     def stop(signum: int, _frame: object) -> None:
         raise _Stopped(signum)
 
+    with _signal_handler((signal.SIGTERM, signal.SIGHUP), stop):
+        yield
+
+
+@contextmanager
+def _signal_handler(signums, handler) -> Iterator[None]:
+    """`handler` for `signums` while the block runs, the previous handlers after it. Outside the main thread (an
+    embedding program) nothing is installed: its handlers are left alone."""
     previous = {}
     try:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            previous[signum] = signal.signal(signum, stop)
-    except ValueError:  # not the main thread (an embedding program): leave its handlers alone
+        for signum in signums:
+            previous[signum] = signal.signal(signum, handler)
+    except ValueError:
         pass
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _interrupted(name: str, count: int | None, signum: int) -> "typer.Exit":

@@ -13,7 +13,8 @@ from typing import Iterator, List, Optional, Sequence
 import typer
 
 from . import app
-from .index_cmds import _INDEX_DIR_HELP, _Stopped, _collection_model, _interrupted, _print_summary, _stop_on_signals
+from .index_cmds import (_INDEX_DIR_HELP, _Stopped, _collection_model, _interrupted, _print_summary, _signal_handler,
+                         _stop_on_signals)
 
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -100,17 +101,8 @@ def _stop_gracefully(watcher) -> Iterator[None]:
             raise _Stopped(signum)
         watcher.stop()
 
-    previous = {}
-    try:
-        for signum in _STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, on_signal)
-    except ValueError:  # not the main thread: leave the embedding program's handlers alone
-        pass
-    try:
+    with _signal_handler(_STOP_SIGNALS, on_signal):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _say(line: str) -> None:

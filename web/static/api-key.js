@@ -30,4 +30,28 @@ window.clipsearchApiKey = (els, state, storageKey) => ({
     }
     return state.keyPrompt;
   },
+
+  // fetch() with the key. On 401 it asks for the key (again, after a wrong one) until it is accepted or the user
+  // cancels; any other failure throws an Error carrying the API's message (`detail — hint`) and the `status`.
+  async request(path, options = {}) {
+    for (;;) {
+      const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...this.headers() } });
+      if (response.status === 401) {
+        const message = state.apiKey ? 'That API key was not accepted. Enter the key again.'
+          : 'This server requires an API key.';
+        if (state.apiKey) sessionStorage.removeItem(storageKey);
+        if (await this.ask(message)) continue;
+      }
+      if (!response.ok) {
+        let message = `${response.status} ${response.statusText}`;
+        try {
+          const body = await response.json();
+          if (typeof body.detail === 'string') message = body.detail + (body.hint ? ` — ${body.hint}` : '');
+          else if (Array.isArray(body.detail)) message = body.detail.map((d) => d.msg).join('; ');
+        } catch (_) { /* not JSON */ }
+        throw Object.assign(new Error(message), { status: response.status });
+      }
+      return response;
+    }
+  },
 });

@@ -37,36 +37,8 @@
   };
 
   // ---- API -------------------------------------------------------------------------------------
-  class ApiError extends Error {
-    constructor(status, message) { super(message); this.status = status; }
-  }
-
-  const apiKey = window.clipsearchApiKey(els, state, KEY_STORAGE);  // api-key.js
-  function authHeaders() { return apiKey.headers(); }
-  function askForKey(message) { return apiKey.ask(message); }
-
-  // On 401 the page asks for the key (again, after a wrong one) until it is accepted or the user cancels.
-  async function api(path, options = {}) {
-    for (;;) {
-      const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
-      if (response.status === 401) {
-        const message = state.apiKey ? 'That API key was not accepted. Enter the key again.'
-          : 'This server requires an API key.';
-        if (state.apiKey) sessionStorage.removeItem(KEY_STORAGE);
-        if (await askForKey(message)) continue;
-      }
-      if (!response.ok) {
-        let message = `${response.status} ${response.statusText}`;
-        try {
-          const body = await response.json();
-          if (typeof body.detail === 'string') message = body.detail + (body.hint ? ` — ${body.hint}` : '');
-          else if (Array.isArray(body.detail)) message = body.detail.map((d) => d.msg).join('; ');
-        } catch (_) { /* not JSON */ }
-        throw new ApiError(response.status, message);
-      }
-      return response;
-    }
-  }
+  const apiKey = window.clipsearchApiKey(els, state, KEY_STORAGE);  // api-key.js: the key, its prompt, fetch
+  const api = (path, options) => apiKey.request(path, options);
 
   async function apiJson(path, options) {
     return (await api(path, options)).json();

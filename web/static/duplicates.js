@@ -14,30 +14,8 @@
   const state = { apiKey: sessionStorage.getItem(KEY_STORAGE) || '', seq: 0, objectUrls: [], keyPrompt: null };
 
   // ---- API (as on the search page) ---------------------------------------------------------------
-  const apiKey = window.clipsearchApiKey(els, state, KEY_STORAGE);  // api-key.js
-  function authHeaders() { return apiKey.headers(); }
-  function askForKey(message) { return apiKey.ask(message); }
-
-  async function api(path) {
-    for (;;) {
-      const response = await fetch(path, { headers: authHeaders() });
-      if (response.status === 401) {
-        const message = state.apiKey ? 'That API key was not accepted. Enter the key again.'
-          : 'This server requires an API key.';
-        if (state.apiKey) sessionStorage.removeItem(KEY_STORAGE);
-        if (await askForKey(message)) continue;
-      }
-      if (!response.ok) {
-        let message = `${response.status} ${response.statusText}`;
-        try {
-          const body = await response.json();
-          if (typeof body.detail === 'string') message = body.detail + (body.hint ? ` — ${body.hint}` : '');
-        } catch (_) { /* not JSON */ }
-        throw new Error(message);
-      }
-      return response;
-    }
-  }
+  const apiKey = window.clipsearchApiKey(els, state, KEY_STORAGE);  // api-key.js: the key, its prompt, fetch
+  const api = (path) => apiKey.request(path);
 
   async function showImage(img, url) {
     if (!state.apiKey) { img.src = url; return; }
