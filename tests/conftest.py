@@ -19,6 +19,7 @@ def isolated_home(tmp_path_factory, monkeypatch) -> Path:
     home = tmp_path_factory.mktemp("clipsearch-home")
     monkeypatch.setenv("CLIPSEARCH_HOME", str(home))
     monkeypatch.setenv("CLIPSEARCH_OFFLINE", "1")
+    monkeypatch.setenv("CLIPSEARCH_HELPER", "0")  # no resident search helper outlives a test (test_resident.py turns it on)
     return home
 
 

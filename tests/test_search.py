@@ -18,7 +18,8 @@ from clipsearch.errors import CollectionError, QueryError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
 from clipsearch.model.runtime import ClipModel
-from clipsearch.search import SearchQuery, Searcher, parse_weight
+from clipsearch.query import parse_weight
+from clipsearch.search import SearchQuery, Searcher
 from photo_fixtures import block_image, make_photos
 
 CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]

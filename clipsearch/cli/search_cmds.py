@@ -76,7 +76,8 @@ def search(
     results could be gathered. They combine with --json (each row then has "gathered": the new path or null),
     --paths-only, -0 and --preview; messages go to stderr."""
     from ..filters import SearchFilter
-    from ..search import SearchQuery, Searcher
+    from ..query import SearchQuery
+    from ..resident import client as resident
 
     outputs = [name for name, on in (("--json", as_json), ("--paths-only", paths_only), ("-0/--null", null),
                                      ("--preview", preview or preview_protocol is not None)) if on]
@@ -114,9 +115,15 @@ def search(
                               include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match,
                               filter=search_filter, nprobe=nprobe)
     query.validate()  # before loading anything
-    with Searcher.open(collection, index_dir, model) as searcher:
-        hits = searcher.search(query)
-        reason = searcher.why_empty(query.filter) if not hits else None
+    answer = resident.ask(collection, index_dir, query) if resident.eligible(query, model) else None
+    if answer is not None:
+        hits, reason = answer.hits, answer.empty
+    else:
+        from ..search import Searcher
+
+        with Searcher.open(collection, index_dir, model) as searcher:
+            hits = searcher.search(query)
+            reason = searcher.why_empty(query.filter) if not hits else None
     if reason is not None:
         typer.echo(f"no results: {reason.message}", err=True)
         if reason.hint:
@@ -147,6 +154,8 @@ def search(
         out.flush()
     else:
         _print_hits(hits, rerank, dated, drawing, preview_size)
+    if answer is None and resident.eligible(query, model):
+        resident.start(collection, index_dir)  # answers the next search from memory
     if report is not None:
         _report_gathered(report, len(hits))
 

@@ -1,0 +1,229 @@
+"""The resident search helper: it starts itself after an in-process search, answers exactly what the in-process
+search answers, follows every change to the collection, stays private to the user, exits when idle, and any
+failure of it falls back to the in-process search."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clipsearch.errors import QueryError
+from clipsearch.indexer.pipeline import IndexOptions
+from clipsearch.indexer.runner import index_paths
+from clipsearch.model.runtime import ClipModel
+from clipsearch.query import SearchQuery
+from clipsearch.resident import client, protocol
+from clipsearch.search import Searcher
+from clipsearch.store.collection import Collection
+from photo_fixtures import block_image, make_photos
+
+CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the helper listens on a Unix socket")
+
+
+@pytest.fixture()
+def run_dir(monkeypatch):
+    """Helpers on, with their sockets in a fresh private folder (short: AF_UNIX paths are limited); every helper
+    started in the test is stopped (its socket removed) and waited for."""
+    run = Path(tempfile.mkdtemp(prefix="cs-run-"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    monkeypatch.setenv("CLIPSEARCH_HELPER", "1")
+    monkeypatch.setenv("CLIPSEARCH_HELPER_IDLE", "120")
+    yield run
+    locks = list(run.glob("clipsearch/*.lock"))
+    for sock in run.glob("clipsearch/*.sock"):
+        sock.unlink()
+    for lock in locks:
+        assert _lock_released(lock, timeout=30), f"a helper did not exit after its socket was removed: {lock}"
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def _lock_released(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    with open(path, "a+") as f:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                time.sleep(0.1)
+    return False
+
+
+def _wait_listening(timeout: float = 60) -> protocol.HelperAddress:
+    where = protocol.address()
+    assert where is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client._listening(where.socket_path):
+            return where
+        time.sleep(0.1)
+    raise AssertionError("no helper started listening")
+
+
+@pytest.fixture()
+def indexed(tmp_path, tiny_bundle):
+    folder = tmp_path / "photos"
+    make_photos(folder, 12)
+    model = ClipModel(tiny_bundle, threads=1)
+    collection = Collection.create("s", tmp_path / "idx")
+    index_paths(collection, model, [str(folder)], IndexOptions(batch_size=8, workers=0))
+    collection.close()
+    return tmp_path / "idx", folder, model
+
+
+def _cli_json(root: Path, *args: str) -> list[dict]:
+    result = subprocess.run([*CLI, "search", *args, "--collection", "s", "--index-dir", str(root), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _in_process(root: Path, query: SearchQuery) -> list:
+    with Searcher.open("s", root) as searcher:
+        return searcher.search(query)
+
+
+def test_a_search_starts_a_helper_that_answers_the_same_hits(run_dir, indexed):
+    root, folder, _ = indexed
+    first = _cli_json(root, "a red square", "-k", "5")  # in-process; starts the helper for next time
+    where = _wait_listening()
+    assert stat.S_IMODE(os.stat(where.socket_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(where.socket_path.parent).st_mode) == 0o700
+    query = SearchQuery.build(text="a red square", k=5)
+    answer = client.ask("s", root, query)
+    assert answer is not None, "the helper did not answer"
+    assert [h.to_dict() for h in answer.hits] == [h.to_dict() for h in _in_process(root, query)]
+    assert [(h.id, h.path, h.score) for h in answer.hits] == [(r["id"], r["path"], r["score"]) for r in first]
+    again = _cli_json(root, "a red square", "-k", "5")  # now through the helper: the same output
+    assert again == first
+    image = SearchQuery.build(image=str(folder / "photo_000.png"), k=3)
+    by_image = client.ask("s", root, image)
+    assert by_image is not None and [h.to_dict() for h in by_image.hits] == [h.to_dict() for h in _in_process(root, image)]
+
+
+def test_the_helper_follows_new_deleted_and_replaced_images_and_a_recreated_collection(run_dir, indexed, tiny_bundle):
+    root, folder, model = indexed
+    _cli_json(root, "x", "-k", "3")
+    _wait_listening()
+    query = SearchQuery.build(text="x", k=100)
+    before = client.ask("s", root, query)
+    assert before is not None and len(before.hits) == 12
+
+    block_image(4242).save(folder / "new.png")
+    index_paths(Collection.open("s", root), model, [str(folder)], IndexOptions(workers=0))
+    after_add = client.ask("s", root, query)
+    assert after_add is not None and str(folder / "new.png") in {h.path for h in after_add.hits}
+    assert [h.to_dict() for h in after_add.hits] == [h.to_dict() for h in _in_process(root, query)]
+
+    (folder / "new.png").unlink()
+    index_paths(Collection.open("s", root), model, [str(folder)], IndexOptions(workers=0))
+    after_delete = client.ask("s", root, query)
+    assert after_delete is not None and len(after_delete.hits) == 12
+    assert str(folder / "new.png") not in {h.path for h in after_delete.hits}
+
+    # the collection removed and built again under the same name from other photos: new database file
+    shutil.rmtree(root / "s")
+    other = folder.parent / "other"
+    make_photos(other, 3, start_seed=100)
+    index_paths(Collection.create("s", root), model, [str(other)], IndexOptions(workers=0))
+    recreated = client.ask("s", root, query)
+    assert recreated is not None
+    assert sorted(h.path for h in recreated.hits) == sorted(h.path for h in _in_process(root, query))
+    assert len(recreated.hits) == 3
+
+
+def test_errors_from_the_helper_are_the_in_process_errors(run_dir, indexed):
+    root, _, _ = indexed
+    _cli_json(root, "x", "-k", "1")
+    _wait_listening()
+    query = SearchQuery.build(like=987654, k=3)
+    with pytest.raises(QueryError) as in_process:
+        _in_process(root, query)
+    with pytest.raises(QueryError) as resident:
+        client.ask("s", root, query)
+    assert resident.value.message == in_process.value.message
+    result = subprocess.run([*CLI, "search", "--like", "987654", "--collection", "s", "--index-dir", str(root)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "no indexed image with id 987654" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_broken_helper_falls_back_to_the_in_process_search(run_dir, indexed):
+    """Something that answers garbage on the helper's socket: the CLI still prints the right hits."""
+    root, _, _ = indexed
+    expected = [h.path for h in _in_process(root, SearchQuery.build(text="a blue circle", k=4))]
+    where = protocol.address()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(where.socket_path))
+    listener.listen(8)
+    served = []
+
+    def garbage() -> None:
+        listener.settimeout(60)
+        try:
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    served.append(1)
+                    conn.sendall(b"\x00\x00\x00\x05hello")
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=garbage, daemon=True)
+    thread.start()
+    try:
+        rows = _cli_json(root, "a blue circle", "-k", "4")
+    finally:
+        listener.close()
+        where.socket_path.unlink(missing_ok=True)
+    assert served, "the CLI did not ask the socket"
+    assert [r["path"] for r in rows] == expected
+
+
+def test_the_helper_exits_when_idle_and_when_its_socket_is_removed(run_dir, indexed, monkeypatch):
+    root, _, _ = indexed
+    monkeypatch.setenv("CLIPSEARCH_HELPER_IDLE", "2")
+    _cli_json(root, "x", "-k", "1")
+    where = _wait_listening()
+    assert _lock_released(where.lock_path, timeout=30)
+    assert not where.socket_path.exists()
+
+
+def test_no_helper_when_turned_off_or_without_a_private_folder(run_dir, indexed, monkeypatch):
+    root, _, _ = indexed
+    monkeypatch.setenv("CLIPSEARCH_HELPER", "0")
+    assert protocol.address() is None
+    _cli_json(root, "x", "-k", "1")
+    assert not list(run_dir.glob("clipsearch/*.sock"))
+    monkeypatch.setenv("CLIPSEARCH_HELPER", "1")
+    private = run_dir / "clipsearch"
+    private.mkdir(exist_ok=True)
+    private.chmod(0o755)  # others can enter: refused
+    assert protocol.address() is None
+    private.chmod(0o700)
+    assert protocol.address() is not None
+
+
+def test_the_helper_is_chosen_by_code_and_settings(run_dir, monkeypatch, tmp_path):
+    """Another CLIPSEARCH_HOME (other models, other default collections) is another helper; a relative one is
+    named by what it means."""
+    first = protocol.address()
+    monkeypatch.setenv("CLIPSEARCH_HOME", str(tmp_path / "elsewhere"))
+    second = protocol.address()
+    assert first.socket_path != second.socket_path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPSEARCH_HOME", "elsewhere")
+    assert protocol.address().socket_path == second.socket_path
