@@ -12,6 +12,9 @@ TINY_SEED = 0
 TEST_MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # test-only open_clip configs (not in the package)
 # Set for the whole run (session fixtures export before any per-test fixture runs), and inherited by CLI subprocesses.
 os.environ["CLIPSEARCH_OPEN_CLIP_CONFIGS"] = str(TEST_MODEL_CONFIGS)
+# No resident search helper outlives a test: off for the whole run and every CLI subprocess (module fixtures copy
+# os.environ before per-test fixtures run); test_resident.py turns it on with a private socket folder of its own.
+os.environ["CLIPSEARCH_HELPER"] = "0"
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +22,6 @@ def isolated_home(tmp_path_factory, monkeypatch) -> Path:
     home = tmp_path_factory.mktemp("clipsearch-home")
     monkeypatch.setenv("CLIPSEARCH_HOME", str(home))
     monkeypatch.setenv("CLIPSEARCH_OFFLINE", "1")
-    monkeypatch.setenv("CLIPSEARCH_HELPER", "0")  # no resident search helper outlives a test (test_resident.py turns it on)
     return home
 
 
