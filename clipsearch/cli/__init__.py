@@ -56,7 +56,41 @@ def _utf8_error(what: str) -> None:
     sys.exit(2)
 
 
+# Commands that hold nothing needing an orderly interpreter shutdown once they return (their files are closed,
+# their writes committed): the process ends right after flushing its output, skipping the 50-80 ms Python spends
+# tearing down onnxruntime, FAISS and numpy. Not for commands that may leave helpers behind (Ray's atexit
+# shutdown, uvicorn, decoder pools).
+_QUICK_EXIT_COMMANDS = frozenset({"search"})
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in _QUICK_EXIT_COMMANDS:
+        code = _run_to_exit_code()
+        _quick_exit(code)
+    _run()
+
+
+def _run_to_exit_code() -> int:
+    try:
+        _run()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quick_exit(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # a reader that went away (`| head`), or a closed stream
+        code = code or 1
+    os._exit(code)
+
+
+def _run() -> None:
     bad = _undecodable_argument(sys.argv[1:])
     if bad is not None:
         _utf8_error(f"argument '{_shown(bad)}'")
