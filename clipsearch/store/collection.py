@@ -40,6 +40,7 @@ from ..paths import fsync_dir
 from .database import Store
 from .tokens import DEFAULT_MAX_TOKEN_BYTES, DEFAULT_STORAGE, TOKENS_FILE, TokenCodec, TokenFile, format_bytes, \
     write_token_file
+from .index.parallel_build import ParallelAdd
 from .index.vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex, outgrown, \
     remove_index_leftovers
 
@@ -195,6 +196,9 @@ class Collection:
         self._pinned = data is not None  # a rebuild's new generation: not found through CURRENT
         self.folder = Path(data) if data is not None else data_folder(self.root)
         self._store: Store | None = None
+        # How an IVF-PQ rebuild adds its vectors (`parallel_build.ParallelAdd`): None here, in this process; the
+        # Ray runner sets it for its run so shard jobs add them on Ray (training and saving stay here).
+        self.parallel_adds: ParallelAdd | None = None
 
     # -- opening ---------------------------------------------------------------------------------
     @staticmethod
@@ -571,7 +575,7 @@ class Collection:
                                   generation=store.generation, ivf_threshold=ivf_threshold, trained=trained,
                                   trained_on=previous.trained_on if previous else 0,
                                   sample=lambda n: self.sample_vectors(n), budget_bytes=self.index_memory_budget,
-                                  workdir=workdir, train_reason=reason)
+                                  workdir=workdir, train_reason=reason, parallel=self.parallel_adds)
         if previous and not index.meta.trained_at and index.meta.trained_on == previous.trained_on:
             index.meta = replace(index.meta, trained_at=previous.trained_at, train_reason=previous.train_reason)
         return index

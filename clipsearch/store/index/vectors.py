@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ...errors import CollectionError
+from .parallel_build import ParallelAdd, add_in_parallel, shard_indexes
 from .policy import FLAT_MAX, IndexPlan, plan_index
 
 DEFAULT_IVF_THRESHOLD = FLAT_MAX
@@ -152,16 +153,20 @@ class VectorIndex:
               generation: int, ivf_threshold: int = DEFAULT_IVF_THRESHOLD, trained=None, trained_on: int = 0,
               sample: Callable[[int], np.ndarray] | None = None, budget_bytes: int | None = None,
               workdir: Path | None = None, target_recall: float = DEFAULT_TARGET_RECALL,
-              train_reason: str = "") -> "VectorIndex":
+              train_reason: str = "", parallel: "ParallelAdd | None" = None) -> "VectorIndex":
         """Build from (ids, vectors) batches in increasing id order. `count` and the memory budget pick the layout
         (`policy.plan_index`); IVF-PQ needs `sample(n)` (n random stored vectors) for training unless a `trained`
         empty base of the same layout is given (reused until the collection is OUTGROWN_FACTOR times larger or
         smaller than it was trained at). IVF-PQ files are written into `workdir` (default: the temp dir) and
-        moved into place by `save`."""
+        moved into place by `save`. `parallel` (`parallel_build.ParallelAdd`): an IVF-PQ index's vectors are
+        added in shard jobs run by its map (e.g. Ray tasks) and merged here, giving the same lists as adding them
+        here; the training, the refine stage, the id map and the tuning stay in this process."""
         import faiss
 
         layout = IndexLayout.for_size(count, dim, ivf_threshold, budget_bytes)
         if layout.kind == "flat":
+            # Exact search below the IVF threshold: built here even with `parallel` (copying the vectors into
+            # an IndexFlat is all there is to it; shard jobs would only ship them back and forth).
             index = faiss.index_factory(dim, layout.factory, faiss.METRIC_INNER_PRODUCT)
             max_id = 0
             for ids, vectors in batches:
@@ -193,11 +198,15 @@ class VectorIndex:
         id_parts: list[np.ndarray] = []
         lists = None
         try:
+            spooled = _spooled(batches, rows, id_parts)
             if layout.on_disk:
-                lists = _add_on_disk(base, _spooled(batches, rows, id_parts), workdir, token,
-                                     shard=max(10_000, layout.budget_bytes // max(1, layout.code_bytes + 16) // 2))
+                shards = (shard_indexes(base, spooled, parallel) if parallel is not None else _serial_shards(
+                    base, spooled, shard=max(10_000, layout.budget_bytes // max(1, layout.code_bytes + 16) // 2)))
+                lists = _add_on_disk(base, shards, workdir, token)
+            elif parallel is not None:
+                add_in_parallel(base, spooled, parallel)
             else:
-                for ids, vectors in _spooled(batches, rows, id_parts):
+                for ids, vectors in spooled:
                     base.add(vectors)
             ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
             if len(ids) != count:
@@ -622,32 +631,38 @@ def _chain(*parts):
         yield from part
 
 
-def _add_on_disk(base, batches, workdir: Path, token: str, shard: int) -> Path:
-    """Add into inverted lists on disk: shards of `shard` vectors are built in memory and written out, then merged
-    into `vectors-<token>.ivfdata` (FAISS `merge_ondisk`); returns the `.lists` file that describes them."""
+def _serial_shards(base, batches, shard: int) -> Iterator:
+    """Copies of the trained empty `base` holding `shard` vectors each (labels: positions), built here in turn."""
+    import faiss
+
+    position = 0
+    current = None
+    for ids, vectors in batches:
+        if current is None:
+            current = faiss.clone_index(base)
+        current.add_with_ids(vectors, np.arange(position, position + len(ids), dtype=np.int64))
+        position += len(ids)
+        if current.ntotal >= shard:
+            yield current
+            current = None
+    if current is not None and current.ntotal:
+        yield current
+
+
+def _add_on_disk(base, shards: Iterable, workdir: Path, token: str) -> Path:
+    """Add into inverted lists on disk: each shard index (in position order: `_serial_shards`, or
+    `parallel_build.shard_indexes`) is written out, then all are merged into `vectors-<token>.ivfdata` (FAISS
+    `merge_ondisk`); returns the `.lists` file that describes them."""
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
     shard_files: list[str] = []
-    position = 0
-    current = None
     try:
-        def flush() -> None:
-            nonlocal current
-            if current is not None and current.ntotal:
-                name = str(_temp_path(workdir, "shard"))
-                faiss.write_index(current, name)
-                shard_files.append(name)
-            current = None
-
-        for ids, vectors in batches:
-            if current is None:
-                current = faiss.clone_index(base)
-            current.add_with_ids(vectors, np.arange(position, position + len(ids), dtype=np.int64))
-            position += len(ids)
-            if current.ntotal >= shard:
-                flush()
-        flush()
+        for current in shards:
+            name = str(_temp_path(workdir, "shard"))
+            faiss.write_index(current, name)
+            shard_files.append(name)
+            del current
         lists = workdir / f"vectors-{token}{LISTS_SUFFIX}"
         merge_ondisk(base, shard_files, str(workdir / _ivfdata_name(lists.name)))
         faiss.write_index(base, str(lists))
