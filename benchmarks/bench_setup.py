@@ -93,6 +93,17 @@ def export_clipsearch_bundle(arch: str, out: Path, name: str) -> Path:
                                        name=name))
 
 
+def export_int8_bundle(arch: str, out: Path, name: str) -> Path:
+    """The same random-init model with clipsearch's default int8 recipe (clipsearch/model/quantize.py)."""
+    if (out / "model.json").is_file():
+        return out
+    from clipsearch.model.export import ExportRequest, export_bundle
+
+    log(f"exporting random-init {arch} int8 bundle to {out}")
+    return export_bundle(ExportRequest(arch=arch, pretrained=None, random_init=True, out=out, precision="int8", seed=0,
+                                       name=name))
+
+
 def export_rclip_models(datadir: Path, bundle: Path) -> Path:
     """rclip's model files from a clipsearch bundle of the same architecture (random-init ViT-B-32-256): the very
     same ONNX graphs with their inputs/outputs renamed to rclip's "input" -> "output", plus open_clip's BPE

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_setup import (export_clipsearch_bundle, export_emoji_mini_standin, export_rclip_models, log,  # noqa: E402
-                         machine_note, rclip_env, rclip_venv)
+from bench_setup import (export_clipsearch_bundle, export_emoji_mini_standin, export_int8_bundle,  # noqa: E402
+                         export_rclip_models, log, machine_note, rclip_env, rclip_venv)
 
 CLIPSEARCH = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
 
@@ -116,17 +116,6 @@ def time_cold(base: list[str], repeats: int, env: dict) -> dict:
         if result.returncode != 0:
             raise SystemExit(f"search failed:\n{result.stderr[-2000:]}")
     return {"median_seconds": statistics.median(times), "min_seconds": min(times), "runs": len(times)}
-
-
-def export_int8_bundle(arch: str, out: Path, name: str) -> Path:
-    """The same random-init model with clipsearch's default int8 recipe (clipsearch/model/quantize.py)."""
-    if (out / "model.json").is_file():
-        return out
-    from clipsearch.model.export import ExportRequest, export_bundle
-
-    log(f"exporting random-init {arch} int8 bundle to {out}")
-    return export_bundle(ExportRequest(arch=arch, pretrained=None, random_init=True, out=out, precision="int8", seed=0,
-                                       name=name))
 
 
 def start_helper(base: list[str], env: dict) -> None:

@@ -219,7 +219,7 @@ def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tu
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", (draft_size[0] * 2, draft_size[1] * 2))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of an upright image
             return _to_rgb(image, draft_size)
     except ImageError:
         raise
