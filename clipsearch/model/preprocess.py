@@ -188,8 +188,8 @@ def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tu
                max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode `source` (path, bytes or file object) into an RGB image.
 
-    With `draft_size`, JPEGs are decoded at the smallest DCT scale that keeps both sides at least
-    twice `draft_size` (so the later high-quality resize still sees more pixels than it outputs), and
+    With `draft_size`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
+    least `draft_size` (the later bicubic resize never enlarges), and
     16-bit images are reduced in their native depth before conversion. Images over `max_pixels`
     (default `MAX_IMAGE_PIXELS`) are refused before any pixel is decoded; a path that is not a regular
     file is refused before it is opened. Raises ImageError with a human-readable reason for anything
@@ -217,7 +217,10 @@ def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tu
             if width * height > max_pixels:
                 raise ImageError(f"{name}: {_limit_message(width, height, max_pixels)}")
             if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", (draft_size[0] * 2, draft_size[1] * 2))
+                # Measured on 12 MP camera JPEGs against a full decode + the same resize: 41-55 dB PSNR (mean 50)
+                # for the model input, about what quality-92 JPEG coding itself costs, at 25 instead of 37 CPU ms
+                # per image (a scale keeping twice the size: 55 dB). The DCT scaling averages like a box filter.
+                image.draft("RGB", (draft_size[0], draft_size[1]))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # no copy of an upright image
             return _to_rgb(image, draft_size)
