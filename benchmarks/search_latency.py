@@ -6,13 +6,12 @@ mean); both tools load the same architecture's text tower. Each figure is the me
 after one warm-up run (page cache warm, as for a user who searches twice).
 
 clipsearch is measured two ways, in separate rows:
-- "one process": CLIPSEARCH_HELPER=0, every command imports numpy/onnxruntime/FAISS and opens the model and index
-  (the optimised text graph comes from the per-user graph cache after the first run);
+- "one process": CLIPSEARCH_HELPER=0, every command imports numpy/onnxruntime/FAISS and opens the model and index;
 - "resident helper": the helper the first search starts (clipsearch/resident) answers; the command is an
   interpreter start, the CLI's imports and one round trip.
 Commands run with bytecode caching on (as after `pip install`, which compiles .pyc files), whatever
-PYTHONDONTWRITEBYTECODE says in the calling shell. A breakdown of the one-process path (imports, session open with
-and without the saved optimised graph, tokenizer, index load, search) is measured in a child process.
+PYTHONDONTWRITEBYTECODE says in the calling shell. A breakdown of the one-process path (imports, session open,
+tokenizer, index load, search) is measured in a child process.
 
     python benchmarks/search_latency.py [--counts 10000 100000] [--work-dir DIR] [--json-out FILE]
 """
@@ -155,13 +154,12 @@ import clipsearch.cli; mark("import clipsearch.cli (registers every command)")
 from clipsearch.search import Searcher, SearchQuery; mark("import clipsearch.search (store, FAISS wrapper)")
 import os
 from clipsearch.model.runtime import ClipModel
-name, index_dir, cached = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-os.environ["CLIPSEARCH_GRAPH_CACHE"] = "1" if cached else "0"
+name, index_dir = sys.argv[1], sys.argv[2]
 searcher = Searcher.open(name, index_dir); mark("open the collection (SQLite)")
 searcher.index; mark("load the FAISS index")
 model = searcher.model; mark("read the bundle")
 model.tokenizer; mark("load the tokenizer")
-model.textual.run_prepare(); mark("open the text session (" + ("saved optimised graph" if cached else "optimising the graph") + ")")
+model.textual.run_prepare(); mark("open the text session (graph optimisation included)")
 vector = model.encode_text([f"a dog {time.time_ns()}"]); mark("encode one text")
 hits = searcher.search_vector(vector[0], 10); mark("FAISS search + SQLite join")
 print(json.dumps(marks))
@@ -169,19 +167,15 @@ print(json.dumps(marks))
 
 
 def breakdown(name: str, index_dir: Path, env: dict) -> list[dict]:
-    """Where the one-process path's time goes, each step timed in a fresh process (median of 5), with the text
-    session opened both from the saved optimised graph and by optimising it again."""
-    rows: dict[tuple[str, str], list[float]] = {}
-    for cached in ("1", "0"):
-        subprocess.run([sys.executable, "-c", BREAKDOWN_SCRIPT, name, str(index_dir), cached], env=env,
-                       capture_output=True, check=True)  # warm-up (and saves the graph)
-        for _ in range(5):
-            out = subprocess.run([sys.executable, "-c", BREAKDOWN_SCRIPT, name, str(index_dir), cached], env=env,
-                                 capture_output=True, text=True, check=True).stdout
-            for step, ms in json.loads(out.strip().splitlines()[-1]):
-                rows.setdefault((cached, step), []).append(ms)
-    return [{"graph_cache": cached == "1", "step": step, "median_ms": statistics.median(values)}
-            for (cached, step), values in rows.items()]
+    """Where the one-process path's time goes, each step timed in a fresh process (median of 5)."""
+    rows: dict[str, list[float]] = {}
+    command = [sys.executable, "-c", BREAKDOWN_SCRIPT, name, str(index_dir)]
+    subprocess.run(command, env=env, capture_output=True, check=True)  # warm-up
+    for _ in range(5):
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        for step, ms in json.loads(out.strip().splitlines()[-1]):
+            rows.setdefault(step, []).append(ms)
+    return [{"step": step, "median_ms": statistics.median(values)} for step, values in rows.items()]
 
 
 def main() -> None:
@@ -303,16 +297,9 @@ def markdown(report: dict) -> str:
                      f"{row['median_seconds']:.3f} | {row['min_seconds']:.3f} | `{row['command']}` |")
     if report.get("breakdown"):
         lines += ["", "Where the one-process path's time goes (product default model, largest collection; each step "
-                  "timed in a fresh process, median of 5):", "",
-                  "| step | with the saved optimised graph (ms) | optimising the graph (ms) |", "|---|---:|---:|"]
-        steps = list(dict.fromkeys(r["step"].split(" (")[0] if r["step"].startswith("open the text session")
-                                   else r["step"] for r in report["breakdown"]))
-        for step in steps:
-            def figure(cached: bool) -> str:
-                found = [r["median_ms"] for r in report["breakdown"] if r["graph_cache"] == cached
-                         and (r["step"] == step or r["step"].startswith(step + " ("))]
-                return f"{found[0]:.1f}" if found else "-"
-            lines.append(f"| {step} | {figure(True)} | {figure(False)} |")
+                  "timed in a fresh process, median of 5; the rest of the wall time is the interpreter start, "
+                  "Typer's parsing and the exit):", "", "| step | ms |", "|---|---:|"]
+        lines += [f"| {r['step']} | {r['median_ms']:.1f} |" for r in report["breakdown"]]
     biggest = max((r["vectors"] for r in report["rows"]), default=0)
     theirs = [r for r in report["rows"] if r["system"].startswith("rclip") and r["vectors"] == biggest]
     verdicts = []

@@ -30,14 +30,6 @@ def model_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME)) / "models"
 
 
-def graph_cache_dir() -> Path:
-    """Folder of onnxruntime's saved optimised graphs (see model/graph_cache.py): safe to delete at any time."""
-    override = os.environ.get("CLIPSEARCH_HOME")
-    if override:
-        return Path(override).expanduser() / "cache" / "graphs"
-    return Path(platformdirs.user_cache_dir(APP_NAME)) / "graphs"
-
-
 def collections_dir() -> Path:
     return home() / "collections"
 

@@ -215,3 +215,71 @@ def test_fsspec_urls_are_walked_and_read_by_the_local_reader(tmp_path, tiny_bund
             np.testing.assert_array_equal(result.pixels, expected.pixels)
     finally:
         fs.rm("/clipsearch-test", recursive=True)
+
+
+def test_ray_adds_an_ivf_index_in_ray_tasks_and_builds_what_the_local_runner_builds(tmp_path, model, ray_instance):
+    """With the IVF threshold forced low, the Ray run trains the quantizer on the driver and adds the vectors in
+    Ray tasks (one per `index_shard_size` vectors, in Ray worker processes); the index equals a serial build of
+    the same vectors with the same trained quantizer, and answers as the local runner's collection does."""
+    from clipsearch.store.index.parallel_build import list_content
+    from clipsearch.store.index.vectors import VectorIndex
+
+    folder = tmp_path / "photos"
+    make_photos(folder, 120)
+    options = IndexOptions(batch_size=16, workers=1, ivf_threshold=50)
+    local = Collection.create("local", tmp_path / "idx")
+    distributed = Collection.create("ray", tmp_path / "idx")
+    local_summary = LocalRunner(options).run(local, model, [str(folder)])
+    runner = RayRunner(options, RayOptions(concurrency=1, index_shard_size=50))
+    summary = runner.run(distributed, model, [str(folder)])
+    assert (summary.index_kind, summary.index_update) == (local_summary.index_kind, "rebuild") == ("ivfpq", "rebuild")
+    tasks = runner.last_index_tasks
+    assert (tasks.tasks, tasks.vectors) == (3, 120)  # 50 + 50 + 20 vectors
+    assert tasks.workers and not any(w.endswith(f":{os.getpid()}") for w in tasks.workers)  # Ray workers, not here
+    assert distributed.check().ok and distributed.parallel_adds is None
+
+    dim = model.embed_dim
+    built = distributed.load_vectors()
+    assert built.meta.layout.kind == "ivfpq" and built.meta.trained_on == 120
+    serial = VectorIndex.build(distributed.store.iter_vectors(dim), count=120, dim=dim, model_id=model.model_id,
+                               generation=distributed.store.generation, ivf_threshold=50,
+                               trained=VectorIndex.load_trained(distributed.folder), trained_on=120,
+                               workdir=tmp_path / "serial")
+    a, b = list_content(serial.index), list_content(built.index)
+    for field in ("sizes", "labels", "codes"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    np.testing.assert_array_equal(serial._positions_to_ids(), built._positions_to_ids())
+    assert (serial.meta.layout.nprobe, serial.meta.layout.refine_factor) == (built.meta.layout.nprobe,
+                                                                             built.meta.layout.refine_factor)
+    ids, vectors = distributed.store.all_vectors(dim)
+    assert serial.search(vectors, 10) == built.search(vectors, 10)
+
+    # the local runner's collection: the same paths get the same neighbours (searching every list) ...
+    local_index = local.load_vectors()
+    assert local_index.meta.layout.factory == built.meta.layout.factory
+    hits, stored = {}, {}
+    for name, collection, index in (("local", local, local_index), ("ray", distributed, built)):
+        path_of = {collection.store.find_by_path(p).id: p for p in collection.store.file_states()}
+        stored[name] = {path: collection.store.vector(i, dim) for i, path in path_of.items()}
+        for nprobe in (index.meta.layout.nlist, None):
+            found = index.search(vectors, 10, nprobe=nprobe)
+            hits[name, nprobe] = [[path_of[i] for i, _ in row] for row in found]
+    assert hits["ray", local_index.meta.layout.nlist] == hits["local", local_index.meta.layout.nlist]
+    # ... and when the two runs' embeddings agree bit for bit (they do on these machines), the training (a seeded
+    # sample, FAISS's fixed k-means seed) gives the same quantizer and the whole index is the local one
+    if all(np.array_equal(stored["ray"][path], vector) for path, vector in stored["local"].items()):
+        import faiss
+
+        assert bytes(faiss.serialize_index(VectorIndex.load_trained(local.folder))) == bytes(
+            faiss.serialize_index(VectorIndex.load_trained(distributed.folder)))
+        c = list_content(local_index.index)
+        for field in ("sizes", "labels", "codes"):
+            np.testing.assert_array_equal(getattr(c, field), getattr(b, field), err_msg=field)
+        assert local_index.meta.layout == built.meta.layout
+        assert hits["ray", None] == hits["local", None]
+
+    # a few new photos: appended to the index on the driver (no retraining, no add tasks)
+    make_photos(folder / "new", 2, start_seed=500)
+    again = runner.run(distributed, model, [str(folder)])
+    assert (again.added, again.index_update, runner.last_index_tasks.tasks) == (2, "append", 0)
+    assert distributed.load_vectors().count == 122 and distributed.check().ok

@@ -46,20 +46,12 @@ class SessionOptions:
 
 
 class OnnxSession:
-    """A lazily opened onnxruntime session for one graph file.
+    """A lazily opened onnxruntime session for one graph file."""
 
-    With `cache_optimized`, onnxruntime's optimised graph is saved once per user (graph_cache.py) and later
-    sessions load it instead of optimising again: worth it for graphs a one-shot command opens (the text
-    tower of `clipsearch search`), not for an image tower that then runs for minutes."""
-
-    def __init__(self, path: Path, options: SessionOptions = SessionOptions(), sha256: str | None = None,
-                 cache_optimized: bool = False) -> None:
+    def __init__(self, path: Path, options: SessionOptions = SessionOptions()) -> None:
         self.path = path
         self.options = options
-        self.sha256 = sha256
-        self.cache_optimized = cache_optimized
         self._session = None
-        self.opened_from: Path | None = None  # the file the session was made from: the graph or its saved optimised copy
         self._input_names: frozenset[str] | None = None  # read once from the graph, not per call
         self._first_output: str | None = None
         self._lock = threading.Lock()
@@ -68,54 +60,19 @@ class OnnxSession:
     def loaded(self) -> bool:
         return self._session is not None
 
-    def _session_options(self, optimize: bool = True):
+    def _open(self):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.options.optimization == "all"
-                 else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-        so.graph_optimization_level = level if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.options.optimization == "all"
+                                       else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         so.intra_op_num_threads = self.options.threads or os.cpu_count() or 1
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         if not self.options.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return so
-
-    def _open(self):
-        import onnxruntime as ort
-
-        providers = self.options.resolved_providers()
-        cache = None
-        if self.cache_optimized and providers == ["CPUExecutionProvider"]:
-            from .graph_cache import cached_graph
-
-            cache = cached_graph(self.path, self.sha256, self.options.optimization)
-        if cache is not None and cache.ready:
-            try:  # already optimised: load it as it is
-                session = ort.InferenceSession(str(cache.path), sess_options=self._session_options(optimize=False),
-                                               providers=providers)
-                self.opened_from = cache.path
-                return session
-            except Exception:  # written by another onnxruntime build, truncated, ...: optimise afresh
-                cache.path.unlink(missing_ok=True)
-        if cache is not None:
-            temp = cache.temp_path()
-            so = self._session_options()
-            so.optimized_model_filepath = str(temp)
-            so.add_session_config_entry("session.save_model_format", "ORT")
-            try:
-                session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
-                cache.publish(temp)
-                self.opened_from = self.path
-                return session
-            except Exception:  # e.g. a graph the ORT format cannot hold: open it uncached below
-                pass
-            finally:
-                temp.unlink(missing_ok=True)
-        self.opened_from = self.path
         try:
-            return ort.InferenceSession(str(self.path), sess_options=self._session_options(), providers=providers)
+            return ort.InferenceSession(str(self.path), sess_options=so, providers=self.options.resolved_providers())
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
             raise BundleError(f"cannot load {self.path}: {exc}") from exc
 
@@ -165,8 +122,7 @@ class ClipModel:
                                  optimization="extended" if self.info.precision == "fp16" else "all")
         self.visual = OnnxSession(self.info.file("visual.onnx"),
                                   replace(options, spin=False) if shares_cores else options)
-        self.textual = OnnxSession(self.info.file("textual.onnx"), options, sha256=self.info.files.get("textual.onnx"),
-                                   cache_optimized=True)
+        self.textual = OnnxSession(self.info.file("textual.onnx"), options)
         self._tokenizer: TextTokenizer | None = None
         self._options = options
         self._itm = None  # ItmScorer, made on first use of `itm`

@@ -24,7 +24,7 @@ DEFAULT_IDLE_SECONDS = 900.0
 MAX_SOCKET_PATH_BYTES = 100
 # The environment that changes what a search answers: where models and collections are, how dates are read.
 _PATH_ENV_KEYS = ("CLIPSEARCH_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "HOME", "HF_HOME", "HF_HUB_CACHE")
-_ENV_KEYS = (*_PATH_ENV_KEYS, "HF_HUB_OFFLINE", "TZ", "CLIPSEARCH_GRAPH_CACHE")
+_ENV_KEYS = (*_PATH_ENV_KEYS, "HF_HUB_OFFLINE", "TZ")
 
 
 @dataclass(frozen=True)
