@@ -4,7 +4,8 @@ embedding done by Ray Data on a Ray instance (a local one, or an existing cluste
 What runs where:
 
 * driver (this process): the walk, the plan against the store (`pipeline.make_plan`: only new and changed files,
-  exactly as the local runner decides), the shard files, the merge, the sweep and the FAISS index.
+  exactly as the local runner decides), the shard files, the merge, the sweep, and of the FAISS index everything
+  but the adding of an IVF index's vectors (below).
 * Ray tasks (`_decode_batch`): each file is read and decoded by `reader.read_one`, the local pipeline's own
   function (same hash, EXIF facts, draft decoding, resize), so pixels, sizes and dates are identical. Paths are
   local paths (the same path must be readable on every node: shared storage) or fsspec URLs (`s3://…`).
@@ -16,6 +17,14 @@ What runs where:
   `pipeline.Writer` with its precomputed vector, so added/updated/reused/skipped and every stored column
   (size, mtime, width, height, taken_at, content hash) are what the local runner writes, and the FAISS index is
   brought up to date by `Collection.update_vectors` (the collection's index policy, trained on a sample).
+* Ray tasks (`parallel_build.add_shard`, `RayOptions.index_shard_size` vectors each, `num_cpus` of the encoder
+  actors): when that update rebuilds an IVF index, the driver trains the quantizer (on the policy's random sample,
+  as locally), ships the trained empty index once through the object store, and streams the vectors from SQLite
+  in position order to tasks that each add theirs to a copy of it and return its inverted lists; the driver merges
+  them in order (in memory, or through `merge_ondisk` for on-disk lists), writes the refine stage and id map,
+  tunes and saves as a local build does, so the index holds the same lists (`clipsearch.store.index.
+  parallel_build`). An exact (flat) index below the IVF threshold, and appending to an existing index, stay on
+  the driver. `RayRunner.last_index_tasks` reports what ran.
 
 The metadata parquet has clip-retrieval's `image_path` column plus `size`, `mtime_ns`, `content_hash`, `width`,
 `height`, `taken_at`, `error`, `force_decode`, `embedded` (and `tokens` with ITM tokens). Rows that carry no
@@ -37,14 +46,17 @@ import shutil
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections import deque
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from clipsearch.errors import ClipsearchError
+from clipsearch.store.index.parallel_build import DEFAULT_SHARD_SIZE as DEFAULT_INDEX_SHARD_SIZE
+from clipsearch.store.index.parallel_build import ParallelAdd, ShardJob, ShardLists, add_shard
 from clipsearch.store.interchange import DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADATA_DIR, find_shards, is_url_path
 
 from .pipeline import BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer
@@ -71,6 +83,17 @@ class RayOptions:
     shards_dir: Path | None = None  # keep the shards here (a new or empty folder); default a temporary one
     ship_bundle: bool | None = None  # put the bundle's files into the object store (None: when connecting)
     object_store_memory: int | None = None  # a local instance's object store (bytes)
+    index_shard_size: int = DEFAULT_INDEX_SHARD_SIZE  # vectors per FAISS add task when an IVF index is (re)built
+
+
+@dataclass
+class IndexTasks:
+    """What the FAISS add tasks of a run's IVF build did on Ray: tasks run, vectors they added, and the worker
+    processes ("host:pid") that ran them. All zero when the run built no IVF index (flat layout, append, fresh)."""
+
+    tasks: int = 0
+    vectors: int = 0
+    workers: set[str] = field(default_factory=set)
 
 
 def parse_address(value: str | None) -> str | None:
@@ -429,6 +452,64 @@ class RayRunner(LocalRunner):
         super().__init__(options)
         self.ray_options = ray_options
         self.last_shards: Path | None = None  # the folder the last run's shards were written to
+        self.last_index_tasks = IndexTasks()  # the last run's FAISS add tasks
+        self._held: ExitStack | None = None  # during a run: holds the Ray session once a stage has started it
+        self._ray: Any = None
+
+    def _index_into(self, collection, *args, **kwargs) -> IndexSummary:
+        """The local runner's run, with one Ray session (started when a stage first needs it) for both the
+        embedding and the index build, and IVF vectors added by Ray tasks (`_add_on_ray`)."""
+        self.last_index_tasks = IndexTasks()
+        with ExitStack() as held:
+            self._held, self._ray = held, None
+            collection.parallel_adds = ParallelAdd(self._add_on_ray, max(1, self.ray_options.index_shard_size))
+            try:
+                return super()._index_into(collection, *args, **kwargs)
+            finally:
+                collection.parallel_adds = None
+                self._held = self._ray = None
+
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        """Ray for one stage: during a run the run's session (started here the first time), else a session of its
+        own for the block."""
+        if self._held is None:
+            with ray_session(self.ray_options) as ray:
+                yield ray
+            return
+        if self._ray is None:
+            self._ray = self._held.enter_context(ray_session(self.ray_options))
+        yield self._ray
+
+    def _add_on_ray(self, trained: np.ndarray, jobs: Iterable[ShardJob]) -> Iterator[ShardLists]:
+        """`parallel_build.ShardMap` on Ray: one task per job (`add_shard`, `num_cpus` as the encoder actors), at
+        most two per CPU share of the cluster in flight (the driver reads the next vectors meanwhile), results
+        handed back in job order."""
+        report = self.last_index_tasks
+        with self._session() as ray:
+            cpus = max(self.ray_options.num_cpus, 0.25)
+            task = ray.remote(num_cpus=cpus)(add_shard)
+            window = max(2, 2 * int(float(ray.cluster_resources().get("CPU", 1)) // cpus))
+            shared = ray.put(trained)
+            threads = max(1, int(cpus))
+            pending: deque = deque()
+
+            def collect() -> ShardLists:
+                try:
+                    shard = ray.get(pending.popleft())
+                except Exception as exc:  # noqa: BLE001 - a task failure comes back wrapped by Ray
+                    raise RayError(f"a FAISS add task failed on Ray: {type(exc).__name__}: {str(exc)[:2000]}") from exc
+                report.tasks += 1
+                report.vectors += shard.count
+                report.workers.add(shard.worker)
+                return shard
+
+            for job in jobs:
+                pending.append(task.remote(shared, job, threads))
+                if len(pending) >= window:
+                    yield collect()
+            while pending:
+                yield collect()
 
     def update(self, collection, model, changes, progress=None) -> IndexSummary:
         raise RayError("watch mode runs locally", "Leave out --ray with --watch.")
@@ -475,7 +556,7 @@ class RayRunner(LocalRunner):
         total = len(tasks)
         if progress:
             progress(0, total)
-        with ray_session(ray_options) as ray:
+        with self._session() as ray:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False
