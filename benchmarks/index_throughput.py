@@ -168,7 +168,7 @@ def main() -> None:
     megabytes = np.mean([p.stat().st_size for p in files]) / 1e6
     report: dict = {"count": len(files), "mean_file_mb": round(megabytes, 2), "machine": machine_note(),
                     "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
-                    "components": {}, "rounds": args.rounds}
+                    "components": {}, "rounds": args.rounds, "skip_rclip": args.skip_rclip, "skip_torch": args.skip_torch}
 
     same_arch = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
     same_int8 = export_int8_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random-int8",
@@ -261,7 +261,9 @@ def write_results(args, report: dict) -> None:
     from results import write_section
 
     report.setdefault("rounds", args.rounds)
-    command = f"python benchmarks/index_throughput.py --count {report['count']} --rounds {report['rounds']} --results benchmarks/RESULTS.md"
+    skipped = "".join(f" --skip-{name}" for name in ("rclip", "torch") if report.get(f"skip_{name}"))
+    command = (f"python benchmarks/index_throughput.py --count {report['count']} --rounds {report['rounds']}{skipped} "
+               "--results benchmarks/RESULTS.md")
     body = markdown(report, args) + ("\n" + report["machine_label"] if "machine_label" in report else "")
     write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, body)
 
