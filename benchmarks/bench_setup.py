@@ -82,26 +82,20 @@ def build_camera_corpus(out: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def export_clipsearch_bundle(arch: str, out: Path, name: str) -> Path:
-    """A random-init open_clip model as a clipsearch bundle (fp32)."""
+def export_clipsearch_bundle(arch: str, out: Path, name: str, precision: str = "fp32") -> Path:
+    """A random-init open_clip model as a clipsearch bundle (fp32, or int8 with clipsearch's default recipes in
+    clipsearch/model/quantize.py)."""
     if (out / "model.json").is_file():
         return out
     from clipsearch.model.export import ExportRequest, export_bundle
 
-    log(f"exporting random-init {arch} bundle to {out}")
-    return export_bundle(ExportRequest(arch=arch, pretrained=None, random_init=True, out=out, precision="fp32", seed=0,
-                                       name=name))
+    log(f"exporting random-init {arch} {precision} bundle to {out}")
+    return export_bundle(ExportRequest(arch=arch, pretrained=None, random_init=True, out=out, precision=precision,
+                                       seed=0, name=name))
 
 
 def export_int8_bundle(arch: str, out: Path, name: str) -> Path:
-    """The same random-init model with clipsearch's default int8 recipe (clipsearch/model/quantize.py)."""
-    if (out / "model.json").is_file():
-        return out
-    from clipsearch.model.export import ExportRequest, export_bundle
-
-    log(f"exporting random-init {arch} int8 bundle to {out}")
-    return export_bundle(ExportRequest(arch=arch, pretrained=None, random_init=True, out=out, precision="int8", seed=0,
-                                       name=name))
+    return export_clipsearch_bundle(arch, out, name, precision="int8")
 
 
 def export_rclip_models(datadir: Path, bundle: Path) -> Path:
