@@ -227,3 +227,23 @@ def test_the_helper_is_chosen_by_code_and_settings(run_dir, monkeypatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CLIPSEARCH_HOME", "elsewhere")
     assert protocol.address().socket_path == second.socket_path
+
+
+def test_helper_status_and_stop_commands(run_dir, indexed):
+    root, _, _ = indexed
+    assert json.loads(_helper_cli("status", "--json"))["running"] is False
+    _cli_json(root, "x", "-k", "1")
+    where = _wait_listening()
+    status = json.loads(_helper_cli("status", "--json"))
+    assert status["running"] is True and status["socket"] == str(where.socket_path)
+    assert status["collections"] == [{"collection": "s", "index_dir": str(root)}]
+    assert status["pid"] > 0 and status["idle_limit_seconds"] == 120
+    assert f"stopped the helper (pid {status['pid']})" in _helper_cli("stop")
+    assert _lock_released(where.lock_path, timeout=30) and not where.socket_path.exists()
+    assert "no helper running" in _helper_cli("stop")
+
+
+def _helper_cli(*args: str) -> str:
+    result = subprocess.run([*CLI, "helper", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

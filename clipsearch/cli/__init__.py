@@ -31,6 +31,7 @@ def _register() -> None:
     from . import index_cmds, model_cmds, search_cmds, serve_cmds, train_cmds, watch_cmds  # noqa: F401
     from . import library_cmds  # noqa: F401
     from . import interchange_cmds  # noqa: F401
+    from . import helper_cmds  # noqa: F401
 
 
 _register()

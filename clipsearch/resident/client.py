@@ -63,6 +63,22 @@ def ask(collection: str, index_dir: Path | None, query: SearchQuery) -> Answer |
     return None  # the helper could not answer (a bug, a crash): the in-process search will
 
 
+def request(op: str) -> dict | None:
+    """Send a bare request ("status", "stop") to this environment's helper; None when none is listening."""
+    where = protocol.address()
+    if where is None:
+        return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CONNECT_SECONDS)
+            sock.connect(str(where.socket_path))
+            sock.settimeout(30.0)
+            protocol.send(sock, {"op": op})
+            return protocol.receive(sock)
+    except (OSError, ConnectionError, ValueError):
+        return None
+
+
 def start(collection: str, index_dir: Path | None) -> bool:
     """Start the helper in the background with this collection preloaded, unless helpers are off or one is
     already listening. Returns whether a process was started."""

@@ -69,7 +69,8 @@ class Helper:
     def __init__(self, socket_path: Path, idle: float) -> None:
         self.socket_path = socket_path
         self.idle = idle
-        self.last_request = time.monotonic()
+        self.started = self.last_request = time.monotonic()
+        self.stopping = False
         self._kept: dict[tuple[str, str | None], Kept] = {}
         self._kept_lock = threading.Lock()
 
@@ -120,8 +121,14 @@ class Helper:
 
     # -- requests -------------------------------------------------------------------------------------
     def answer(self, request: dict) -> dict:
-        if request.get("op") != "search":
-            return {"ok": False, "fallback": f"unknown op {request.get('op')!r}"}
+        op = request.get("op")
+        if op == "status":
+            return {"ok": True, **self.status()}
+        if op == "stop":
+            self.stopping = True
+            return {"ok": True, "pid": os.getpid()}
+        if op != "search":
+            return {"ok": False, "fallback": f"unknown op {op!r}"}
         try:
             query = protocol.query_from_wire(request["query"])
             entry = self.kept(str(request["collection"]), request.get("index_dir"))
@@ -144,12 +151,22 @@ class Helper:
                     return
                 conn.settimeout(30.0)
                 request = protocol.receive(conn)
-                self.last_request = time.monotonic()
+                searching = request.get("op") == "search"  # `helper status` is not use: it does not keep it alive
+                if searching:
+                    self.last_request = time.monotonic()
                 reply = self.answer(request)
-                self.last_request = time.monotonic()
+                if searching:
+                    self.last_request = time.monotonic()
                 protocol.send(conn, reply)
             except (OSError, ConnectionError, ValueError):
                 pass
+
+    def status(self) -> dict:
+        with self._kept_lock:
+            loaded = [{"collection": c, "index_dir": d} for (c, d), e in self._kept.items() if e.searcher is not None]
+        return {"pid": os.getpid(), "uptime_seconds": round(time.monotonic() - self.started, 1),
+                "idle_seconds": round(time.monotonic() - self.last_request, 1), "idle_limit_seconds": self.idle,
+                "resident_bytes": _resident_bytes(), "collections": loaded}
 
     # -- the loop -------------------------------------------------------------------------------------
     def serve(self, listener: socket.socket, bound: tuple) -> None:
@@ -158,7 +175,7 @@ class Helper:
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
-                if time.monotonic() - self.last_request > self.idle:
+                if self.stopping or time.monotonic() - self.last_request > self.idle:
                     return
                 current = _stat_key(self.socket_path)
                 if current is None or current[:2] != bound[:2]:
@@ -166,6 +183,16 @@ class Helper:
                 continue
             conn.settimeout(None)
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            if self.stopping:
+                return
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _same_user(conn: socket.socket) -> bool:
