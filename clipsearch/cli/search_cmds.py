@@ -115,7 +115,8 @@ def search(
                               include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match,
                               filter=search_filter, nprobe=nprobe)
     query.validate()  # before loading anything
-    answer = resident.ask(collection, index_dir, query) if resident.eligible(query, model) else None
+    helped = resident.eligible(query, model)
+    answer = resident.ask(collection, index_dir, query) if helped else None
     if answer is not None:
         hits, reason = answer.hits, answer.empty
     else:
@@ -154,7 +155,7 @@ def search(
         out.flush()
     else:
         _print_hits(hits, rerank, dated, drawing, preview_size)
-    if answer is None and resident.eligible(query, model):
+    if helped and answer is None:
         resident.start(collection, index_dir)  # answers the next search from memory
     if report is not None:
         _report_gathered(report, len(hits))

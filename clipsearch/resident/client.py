@@ -41,14 +41,8 @@ def ask(collection: str, index_dir: Path | None, query: SearchQuery) -> Answer |
     request = {"op": "search", "collection": collection,
                "index_dir": os.path.abspath(index_dir) if index_dir is not None else None,
                "query": protocol.query_to_wire(replace(query, terms=terms))}
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(CONNECT_SECONDS)
-            sock.connect(str(where.socket_path))
-            sock.settimeout(ANSWER_SECONDS)
-            protocol.send(sock, request)
-            reply = protocol.receive(sock)
-    except (OSError, ConnectionError, ValueError):
+    reply = _exchange(where, request, ANSWER_SECONDS)
+    if reply is None:
         return None
     if reply.get("ok"):
         try:
@@ -66,14 +60,17 @@ def ask(collection: str, index_dir: Path | None, query: SearchQuery) -> Answer |
 def request(op: str) -> dict | None:
     """Send a bare request ("status", "stop") to this environment's helper; None when none is listening."""
     where = protocol.address()
-    if where is None:
-        return None
+    return _exchange(where, {"op": op}, 30.0) if where is not None else None
+
+
+def _exchange(where: protocol.HelperAddress, message: dict, answer_seconds: float) -> dict | None:
+    """One request and its reply; None when nothing answers on the socket (or not in time, or not sensibly)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONNECT_SECONDS)
             sock.connect(str(where.socket_path))
-            sock.settimeout(30.0)
-            protocol.send(sock, {"op": op})
+            sock.settimeout(answer_seconds)
+            protocol.send(sock, message)
             return protocol.receive(sock)
     except (OSError, ConnectionError, ValueError):
         return None

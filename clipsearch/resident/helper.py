@@ -2,7 +2,7 @@
 
 It holds an exclusive lock on L for its lifetime (a second helper for the same socket exits at once), listens on
 S (mode 0600 in a 0700 folder), answers each connection in a thread, and keeps one `Searcher` per collection,
-checked before every answer (`Kept.current`). It exits after --idle seconds without a request, or when S is
+checked before every answer (`Helper.kept`). It exits after --idle seconds without a request, or when S is
 removed or replaced.
 """
 

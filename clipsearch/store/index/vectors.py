@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ...errors import CollectionError
+from ...paths import fsync_dir
 from .parallel_build import ParallelAdd, add_in_parallel, shard_indexes
 from .policy import FLAT_MAX, IndexPlan, plan_index
 
@@ -318,7 +319,7 @@ class VectorIndex:
             if self._path.parent == folder:
                 _fsync_file(self._path)
                 os.replace(self._path, target)
-                _fsync_dir(folder)
+                fsync_dir(folder)
             else:
                 _atomic_write(target, lambda tmp: shutil.copyfile(self._path, tmp))
                 _unlink_quietly(self._path)
@@ -562,7 +563,7 @@ def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _fits(trained, layout: IndexLayout, dim: int) -> bool:
@@ -744,17 +745,6 @@ def _unlink_quietly(path: Path | None) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _now() -> str:
