@@ -276,7 +276,7 @@ def _collection_model(target, model: Optional[str], threads: Optional[int], as_j
 
     remembered = target.model
     spec = model or (remembered.spec if remembered else None)
-    clip = load_model(spec, threads=threads, shares_cores=True)  # decode workers run beside the encoder
+    clip = load_model(spec, threads=threads)
     notice = default_model_notice(spec)
     if notice and not as_json:
         typer.echo(notice, err=True)

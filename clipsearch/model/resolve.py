@@ -134,8 +134,8 @@ def _export_into_cache(arch: str, tag: str, target: Path) -> Path:
                                        precision="int8"))
 
 
-def load_model(spec: str | os.PathLike[str] | None = None, threads: int | None = None, shares_cores: bool = False):
-    """Resolve a spec and open it as a `ClipModel` (sessions still lazy; `shares_cores`: see ClipModel)."""
+def load_model(spec: str | os.PathLike[str] | None = None, threads: int | None = None):
+    """Resolve a spec and open it as a `ClipModel` (sessions still lazy)."""
     from .runtime import ClipModel
 
-    return ClipModel(resolve_model(spec), threads=threads, shares_cores=shares_cores)
+    return ClipModel(resolve_model(spec), threads=threads)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,10 +31,6 @@ class SessionOptions:
     providers: tuple[str, ...] | None = None
     # fp16 graphs crash onnxruntime's CPU layout optimiser (ORT_ENABLE_ALL, seen with 1.32); they get "extended".
     optimization: str = "all"
-    # Whether idle intra-op threads spin (onnxruntime's default: lowest latency on cores of its own). Off when other
-    # processes need the same cores between calls, as the indexer's decode workers do: spinning threads take
-    # their CPU time (measured: an index run of 80 12 MP JPEGs with ViT-B-32 2-9% faster, with less CPU).
-    spin: bool = True
 
     def resolved_providers(self) -> list[str]:
         import onnxruntime as ort
@@ -69,8 +65,6 @@ class OnnxSession:
         so.intra_op_num_threads = self.options.threads or os.cpu_count() or 1
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        if not self.options.spin:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(self.path), sess_options=so, providers=self.options.resolved_providers())
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
@@ -113,15 +107,12 @@ class ClipModel:
     """A dual encoder loaded from a bundle: `encode_text` and `encode_images` give L2-normalised vectors."""
 
     def __init__(self, bundle: BundleInfo | Path | str, threads: int | None = None,
-                 providers: Sequence[str] | None = None, shares_cores: bool = False) -> None:
-        """`shares_cores`: other processes work on the same cores while images are encoded (the indexer's decode
-        workers), so the image session's idle threads sleep instead of spinning."""
+                 providers: Sequence[str] | None = None) -> None:
         self.info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
         self.preprocess: PreprocessSpec = read_preprocess(self.info)
         options = SessionOptions(threads=threads, providers=tuple(providers) if providers else None,
                                  optimization="extended" if self.info.precision == "fp16" else "all")
-        self.visual = OnnxSession(self.info.file("visual.onnx"),
-                                  replace(options, spin=False) if shares_cores else options)
+        self.visual = OnnxSession(self.info.file("visual.onnx"), options)
         self.textual = OnnxSession(self.info.file("textual.onnx"), options)
         self._tokenizer: TextTokenizer | None = None
         self._options = options
