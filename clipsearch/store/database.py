@@ -756,8 +756,9 @@ def _decode_vector(blob: bytes, dim: int) -> np.ndarray:
 
 def _sqlite_utils():
     """sqlite-utils, imported without pandas: sqlite-utils imports pandas when it is installed only to map
-    `pandas.Timestamp` to a column type (we never store pandas values), and that import alone took 0.15-0.35 s of
-    every indexing run's start here (pandas comes with Ray and pyarrow). A pandas imported earlier is used as is."""
+    `pandas.Timestamp` to a column type (we never store pandas values), and that made importing it take 314 ms
+    instead of 43 at every indexing run's start here (benchmarks/decode.py; pandas comes with Ray and pyarrow). A
+    pandas imported earlier is used as is."""
     import sys
 
     if "sqlite_utils.db" in sys.modules or "pandas" in sys.modules:
