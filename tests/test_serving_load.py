@@ -124,7 +124,7 @@ def test_healthz_answers_while_every_worker_is_held_and_the_queue_is_full(indexe
 
 
 def test_concurrent_text_queries_share_encoder_calls_over_http(indexed, monkeypatch):
-    app = create_app(settings(indexed, workers=2, max_batch=32, batch_window_ms=0))
+    app = create_app(settings(indexed, workers=2, max_batch=32, batch_window_ms=0, batch_lanes=1))
     state = app.state.web
     searcher = state.searcher()
     model = searcher.model
@@ -172,7 +172,7 @@ def test_batched_vectors_equal_encoding_each_text_alone(tiny_bundle):
             assert release.wait(HOLD)
         return dict(zip(texts, model.encode_text(texts)))
 
-    batcher = TextBatcher(embed, BatchPolicy(max_batch=32, window_seconds=0))
+    batcher = TextBatcher(embed, BatchPolicy(max_batch=32, window_seconds=0, lanes=1))
     try:
         first = batcher.submit(["a dog"])
         assert entered.wait(HOLD)
@@ -196,6 +196,31 @@ def test_batched_vectors_equal_encoding_each_text_alone(tiny_bundle):
     assert batcher.stats().calls == 2 and batcher.stats().largest_batch == len(calls[1])
 
 
+def test_lanes_run_encoder_calls_at_once_and_all_stop_on_close():
+    """Two lanes: a second batch is encoded while the first call is still running (each call waits at a barrier
+    that only opens with two callers inside), and close() stops every lane."""
+    inside = threading.Barrier(2, timeout=HOLD)
+    threads: set[str] = set()
+
+    def embed(texts: list[str]) -> dict[str, np.ndarray]:
+        threads.add(threading.current_thread().name)
+        inside.wait()
+        return {t: np.full(2, len(t), np.float32) for t in texts}
+
+    batcher = TextBatcher(embed, BatchPolicy(window_seconds=0, lanes=2), name="lanes-test")
+    try:
+        first = batcher.submit(["one"])
+        wait_until(lambda: inside.n_waiting == 1, "the first call to start")
+        second = batcher.submit(["three"])
+        assert first.result(timeout=HOLD)["one"][0] == 3 and second.result(timeout=HOLD)["three"][0] == 5
+    finally:
+        batcher.close()
+    assert len(threads) == 2 and all(name.startswith("lanes-test-") for name in threads)
+    assert not any(t.name.startswith("lanes-test-") and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(Exception, match="shutting down"):
+        batcher.submit(["late"])
+
+
 def test_a_batch_with_a_failing_request_still_answers_the_others():
     def embed(texts: list[str]) -> dict[str, np.ndarray]:
         if "bad" in texts:
@@ -203,7 +228,7 @@ def test_a_batch_with_a_failing_request_still_answers_the_others():
         return {t: np.full(2, len(t), np.float32) for t in texts}
 
     gate = threading.Event()
-    batcher = TextBatcher(lambda texts: (gate.wait(HOLD), embed(texts))[1], BatchPolicy(window_seconds=0))
+    batcher = TextBatcher(lambda texts: (gate.wait(HOLD), embed(texts))[1], BatchPolicy(window_seconds=0, lanes=1))
     try:
         first = batcher.submit(["first"])
         good, bad = batcher.submit(["good"]), batcher.submit(["bad"])

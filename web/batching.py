@@ -5,11 +5,17 @@ gathers whatever else arrives within `window` seconds (at most `max_batch` disti
 one call and completes every future with its own texts' vectors. While that call runs, new requests queue up,
 so under load a batch fills without waiting; a lone request waits at most `window`. This is what serving
 systems call dynamic batching (a queue, one batcher, a future per request).
+
+`lanes` batcher threads share the queue (one per core by default): while one lane's encoder call runs, the next
+lane gathers the requests that arrive meanwhile and encodes them on the other core. An onnxruntime session runs
+calls from several threads at once, and the serving graphs use one intra-op thread each, so the lanes are how
+the encoder uses more than one core without intra-op threads spinning against the request threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -21,20 +27,27 @@ import numpy as np
 
 from clipsearch.errors import ClipsearchError
 
-DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_BATCH = 16
 DEFAULT_WINDOW_SECONDS = 0.002
 
 Embed = Callable[[list[str]], dict[str, np.ndarray]]
+
+
+def default_lanes() -> int:
+    return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch: int = DEFAULT_MAX_BATCH
     window_seconds: float = DEFAULT_WINDOW_SECONDS
+    lanes: int = field(default_factory=default_lanes)  # batcher threads (concurrent encoder calls)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if self.lanes < 1:
+            raise ValueError("lanes must be at least 1")
         if not 0 <= self.window_seconds <= 1:
             raise ValueError("the batch window must be between 0 and 1 s")
 
@@ -70,8 +83,10 @@ class TextBatcher:
         self._lock = threading.Lock()
         self._closed = False
         self._requests = self._calls = self._largest = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{lane}", daemon=True)
+                         for lane in range(policy.lanes)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, texts: Sequence[str]) -> "Future[dict[str, np.ndarray]]":
         pending = _Pending(tuple(texts))
@@ -98,8 +113,10 @@ class TextBatcher:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+            for _ in self._threads:
+                self._queue.put(_STOP)  # one for each lane
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     # -- the batcher thread ----------------------------------------------------------------------
     def _run(self) -> None:

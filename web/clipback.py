@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from clipsearch.filters import SearchFilter
@@ -34,12 +34,11 @@ from .parsing import StrictRoute, parse_json_body
 from .remote import fetch_image
 from .schemas import (AFTER_DESCRIPTION, BEFORE_DESCRIPTION, IN_DESCRIPTION, MIN_MATCH_DESCRIPTION, MIN_SIZE_DESCRIPTION,
                       ORIENTATION_DESCRIPTION, RERANK_K_DESCRIPTION, ImageId)
-from .security import require_api_key
 from .state import WebState
 from .uploads import check_image, decode_base64_image, release_freed_memory
 from .urls import absolute, image_urls
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["clip-back compatibility"], route_class=StrictRoute)
+router = APIRouter(tags=["clip-back compatibility"], route_class=StrictRoute)
 
 DEFAULT_NUM_IMAGES = 40
 DEDUPLICATE_THRESHOLD = 0.94  # clip-back's cosine threshold for near-duplicate results

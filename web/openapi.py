@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from .schemas import ErrorBody
+from .security import SECURITY_SCHEMES
 
 ERROR_DESCRIPTIONS = {
     400: "Bad request: a body that is not strict JSON (NaN, nesting too deep, lone surrogates), a bad value, "
@@ -28,14 +29,16 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def install_openapi(app: FastAPI, always: tuple[int, ...] = (400,)) -> None:
-    """Generate the document once, then point every 422 at `ErrorBody` and add the statuses any route can
-    answer (`always`: the Host check's 400)."""
+    """Generate the document once, then point every 422 at `ErrorBody`, add the statuses any route can answer
+    (`always`: the Host check's 400), and the API key schemes (the routes that check the key, `StrictRoute`,
+    name them as their operations' `security`)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = FastAPI.openapi(app)  # FastAPI's own document (it caches it on app.openapi_schema)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
+        components = schema["components"].setdefault("schemas", {})
         components.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
         error_ref = {"$ref": "#/components/schemas/ErrorBody"}
         for methods in schema.get("paths", {}).values():

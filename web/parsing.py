@@ -25,7 +25,7 @@ from starlette.datastructures import FormData, UploadFile
 from clipsearch.text import is_utf8
 
 from .errors import ApiError
-from .security import check_api_key
+from .security import SECURITY_SCHEMES, check_api_key
 
 MAX_JSON_DEPTH = 32
 MAX_INT_DIGITS = 40
@@ -129,7 +129,13 @@ class StrictRequest(Request):
 
 class StrictRoute(APIRoute):
     """Route class of every data route: the API key check first (nothing about the request is looked at before
-    it), then strict request parsing before FastAPI's own validation."""
+    it), then strict request parsing before FastAPI's own validation. The OpenAPI operation says that the key
+    is asked for (`security`, schemes in web/openapi.py) without a per-request dependency doing it again."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        extra = dict(kwargs.pop("openapi_extra", None) or {})
+        extra.setdefault("security", [{name: []} for name in SECURITY_SCHEMES])
+        super().__init__(path, endpoint, openapi_extra=extra, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Annotated
-
-from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError
 
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
-_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY")
+# How the OpenAPI document describes the key (web/openapi.py adds them to every route that checks it).
+SECURITY_SCHEMES = {
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: KEY"},
+}
 
 
 def keys_match(given: str | None, expected: str) -> bool:
@@ -36,15 +36,6 @@ def check_api_key(request: Request) -> None:
     raise ApiError(401, "missing or wrong API key",
                    "Send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
                    headers={"WWW-Authenticate": "Bearer"})
-
-
-async def require_api_key(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    header_key: Annotated[str | None, Depends(_key_header)],
-) -> None:
-    """Router dependency (it also documents both schemes in OpenAPI): the same check as `check_api_key`."""
-    check_api_key(request)
 
 
 # -- Host header -------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ DEFAULT_LABEL_CACHE_SIZE = 4096  # label embeddings kept per app (LRU)
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Serving under load (web/executor.py, web/batching.py): blocking work runs in `workers` threads (None: two per
 # core, at least 4) with at most `queue_limit` jobs waiting (503 + Retry-After beyond); concurrent text queries
-# are embedded together, up to `max_batch` texts gathered for at most `batch_window_ms`.
+# are embedded together, up to `max_batch` texts gathered for at most `batch_window_ms`, by `batch_lanes` batcher
+# threads (None: one per core).
 DEFAULT_BATCH_WINDOW_MS = DEFAULT_WINDOW_SECONDS * 1000
 
 
@@ -39,7 +40,7 @@ class ServerSettings:
     `model_threads`: onnxruntime intra-op threads per graph (None: 1 when serving, see web.state
     SERVING_MODEL_THREADS: concurrency comes from requests running side by side — the text batcher's thread,
     image queries in the workers — so one thread per call keeps them from oversubscribing the cores).
-    `workers`, `queue_limit`, `max_batch`, `batch_window_ms`: see the constants above.
+    `workers`, `queue_limit`, `max_batch`, `batch_window_ms`, `batch_lanes`: see the constants above.
     """
 
     collection: str = DEFAULT_COLLECTION
@@ -65,6 +66,7 @@ class ServerSettings:
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     max_batch: int = DEFAULT_MAX_BATCH
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    batch_lanes: int | None = None
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -81,6 +83,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be positive")
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.batch_lanes is not None and self.batch_lanes < 1:
+            raise ValueError("batch_lanes must be at least 1")
         if self.model_threads is not None and self.model_threads < 1:
             raise ValueError("model_threads must be at least 1")
         if self.queue_limit < 0:

@@ -17,7 +17,7 @@ from clipsearch.store.collection import Collection, list_collections
 from clipsearch.search import SearchHit, SearchQuery
 from clipsearch.store.database import ImageRecord
 
-from .batching import BatchPolicy, TextBatcher
+from .batching import BatchPolicy, TextBatcher, default_lanes
 from .cache_writer import TextCacheWriter
 from .errors import ApiError
 from .executor import BoundedExecutor, ExecutorLimits, default_workers
@@ -48,7 +48,8 @@ class WebState:
         self._roots: dict[str, tuple[int, int, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
         self.executor = BoundedExecutor(ExecutorLimits(settings.workers or default_workers(), settings.queue_limit))
-        self.batch_policy = BatchPolicy(settings.max_batch, settings.batch_window_ms / 1000)
+        self.batch_policy = BatchPolicy(settings.max_batch, settings.batch_window_ms / 1000,
+                                        settings.batch_lanes or default_lanes())
         self.cache_writer = TextCacheWriter()
 
     # -- serving -------------------------------------------------------------------------------------

@@ -538,16 +538,19 @@ class Store:
 
     def cache_text_vectors(self, model_id: str, vectors: dict[str, np.ndarray], now: float,
                            keep: int = TEXT_CACHE_SIZE) -> None:
-        """Remember text embeddings, evicting the least recently used beyond `keep` rows (best effort: a
-        read-only or busy database just skips caching, waiting at most a quarter of a second for an
-        indexing run's write lock)."""
+        """Remember text embeddings, evicting the least recently used down to `keep` rows once the cache holds
+        a tenth more than that (the eviction sorts the whole table, so it runs once per keep/10 new texts, not
+        on every write: under a load of new queries it cost more CPU than encoding them). Best effort: a
+        read-only or busy database just skips caching, waiting at most a quarter of a second for an indexing
+        run's write lock."""
         def write() -> None:
             self.conn.executemany(
                 "INSERT OR REPLACE INTO text_cache (model_id, text, vector, used_at) VALUES (?, ?, ?, ?)",
                 [(model_id, text, np.ascontiguousarray(vector, dtype=np.float32).tobytes(), now)
                  for text, vector in vectors.items()])
-            self.conn.execute("DELETE FROM text_cache WHERE rowid NOT IN (SELECT rowid FROM text_cache "
-                              "ORDER BY used_at DESC LIMIT ?)", [int(keep)])
+            if self.conn.execute("SELECT count(*) FROM text_cache").fetchone()[0] > keep + keep // 10:
+                self.conn.execute("DELETE FROM text_cache WHERE rowid NOT IN (SELECT rowid FROM text_cache "
+                                  "ORDER BY used_at DESC LIMIT ?)", [int(keep)])
 
         self._best_effort_write(write)
 
