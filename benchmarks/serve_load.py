@@ -1,9 +1,11 @@
 """Load test of the REST API: N concurrent clients on loopback send text searches to `clipsearch serve`, every
-query text new (never repeated, in this run or an earlier one: the query cache cannot answer any), for a fixed
-time; reports queries/s, p50/p99 latency and errors, then does it again while `clipsearch index` writes a
-folder of generated photos into the same collection.
+query text new (never repeated in the run, and the collection's query cache is emptied first: it answers none),
+for a fixed time, `--rounds` times; reports queries/s, p50/p99 latency, errors and the CPU the server and the
+load generator spent per query, then does it again while `clipsearch index` writes a folder of generated photos
+into the same collection. The verdict takes the median QPS and the median p99 of the rounds.
 
-    python benchmarks/serve_load.py [--clients 30] [--seconds 30] [--count 10000] [--precision int8] [--force]
+    python benchmarks/serve_load.py [--clients 30] [--seconds 30] [--rounds 3] [--count 10000] [--precision int8]
+                                    [--force]
 
 The server is the real CLI (`clipsearch serve`, uvicorn, one process) over a collection of `--count` random unit
 vectors built with a random-init ViT-B-32 bundle (`--precision`, int8 by default; search cost does not depend
@@ -34,6 +36,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_setup import log  # noqa: E402
@@ -186,6 +190,24 @@ async def run_clients(url: str, clients: int, seconds: float, k: int, texts: Que
                    p99_ms=percentile(latencies, 0.99), server_cpu_ms=server_cpu, client_cpu_ms=client_cpu)
 
 
+def mean_tokens(bundle: Path, texts: QueryTexts, count: int = 512) -> float:
+    """Mean tokens per query text (start and end tokens included), over texts the run then skips."""
+    from clipsearch.model.bundle import read_bundle
+    from clipsearch.model.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.from_bundle(read_bundle(bundle))
+    return float(np.mean(tokenizer([texts.next() for _ in range(count)]).lengths))
+
+
+def median_row(rows: list[LoadRow], label: str) -> LoadRow:
+    """A row holding the median QPS and the median p99 of `rows` (what the verdict judges)."""
+    p99s = [r.p99_ms for r in rows if r.p99_ms is not None]
+    return LoadRow(label=label, clients=rows[0].clients, seconds=sum(r.seconds for r in rows),
+                   requests=sum(r.requests for r in rows), errors=sum(r.errors for r in rows), error_samples=[],
+                   qps=statistics.median(r.qps for r in rows), p50_ms=statistics.median(r.p50_ms or 0 for r in rows),
+                   p99_ms=statistics.median(p99s) if p99s else None)
+
+
 def encoder_bound(bundle: Path, texts: QueryTexts, batch: int = 32, batches: int = 4) -> float:
     """CPU milliseconds per query of the text graph alone (1 thread, batches of `batch` new queries)."""
     from clipsearch.model.runtime import ClipModel
@@ -271,6 +293,8 @@ def main() -> None:
                         help="generated photos the concurrent indexing run writes (0: skip that row)")
     parser.add_argument("--serve-option", action="append", default=[],
                         help="passed to clipsearch serve, e.g. --serve-option=--batch-window-ms=1 (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="search-only windows in a row; the verdict takes their median QPS and median p99")
     parser.add_argument("--tagged-queries", action="store_true",
                         help="the longer query texts of earlier runs (a random tag and a counter appended: ~20 tokens)")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "clipsearch-serve-load")
@@ -295,6 +319,7 @@ def main() -> None:
     cleared = clear_query_cache(index_dir, name)
     log(f"cleared {cleared} cached query texts of earlier runs")
     texts = QueryTexts(tagged=args.tagged_queries)
+    tokens = mean_tokens(bundle, texts)
     bound_ms = encoder_bound(bundle, texts)
     log(f"text encoder alone: {bound_ms:.2f} CPU ms per query at batch 32")
     photos = generated_photos(work / f"photos-{args.index_images}", args.index_images) if args.index_images else None
@@ -306,10 +331,11 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(run_clients(url, 2, 3.0, args.k, texts, "warm-up"))  # not reported
-        log(f"{args.clients} clients for {args.seconds:.0f} s")
-        rows.append(asyncio.run(run_clients(url, args.clients, args.seconds, args.k, texts, "search only",
-                                              server.pid)))
-        log(json.dumps(asdict(rows[-1])))
+        for round_no in range(1, args.rounds + 1):
+            log(f"{args.clients} clients for {args.seconds:.0f} s (round {round_no} of {args.rounds})")
+            label = "search only" + (f", round {round_no}" if args.rounds > 1 else "")
+            rows.append(asyncio.run(run_clients(url, args.clients, args.seconds, args.k, texts, label, server.pid)))
+            log(json.dumps(asdict(rows[-1])))
         if photos is not None:
             log(f"{args.clients} clients for {args.seconds:.0f} s while `clipsearch index` writes {args.index_images} "
                 "photos into the collection")
@@ -334,28 +360,37 @@ def main() -> None:
 
     print(json.dumps([asdict(r) for r in rows], indent=2))
     cores = os.cpu_count() or 1
+    searches = [r for r in rows if r.label.startswith("search only")]
+    judged = [median_row(searches, f"search only, median of {len(searches)}")] if len(searches) > 1 else searches
+    judged += [r for r in rows if not r.label.startswith("search only")]
     print(f"text encoder alone: {bound_ms:.2f} CPU ms per new query at batch 32 -> at most "
           f"{cores * 1000 / bound_ms:.0f} QPS on {cores} cores doing nothing else")
-    for row in rows:
+    for row in judged:
         print(f"verdict ({row.label}): " + "; ".join(verdicts(row)))
     print(f"machine: {load.note()}" + ("  [BUSY: figures taken under load]" if load.busy else ""))
 
+    query_form = ("a random tag and a counter appended to each" if args.tagged_queries
+                  else '"a {word} {word} photo of a {subject} {place}", never repeated')
     body = (f"`clipsearch serve` (uvicorn, 1 process, 127.0.0.1, {' '.join(args.serve_option) or 'defaults'}) "
             f"over {args.count:,} vectors ({index_kind} index), random-init {args.arch} {args.precision} text tower; "
-            f"{args.clients} clients sending `GET /api/search?q=...&k={args.k}`, every query text new (the query "
-            "cache answers none); clients in a separate process (asyncio streams, one keep-alive HTTP/1.1 connection each) on the same cores. "
+            f"{args.clients} clients sending `GET /api/search?q=...&k={args.k}`, every query text new ({query_form}; "
+            f"{tokens:.1f} tokens on average; the query cache, emptied first, answers none); clients in a separate "
+            "process (asyncio streams, one keep-alive HTTP/1.1 connection each) on the same cores. CPU columns: "
+            "CPU time of the server process and of the load generator per answered query. "
             f"{load.label_for_results(True, args.out)}\n\n"
-            "| load | clients | seconds | requests | QPS | p50 (ms) | p99 (ms) | errors | note |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+            "| load | clients | seconds | requests | QPS | p50 (ms) | p99 (ms) | errors | server CPU/query (ms) "
+            "| client CPU/query (ms) | note |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     for r in rows:
         body += (f"| {r.label} | {r.clients} | {r.seconds:.0f} | {r.requests} | {r.qps:.1f} | {r.p50_ms} | {r.p99_ms} "
-                 f"| {r.errors} | {r.note} |\n")
+                 f"| {r.errors} | {r.server_cpu_ms} | {r.client_cpu_ms} | {r.note} |\n")
     body += (f"\nText encoder alone: {bound_ms:.2f} CPU ms per new query at batch 32, so at most "
              f"{cores * 1000 / bound_ms:.0f} QPS on {cores} cores doing nothing else.\n\n")
-    body += "".join(f"Verdict ({r.label}): " + "; ".join(verdicts(r)) + ".  \n" for r in rows)
+    body += "".join(f"Verdict ({r.label}): " + "; ".join(verdicts(r)) + ".  \n" for r in judged)
     if not args.no_write:
         command = (f"python benchmarks/serve_load.py --clients {args.clients} --seconds {args.seconds:g} "
-                   f"--count {args.count} --precision {args.precision} --index-images {args.index_images}"
+                   f"--count {args.count} --precision {args.precision} --index-images {args.index_images} "
+                   f"--rounds {args.rounds}" + (" --tagged-queries" if args.tagged_queries else "")
                    + (" --force" if args.force else ""))
         write_section(args.out, TITLE, command, body)
         log(f"wrote the section '{TITLE}' in {args.out}")
