@@ -161,6 +161,20 @@ def test_text_cache_evicts_the_least_recently_used_and_touches_rows_rarely(tmp_p
         assert cached == {"a", "c", "d"}
 
 
+def test_text_cache_eviction_waits_for_a_tenth_more_than_it_keeps(tmp_path):
+    """Eviction sorts the whole table, so it runs once the cache holds keep + keep/10 rows, then back to keep."""
+    def rows(store):
+        return store.conn.execute("SELECT count(*) FROM text_cache").fetchone()[0]
+
+    with Store(tmp_path / "meta.sqlite") as store:
+        for i in range(11):
+            store.cache_text_vectors("m", {f"t{i}": np.full(4, i, np.float32)}, now=1000.0 + i, keep=10)
+        assert rows(store) == 11  # a tenth over: nothing evicted yet
+        store.cache_text_vectors("m", {"t11": np.full(4, 11, np.float32)}, now=2000.0, keep=10)
+        kept = {r[0] for r in store.conn.execute("SELECT text FROM text_cache")}
+        assert kept == {f"t{i}" for i in range(2, 12)}  # the two least recently used went
+
+
 def test_a_read_only_v1_database_can_still_be_read(tmp_path, monkeypatch):
     path = tmp_path / "meta.sqlite"
     _v1_database(path)

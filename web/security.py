@@ -10,7 +10,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError
 
-# How the OpenAPI document describes the key (web/openapi.py adds them to every route that checks it).
+# How the OpenAPI document describes the key: web/openapi.py lists the schemes, and every route that checks the
+# key (parsing.StrictRoute) names them as its operation's `security`.
 SECURITY_SCHEMES = {
     "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
     "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: KEY"},

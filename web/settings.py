@@ -38,7 +38,7 @@ class ServerSettings:
     the server answers to besides the loopback ones (localhost, 127.0.0.1, [::1]); any port.
     `max_image_pixels` bounds the decoded pixels of a request (each request carries at most one image).
     `model_threads`: onnxruntime intra-op threads per graph (None: 1 when serving, see web.state
-    SERVING_MODEL_THREADS: concurrency comes from requests running side by side — the text batcher's thread,
+    SERVING_MODEL_THREADS: concurrency comes from requests running side by side — the text batcher's lanes,
     image queries in the workers — so one thread per call keeps them from oversubscribing the cores).
     `workers`, `queue_limit`, `max_batch`, `batch_window_ms`, `batch_lanes`: see the constants above.
     """
