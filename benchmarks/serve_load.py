@@ -40,7 +40,7 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import log  # noqa: E402
+from bench_setup import export_clipsearch_bundle, log  # noqa: E402
 from results import MachineLoad, write_section  # noqa: E402
 from search_latency import fill_collection  # noqa: E402
 
@@ -220,16 +220,6 @@ def encoder_bound(bundle: Path, texts: QueryTexts, batch: int = 32, batches: int
     return (time.process_time() - started) * 1000 / (batch * batches)
 
 
-def export_bundle_for(arch: str, precision: str, out: Path) -> Path:
-    if (out / "model.json").is_file():
-        return out
-    from clipsearch.model.export import ExportRequest, export_bundle
-
-    log(f"exporting random-init {arch} ({precision}) to {out}")
-    return export_bundle(ExportRequest(arch=arch, pretrained=None, random_init=True, out=out, precision=precision,
-                                       seed=0, name=f"{arch}-random-{precision}"))
-
-
 def generated_photos(folder: Path, count: int) -> Path:
     """`count` 640x480 JPEGs of random colour blocks (distinct content, cheap to decode)."""
     import numpy as np
@@ -310,8 +300,9 @@ def main() -> None:
         load.label_for_results(args.force, args.out)  # refuses a busy machine now, not after minutes of work
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    bundle = args.bundle or export_bundle_for(args.arch, args.precision,
-                                              work / "bundles" / f"{args.arch.lower()}-random-{args.precision}")
+    bundle = args.bundle or export_clipsearch_bundle(args.arch, work / "bundles" / f"{args.arch.lower()}-random-"
+                                                     f"{args.precision}", f"{args.arch}-random-{args.precision}",
+                                                     precision=args.precision)
     index_dir = work / "collections"
     name = f"load{args.count}"
     log(f"filling collection {name} with {args.count} random vectors")
