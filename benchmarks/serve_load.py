@@ -131,7 +131,8 @@ def percentile(sorted_values: list[float], fraction: float) -> float | None:
 async def http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
                    target: str) -> tuple[int, bytes]:
     """One GET on a kept-alive HTTP/1.1 connection: (status, body). The load generator is this small on
-    purpose: it shares the 2 cores with the server, and httpx spent 2.2 CPU ms per request there (this: ~0.4)."""
+    purpose: it shares the 2 cores with the server (httpx, used before, spent 2.2 CPU ms per request in one run of
+    this benchmark; this client's share is the "client CPU/query" column of RESULTS.md)."""
     writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")

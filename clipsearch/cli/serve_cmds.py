@@ -99,8 +99,8 @@ def serve(
     typer.echo(f"clipsearch: serving collection {collection!r} on http://{_url_host(host)}:{port}/ "
                f"(API docs at /docs{', API key required' if settings.api_key else ''})", err=True)
     # What start-up made (modules, routes, schemas, the loaded model and index) lives as long as the server:
-    # frozen, the garbage collector's full passes stop walking it (one A/B of benchmarks/serve_load.py, 20 s
-    # each: 301 QPS, p99 155 ms frozen against 269 QPS, p99 179 ms not).
+    # frozen, the garbage collector's full passes stop walking it (one unrecorded A/B of benchmarks/serve_load.py,
+    # 20 s each: 301 QPS, p99 155 ms frozen against 269 QPS, p99 179 ms not; a single run on a noisy machine).
     gc.collect()
     gc.freeze()
     uvicorn.run(web_app, host=host, port=port, root_path=root_path, log_level=log_level,
