@@ -14,7 +14,8 @@ Counting conventions of `IndexSummary` (the `--json` contract):
 
 from __future__ import annotations
 
-import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Sequence
@@ -26,6 +27,7 @@ from clipsearch.store.database import FileState, NewImage, SkippedFile, Store
 from clipsearch.store.tokens import TokenCodec
 from clipsearch.store.index.vectors import DEFAULT_IVF_THRESHOLD
 
+from .lanes import EncoderLanes
 from .reader import ReadResult, ReadTask
 from .walk import FoundFile, WalkOptions
 
@@ -43,6 +45,9 @@ class IndexOptions:
     chunk_size: int = 4
     worker_nice: int = 0
     encoder_threads: int | None = None
+    # Encoder batches in flight at once (see indexer/lanes.py): 1 runs one batch beside the reader; the CLI runs
+    # one per core on a session of one intra-op thread per call.
+    encoder_lanes: int = 1
     tokens: bool | None = None  # store ITM image tokens: True --tokens, False --no-tokens, None as remembered/default
 
     def walk_options(self) -> WalkOptions:
@@ -136,6 +141,10 @@ class Mapper:
         self._scale = (1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))).reshape(1, 1, 1, 3)
         self._shift = (np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)).reshape(1, 1, 1, 3)
 
+    def prepare(self) -> None:
+        """Open the visual session now (the runner does it while the decoders start)."""
+        self.model.open_visual()
+
     def normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
         batch = np.stack(images).astype(np.float32)
         batch *= self._scale
@@ -225,20 +234,42 @@ class Writer:
         self.summary.skipped.extend(SkippedFile(t.path, reason) for t, reason in entries)
 
 
+@dataclass
+class _PendingBatch:
+    """A batch handed to the encoder lanes and not yet written: `sources` says where each row's vector comes
+    from ("encoded" slot, "duplicate" of an earlier row's slot, "known" (vector, tokens), or "pending": a hash an
+    earlier pending batch is encoding, copied once that batch is written)."""
+
+    results: list[ReadResult]
+    sources: list[tuple[str, object]]
+    encoded: Future  # -> (vectors [N, D], token blobs) of the "encoded" rows
+    hashes: list[str]  # the content hashes this batch encodes
+
+
 class BatchAssembler:
-    """Turns reader results into writer calls: vectors by hash where possible, encoder batches otherwise."""
+    """Turns reader results into writer calls: vectors by hash where possible, encoder batches otherwise.
+
+    Encoder batches run on `lanes` (one inline call at a time without); up to one batch per lane is in flight
+    while the next one fills, and batches are written in the order they were made, so ids follow the reader's
+    order. `flush()` writes everything: call it before relying on the store."""
 
     def __init__(self, mapper: Mapper, writer: Writer, existing: dict[str, FileState], batch_size: int,
-                 backfill: dict[str, FileState] | None = None) -> None:
+                 backfill: dict[str, FileState] | None = None, lanes: EncoderLanes | None = None) -> None:
         self.mapper = mapper
         self.writer = writer
         self.existing = existing
         self.backfill = backfill or {}  # unchanged indexed files read again for their tokens only
         self.batch_size = max(1, batch_size)
+        self.lanes = lanes if lanes is not None else EncoderLanes(0)
         self.to_encode: list[ReadResult] = []
         self.to_tokenise: list[tuple[int, np.ndarray]] = []
         self.retry: list[ReadTask] = []  # known-hash files whose vector went away: decode them after all
-        self.encode_seconds = 0.0
+        self.pending: deque[_PendingBatch] = deque()
+        self._pending_hashes: set[str] = set()
+
+    @property
+    def encode_seconds(self) -> float:
+        return self.lanes.seconds
 
     def add(self, result: ReadResult) -> None:
         if result.error is not None:
@@ -268,46 +299,85 @@ class BatchAssembler:
             return
         self.to_encode.append(result)
         if len(self.to_encode) >= self.batch_size:
-            self.flush()
+            self._submit()
+            self._write_ready(keep=self.lanes.lanes)
 
     def flush_tokens(self) -> None:
         """Tokens of already indexed, unchanged images (their vectors are not touched)."""
         if not self.to_tokenise:
             return
         batch, self.to_tokenise = self.to_tokenise, []
-        started = time.perf_counter()
-        _, blobs = self.mapper.encode_with_tokens([pixels for _, pixels in batch])
-        self.encode_seconds += time.perf_counter() - started
+        pixels = [pixels for _, pixels in batch]
+        _, blobs = self.lanes.submit(lambda: self.mapper.encode_with_tokens(pixels)).result()
         self.writer.write_tokens([(image_id, blob) for (image_id, _), blob in zip(batch, blobs) if blob is not None])
 
     def flush(self) -> None:
+        """Encode what is buffered and write every pending batch."""
         self.flush_tokens()
-        if not self.to_encode:
-            return
+        if self.to_encode:
+            # The last, partial batch is shared out among the lanes (at least 4 images per call).
+            rows, self.to_encode = self.to_encode, []
+            parts = max(1, min(self.lanes.lanes, len(rows) // 4))
+            size = -(-len(rows) // parts)
+            for start in range(0, len(rows), size):
+                self.to_encode = rows[start:start + size]
+                self._submit()
+        self._write_ready(keep=0)
+
+    def _submit(self) -> None:
         batch, self.to_encode = self.to_encode, []
         # Identical bytes within a batch are encoded once; a hash embedded by an earlier batch is copied.
         unique: dict[str, int] = {}
         encode_rows: list[ReadResult] = []
         sources: list[tuple[str, object]] = []
         for result in batch:
-            slot = unique.get(result.content_hash)
+            content_hash = result.content_hash
+            slot = unique.get(content_hash)
             if slot is not None:
                 sources.append(("duplicate", slot))
                 continue
-            known = self.writer.reusable(result.content_hash) if result.content_hash in self.writer.hash_to_id else None
+            if content_hash in self._pending_hashes:
+                sources.append(("pending", None))
+                continue
+            known = self.writer.reusable(content_hash) if content_hash in self.writer.hash_to_id else None
             if known is not None:
                 sources.append(("known", known))
                 continue
-            unique[result.content_hash] = len(encode_rows)
+            unique[content_hash] = len(encode_rows)
             sources.append(("encoded", len(encode_rows)))
             encode_rows.append(result)
-        started = time.perf_counter()
-        encoded, encoded_tokens = self.mapper.encode_with_tokens([r.pixels for r in encode_rows])
-        self.encode_seconds += time.perf_counter() - started
-        vectors = [encoded[src] if kind != "known" else src[0] for kind, src in sources]
-        tokens = [encoded_tokens[src] if kind != "known" else src[1] for kind, src in sources]
-        reused = [kind != "encoded" for kind, _ in sources]
-        self.writer.write(batch, vectors, self.existing, reused, tokens)
+        pixels = [r.pixels for r in encode_rows]
+        encoded = self.lanes.submit(lambda: self.mapper.encode_with_tokens(pixels))
+        self._pending_hashes.update(unique)
+        self.pending.append(_PendingBatch(batch, sources, encoded, list(unique)))
+
+    def _write_ready(self, keep: int) -> None:
+        """Write pending batches in order: every finished one at the front, and older ones (waiting for them)
+        until at most `keep` are left."""
+        while self.pending and (len(self.pending) > keep or self.pending[0].encoded.done()):
+            self._write(self.pending.popleft())
+
+    def _write(self, item: _PendingBatch) -> None:
+        encoded, encoded_tokens = item.encoded.result()
+        vectors: list[np.ndarray] = []
+        tokens: list[bytes | None] = []
+        for result, (kind, source) in zip(item.results, item.sources):
+            if kind == "pending":
+                # An earlier batch encoded these bytes and has been written (batches are written in order).
+                source = self.writer.reusable(result.content_hash)
+                if source is None:  # it could not be copied after all (e.g. its tokens were not stored)
+                    vector, blob = self.mapper.encode_with_tokens([result.pixels])
+                    source = (vector[0], blob[0])
+                kind = "known"
+            if kind == "known":
+                vectors.append(source[0])
+                tokens.append(source[1])
+            else:
+                vectors.append(encoded[source])
+                tokens.append(encoded_tokens[source])
+        reused = [kind != "encoded" for kind, _ in item.sources]
+        self.writer.write(item.results, vectors, self.existing, reused, tokens)
+        self._pending_hashes.difference_update(item.hashes)
 
 
 def _now() -> str:

@@ -33,6 +33,7 @@ from clipsearch.store.interchange import is_url_path
 
 from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
                        plan_token_backfill)
+from .lanes import EncoderLanes
 from .reader import ParallelReader
 from .walk import WalkResult, walk
 
@@ -119,27 +120,31 @@ class LocalRunner:
         CPU seconds spent outside this process). Here: decoder processes feeding the encoder in batches."""
         options = self.options
         worker_cpu = 0.0
-        assembler = BatchAssembler(Mapper(model, codec), writer, plan.existing, options.batch_size, plan.backfill)
         total = len(plan.to_read)
         done = 0
         if progress:
             progress(0, total)
         if not plan.to_read:
             return 0.0, 0.0
-        with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
-                            chunk_size=options.chunk_size, nice=options.worker_nice) as reader:
-            for result in reader.read(plan.to_read):
-                worker_cpu += result.cpu_seconds
-                assembler.add(result)
-                done += 1
-                if progress and (done % 8 == 0 or done == total):
-                    progress(done, total)
-            assembler.flush()
-            if assembler.retry:
-                retry, assembler.retry = assembler.retry, []
-                for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
+        mapper = Mapper(model, codec)
+        with EncoderLanes(options.encoder_lanes) as lanes:
+            # Loads the graph while the decoder processes start; an error is raised again by the first batch.
+            lanes.submit(mapper.prepare)
+            assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes)
+            with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
+                                chunk_size=options.chunk_size, nice=options.worker_nice) as reader:
+                for result in reader.read(plan.to_read):
+                    worker_cpu += result.cpu_seconds
                     assembler.add(result)
+                    done += 1
+                    if progress and (done % 8 == 0 or done == total):
+                        progress(done, total)
                 assembler.flush()
+                if assembler.retry:
+                    retry, assembler.retry = assembler.retry, []
+                    for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
+                        assembler.add(result)
+                    assembler.flush()
         return assembler.encode_seconds, worker_cpu
 
     def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,

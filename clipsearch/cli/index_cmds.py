@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -14,6 +15,9 @@ import typer.core
 
 from . import app
 
+# Per encoder call. With one call per core on one intra-op thread each, 8 images cost less CPU per image than 32
+# (ViT-B-32 int8 on these 2 cores: benchmarks/RESULTS.md, indexing); small models barely notice.
+DEFAULT_CLI_BATCH = 8
 _INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
 
 
@@ -117,7 +121,8 @@ def index(
     paths: List[Path] = typer.Argument(..., help="Folders or image files to index (recursively)"),
     collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the collection's model, else the default model)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per encoder call"),
+    batch_size: int = typer.Option(DEFAULT_CLI_BATCH, "--batch-size", min=1, max=4096,
+                                    help="Images per encoder call (one call per encoder thread at a time)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: one per core; 0 = none)"),
     exclude: List[str] = typer.Option([], "--exclude", help="Glob of files or folders to leave out (repeatable)"),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also walk hidden and tool folders (.git, node_modules, ...)"),
@@ -177,9 +182,11 @@ def index(
                 try:
                     if budget is not None:
                         target.set_index_memory_budget(budget)
-                    clip = _collection_model(target, model, threads, as_json, tokens)
+                    lanes = encoder_lanes(threads) if ray_options is None else 1
+                    clip = _collection_model(target, model, 1 if ray_options is None else threads, as_json, tokens)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
-                                           include_hidden=include_hidden, rebuild=rebuild, tokens=tokens)
+                                           include_hidden=include_hidden, rebuild=rebuild, tokens=tokens,
+                                           encoder_lanes=lanes)
                     show_bar = not as_json and sys.stderr.isatty()
                     with _progress_bar(show_bar) as progress:
                         runner = LocalRunner(options) if ray_options is None else _ray_runner(options, ray_options)
@@ -266,6 +273,12 @@ def _format_bytes(count: int) -> str:
     from ..store.tokens import format_bytes
 
     return format_bytes(count)
+
+
+def encoder_lanes(threads: Optional[int]) -> int:
+    """`--threads N` (default: all cores) runs N encoder batches at once, each call on one intra-op thread
+    (indexer/lanes.py): the model is opened with one thread per call."""
+    return threads or os.cpu_count() or 1
 
 
 def _collection_model(target, model: Optional[str], threads: Optional[int], as_json: bool,

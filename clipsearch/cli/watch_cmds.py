@@ -13,8 +13,8 @@ from typing import Iterator, List, Optional, Sequence
 import typer
 
 from . import app
-from .index_cmds import (_INDEX_DIR_HELP, _Stopped, _collection_model, _interrupted, _print_summary, _signal_handler,
-                         _stop_on_signals)
+from .index_cmds import (DEFAULT_CLI_BATCH, _INDEX_DIR_HELP, _Stopped, _collection_model, _interrupted, _print_summary,
+                         _signal_handler, _stop_on_signals, encoder_lanes)
 
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -30,7 +30,8 @@ def watch(
     debounce: float = typer.Option(1.0, "--debounce", min=0.05, max=60,
                                    help="Seconds without changes before a batch is indexed (at most 5x this after "
                                         "its first change)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per encoder call"),
+    batch_size: int = typer.Option(DEFAULT_CLI_BATCH, "--batch-size", min=1, max=4096,
+                                    help="Images per encoder call (one call per encoder thread at a time)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: one per core; 0 = none)"),
     exclude: List[str] = typer.Option([], "--exclude", help="Glob of files or folders to leave out (repeatable)"),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also walk hidden and tool folders (.git, node_modules, ...)"),
@@ -65,9 +66,11 @@ def run_watch(paths: Sequence[Path], *, collection: str, model: Optional[str], b
             target = Collection.create(collection, index_dir)
             with target:
                 try:
-                    clip = _collection_model(target, model, threads, as_json, tokens)
+                    lanes = encoder_lanes(threads)
+                    clip = _collection_model(target, model, 1, as_json, tokens)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
-                                           include_hidden=include_hidden, rebuild=rebuild, tokens=tokens)
+                                           include_hidden=include_hidden, rebuild=rebuild, tokens=tokens,
+                                           encoder_lanes=lanes)
                     watcher = Watcher(target, clip, roots, options,
                                       WatchOptions(debounce=debounce, max_delay=5 * debounce,
                                                    rescan_interval=rescan_interval),

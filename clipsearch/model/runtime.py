@@ -141,6 +141,10 @@ class ClipModel:
         batch = self.tokenizer(texts)
         return np.ascontiguousarray(self.textual.run(batch.inputs), dtype=np.float32)
 
+    def open_visual(self) -> None:
+        """Load the visual graph now rather than on the first image."""
+        self.visual.run_prepare()
+
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)

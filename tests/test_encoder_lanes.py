@@ -1,0 +1,142 @@
+"""Encoder lanes (indexer/lanes.py): batches encoded in background threads, several at once, are written in the
+order they were made, copies of bytes still being encoded are copied rather than encoded again, and a run with
+lanes stores exactly what a serial run stores."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch.indexer.lanes import EncoderLanes
+from clipsearch.indexer.pipeline import BatchAssembler, IndexOptions, IndexSummary, Writer
+from clipsearch.indexer.reader import ReadResult, ReadTask
+from clipsearch.indexer.runner import index_paths
+from clipsearch.model.runtime import ClipModel
+from clipsearch.store.collection import Collection
+from clipsearch.store.database import Store
+from photo_fixtures import block_image, make_photos
+
+DIM = 4
+
+
+class GatedMapper:
+    """A stand-in encoder whose first call waits for `gate`: vectors are the first pixels of each image."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.sizes: list[int] = []  # images per call, in call order
+
+    def encode_with_tokens(self, images):
+        first = not self.sizes
+        self.sizes.append(len(images))
+        if first:
+            assert self.gate.wait(30), "the test never opened the gate"
+        vectors = np.stack([img.reshape(-1)[:DIM].astype(np.float32) + 1 for img in images]) if images else \
+            np.zeros((0, DIM), np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), [None] * len(images)
+
+
+def read_result(path: str, content_hash: str, value: int) -> ReadResult:
+    pixels = np.arange(12, dtype=np.uint8).reshape(2, 2, 3) + value
+    return ReadResult(ReadTask(path, 100 + value, value), content_hash=content_hash, width=2, height=2, pixels=pixels)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    with Store(tmp_path / "meta.sqlite") as opened:
+        yield opened
+
+
+def assembler_for(store: Store, mapper: GatedMapper, lanes: EncoderLanes) -> tuple[BatchAssembler, IndexSummary]:
+    summary = IndexSummary()
+    writer = Writer(store, "m@1", store.next_run_id(), DIM, summary)
+    return BatchAssembler(mapper, writer, {}, batch_size=1, lanes=lanes), summary
+
+
+def test_a_later_batch_that_finishes_first_waits_so_ids_follow_the_reading_order(store):
+    mapper = GatedMapper()
+    with EncoderLanes(2) as lanes:
+        assembler, summary = assembler_for(store, mapper, lanes)
+        assembler.add(read_result("/a", "h" * 32, 1))  # batch 1: held at the gate
+        assembler.add(read_result("/b", "g" * 32, 2))  # batch 2: encoded at once on the other lane
+        assembler.pending[1].encoded.result(timeout=30)  # batch 2 is done, batch 1 still held
+        assembler._write_ready(keep=2)
+        assert store.count() == 0 and len(assembler.pending) == 2  # nothing overtakes the held batch
+        mapper.gate.set()
+        assembler.flush()
+    assert store.count() == 2 and summary.added == 2
+    assert store.find_by_path("/a").id < store.find_by_path("/b").id
+
+
+def test_a_copy_of_bytes_an_earlier_pending_batch_encodes_is_copied_not_encoded(store):
+    mapper = GatedMapper()
+    with EncoderLanes(2) as lanes:
+        assembler, summary = assembler_for(store, mapper, lanes)
+        assembler.add(read_result("/a", "h" * 32, 1))  # held at the gate, so its hash is still pending
+        assembler.add(read_result("/copy-of-a", "h" * 32, 1))
+        mapper.gate.set()
+        assembler.flush()
+    assert sum(mapper.sizes) == 1  # the copy never reached the encoder
+    assert (summary.added, summary.reused, summary.embedded) == (2 - 1, 1, 1)
+    first, copy = store.find_by_path("/a"), store.find_by_path("/copy-of-a")
+    np.testing.assert_array_equal(store.vector(first.id, DIM), store.vector(copy.id, DIM))
+
+
+def test_an_encoder_error_in_a_lane_reaches_the_caller(store):
+    class Broken(GatedMapper):
+        def encode_with_tokens(self, images):
+            raise RuntimeError("graph failed")
+
+    with EncoderLanes(2) as lanes:
+        assembler, _ = assembler_for(store, Broken(), lanes)
+        with pytest.raises(RuntimeError, match="graph failed"):  # from add() or flush(), whichever writes it
+            assembler.add(read_result("/a", "h" * 32, 1))
+            assembler.flush()
+    assert store.count() == 0
+
+
+def test_the_last_partial_batch_is_shared_among_the_lanes(store):
+    mapper = GatedMapper()
+    mapper.gate.set()
+    with EncoderLanes(2) as lanes:
+        summary = IndexSummary()
+        writer = Writer(store, "m@1", store.next_run_id(), DIM, summary)
+        assembler = BatchAssembler(mapper, writer, {}, batch_size=32, lanes=lanes)
+        for i in range(10):
+            assembler.add(read_result(f"/{i}", f"{i:032d}", i))
+        assembler.flush()
+    assert sorted(mapper.sizes) == [5, 5] and summary.added == 10
+    ids = [store.find_by_path(f"/{i}").id for i in range(10)]
+    assert ids == sorted(ids)
+
+
+@pytest.fixture(scope="module")
+def one_thread_model(tiny_bundle):
+    return ClipModel(tiny_bundle, threads=1)
+
+
+def test_a_run_with_lanes_stores_what_a_serial_run_stores(tmp_path, one_thread_model):
+    photos = tmp_path / "photos"
+    make_photos(photos, 12)
+    for name in ("copy1.png", "copy2.png"):  # a copy in another batch than its original
+        block_image(3).save(photos / name)
+    stored = {}
+    for lanes, batch in ((0, 4), (2, 1), (2, 3)):
+        collection = Collection.create(f"lanes{lanes}b{batch}", tmp_path / "idx")
+        summary = index_paths(collection, one_thread_model, [str(photos)],
+                              IndexOptions(batch_size=batch, workers=1, encoder_lanes=lanes))
+        assert (summary.total, summary.embedded + summary.reused) == (14, 14)
+        states = collection.store.file_states()
+        stored[(lanes, batch)] = {Path(p).name: (s.id, collection.store.vector(s.id, one_thread_model.embed_dim))
+                                  for p, s in states.items()}
+        assert collection.check().ok
+        collection.close()
+    serial = stored[(0, 4)]
+    for key, rows in stored.items():
+        assert {name: image_id for name, (image_id, _) in rows.items()} == \
+            {name: image_id for name, (image_id, _) in serial.items()}, key
+        for name, (_, vector) in rows.items():
+            np.testing.assert_allclose(vector, serial[name][1], atol=1e-5)
