@@ -61,14 +61,14 @@ class ReadResult:
 
 def read_one(task: ReadTask, spec: PreprocessSpec, known_hashes: frozenset[str] | set[str] = frozenset()) -> ReadResult:
     """Hash and (unless known) decode one file; never raises for a bad file, returns `error` instead."""
-    from clipsearch.model.preprocess import open_image, open_regular_file, resize_for_model
+    from clipsearch.model.preprocess import open_image, open_regular_file, read_at_most, resize_for_model
 
     if task.size > MAX_IMAGE_FILE_BYTES:
         return ReadResult(task, error=f"file too large ({task.size:,} bytes)")
     try:
         # Never opens a FIFO, socket or device (one swapped in since the walk is caught by fstat).
         with open_regular_file(task.path) as handle:
-            data = handle.read(MAX_IMAGE_FILE_BYTES + 1)
+            data = read_at_most(handle, MAX_IMAGE_FILE_BYTES)
     except ImageError as exc:
         reason = exc.message[len(task.path) + 2:] if exc.message.startswith(task.path + ": ") else exc.message
         return ReadResult(task, error="file disappeared while indexing" if reason == "no such file" else reason)

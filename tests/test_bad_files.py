@@ -411,3 +411,34 @@ def test_a_stuck_decoder_is_replaced_after_the_file_timeout(tmp_path, model):
     assert sorted(r.task.path for r in results) == sorted(map(str, paths))
     assert [r.error for r in results if r.error] == []  # the file it held was read by the new worker
     assert not os.path.exists(f"/proc/{stopped[0]}")
+
+
+def test_files_are_read_whole_up_to_one_byte_past_the_limit_even_when_they_grow(tmp_path):
+    from clipsearch.model.preprocess import read_at_most
+
+    path = tmp_path / "photo.bin"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    with open(path, "rb") as handle:
+        assert read_at_most(handle, 1_000_000) == path.read_bytes()
+    with open(path, "rb") as handle:
+        assert len(read_at_most(handle, 1000)) == 1001  # one past the limit: the caller refuses it as too large
+    assert read_at_most(io.BytesIO(b"abc"), 10) == b"abc"  # no file descriptor: read to the limit
+
+    class Grown:
+        """A file that grew after it was measured: fstat reports the first 100 bytes only."""
+
+        def __init__(self, handle, measured) -> None:
+            self.handle, self.measured = handle, measured
+
+        def fileno(self) -> int:
+            return self.measured.fileno()
+
+        def read(self, size: int) -> bytes:
+            return self.handle.read(size)
+
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 100)
+    with open(path, "rb") as handle, open(small, "rb") as measured:
+        assert read_at_most(Grown(handle, measured), 1_000_000) == path.read_bytes()
+    with open(path, "rb") as handle, open(small, "rb") as measured:
+        assert len(read_at_most(Grown(handle, measured), 5000)) == 5001
