@@ -37,6 +37,7 @@ from .query import DEFAULT_RERANK_K, SearchHit, SearchQuery
 from .text import is_utf8
 
 STALE_REFRESH_SECONDS = 10.0
+BATCHED_MAX_K = 100  # deeper searches are not batched with others (Searcher.batchable)
 ALLOWED_CACHE_SIZE = 8  # allow-lists of recent filters, per store generation (the page re-queries as you type)
 
 # Re-ranking with an ITM head. The final score of a re-ranked hit is
@@ -435,6 +436,46 @@ class Searcher:
             return [hit for hit in scored if hit.match is not None and hit.match >= query.min_match]
         return scored + unscored + rest
 
+    @staticmethod
+    def batchable(query: SearchQuery) -> bool:
+        """Whether `search_many` answers `query` in a shared FAISS call: text terms only, no filter, no re-ranking,
+        the index's own nprobe and at most BATCHED_MAX_K hits, so its cost is one row of a batched search (never a
+        filter's SQLite scan, an ITM pass or a deep probe that would hold up the queries batched with it)."""
+        return (not query.rerank and (query.filter is None or not query.filter.active) and query.nprobe is None
+                and query.k <= BATCHED_MAX_K and all(term.kind == "text" for term in query.terms))
+
+    def search_many(self, queries: Sequence[SearchQuery], text_vectors: Mapping[str, np.ndarray]
+                    ) -> list[list[SearchHit] | Exception]:
+        """`search` for several queries: the `batchable` ones of the same k and nprobe in one FAISS call and one
+        SQLite read (the same k, so an IVF index's refine stage sees what a lone search sees), the others one by
+        one. Each entry is that query's hits, or the exception its search raised."""
+        answers: list[list[SearchHit] | Exception | None] = [None] * len(queries)
+        groups: dict[tuple[int, int | None], list[tuple[int, np.ndarray]]] = {}
+        for position, query in enumerate(queries):
+            try:
+                if not self.batchable(query):
+                    answers[position] = self.search(query, text_vectors)
+                    continue
+                vector = self.query_vector(query, text_vectors).vector
+                groups.setdefault((query.k, query.nprobe), []).append((position, vector))
+            except Exception as exc:  # noqa: BLE001 - this query's error, not the others'
+                answers[position] = exc
+        if groups:
+            self._follow_rebuild()
+            index = self.index
+            for (k, nprobe), rows in groups.items():
+                try:
+                    ranked = index.search(np.stack([vector for _, vector in rows]), k, nprobe=nprobe)
+                    with self.reading() as store:
+                        records = store.get_many(list({i for found in ranked for i, _ in found}))
+                except Exception as exc:  # noqa: BLE001 - every query of the group hears it
+                    for position, _ in rows:
+                        answers[position] = exc
+                    continue
+                for (position, _), found in zip(rows, ranked):
+                    answers[position] = _hits_from(found, records)
+        return [answer if answer is not None else [] for answer in answers]
+
     def search_vector(self, vector: np.ndarray, k: int, exclude_ids: Iterable[int] = (),
                       filter: SearchFilter | None = None, nprobe: int | None = None) -> list[SearchHit]:
         """The k nearest images to `vector`; with an active `filter`, the k nearest of those that pass it.
@@ -446,16 +487,7 @@ class Searcher:
                               nprobe=nprobe)[0]
         with self.reading() as store:
             records = store.get_many([i for i, _ in ranked])
-        hits = []
-        dated = filter is not None and filter.uses_date
-        for image_id, score in ranked:
-            record = records.get(image_id)
-            if record is None:  # the index is ahead of SQLite: never show a row we cannot name
-                continue
-            date, source = image_date(record.taken_at, record.mtime_ns) if dated else (None, None)
-            hits.append(SearchHit(id=image_id, path=record.path, score=round(score, 6), width=record.width,
-                                  height=record.height, taken_at=record.taken_at, date=date, date_source=source))
-        return hits
+        return _hits_from(ranked, records, dated=filter is not None and filter.uses_date)
 
     def allowed_ids(self, filter: SearchFilter) -> np.ndarray:
         """Sorted ids of the images that pass `filter`, from SQLite (the last few filters' lists are kept until
@@ -482,6 +514,19 @@ class Searcher:
         self._follow_rebuild()
         with self._lock:
             return empty_reason(self.collection.store, filter)
+
+
+def _hits_from(ranked: Sequence[tuple[int, float]], records: Mapping[int, object], dated: bool = False) -> list[SearchHit]:
+    """(id, score) best first -> hits with their metadata; ids SQLite does not know (yet) are left out."""
+    hits = []
+    for image_id, score in ranked:
+        record = records.get(image_id)
+        if record is None:  # the index is ahead of SQLite: never show a row we cannot name
+            continue
+        date, source = image_date(record.taken_at, record.mtime_ns) if dated else (None, None)
+        hits.append(SearchHit(id=image_id, path=record.path, score=round(score, 6), width=record.width,
+                              height=record.height, taken_at=record.taken_at, date=date, date_source=source))
+    return hits
 
 
 def _shell_quote(text: str) -> str:

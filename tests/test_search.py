@@ -99,6 +99,49 @@ def test_and_not_and_weights_combine_like_rclip(indexed, model):
     assert parse_weight("photo: a dog") == (1.0, "photo: a dog")
 
 
+def test_search_many_answers_each_query_as_its_own_search_would(indexed, model):
+    """Plain text queries of the same k share one FAISS call; the others (an image, a like, a filter, a deep k) are
+    searched one by one; a query that fails gets its own error and the others still get their hits."""
+    from clipsearch.filters import SearchFilter
+
+    collection, folder = indexed
+    searcher = Searcher(collection, model)
+    source = collection.store.find_by_path(str(folder / "photo_000.png"))
+    queries = [
+        SearchQuery.build(text="a red square", k=5),
+        SearchQuery.build(text="a blue circle", k=5),
+        SearchQuery.build(text="beach", not_texts=["^2:people"], k=5),
+        SearchQuery.build(text="a red square", k=3),
+        SearchQuery.build(text="a red square", k=200),  # deeper than batches take
+        SearchQuery.build(image=folder / "photo_000.png", k=4),
+        SearchQuery.build(like=source.id, k=4),
+        SearchQuery.build(text="a red square", k=5, filter=SearchFilter(orientation="landscape")),
+        SearchQuery.build(like=99999),  # fails
+    ]
+    assert [Searcher.batchable(q) for q in queries] == [True, True, True, True, False, False, False, False, False]
+    texts = ["a red square", "a blue circle", "beach", "people"]
+    vectors = dict(zip(texts, model.encode_text(texts)))
+    calls = []
+    index = searcher.index
+    original = index.search
+
+    def counted(rows, k, *args, **kwargs):
+        calls.append((len(rows), k))
+        return original(rows, k, *args, **kwargs)
+
+    index.search = counted
+    answers = searcher.search_many(queries, vectors)
+    del index.search
+    # The four others one by one (the failing one never reaches the index), then the batchable ones: a call per k.
+    assert len(calls) == 6 and sorted(calls[-2:]) == [(1, 3), (3, 5)]
+    assert isinstance(answers[-1], QueryError) and "99999" in answers[-1].message
+    for query, answer in zip(queries[:-1], answers[:-1]):
+        alone = searcher.search(query, vectors)
+        assert [(h.id, h.path, h.score) for h in answer] == [(h.id, h.path, h.score) for h in alone]
+        assert answer
+    assert len(answers[4]) == 17
+
+
 def test_weight_prefix_never_collides_with_ordinary_text():
     # Only "^W:" at the very start is a weight: times, ratios and "N:" stay text.
     for text in ("12:30 sunset", "2:beach", "16:9 panorama", " ^2:leading space", "photo: a dog", "a ^2:b"):

@@ -56,7 +56,7 @@ def wait_until(condition, what: str) -> None:
 
 
 def test_a_held_search_delays_neither_healthz_nor_other_searches(indexed, monkeypatch):
-    app = create_app(settings(indexed, workers=2))
+    app = create_app(settings(indexed, workers=2, batch_lanes=2))
     searcher = app.state.web.searcher()
     index = searcher.index
     original = index.search
@@ -89,7 +89,7 @@ def test_a_held_search_delays_neither_healthz_nor_other_searches(indexed, monkey
 def test_healthz_answers_while_every_worker_is_held_and_the_queue_is_full(indexed, monkeypatch):
     """workers=1, queue_limit=1: one search held, one waiting; a third is refused with 503 + Retry-After at once
     and /healthz still answers."""
-    app = create_app(settings(indexed, workers=1, queue_limit=1))
+    app = create_app(settings(indexed, workers=1, queue_limit=1, batch_lanes=1))  # the held search holds the lane
     state = app.state.web
     searcher = state.searcher()
     index = searcher.index
@@ -155,6 +155,8 @@ def test_concurrent_text_queries_share_encoder_calls_over_http(indexed, monkeypa
         responses = {text: future.result(timeout=HOLD) for text, future in answers.items()}
     assert len(calls) == 2, calls  # 9 queries, 2 encoder calls: the held one, then the 8 that queued behind it
     assert calls[0] == [first] and sorted(calls[1]) == sorted(others)
+    stats = batcher.stats()
+    assert (stats.search_calls, stats.largest_search) == (2, 8)  # and 2 searches of the index, the second for 8
     for text, response in responses.items():
         assert response.status_code == 200
         assert [r["id"] for r in response.json()["results"]] == indexed.text_ranking(text)[:20]
@@ -319,3 +321,13 @@ def test_bounded_executor_counts_a_job_until_it_finishes():
     finally:
         gate.set()
         executor.close()
+
+
+def test_the_serve_commands_batch_default_is_the_batchers():
+    import typer
+
+    from clipsearch.cli import app as cli_app
+    from clipsearch.web.batching import DEFAULT_MAX_BATCH
+
+    serve = typer.main.get_command(cli_app).commands["serve"]
+    assert next(p for p in serve.params if p.name == "max_batch").default == DEFAULT_MAX_BATCH

@@ -6,6 +6,11 @@ one call and completes every future with its own texts' vectors. While that call
 so under load a batch fills without waiting; a lone request waits at most `window`. This is what serving
 systems call dynamic batching (a queue, one batcher, a future per request).
 
+A request may also bring its search (`search`, for the queries `Searcher.batchable` accepts): after the encoder
+call the lane runs the batch's searches together (`Searcher.search_many`: one FAISS call and one SQLite read for
+the batch), so such a request needs no executor thread at all and the index is scanned once per batch rather
+than once per query.
+
 `lanes` batcher threads share the queue (one per core by default): while one lane's encoder call runs, the next
 lane gathers the requests that arrive meanwhile and encodes them on the other core. An onnxruntime session runs
 calls from several threads at once, and the serving graphs use one intra-op thread each, so the lanes are how
@@ -21,20 +26,23 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from clipsearch.errors import ClipsearchError
 
-DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_BATCH = 8  # 8 rather than 16: about the same QPS, a narrower latency spread (benchmarks/serve_load.py)
 DEFAULT_WINDOW_SECONDS = 0.002
 
 Embed = Callable[[list[str]], dict[str, np.ndarray]]
+# (queries, text -> vector) -> per query: its hits, or the exception its search raised (Searcher.search_many)
+SearchMany = Callable[[list[Any], Mapping[str, np.ndarray]], list[Any]]
 
 
 def default_lanes() -> int:
-    return max(1, os.cpu_count() or 1)
+    """One lane per core, and at least two: a lane held by one slow search leaves another to answer the rest."""
+    return max(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class BatchPolicy:
 @dataclass
 class _Pending:
     texts: tuple[str, ...]
+    query: Any = None  # a SearchQuery to search once its texts are embedded (the future then gets its hits)
     future: Future = field(default_factory=Future)
 
 
@@ -63,6 +72,8 @@ class BatcherStats:
     requests: int
     calls: int  # encoder calls (one per batch)
     largest_batch: int  # distinct texts in the largest call
+    search_calls: int = 0  # search_many calls (one per batch that brought searches)
+    largest_search: int = 0  # searches in the largest of them
 
 
 class BatcherClosed(ClipsearchError):
@@ -76,20 +87,28 @@ class TextBatcher:
     """Embeds the texts of concurrent requests together through `embed` (texts -> text: vector), which runs
     only in this batcher's thread. `submit` works from any thread; `vectors` is the awaitable form."""
 
-    def __init__(self, embed: Embed, policy: BatchPolicy = BatchPolicy(), name: str = "clipsearch-batcher") -> None:
+    def __init__(self, embed: Embed, policy: BatchPolicy = BatchPolicy(), name: str = "clipsearch-batcher",
+                 search: SearchMany | None = None, thread_setup: Callable[[], None] | None = None) -> None:
         self._embed = embed
+        self._search = search
+        self._thread_setup = thread_setup  # run first in each lane thread (e.g. one OpenMP thread for FAISS)
         self.policy = policy
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
         self._requests = self._calls = self._largest = 0
+        self._search_calls = self._largest_search = 0
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{lane}", daemon=True)
                          for lane in range(policy.lanes)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, texts: Sequence[str]) -> "Future[dict[str, np.ndarray]]":
-        pending = _Pending(tuple(texts))
+    def submit(self, texts: Sequence[str], query: Any = None) -> "Future[Any]":
+        """A future of the texts' vectors (text -> vector); with `query` (a batcher made with `search`), of the
+        query's hits, searched in the lane once `texts` (the query's texts) are embedded."""
+        if query is not None and self._search is None:
+            raise ValueError("this batcher was made without a search function")
+        pending = _Pending(tuple(texts), query)
         with self._lock:
             if self._closed:
                 raise BatcherClosed("the server is shutting down")
@@ -100,13 +119,16 @@ class TextBatcher:
     async def vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         return await asyncio.wrap_future(self.submit(texts))
 
+    async def hits(self, query: Any, texts: Sequence[str]) -> list[Any]:
+        return await asyncio.wrap_future(self.submit(texts, query))
+
     def waiting(self) -> int:
         """Requests queued and not yet taken into a batch."""
         return self._queue.qsize()
 
     def stats(self) -> BatcherStats:
         with self._lock:
-            return BatcherStats(self._requests, self._calls, self._largest)
+            return BatcherStats(self._requests, self._calls, self._largest, self._search_calls, self._largest_search)
 
     def close(self) -> None:
         with self._lock:
@@ -120,6 +142,8 @@ class TextBatcher:
 
     # -- the batcher thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        if self._thread_setup is not None:
+            self._thread_setup()
         while True:
             first = self._queue.get()
             if first is _STOP:
@@ -152,19 +176,42 @@ class TextBatcher:
             return
         texts = list(dict.fromkeys(text for pending in live for text in pending.texts))
         try:
-            vectors = self._call(texts)
+            vectors = self._call(texts) if texts else {}
         except Exception as exc:
             if len(live) == 1:  # the request hears it (a ClipsearchError keeps its HTTP status)
                 live[0].future.set_exception(exc)
                 return
-            for pending in live:  # one request's texts must not fail the others: answer each on its own
+            # One request's texts must not fail the others: embed each on its own.
+            vectors, answered = {}, []
+            for pending in live:
                 try:
-                    pending.future.set_result(self._call(list(dict.fromkeys(pending.texts))))
+                    vectors.update(self._call(list(dict.fromkeys(pending.texts))))
+                    answered.append(pending)
                 except Exception as own:
                     pending.future.set_exception(own)
-            return
+            live = answered
+        searches = [p for p in live if p.query is not None]
         for pending in live:
-            pending.future.set_result({text: vectors[text] for text in pending.texts})
+            if pending.query is None:
+                pending.future.set_result({text: vectors[text] for text in pending.texts})
+        if searches:
+            self._answer_searches(searches, vectors)
+
+    def _answer_searches(self, searches: list[_Pending], vectors: Mapping[str, np.ndarray]) -> None:
+        with self._lock:
+            self._search_calls += 1
+            self._largest_search = max(self._largest_search, len(searches))
+        try:
+            answers = self._search([p.query for p in searches], vectors)
+        except Exception as exc:  # a failure of the whole call: every search of the batch hears it
+            for pending in searches:
+                pending.future.set_exception(exc)
+            return
+        for pending, answer in zip(searches, answers):
+            if isinstance(answer, Exception):
+                pending.future.set_exception(answer)
+            else:
+                pending.future.set_result(answer)
 
     def _call(self, texts: list[str]) -> dict[str, np.ndarray]:
         with self._lock:

@@ -86,11 +86,7 @@ class BoundedExecutor:
         self._refused = 0
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
-        with self._lock:
-            if self._admitted >= self.limits.workers + self.limits.queue_limit:
-                self._refused += 1
-                raise ServerBusy(self.limits)
-            self._admitted += 1
+        self.admit()
         try:
             future = self._pool.submit(functools.partial(fn, *args, **kwargs))
         except BaseException:
@@ -98,6 +94,23 @@ class BoundedExecutor:
             raise
         future.add_done_callback(self._release)
         return future
+
+    def admit(self) -> None:
+        """Count one job of blocking work, or raise ServerBusy when workers + queue are full. `submit` does it for
+        its own jobs; work that runs elsewhere under the same bound (searches run in a batcher lane) calls this
+        and then `release_when_done` on its future (or `release` if it never started)."""
+        with self._lock:
+            if self._admitted >= self.limits.workers + self.limits.queue_limit:
+                self._refused += 1
+                raise ServerBusy(self.limits)
+            self._admitted += 1
+
+    def release_when_done(self, future: Future) -> None:
+        """Release the job `admit` counted once `future` is done (even when nobody awaits it any more)."""
+        future.add_done_callback(self._release)
+
+    def release(self) -> None:
+        self._release(None)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))

@@ -23,7 +23,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Serving under load (web/executor.py, web/batching.py): blocking work runs in `workers` threads (None: two per
 # core, at least 4) with at most `queue_limit` jobs waiting (503 + Retry-After beyond); concurrent text queries
 # are embedded together, up to `max_batch` texts gathered for at most `batch_window_ms`, by `batch_lanes` batcher
-# threads (None: one per core).
+# threads (None: one per core, at least two); a plain text query is also searched in its lane, with its batch
+# (`Searcher.search_many`), counted against the same `workers` + `queue_limit` bound.
 DEFAULT_BATCH_WINDOW_MS = DEFAULT_WINDOW_SECONDS * 1000
 
 

@@ -4,6 +4,7 @@ query-cache writer. Async routes hand their blocking work to `run` and their que
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from clipsearch.store.database import ImageRecord
 from .batching import BatchPolicy, TextBatcher, default_lanes
 from .cache_writer import TextCacheWriter
 from .errors import ApiError
-from .executor import BoundedExecutor, ExecutorLimits, default_workers
+from .executor import BoundedExecutor, ExecutorLimits, default_workers, one_thread_per_call
 from .images import THUMBNAIL_DIR, ThumbnailCache
 from .security import allowed_host_names
 from .served import ServedSearcher
@@ -65,8 +66,8 @@ class WebState:
             with self._lock:
                 batcher = self._batchers.get(name)
                 if batcher is None:
-                    batcher = TextBatcher(searcher.text_vectors, self.batch_policy,
-                                          name=f"clipsearch-batcher-{name}")
+                    batcher = TextBatcher(searcher.text_vectors, self.batch_policy, name=f"clipsearch-batcher-{name}",
+                                          search=searcher.search_many, thread_setup=one_thread_per_call)
                     self._batchers[name] = batcher
         return batcher
 
@@ -75,9 +76,20 @@ class WebState:
         return await self.batcher(searcher).vectors(texts) if texts else {}
 
     async def search(self, searcher: ServedSearcher, query: SearchQuery) -> list[SearchHit]:
-        """`searcher.search(query)` with the query texts embedded by the batcher and the rest in the executor."""
+        """`searcher.search(query)` with the query texts embedded by the batcher. A plain text query
+        (`Searcher.batchable`) is searched in the batcher's lane with the rest of its batch, counted against the
+        executor's bound like the executor's own jobs; any other query is searched in the executor."""
         query.validate()  # a bad text is this request's 400, never a batch's failure
         texts = [str(term.value) for term in query.terms if term.kind == "text"]
+        if texts and searcher.batchable(query):
+            self.executor.admit()
+            try:
+                future = self.batcher(searcher).submit(texts, query)
+            except BaseException:
+                self.executor.release()
+                raise
+            self.executor.release_when_done(future)
+            return await asyncio.wrap_future(future)
         vectors = await self.text_vectors(searcher, texts)
         return await self.run(searcher.search, query, vectors)
 

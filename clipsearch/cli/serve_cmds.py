@@ -47,10 +47,11 @@ def serve(
                                                "thumbnails (default: 2 per core, at least 4)"),
     queue_limit: int = typer.Option(64, "--queue-limit", min=0,
                                     help="Requests that may wait for a worker; more get 503 with Retry-After"),
-    max_batch: int = typer.Option(16, "--max-batch", min=1,
+    # 8 = web.batching.DEFAULT_MAX_BATCH, not imported here: the CLI starts without numpy (a test keeps them equal)
+    max_batch: int = typer.Option(8, "--max-batch", min=1,
                                   help="Most texts of concurrent queries embedded in one encoder call"),
     batch_lanes: Optional[int] = typer.Option(None, "--batch-lanes", min=1,
-                                              help="Encoder calls that may run at once (default: one per core)"),
+                                              help="Encoder calls that may run at once (default: one per core, at least 2)"),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, max=1000.0,
                                           help="How long a text query waits for others to share its encoder call"),
     root_path: str = typer.Option("", "--root-path", help="URL prefix when behind a reverse proxy"),
