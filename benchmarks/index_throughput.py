@@ -318,9 +318,9 @@ def markdown(report: dict, args) -> str:
               "reader alone in one worker process per core (CPU ms per image from the workers' CPU time); encode = the "
               "encoder alone as `clipsearch index` runs it (one call per core at once, one onnxruntime thread per call, "
               "the CLI's default batch; CPU ms per image from process CPU time). CPU bound = min(encode-only rate, "
-              "cores / (decode CPU + encode CPU)). The two vCPUs of this VM slow each other down, so decoding costs more "
-              "CPU per image while the other core works than alone; the bound computed with the decode cost measured "
-              "alone (one core busy) is shown beside it. CPU efficiency = images x (decode CPU + encode CPU) / CPU "
+              "cores / (decode CPU + encode CPU)). A core's work can cost more CPU while the other core works than "
+              "alone (the two vCPUs of this VM share a host), so decode CPU is also measured alone (in this process, "
+              "the other core idle) and the bound from that figure is shown beside it. CPU efficiency = images x (decode CPU + encode CPU) / CPU "
               "seconds the whole `clipsearch index` run used (main process + decode workers, from its --json "
               "`cpu_seconds`): the share of the CPU we got that went into decoding and encoding, which stays meaningful "
               "when other jobs take part of the cores):", "",

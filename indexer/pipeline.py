@@ -165,7 +165,8 @@ class Mapper:
 
 
 class Writer:
-    """Writes rows + vectors to the store, one transaction per batch (a killed run loses at most a batch)."""
+    """Writes rows + vectors to the store, one transaction per batch (a killed run loses only the batches still being
+    encoded: at most one per encoder lane plus the one filling)."""
 
     def __init__(self, store: Store, model_id: str, run_id: int, dim: int, summary: IndexSummary,
                  codec: TokenCodec | None = None) -> None:
