@@ -516,7 +516,8 @@ class Searcher:
             return empty_reason(self.collection.store, filter)
 
 
-def _hits_from(ranked: Sequence[tuple[int, float]], records: Mapping[int, object], dated: bool = False) -> list[SearchHit]:
+def _hits_from(ranked: Sequence[tuple[int, float]], records: Mapping[int, object],
+               dated: bool = False) -> list[SearchHit]:
     """(id, score) best first -> hits with their metadata; ids SQLite does not know (yet) are left out."""
     hits = []
     for image_id, score in ranked:

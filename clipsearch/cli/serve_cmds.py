@@ -51,7 +51,7 @@ def serve(
     max_batch: int = typer.Option(8, "--max-batch", min=1,
                                   help="Most texts of concurrent queries embedded in one encoder call"),
     batch_lanes: Optional[int] = typer.Option(None, "--batch-lanes", min=1,
-                                              help="Encoder calls that may run at once (default: one per core, at least 2)"),
+                                              help="Encoder calls at once (default: one per core, at least 2)"),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, max=1000.0,
                                           help="How long a text query waits for others to share its encoder call"),
     root_path: str = typer.Option("", "--root-path", help="URL prefix when behind a reverse proxy"),
