@@ -446,26 +446,26 @@ class Searcher:
 
     def search_many(self, queries: Sequence[SearchQuery], text_vectors: Mapping[str, np.ndarray]
                     ) -> list[list[SearchHit] | Exception]:
-        """`search` for several queries: the `batchable` ones of the same k and nprobe in one FAISS call and one
-        SQLite read (the same k, so an IVF index's refine stage sees what a lone search sees), the others one by
-        one. Each entry is that query's hits, or the exception its search raised."""
+        """`search` for several queries: the `batchable` ones of the same k in one FAISS call and one SQLite read
+        (the same k, so an IVF index's refine stage sees what a lone search sees), the others one by one. Each
+        entry is that query's hits, or the exception its search raised."""
         answers: list[list[SearchHit] | Exception | None] = [None] * len(queries)
-        groups: dict[tuple[int, int | None], list[tuple[int, np.ndarray]]] = {}
+        groups: dict[int, list[tuple[int, np.ndarray]]] = {}  # k -> (position, query vector)
         for position, query in enumerate(queries):
             try:
                 if not self.batchable(query):
                     answers[position] = self.search(query, text_vectors)
                     continue
                 vector = self.query_vector(query, text_vectors).vector
-                groups.setdefault((query.k, query.nprobe), []).append((position, vector))
+                groups.setdefault(query.k, []).append((position, vector))
             except Exception as exc:  # noqa: BLE001 - this query's error, not the others'
                 answers[position] = exc
         if groups:
             self._follow_rebuild()
             index = self.index
-            for (k, nprobe), rows in groups.items():
+            for k, rows in groups.items():
                 try:
-                    ranked = index.search(np.stack([vector for _, vector in rows]), k, nprobe=nprobe)
+                    ranked = index.search(np.stack([vector for _, vector in rows]), k)  # batchable: tuned nprobe
                     with self.reading() as store:
                         records = store.get_many(list({i for found in ranked for i, _ in found}))
                 except Exception as exc:  # noqa: BLE001 - every query of the group hears it

@@ -119,9 +119,6 @@ class TextBatcher:
     async def vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         return await asyncio.wrap_future(self.submit(texts))
 
-    async def hits(self, query: Any, texts: Sequence[str]) -> list[Any]:
-        return await asyncio.wrap_future(self.submit(texts, query))
-
     def waiting(self) -> int:
         """Requests queued and not yet taken into a batch."""
         return self._queue.qsize()
@@ -176,7 +173,7 @@ class TextBatcher:
             return
         texts = list(dict.fromkeys(text for pending in live for text in pending.texts))
         try:
-            vectors = self._call(texts) if texts else {}
+            vectors = self._call(texts)
         except Exception as exc:
             if len(live) == 1:  # the request hears it (a ClipsearchError keeps its HTTP status)
                 live[0].future.set_exception(exc)

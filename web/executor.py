@@ -86,31 +86,24 @@ class BoundedExecutor:
         self._refused = 0
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
-        self.admit()
-        try:
-            future = self._pool.submit(functools.partial(fn, *args, **kwargs))
-        except BaseException:
-            self._release(None)
-            raise
-        future.add_done_callback(self._release)
-        return future
+        return self.admitted(lambda: self._pool.submit(functools.partial(fn, *args, **kwargs)))
 
-    def admit(self) -> None:
-        """Count one job of blocking work, or raise ServerBusy when workers + queue are full. `submit` does it for
-        its own jobs; work that runs elsewhere under the same bound (searches run in a batcher lane) calls this
-        and then `release_when_done` on its future (or `release` if it never started)."""
+    def admitted(self, start: Callable[[], "Future[T]"]) -> "Future[T]":
+        """The future `start()` returns, counted as one job of blocking work until it is done (even when nobody
+        awaits it any more); ServerBusy, without calling `start`, when workers + queue are full. `submit` starts
+        its jobs in the pool; work that runs elsewhere under the same bound (searches in a batcher lane) too."""
         with self._lock:
             if self._admitted >= self.limits.workers + self.limits.queue_limit:
                 self._refused += 1
                 raise ServerBusy(self.limits)
             self._admitted += 1
-
-    def release_when_done(self, future: Future) -> None:
-        """Release the job `admit` counted once `future` is done (even when nobody awaits it any more)."""
+        try:
+            future = start()
+        except BaseException:
+            self._release(None)
+            raise
         future.add_done_callback(self._release)
-
-    def release(self) -> None:
-        self._release(None)
+        return future
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))

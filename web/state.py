@@ -82,14 +82,8 @@ class WebState:
         query.validate()  # a bad text is this request's 400, never a batch's failure
         texts = [str(term.value) for term in query.terms if term.kind == "text"]
         if texts and searcher.batchable(query):
-            self.executor.admit()
-            try:
-                future = self.batcher(searcher).submit(texts, query)
-            except BaseException:
-                self.executor.release()
-                raise
-            self.executor.release_when_done(future)
-            return await asyncio.wrap_future(future)
+            batcher = self.batcher(searcher)
+            return await asyncio.wrap_future(self.executor.admitted(lambda: batcher.submit(texts, query)))
         vectors = await self.text_vectors(searcher, texts)
         return await self.run(searcher.search, query, vectors)
 
