@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .store.collection import DEFAULT_COLLECTION, Collection, data_folder
+from .store.collection import DEFAULT_COLLECTION, Collection, data_folder, token_source
 from .errors import CollectionError, QueryError
 from .filters import EmptyReason, SearchFilter, empty_reason, image_date
 from .query import DEFAULT_RERANK_K, SearchHit, SearchQuery
@@ -344,11 +344,20 @@ class Searcher:
         self._follow_rebuild()
         with self._lock:
             collection = self.collection
-            if collection.store.has_any_tokens():
+            made_by = collection.store.get_meta("tokens_source")
+            has_tokens = collection.store.has_any_tokens()
+            current = token_source(self.model)
+            if has_tokens and (made_by is None or current is None or made_by == current):
                 return
             name = collection.name
             roots = list(collection.store.indexed_roots())
         where = " ".join(_shell_quote(r) for r in roots[:3]) if roots else "PATH"
+        if has_tokens:
+            raise QueryError(
+                f"collection {name!r} holds image tokens of another ITM head than model {self.model.info.name}'s "
+                "(the bundle's re-ranker was updated since they were computed)",
+                f"Compute them again with: clipsearch index {where} --collection {name} (their vectors are "
+                "kept); or search without --rerank.")
         raise QueryError(
             f"collection {name!r} has no stored image tokens, which re-ranking reads (it was indexed before they "
             "were stored, or without them)",

@@ -413,3 +413,34 @@ def test_sigkill_mid_index_and_mid_backfill_leaves_tokens_consistent(blip_bundle
     assert summary["tokens_added"] == total - tokens and summary["added"] == 0
     with Collection.open(NAME, root) as collection:
         assert collection.check().ok and collection.store.count_tokens() == total
+
+
+def test_tokens_of_another_itm_head_are_refused_and_an_index_run_recomputes_them(blip_bundle, tmp_path):
+    """A re-trained head keeps the model id (its embedding is unchanged) but changes the tokens: tokens recorded
+    as made by another visual graph are not re-ranked with, and the next index run computes them again."""
+    folder, index_dir = tmp_path / "photos", tmp_path / "collections"
+    make_photos(folder, 6)
+    _index(folder, index_dir, blip_bundle)
+    made_by = ClipModel(blip_bundle, threads=1).info.files["visual.onnx"]
+    with Collection.open(NAME, index_dir) as collection:
+        assert collection.store.get_meta("tokens_source") == made_by
+        collection.store.set_meta({"tokens_source": "0" * 64})  # as if an earlier head had made them
+    with Searcher(Collection.open(NAME, index_dir), ClipModel(blip_bundle, threads=1)) as searcher:
+        with pytest.raises(QueryError, match="another ITM head") as caught:
+            searcher.search(SearchQuery.build(text=TEXT, rerank=True))
+        assert f"clipsearch index {folder} --collection {NAME}" in caught.value.hint
+    summary = _index(folder, index_dir, blip_bundle)
+    assert summary.unchanged == 6 and summary.added == 0 and summary.tokens_added == 6
+    with Collection.open(NAME, index_dir) as collection:
+        assert collection.store.get_meta("tokens_source") == made_by and collection.check().ok
+    with Searcher(Collection.open(NAME, index_dir), ClipModel(blip_bundle, threads=1)) as searcher:
+        hits = searcher.search(SearchQuery.build(text=TEXT, rerank=True, k=6))
+        assert len(hits) == 6 and all(h.match is not None for h in hits)
+
+    # Tokens stored before their source was recorded are trusted by search but computed again by the next run.
+    with Collection.open(NAME, index_dir) as collection:
+        with collection.store.conn:
+            collection.store.conn.execute("DELETE FROM meta WHERE key = 'tokens_source'")
+    with Searcher(Collection.open(NAME, index_dir), ClipModel(blip_bundle, threads=1)) as searcher:
+        assert len(searcher.search(SearchQuery.build(text=TEXT, rerank=True, k=3))) == 3
+    assert _index(folder, index_dir, blip_bundle).tokens_added == 6

@@ -135,6 +135,14 @@ class TokenChoice:
     codec: TokenCodec | None
     reason: str = ""
     explicit: bool = False  # --tokens / --no-tokens was given
+    source: str | None = None  # sha256 of the visual graph that computes the tokens (`token_source`)
+
+
+def token_source(model) -> str | None:
+    """What made a model's image tokens: its visual graph's sha256. The model id stays when a bundle's ITM head
+    is re-trained (the embedding is unchanged), but the tokens change with the head's image tokenizer."""
+    info = getattr(model, "info", None)
+    return info.files.get("visual.onnx") if info is not None else None
 
 
 def model_token_codec(model) -> TokenCodec | None:
@@ -474,15 +482,17 @@ class Collection:
                                       "Leave out --tokens, or index with a model that can re-rank (e.g. an "
                                       "`clipsearch models export-blip` bundle).")
             return TokenChoice(None, "the model has no ITM head")
+        source = token_source(model)
         if requested:
-            return TokenChoice(codec, "--tokens", explicit=True)
+            return TokenChoice(codec, "--tokens", explicit=True, source=source)
         remembered = self.tokens_setting
         if remembered == "on":
-            return TokenChoice(codec, "stored since an earlier run")
+            return TokenChoice(codec, "stored since an earlier run", source=source)
         if remembered == "off":
             return TokenChoice(None, "turned off by an earlier run (--tokens turns them on)")
         if codec.bytes_per_image <= max_default_bytes:
-            return TokenChoice(codec, f"the ITM head's tokens take {format_bytes(codec.bytes_per_image)}/image")
+            return TokenChoice(codec, f"the ITM head's tokens take {format_bytes(codec.bytes_per_image)}/image",
+                               source=source)
         return TokenChoice(None, f"the ITM head's tokens would take {format_bytes(codec.bytes_per_image)}/image "
                                  f"(more than {format_bytes(max_default_bytes)}): store them with --tokens")
 
@@ -492,9 +502,12 @@ class Collection:
         store = self.store
         if choice.codec is not None:
             recorded = self.token_codec
-            if recorded is not None and recorded != choice.codec and store.has_any_tokens():
-                store.delete_all_tokens()  # another layout than the stored rows: compute them again
-            store.set_meta({"tokens": "on", **choice.codec.to_meta()})
+            made_by = store.get_meta("tokens_source")
+            if store.has_any_tokens() and ((recorded is not None and recorded != choice.codec)
+                                           or (choice.source is not None and made_by != choice.source)):
+                store.delete_all_tokens()  # another layout, or another head made them: compute them again
+            store.set_meta({"tokens": "on", **choice.codec.to_meta(),
+                            **({"tokens_source": choice.source} if choice.source else {})})
         elif choice.explicit:
             store.delete_all_tokens()
             store.set_meta({"tokens": "off"})
