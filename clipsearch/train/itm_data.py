@@ -19,11 +19,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from .data import SCENE_TEMPLATES, SINGLE_TEMPLATES, article
+
+if TYPE_CHECKING:
+    from .emoji_data import Concept
 
 SKIN_TONE_SUFFIX = " skin tone"
 
@@ -124,6 +127,7 @@ class ItmFeatures:
     text_embeds: np.ndarray  # float32 [M, E]
     text_states: np.ndarray  # float16 [sum of lengths, Dt]
     text_offsets: np.ndarray  # int64 [M + 1]
+    image_unseen: np.ndarray | None = None  # bool [N]: art of a head style, which the towers never saw
 
     def states(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded hidden states float32 [B, L, Dt] and attention mask int64 [B, L] of the given captions."""
@@ -138,12 +142,12 @@ class ItmFeatures:
         return out, mask
 
     def save(self, path: Path) -> None:
-        np.savez(path, **{k: v for k, v in self.__dict__.items()})
+        np.savez(path, **{k: v for k, v in self.__dict__.items() if v is not None})
 
     @classmethod
     def load(cls, path: Path) -> "ItmFeatures":
         with np.load(path) as raw:
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class ItmCorpus:
     pairs: dict[int, list[int]]
     singles: np.ndarray  # sprite indices rendered as singles (training)
     val: np.ndarray  # sprite indices of the validation split
+    first_unseen: int | None = None  # sprites from this index on are head styles' art (unseen by the towers)
 
     def key(self, extra: str) -> str:
         digest = hashlib.sha256(extra.encode())
@@ -163,13 +168,25 @@ class ItmCorpus:
 
 
 def build_corpus(labels: Sequence[str], sprite_concepts: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                 n_scenes: int, seed: int) -> ItmCorpus:
+                 n_scenes: int, seed: int, first_unseen: int | None = None) -> ItmCorpus:
     rng = np.random.default_rng(seed + 1)
     captions = Captions([], {})
     per_concept = concept_caption_ids(captions, labels)
     present = np.unique(sprite_concepts[train_idx])
     scenes = make_scenes(captions, labels, present, n_scenes, rng)
-    return ItmCorpus(list(labels), captions.texts, per_concept, scenes, minimal_pairs(labels), train_idx, val_idx)
+    return ItmCorpus(list(labels), captions.texts, per_concept, scenes, minimal_pairs(labels), train_idx, val_idx,
+                     first_unseen)
+
+
+def family_split(concepts: Sequence["Concept"], sprite_concepts: np.ndarray, val_fraction: float,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) sprite indices, split by emoji family (an emoji with all its skin tones): no
+    validation image has a sibling of another tone, or the same emoji in another of these styles, in training."""
+    families = sorted({c.base_label for c in concepts})
+    rng = np.random.default_rng(seed)
+    held = {families[i] for i in rng.permutation(len(families))[:int(round(len(families) * val_fraction))]}
+    is_val = np.array([concepts[int(c)].base_label in held for c in sprite_concepts], dtype=bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def encode_texts_with_states(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]],

@@ -20,7 +20,7 @@ import torch
 from ..model.bundle import read_bundle, read_preprocess, write_model_json
 from ..model.tokenizer import TextTokenizer
 from .augment import composite_white, render_batch
-from .itm_data import ItmCorpus, ItmFeatures, build_corpus, encode_texts_with_states
+from .itm_data import ItmCorpus, ItmFeatures, build_corpus, encode_texts_with_states, family_split
 from .itm_graphs import IMAGE_TOKENS, TEXT_TOKENS, expose_text_states, graft_image_tokens, image_feature_map, \
     tapped, text_hidden_states
 from .itm_head import ItmHead, ItmHeadConfig
@@ -72,10 +72,10 @@ def build_features(tapped_bundle: TappedBundle, corpus: ItmCorpus, sprites: np.n
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 3)
     size = sprites.shape[1]
-    embeds, fmaps, concepts, scene_of, val = [], [], [], [], []
+    embeds, fmaps, concepts, scene_of, val, unseen = [], [], [], [], [], []
     empty = np.zeros((0, size, size, 4), dtype=np.uint8)
 
-    def add(rgb: torch.Tensor, concept: np.ndarray, scene: np.ndarray, is_val: bool) -> None:
+    def add(rgb: torch.Tensor, concept: np.ndarray, scene: np.ndarray, is_val: bool, is_unseen: np.ndarray) -> None:
         for start in range(0, len(rgb), 512):
             e, f = tapped_bundle.images(rgb[start:start + 512])
             embeds.append(e)
@@ -83,6 +83,9 @@ def build_features(tapped_bundle: TappedBundle, corpus: ItmCorpus, sprites: np.n
         concepts.append(concept)
         scene_of.append(scene)
         val.append(np.full(len(rgb), is_val))
+        unseen.append(is_unseen)
+
+    first_unseen = len(sprites) if corpus.first_unseen is None else corpus.first_unseen
 
     for is_val, idx in ((False, corpus.singles), (True, corpus.val)):
         for copy in range(1 if is_val else 1 + copies):
@@ -90,7 +93,7 @@ def build_features(tapped_bundle: TappedBundle, corpus: ItmCorpus, sprites: np.n
                 part = idx[start:start + 2048]
                 rgb = (composite_white(sprites[part]) if copy == 0
                        else render_batch(sprites[part], empty, empty, np.zeros(0, np.int64), size, gen))
-                add(rgb, sprite_concepts[part], np.full(len(part), -1), is_val)
+                add(rgb, sprite_concepts[part], np.full(len(part), -1), is_val, part >= first_unseen)
         log(f"  rendered and embedded {'validation' if is_val else 'training'} singles")
     by_concept: dict[int, list[int]] = {}
     for i in corpus.singles:
@@ -100,11 +103,12 @@ def build_features(tapped_bundle: TappedBundle, corpus: ItmCorpus, sprites: np.n
         a = sprites[[rng.choice(by_concept[s.a]) for s in part]]
         b = sprites[[rng.choice(by_concept[s.b]) for s in part]]
         rgb = render_batch(np.zeros((0, size, size, 4), np.uint8), a, b, np.array([s.layout for s in part]), size, gen)
-        add(rgb, np.full(len(part), -1), np.arange(start, start + len(part)), False)
+        add(rgb, np.full(len(part), -1), np.arange(start, start + len(part)), False, np.zeros(len(part), bool))
     log(f"  rendered and embedded {len(corpus.scenes)} scenes")
     text_embeds, states, offsets = encode_texts_with_states(tapped_bundle.texts, corpus.captions, log=log)
     return ItmFeatures(np.concatenate(embeds), np.concatenate(fmaps), np.concatenate(concepts).astype(np.int64),
-                       np.concatenate(scene_of).astype(np.int64), np.concatenate(val), text_embeds, states, offsets)
+                       np.concatenate(scene_of).astype(np.int64), np.concatenate(val), text_embeds, states, offsets,
+                       np.concatenate(unseen))
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -180,6 +184,13 @@ def write_itm_bundle(source: Path, out: Path, head: ItmHead, itc_weight: float, 
     for name in ("tokenizer.json", "preprocess.json", "ATTRIBUTION.md", "text_head.npy"):
         if info.file(name).is_file() and source.resolve() != out.resolve():
             shutil.copyfile(info.file(name), out / name)  # a file shared with a sibling is copied here
+    attribution = out / "ATTRIBUTION.md"
+    if provenance.get("head_styles") and attribution.is_file():
+        from .emoji_data import HEAD_ATTRIBUTION
+
+        text = attribution.read_text(encoding="utf-8")
+        if HEAD_ATTRIBUTION not in text:
+            attribution.write_text(text.rstrip("\n") + "\n" + HEAD_ATTRIBUTION, encoding="utf-8")
     visual = graft_image_tokens(onnx.load(str(info.file("visual.onnx"))), tokenizer_graph)
     onnx.save(visual, str(out / "visual.onnx"))
     onnx.save(expose_text_states(onnx.load(str(info.file("textual.onnx")))), str(out / "textual.onnx"))
@@ -219,6 +230,10 @@ class ItmRunRequest:
     init: Path | None = None  # continue from a head checkpoint (e.g. a run with the matching loss only)
     rank_queries: int = 0  # queries per step of the re-ranking loss (0: matching loss only)
     grid_side: int | None = None  # the image tokens' feature map: None = the last stage, else its side (6: 6×6)
+    # Styles the towers never saw (emoji_data.HEAD_STYLES): the head trains on most of their families and λ is
+    # chosen on the rest; with none, it trains on the training styles alone and λ on the towers' validation split.
+    head_styles: tuple[str, ...] = ()
+    head_val_fraction: float = 0.15
 
 
 def provenance_init(init: Path | None) -> dict | None:
@@ -242,12 +257,21 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     size = bundle.preprocess.size[0]
     dataset = open_emoji_dataset(size)
     sets = [dataset.sprites(s) for s in TRAIN_STYLES]
+    train_idx, val_idx = _split(sum(len(s.images) for s in sets), 0.03, np.random.default_rng(0))  # the towers'
+    first_unseen = None
+    if request.head_styles:  # the towers' validation sprites stay out; λ is chosen on unseen art instead
+        first_unseen = sum(len(s.images) for s in sets)
+        head_sets = [dataset.sprites(s) for s in request.head_styles]
+        head_train, head_val = family_split(dataset.concepts, np.concatenate([s.concepts for s in head_sets]),
+                                            request.head_val_fraction, request.seed)
+        train_idx, val_idx = np.concatenate([train_idx, first_unseen + head_train]), first_unseen + head_val
+        sets += head_sets
     sprites = np.concatenate([s.images for s in sets])
     sprite_concepts = np.concatenate([s.concepts for s in sets]).astype(np.int64)
-    train_idx, val_idx = _split(len(sprites), 0.03, np.random.default_rng(0))  # the towers' own split
     labels = [c.label for c in dataset.concepts]
-    corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed)
+    corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed, first_unseen)
     grid = "" if request.grid_side is None else f"grid{request.grid_side}"
+    grid += "".join(f"+{s}" for s in request.head_styles)
     # the model id follows visual.onnx only; the text states come from textual.onnx, so its checksum is in the key
     source = bundle.info.model_id + bundle.info.files.get("textual.onnx", "")
     cache = request.work_dir / f"features-{corpus.key(source + str(request.copies) + grid)}.npz"
@@ -279,7 +303,10 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
         "steps": result.steps, "train_seconds": round(result.seconds, 1), "feature_seconds": round(feature_seconds, 1),
         "config": asdict(cfg), "copies": request.copies, "scenes": len(corpus.scenes),
         "captions": len(corpus.captions), "minimal_pair_concepts": len(corpus.pairs),
-        "validation": [asdict(r) for r in table], "itc_weight_chosen_on": "validation split of the training styles",
+        "validation": [asdict(r) for r in table],
+        "itc_weight_chosen_on": (f"held-out families of {', '.join(request.head_styles)}" if request.head_styles
+                                 else "validation split of the training styles"),
+        "head_styles": list(request.head_styles),
         "threads": torch.get_num_threads(), "itm_graph_validation": graph_figures,
         "learned_itc_weight": result.learned_itc_weight, "init": provenance_init(request.init),
         "feature_map": f"{features.feature_maps.shape[1]}×{features.feature_maps.shape[2]}×{features.feature_maps.shape[3]}",

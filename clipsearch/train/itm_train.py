@@ -45,10 +45,17 @@ class ItmTrainConfig:
     # The re-ranking loss: queries whose candidates are their ITC top `rank_candidates` (distinct concepts among
     # the training renderings, the right one included), scored by ITM margin + λ·cosine (λ learned, starting
     # at rank_itc_weight), softmax cross-entropy towards the right image.
-    rank_queries: int = 0  # off by default: on the training styles it lowered validation R@1 (MODEL_CARD)
+    rank_queries: int = 0  # off by default: on the training styles it lowered validation R@1 (MODEL_CARD); with
+    # unseen art its queries and candidates come from that art
     rank_candidates: int = 16
     rank_itc_weight: float = 20.0
     init: str | None = None  # a head checkpoint to start from
+    # With art the towers never saw (ItmFeatures.image_unseen): the share of each batch's singles drawn from it,
+    # and for each such single two more negatives mined over the whole pool rather than the batch: a name among
+    # the image's ITC top `global_k` names and an image among its name's ITC top `global_k` images — the
+    # confusions the head meets when it re-ranks a top 32 (0: off).
+    unseen_fraction: float = 0.5
+    global_k: int = 16
 
 
 @dataclass
@@ -69,12 +76,53 @@ class _Sampler:
         train = ~features.image_val
         self.singles = np.flatnonzero(train & (features.image_scene < 0))
         self.scene_images = np.flatnonzero(features.image_scene >= 0)
+        unseen = features.image_unseen if features.image_unseen is not None else np.zeros(len(train), bool)
+        self.unseen = np.flatnonzero(train & (features.image_scene < 0) & unseen)
+        self.seen = np.flatnonzero(train & (features.image_scene < 0) & ~unseen)
+        self.near_names, self.near_images = ({}, {}) if not cfg.global_k else self._neighbours(cfg.global_k)
+
+    def _neighbours(self, k: int) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Per unseen training image: the concepts of its ITC top-k names (its own left out); per concept: its
+        name's ITC top-k unseen training images of other concepts."""
+        if not len(self.unseen):
+            return {}, {}
+        names = self.f.text_embeds[[c[0] for c in self.c.concept_captions]]
+        images = self.f.image_embeds[self.unseen]
+        k = max(1, min(k, len(names) - 1, len(images) - 1))
+        concepts = self.f.image_concepts[self.unseen]
+        near_names: dict[int, np.ndarray] = {}
+        for start in range(0, len(images), 2048):
+            sim = images[start:start + 2048] @ names.T
+            sim[np.arange(len(sim)), concepts[start:start + 2048]] = -np.inf
+            for row, top in zip(self.unseen[start:start + 2048], np.argpartition(-sim, k, axis=1)[:, :k]):
+                near_names[int(row)] = top
+        near_images: dict[int, np.ndarray] = {}
+        present = np.unique(concepts)
+        for start in range(0, len(present), 512):
+            chunk = present[start:start + 512]
+            sim = names[chunk] @ images.T
+            sim[concepts[None, :] == chunk[:, None]] = -np.inf
+            for concept, top in zip(chunk, np.argpartition(-sim, k, axis=1)[:, :k]):
+                near_images[int(concept)] = self.unseen[top]
+        return near_names, near_images
+
+    def _single_candidates(self) -> np.ndarray:
+        n = self.cfg.batch_singles * 3
+        if not len(self.unseen) or not self.cfg.unseen_fraction:
+            return self.rng.choice(self.singles, n, replace=False)
+        m = min(int(round(n * self.cfg.unseen_fraction)), len(self.unseen))
+        pool = np.concatenate([self.rng.choice(self.unseen, m, replace=False),
+                               self.rng.choice(self.seen, min(n - m, len(self.seen)), replace=False)])
+        self.rng.shuffle(pool)
+        return pool
 
     def batch(self) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
-        """(image rows, positive caption ids, constructed negative caption id or None per pair)."""
+        """(image rows, positive caption ids, constructed negative caption id or None per pair); the pool-mined
+        negative pairs of this batch are left in `self.mined` as (image row, caption id)."""
         rows, caps, negs = [], [], []
+        self.mined: list[tuple[int, int]] = []
         taken: set[int] = set()
-        for row in self.rng.choice(self.singles, self.cfg.batch_singles * 3, replace=False):
+        for row in self._single_candidates():
             concept = int(self.f.image_concepts[row])
             if concept in taken:
                 continue
@@ -85,6 +133,11 @@ class _Sampler:
             caps.append(variants[v])
             mates = self.c.pairs.get(concept)
             negs.append(self.c.concept_captions[int(self.rng.choice(mates))][v] if mates else None)
+            if int(row) in self.near_names:
+                other = int(self.rng.choice(self.near_names[int(row)]))
+                self.mined.append((int(row), self.c.concept_captions[other][v]))
+            if concept in self.near_images:
+                self.mined.append((int(self.rng.choice(self.near_images[concept])), variants[v]))
             if len(rows) == self.cfg.batch_singles:
                 break
         n = 0
@@ -105,14 +158,16 @@ class _Sampler:
         """(caption ids [B], candidate rows [B, K] of distinct concepts in ITC order with the right concept's
         best rendering among them, index of that one per query [B])."""
         k = self.cfg.rank_candidates
-        rows = self.rng.choice(self.singles, self.cfg.rank_queries, replace=False)
+        pool = self.unseen if len(self.unseen) else self.singles  # unseen art: where the towers' top 1 is wrong
+        rows = self.rng.choice(pool, self.cfg.rank_queries, replace=False)
         caps = []
         for row in rows:
             variants = self.c.concept_captions[int(self.f.image_concepts[row])]
             caps.append(variants[0] if self.rng.random() < 0.6 else variants[int(self.rng.integers(len(variants)))])
         caps = np.array(caps)
-        sims = self.f.text_embeds[caps] @ self.f.image_embeds[self.singles].T
-        top = np.argpartition(-sims, 20 * k, axis=1)[:, :20 * k]
+        sims = self.f.text_embeds[caps] @ self.f.image_embeds[pool].T
+        wide = min(20 * k, sims.shape[1] - 1)  # enough renderings to hold k distinct concepts
+        top = np.argpartition(-sims, wide, axis=1)[:, :wide]
         cands, targets = [], []
         for q, row in enumerate(rows):
             concept = int(self.f.image_concepts[row])
@@ -120,10 +175,10 @@ class _Sampler:
             seen: set[int] = set()
             chosen: list[int] = []
             for col in order:
-                c = int(self.f.image_concepts[self.singles[col]])
+                c = int(self.f.image_concepts[pool[col]])
                 if c not in seen:
                     seen.add(c)
-                    chosen.append(int(self.singles[col]))
+                    chosen.append(int(pool[col]))
                 if len(chosen) == k:
                     break
             concepts = [int(self.f.image_concepts[r]) for r in chosen]
@@ -178,7 +233,7 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
         sim = features.image_embeds[rows] @ features.text_embeds[caps].T
         neg_text = caps[_mine(sim, cfg.mining_temperature, rng)]
         neg_image = rows[_mine(sim.T.copy(), cfg.mining_temperature, rng)]
-        built = [(r, n) for r, n in zip(rows, negs) if n is not None]
+        built = [(r, n) for r, n in zip(rows, negs) if n is not None] + sampler.mined
         pair_rows = np.concatenate([rows, rows, neg_image, [r for r, _ in built]]).astype(np.int64)
         pair_caps = np.concatenate([caps, neg_text, caps, [n for _, n in built]]).astype(np.int64)
         labels = torch.zeros(len(pair_rows), dtype=torch.long)
