@@ -7,9 +7,13 @@ constructed negatives are added: a minimal-pair name for a single ("woman cook" 
 swapped or other-relation caption for a scene. Loss: 2-way cross-entropy over all of them. The image tokens
 go through int8 rounding as the index stores them.
 
-λ (the ITC weight of the final score, ITM match logit + λ·cosine) is chosen on the validation split of the
-training styles (sprites neither tower nor head trained on): the value with the best R@1 of re-ranking the
-top 32, among those that do not lower R@10.
+With art the towers never saw (the head styles, `ItmFeatures.image_unseen`), half of each batch's singles come
+from it, each with two more negatives mined over the whole pool (the image's ITC look-alike names, the name's
+look-alike images), and the listwise loss draws from it too.
+
+λ (the ITC weight of the final score, ITM match logit + λ·cosine) is chosen on the validation split: held-out
+emoji families of the head styles, or without them the training styles' sprites neither tower nor head trained
+on; the value with the best R@1 of re-ranking the top 32, among those that do not lower R@10.
 """
 
 from __future__ import annotations
