@@ -198,11 +198,11 @@ def test_unseen_art_fills_half_the_batch_and_its_pool_mined_negatives_are_the_it
     sampler = _Sampler(features, corpus, ItmTrainConfig(batch_singles=8, batch_scenes=0, global_k=3, unseen_fraction=0.5))
     text = features.text_embeds
     for _ in range(20):
-        rows, caps, _ = sampler.batch()
+        rows, caps, _, mined = sampler.batch()
         assert len(set(features.image_concepts[rows].tolist())) == len(rows)
         assert features.image_unseen[rows].any() and not features.image_unseen[rows].all()
-        assert len(sampler.mined) >= 2 * features.image_unseen[rows].sum()
-        for row, cap in sampler.mined:  # (image, caption) pairs that do not match
+        assert len(mined) >= 2 * features.image_unseen[rows].sum()
+        for row, cap in mined:  # (image, caption) pairs that do not match
             assert features.image_concepts[row] != cap and features.image_unseen[row]  # caption i names concept i
             sims = text @ features.image_embeds[row]
             sims[features.image_concepts[row]] = -np.inf

@@ -257,10 +257,11 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     size = bundle.preprocess.size[0]
     dataset = open_emoji_dataset(size)
     sets = [dataset.sprites(s) for s in TRAIN_STYLES]
-    train_idx, val_idx = _split(sum(len(s.images) for s in sets), 0.03, np.random.default_rng(0))  # the towers'
+    tower_sprites = sum(len(s.images) for s in sets)
+    train_idx, val_idx = _split(tower_sprites, 0.03, np.random.default_rng(0))  # the towers' own split
     first_unseen = None
     if request.head_styles:  # the towers' validation sprites stay out; λ is chosen on unseen art instead
-        first_unseen = sum(len(s.images) for s in sets)
+        first_unseen = tower_sprites
         head_sets = [dataset.sprites(s) for s in request.head_styles]
         head_train, head_val = family_split(dataset.concepts, np.concatenate([s.concepts for s in head_sets]),
                                             request.head_val_fraction, request.seed)
@@ -270,11 +271,11 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     sprite_concepts = np.concatenate([s.concepts for s in sets]).astype(np.int64)
     labels = [c.label for c in dataset.concepts]
     corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed, first_unseen)
-    grid = "" if request.grid_side is None else f"grid{request.grid_side}"
-    grid += "".join(f"+{s}" for s in request.head_styles)
+    variant = ("" if request.grid_side is None else f"grid{request.grid_side}") + \
+        "".join(f"+{s}" for s in request.head_styles)
     # the model id follows visual.onnx only; the text states come from textual.onnx, so its checksum is in the key
     source = bundle.info.model_id + bundle.info.files.get("textual.onnx", "")
-    cache = request.work_dir / f"features-{corpus.key(source + str(request.copies) + grid)}.npz"
+    cache = request.work_dir / f"features-{corpus.key(source + str(request.copies) + variant)}.npz"
     if cache.is_file():
         features = ItmFeatures.load(cache)
         log(f"features from {cache}")

@@ -120,11 +120,11 @@ class _Sampler:
         self.rng.shuffle(pool)
         return pool
 
-    def batch(self) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
-        """(image rows, positive caption ids, constructed negative caption id or None per pair); the pool-mined
-        negative pairs of this batch are left in `self.mined` as (image row, caption id)."""
+    def batch(self) -> tuple[np.ndarray, np.ndarray, list[int | None], list[tuple[int, int]]]:
+        """(image rows, positive caption ids, constructed negative caption id or None per pair, the pool-mined
+        negative pairs as (image row, caption id))."""
         rows, caps, negs = [], [], []
-        self.mined: list[tuple[int, int]] = []
+        mined: list[tuple[int, int]] = []
         taken: set[int] = set()
         for row in self._single_candidates():
             concept = int(self.f.image_concepts[row])
@@ -139,9 +139,9 @@ class _Sampler:
             negs.append(self.c.concept_captions[int(self.rng.choice(mates))][v] if mates else None)
             if int(row) in self.near_names:
                 other = int(self.rng.choice(self.near_names[int(row)]))
-                self.mined.append((int(row), self.c.concept_captions[other][v]))
+                mined.append((int(row), self.c.concept_captions[other][v]))
             if concept in self.near_images:
-                self.mined.append((int(self.rng.choice(self.near_images[concept])), variants[v]))
+                mined.append((int(self.rng.choice(self.near_images[concept])), variants[v]))
             if len(rows) == self.cfg.batch_singles:
                 break
         n = 0
@@ -156,7 +156,7 @@ class _Sampler:
             n += 1
             if n == self.cfg.batch_scenes:
                 break
-        return np.array(rows), np.array(caps), negs
+        return np.array(rows), np.array(caps), negs, mined
 
     def ranking_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(caption ids [B], candidate rows [B, K] of distinct concepts in ITC order with the right concept's
@@ -233,11 +233,11 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
         factor = min(1.0, step / cfg.warmup) * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * factor
-        rows, caps, negs = sampler.batch()
+        rows, caps, negs, mined = sampler.batch()
         sim = features.image_embeds[rows] @ features.text_embeds[caps].T
         neg_text = caps[_mine(sim, cfg.mining_temperature, rng)]
         neg_image = rows[_mine(sim.T.copy(), cfg.mining_temperature, rng)]
-        built = [(r, n) for r, n in zip(rows, negs) if n is not None] + sampler.mined
+        built = [(r, n) for r, n in zip(rows, negs) if n is not None] + mined
         pair_rows = np.concatenate([rows, rows, neg_image, [r for r, _ in built]]).astype(np.int64)
         pair_caps = np.concatenate([caps, neg_text, caps, [n for _, n in built]]).astype(np.int64)
         labels = torch.zeros(len(pair_rows), dtype=torch.long)
