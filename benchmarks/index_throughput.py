@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def main() -> None:
     log(f"building {args.count} camera-style photos")
     files = build_camera_corpus(work / f"photos-{args.count}", args.count)
     photos = files[0].parent
+    half = half_corpus(files, work / f"photos-{args.count}-first-half")
     megabytes = np.mean([p.stat().st_size for p in files]) / 1e6
     report: dict = {"count": len(files), "mean_file_mb": round(megabytes, 2), "machine": machine_note(),
                     "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
@@ -225,6 +227,7 @@ def main() -> None:
     # Rounds alternate the systems so that a change in machine load hits all of them alike.
     runs: dict[str, list[float]] = {}
     cpu_efficiency: dict[str, list[float]] = {}
+    walls: dict[str, list[tuple[float, float]]] = {}  # (whole folder, first half) seconds, per round
     commands: dict[str, str] = {}
     for round_index in range(args.rounds):
         log(f"round {round_index + 1}/{args.rounds}")
@@ -238,6 +241,11 @@ def main() -> None:
             cpu_efficiency.setdefault(name, []).append(useful / result["summary"]["cpu_seconds"])
             commands[name] = result["command"]
             log(f"  {name}: {runs[name][-1]:.2f} img/s, CPU efficiency {cpu_efficiency[name][-1]:.2f}")
+            # The same run on the first half of the folder: the difference is the cost of the second half alone,
+            # which separates the per-image rate from what every run pays once (start-up, pipeline fill, drain).
+            half_result = run_clipsearch_index(half[0].parent, bundle, [])
+            walls.setdefault(name, []).append((result["wall_seconds"], half_result["wall_seconds"]))
+            log(f"  {name}, first half only: {half_result['wall_seconds']:.2f} s")
         if exe is not None:
             warm_page_cache(files)
             result = run_rclip(photos, exe, datadir, 8)
@@ -265,6 +273,8 @@ def main() -> None:
                 row["fraction_of_cpu_bound"] = row["images_per_second_median"] / parts["cpu_bound"]
                 row["fraction_of_cpu_bound_alone"] = row["images_per_second_median"] / parts["cpu_bound_with_decode_alone"]
                 row["cpu_efficiency_median"] = statistics.median(cpu_efficiency[name])
+                if name in walls:
+                    row.update(split_fixed_cost(walls[name], len(files), len(half), parts["cpu_bound"]))
         report["rows"].append(row)
     report["machine_at_end"] = machine_note()
     load.finish()
@@ -274,6 +284,34 @@ def main() -> None:
     if args.json_out:
         args.json_out.write_text(text + "\n")
     write_results(args, report)
+
+
+def half_corpus(files: list[Path], folder: Path) -> list[Path]:
+    """The first half of the corpus in its own folder, as hard links (the same inodes, so the same page cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = files[: len(files) // 2]
+    for source in chosen:
+        target = folder / source.name
+        if not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:  # another file system: a copy reads the same bytes
+                shutil.copyfile(source, target)
+    return [folder / f.name for f in chosen]
+
+
+def split_fixed_cost(walls: list[tuple[float, float]], count: int, half: int, bound: float) -> dict:
+    """From same-round (whole folder, first half) wall times: the marginal rate of the second half's images and
+    the seconds every run pays once, each the median over rounds."""
+    marginal = [(count - half) / (whole - part) for whole, part in walls if whole > part]
+    if not marginal:
+        return {}
+    rate = statistics.median(marginal)
+    fixed = statistics.median(whole - count / rate for whole, _ in walls)
+    return {"whole_seconds_median": statistics.median(w for w, _ in walls),
+            "half_seconds_median": statistics.median(h for _, h in walls),
+            "marginal_images_per_second": rate, "marginal_fraction_of_cpu_bound": rate / bound,
+            "fixed_seconds": fixed}
 
 
 def write_results(args, report: dict) -> None:
@@ -332,13 +370,29 @@ def markdown(report: dict, args) -> str:
                      f"{parts['decode_cpu_seconds_per_image_alone'] * 1000:.0f} | {parts['encode_only']:.2f} | "
                      f"{parts['encode_cpu_seconds_per_image'] * 1000:.0f} | {parts['cpu_bound']:.2f} | "
                      f"{parts['cpu_bound_with_decode_alone']:.2f} |")
+    split = [r for r in report["rows"] if "marginal_images_per_second" in r]
+    if split:
+        half = report["count"] // 2
+        lines += ["", f"Where the end-to-end figure goes: each clipsearch run was repeated in the same round on the "
+                  f"folder's first {half} files. The {report['count'] - half} extra images of the whole run cost the "
+                  "difference of the two wall times, which gives the per-image rate once the pipeline runs; what is "
+                  "left of the whole run is paid once per run (interpreter and imports, decoder processes "
+                  "starting, the session loading, the first batch filling, the last batches draining, the index "
+                  "written). Medians over rounds:", "",
+                  "| system | whole folder (s) | first half (s) | images/s of the second half | of our CPU bound | "
+                  "once per run (s) |", "|---|---:|---:|---:|---:|---:|"]
+        for r in split:
+            lines.append(f"| {r['system']} | {r['whole_seconds_median']:.2f} | {r['half_seconds_median']:.2f} | "
+                         f"{r['marginal_images_per_second']:.2f} | {r['marginal_fraction_of_cpu_bound'] * 100:.0f}% | "
+                         f"{r['fixed_seconds']:.2f} |")
     ours = [r for r in report["rows"] if r["system"].startswith("clipsearch") and "ratio_to_rclip_median" in r]
     if ours:
         lines += ["", "Against the targets (equal model, ViT-B-32-256 on both sides: fp32 >= 2.2x and int8 >= 4x rclip end "
                   "to end, int8 within 10% of our CPU bound; the product default's row uses another model and has no "
                   "ratio target):", ""]
         for r in ours:
-            line = (f"- {r['system']}: {r['ratio_to_rclip_median']:.2f}x rclip, {r.get('fraction_of_cpu_bound', 0) * 100:.0f}% "
+            # Three decimals: a ratio just under its target must not print as the target itself.
+            line = (f"- {r['system']}: {r['ratio_to_rclip_median']:.3f}x rclip, {r.get('fraction_of_cpu_bound', 0) * 100:.0f}% "
                     f"of the 2-free-core CPU bound ({r.get('fraction_of_cpu_bound_alone', 0) * 100:.0f}% of the bound "
                     f"with decode CPU alone), {r.get('cpu_efficiency_median', 0) * 100:.0f}% CPU efficiency")
             if r["system"].endswith("ViT-B-32-256 int8]"):
@@ -346,6 +400,9 @@ def markdown(report: dict, args) -> str:
                 bound_ok = r.get("fraction_of_cpu_bound", 0) >= 0.9
                 line += (f": ratio {'PASS' if ratio_ok else 'FAIL'} (>= 4x), bound {'PASS' if bound_ok else 'FAIL'} "
                          "(>= 90%)")
+                if "marginal_images_per_second" in r:
+                    line += (f"; once the pipeline runs, {r['marginal_fraction_of_cpu_bound'] * 100:.0f}% of the bound, "
+                             f"and {r['fixed_seconds']:.2f} s paid once per run")
             elif r["system"].endswith("ViT-B-32-256]"):
                 line += f": ratio {'PASS' if r['ratio_to_rclip_median'] >= 2.2 else 'FAIL'} (>= 2.2x)"
             lines.append(line)
