@@ -178,7 +178,8 @@ def main() -> None:
     megabytes = np.mean([p.stat().st_size for p in files]) / 1e6
     report: dict = {"count": len(files), "mean_file_mb": round(megabytes, 2), "machine": machine_note(),
                     "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
-                    "components": {}, "rounds": args.rounds, "skip_rclip": args.skip_rclip, "skip_torch": args.skip_torch}
+                    "components": {}, "rounds": args.rounds, "skip_rclip": args.skip_rclip, "skip_torch": args.skip_torch,
+                    "half_count": len(half)}
 
     same_arch = export_clipsearch_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random", "ViT-B-32-256-random")
     same_int8 = export_int8_bundle("ViT-B-32-256", work / "bundles" / "vit-b-32-256-random-int8",
@@ -372,7 +373,7 @@ def markdown(report: dict, args) -> str:
                      f"{parts['cpu_bound_with_decode_alone']:.2f} |")
     split = [r for r in report["rows"] if "marginal_images_per_second" in r]
     if split:
-        half = report["count"] // 2
+        half = report["half_count"]  # present whenever split rows are: both come from this version
         lines += ["", f"Where the end-to-end figure goes: each clipsearch run was repeated in the same round on the "
                   f"folder's first {half} files. The {report['count'] - half} extra images of the whole run cost the "
                   "difference of the two wall times, which gives the per-image rate once the pipeline runs; what is "
