@@ -168,6 +168,46 @@ def test_a_crashed_decoder_process_is_replaced_and_no_file_is_lost(tmp_path, mod
         assert not os.path.exists(f"/proc/{pid}")
 
 
+def test_decoder_processes_give_what_read_one_gives_in_this_process(tmp_path, model):
+    from clipsearch.indexer.reader import ParallelReader
+
+    paths = make_photos(tmp_path / "p", 5)
+    exif = Image.Exif()
+    exif[274], exif[306] = 6, "2021:03:04 05:06:07"  # rotated 90 degrees, with a capture time
+    block_image(4, size=(80, 40)).save(tmp_path / "p" / "rotated.jpg", exif=exif)
+    paths.append(tmp_path / "p" / "rotated.jpg")
+    tasks = [ReadTask(str(p), p.stat().st_size, 0) for p in paths]
+    with ParallelReader(model.preprocess, workers=2, chunk_size=2) as reader:
+        by_path = {r.task.path: r for r in reader.read(tasks)}
+    for task in tasks:
+        local, remote = read_one(task, model.preprocess), by_path[task.path]
+        assert remote.error is None and remote.pixels.dtype == np.uint8
+        assert remote.pixels.shape == (*model.preprocess.size, 3)
+        np.testing.assert_array_equal(remote.pixels, local.pixels)
+        assert (remote.content_hash, remote.width, remote.height, remote.taken_at) == \
+            (local.content_hash, local.width, local.height, local.taken_at)
+    assert (by_path[tasks[-1].path].width, by_path[tasks[-1].path].height) == (40, 80)
+    assert by_path[tasks[-1].path].taken_at == "2021-03-04T05:06:07"
+
+
+def test_a_decoder_process_decodes_without_importing_numpy(tmp_path, model):
+    # Workers import Pillow only (numpy would double each worker's start-up): decode a photo the way a worker
+    # does, in a fresh interpreter, and look at what got imported.
+    import subprocess
+
+    path = make_photos(tmp_path / "p", 1)[0]
+    code = ("import sys; from clipsearch.indexer.reader import ReadTask, _Decoded, _read_image; "
+            "from clipsearch.model.bundle import read_bundle, read_preprocess; "
+            f"spec = read_preprocess(read_bundle({str(model.info.path)!r})); "
+            f"result, image = _read_image(ReadTask({str(path)!r}, {path.stat().st_size}, 0), spec, frozenset()); "
+            "message = _Decoded.wrap(result, image); "
+            "print(result.error, len(message.raw), message.width, message.height, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    height, width = model.preprocess.size
+    assert out.stdout.split() == ["None", str(width * height * 3), str(width), str(height), "False"]
+
+
 # --- Big photos: the project's pixel limit, not Pillow's 89.5 MP default ------------------------------
 
 def _camera_jpeg(width: int, height: int) -> bytes:

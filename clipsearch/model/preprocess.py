@@ -16,13 +16,16 @@ import io
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bundle import PreprocessSpec
 from ..errors import ImageError
+
+if TYPE_CHECKING:
+    import numpy as np
+# numpy is imported where it is used: the indexer's decoder processes need only Pillow, and start faster without it.
 
 # The project's pixel limit: larger images are refused as possible decompression bombs. 250 megapixels
 # takes every camera photo (a 100 MP medium-format frame is 12000 x 8400) and most stitched panoramas;
@@ -299,6 +302,8 @@ def _high_depth_to_8bit(image: Image.Image, draft_size: tuple[int, int] | None) 
     size, so the conversion never touches full-resolution pixels. No float64 anywhere: uint32 for
     16-bit data, float32 only for out-of-range 32-bit data.
     """
+    import numpy as np
+
     width, height = image.size
     if draft_size is not None:
         factor = min(width // (2 * max(1, draft_size[0])), height // (2 * max(1, draft_size[1])))
@@ -363,6 +368,8 @@ def resize_for_model(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 def image_to_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """RGB image -> float32 [3, H, W], resized/cropped and normalised with the model's mean and std."""
+    import numpy as np
+
     resized = resize_for_model(image, spec)
     array = np.asarray(resized, dtype=np.float32) * np.float32(1.0 / 255.0)
     array = (array - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
