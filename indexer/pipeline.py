@@ -252,16 +252,24 @@ class BatchAssembler:
 
     Encoder batches run on `lanes` (one inline call at a time without); up to one batch per lane is in flight
     while the next one fills, and batches are written in the order they were made, so ids follow the reader's
-    order. `flush()` writes everything: call it before relying on the store."""
+    order. `flush()` writes everything: call it before relying on the store.
+
+    With several lanes and `expected` (how many results the reader will deliver), batches taper off over the
+    last `lanes x batch_size` files (to a quarter of the batch, at least 2 images): lanes that pick up small
+    batches as they come free finish within a small batch of each other, instead of one lane encoding a whole
+    last batch while the other core waits."""
 
     def __init__(self, mapper: Mapper, writer: Writer, existing: dict[str, FileState], batch_size: int,
-                 backfill: dict[str, FileState] | None = None, lanes: EncoderLanes | None = None) -> None:
+                 backfill: dict[str, FileState] | None = None, lanes: EncoderLanes | None = None,
+                 expected: int | None = None) -> None:
         self.mapper = mapper
         self.writer = writer
         self.existing = existing
         self.backfill = backfill or {}  # unchanged indexed files read again for their tokens only
         self.batch_size = max(1, batch_size)
         self.lanes = lanes if lanes is not None else EncoderLanes(0)
+        self.expected = expected
+        self.received = 0  # results passed to add()
         self.to_encode: list[ReadResult] = []
         self.to_tokenise: list[tuple[int, np.ndarray]] = []
         self.retry: list[ReadTask] = []  # known-hash files whose vector went away: decode them after all
@@ -272,7 +280,17 @@ class BatchAssembler:
     def encode_seconds(self) -> float:
         return self.lanes.seconds
 
+    def batch_limit(self) -> int:
+        """How many images the filling batch may hold now: the batch size, or less near the end of the run."""
+        if self.expected is None or self.lanes.lanes < 2:
+            return self.batch_size
+        remaining = self.expected - self.received  # results the reader has still to deliver
+        if remaining >= self.lanes.lanes * self.batch_size:
+            return self.batch_size
+        return max(min(2, self.batch_size), self.batch_size // 4)
+
     def add(self, result: ReadResult) -> None:
+        self.received += 1
         if result.error is not None:
             self.writer.skip([(result.task, result.error)])
             return
@@ -299,7 +317,7 @@ class BatchAssembler:
             self.writer.write([filled], [reusable[0]], self.existing, [True], [reusable[1]])
             return
         self.to_encode.append(result)
-        if len(self.to_encode) >= self.batch_size:
+        if len(self.to_encode) >= self.batch_limit():
             self._submit()
             self._write_ready(keep=self.lanes.lanes)
 
@@ -316,9 +334,9 @@ class BatchAssembler:
         """Encode what is buffered and write every pending batch."""
         self.flush_tokens()
         if self.to_encode:
-            # The last, partial batch is shared out among the lanes (at least 4 images per call).
+            # The last, partial batch is shared out among the lanes (at least 2 images per call).
             rows, self.to_encode = self.to_encode, []
-            parts = max(1, min(self.lanes.lanes, len(rows) // 4))
+            parts = max(1, min(self.lanes.lanes, len(rows) // 2))
             size = -(-len(rows) // parts)
             for start in range(0, len(rows), size):
                 self.to_encode = rows[start:start + size]

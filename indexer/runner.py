@@ -130,7 +130,8 @@ class LocalRunner:
         with EncoderLanes(options.encoder_lanes) as lanes:
             # Loads the graph while the decoder processes start; an error is raised again by the first batch.
             lanes.submit(mapper.prepare)
-            assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes)
+            assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes,
+                                       expected=len(plan.to_read))
             with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
                                 chunk_size=options.chunk_size, nice=options.worker_nice) as reader:
                 for result in reader.read(plan.to_read):

@@ -113,6 +113,24 @@ def test_the_last_partial_batch_is_shared_among_the_lanes(store):
     assert ids == sorted(ids)
 
 
+def test_batches_taper_over_the_last_files_so_the_lanes_finish_together(store):
+    # With the run's file count known, the last lanes x batch files go in small batches, so no lane is left
+    # encoding a whole batch while the other core waits; without it every batch is full.
+    for expected, sizes in ((40, [2] * 8 + [8] * 3), (None, [8] * 5)):
+        mapper = GatedMapper()
+        mapper.gate.set()
+        with EncoderLanes(2) as lanes:
+            summary = IndexSummary()
+            writer = Writer(store, "m@1", store.next_run_id(), DIM, summary)
+            assembler = BatchAssembler(mapper, writer, {}, batch_size=8, lanes=lanes, expected=expected)
+            for i in range(40):
+                assembler.add(read_result(f"/{expected}/{i}", f"{expected}-{i}".rjust(32, "0"), i))
+            assembler.flush()
+        assert sorted(mapper.sizes) == sizes and summary.added == 40
+        ids = [store.find_by_path(f"/{expected}/{i}").id for i in range(40)]
+        assert ids == sorted(ids)
+
+
 @pytest.fixture(scope="module")
 def one_thread_model(tiny_bundle):
     return ClipModel(tiny_bundle, threads=1)
