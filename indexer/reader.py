@@ -99,6 +99,8 @@ def _read_image(task: ReadTask, spec: PreprocessSpec,
         width, height, taken_at = _header_facts(data)
         image = open_image(data, draft_size=(spec.size[1], spec.size[0]))
         resized = resize_for_model(image, spec)
+        if resized.mode != "RGB":  # open_image gives RGB; the batches (and a worker's raw bytes) need 3 bytes/pixel
+            resized = resized.convert("RGB")
         resized.load()
         if width is None:
             width, height = image.size
