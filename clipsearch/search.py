@@ -434,9 +434,10 @@ class Searcher:
         for start in range(0, len(ready), RERANK_BATCH):
             chunk = ready[start:start + RERANK_BATCH]
             itm = scorer.score(query.itm_text, np.stack([stored[hit.id] for hit in chunk]))
-            for hit, margin, probability in zip(chunk, itm.match_logit, itm.probability):
-                final = float(margin) + weight * hit.score
-                scored.append(replace(hit, score=round(final, 6), itc_score=hit.score,
+            finals = itm.match_logit.astype(np.float64) + weight * np.array([hit.score for hit in chunk])
+            probabilities = scorer.spec.match_probability(finals, itm.probability)
+            for hit, final, probability in zip(chunk, finals, probabilities):
+                scored.append(replace(hit, score=round(float(final), 6), itc_score=hit.score,
                                       match=round(float(probability), 6)))
         if scored:
             order = sorted(range(len(scored)), key=lambda i: (-scored[i].score, i))  # ties keep ITC order

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from clipsearch.errors import QueryError
+from clipsearch.errors import BundleError, QueryError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
-from clipsearch.model.itm import itm_scores
+from clipsearch.model.itm import ItmSpec, itm_scores
 from clipsearch.model.preprocess import image_to_pixels
 from clipsearch.model.runtime import ClipModel
 from clipsearch.search import DEFAULT_ITC_WEIGHT as ITC_WEIGHT, SearchQuery, Searcher
@@ -164,6 +165,37 @@ def test_min_match_keeps_only_confident_matches(searcher):
     for bad in (0, 257):
         with pytest.raises(QueryError, match="rerank_k must be between 1 and 256"):
             searcher.search(SearchQuery.build(text=TEXT, rerank=True, rerank_k=bad))
+
+
+def test_a_calibrated_bundle_reports_match_from_the_final_score_and_min_match_uses_it(index_dir, blip_bundle,
+                                                                                     searcher, tmp_path):
+    # model.json's itm.calibration (clipsearch train calibrate-match) makes match = sigmoid(a * score + b): the same
+    # order and scores, and a probability that falls with the rank.
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(blip_bundle, calibrated)
+    meta = json.loads((calibrated / "model.json").read_text(encoding="utf-8"))
+    meta["itm"]["calibration"] = {"scale": 0.5, "bias": -1.0}
+    (calibrated / "model.json").write_text(json.dumps(meta), encoding="utf-8")
+    query = SearchQuery.build(text=TEXT, k=PHOTOS, rerank=True, rerank_k=PHOTOS)
+    plain = searcher.search(query)
+    with Searcher(Collection.open(NAME, index_dir), ClipModel(calibrated, threads=1)) as own:
+        hits = own.search(query)
+        assert [(h.id, h.score) for h in hits] == [(h.id, h.score) for h in plain]
+        for hit in hits:
+            assert hit.match == pytest.approx(1.0 / (1.0 + np.exp(-(0.5 * hit.score - 1.0))), abs=2e-6)
+        assert [h.match for h in hits] == sorted((h.match for h in hits), reverse=True)
+        assert [h.match for h in hits] != [h.match for h in plain]
+        threshold = hits[len(hits) // 2].match
+        kept = own.search(SearchQuery.build(text=TEXT, k=PHOTOS, rerank=True, rerank_k=PHOTOS, min_match=threshold))
+        assert [h.id for h in kept] == [h.id for h in hits if h.match >= threshold]
+
+
+@pytest.mark.parametrize("bad", [{"scale": -0.5, "bias": 0}, {"scale": 0.5}, {"scale": "nan", "bias": 0}, [0.5, 0]])
+def test_a_malformed_calibration_is_refused_when_the_bundle_loads(blip_bundle, bad):
+    raw = json.loads((blip_bundle / "model.json").read_text(encoding="utf-8"))["itm"]
+    assert ItmSpec.from_dict({**raw, "calibration": {"scale": 0.3, "bias": -10}}).calibration == (0.3, -10.0)
+    with pytest.raises(BundleError, match="itm.* entry is malformed"):
+        ItmSpec.from_dict({**raw, "calibration": bad})
 
 
 def test_image_queries_cannot_rerank(searcher):

@@ -22,6 +22,11 @@ Two kinds of head:
             "text_tokens": "token_features", "itc_weight": λ, ...}
 
 "itc_weight" is the λ of the final re-ranking score, ITM match logit + λ·ITC cosine (1.0 when absent).
+
+"calibration" (optional, `clipsearch train calibrate-match`): {"scale": a, "bias": b, ...} turns the final score
+s into the match probability σ(a·s + b), fitted (Platt scaling) on held-out re-ranked candidates, so `match` and
+`--min-match` mean "how likely this image is what the query names" and follow the result order. Without it the
+head's own softmax is reported, which a head trained partly to rank does not keep calibrated.
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ class ItmSpec:
     itc_weight: float = 1.0  # λ of the final score: ITM match logit + λ·ITC cosine
     image_tokens_shape: tuple[int, int] | None = None  # (T, D) of one image's tokens, when model.json says
     image_tokens_storage: str | None = None  # how the index stores them ("int8", "fp16"), when model.json says
+    calibration: tuple[float, float] | None = None  # (a, b): match probability σ(a·final score + b), when fitted
+
+    def match_probability(self, final_score: np.ndarray, softmax: np.ndarray) -> np.ndarray:
+        """The `match` reported for re-ranked hits: calibrated from the final score when model.json has a
+        calibration, else the head's softmax probability."""
+        if self.calibration is None:
+            return softmax
+        scale, bias = self.calibration
+        return 1.0 / (1.0 + np.exp(-(scale * np.asarray(final_score, dtype=np.float64) + bias)))
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ItmSpec":
@@ -66,9 +80,21 @@ class ItmSpec:
                        image_tokens_shape=((int(raw["image_tokens_shape"][0]), int(raw["image_tokens_shape"][1]))
                                            if raw.get("image_tokens_shape") else None),
                        image_tokens_storage=(str(raw["image_tokens_storage"]) if raw.get("image_tokens_storage")
-                                             else None))
-        except (TypeError, ValueError, IndexError) as exc:
+                                             else None),
+                       calibration=_calibration(raw.get("calibration")))
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
             raise BundleError(f"model.json's \"itm\" entry is malformed: {exc}") from exc
+
+
+def _calibration(raw: Any) -> tuple[float, float] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("calibration must be an object with scale and bias")
+    scale = _finite(raw["scale"], "calibration scale")
+    if scale <= 0:
+        raise ValueError(f"calibration scale must be positive (a higher score is a likelier match), not {scale}")
+    return scale, _finite(raw["bias"], "calibration bias")
 
 
 def _finite(value: Any, name: str) -> float:
