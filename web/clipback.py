@@ -7,7 +7,7 @@ fields are accepted and ignored (a local photo collection has no LAION safety/ae
 
 One addition that ClipClient never sends: `rerank` (with `rerank_k`, `min_match`) re-scores the top text→image
 hits with the model's ITM head, as `rerank=true` does on /api/search. `similarity` is then the final score and
-re-scored results add `match` (the ITM probability) and `itc_score`.
+re-scored results add `match` (the match probability, as on /api/search) and `itc_score`.
 
 Also never sent by ClipClient: the filters of /api/search, `in` (a folder or a list of them), `after`, `before`,
 `orientation` and `min_size`. They act inside the search, like there: num_result_ids neighbours among the

@@ -41,8 +41,10 @@ class ImageResult(BaseModel):
     image_url: str
     itc_score: float | None = Field(None, description="With rerank, for re-scored hits: the cosine similarity of the "
                                                       "first (ITC) stage; null otherwise")
-    match: float | None = Field(None, description="With rerank, for re-scored hits: the ITM head's probability that "
-                                                  "the image matches the text (0-1); null otherwise")
+    match: float | None = Field(None, description="With rerank, for re-scored hits: the probability that the image "
+                                                  "matches the text (0-1), calibrated from the final score when the "
+                                                  "model carries a calibration, else the ITM head's softmax; null "
+                                                  "otherwise")
     date: str | None = Field(None, description="With after/before: the date the filter compared (local time, ISO); "
                                                "null otherwise")
     date_source: str | None = Field(None, description="With after/before: which date that is, 'taken_at' (EXIF capture "
