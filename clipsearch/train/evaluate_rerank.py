@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -72,25 +72,32 @@ def compositional_queries(gallery: Gallery, labels: dict[int, str]) -> np.ndarra
     return np.array([c in has_pair for c in gallery.query_concepts])
 
 
+def embed_with_stored_tokens(model, images: Sequence[Path | bytes], batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [N, D], image tokens [N, T, Dv]) of image files or bytes, the tokens passed through the codec
+    the index stores them with: what a search reads back."""
+    from ..model.preprocess import load_pixels
+    from ..store.collection import model_token_codec
+
+    codec = model_token_codec(model)
+    embeds, tokens = [], []
+    for start in range(0, len(images), batch):
+        pixels = np.stack([load_pixels(source, model.preprocess) for source in images[start:start + batch]])
+        e, t = model.encode_pixels_with_tokens(pixels)
+        embeds.append(e)
+        tokens.append(codec.decode(codec.encode(t)))
+    return np.concatenate(embeds), np.concatenate(tokens)
+
+
 def evaluate_rerank(bundle: Path | str, gallery: Gallery, labels: dict[int, str], k: int = 32,
                     threads: int | None = None, log: Callable[[str], None] = print) -> RerankReport:
-    from ..model.preprocess import load_pixels
     from ..model.runtime import ClipModel
-    from ..store.collection import model_token_codec
 
     started = time.perf_counter()
     model = ClipModel(bundle, threads=threads)
     scorer = model.itm
     if scorer is None:
         raise ValueError(f"{bundle} has no ITM head")
-    codec = model_token_codec(model)
-    embeds, tokens = [], []
-    for start in range(0, len(gallery.images), 256):
-        pixels = np.stack([load_pixels(p, model.preprocess) for p in gallery.images[start:start + 256]])
-        e, t = model.encode_pixels_with_tokens(pixels)
-        embeds.append(e)
-        tokens.append(codec.decode(codec.encode(t)))  # what the search reads back from the index
-    image_emb, image_tokens = np.concatenate(embeds), np.concatenate(tokens)
+    image_emb, image_tokens = embed_with_stored_tokens(model, gallery.images)
     g_concepts = np.asarray(gallery.image_concepts)
     weight = scorer.spec.itc_weight
     itc_ranked, re_ranked = [], []

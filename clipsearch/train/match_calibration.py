@@ -65,22 +65,14 @@ def rerank_pairs(bundle: Path | str, images: Sequence[bytes | Path], image_conce
                  queries: Sequence[str], query_concepts: Sequence[int], k: int = 32, threads: int | None = None,
                  log: Callable[[str], None] = print) -> RerankPairs:
     """Re-rank every query's ITC top `k` among `images` as `Searcher` does and return the scored pairs."""
-    from ..model.preprocess import load_pixels
     from ..model.runtime import ClipModel
-    from ..store.collection import model_token_codec
+    from .evaluate_rerank import embed_with_stored_tokens
 
     model = ClipModel(bundle, threads=threads)
     scorer = model.itm
     if scorer is None:
         raise ValueError(f"{bundle} has no ITM head")
-    codec = model_token_codec(model)
-    embeds, tokens = [], []
-    for start in range(0, len(images), 256):
-        pixels = np.stack([load_pixels(source, model.preprocess) for source in images[start:start + 256]])
-        e, t = model.encode_pixels_with_tokens(pixels)
-        embeds.append(e)
-        tokens.append(codec.decode(codec.encode(t)))  # what a search reads back from the index
-    image_emb, image_tokens = np.concatenate(embeds), np.concatenate(tokens)
+    image_emb, image_tokens = embed_with_stored_tokens(model, images)
     concepts = np.asarray(image_concepts)
     weight = scorer.spec.itc_weight
     scores, softmax, labels = [], [], []
