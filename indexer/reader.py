@@ -208,14 +208,13 @@ def _worker_main() -> None:
             for task in chunk:
                 started = time.process_time()
                 result, resized = _read_image(task, spec, known)
-                message = _Decoded.wrap(result, resized)
-                message.result = dataclasses.replace(result, cpu_seconds=time.process_time() - started)
-                results.send(message)
+                result = dataclasses.replace(result, cpu_seconds=time.process_time() - started)
+                results.send(_Decoded.wrap(result, resized))
     except (EOFError, OSError):  # the parent went away (or closed our pipes): nothing left to do
         return
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Decoded:
     """A worker's answer for one file: its result, and the decoded RGB pixels as raw bytes (no numpy in workers)."""
 
