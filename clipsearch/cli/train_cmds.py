@@ -255,7 +255,7 @@ def calibrate_match_cmd(
         gallery = noto_gallery(dataset)
         held_out["held-out Noto"] = rerank_pairs(info.path, gallery.images, gallery.image_concepts, gallery.queries,
                                                  gallery.query_concepts, k=k, threads=threads, log=log)
-    result = calibrate(info.path, fitting, fitted_on, held_out, k, started)
+    result = calibrate(fitting, fitted_on, held_out, k, started)
     if write:
         write_calibration(info.path, result)
     if as_json:

@@ -62,8 +62,7 @@ class ItmSpec:
         calibration, else the head's softmax probability."""
         if self.calibration is None:
             return softmax
-        scale, bias = self.calibration
-        return 1.0 / (1.0 + np.exp(-(scale * np.asarray(final_score, dtype=np.float64) + bias)))
+        return calibrated_match(final_score, *self.calibration)
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ItmSpec":
@@ -84,6 +83,11 @@ class ItmSpec:
                        calibration=_calibration(raw.get("calibration")))
         except (TypeError, ValueError, IndexError, KeyError) as exc:
             raise BundleError(f"model.json's \"itm\" entry is malformed: {exc}") from exc
+
+
+def calibrated_match(final_score: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    """σ(scale·final score + bias): the calibrated match probability (model.json itm.calibration)."""
+    return 1.0 / (1.0 + np.exp(-(scale * np.asarray(final_score, dtype=np.float64) + bias)))
 
 
 def _calibration(raw: Any) -> tuple[float, float] | None:

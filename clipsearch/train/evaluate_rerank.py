@@ -13,12 +13,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .evaluate import Gallery
 from .itm_data import minimal_pairs
+
+if TYPE_CHECKING:
+    from ..model.itm import ItmScores
 
 
 @dataclass(frozen=True)
@@ -88,33 +91,46 @@ def embed_with_stored_tokens(model, images: Sequence[Path | bytes], batch: int =
     return np.concatenate(embeds), np.concatenate(tokens)
 
 
-def evaluate_rerank(bundle: Path | str, gallery: Gallery, labels: dict[int, str], k: int = 32,
-                    threads: int | None = None, log: Callable[[str], None] = print) -> RerankReport:
+def reranking_model(bundle: Path | str, threads: int | None = None):
+    """The bundle's `ClipModel`; ValueError when it has no ITM head."""
     from ..model.runtime import ClipModel
 
-    started = time.perf_counter()
     model = ClipModel(bundle, threads=threads)
-    scorer = model.itm
-    if scorer is None:
+    if model.itm is None:
         raise ValueError(f"{bundle} has no ITM head")
-    image_emb, image_tokens = embed_with_stored_tokens(model, gallery.images)
-    g_concepts = np.asarray(gallery.image_concepts)
+    return model
+
+
+def rerank_queries(model, image_emb: np.ndarray, image_tokens: np.ndarray, queries: Sequence[str], k: int,
+                   log: Callable[[str], None]) -> Iterator[tuple[np.ndarray, ItmScores, np.ndarray]]:
+    """Per query, in order, as `search --rerank` scores it: (gallery indices by ITC cosine, the head's scores of the
+    top `k`, their final scores ITM match logit + λ·cosine)."""
+    scorer = model.itm
     weight = scorer.spec.itc_weight
-    itc_ranked, re_ranked = [], []
-    for start in range(0, len(gallery.queries), 256):
-        texts = gallery.queries[start:start + 256]
+    for start in range(0, len(queries), 256):
+        texts = list(queries[start:start + 256])
         sims = model.encode_text(texts) @ image_emb.T
         for text, sim in zip(texts, sims):
             order = np.argsort(-sim, kind="stable")
-            itc_ranked.append(g_concepts[order[:10]])
             top = order[:k]
-            margin = scorer.score(text, image_tokens[top]).match_logit
-            final = margin + weight * sim[top]
-            re_ranked.append(g_concepts[top[np.argsort(-final, kind="stable")]][:10])
-        log(f"  {start + len(texts)}/{len(gallery.queries)} queries")
+            itm = scorer.score(text, image_tokens[top])
+            yield order, itm, itm.match_logit + weight * sim[top]
+        log(f"  {start + len(texts)}/{len(queries)} queries")
+
+
+def evaluate_rerank(bundle: Path | str, gallery: Gallery, labels: dict[int, str], k: int = 32,
+                    threads: int | None = None, log: Callable[[str], None] = print) -> RerankReport:
+    started = time.perf_counter()
+    model = reranking_model(bundle, threads)
+    image_emb, image_tokens = embed_with_stored_tokens(model, gallery.images)
+    g_concepts = np.asarray(gallery.image_concepts)
+    itc_ranked, re_ranked = [], []
+    for order, _, final in rerank_queries(model, image_emb, image_tokens, gallery.queries, k, log):
+        itc_ranked.append(g_concepts[order[:10]])
+        re_ranked.append(g_concepts[order[:k][np.argsort(-final, kind="stable")]][:10])
     targets = np.asarray(gallery.query_concepts)
     every = np.ones(len(targets), dtype=bool)
     comp = compositional_queries(gallery, labels)
-    return RerankReport(str(bundle), k, weight, _figures(itc_ranked, targets, every),
+    return RerankReport(str(bundle), k, model.itm.spec.itc_weight, _figures(itc_ranked, targets, every),
                         _figures(re_ranked, targets, every), _figures(itc_ranked, targets, comp),
                         _figures(re_ranked, targets, comp), time.perf_counter() - started)

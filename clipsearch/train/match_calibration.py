@@ -65,27 +65,17 @@ def rerank_pairs(bundle: Path | str, images: Sequence[bytes | Path], image_conce
                  queries: Sequence[str], query_concepts: Sequence[int], k: int = 32, threads: int | None = None,
                  log: Callable[[str], None] = print) -> RerankPairs:
     """Re-rank every query's ITC top `k` among `images` as `Searcher` does and return the scored pairs."""
-    from ..model.runtime import ClipModel
-    from .evaluate_rerank import embed_with_stored_tokens
+    from .evaluate_rerank import embed_with_stored_tokens, rerank_queries, reranking_model
 
-    model = ClipModel(bundle, threads=threads)
-    scorer = model.itm
-    if scorer is None:
-        raise ValueError(f"{bundle} has no ITM head")
+    model = reranking_model(bundle, threads)
     image_emb, image_tokens = embed_with_stored_tokens(model, images)
     concepts = np.asarray(image_concepts)
-    weight = scorer.spec.itc_weight
     scores, softmax, labels = [], [], []
-    for start in range(0, len(queries), 256):
-        texts = list(queries[start:start + 256])
-        sims = model.encode_text(texts) @ image_emb.T
-        for text, sim, target in zip(texts, sims, query_concepts[start:start + 256]):
-            top = np.argsort(-sim, kind="stable")[:k]
-            itm = scorer.score(text, image_tokens[top])
-            scores.append(itm.match_logit.astype(np.float64) + weight * sim[top])
-            softmax.append(itm.probability.astype(np.float64))
-            labels.append(concepts[top] == target)
-        log(f"  {start + len(texts)}/{len(queries)} queries")
+    for (order, itm, final), target in zip(rerank_queries(model, image_emb, image_tokens, queries, k, log),
+                                           query_concepts):
+        scores.append(final.astype(np.float64))
+        softmax.append(itm.probability.astype(np.float64))
+        labels.append(concepts[order[:k]] == target)
     return RerankPairs(np.concatenate(scores), np.concatenate(softmax), np.concatenate(labels), len(queries))
 
 
@@ -148,12 +138,14 @@ def head_validation_set(dataset, styles: Sequence[str] | None = None, fraction: 
     return images, concepts, [dataset.concepts[c].label for c in query_concepts], query_concepts
 
 
-def calibrate(bundle: Path | str, fitting: RerankPairs, fitted_on: str, held_out: dict[str, RerankPairs],
-              k: int, started: float) -> MatchCalibration:
+def calibrate(fitting: RerankPairs, fitted_on: str, held_out: dict[str, RerankPairs], k: int,
+              started: float) -> MatchCalibration:
+    from ..model.itm import calibrated_match
+
     scale, bias = fit_platt(fitting.scores, fitting.labels)
     fit = {}
     for name, pairs in {fitted_on: fitting, **held_out}.items():
-        calibrated = 1.0 / (1.0 + np.exp(-(scale * pairs.scores + bias)))
+        calibrated = calibrated_match(pairs.scores, scale, bias)
         fit[name] = {"softmax": asdict(reliability(pairs.softmax, pairs.labels)),
                      "calibrated": asdict(reliability(calibrated, pairs.labels)), "queries": pairs.queries}
     return MatchCalibration(scale, bias, fitted_on, fit, k, time.perf_counter() - started)
