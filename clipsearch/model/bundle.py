@@ -38,7 +38,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import BundleError
 from ..paths import fsync_dir
@@ -254,6 +254,23 @@ def write_model_json(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     meta["files"] = {name: sha256_file(folder / links.get(name, name)) for name in HASHED_FILES + WEIGHT_FILES + ITM_FILES
                      if (folder / links.get(name, name)).is_file()}
     (folder / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return meta
+
+
+def update_model_json(folder: Path | str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Read model.json, let `change` edit it in place, and replace the file atomically (a temporary file beside
+    it, renamed over it): for records that do not touch the hashed files, such as calibrations."""
+    path = Path(folder) / "model.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    change(meta)
+    handle, temporary = tempfile.mkstemp(prefix=".model-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return meta
 
 

@@ -20,7 +20,6 @@ calibrates on any folder of distinct images instead (for photo models: distinct 
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -269,12 +268,14 @@ def folder_images(folder: Path, limit: int | None = None) -> list[Image.Image]:
 def write_threshold(bundle: Path, calibration: Calibration) -> dict:
     """Record the chosen threshold in the bundle's model.json as "duplicates" (model.json is not hashed and the
     model id comes from visual.onnx: the id does not change)."""
-    path = Path(bundle) / "model.json"
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    meta["duplicates"] = {"threshold": calibration.chosen.threshold, "precision": round(calibration.chosen.precision, 4),
-                          "recall": round(calibration.chosen.recall, 4), "how": calibration.how()}
-    path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return meta["duplicates"]
+    from ..model.bundle import update_model_json
+
+    def record(meta: dict) -> None:
+        meta["duplicates"] = {"threshold": calibration.chosen.threshold,
+                              "precision": round(calibration.chosen.precision, 4),
+                              "recall": round(calibration.chosen.recall, 4), "how": calibration.how()}
+
+    return update_model_json(bundle, record)["duplicates"]
 
 
 def to_json(calibration: Calibration) -> dict:

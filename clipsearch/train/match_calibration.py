@@ -15,9 +15,6 @@ equal-width bins, weighted by count) and Brier score, of the head's softmax and 
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,13 +150,11 @@ def calibrate(fitting: RerankPairs, fitted_on: str, held_out: dict[str, RerankPa
 
 def write_calibration(bundle: Path | str, calibration: MatchCalibration) -> dict:
     """Record the fit in model.json's "itm" object (model.json is not hashed; the model id does not change)."""
-    path = Path(bundle) / "model.json"
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(meta.get("itm"), dict):
-        raise ValueError(f"{bundle} has no ITM head")
-    meta["itm"]["calibration"] = calibration.model_json_entry()
-    handle, temporary = tempfile.mkstemp(prefix=".model-", suffix=".json", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-    return meta["itm"]["calibration"]
+    from ..model.bundle import update_model_json
+
+    def record(meta: dict) -> None:
+        if not isinstance(meta.get("itm"), dict):
+            raise ValueError(f"{bundle} has no ITM head")
+        meta["itm"]["calibration"] = calibration.model_json_entry()
+
+    return update_model_json(bundle, record)["itm"]["calibration"]
