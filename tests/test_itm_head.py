@@ -102,6 +102,51 @@ def test_grafted_bundle_keeps_the_embedding_and_matches_the_torch_head(small_emo
     assert np.allclose(scores.match_logit, got[:, 1] - got[:, 0], atol=1e-5)
 
 
+def test_a_head_with_its_own_image_branch_starts_as_the_tower_and_can_be_regrafted(small_emoji_bundle: Path,
+                                                                                    tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from clipsearch.model.runtime import ClipModel
+    from clipsearch.train.itm_branch import ConvBranch
+    from clipsearch.train.itm_graphs import image_feature_map, tapped
+    from clipsearch.train.itm_head import ItmHead
+    from clipsearch.train.itm_pipeline import write_itm_bundle
+
+    visual = onnx.load(str(small_emoji_bundle / "visual.onnx"))
+    feature_map = image_feature_map(visual)
+    branch = ConvBranch.from_onnx(visual, feature_map)
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(5, 3, 32, 32)).astype(np.float32)
+    tap = ort.InferenceSession(tapped(visual, {"fmap": feature_map}).SerializeToString())
+    emb, fmap = tap.run(["image_embeds", "fmap"], {"pixel_values": pixels})
+    with torch.no_grad():  # the copy starts as the tower's own trunk
+        assert np.abs(branch(torch.from_numpy(pixels)).numpy() - fmap).max() < 1e-4
+        for conv in branch.convs.values():  # then let it drift, as fine-tuning does
+            conv.weight.mul_(1.5)
+
+    plain = _random_head()
+    head = ItmHead(plain.cfg, branch).eval()
+    head.tokenizer.load_state_dict(plain.tokenizer.state_dict())
+    head.fusion.load_state_dict(plain.fusion.state_dict())
+    first = write_itm_bundle(small_emoji_bundle, tmp_path / "first", _random_head(), 3.0, {"test": True})
+    # a bundle that already re-ranks gets a new head: the old graft is dropped, the embeddings stay
+    out = write_itm_bundle(first, tmp_path / "branch", head, 3.0, {"test": True})
+    model, before = ClipModel(out), ClipModel(small_emoji_bundle)
+    assert model.model_id == before.model_id
+    embeds, tokens = model.encode_pixels_with_tokens(pixels)
+    assert np.abs(embeds - before.encode_pixels(pixels)).max() < 1e-6
+    with torch.no_grad():
+        expected = head.image_tokens(torch.from_numpy(pixels), torch.from_numpy(emb), quantise=False).numpy()
+        from_tower = plain.image_tokens(torch.from_numpy(fmap), torch.from_numpy(emb), quantise=False).numpy()
+    assert np.abs(expected - tokens).max() < 1e-4
+    assert np.abs(from_tower - tokens).max() > 1e-2  # the tokens come from the branch, not the tower
+    grafted = onnx.load(str(out / "visual.onnx"))
+    assert [o.name for o in grafted.graph.output] == ["image_embeds", "image_tokens"]
+    assert len(onnx.load(str(out / "textual.onnx")).graph.output) == 2
+
+
 def test_sibling_bundles_share_identical_files(small_emoji_bundle: Path, tmp_path: Path) -> None:
     from clipsearch.errors import BundleError
     from clipsearch.model.bundle import read_bundle, share_files, verify_bundle
@@ -163,6 +208,24 @@ def _synthetic_features(n_concepts: int = 40, per_concept: int = 3, seed: int = 
     corpus = ItmCorpus([f"c{i}" for i in range(n_concepts)], [f"c{i}" for i in range(n_concepts)],
                        [[i] for i in range(n_concepts)], [], {}, np.arange(n), np.zeros(0, np.int64))
     return features, corpus
+
+
+def test_style_jitter_changes_the_drawing_but_never_the_hue() -> None:
+    import torch
+
+    from clipsearch.train.itm_train import style_jitter
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.ones(64, 3, 16, 16)
+    image[:, :, 4:12, 4:12] = torch.tensor([0.8, 0.1, 0.1])[:, None, None]  # a red square on white
+    image[:, :, 4:12, 7] = 0.05  # with a dark stroke through it
+    out = style_jitter(image, gen)
+    assert out.shape == image.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert float((out - image).abs().mean()) > 0.01
+    red = out[:, :, 5, 5]  # the square stays red: red the largest channel, green and blue alike
+    assert bool((red[:, 0] > red[:, 1] + 0.2).all()) and float((red[:, 1] - red[:, 2]).abs().max()) < 1e-5
+    white = out[:, :, 0, 0]
+    assert float((white.max(1).values - white.min(1).values).max()) < 1e-5  # no colour cast on the background
 
 
 def test_hard_negatives_are_drawn_off_the_diagonal_and_favour_similar_ones() -> None:

@@ -185,6 +185,11 @@ def itm_cmd(
     head_styles: List[str] = typer.Option(["emojione", "fluent-3d"], "--head-style",
                                           help="Art the towers never saw, to train the head on and choose λ on "
                                                "(repeat; `--head-style none` trains on the training styles only)"),
+    image_branch: bool = typer.Option(False, "--image-branch", help="Give the head its own copy of the image "
+                                      "tower's trunk (initialised from it), fine-tuned on the renderings' pixels; "
+                                      "the tower and its embeddings stay as they are"),
+    style_jitter: bool = typer.Option(False, "--style-jitter", help="With --image-branch: train the branch on "
+                                      "renderings in jittered drawing styles (blur, outline width, saturation)"),
 ) -> None:
     """Train a fusion ITM head (re-ranker) for a bundle on the emoji data and write bundles that re-rank."""
     from ..train.itm_pipeline import ItmRunRequest, run_itm
@@ -196,7 +201,8 @@ def itm_cmd(
     request = ItmRunRequest(bundle=bundle, out=list(out), work_dir=work_dir or default_work_dir(f"{bundle.name}-itm"),
                             steps=steps, time_budget_s=time_budget * 60 if time_budget else None, copies=copies,
                             n_scenes=scenes, seed=seed, init=init, rank_queries=rank_queries,
-                            grid_side=grid_side, head_styles=tuple(s for s in head_styles if s != "none"))
+                            grid_side=grid_side, head_styles=tuple(s for s in head_styles if s != "none"),
+                            image_branch=image_branch, style_jitter=style_jitter)
     run_itm(request, sources, log=typer.echo)
 
 

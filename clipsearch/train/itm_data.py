@@ -128,6 +128,21 @@ class ItmFeatures:
     text_states: np.ndarray  # float16 [sum of lengths, Dt]
     text_offsets: np.ndarray  # int64 [M + 1]
     image_unseen: np.ndarray | None = None  # bool [N]: art of a head style, which the towers never saw
+    # The renderings themselves, for a head with its own image branch: uint8 [N, 3, S, S] and the bundle's
+    # normalisation (mean, std per channel)
+    pixels: np.ndarray | None = None
+    pixel_mean: np.ndarray | None = None
+    pixel_std: np.ndarray | None = None
+
+    def image_inputs(self, rows: np.ndarray, pixels: bool = False) -> np.ndarray:
+        """What the head's image side reads for these rows: the tower's feature maps, or with `pixels` the
+        normalised renderings (float32 [B, 3, S, S]) for a head with its own branch."""
+        if not pixels:
+            return self.feature_maps[rows].astype(np.float32)
+        if self.pixels is None:
+            raise ValueError("these features hold no pixels (computed without an image branch)")
+        x = self.pixels[rows].astype(np.float32) / 255.0
+        return (x - self.pixel_mean[None, :, None, None]) / self.pixel_std[None, :, None, None]
 
     def states(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Padded hidden states float32 [B, L, Dt] and attention mask int64 [B, L] of the given captions."""

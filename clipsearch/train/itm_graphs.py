@@ -65,15 +65,51 @@ def tapped(model: onnx.ModelProto, outputs: dict[str, str]) -> onnx.ModelProto:
     return tapped_model
 
 
+def first_output_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` reduced to its first output and the nodes and weights it needs: a bundle's graph as it
+    was before an ITM head was grafted on or its hidden states exposed (so the bundle can get a new head)."""
+    graph = model.graph
+    made_by = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    needed: set[int] = set()
+    stack = [graph.output[0].name]
+    while stack:
+        i = made_by.get(stack.pop())
+        if i is not None and i not in needed:
+            needed.add(i)
+            stack.extend(t for t in graph.node[i].input if t)
+    reduced = onnx.ModelProto()
+    reduced.CopyFrom(model)
+    nodes = [reduced.graph.node[i] for i in sorted(needed)]
+    used = {t for node in nodes for t in node.input}
+    inits = [init for init in reduced.graph.initializer if init.name in used]
+    del reduced.graph.node[:]
+    reduced.graph.node.extend(nodes)
+    del reduced.graph.initializer[:]
+    reduced.graph.initializer.extend(inits)
+    del reduced.graph.output[1:]
+    kept = {t for node in nodes for t in node.output}
+    infos = [v for v in reduced.graph.value_info if v.name in kept]
+    del reduced.graph.value_info[:]
+    reduced.graph.value_info.extend(infos)
+    return reduced
+
+
 def graft_image_tokens(visual: onnx.ModelProto, tokenizer: onnx.ModelProto) -> onnx.ModelProto:
-    """visual.onnx + the image tokenizer graph (inputs `feature_map`, `embeds`; output `image_tokens`), wired
-    to the visual graph's feature map and its embedding output. Outputs: the embedding, then image_tokens."""
+    """visual.onnx + the image tokenizer graph (inputs `feature_map` or `pixel_values`, and `embeds`; output
+    `image_tokens`), wired to the visual graph's feature map — or, for a head with its own image branch, to the
+    graph's pixel input — and its embedding output. Outputs: the embedding, then image_tokens."""
     embeds = visual.graph.output[0].name
-    grid = [d.dim_value for d in tokenizer.graph.input[0].type.tensor_type.shape.dim]  # [batch, C, H, W]
-    feature_map = image_feature_map(visual, grid[-1] if len(grid) == 4 and grid[-1] > 0 else None)
-    exposed = tapped(visual, {"itm_feature_map": feature_map})
+    first = tokenizer.graph.input[0]
+    if first.name == "pixel_values":  # the head's own copy of the trunk runs beside the tower
+        exposed = tapped(visual, {"itm_pixels": visual.graph.input[0].name})
+        wiring = ("itm_pixels", "pixel_values")
+    else:
+        grid = [d.dim_value for d in first.type.tensor_type.shape.dim]  # [batch, C, H, W]
+        feature_map = image_feature_map(visual, grid[-1] if len(grid) == 4 and grid[-1] > 0 else None)
+        exposed = tapped(visual, {"itm_feature_map": feature_map})
+        wiring = ("itm_feature_map", "feature_map")
     merged = onnx.compose.merge_models(
-        exposed, tokenizer, io_map=[("itm_feature_map", "feature_map"), (embeds, "embeds")],
+        exposed, tokenizer, io_map=[wiring, (embeds, "embeds")],
         prefix2="itm_", outputs=[embeds, f"itm_{IMAGE_TOKENS}"])
     # name the new output plainly
     for node in merged.graph.node:

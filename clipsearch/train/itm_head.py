@@ -120,16 +120,21 @@ class FusionItm(nn.Module):
 
 
 class ItmHead(nn.Module):
-    """Both parts, as trained: feature map + embedding + text states -> ITM logits [B, 2]."""
+    """Both parts, as trained: feature map + embedding + text states -> ITM logits [B, 2].
 
-    def __init__(self, cfg: ItmHeadConfig) -> None:
+    With a `branch` (a trainable copy of the tower's trunk, see itm_branch.py) the image side reads normalised
+    pixels instead of the frozen tower's feature map: `image_tokens(pixels, embeds)`."""
+
+    def __init__(self, cfg: ItmHeadConfig, branch: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.branch = branch
         self.tokenizer = ImageTokenizer(cfg)
         self.fusion = FusionItm(cfg)
 
-    def image_tokens(self, feature_map: torch.Tensor, embeds: torch.Tensor, quantise: bool = True) -> torch.Tensor:
-        tokens = self.tokenizer(feature_map, embeds)
+    def image_tokens(self, image: torch.Tensor, embeds: torch.Tensor, quantise: bool = True) -> torch.Tensor:
+        """`image`: the tower's feature map, or the normalised pixels when the head has its own branch."""
+        tokens = self.tokenizer(self.branch(image) if self.branch is not None else image, embeds)
         return fake_int8(tokens) if quantise else tokens
 
     def forward(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,9 @@ from ..model.bundle import read_bundle, read_preprocess, write_model_json
 from ..model.tokenizer import TextTokenizer
 from .augment import composite_white, render_batch
 from .itm_data import ItmCorpus, ItmFeatures, build_corpus, encode_texts_with_states, family_split
-from .itm_graphs import IMAGE_TOKENS, TEXT_TOKENS, expose_text_states, graft_image_tokens, image_feature_map, \
-    tapped, text_hidden_states
+from .itm_branch import ConvBranch
+from .itm_graphs import IMAGE_TOKENS, TEXT_TOKENS, expose_text_states, first_output_only, graft_image_tokens, \
+    image_feature_map, tapped, text_hidden_states
 from .itm_head import ItmHead, ItmHeadConfig
 from .itm_train import ITC_WEIGHTS, ItmTrainConfig, load_head, save_head, train_itm_head, validation_rerank
 
@@ -39,13 +40,16 @@ class TappedBundle:
         self.info = read_bundle(bundle)
         self.preprocess = read_preprocess(self.info)
         self.tokenizer = TextTokenizer.from_bundle(self.info)
-        visual = onnx.load(str(self.info.file("visual.onnx")))
-        textual = onnx.load(str(self.info.file("textual.onnx")))
+        # a bundle that already re-ranks is read as it was before its head: embeddings only
+        visual = first_output_only(onnx.load(str(self.info.file("visual.onnx"))))
+        textual = first_output_only(onnx.load(str(self.info.file("textual.onnx"))))
+        self.visual_graph = visual
+        self.feature_map = image_feature_map(visual, grid_side)
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
         self.visual = ort.InferenceSession(
-            tapped(visual, {"fmap": image_feature_map(visual, grid_side)}).SerializeToString(), so,
+            tapped(visual, {"fmap": self.feature_map}).SerializeToString(), so,
             providers=["CPUExecutionProvider"])
         self.textual = ort.InferenceSession(
             tapped(textual, {"states": text_hidden_states(textual)}).SerializeToString(), so,
@@ -68,14 +72,20 @@ class TappedBundle:
 
 
 def build_features(tapped_bundle: TappedBundle, corpus: ItmCorpus, sprites: np.ndarray, sprite_concepts: np.ndarray,
-                   copies: int, seed: int, log: Callable[[str], None] = print) -> ItmFeatures:
+                   copies: int, seed: int, log: Callable[[str], None] = print, keep_pixels: bool = False) -> ItmFeatures:
+    """With `keep_pixels`, the renderings are rounded to 8 bits (as decoded images are) and kept, for a head
+    with its own image branch."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 3)
     size = sprites.shape[1]
-    embeds, fmaps, concepts, scene_of, val, unseen = [], [], [], [], [], []
+    embeds, fmaps, concepts, scene_of, val, unseen, pixels = [], [], [], [], [], [], []
     empty = np.zeros((0, size, size, 4), dtype=np.uint8)
 
     def add(rgb: torch.Tensor, concept: np.ndarray, scene: np.ndarray, is_val: bool, is_unseen: np.ndarray) -> None:
+        if keep_pixels:
+            levels = (rgb * 255.0).round().clamp(0, 255)
+            pixels.append(levels.to(torch.uint8).numpy())
+            rgb = levels / 255.0
         for start in range(0, len(rgb), 512):
             e, f = tapped_bundle.images(rgb[start:start + 512])
             embeds.append(e)
@@ -106,9 +116,12 @@ def build_features(tapped_bundle: TappedBundle, corpus: ItmCorpus, sprites: np.n
         add(rgb, np.full(len(part), -1), np.arange(start, start + len(part)), False, np.zeros(len(part), bool))
     log(f"  rendered and embedded {len(corpus.scenes)} scenes")
     text_embeds, states, offsets = encode_texts_with_states(tapped_bundle.texts, corpus.captions, log=log)
+    spec = tapped_bundle.preprocess
     return ItmFeatures(np.concatenate(embeds), np.concatenate(fmaps), np.concatenate(concepts).astype(np.int64),
                        np.concatenate(scene_of).astype(np.int64), np.concatenate(val), text_embeds, states, offsets,
-                       np.concatenate(unseen))
+                       np.concatenate(unseen), np.concatenate(pixels) if keep_pixels else None,
+                       np.asarray(spec.mean, np.float32) if keep_pixels else None,
+                       np.asarray(spec.std, np.float32) if keep_pixels else None)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -119,15 +132,32 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], output: str
     return onnx.load_from_string(buffer.getvalue())
 
 
+class _BranchTokenizer(torch.nn.Module):
+    """A head's own image branch and its tokenizer, as one graph: pixel_values, embeds -> image_tokens."""
+
+    def __init__(self, head: ItmHead) -> None:
+        super().__init__()
+        self.branch, self.tokenizer = head.branch, head.tokenizer
+
+    def forward(self, pixel_values: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer(self.branch(pixel_values), embeds)
+
+
 def head_graphs(head: ItmHead) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(image tokenizer graph: feature_map, embeds -> image_tokens; fusion graph: text_tokens, attention_mask,
-    image_tokens -> itm_logits)."""
+    """(image tokenizer graph: feature_map (or pixel_values, for a head with its own branch), embeds ->
+    image_tokens; fusion graph: text_tokens, attention_mask, image_tokens -> itm_logits)."""
     cfg = head.cfg
-    side = int(round(cfg.grid_tokens ** 0.5))
-    fmap = torch.randn(2, cfg.grid_width, side, side)
     emb = torch.randn(2, cfg.embed_dim)
-    tokenizer = _export(head.tokenizer, (fmap, emb), ["feature_map", "embeds"], IMAGE_TOKENS,
-                        {"feature_map": {0: "batch"}, "embeds": {0: "batch"}, IMAGE_TOKENS: {0: "batch"}})
+    if head.branch is not None:
+        size = int(head.branch.spec["image_size"])
+        tokenizer = _export(_BranchTokenizer(head), (torch.randn(2, 3, size, size), emb), ["pixel_values", "embeds"],
+                            IMAGE_TOKENS, {"pixel_values": {0: "batch"}, "embeds": {0: "batch"},
+                                           IMAGE_TOKENS: {0: "batch"}})
+    else:
+        side = int(round(cfg.grid_tokens ** 0.5))
+        fmap = torch.randn(2, cfg.grid_width, side, side)
+        tokenizer = _export(head.tokenizer, (fmap, emb), ["feature_map", "embeds"], IMAGE_TOKENS,
+                            {"feature_map": {0: "batch"}, "embeds": {0: "batch"}, IMAGE_TOKENS: {0: "batch"}})
     states = torch.randn(2, 5, cfg.text_width)
     mask = torch.ones(2, 5, dtype=torch.int64)
     tokens = torch.randn(2, cfg.image_tokens, cfg.width)
@@ -156,7 +186,7 @@ def onnx_validation_rerank(itm_path: Path, head: ItmHead, features: ItmFeatures,
     concepts = features.image_concepts[rows]
     queries = sorted(set(int(c) for c in concepts))
     with torch.no_grad():
-        tokens = head.image_tokens(torch.from_numpy(features.feature_maps[rows].astype(np.float32)),
+        tokens = head.image_tokens(torch.from_numpy(features.image_inputs(rows, head.branch is not None)),
                                    torch.from_numpy(features.image_embeds[rows])).numpy()
     r1 = r10 = 0
     for concept in queries:
@@ -191,9 +221,11 @@ def write_itm_bundle(source: Path, out: Path, head: ItmHead, itc_weight: float, 
         text = attribution.read_text(encoding="utf-8")
         if HEAD_ATTRIBUTION not in text:
             attribution.write_text(text.rstrip("\n") + "\n" + HEAD_ATTRIBUTION, encoding="utf-8")
-    visual = graft_image_tokens(onnx.load(str(info.file("visual.onnx"))), tokenizer_graph)
+    # a source that already re-ranks loses its old head first (embedding outputs untouched)
+    visual = graft_image_tokens(first_output_only(onnx.load(str(info.file("visual.onnx")))), tokenizer_graph)
+    textual = expose_text_states(first_output_only(onnx.load(str(info.file("textual.onnx")))))
     onnx.save(visual, str(out / "visual.onnx"))
-    onnx.save(expose_text_states(onnx.load(str(info.file("textual.onnx")))), str(out / "textual.onnx"))
+    onnx.save(textual, str(out / "textual.onnx"))
     if itm_precision == "int8":
         onnx.save(fusion, str(out / (ITM_FILE + ".fp32")))
         quantize_itm(out / (ITM_FILE + ".fp32"), out / ITM_FILE)
@@ -234,6 +266,10 @@ class ItmRunRequest:
     # chosen on the rest; with none, it trains on the training styles alone and λ on the towers' validation split.
     head_styles: tuple[str, ...] = ()
     head_val_fraction: float = 0.15
+    # The head gets its own copy of the tower's trunk up to the feature map (initialised from it), fine-tuned on
+    # the renderings' pixels by the ITM loss; it runs beside the tower in visual.onnx (itm_branch.py).
+    image_branch: bool = False
+    style_jitter: bool = False  # the branch sees its training renderings in jittered drawing styles
 
 
 def provenance_init(init: Path | None) -> dict | None:
@@ -272,7 +308,7 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     labels = [c.label for c in dataset.concepts]
     corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed, first_unseen)
     variant = ("" if request.grid_side is None else f"grid{request.grid_side}") + \
-        "".join(f"+{s}" for s in request.head_styles)
+        "".join(f"+{s}" for s in request.head_styles) + ("+pixels" if request.image_branch else "")
     # the model id follows visual.onnx only; the text states come from textual.onnx, so its checksum is in the key
     source = bundle.info.model_id + bundle.info.files.get("textual.onnx", "")
     cache = request.work_dir / f"features-{corpus.key(source + str(request.copies) + variant)}.npz"
@@ -282,7 +318,8 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     else:
         log(f"computing features: {len(train_idx)} sprites × {1 + request.copies}, {len(val_idx)} validation, "
             f"{len(corpus.scenes)} scenes, {len(corpus.captions)} captions")
-        features = build_features(bundle, corpus, sprites, sprite_concepts, request.copies, request.seed, log)
+        features = build_features(bundle, corpus, sprites, sprite_concepts, request.copies, request.seed, log,
+                                  keep_pixels=request.image_branch)
         features.save(cache)
     feature_seconds = time.perf_counter() - started
     head_cfg = ItmHeadConfig(text_width=features.text_states.shape[1], grid_width=features.feature_maps.shape[1],
@@ -290,9 +327,11 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
                              embed_dim=features.image_embeds.shape[1])
     cfg = ItmTrainConfig(steps=request.steps, time_budget_s=request.time_budget_s, seed=request.seed,
                          init=str(request.init) if request.init else None, rank_queries=request.rank_queries,
+                         style_jitter=request.style_jitter,
                          **({"batch_singles": 32, "batch_scenes": 16, "lr": 5e-4} if request.init else {}))
     checkpoint = request.work_dir / "itm-head.pt"
-    result = train_itm_head(features, corpus, head_cfg, cfg, log)
+    branch = ConvBranch.from_onnx(bundle.visual_graph, bundle.feature_map) if request.image_branch else None
+    result = train_itm_head(features, corpus, head_cfg, cfg, log, branch)
     weights = ITC_WEIGHTS + ((round(result.learned_itc_weight, 2),) if result.learned_itc_weight else ())
     chosen, table = validation_rerank(result.head, features, corpus, weights=tuple(sorted(set(weights))))
     for row in table:
@@ -310,6 +349,7 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
         "head_styles": list(request.head_styles),
         "threads": torch.get_num_threads(), "itm_graph_validation": graph_figures,
         "learned_itc_weight": result.learned_itc_weight, "init": provenance_init(request.init),
+        "image_branch": request.image_branch, "style_jitter": request.style_jitter,
         "feature_map": f"{features.feature_maps.shape[1]}×{features.feature_maps.shape[2]}×{features.feature_maps.shape[3]}",
     }
     save_head(result.head, checkpoint, {"provenance": provenance, "itc_weight": chosen.itc_weight,

@@ -60,6 +60,8 @@ class ItmTrainConfig:
     # confusions the head meets when it re-ranks a top 32 (0: off).
     unseen_fraction: float = 0.5
     global_k: int = 16
+    branch_lr_scale: float = 0.3  # a head with its own image branch: the branch's learning rate, relative
+    style_jitter: bool = False  # ... and its training renderings through `style_jitter`
 
 
 @dataclass
@@ -206,20 +208,62 @@ def _mine(sim: np.ndarray, temperature: float, rng: np.random.Generator) -> np.n
     return np.minimum((cumulative < draws).sum(axis=1), len(p) - 1)
 
 
+def style_jitter(rgb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Changes of drawing style that keep an emoji's meaning, on RGB in [0, 1] [B, 3, H, W]: blur or sharpening,
+    thicker or thinner dark outlines, saturation and gamma (never hue: a red heart stays red)."""
+    b = len(rgb)
+
+    def pick(p: float) -> torch.Tensor:
+        return (torch.rand(b, 1, 1, 1, generator=gen) < p).float()
+
+    blurred = F.avg_pool2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    amount = torch.rand(b, 1, 1, 1, generator=gen)
+    rgb = rgb + pick(0.25) * amount * (blurred - rgb) + pick(0.2) * amount * (rgb - blurred)  # blur / sharpen
+    thick = -F.max_pool2d(-F.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, 1)  # dark strokes grow
+    thin = F.max_pool2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    rgb = rgb + pick(0.2) * 0.5 * (thick - rgb) + pick(0.15) * 0.5 * (thin - rgb)
+    grey = (rgb * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+    saturation = 0.6 + 0.7 * torch.rand(b, 1, 1, 1, generator=gen)
+    rgb = grey + saturation * (rgb - grey)
+    gamma = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.4)
+    return rgb.clamp(0.0, 1.0) ** gamma
+
+
+def _tokens(head: ItmHead, features: ItmFeatures, rows: np.ndarray, jitter: torch.Generator | None = None
+            ) -> torch.Tensor:
+    """Image tokens of `rows` (repeats computed once); with `jitter`, a head with its own branch sees the
+    renderings through `style_jitter`."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    inputs = torch.from_numpy(features.image_inputs(unique, head.branch is not None))
+    if jitter is not None and head.branch is not None:
+        mean = torch.from_numpy(features.pixel_mean)[None, :, None, None]
+        std = torch.from_numpy(features.pixel_std)[None, :, None, None]
+        inputs = (style_jitter(inputs * std + mean, jitter) - mean) / std
+    tokens = head.image_tokens(inputs, torch.from_numpy(features.image_embeds[unique]))
+    return tokens[torch.from_numpy(inverse.reshape(-1))]
+
+
 def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadConfig, cfg: ItmTrainConfig,
-                   log: Callable[[str], None] = print) -> ItmTrainResult:
+                   log: Callable[[str], None] = print, branch: torch.nn.Module | None = None) -> ItmTrainResult:
+    """Train a head (with `branch`: one with its own image branch, reading the renderings' pixels)."""
     torch.manual_seed(cfg.seed)
-    head = ItmHead(head_cfg)
+    head = ItmHead(head_cfg, branch)
     if cfg.init:
         head, _ = load_head(Path(cfg.init))
         head.train()
     log_lambda = torch.nn.Parameter(torch.tensor(float(np.log(cfg.rank_itc_weight))))
-    decay = [p for n, p in head.named_parameters() if p.ndim >= 2 and "pos" not in n]
-    other = [p for n, p in head.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other + [log_lambda], "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    named = [(n, p) for n, p in head.named_parameters() if not n.startswith("branch.")]
+    decay = [p for n, p in named if p.ndim >= 2 and "pos" not in n]
+    other = [p for n, p in named if not (p.ndim >= 2 and "pos" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+              {"params": other + [log_lambda], "weight_decay": 0.0, "base_lr": cfg.lr}]
+    if head.branch is not None:
+        groups.append({"params": list(head.branch.parameters()), "weight_decay": 0.0,
+                       "base_lr": cfg.lr * cfg.branch_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     sampler = _Sampler(features, corpus, cfg)
     rng = np.random.default_rng(cfg.seed + 7)
+    jitter = torch.Generator().manual_seed(cfg.seed + 11) if cfg.style_jitter else None
     started = time.perf_counter()
     history: list[dict] = []
     running = None
@@ -232,7 +276,7 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
             break
         factor = min(1.0, step / cfg.warmup) * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * factor
+            group["lr"] = group["base_lr"] * factor
         rows, caps, negs, mined = sampler.batch()
         sim = features.image_embeds[rows] @ features.text_embeds[caps].T
         neg_text = caps[_mine(sim, cfg.mining_temperature, rng)]
@@ -243,9 +287,7 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
         labels = torch.zeros(len(pair_rows), dtype=torch.long)
         labels[:len(rows)] = 1
         states, mask = features.states(pair_caps)
-        fmap = torch.from_numpy(features.feature_maps[pair_rows].astype(np.float32))
-        emb = torch.from_numpy(features.image_embeds[pair_rows])
-        logits = head(torch.from_numpy(states), torch.from_numpy(mask), head.image_tokens(fmap, emb))
+        logits = head(torch.from_numpy(states), torch.from_numpy(mask), _tokens(head, features, pair_rows, jitter))
         # positives are a quarter of the pairs: weight them up to half of the loss
         weights = torch.where(labels == 1, float(len(labels) - len(rows)) / len(rows), 1.0)
         loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
@@ -254,8 +296,7 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
             b, k = r_rows.shape
             flat = r_rows.reshape(-1)
             states, mask = features.states(np.repeat(r_caps, k))
-            tokens = head.image_tokens(torch.from_numpy(features.feature_maps[flat].astype(np.float32)),
-                                       torch.from_numpy(features.image_embeds[flat]))
+            tokens = _tokens(head, features, flat, jitter)
             pair = head(torch.from_numpy(states), torch.from_numpy(mask), tokens)
             margin = (pair[:, 1] - pair[:, 0]).view(b, k)
             itc = torch.from_numpy(np.einsum("bd,bkd->bk", features.text_embeds[r_caps], features.image_embeds[r_rows]))
@@ -282,8 +323,7 @@ def train_itm_head(features: ItmFeatures, corpus: ItmCorpus, head_cfg: ItmHeadCo
 def head_logits(head: ItmHead, features: ItmFeatures, caption: int, rows: np.ndarray) -> np.ndarray:
     """Match margin (logit 1 − logit 0) of one caption against image rows."""
     states, mask = features.states([caption])
-    fmap = torch.from_numpy(features.feature_maps[rows].astype(np.float32))
-    tokens = head.image_tokens(fmap, torch.from_numpy(features.image_embeds[rows]))
+    tokens = _tokens(head, features, rows)
     logits = head(torch.from_numpy(states).expand(len(rows), -1, -1), torch.from_numpy(mask).expand(len(rows), -1),
                   tokens)
     return (logits[:, 1] - logits[:, 0]).numpy()
@@ -329,12 +369,15 @@ def validation_rerank(head: ItmHead, features: ItmFeatures, corpus: ItmCorpus,
 
 
 def save_head(head: ItmHead, path: Path, extra: dict | None = None) -> None:
-    torch.save({"cfg": head.cfg.to_dict(), "state": head.state_dict(), **(extra or {})}, path)
+    branch = {"branch": head.branch.spec} if head.branch is not None else {}
+    torch.save({"cfg": head.cfg.to_dict(), "state": head.state_dict(), **branch, **(extra or {})}, path)
 
 
 def load_head(path: Path) -> tuple[ItmHead, dict]:
+    from .itm_branch import ConvBranch
+
     raw = torch.load(path, map_location="cpu", weights_only=False)
-    head = ItmHead(ItmHeadConfig.from_dict(raw["cfg"]))
+    head = ItmHead(ItmHeadConfig.from_dict(raw["cfg"]), ConvBranch(raw["branch"]) if raw.get("branch") else None)
     head.load_state_dict(raw["state"])
     head.eval()
     return head, raw
