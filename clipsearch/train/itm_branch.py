@@ -1,10 +1,10 @@
 """A trainable copy of the image tower's trunk for the ITM head (training and export only, needs torch + onnx).
 
 The head's image tokens normally come from the frozen tower's feature map, whose features the tower learned on
-its training styles only. `ConvBranch` copies the part of visual.onnx that computes that feature map (Conv, Relu
-and Add nodes: the tower's batch norms are folded into its convolutions) into torch modules initialised with the
-tower's weights, so the ITM loss can fine-tune it on art the tower never saw while the tower itself, and so every
-embedding and model id, stays as it is. Exported, the copy runs beside the tower inside visual.onnx (see
+its training styles only. `ConvBranch` copies the part of visual.onnx that computes that feature map (Conv, Relu,
+Add and Identity nodes: the tower's batch norms are folded into its convolutions) into torch modules initialised
+with the tower's weights, so the ITM loss can fine-tune it on art the tower never saw while the tower itself, and
+so every embedding and model id, stays as it is. Exported, the copy runs beside the tower inside visual.onnx (see
 `itm_graphs.graft_image_tokens`).
 
 The copy is described by a plain spec (ops and conv shapes), kept in the head's checkpoint to rebuild it.
@@ -20,35 +20,28 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import ClipsearchError
+from .itm_graphs import needed_nodes
 
 _SUPPORTED = ("Conv", "Relu", "Add", "Identity")
 
 
 def branch_spec(model: onnx.ModelProto, output: str) -> tuple[dict, dict[str, np.ndarray]]:
     """The spec of the subgraph from the graph's image input to tensor `output`, and its conv weights
-    ({conv name: array}). Raises if that subgraph holds anything but Conv, Relu and Add."""
+    ({conv name: array}). Raises if that subgraph holds anything but Conv, Relu, Add and Identity nodes."""
     graph = model.graph
     source = graph.input[0].name
     made_by = {out: node for node in graph.node for out in node.output}
     weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    needed: set[int] = set()
-    stack = [output]
-    index = {id(node): i for i, node in enumerate(graph.node)}
-    while stack:
-        tensor = stack.pop()
-        if tensor == source or tensor in weights:
-            continue
-        node = made_by.get(tensor)
-        if node is not None and node.op_type == "Identity" and node.input[0] in weights:
-            continue  # a shared weight
-        if node is None:
-            raise ClipsearchError(f"visual.onnx: {tensor!r} does not come from the image input")
+    needed = needed_nodes(graph, output)
+    for i in needed:
+        node = graph.node[i]
         if node.op_type not in _SUPPORTED:
             raise ClipsearchError(f"visual.onnx: cannot copy a {node.op_type} node into the ITM branch "
                                   f"(only {', '.join(_SUPPORTED)})")
-        if index[id(node)] not in needed:
-            needed.add(index[id(node)])
-            stack.extend(i for i in node.input if i)
+        for tensor in node.input:
+            if tensor and tensor != source and tensor not in weights and tensor not in made_by:
+                raise ClipsearchError(f"visual.onnx: {tensor!r} does not come from the image input")
+
     def constant(tensor: str) -> np.ndarray:  # a weight, possibly behind Identity nodes (shared initialisers)
         while tensor not in weights and tensor in made_by and made_by[tensor].op_type == "Identity":
             tensor = made_by[tensor].input[0]
@@ -57,7 +50,7 @@ def branch_spec(model: onnx.ModelProto, output: str) -> tuple[dict, dict[str, np
     names = {source: "x"}
     ops: list[dict] = []
     arrays: dict[str, np.ndarray] = {}
-    for i in sorted(needed):
+    for i in needed:
         node = graph.node[i]
         out = f"t{len(ops)}"
         if node.op_type == "Conv":
@@ -75,8 +68,9 @@ def branch_spec(model: onnx.ModelProto, output: str) -> tuple[dict, dict[str, np
                         "kernel": int(w.shape[2]), "stride": int(list(attrs.get("strides", [1, 1]))[0]),
                         "pad": int(pads[0]), "groups": int(attrs.get("group", 1))})
         else:
-            if node.op_type == "Identity":
-                names[node.output[0]] = names[node.input[0]]
+            if node.op_type == "Identity":  # an alias; one of a weight is read through constant()
+                if node.input[0] in names:
+                    names[node.output[0]] = names[node.input[0]]
                 continue
             ops.append({"op": node.op_type, "in": [names[t] for t in node.input], "out": out})
         names[node.output[0]] = out

@@ -1,10 +1,12 @@
 """Graph surgery for the fusion ITM head (export time, needs the `onnx` package).
 
-* `image_feature_map` and `text_hidden_states` find, in a bundle's own graphs, the tensors the head reads: the image tower's last
-  feature map (what its global pooling reduces) and the text tower's last hidden states (what its masked
-  mean pooling sums). Found by the pooling ops, so the fp32 and the int8 graphs both work.
+* `image_feature_map` and `text_hidden_states` find, in a bundle's own graphs, the tensors the head reads: the
+  image tower's last feature map (what its global pooling reduces) and the text tower's last hidden states (what
+  its masked mean pooling sums). Found by the pooling ops, so the fp32 and the int8 graphs both work.
 * `tapped` returns a graph with such internal tensors added as outputs (for computing training features with
   onnxruntime from exactly the graphs the product runs).
+* `needed_nodes` walks back from a tensor to the nodes it depends on; `first_output_only` uses it to strip a
+  bundle's graph back to its embedding output, `itm_branch` to find the trunk it copies.
 * `graft_image_tokens` adds the head's image tokenizer to visual.onnx: every existing node is kept as it
   is, so the embedding output is unchanged, and a second output `image_tokens` appears.
 """
@@ -65,21 +67,26 @@ def tapped(model: onnx.ModelProto, outputs: dict[str, str]) -> onnx.ModelProto:
     return tapped_model
 
 
-def first_output_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` reduced to its first output and the nodes and weights it needs: a bundle's graph as it
-    was before an ITM head was grafted on or its hidden states exposed (so the bundle can get a new head)."""
-    graph = model.graph
+def needed_nodes(graph: onnx.GraphProto, tensor: str) -> list[int]:
+    """Indices, in graph order, of the nodes that `tensor` depends on (walking producers back from it)."""
     made_by = {out: i for i, node in enumerate(graph.node) for out in node.output}
     needed: set[int] = set()
-    stack = [graph.output[0].name]
+    stack = [tensor]
     while stack:
         i = made_by.get(stack.pop())
         if i is not None and i not in needed:
             needed.add(i)
             stack.extend(t for t in graph.node[i].input if t)
+    return sorted(needed)
+
+
+def first_output_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` reduced to its first output and the nodes and weights it needs: a bundle's graph as it
+    was before an ITM head was grafted on or its hidden states exposed (so the bundle can get a new head)."""
+    needed = needed_nodes(model.graph, model.graph.output[0].name)
     reduced = onnx.ModelProto()
     reduced.CopyFrom(model)
-    nodes = [reduced.graph.node[i] for i in sorted(needed)]
+    nodes = [reduced.graph.node[i] for i in needed]
     used = {t for node in nodes for t in node.input}
     inits = [init for init in reduced.graph.initializer if init.name in used]
     del reduced.graph.node[:]
