@@ -293,6 +293,31 @@ def test_family_split_keeps_every_skin_tone_of_an_emoji_on_one_side() -> None:
     assert not families(train) & families(val) and len(families(val)) == 3
 
 
+def test_a_whole_style_held_out_for_validation_is_never_trained_on() -> None:
+    from clipsearch.train.itm_data import style_split
+
+    train, val = style_split([5, 3, 4], held=1)
+    assert val.tolist() == [5, 6, 7] and train.tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11]
+
+
+def test_iconify_emoji_sets_match_cldr_names_unicode_names_and_numbered_variants(tmp_path) -> None:
+    from clipsearch.train.emoji_data import Concept, _iconify_by_name
+
+    labels = [("2665", "heart suit"), ("1F632", "astonished face"), ("1F44D", "thumbs up"),
+              ("1F44D-1F3FD", "thumbs up: medium skin tone"), ("1F1E8-1F1E6", "flag: Canada"),
+              ("1F600", "grinning face")]
+    concepts = [Concept(i, hexcode, label, (), 0, hexcode.startswith("1F1E8"), label.split(":")[0],
+                        3 * ("skin" in label)) for i, (hexcode, label) in enumerate(labels)]
+    names = ["blackheartsuit", "astonished", "thumbs-up-2", "thumbs-up-1", "thumbs-up-medium-skin-tone", "canada",
+             "grinningface", "no-such-emoji"]
+    body = '<rect width="8" height="8" fill="#000"/>'
+    (tmp_path / "icons.json").write_text(json.dumps({"prefix": "t", "icons": {n: {"body": body} for n in names}}))
+    matched = {Path(path).stem: idx for idx, path in _iconify_by_name(tmp_path, concepts)}
+    assert matched.pop("thumbs-up-1") == matched.pop("thumbs-up-2") == 2  # both variants; the first one is kept later
+    assert matched == {"blackheartsuit": 0, "astonished": 1, "thumbs-up-medium-skin-tone": 3, "canada": 4,
+                       "grinningface": 5}
+
+
 def test_iconify_icon_sets_become_svg_files_with_their_aliases(tmp_path) -> None:
     from clipsearch.train.emoji_data import _iconify_svgs, rasterise
 

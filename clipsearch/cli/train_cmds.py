@@ -98,13 +98,17 @@ def build_emoji_data_cmd(
     size: int = typer.Option(64, "--size", help="Raster size of the cached sprites"),
     folder: Optional[Path] = typer.Option(None, "--folder", help="Dataset cache (default: under the clipsearch cache)"),
     pairs_dir: Optional[Path] = typer.Option(None, "--export-pairs", help="Also write PNGs + pairs-<style>.jsonl here"),
+    more_styles: bool = typer.Option(False, "--more-styles", help="Also the further head-only styles (fxemoji, "
+                                     "emojione-v1, streamline) for `train itm --head-style`"),
 ) -> None:
     """Fetch the emoji artwork from npm, rasterise it and cache it (training styles, held-out Noto and the styles
     only the ITM head trains on)."""
-    from ..train.emoji_data import HEAD_STYLES, HELDOUT_STYLE, TRAIN_STYLES, build_emoji_dataset, write_pairs_jsonl
+    from ..train.emoji_data import (HEAD_STYLES, HELDOUT_STYLE, MORE_HEAD_STYLES, TRAIN_STYLES, build_emoji_dataset,
+                                    write_pairs_jsonl)
 
-    dataset = build_emoji_dataset(size=size, folder=folder, log=typer.echo)
-    for style in (*TRAIN_STYLES, HELDOUT_STYLE, *HEAD_STYLES):
+    styles = (*TRAIN_STYLES, HELDOUT_STYLE, *HEAD_STYLES, *(MORE_HEAD_STYLES if more_styles else ()))
+    dataset = build_emoji_dataset(size=size, styles=styles, folder=folder, log=typer.echo)
+    for style in styles:
         typer.echo(f"{style}: {len(dataset.sprites(style).concepts)} images")
         if pairs_dir is not None:
             typer.echo(f"  pairs: {write_pairs_jsonl(dataset, style, pairs_dir)}")
@@ -185,6 +189,8 @@ def itm_cmd(
     head_styles: List[str] = typer.Option(["emojione", "fluent-3d"], "--head-style",
                                           help="Art the towers never saw, to train the head on and choose λ on "
                                                "(repeat; `--head-style none` trains on the training styles only)"),
+    val_style: Optional[str] = typer.Option(None, "--val-style", help="Hold this head style out whole and choose λ "
+                                            "on it (default: held-out families of every head style)"),
     image_branch: bool = typer.Option(False, "--image-branch", help="Give the head its own copy of the image "
                                       "tower's trunk (initialised from it), fine-tuned on the renderings' pixels; "
                                       "the tower and its embeddings stay as they are"),
@@ -202,7 +208,7 @@ def itm_cmd(
                             steps=steps, time_budget_s=time_budget * 60 if time_budget else None, copies=copies,
                             n_scenes=scenes, seed=seed, init=init, rank_queries=rank_queries,
                             grid_side=grid_side, head_styles=tuple(s for s in head_styles if s != "none"),
-                            image_branch=image_branch, style_jitter=style_jitter)
+                            val_style=val_style, image_branch=image_branch, style_jitter=style_jitter)
     run_itm(request, sources, log=typer.echo)
 
 

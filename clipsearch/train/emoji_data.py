@@ -40,11 +40,17 @@ NPM_PACKAGES: dict[str, tuple[str, str]] = {
     "noto": ("emoji-datasource-google", "16.0.0"),
     "emojione": ("@iconify-json/emojione", "1.2.3"),
     "fluent3d": ("@lobehub/fluent-emoji-3d", "1.1.0"),
+    "fxemoji": ("@iconify-json/fxemoji", "1.2.2"),
+    "emojione-v1": ("@iconify-json/emojione-v1", "1.2.3"),
+    "streamline": ("@iconify-json/streamline-emojis", "1.2.4"),
 }
 TRAIN_STYLES = ("twemoji", "openmoji", "fluent-flat", "fluent-color")
 HELDOUT_STYLE = "noto"
 HEAD_STYLES = ("emojione", "fluent-3d")  # for the ITM head only; never seen by the towers
-STYLE_PACKAGES = {"fluent-flat": "fluent", "fluent-color": "fluent", "fluent-3d": "fluent3d"}
+# More art the towers never saw, for experiments with the head (none has skin-tone variants; MODEL_CARD)
+MORE_HEAD_STYLES = ("fxemoji", "emojione-v1", "streamline")
+STYLE_PACKAGES = {"fluent-flat": "fluent", "fluent-color": "fluent", "fluent-3d": "fluent3d",
+                  "emojione-v1": "emojione-v1"}
 STYLE_LICENCES = {
     "twemoji": "CC-BY 4.0, Copyright 2020 Twitter, Inc and other contributors (graphics), via @twemoji/svg",
     "openmoji": "CC-BY-SA 4.0, OpenMoji project (openmoji.org)",
@@ -53,6 +59,9 @@ STYLE_LICENCES = {
     "noto": "Apache-2.0, Google Noto Emoji, via emoji-datasource-google",
     "emojione": "CC-BY 4.0, EmojiOne 2 by Ranks.com, via @iconify-json/emojione",
     "fluent-3d": "MIT, Microsoft Fluent Emoji (3D), via @lobehub/fluent-emoji-3d",
+    "fxemoji": "Apache-2.0, Mozilla FxEmoji (Firefox OS), via @iconify-json/fxemoji",
+    "emojione-v1": "CC-BY-SA 4.0, EmojiOne 1 by Ranks.com, via @iconify-json/emojione-v1",
+    "streamline": "CC-BY 4.0, Streamline Emojis by webalys, via @iconify-json/streamline-emojis",
 }
 MODEL_ATTRIBUTION = """# Attribution: artwork this model was trained on
 
@@ -222,6 +231,8 @@ def _style_files(style: str, root: Path, concepts: list[Concept]) -> list[tuple[
             idx = by_slug.get(name)
             if idx is not None:
                 found.append((idx, svg))
+    elif style in MORE_HEAD_STYLES:
+        found = _iconify_by_name(root, concepts)
     elif style == "fluent-3d":
         for image in sorted((root / "assets").glob("*.webp")):
             idx = by_key.get(norm_key(image.stem))
@@ -248,6 +259,38 @@ def _style_files(style: str, root: Path, concepts: list[Concept]) -> list[tuple[
             seen.add(idx)
             unique.append((idx, path))
     return unique
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _iconify_by_name(root: Path, concepts: list[Concept]) -> list[tuple[int, Path]]:
+    """An Iconify emoji set's icons matched to concepts by name: the CLDR short name as a slug, else without
+    hyphens, else the Unicode character name (FxEmoji names its icons so: "blackheartsuit"), each also with a
+    numbered variant suffix dropped ("thumbs-up-1") or "face" / "flag" added ("astonished", "canada")."""
+    by_name: dict[str, int] = {}
+    for c in concepts:
+        by_name.setdefault(slug(c.label), c.index)
+    for c in concepts:
+        by_name.setdefault(_squash(c.label), c.index)
+        points = [int(h, 16) for h in c.hexcode.split("-") if h != "FE0F"]
+        if len(points) == 1:
+            by_name.setdefault(_squash(unicodedata.name(chr(points[0]), "")) or slug(c.label), c.index)
+
+    def lookup(name: str) -> int | None:
+        for candidate in (name, re.sub(r"-\d+$", "", name)):
+            for key in (candidate, _squash(candidate), _squash(candidate) + "face", "flag" + _squash(candidate)):
+                if key in by_name:
+                    return by_name[key]
+        return None
+
+    found = []
+    for name, svg in _iconify_svgs(root):
+        idx = lookup(name)
+        if idx is not None:
+            found.append((idx, svg))
+    return found
 
 
 def _iconify_svgs(root: Path) -> list[tuple[str, Path]]:

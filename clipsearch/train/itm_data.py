@@ -204,6 +204,13 @@ def family_split(concepts: Sequence["Concept"], sprite_concepts: np.ndarray, val
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def style_split(style_sizes: Sequence[int], held: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices over styles stacked in order (`style_sizes` images each): style `held` whole
+    is the validation split, as Noto is held out of everything (its emoji are trained on in the other styles)."""
+    is_val = np.concatenate([np.full(size, i == held) for i, size in enumerate(style_sizes)])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
 def encode_texts_with_states(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]],
                              texts: Sequence[str], batch: int = 128,
                              log: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,9 +18,11 @@ import onnx
 import torch
 
 from ..model.bundle import read_bundle, read_preprocess, write_model_json
+from ..errors import ClipsearchError
 from ..model.tokenizer import TextTokenizer
 from .augment import composite_white, render_batch
-from .itm_data import ItmCorpus, ItmFeatures, build_corpus, encode_texts_with_states, family_split
+from .itm_data import ItmCorpus, ItmFeatures, build_corpus, encode_texts_with_states, family_split, \
+    style_split
 from .itm_branch import ConvBranch
 from .itm_graphs import IMAGE_TOKENS, TEXT_TOKENS, expose_text_states, first_output_only, graft_image_tokens, \
     image_feature_map, tapped, text_hidden_states
@@ -266,6 +268,9 @@ class ItmRunRequest:
     # chosen on the rest; with none, it trains on the training styles alone and λ on the towers' validation split.
     head_styles: tuple[str, ...] = ()
     head_val_fraction: float = 0.15
+    # One of head_styles held out whole (no family of it trained on) for λ, as Noto is held out of everything;
+    # None: held-out families of every head style (`head_val_fraction`)
+    val_style: str | None = None
     # The head gets its own copy of the tower's trunk up to the feature map (initialised from it), fine-tuned on
     # the renderings' pixels by the ITM loss; it runs beside the tower in visual.onnx (itm_branch.py).
     image_branch: bool = False
@@ -299,8 +304,15 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     if request.head_styles:  # the towers' validation sprites stay out; λ is chosen on unseen art instead
         first_unseen = tower_sprites
         head_sets = [dataset.sprites(s) for s in request.head_styles]
-        head_train, head_val = family_split(dataset.concepts, np.concatenate([s.concepts for s in head_sets]),
-                                            request.head_val_fraction, request.seed)
+        if request.val_style is not None:
+            if request.val_style not in request.head_styles:
+                raise ClipsearchError(f"the validation style {request.val_style!r} is not a head style",
+                                      "Name it with --head-style too.")
+            head_train, head_val = style_split([len(s.concepts) for s in head_sets],
+                                               request.head_styles.index(request.val_style))
+        else:
+            head_train, head_val = family_split(dataset.concepts, np.concatenate([s.concepts for s in head_sets]),
+                                                request.head_val_fraction, request.seed)
         train_idx, val_idx = np.concatenate([train_idx, first_unseen + head_train]), first_unseen + head_val
         sets += head_sets
     sprites = np.concatenate([s.images for s in sets])
@@ -308,7 +320,8 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     labels = [c.label for c in dataset.concepts]
     corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed, first_unseen)
     variant = ("" if request.grid_side is None else f"grid{request.grid_side}") + \
-        "".join(f"+{s}" for s in request.head_styles) + ("+pixels" if request.image_branch else "")
+        "".join(f"+{s}" for s in request.head_styles) + ("+pixels" if request.image_branch else "") + \
+        (f"/val={request.val_style}" if request.val_style else "")
     # the model id follows visual.onnx only; the text states come from textual.onnx, so its checksum is in the key
     source = bundle.info.model_id + bundle.info.files.get("textual.onnx", "")
     cache = request.work_dir / f"features-{corpus.key(source + str(request.copies) + variant)}.npz"
@@ -344,7 +357,8 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
         "config": asdict(cfg), "copies": request.copies, "scenes": len(corpus.scenes),
         "captions": len(corpus.captions), "minimal_pair_concepts": len(corpus.pairs),
         "validation": [asdict(r) for r in table],
-        "itc_weight_chosen_on": (f"held-out families of {', '.join(request.head_styles)}" if request.head_styles
+        "itc_weight_chosen_on": (f"the held-out style {request.val_style}" if request.val_style else
+                                 f"held-out families of {', '.join(request.head_styles)}" if request.head_styles
                                  else "validation split of the training styles"),
         "head_styles": list(request.head_styles),
         "threads": torch.get_num_threads(), "itm_graph_validation": graph_figures,
