@@ -275,8 +275,8 @@ def _iconify_by_name(root: Path, concepts: list[Concept]) -> list[tuple[int, Pat
     for c in concepts:
         by_name.setdefault(_squash(c.label), c.index)
         points = [int(h, 16) for h in c.hexcode.split("-") if h != "FE0F"]
-        if len(points) == 1:
-            by_name.setdefault(_squash(unicodedata.name(chr(points[0]), "")) or slug(c.label), c.index)
+        if len(points) == 1 and unicodedata.name(chr(points[0]), ""):
+            by_name.setdefault(_squash(unicodedata.name(chr(points[0]))), c.index)
 
     def lookup(name: str) -> int | None:
         for candidate in (name, re.sub(r"-\d+$", "", name)):

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import torch
 
-from ..model.bundle import read_bundle, read_preprocess, write_model_json
 from ..errors import ClipsearchError
+from ..model.bundle import read_bundle, read_preprocess, write_model_json
 from ..model.tokenizer import TextTokenizer
 from .augment import composite_white, render_batch
 from .itm_data import ItmCorpus, ItmFeatures, build_corpus, encode_texts_with_states, family_split, \
@@ -292,6 +292,9 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
 
     from .emoji_data import open_emoji_dataset
 
+    if request.val_style is not None and request.val_style not in request.head_styles:
+        raise ClipsearchError(f"the validation style {request.val_style!r} is not a head style",
+                              "Name it with --head-style too.")
     started = time.perf_counter()
     request.work_dir.mkdir(parents=True, exist_ok=True)
     bundle = TappedBundle(request.bundle, request.threads, request.grid_side)
@@ -305,9 +308,6 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
         first_unseen = tower_sprites
         head_sets = [dataset.sprites(s) for s in request.head_styles]
         if request.val_style is not None:
-            if request.val_style not in request.head_styles:
-                raise ClipsearchError(f"the validation style {request.val_style!r} is not a head style",
-                                      "Name it with --head-style too.")
             head_train, head_val = style_split([len(s.concepts) for s in head_sets],
                                                request.head_styles.index(request.val_style))
         else:
@@ -320,8 +320,7 @@ def run_itm(request: ItmRunRequest, sources: list[Path], log: Callable[[str], No
     labels = [c.label for c in dataset.concepts]
     corpus = build_corpus(labels, sprite_concepts, train_idx, val_idx, request.n_scenes, request.seed, first_unseen)
     variant = ("" if request.grid_side is None else f"grid{request.grid_side}") + \
-        "".join(f"+{s}" for s in request.head_styles) + ("+pixels" if request.image_branch else "") + \
-        (f"/val={request.val_style}" if request.val_style else "")
+        "".join(f"+{s}" for s in request.head_styles) + ("+pixels" if request.image_branch else "")
     # the model id follows visual.onnx only; the text states come from textual.onnx, so its checksum is in the key
     source = bundle.info.model_id + bundle.info.files.get("textual.onnx", "")
     cache = request.work_dir / f"features-{corpus.key(source + str(request.copies) + variant)}.npz"
