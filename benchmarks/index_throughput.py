@@ -92,25 +92,63 @@ def decode_cpu_cost(files: list[Path], bundle: Path, sample: int = 40) -> float:
     return (time.process_time() - started) / len(chosen)
 
 
-def encode_only(bundle: Path, lanes: int, batch_size: int, batches_per_lane: int = 6) -> dict:
+def encode_only(bundle: Path, lanes: int, batch_size: int, batches_per_lane: int = 8, repeats: int = 3) -> dict:
     """The encoder alone as `clipsearch index` runs it: `lanes` calls at once on a one-thread session, `batch_size`
-    images each (indexer/lanes.py). CPU seconds per image from process CPU time, every core busy."""
+    images each (indexer/lanes.py). CPU seconds per image from process CPU time, every core busy.
+
+    Every lane first encodes one full batch untimed: a lane's first call at a new batch shape costs about a
+    quarter more (onnxruntime plans its buffers), which a real run pays once, not per image. Then `repeats`
+    timed stretches of `batches_per_lane` calls per lane; the median stretch is reported."""
     from clipsearch.indexer.lanes import EncoderLanes
     from clipsearch.model.runtime import ClipModel
 
     model = ClipModel(bundle, threads=1)
     h, w = model.preprocess.size
     pixels = np.random.default_rng(0).standard_normal((batch_size, 3, h, w)).astype(np.float32)
-    model.encode_pixels(pixels[:2])  # load + warm up
+    stretches = []
     with EncoderLanes(lanes) as pool:
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        futures = [pool.submit(lambda: model.encode_pixels(pixels)) for _ in range(lanes * batches_per_lane)]
-        for future in futures:
-            future.result()
-        wall = time.perf_counter() - wall0
-        cpu = time.process_time() - cpu0
-    n = batch_size * len(futures)
-    return {"images_per_second": n / wall, "cpu_seconds_per_image": cpu / n, "batch_size": batch_size, "lanes": lanes}
+        for future in [pool.submit(lambda: model.encode_pixels(pixels)) for _ in range(lanes)]:
+            future.result()  # load + warm up, every lane at the real batch shape
+        for _ in range(repeats):
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            futures = [pool.submit(lambda: model.encode_pixels(pixels)) for _ in range(lanes * batches_per_lane)]
+            for future in futures:
+                future.result()
+            wall = time.perf_counter() - wall0
+            cpu = time.process_time() - cpu0
+            stretches.append((cpu, wall))
+    cpu, wall = sorted(stretches)[len(stretches) // 2]
+    n = batch_size * lanes * batches_per_lane
+    return {"images_per_second": n / wall, "cpu_seconds_per_image": cpu / n, "batch_size": batch_size, "lanes": lanes,
+            "repeats": repeats, "cpu_seconds_per_image_all": [c / n for c, _ in stretches]}
+
+
+def measure_components(files: list[Path], bundle: Path, cores: int, batch_size: int) -> dict:
+    """Decode and encode costs of one model, and the CPU bound they imply (one measurement)."""
+    warm_page_cache(files)
+    cpu_decode_alone = decode_cpu_cost(files, bundle)
+    decode = decode_only(files, bundle, workers=cores)
+    encode = encode_only(bundle, lanes=cores, batch_size=batch_size, batches_per_lane=6, repeats=2)
+    # Both costs as measured with every core busy (this VM's two vCPUs slow each other down: see the table).
+    bound = min(encode["images_per_second"], cores / (decode["cpu_seconds_per_image"] + encode["cpu_seconds_per_image"]))
+    bound_alone = min(encode["images_per_second"], cores / (cpu_decode_alone + encode["cpu_seconds_per_image"]))
+    log(f"  [{bundle.name}] decode {decode['images_per_second']:.1f}/s ({cores} workers, "
+        f"{decode['cpu_seconds_per_image'] * 1000:.0f} ms CPU; alone {cpu_decode_alone * 1000:.0f} ms), encode "
+        f"{encode['images_per_second']:.1f}/s ({encode['cpu_seconds_per_image'] * 1000:.0f} ms CPU), bound {bound:.1f}/s")
+    return {"decode_only": decode["images_per_second"], "decode_workers": cores,
+            "decode_cpu_seconds_per_image": decode["cpu_seconds_per_image"],
+            "decode_cpu_seconds_per_image_alone": cpu_decode_alone,
+            "encode_only": encode["images_per_second"], "encode_cpu_seconds_per_image": encode["cpu_seconds_per_image"],
+            "encode_lanes": cores, "encode_batch": batch_size,
+            "cpu_bound": bound, "cpu_bound_with_decode_alone": bound_alone}
+
+
+def median_components(measured: list[dict]) -> dict:
+    """The per-round component measurements of one model: the median of each figure, and every round's bound."""
+    merged = {key: statistics.median(m[key] for m in measured) if isinstance(measured[0][key], float) else measured[0][key]
+              for key in measured[0]}
+    merged["cpu_bound_per_round"] = [m["cpu_bound"] for m in measured]
+    return merged
 
 
 def torch_baseline(photos: Path, arch: str, batch_size: int = 32, workers: int = 2) -> dict:
@@ -200,26 +238,6 @@ def main() -> None:
     cores = os.cpu_count() or 1
     from clipsearch.cli.index_cmds import DEFAULT_CLI_BATCH
 
-    for label, bundle in models:
-        log(f"ours [{label}]: decode-only and encode-only")
-        warm_page_cache(files)
-        cpu_decode_alone = decode_cpu_cost(files, Path(bundle))
-        decode = decode_only(files, Path(bundle), workers=cores)
-        encode = encode_only(Path(bundle), lanes=cores, batch_size=DEFAULT_CLI_BATCH)
-        # Both costs as measured with every core busy (this VM's two vCPUs slow each other down: see the table).
-        bound = min(encode["images_per_second"], cores / (decode["cpu_seconds_per_image"] + encode["cpu_seconds_per_image"]))
-        bound_alone = min(encode["images_per_second"], cores / (cpu_decode_alone + encode["cpu_seconds_per_image"]))
-        report["components"][label] = {
-            "decode_only": decode["images_per_second"], "decode_workers": cores,
-            "decode_cpu_seconds_per_image": decode["cpu_seconds_per_image"],
-            "decode_cpu_seconds_per_image_alone": cpu_decode_alone,
-            "encode_only": encode["images_per_second"], "encode_cpu_seconds_per_image": encode["cpu_seconds_per_image"],
-            "encode_lanes": cores, "encode_batch": DEFAULT_CLI_BATCH,
-            "cpu_bound": bound, "cpu_bound_with_decode_alone": bound_alone}
-        log(f"  decode {decode['images_per_second']:.1f}/s ({cores} workers, {decode['cpu_seconds_per_image'] * 1000:.0f} "
-            f"ms CPU; alone {cpu_decode_alone * 1000:.0f} ms), encode {encode['images_per_second']:.1f}/s "
-            f"({encode['cpu_seconds_per_image'] * 1000:.0f} ms CPU), bound {bound:.1f}/s")
-
     exe = datadir = None
     if not args.skip_rclip:
         exe = rclip_venv(work)
@@ -228,16 +246,23 @@ def main() -> None:
     # Rounds alternate the systems so that a change in machine load hits all of them alike.
     runs: dict[str, list[float]] = {}
     cpu_efficiency: dict[str, list[float]] = {}
+    component_rounds: dict[str, list[dict]] = {}  # per model label, one measurement per round
+    fractions: dict[str, list[tuple[float, float]]] = {}  # per system: (of the bound, of the bound alone) per round
     walls: dict[str, list[tuple[float, float]]] = {}  # (whole folder, first half) seconds, per round
     commands: dict[str, str] = {}
     for round_index in range(args.rounds):
         log(f"round {round_index + 1}/{args.rounds}")
         for label, bundle in models:
+            # The components are measured in every round, just before the runs they are compared with: on this
+            # shared host the same work costs up to a tenth more or less CPU from one quarter hour to the next.
+            parts = measure_components(files, Path(bundle), cores, DEFAULT_CLI_BATCH)
+            component_rounds.setdefault(label, []).append(parts)
             warm_page_cache(files)
             result = run_clipsearch_index(photos, bundle, [])
             name = f"clipsearch [{label}]"
             runs.setdefault(name, []).append(len(files) / result["wall_seconds"])
-            parts = report["components"][label]
+            fractions.setdefault(name, []).append((runs[name][-1] / parts["cpu_bound"],
+                                                   runs[name][-1] / parts["cpu_bound_with_decode_alone"]))
             useful = len(files) * (parts["decode_cpu_seconds_per_image"] + parts["encode_cpu_seconds_per_image"])
             cpu_efficiency.setdefault(name, []).append(useful / result["summary"]["cpu_seconds"])
             commands[name] = result["command"]
@@ -262,6 +287,8 @@ def main() -> None:
             commands[name] = result["command"]
             log(f"  {name}: {runs[name][-1]:.2f} img/s")
 
+    for label, measured in component_rounds.items():
+        report["components"][label] = median_components(measured)
     rclip_name = next((n for n in runs if n.startswith("rclip")), None)
     for name, rates in runs.items():
         row = {"system": name, "images_per_second_median": statistics.median(rates), "per_round": rates,
@@ -271,8 +298,10 @@ def main() -> None:
             row["ratio_to_rclip_median"] = statistics.median(ratios)
         for label, parts in report["components"].items():
             if label in name:
-                row["fraction_of_cpu_bound"] = row["images_per_second_median"] / parts["cpu_bound"]
-                row["fraction_of_cpu_bound_alone"] = row["images_per_second_median"] / parts["cpu_bound_with_decode_alone"]
+                # Each round's rate against the bound measured in that round, then the median over rounds.
+                row["fraction_of_cpu_bound"] = statistics.median(f for f, _ in fractions[name])
+                row["fraction_of_cpu_bound_alone"] = statistics.median(f for _, f in fractions[name])
+                row["fraction_of_cpu_bound_per_round"] = [f for f, _ in fractions[name]]
                 row["cpu_efficiency_median"] = statistics.median(cpu_efficiency[name])
                 if name in walls:
                     row.update(split_fixed_cost(walls[name], len(files), len(half), parts["cpu_bound"]))
@@ -353,10 +382,13 @@ def markdown(report: dict, args) -> str:
         rounds = ", ".join(f"{r:.2f}" for r in row["per_round"])
         efficiency = f"{row['cpu_efficiency_median'] * 100:.0f}%" if "cpu_efficiency_median" in row else "-"
         lines.append(f"| {row['system']} | {row['images_per_second_median']:.2f} | {ratio} | {bound} | {efficiency} | {rounds} |")
-    lines += ["", "Our components, measured in the same run, each with every core busy as in a real run: decode = our "
+    lines += ["", "Our components, measured in every round just before that round's runs of the model (the table shows "
+              "medians over rounds; \"of our CPU bound\" above is the median over rounds of each run's rate against the "
+              "bound of its own round), each with every core busy as in a real run: decode = our "
               "reader alone in one worker process per core (CPU ms per image from the workers' CPU time); encode = the "
               "encoder alone as `clipsearch index` runs it (one call per core at once, one onnxruntime thread per call, "
-              "the CLI's default batch; CPU ms per image from process CPU time). CPU bound = min(encode-only rate, "
+              "the CLI's default batch, every lane warmed up by one untimed batch, the median of 2 timed stretches; CPU "
+              "ms per image from process CPU time). CPU bound = min(encode-only rate, "
               "cores / (decode CPU + encode CPU)). A core's work can cost more CPU while the other core works than "
               "alone (the two vCPUs of this VM share a host), so decode CPU is also measured alone (in this process, "
               "the other core idle) and the bound from that figure is shown beside it. CPU efficiency = images x (decode CPU + encode CPU) / CPU "
@@ -364,13 +396,14 @@ def markdown(report: dict, args) -> str:
               "`cpu_seconds`): the share of the CPU we got that went into decoding and encoding, which stays meaningful "
               "when other jobs take part of the cores):", "",
               "| model | decode-only (images/s) | decode CPU (ms/image) | decode CPU alone (ms/image) | encode-only "
-              "(images/s) | encode CPU (ms/image) | CPU bound (images/s) | bound with decode CPU alone |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "(images/s) | encode CPU (ms/image) | CPU bound (images/s) | bound with decode CPU alone | bound per round |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, parts in report["components"].items():
         lines.append(f"| {label} | {parts['decode_only']:.1f} | {parts['decode_cpu_seconds_per_image'] * 1000:.0f} | "
                      f"{parts['decode_cpu_seconds_per_image_alone'] * 1000:.0f} | {parts['encode_only']:.2f} | "
                      f"{parts['encode_cpu_seconds_per_image'] * 1000:.0f} | {parts['cpu_bound']:.2f} | "
-                     f"{parts['cpu_bound_with_decode_alone']:.2f} |")
+                     f"{parts['cpu_bound_with_decode_alone']:.2f} | "
+                     f"{', '.join(f'{b:.2f}' for b in parts.get('cpu_bound_per_round', [parts['cpu_bound']]))} |")
     split = [r for r in report["rows"] if "marginal_images_per_second" in r]
     if split:
         half = report["half_count"]  # present whenever split rows are: both come from this version
