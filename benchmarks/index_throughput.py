@@ -96,8 +96,8 @@ def encode_only(bundle: Path, lanes: int, batch_size: int, batches_per_lane: int
     """The encoder alone as `clipsearch index` runs it: `lanes` calls at once on a one-thread session, `batch_size`
     images each (indexer/lanes.py). CPU seconds per image from process CPU time, every core busy.
 
-    Every lane first encodes one full batch untimed: a lane's first call at a new batch shape costs about a
-    quarter more (onnxruntime plans its buffers), which a real run pays once, not per image. Then `repeats`
+    Every lane first encodes one full batch untimed: measured here, a lane's first call at the batch shape costs
+    about a quarter more than the next ones, which a real run pays once, not per image. Then `repeats`
     timed stretches of `batches_per_lane` calls per lane; the median stretch is reported."""
     from clipsearch.indexer.lanes import EncoderLanes
     from clipsearch.model.runtime import ClipModel
@@ -297,7 +297,7 @@ def main() -> None:
             ratios = [a / b for a, b in zip(rates, runs[rclip_name])]
             row["ratio_to_rclip_median"] = statistics.median(ratios)
         for label, parts in report["components"].items():
-            if label in name:
+            if name == f"clipsearch [{label}]":  # exact: one label is a prefix of another ("... ViT-B-32-256 int8")
                 # Each round's rate against the bound measured in that round, then the median over rounds.
                 row["fraction_of_cpu_bound"] = statistics.median(f for f, _ in fractions[name])
                 row["fraction_of_cpu_bound_alone"] = statistics.median(f for _, f in fractions[name])
