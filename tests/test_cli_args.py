@@ -62,3 +62,20 @@ def test_existing_non_utf8_file_names_still_work(setup):
     assert indexed.returncode == 0 and "not valid UTF-8" in stderr and "Traceback" not in stderr
     with Collection.open("u", os.fsdecode(root)) as collection:
         assert collection.store.count() == 4 and collection.check().ok
+
+
+@pytest.mark.parametrize("argv, allowed", [
+    (["search", "a dog"], True),
+    (["index", "photos", "--json"], True),
+    (["index", "photos", "--watch"], False),  # runs until stopped
+    (["index", "photos", "--ray"], False),  # Ray shuts down in an atexit handler
+    (["index", "photos", "--ray=ray://head:10001"], False),
+    (["index", "--", "--watch"], False),  # a path that looks like the option: only a slower exit
+    (["serve"], False),
+    (["classify", "photos", "--labels", "cat,dog"], False),
+    ([], False),
+])
+def test_which_commands_end_without_interpreter_teardown(argv, allowed):
+    from clipsearch.cli import quick_exit_allowed
+
+    assert quick_exit_allowed(argv) is allowed

@@ -102,6 +102,26 @@ def finish_and_compare(command: list[str], env: dict, root: Path, name: str, int
         assert collection.check().ok and collection.store.count() == TOTAL
 
 
+def test_a_finished_run_leaves_no_process_and_a_closed_database(tmp_path, env, tiny_bundle):
+    # `clipsearch index` ends with os._exit once it has returned (no interpreter teardown): everything must be
+    # finished by then. Its decoder processes are started before the collection is even opened.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(12):
+        block_image(9000 + i, size=(48, 48)).save(photos / f"{i:02d}.png")
+    root = tmp_path / "idx"
+    command = [*CLI, "index", str(photos), "--collection", "f", "--index-dir", str(root), "--model", str(tiny_bundle),
+               "--workers", "2", "--json"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()
+    assert json.loads(out)["added"] == 12
+    assert wait_until_gone(process.pid) == []
+    assert not list((root / "f").glob("*-wal")) and not list((root / "f").glob("*-journal"))  # closed, checkpointed
+    with Collection.open("f", root) as collection:
+        assert collection.check().ok and collection.store.count() == 12
+
+
 @pytest.mark.slow
 def test_sigkill_leaves_no_process_behind_and_the_next_run_completes(tmp_path, env, many_photos, tiny_bundle):
     root = tmp_path / "idx"

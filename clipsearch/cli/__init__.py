@@ -58,14 +58,25 @@ def _utf8_error(what: str) -> None:
 
 
 # Commands that hold nothing needing an orderly interpreter shutdown once they return (their files are closed,
-# their writes committed): the process ends right after flushing its output, skipping the 50-80 ms Python spends
-# tearing down onnxruntime, FAISS and numpy. Not for commands that may leave helpers behind (Ray's atexit
-# shutdown, uvicorn, decoder pools).
-_QUICK_EXIT_COMMANDS = frozenset({"search"})
+# their writes committed): the process ends right after flushing its output, skipping the 50-150 ms Python spends
+# tearing down onnxruntime, FAISS and numpy. `index` closes its collection and stops its decoder processes
+# before it returns; not with the options that leave something running behind it: --ray (Ray's atexit shutdown)
+# and --watch (runs until stopped). Not for commands that may leave helpers behind (uvicorn).
+_QUICK_EXIT_COMMANDS = frozenset({"search", "index"})
+_QUICK_EXIT_EXCLUDED_OPTIONS = {"index": ("--ray", "--watch")}
+
+
+def quick_exit_allowed(argv: list[str]) -> bool:
+    """Whether the command line `argv` (without the program name) may end with `os._exit` once it returns."""
+    if not argv or argv[0] not in _QUICK_EXIT_COMMANDS:
+        return False
+    excluded = _QUICK_EXIT_EXCLUDED_OPTIONS.get(argv[0], ())
+    # Any word that is, or starts as, an excluded option (also a path after "--"; then the exit is only slower).
+    return not any(arg == option or arg.startswith(option + "=") for arg in argv[1:] for option in excluded)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in _QUICK_EXIT_COMMANDS:
+    if quick_exit_allowed(sys.argv[1:]):
         code = _run_to_exit_code()
         _quick_exit(code)
     _run()
