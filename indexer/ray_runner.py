@@ -514,6 +514,9 @@ class RayRunner(LocalRunner):
     def update(self, collection, model, changes, progress=None) -> IndexSummary:
         raise RayError("watch mode runs locally", "Leave out --ray with --watch.")
 
+    def _open_encoder_early(self, model) -> None:
+        return None  # the encoder runs in Ray's actors, not in this process
+
     def _walk(self, roots: Sequence[str | Path]) -> WalkResult:
         return walk_roots(roots, self.options)  # local folders and fsspec URLs
 

@@ -280,10 +280,12 @@ class ParallelReader:
     """
 
     def __init__(self, spec: PreprocessSpec, known_hashes: Iterable[str] = (), workers: int | None = None,
-                 chunk_size: int = 4, window: int = 16, nice: int = 0, file_timeout: float = FILE_TIMEOUT) -> None:
+                 chunk_size: int = 4, window: int = 16, nice: int = 0, file_timeout: float = FILE_TIMEOUT,
+                 started: "StartedDecoders | None" = None) -> None:
         self.spec = spec
         self.known_hashes = frozenset(known_hashes)
-        self.workers = (os.cpu_count() or 1) if workers is None else max(0, workers)
+        self.workers = _worker_count(workers)
+        self._started = started  # processes started ahead of this reader: adopted by the first _ensure_workers
         self.chunk_size = max(1, chunk_size)
         self.window = max(self.workers, window)
         self.depth = max(1, min(2, self.window // max(1, self.workers)))  # chunks in flight per worker
@@ -328,34 +330,26 @@ class ParallelReader:
     def _ensure_workers(self) -> None:
         if self.workers == 0:
             return
+        fresh: list[_Worker] = []
+        if self._started is not None:
+            started, self._started = self._started, None
+            adopted, stderr = started.hand_over(self.workers)
+            for worker in adopted:  # its start-up time counts from now (a long walk may have come between)
+                worker.deadline = time.monotonic() + WORKER_START_TIMEOUT
+            fresh.extend(adopted)
+            if self._stderr is None:
+                self._stderr = stderr
+            elif stderr is not None:
+                stderr.close()
         if self._stderr is None:
             self._stderr = tempfile.TemporaryFile(prefix="clipsearch-decoder-")
-        fresh = [self._spawn() for _ in range(self.workers - len(self._workers))]
+        fresh.extend(_spawn_worker(self._stderr) for _ in range(self.workers - len(self._workers) - len(fresh)))
         self._workers.extend(fresh)
         for worker in fresh:  # sent after all were started, so they import their modules in parallel
             try:
                 worker.tasks.send((self.spec, self.known_hashes, self.nice))
             except OSError:  # it died already: noticed (and counted) by the read loop
                 pass
-
-    def _spawn(self) -> _Worker:
-        from multiprocessing.connection import Connection
-
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOT, str(task_r), str(result_w), str(os.getpid())],
-                pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=self._stderr, close_fds=True)
-        except BaseException:
-            for fd in (task_w, result_r):
-                os.close(fd)
-            raise
-        finally:
-            os.close(task_r)  # the child's ends: only the child may hold them, or EOF never comes
-            os.close(result_w)
-        return _Worker(process, Connection(task_w, readable=False), Connection(result_r, writable=False))
 
     def _stderr_tail(self) -> str:
         if self._stderr is None:
@@ -466,6 +460,82 @@ class ParallelReader:
                 else:
                     retry.appendleft(culprit)
         self._ensure_workers()
+
+
+class StartedDecoders:
+    """Decoder processes started ahead of a run, so that their interpreters boot while the caller is still
+    importing, walking and planning; the run's `ParallelReader(started=...)` adopts them (they learn the
+    preprocessing and the known hashes only then). Processes no reader adopted are stopped by `close()` (or the
+    `with` block), and in any case die with this process or when their task pipe closes."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self._workers: list[_Worker] = []
+        self._stderr = None
+        count = _worker_count(workers)
+        if count:
+            self._stderr = tempfile.TemporaryFile(prefix="clipsearch-decoder-")
+            try:
+                for _ in range(count):
+                    self._workers.append(_spawn_worker(self._stderr))
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def count(self) -> int:
+        return len(self._workers)
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def hand_over(self, wanted: int) -> tuple[list["_Worker"], object]:
+        """Up to `wanted` of the started processes and their shared stderr file (None when there was none); the
+        rest are stopped. After this, this object holds nothing."""
+        workers, self._workers = self._workers, []
+        stderr, self._stderr = self._stderr, None
+        for extra in workers[wanted:]:
+            extra.kill()
+        return workers[:wanted], stderr
+
+    def close(self) -> None:
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.kill()  # never given work: closing its task pipe ends it; the kill makes sure
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> "StartedDecoders":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _worker_count(workers: int | None) -> int:
+    """Decoder processes for `workers` (None: one per core, 0: none, decode in the calling process)."""
+    return (os.cpu_count() or 1) if workers is None else max(0, workers)
+
+
+def _spawn_worker(stderr) -> _Worker:
+    """Start one decoder process; it imports its modules, then waits for its settings on the task pipe."""
+    from multiprocessing.connection import Connection
+
+    task_r, task_w = os.pipe()
+    result_r, result_w = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOT, str(task_r), str(result_w), str(os.getpid())],
+            pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=stderr, close_fds=True)
+    except BaseException:
+        for fd in (task_w, result_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(task_r)  # the child's ends: only the child may hold them, or EOF never comes
+        os.close(result_w)
+    return _Worker(process, Connection(task_w, readable=False), Connection(result_r, writable=False))
 
 
 def _wait(connections: list, timeout: float | None) -> list:

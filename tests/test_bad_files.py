@@ -168,6 +168,41 @@ def test_a_crashed_decoder_process_is_replaced_and_no_file_is_lost(tmp_path, mod
         assert not os.path.exists(f"/proc/{pid}")
 
 
+def test_decoders_started_ahead_are_adopted_by_the_reader_and_known_hashes_still_apply(tmp_path, model):
+    # `clipsearch index` starts its decoder processes before its imports and walk; the reader then uses those
+    # very processes, and the settings it sends them afterwards (here: a known hash) are the ones they apply.
+    from clipsearch.indexer.reader import ParallelReader, StartedDecoders
+
+    paths = make_photos(tmp_path / "p", 6)
+    tasks = [ReadTask(str(p), p.stat().st_size, 0) for p in paths]
+    known = read_one(tasks[0], model.preprocess).content_hash
+    with StartedDecoders(workers=3) as started:
+        pids = started.worker_pids()
+        assert started.count == 3
+        with ParallelReader(model.preprocess, [known], workers=2, chunk_size=2, started=started) as reader:
+            assert reader.worker_pids() == pids[:2] and started.count == 0  # the third was not wanted: stopped
+            by_path = {r.task.path: r for r in reader.read(tasks)}
+            assert reader.worker_pids() == pids[:2] and reader.restarts == 0
+    assert by_path[tasks[0].path].known and by_path[tasks[0].path].pixels is None
+    for task in tasks[1:]:
+        np.testing.assert_array_equal(by_path[task.path].pixels, read_one(task, model.preprocess).pixels)
+    for pid in pids:  # all ended and reaped
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_decoders_started_ahead_and_never_used_are_stopped(tmp_path):
+    from clipsearch.indexer.reader import StartedDecoders
+
+    with StartedDecoders(workers=2) as started:
+        pids = started.worker_pids()
+        assert len(pids) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert started.count == 0
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}")
+    with StartedDecoders(workers=0) as none:  # --workers 0 decodes in the calling process: nothing to start
+        assert none.count == 0
+
+
 def test_decoder_processes_give_what_read_one_gives_in_this_process(tmp_path, model):
     from clipsearch.indexer.reader import ParallelReader
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from clipsearch.store.collection import Collection
-from clipsearch.errors import CollectionError
+from clipsearch.errors import BundleError, CollectionError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
 from clipsearch.model.runtime import ClipModel
@@ -65,6 +66,22 @@ def test_first_run_indexes_every_image_and_skips_hidden_and_tool_folders(tmp_pat
 
     with_hidden = Collection.create("hidden", tmp_path / "idx")
     assert run(with_hidden, model, [photos], include_hidden=True).total == 15
+
+
+def test_a_first_run_opens_the_encoder_early_and_reports_a_graph_that_cannot_be_opened(tmp_path, photos,
+                                                                                       tiny_bundle):
+    # A collection's first run opens the visual session on a thread beside the walk (it reads every file); a
+    # graph that onnxruntime refuses still fails the run with the model's error, from the run itself.
+    broken = tmp_path / "broken-bundle"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "visual.onnx").write_bytes(b"not an onnx graph")
+    clip = ClipModel(broken, threads=1)
+    with pytest.raises(BundleError, match="cannot load .*visual.onnx"):
+        run(Collection.create("broken", tmp_path / "idx"), clip, [photos])
+    assert not [t for t in threading.enumerate() if t.name == "clipsearch-open-encoder"]
+    good = ClipModel(tiny_bundle, threads=1)
+    summary = run(Collection.create("first", tmp_path / "idx"), good, [photos])
+    assert summary.added == 12 and good.visual.loaded
 
 
 def test_rerun_embeds_nothing(tmp_path, photos, model):

@@ -171,11 +171,11 @@ def index(
                   exclude=exclude, include_hidden=include_hidden, rebuild=rebuild, threads=threads,
                   index_dir=index_dir, as_json=as_json, tokens=tokens)
         return
-    from ..store.collection import Collection
-    from ..indexer.pipeline import IndexOptions
-    from ..indexer.runner import LocalRunner
+    with _stop_on_signals(), _early_decoders(workers, ray_options is None) as decoders:
+        from ..store.collection import Collection
+        from ..indexer.pipeline import IndexOptions
+        from ..indexer.runner import LocalRunner
 
-    with _stop_on_signals():
         try:
             target = Collection.create(collection, index_dir)
             with target:
@@ -189,7 +189,8 @@ def index(
                                            encoder_lanes=lanes)
                     show_bar = not as_json and sys.stderr.isatty()
                     with _progress_bar(show_bar) as progress:
-                        runner = LocalRunner(options) if ray_options is None else _ray_runner(options, ray_options)
+                        runner = (LocalRunner(options, decoders) if ray_options is None
+                                  else _ray_runner(options, ray_options))
                         summary = runner.run(target, clip, [_index_path(p, ray_options) for p in paths], progress)
                 except KeyboardInterrupt as exc:
                     try:
@@ -203,6 +204,20 @@ def index(
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
         return
     _print_summary(summary)
+
+
+@contextmanager
+def _early_decoders(workers: Optional[int], local: bool) -> Iterator[object]:
+    """A local run's decoder processes, started before the heavy imports and the walk: their interpreters boot on
+    the other core meanwhile (about 0.2 s sooner to the first encoded batch, measured with 12 MP photos on 2
+    cores). The run adopts them; the block stops any it did not (e.g. nothing needed reading)."""
+    if not local or workers == 0:
+        yield None
+        return
+    from ..indexer.reader import StartedDecoders
+
+    with StartedDecoders(workers) as decoders:
+        yield decoders
 
 
 def _ray_options(ray: Optional[str], concurrency: Optional[int], cpus: float, gpus: float,
