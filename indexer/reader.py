@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Iterable, Iterator
 
 from clipsearch.model.bundle import PreprocessSpec
 from clipsearch.errors import ClipsearchError, ImageError
@@ -466,11 +466,12 @@ class StartedDecoders:
     """Decoder processes started ahead of a run, so that their interpreters boot while the caller is still
     importing, walking and planning; the run's `ParallelReader(started=...)` adopts them (they learn the
     preprocessing and the known hashes only then). Processes no reader adopted are stopped by `close()` (or the
-    `with` block), and in any case die with this process or when their task pipe closes."""
+    `with` block), and in any case die with this process or when their task pipe closes. Start them on the thread
+    that will run the reader: on Linux they die with the thread that started them."""
 
     def __init__(self, workers: int | None = None) -> None:
         self._workers: list[_Worker] = []
-        self._stderr = None
+        self._stderr: IO[bytes] | None = None  # the processes' shared stderr, handed over with them
         count = _worker_count(workers)
         if count:
             self._stderr = tempfile.TemporaryFile(prefix="clipsearch-decoder-")
@@ -488,7 +489,7 @@ class StartedDecoders:
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
 
-    def hand_over(self, wanted: int) -> tuple[list["_Worker"], object]:
+    def hand_over(self, wanted: int) -> tuple[list["_Worker"], IO[bytes] | None]:
         """Up to `wanted` of the started processes and their shared stderr file (None when there was none); the
         rest are stopped. After this, this object holds nothing."""
         workers, self._workers = self._workers, []
@@ -517,7 +518,7 @@ def _worker_count(workers: int | None) -> int:
     return (os.cpu_count() or 1) if workers is None else max(0, workers)
 
 
-def _spawn_worker(stderr) -> _Worker:
+def _spawn_worker(stderr: IO[bytes]) -> _Worker:
     """Start one decoder process; it imports its modules, then waits for its settings on the task pipe."""
     from multiprocessing.connection import Connection
 

@@ -8,12 +8,15 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 import typer.core
 
 from . import app
+
+if TYPE_CHECKING:
+    from ..indexer.reader import StartedDecoders
 
 # Per encoder call. With one call per core on one intra-op thread each, 8 images cost less CPU per image than 32
 # (ViT-B-32 int8 on these 2 cores: benchmarks/RESULTS.md, indexing); small models barely notice.
@@ -207,7 +210,7 @@ def index(
 
 
 @contextmanager
-def _early_decoders(workers: Optional[int], local: bool) -> Iterator[object]:
+def _early_decoders(workers: Optional[int], local: bool) -> Iterator[Optional["StartedDecoders"]]:
     """A local run's decoder processes, started before the heavy imports and the walk: their interpreters boot on
     the other core meanwhile (about 0.2 s sooner to the first encoded batch, measured with 12 MP photos on 2
     cores). The run adopts them; the block stops any it did not (e.g. nothing needed reading)."""
