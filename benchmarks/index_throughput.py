@@ -92,7 +92,7 @@ def decode_cpu_cost(files: list[Path], bundle: Path, sample: int = 40) -> float:
     return (time.process_time() - started) / len(chosen)
 
 
-def encode_only(bundle: Path, lanes: int, batch_size: int, batches_per_lane: int = 8, repeats: int = 3) -> dict:
+def encode_only(bundle: Path, lanes: int, batch_size: int, batches_per_lane: int = 6, repeats: int = 2) -> dict:
     """The encoder alone as `clipsearch index` runs it: `lanes` calls at once on a one-thread session, `batch_size`
     images each (indexer/lanes.py). CPU seconds per image from process CPU time, every core busy.
 
@@ -129,7 +129,7 @@ def measure_components(files: list[Path], bundle: Path, cores: int, batch_size: 
     warm_page_cache(files)
     cpu_decode_alone = decode_cpu_cost(files, bundle)
     decode = decode_only(files, bundle, workers=cores)
-    encode = encode_only(bundle, lanes=cores, batch_size=batch_size, batches_per_lane=6, repeats=2)
+    encode = encode_only(bundle, lanes=cores, batch_size=batch_size)
     # Both costs as measured with every core busy (this VM's two vCPUs slow each other down: see the table).
     bound = min(encode["images_per_second"], cores / (decode["cpu_seconds_per_image"] + encode["cpu_seconds_per_image"]))
     bound_alone = min(encode["images_per_second"], cores / (cpu_decode_alone + encode["cpu_seconds_per_image"]))

@@ -333,14 +333,11 @@ class ParallelReader:
         fresh: list[_Worker] = []
         if self._started is not None:
             started, self._started = self._started, None
-            adopted, stderr = started.hand_over(self.workers)
+            # The first call: no stderr file of our own yet, so the started processes' one becomes ours.
+            adopted, self._stderr = started.hand_over(self.workers)
             for worker in adopted:  # its start-up time counts from now (a long walk may have come between)
                 worker.deadline = time.monotonic() + WORKER_START_TIMEOUT
             fresh.extend(adopted)
-            if self._stderr is None:
-                self._stderr = stderr
-            elif stderr is not None:
-                stderr.close()
         if self._stderr is None:
             self._stderr = tempfile.TemporaryFile(prefix="clipsearch-decoder-")
         fresh.extend(_spawn_worker(self._stderr) for _ in range(self.workers - len(self._workers) - len(fresh)))
@@ -481,10 +478,6 @@ class StartedDecoders:
             except BaseException:
                 self.close()
                 raise
-
-    @property
-    def count(self) -> int:
-        return len(self._workers)
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]

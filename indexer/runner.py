@@ -48,7 +48,7 @@ class RunTimings:
 
 class LocalRunner:
     """`decoders`: decoder processes the caller started ahead of the run (`reader.StartedDecoders`), adopted by
-    the first run that reads files; the caller keeps closing them (a run with nothing to read leaves them)."""
+    the first run that reads files; the caller closes the handle, which stops any no run adopted."""
 
     def __init__(self, options: IndexOptions = IndexOptions(), decoders: StartedDecoders | None = None) -> None:
         self.options = options

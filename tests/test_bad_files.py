@@ -178,9 +178,9 @@ def test_decoders_started_ahead_are_adopted_by_the_reader_and_known_hashes_still
     known = read_one(tasks[0], model.preprocess).content_hash
     with StartedDecoders(workers=3) as started:
         pids = started.worker_pids()
-        assert started.count == 3
+        assert len(pids) == 3
         with ParallelReader(model.preprocess, [known], workers=2, chunk_size=2, started=started) as reader:
-            assert reader.worker_pids() == pids[:2] and started.count == 0  # the third was not wanted: stopped
+            assert reader.worker_pids() == pids[:2] and started.worker_pids() == []  # the third was not wanted: stopped
             by_path = {r.task.path: r for r in reader.read(tasks)}
             assert reader.worker_pids() == pids[:2] and reader.restarts == 0
     assert by_path[tasks[0].path].known and by_path[tasks[0].path].pixels is None
@@ -196,11 +196,11 @@ def test_decoders_started_ahead_and_never_used_are_stopped(tmp_path):
     with StartedDecoders(workers=2) as started:
         pids = started.worker_pids()
         assert len(pids) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
-    assert started.count == 0
+    assert started.worker_pids() == []
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")
     with StartedDecoders(workers=0) as none:  # --workers 0 decodes in the calling process: nothing to start
-        assert none.count == 0
+        assert none.worker_pids() == []
 
 
 def test_decoder_processes_give_what_read_one_gives_in_this_process(tmp_path, model):
