@@ -129,7 +129,7 @@ class LocalRunner:
     # -- the steps another runner replaces (see indexer/ray_runner.py) -----------------------------------------------
     def _open_encoder_early(self, model) -> threading.Thread | None:
         """A collection's first run reads every file it finds: open the visual session now, on a thread, beside the
-        walk and the planning, so that the first batch does not wait for it (measured: it did, by about 0.1 s, once
+        walk and the planning, so that the first batch does not wait for it (in traces it did, by about 0.1 s, once
         the decoders were started early). Errors are left to the run's own open, which raises them again."""
 
         def open_quietly() -> None:

@@ -174,7 +174,8 @@ def index(
     from ..indexer.reader import StartedDecoders
 
     # A local run's decoder processes start before the heavy imports and the walk: their interpreters boot on the
-    # other core meanwhile (the first batch is encoded 0.1-0.2 s sooner with 12 MP photos on 2 cores). The run
+    # other core meanwhile (in traces with 12 MP photos on 2 cores the first batch was encoded 0.1-0.2 s sooner; the
+    # end-to-end benchmark, benchmarks/index_throughput.py, does not resolve a gain that small from its noise). The run
     # adopts them; the block stops any it did not (nothing needed reading). --ray and --workers 0 start none.
     with _stop_on_signals(), StartedDecoders(workers if ray_options is None else 0) as decoders:
         from ..store.collection import Collection
