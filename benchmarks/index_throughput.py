@@ -420,24 +420,25 @@ def markdown(report: dict, args) -> str:
                      f"{parts['encode_cpu_seconds_per_image'] * 1000:.0f} | {parts['cpu_bound']:.2f} | "
                      f"{parts['cpu_bound_with_decode_alone']:.2f} | "
                      f"{', '.join(f'{b:.2f}' for b in parts.get('cpu_bound_per_round', [parts['cpu_bound']]))} |")
-    big = [r for r in report["rows"] if "library_images_per_second_median" in r]
-    if big:
+    library_rows = [r for r in report["rows"] if "library_images_per_second_median" in r]
+    if library_rows:
         n, extra = f"{report['library_count']:,}", f"{report['library_count'] - report['count']:,}"
         lines += ["", f"A library-sized folder: in every round each clipsearch run above was followed by a run of the same "
                   f"model on {n} photos made the same way"
                   + (f" (the first {report['count']} are the folder above)" if report.get("library_starts_with_corpus")
-                     else "") + ", page cache warm. What a run pays once (interpreter and imports, decoder processes starting, the session loading, "
-                  "the first batch filling, the last batches draining, the index written) is then spread over as many "
+                     else "")
+                  + ", page cache warm. What a run pays once (interpreter and imports, decoder processes starting, the "
+                  "session loading, the first batch filling, the last batches draining, the index written) is then spread over as many "
                   "photos as a user's library holds. \"Once per run\" = the folder above's wall time less its photos "
                   f"at the rate of the library's {extra} extra ones. Medians over rounds:", "",
                   f"| system | {n} photos (images/s) | of our CPU bound | CPU efficiency | rounds (images/s) | "
                   "once per run (s) |", "|---|---:|---:|---:|---|---:|"]
-        for r in big:
+        for r in library_rows:
             fixed = f"{r['fixed_seconds']:.2f}" if "fixed_seconds" in r else "-"
             rounds = ", ".join(f"{x:.2f}" for x in r["library_per_round"])
             lines.append(f"| {r['system']} | {r['library_images_per_second_median']:.2f} | "
-                         f"{r['library_fraction_of_cpu_bound'] * 100:.0f}% | {r['library_cpu_efficiency_median'] * 100:.0f}% | "
-                         f"{rounds} | {fixed} |")
+                         f"{r['library_fraction_of_cpu_bound'] * 100:.0f}% | "
+                         f"{r['library_cpu_efficiency_median'] * 100:.0f}% | {rounds} | {fixed} |")
     ours = [r for r in report["rows"] if r["system"].startswith("clipsearch") and "ratio_to_rclip_median" in r]
     if ours:
         lines += ["", "Against the targets (equal model, ViT-B-32-256 on both sides: fp32 >= 2.2x and int8 >= 4x rclip end "
