@@ -227,6 +227,13 @@ def _build_graph_modules(model):
             super().__init__()
             self.clip = clip
             self.fast = _fast_vision_ok(clip.visual)
+            if self.fast:
+                # The patch weights as one [C*ph*pw, D] constant: exported as an initializer of the patch MatMul,
+                # which int8 quantisation needs (it quantises only MatMuls whose B is an initializer; computed
+                # from conv1.weight in the graph, the patch product stayed fp32 in int8 bundles).
+                # (A parameter, not a buffer: torch.onnx writes a non-persistent buffer as a Constant node.)
+                self.patch_weight = torch.nn.Parameter(
+                    clip.visual.conv1.weight.detach().flatten(1).t().contiguous(), requires_grad=False)
 
         def forward(self, pixel_values):
             if not self.fast:
@@ -236,7 +243,7 @@ def _build_graph_modules(model):
             ph, pw = conv.kernel_size
             patches = pixel_values.unflatten(2, (-1, ph)).unflatten(4, (-1, pw))  # B,C,gh,ph,gw,pw
             patches = patches.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)  # B,gh*gw,C*ph*pw
-            x = patches @ conv.weight.flatten(1).t()
+            x = patches @ self.patch_weight
             cls = x[:, :1] * 0 + visual.class_embedding.to(x.dtype)  # [B, 1, D] without a traced batch size
             x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
             x = _blocks(visual.transformer, visual.ln_pre(x))
