@@ -34,6 +34,7 @@ from bench_setup import (build_camera_corpus, export_clipsearch_bundle, export_e
                          warm_page_cache)
 
 CLIPSEARCH = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+BOUND_TARGET = 0.9  # int8 within 10% of our CPU bound (issue 12), at the corpus and at the library size
 
 
 def run_clipsearch_index(photos: Path, bundle: str, extra: list[str]) -> dict:
@@ -212,7 +213,7 @@ def main() -> None:
         report = json.loads(args.render.read_text())
         write_results(args, report)
         return
-    from results import MachineLoad
+    from results import MachineLoad, utc_stamp
 
     load = MachineLoad()
     if args.results:
@@ -331,6 +332,7 @@ def main() -> None:
                     row.update(library_figures(walls[name], library_fractions[name], len(files), len(library)))
         report["rows"].append(row)
     report["machine_at_end"] = machine_note()
+    report["measured_at"] = utc_stamp()
     load.finish()
     report["machine_label"] = load.label_for_results(True, args.results) if load.busy else f"Machine: {load.note()}."
     text = json.dumps(report, indent=2)
@@ -368,7 +370,10 @@ def write_results(args, report: dict) -> None:
     command = (f"python benchmarks/index_throughput.py --count {report['count']}{library} --rounds {report['rounds']}"
                f"{skipped} --results benchmarks/RESULTS.md")
     body = markdown(report, args) + ("\n" + report["machine_label"] if "machine_label" in report else "")
-    write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, body)
+    # --render re-writes the section later: it keeps the time the figures were taken (reports from before
+    # measured_at was kept: the time the run started).
+    write_section(args.results, "Indexing throughput (benchmarks/index_throughput.py)", command, body,
+                  measured=report.get("measured_at") or report.get("started_at"))
 
 
 def markdown(report: dict, args) -> str:
@@ -451,13 +456,13 @@ def markdown(report: dict, args) -> str:
                     f"with decode CPU alone), {r.get('cpu_efficiency_median', 0) * 100:.0f}% CPU efficiency")
             if r["system"].endswith("ViT-B-32-256 int8]"):
                 ratio_ok = r["ratio_to_rclip_median"] >= 4.0
-                bound_ok = r.get("fraction_of_cpu_bound", 0) >= 0.9
-                line += (f": ratio {'PASS' if ratio_ok else 'FAIL'} (>= 4x), bound {'PASS' if bound_ok else 'FAIL'} "
-                         "(>= 90%)")
+                bound_ok = r.get("fraction_of_cpu_bound", 0) >= BOUND_TARGET
+                target = f"(>= {BOUND_TARGET * 100:.0f}%)"
+                line += f": ratio {'PASS' if ratio_ok else 'FAIL'} (>= 4x), bound {'PASS' if bound_ok else 'FAIL'} {target}"
                 if "library_fraction_of_cpu_bound" in r:
-                    library_ok = r["library_fraction_of_cpu_bound"] >= 0.9
+                    library_ok = r["library_fraction_of_cpu_bound"] >= BOUND_TARGET
                     line += (f"; on {report['library_count']:,} photos {r['library_fraction_of_cpu_bound'] * 100:.0f}% of "
-                             f"the bound: {'PASS' if library_ok else 'FAIL'} (>= 90%)")
+                             f"the bound: {'PASS' if library_ok else 'FAIL'} {target}")
             elif r["system"].endswith("ViT-B-32-256]"):
                 line += f": ratio {'PASS' if r['ratio_to_rclip_median'] >= 2.2 else 'FAIL'} (>= 2.2x)"
             lines.append(line)

@@ -16,10 +16,16 @@ from pathlib import Path
 HEADER = "# Benchmark results\n\nEvery figure below was produced by the command shown with it, on the machine described.\n"
 
 
-def write_section(path: Path, title: str, command: str, body: str) -> None:
+def utc_stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_section(path: Path, title: str, command: str, body: str, measured: str | None = None) -> None:
+    """`measured`: when the figures were taken (default: now; a section rendered later from a saved report passes
+    the report's own time)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else HEADER
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = measured or utc_stamp()
     section = (f"<!-- begin: {title} -->\n## {title}\n\nCommand: `{command}`  \nMeasured {stamp} on "
                f"{platform.node() or 'this machine'} ({platform.machine()}, {_cores()} cores{cpu_description()}).\n\n"
                f"{body.rstrip()}\n"

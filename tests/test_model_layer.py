@@ -114,21 +114,23 @@ def test_precision_variants_stay_close_to_fp32(tiny_bundles):
 def test_int8_image_tower_quantises_every_weight_product_including_the_patch_embedding(tiny_bundles):
     import onnx
 
-    def weight_products(folder: Path) -> tuple[list[str], list[str]]:
-        """(fp32 MatMuls whose B is a weight, int8 MatMulIntegers) of a bundle's image graph."""
-        graph = onnx.load(str(folder / "visual.onnx"), load_external_data=False).graph
+    def image_graph(folder: Path):
+        return onnx.load(str(folder / "visual.onnx"), load_external_data=False).graph
+
+    def weight_products(graph) -> tuple[list[str], list[str]]:
+        """(fp32 MatMuls whose B is a weight, int8 MatMulIntegers) of an image graph."""
         weights = {t.name for t in graph.initializer}
         fp32 = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
         return fp32, [n.name for n in graph.node if n.op_type == "MatMulInteger"]
 
-    fp32_products, none_int8 = weight_products(tiny_bundles["fp32"])
+    fp32_graph = image_graph(tiny_bundles["fp32"])
+    fp32_products, none_int8 = weight_products(fp32_graph)
     assert not none_int8
     # The patch convolution is exported as a MatMul of the unfolded patches by a weight initializer (not by
     # conv1.weight flattened in the graph), so the quantiser sees it: it is the first product of the tower.
-    first = next(n for n in onnx.load(str(tiny_bundles["fp32"] / "visual.onnx"), load_external_data=False).graph.node
-                 if n.op_type == "MatMul")
+    first = next(n for n in fp32_graph.node if n.op_type == "MatMul")
     assert first.name in fp32_products
-    left_fp32, int8_products = weight_products(tiny_bundles["int8"])
+    left_fp32, int8_products = weight_products(image_graph(tiny_bundles["int8"]))
     assert left_fp32 == [] and len(int8_products) == len(fp32_products)
 
 
