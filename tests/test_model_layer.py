@@ -134,31 +134,47 @@ def test_int8_image_tower_quantises_every_weight_product_including_the_patch_emb
     assert left_fp32 == [] and len(int8_products) == len(fp32_products)
 
 
-def test_image_graph_runs_its_last_block_for_the_class_token_only(tiny_bundle, tmp_path):
-    """Only the class token leaves a ViT image tower, so the exported last block runs its MLP on that token alone
-    (its keys and values still come from every token; parity with open_clip is the test above). Read from
-    onnxruntime's profile of one image: the activations each MLP's first weight product took."""
+def _tokens_into_each_mlp(graph_path: Path, feeds: dict, profile_dir: Path) -> list[int]:
+    """How many tokens per sequence each transformer block's MLP took when the graph ran `feeds` (one sequence),
+    in block order: read from onnxruntime's profile (the activations of each [width, 4 x width] weight product)."""
     import onnx
     import onnxruntime as ort
 
-    graph = onnx.load(str(tiny_bundle / "visual.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
     dims = {t.name: list(t.dims) for t in graph.initializer}
     mlp_in = [n.name for n in graph.node if n.op_type == "MatMul" and len(dims.get(n.input[1], [])) == 2
-              and dims[n.input[1]][1] == 4 * dims[n.input[1]][0]]  # c_fc: [width, 4 x width]
+              and dims[n.input[1]][1] == 4 * dims[n.input[1]][0]]
     options = ort.SessionOptions()
     options.enable_profiling = True
-    options.profile_file_prefix = str(tmp_path / "visual")
+    options.profile_file_prefix = str(profile_dir / graph_path.stem)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # nodes keep their names
-    session = ort.InferenceSession(str(tiny_bundle / "visual.onnx"), options, providers=["CPUExecutionProvider"])
-    height, width = session.get_inputs()[0].shape[2:]
-    session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, height, width), np.float32)})
+    session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
-    tokens = {e["name"].removesuffix("_kernel_time"): e["args"]["input_type_shape"][0]["float"][1]
+    tokens = {e["name"].removesuffix("_kernel_time"): list(e["args"]["input_type_shape"][0].values())[0][1]
               for e in events if e.get("cat") == "Node" and e["name"].removesuffix("_kernel_time") in mlp_in}
-    per_block = [tokens[name] for name in mlp_in]
-    patch_rows = dims[next(n for n in graph.node if n.op_type == "MatMul").input[1]][0]  # C x patch height x width
-    patches = 3 * height * width // patch_rows
-    assert per_block == [1 + patches] * (len(mlp_in) - 1) + [1], per_block
+    return [tokens[name] for name in mlp_in]
+
+
+def test_towers_run_their_last_block_for_the_pooled_token_only(tiny_bundle, tmp_path):
+    """A tower outputs one token per sequence (the ViT class token, the text end-of-text token), so the exported
+    last block runs its query projection, attention output and MLP on that token alone; keys and values still
+    come from every token (parity with open_clip: test_fp32_embeddings_match_open_clip)."""
+    import onnx
+
+    visual = tiny_bundle / "visual.onnx"
+    graph = onnx.load(str(visual), load_external_data=False).graph
+    patch_product = next(n for n in graph.node if n.op_type == "MatMul").input[1]
+    patch_rows = next(list(t.dims) for t in graph.initializer if t.name == patch_product)[0]  # C x patch h x w
+    height, width = (int(d.dim_value) for d in graph.input[0].type.tensor_type.shape.dim[2:])
+    tokens = 1 + 3 * height * width // patch_rows  # class token + patches
+    image_mlps = _tokens_into_each_mlp(visual, {graph.input[0].name: np.zeros((1, 3, height, width), np.float32)},
+                                       tmp_path)
+    assert image_mlps == [tokens] * (len(image_mlps) - 1) + [1], image_mlps
+
+    ids = ClipModel(tiny_bundle).tokenizer(["a dog on a beach"]).inputs["input_ids"]
+    text_mlps = _tokens_into_each_mlp(tiny_bundle / "textual.onnx", {"input_ids": ids}, tmp_path)
+    assert ids.shape == (1, 7) and text_mlps == [7] * (len(text_mlps) - 1) + [1], text_mlps
 
 
 def test_int8_text_recipe_is_the_faster_one_only_when_it_stays_faithful(tiny_bundle, tmp_path, monkeypatch):
