@@ -239,7 +239,8 @@ def _build_graph_modules(model):
             attn = block.attn
             width = attn.embed_dim
             bias = attn.in_proj_bias
-            self.q_weight, self.kv_weight = _constant(attn.in_proj_weight[:width]), _constant(attn.in_proj_weight[width:])
+            self.q_weight = _constant(attn.in_proj_weight[:width])
+            self.kv_weight = _constant(attn.in_proj_weight[width:])
             self.q_bias = _constant(None if bias is None else bias[:width])
             self.kv_bias = _constant(None if bias is None else bias[width:])
 
