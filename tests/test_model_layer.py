@@ -111,11 +111,16 @@ def test_precision_variants_stay_close_to_fp32(tiny_bundles):
         assert graph_bytes(tiny_bundles["int8"], graph) < 0.6 * graph_bytes(tiny_bundles["fp32"], graph)
 
 
-def test_int8_image_tower_quantises_every_weight_product_including_the_patch_embedding(tiny_bundles):
+def _onnx_graph(path: Path):
+    """The graph of an ONNX file, without its external weights."""
     import onnx
 
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def test_int8_image_tower_quantises_every_weight_product_including_the_patch_embedding(tiny_bundles):
     def image_graph(folder: Path):
-        return onnx.load(str(folder / "visual.onnx"), load_external_data=False).graph
+        return _onnx_graph(folder / "visual.onnx")
 
     def weight_products(graph) -> tuple[list[str], list[str]]:
         """(fp32 MatMuls whose B is a weight, int8 MatMulIntegers) of an image graph."""
@@ -137,10 +142,9 @@ def test_int8_image_tower_quantises_every_weight_product_including_the_patch_emb
 def _tokens_into_each_mlp(graph_path: Path, feeds: dict, profile_dir: Path) -> list[int]:
     """How many tokens per sequence each transformer block's MLP took when the graph ran `feeds` (one sequence),
     in block order: read from onnxruntime's profile (the activations of each [width, 4 x width] weight product)."""
-    import onnx
     import onnxruntime as ort
 
-    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    graph = _onnx_graph(graph_path)
     dims = {t.name: list(t.dims) for t in graph.initializer}
     mlp_in = [n.name for n in graph.node if n.op_type == "MatMul" and len(dims.get(n.input[1], [])) == 2
               and dims[n.input[1]][1] == 4 * dims[n.input[1]][0]]
@@ -160,10 +164,8 @@ def test_towers_run_their_last_block_for_the_pooled_token_only(tiny_bundle, tmp_
     """A tower outputs one token per sequence (the ViT class token, the text end-of-text token), so the exported
     last block runs its query projection, attention output and MLP on that token alone; keys and values still
     come from every token (parity with open_clip: test_fp32_embeddings_match_open_clip)."""
-    import onnx
-
     visual = tiny_bundle / "visual.onnx"
-    graph = onnx.load(str(visual), load_external_data=False).graph
+    graph = _onnx_graph(visual)
     patch_product = next(n for n in graph.node if n.op_type == "MatMul").input[1]
     patch_rows = next(list(t.dims) for t in graph.initializer if t.name == patch_product)[0]  # C x patch h x w
     height, width = (int(d.dim_value) for d in graph.input[0].type.tensor_type.shape.dim[2:])

@@ -224,14 +224,17 @@ def _build_graph_modules(model):
         return x
 
     def _constant(tensor):
+        """A weight the graph computes from the model's own (a slice, a reshape) as a tensor of its own, so the export
+        writes it as an initializer: int8 quantisation quantises only MatMuls whose B is an initializer (computed in
+        the graph, the product stays fp32). A parameter, not a buffer: torch.onnx writes a non-persistent buffer as
+        a Constant node, which the quantiser skips too."""
         return None if tensor is None else torch.nn.Parameter(tensor.detach().clone(), requires_grad=False)
 
     class OneTokenBlock(torch.nn.Module):
         """A tower's last block computed for the one token per sequence that the tower outputs (ViT class token,
         text end-of-text token): its query projection, attention output and MLP run on that token alone, keys and
         values still come from every token. The same math as _blocks for that token, about 1/layers less work.
-        The query and key/value rows of in_proj become their own weights: initializers, which int8 quantisation
-        needs (it quantises only MatMuls whose B is an initializer; a slice computed in the graph stays fp32)."""
+        The query and key/value rows of in_proj become weights of their own (_constant)."""
 
         def __init__(self, block) -> None:
             super().__init__()
@@ -264,12 +267,9 @@ def _build_graph_modules(model):
             self.clip = clip
             self.fast = _fast_vision_ok(clip.visual)
             if self.fast:
-                # The patch weights as one [C*ph*pw, D] constant: exported as an initializer of the patch MatMul,
-                # which int8 quantisation needs (it quantises only MatMuls whose B is an initializer; computed
-                # from conv1.weight in the graph, the patch product stayed fp32 in int8 bundles).
-                # (A parameter, not a buffer: torch.onnx writes a non-persistent buffer as a Constant node.)
-                self.patch_weight = torch.nn.Parameter(
-                    clip.visual.conv1.weight.detach().flatten(1).t().contiguous(), requires_grad=False)
+                # The patch weights as one [C*ph*pw, D] weight of their own (_constant): computed from conv1.weight
+                # in the graph, the patch product stayed fp32 in int8 bundles.
+                self.patch_weight = _constant(clip.visual.conv1.weight.flatten(1).t().contiguous())
                 self.last = OneTokenBlock(clip.visual.transformer.resblocks[-1])
 
         def forward(self, pixel_values):
