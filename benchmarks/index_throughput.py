@@ -268,6 +268,7 @@ def main() -> None:
     fractions: dict[str, list[tuple[float, float]]] = {}  # per system: (of the bound, of the bound alone) per round
     walls: dict[str, list[tuple[float, float]]] = {}  # (corpus, library) seconds, per round
     library_fractions: dict[str, list[tuple[float, float]]] = {}  # per system: (of the round's bound, CPU efficiency)
+    encode_in_run: dict[str, list[float]] = {}  # per system: encoder calls' CPU seconds per embedded image, per round
     commands: dict[str, str] = {}
     for round_index in range(args.rounds):
         log(f"round {round_index + 1}/{args.rounds}")
@@ -284,6 +285,9 @@ def main() -> None:
                                                    runs[name][-1] / parts["cpu_bound_with_decode_alone"]))
             per_image = parts["decode_cpu_seconds_per_image"] + parts["encode_cpu_seconds_per_image"]
             cpu_efficiency.setdefault(name, []).append(len(files) * per_image / result["summary"]["cpu_seconds"])
+            if result["summary"].get("embedded"):
+                encode_in_run.setdefault(name, []).append(
+                    result["summary"]["encode_cpu_seconds"] / result["summary"]["embedded"])
             commands[name] = result["command"]
             log(f"  {name}: {runs[name][-1]:.2f} img/s, CPU efficiency {cpu_efficiency[name][-1]:.2f}")
             if library:
@@ -328,6 +332,8 @@ def main() -> None:
                 row["fraction_of_cpu_bound_alone"] = statistics.median(f for _, f in fractions[name])
                 row["fraction_of_cpu_bound_per_round"] = [f for f, _ in fractions[name]]
                 row["cpu_efficiency_median"] = statistics.median(cpu_efficiency[name])
+                if name in encode_in_run:
+                    row["encode_cpu_seconds_per_image_in_run"] = statistics.median(encode_in_run[name])
                 if name in walls:
                     row.update(library_figures(walls[name], library_fractions[name], len(files), len(library)))
         report["rows"].append(row)
@@ -412,17 +418,25 @@ def markdown(report: dict, args) -> str:
               "stretches; CPU ms per image from process CPU time). CPU bound = min(encode-only rate, "
               "cores / (decode CPU + encode CPU)). A core's work can cost more CPU while the other core works than "
               "alone (the two vCPUs of this VM share a host), so decode CPU is also measured alone (in this process, "
-              "the other core idle) and the bound from that figure is shown beside it. CPU efficiency = images x (decode CPU + encode CPU) / CPU "
+              "the other core idle) and the bound from that figure is shown beside it. Encode CPU in the run = the CPU "
+              "time of the threads inside the encoder calls of the runs above (their --json `encode_cpu_seconds`) per "
+              "image embedded: against encode CPU alone, what sharing the cores with the decoder processes costs the "
+              "encoder. CPU efficiency = images x (decode CPU + encode CPU) / CPU "
               "seconds the whole `clipsearch index` run used (main process + decode workers, from its --json "
               "`cpu_seconds`): the share of the CPU we got that went into decoding and encoding, which stays meaningful "
               "when other jobs take part of the cores):", "",
               "| model | decode-only (images/s) | decode CPU (ms/image) | decode CPU alone (ms/image) | encode-only "
-              "(images/s) | encode CPU (ms/image) | CPU bound (images/s) | bound with decode CPU alone | bound per round |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "(images/s) | encode CPU (ms/image) | encode CPU in the run (ms/image) | CPU bound (images/s) | "
+              "bound with decode CPU alone | bound per round |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    in_run = {r["system"]: r["encode_cpu_seconds_per_image_in_run"] for r in report["rows"]
+              if "encode_cpu_seconds_per_image_in_run" in r}  # reports from before it was measured have none
     for label, parts in report["components"].items():
+        encode_in_run = in_run.get(system_name(label))
         lines.append(f"| {label} | {parts['decode_only']:.1f} | {parts['decode_cpu_seconds_per_image'] * 1000:.0f} | "
                      f"{parts['decode_cpu_seconds_per_image_alone'] * 1000:.0f} | {parts['encode_only']:.2f} | "
-                     f"{parts['encode_cpu_seconds_per_image'] * 1000:.0f} | {parts['cpu_bound']:.2f} | "
+                     f"{parts['encode_cpu_seconds_per_image'] * 1000:.0f} | "
+                     f"{'-' if encode_in_run is None else f'{encode_in_run * 1000:.0f}'} | {parts['cpu_bound']:.2f} | "
                      f"{parts['cpu_bound_with_decode_alone']:.2f} | "
                      f"{', '.join(f'{b:.2f}' for b in parts.get('cpu_bound_per_round', [parts['cpu_bound']]))} |")
     library_rows = [r for r in report["rows"] if "library_images_per_second_median" in r]

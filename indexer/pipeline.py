@@ -66,6 +66,8 @@ class IndexSummary:
     unchanged: int = 0
     embedded: int = 0
     cpu_seconds: float = 0.0  # this process plus the decode workers
+    # CPU time of the threads inside visual encoder calls (local runs; 0.0 where not measured, e.g. on Ray)
+    encode_cpu_seconds: float = 0.0
     collection: str = ""
     model_id: str = ""
     index_kind: str = ""
@@ -79,6 +81,7 @@ class IndexSummary:
         data["skipped"] = [{"path": s.path, "reason": s.reason} for s in self.skipped]
         data["seconds"] = round(self.seconds, 3)
         data["cpu_seconds"] = round(self.cpu_seconds, 3)
+        data["encode_cpu_seconds"] = round(self.encode_cpu_seconds, 3)
         return data
 
 

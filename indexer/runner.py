@@ -178,6 +178,7 @@ class LocalRunner:
                     for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
                         assembler.add(result)
                     assembler.flush()
+        writer.summary.encode_cpu_seconds = lanes.cpu_seconds
         return assembler.encode_seconds, worker_cpu
 
     def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,

@@ -5,6 +5,7 @@ lanes stores exactly what a serial run stores."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,19 @@ def one_thread_model(tiny_bundle):
     return ClipModel(tiny_bundle, threads=1)
 
 
+def test_lanes_add_up_the_cpu_time_of_their_calls_apart_from_their_wall_time():
+    def burn(seconds: float) -> None:
+        started = time.thread_time()
+        while time.thread_time() - started < seconds:
+            pass
+
+    with EncoderLanes(2) as lanes:
+        for future in [lanes.submit(lambda: burn(0.1)), lanes.submit(lambda: time.sleep(0.2))]:
+            future.result()
+    assert lanes.seconds >= 0.3  # both calls' wall time
+    assert 0.1 <= lanes.cpu_seconds < 0.15  # the busy call's CPU; the sleeping one costs next to none
+
+
 def test_a_run_with_lanes_stores_what_a_serial_run_stores(tmp_path, one_thread_model):
     photos = tmp_path / "photos"
     make_photos(photos, 12)
@@ -147,6 +161,8 @@ def test_a_run_with_lanes_stores_what_a_serial_run_stores(tmp_path, one_thread_m
         summary = index_paths(collection, one_thread_model, [str(photos)],
                               IndexOptions(batch_size=batch, workers=1, encoder_lanes=lanes))
         assert (summary.total, summary.embedded + summary.reused) == (14, 14)
+        # The encoder calls' own CPU time is reported, inline (0 lanes) as on lane threads, and is part of the run's.
+        assert 0 < summary.encode_cpu_seconds <= summary.cpu_seconds, (lanes, batch)
         states = collection.store.file_states()
         stored[(lanes, batch)] = {Path(p).name: (s.id, collection.store.vector(s.id, one_thread_model.embed_dim))
                                   for p, s in states.items()}
