@@ -66,7 +66,9 @@ class IndexSummary:
     unchanged: int = 0
     embedded: int = 0
     cpu_seconds: float = 0.0  # this process plus the decode workers
-    # CPU time of the threads inside visual encoder calls (local runs; 0.0 where not measured, e.g. on Ray)
+    # CPU time of the threads that made the visual encoder calls (local runs; 0.0 where not measured, e.g. on Ray).
+    # All of the encoder's CPU when each call runs on one onnxruntime thread, as `clipsearch index` runs them; a
+    # session with an intra-op thread pool spends part of it on the pool's threads, which this leaves out.
     encode_cpu_seconds: float = 0.0
     collection: str = ""
     model_id: str = ""
