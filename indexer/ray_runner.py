@@ -61,7 +61,7 @@ from clipsearch.store.interchange import DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADA
 
 from .pipeline import BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer
 from .reader import ParallelReader, ReadResult, ReadTask, read_one
-from .runner import LocalRunner
+from .runner import EmbedCost, LocalRunner
 from .walk import FoundFile, WalkResult, walk
 
 _RAY_HINT = "Install the ray extra: pip install 'clipsearch[ray]' (ray[data] >= 2.9)."
@@ -520,19 +520,19 @@ class RayRunner(LocalRunner):
     def _walk(self, roots: Sequence[str | Path]) -> WalkResult:
         return walk_roots(roots, self.options)  # local folders and fsspec URLs
 
-    def _embed(self, model, codec, plan, writer: Writer, progress: ProgressCallback | None) -> tuple[float, float]:
+    def _embed(self, model, codec, plan, writer: Writer, progress: ProgressCallback | None) -> EmbedCost:
         """Read, decode and encode on Ray into shards, then merge the shards through `writer`. Ray workers' CPU
         time is not counted."""
         if not plan.to_read:
             if progress:
                 progress(0, 0)
-            return 0.0, 0.0
+            return EmbedCost()
         with self._shards_folder() as folder:
             encode_started = time.perf_counter()
             self.embed_to_shards(model, codec, plan.to_read, frozenset(writer.hash_to_id), folder, progress)
             encode_seconds = time.perf_counter() - encode_started
             self._merge(folder, model, codec, writer, plan)
-        return encode_seconds, 0.0
+        return EmbedCost(encode_seconds)
 
     @contextmanager
     def _shards_folder(self) -> Iterator[Path]:

@@ -40,6 +40,17 @@ from .walk import WalkResult, walk
 
 
 @dataclass(frozen=True)
+class EmbedCost:
+    """What a runner's embedding step measured: wall seconds spent encoding, CPU seconds spent outside this
+    process (decoder workers), and CPU seconds of the threads that made the encoder calls (0.0 where not measured:
+    see IndexSummary.encode_cpu_seconds)."""
+
+    encode_seconds: float = 0.0
+    worker_cpu_seconds: float = 0.0
+    encode_cpu_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class RunTimings:
     walk_seconds: float
     encode_seconds: float
@@ -146,9 +157,9 @@ class LocalRunner:
         """The files under `roots` (local folders here)."""
         return walk(roots, self.options.walk_options())
 
-    def _embed(self, model, codec, plan, writer: Writer, progress: ProgressCallback | None) -> tuple[float, float]:
-        """Read, decode and encode `plan.to_read` and hand every result to `writer`; returns (encode seconds,
-        CPU seconds spent outside this process). Here: decoder processes feeding the encoder in batches."""
+    def _embed(self, model, codec, plan, writer: Writer, progress: ProgressCallback | None) -> EmbedCost:
+        """Read, decode and encode `plan.to_read` and hand every result to `writer`; returns what that cost.
+        Here: decoder processes feeding the encoder in batches."""
         options = self.options
         worker_cpu = 0.0
         total = len(plan.to_read)
@@ -156,7 +167,7 @@ class LocalRunner:
         if progress:
             progress(0, total)
         if not plan.to_read:
-            return 0.0, 0.0
+            return EmbedCost()
         mapper = Mapper(model, codec)
         with EncoderLanes(options.encoder_lanes) as lanes:
             # Loads the graph while the decoder processes start; an error is raised again by the first batch.
@@ -178,8 +189,7 @@ class LocalRunner:
                     for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
                         assembler.add(result)
                     assembler.flush()
-        writer.summary.encode_cpu_seconds = lanes.cpu_seconds
-        return assembler.encode_seconds, worker_cpu
+        return EmbedCost(assembler.encode_seconds, worker_cpu, lanes.cpu_seconds)
 
     def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,
                     started: float, cpu_started: float, codec=None, record_roots: bool = True) -> IndexSummary:
@@ -203,7 +213,7 @@ class LocalRunner:
 
         writer = Writer(store, model.model_id, run_id, model.embed_dim, summary, codec)
         try:
-            encode_seconds, worker_cpu = self._embed(model, codec, plan, writer, progress)
+            cost = self._embed(model, codec, plan, writer, progress)
             summary.removed = store.sweep(walked.roots, run_id)
         except BaseException:
             # Even when interrupted, leave FAISS in agreement with what SQLite committed (not worth it for
@@ -219,8 +229,9 @@ class LocalRunner:
         summary.index_kind = index_meta.layout.kind if index_meta else (collection.stats().index_kind or "")
         summary.index_update = sync.update
         summary.seconds = time.perf_counter() - started
-        summary.cpu_seconds = time.process_time() - cpu_started + worker_cpu
-        self.last_timings = RunTimings(walk_seconds, encode_seconds, index_seconds)
+        summary.cpu_seconds = time.process_time() - cpu_started + cost.worker_cpu_seconds
+        summary.encode_cpu_seconds = cost.encode_cpu_seconds
+        self.last_timings = RunTimings(walk_seconds, cost.encode_seconds, index_seconds)
         return summary
 
 
