@@ -48,6 +48,9 @@ class IndexOptions:
     # Encoder batches in flight at once (see indexer/lanes.py): 1 runs one batch beside the reader; the CLI runs
     # one per core on a session of one intra-op thread per call.
     encoder_lanes: int = 1
+    # One core token per lane, shared by the decoder processes and the encoder calls (indexer/cores.py), so that a
+    # core never runs both at once; only for calls of one intra-op thread each, as the CLI runs them.
+    share_cores: bool = False
     tokens: bool | None = None  # store ITM image tokens: True --tokens, False --no-tokens, None as remembered/default
 
     def walk_options(self) -> WalkOptions:

@@ -27,6 +27,8 @@ from clipsearch.model.bundle import PreprocessSpec
 from clipsearch.errors import ClipsearchError, ImageError
 from clipsearch.model.preprocess import MAX_IMAGE_FILE_BYTES
 
+from .cores import CoreTokens
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
@@ -185,11 +187,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main() -> None:
-    """Entry point of a decoder worker: `python -c _WORKER_BOOT TASK_FD RESULT_FD PARENT_PID`."""
+    """Entry point of a decoder worker: `python -c _WORKER_BOOT TASK_FD RESULT_FD PARENT_PID TOKEN_R TOKEN_W` (the
+    core tokens' pipe, -1 -1 without: indexer/cores.py)."""
     from multiprocessing.connection import Connection
 
-    task_fd, result_fd, parent_pid = (int(v) for v in sys.argv[1:4])
+    task_fd, result_fd, parent_pid, token_r, token_w = (int(v) for v in sys.argv[1:6])
     _die_with_parent(parent_pid)
+    core_tokens = CoreTokens.attach(token_r, token_w) if token_r >= 0 else None
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     tasks = Connection(task_fd, writable=False)
     results = Connection(result_fd, readable=False)
@@ -206,10 +210,19 @@ def _worker_main() -> None:
             if chunk is None:
                 return
             for task in chunk:
-                started = time.process_time()
-                result, resized = _read_image(task, spec, known)
-                result = dataclasses.replace(result, cpu_seconds=time.process_time() - started)
-                results.send(_Decoded.wrap(result, resized))
+                # A core token is held while the file is read and decoded, and given back before the result is
+                # sent: a send blocks until the parent reads, and the parent may be waiting for an encoder call
+                # that needs this very token.
+                taken = core_tokens.take() if core_tokens is not None else False
+                try:
+                    started = time.process_time()
+                    result, resized = _read_image(task, spec, known)
+                    result = dataclasses.replace(result, cpu_seconds=time.process_time() - started)
+                    decoded = _Decoded.wrap(result, resized)
+                finally:
+                    if taken:
+                        core_tokens.give()
+                results.send(decoded)
     except (EOFError, OSError):  # the parent went away (or closed our pipes): nothing left to do
         return
 
@@ -281,11 +294,14 @@ class ParallelReader:
 
     def __init__(self, spec: PreprocessSpec, known_hashes: Iterable[str] = (), workers: int | None = None,
                  chunk_size: int = 4, window: int = 16, nice: int = 0, file_timeout: float = FILE_TIMEOUT,
-                 started: "StartedDecoders | None" = None) -> None:
+                 started: "StartedDecoders | None" = None, core_tokens: CoreTokens | None = None) -> None:
         self.spec = spec
         self.known_hashes = frozenset(known_hashes)
-        self.workers = _worker_count(workers)
+        self.workers = worker_count(workers)
         self._started = started  # processes started ahead of this reader: adopted by the first _ensure_workers
+        # Core tokens the workers take per file (indexer/cores.py); started processes hold those they were started with.
+        self.core_tokens = (started.core_tokens if started is not None and started.core_tokens is not None
+                            else core_tokens)
         self.chunk_size = max(1, chunk_size)
         self.window = max(self.workers, window)
         self.depth = max(1, min(2, self.window // max(1, self.workers)))  # chunks in flight per worker
@@ -340,7 +356,8 @@ class ParallelReader:
             fresh.extend(adopted)
         if self._stderr is None:
             self._stderr = tempfile.TemporaryFile(prefix="clipsearch-decoder-")
-        fresh.extend(_spawn_worker(self._stderr) for _ in range(self.workers - len(self._workers) - len(fresh)))
+        fresh.extend(_spawn_worker(self._stderr, self.core_tokens)
+                     for _ in range(self.workers - len(self._workers) - len(fresh)))
         self._workers.extend(fresh)
         for worker in fresh:  # sent after all were started, so they import their modules in parallel
             try:
@@ -449,6 +466,10 @@ class ParallelReader:
         else:
             self.restarts += 1
             if pending:
+                if self.core_tokens is not None:
+                    # It may have died holding a core token (in the middle of a file): put one back. Had it died
+                    # between files, the run has one token more than cores, which only lets a core be shared again.
+                    self.core_tokens.give()
                 culprit, rest = pending[0], pending[1:]
                 retry.extendleft(reversed(rest))
                 crashes[culprit.path] = crashes.get(culprit.path, 0) + 1
@@ -464,17 +485,21 @@ class StartedDecoders:
     importing, walking and planning; the run's `ParallelReader(started=...)` adopts them (they learn the
     preprocessing and the known hashes only then). Processes no reader adopted are stopped by `close()` (or the
     `with` block), and in any case die with this process or when their task pipe closes. Start them on the thread
-    that will run the reader: on Linux they die with the thread that started them."""
+    that will run the reader: on Linux they die with the thread that started them.
 
-    def __init__(self, workers: int | None = None) -> None:
+    `core_tokens`: that many core tokens (indexer/cores.py), shared by these processes and, through the attribute
+    `core_tokens`, by the run's encoder calls (0: none). They stay open until `close()`."""
+
+    def __init__(self, workers: int | None = None, core_tokens: int = 0) -> None:
         self._workers: list[_Worker] = []
         self._stderr: IO[bytes] | None = None  # the processes' shared stderr, handed over with them
-        count = _worker_count(workers)
+        count = worker_count(workers)
+        self.core_tokens = CoreTokens(core_tokens) if count and core_tokens > 0 else None
         if count:
             self._stderr = tempfile.TemporaryFile(prefix="clipsearch-decoder-")
             try:
                 for _ in range(count):
-                    self._workers.append(_spawn_worker(self._stderr))
+                    self._workers.append(_spawn_worker(self._stderr, self.core_tokens))
             except BaseException:
                 self.close()
                 raise
@@ -498,6 +523,9 @@ class StartedDecoders:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+        if self.core_tokens is not None:
+            self.core_tokens.close()
+            self.core_tokens = None
 
     def __enter__(self) -> "StartedDecoders":
         return self
@@ -506,21 +534,22 @@ class StartedDecoders:
         self.close()
 
 
-def _worker_count(workers: int | None) -> int:
+def worker_count(workers: int | None) -> int:
     """Decoder processes for `workers` (None: one per core, 0: none, decode in the calling process)."""
     return (os.cpu_count() or 1) if workers is None else max(0, workers)
 
 
-def _spawn_worker(stderr: IO[bytes]) -> _Worker:
+def _spawn_worker(stderr: IO[bytes], core_tokens: CoreTokens | None = None) -> _Worker:
     """Start one decoder process; it imports its modules, then waits for its settings on the task pipe."""
     from multiprocessing.connection import Connection
 
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
+    token_fds = core_tokens.fds if core_tokens is not None else (-1, -1)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_BOOT, str(task_r), str(result_w), str(os.getpid())],
-            pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [sys.executable, "-c", _WORKER_BOOT, str(task_r), str(result_w), str(os.getpid()), *map(str, token_fds)],
+            pass_fds=(task_r, result_w, *(fd for fd in token_fds if fd >= 0)), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=stderr, close_fds=True)
     except BaseException:
         for fd in (task_w, result_r):

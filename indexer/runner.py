@@ -34,8 +34,9 @@ from clipsearch.store.interchange import is_url_path
 
 from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
                        plan_token_backfill)
+from .cores import CoreTokens
 from .lanes import EncoderLanes
-from .reader import ParallelReader, StartedDecoders
+from .reader import ParallelReader, StartedDecoders, worker_count
 from .walk import WalkResult, walk
 
 
@@ -169,26 +170,37 @@ class LocalRunner:
         if not plan.to_read:
             return EmbedCost()
         mapper = Mapper(model, codec)
-        with EncoderLanes(options.encoder_lanes) as lanes:
-            # Loads the graph while the decoder processes start; an error is raised again by the first batch.
-            lanes.submit(mapper.prepare)
-            assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes,
-                                       expected=len(plan.to_read))
-            started, self.decoders = self.decoders, None
-            with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
-                                chunk_size=options.chunk_size, nice=options.worker_nice, started=started) as reader:
-                for result in reader.read(plan.to_read):
-                    worker_cpu += result.cpu_seconds
-                    assembler.add(result)
-                    done += 1
-                    if progress and (done % 8 == 0 or done == total):
-                        progress(done, total)
-                assembler.flush()
-                if assembler.retry:
-                    retry, assembler.retry = assembler.retry, []
-                    for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
+        started, self.decoders = self.decoders, None
+        # One core token per lane, shared with the decoder processes (indexer/cores.py): those the started processes
+        # were given, else new ones.
+        core_tokens = started.core_tokens if started is not None and options.share_cores else None
+        own_core_tokens = None
+        if core_tokens is None and options.share_cores and options.encoder_lanes and worker_count(options.workers):
+            core_tokens = own_core_tokens = CoreTokens(options.encoder_lanes)
+        try:
+            with EncoderLanes(options.encoder_lanes, core_tokens) as lanes:
+                # Loads the graph while the decoder processes start; an error is raised again by the first batch.
+                lanes.submit(mapper.prepare, hold_token=False)
+                assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes,
+                                           expected=len(plan.to_read))
+                with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
+                                    chunk_size=options.chunk_size, nice=options.worker_nice, started=started,
+                                    core_tokens=core_tokens) as reader:
+                    for result in reader.read(plan.to_read):
+                        worker_cpu += result.cpu_seconds
                         assembler.add(result)
+                        done += 1
+                        if progress and (done % 8 == 0 or done == total):
+                            progress(done, total)
                     assembler.flush()
+                    if assembler.retry:
+                        retry, assembler.retry = assembler.retry, []
+                        for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
+                            assembler.add(result)
+                        assembler.flush()
+        finally:
+            if own_core_tokens is not None:
+                own_core_tokens.close()
         return EmbedCost(assembler.encode_seconds, worker_cpu, lanes.cpu_seconds)
 
     def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,

@@ -177,7 +177,9 @@ def index(
     # other core meanwhile (in traces with 12 MP photos on 2 cores the first batch was encoded 0.1-0.2 s sooner; the
     # end-to-end benchmark, benchmarks/index_throughput.py, does not resolve a gain that small from its noise). The run
     # adopts them; the block stops any it did not (nothing needed reading). --ray and --workers 0 start none.
-    with _stop_on_signals(), StartedDecoders(workers if ray_options is None else 0) as decoders:
+    # They share one core token per encoder lane with the encoder calls (indexer/cores.py).
+    lanes = encoder_lanes(threads) if ray_options is None else 1
+    with _stop_on_signals(), StartedDecoders(workers if ray_options is None else 0, core_tokens=lanes) as decoders:
         from ..store.collection import Collection
         from ..indexer.pipeline import IndexOptions
         from ..indexer.runner import LocalRunner
@@ -188,11 +190,10 @@ def index(
                 try:
                     if budget is not None:
                         target.set_index_memory_budget(budget)
-                    lanes = encoder_lanes(threads) if ray_options is None else 1
                     clip = _collection_model(target, model, 1 if ray_options is None else threads, as_json, tokens)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens,
-                                           encoder_lanes=lanes)
+                                           encoder_lanes=lanes, share_cores=ray_options is None)
                     show_bar = not as_json and sys.stderr.isatty()
                     with _progress_bar(show_bar) as progress:
                         runner = (LocalRunner(options, decoders) if ray_options is None

@@ -70,7 +70,7 @@ def run_watch(paths: Sequence[Path], *, collection: str, model: Optional[str], b
                     clip = _collection_model(target, model, 1, as_json, tokens)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens,
-                                           encoder_lanes=lanes)
+                                           encoder_lanes=lanes, share_cores=True)
                     watcher = Watcher(target, clip, roots, options,
                                       WatchOptions(debounce=debounce, max_delay=5 * debounce,
                                                    rescan_interval=rescan_interval),
