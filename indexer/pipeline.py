@@ -352,8 +352,9 @@ class BatchAssembler:
         _, blobs = self.lanes.submit(lambda: self.mapper.encode_with_tokens(pixels)).result()
         self.writer.write_tokens([(image_id, blob) for (image_id, _), blob in zip(batch, blobs) if blob is not None])
 
-    def flush(self) -> None:
-        """Encode what is buffered and write every pending batch."""
+    def flush(self, while_encoding: Callable[[], None] | None = None) -> None:
+        """Encode what is buffered and write every pending batch; `while_encoding` runs once the last batches are
+        handed to the lanes, before waiting for them (work for this thread meanwhile)."""
         self.flush_tokens()
         if self.to_encode:
             # The last, partial batch is shared out among the lanes (at least 2 images per call).
@@ -363,6 +364,8 @@ class BatchAssembler:
             for start in range(0, len(rows), size):
                 self.to_encode = rows[start:start + size]
                 self._submit()
+        if while_encoding is not None:
+            while_encoding()
         self._write_ready(keep=0)
 
     def _submit(self) -> None:

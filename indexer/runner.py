@@ -30,6 +30,7 @@ from typing import Sequence
 from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError
 from clipsearch.store.database import SkippedFile
+from clipsearch.store.index.vectors import preload_faiss
 from clipsearch.store.interchange import is_url_path
 
 from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
@@ -192,7 +193,7 @@ class LocalRunner:
                         done += 1
                         if progress and (done % 8 == 0 or done == total):
                             progress(done, total)
-                    assembler.flush()
+                    assembler.flush(while_encoding=preload_faiss)
                     if assembler.retry:
                         retry, assembler.retry = assembler.retry, []
                         for result in ParallelReader(model.preprocess, (), workers=0).read(retry):

@@ -99,6 +99,28 @@ def test_an_encoder_error_in_a_lane_reaches_the_caller(store):
     assert store.count() == 0
 
 
+def test_flush_runs_its_side_work_while_the_last_batches_encode_and_writes_them_after(store):
+    # The indexing run imports FAISS there (runner.py): after the last batch was handed to a lane, before waiting.
+    mapper = GatedMapper()
+    seen = []
+    with EncoderLanes(2) as lanes:
+        assembler, summary = assembler_for(store, mapper, lanes)
+        assembler.batch_size = 4
+        for i in range(3):
+            assembler.add(read_result(f"/{i}", f"{i:032d}", i))
+
+        def side_work():
+            seen.append((store.count(), [p.encoded.done() for p in assembler.pending]))
+            mapper.gate.set()
+
+        assembler.flush(while_encoding=side_work)
+    # It ran once the last (only) batch was in a lane and held at the gate, nothing written yet; flush then wrote it.
+    assert len(seen) == 1
+    written, done = seen[0]
+    assert written == 0 and done == [False]
+    assert store.count() == 3 and summary.added == 3
+
+
 def test_the_last_partial_batch_is_shared_among_the_lanes(store):
     mapper = GatedMapper()
     mapper.gate.set()
