@@ -11,7 +11,7 @@ The tokens are bytes in a pipe that every taker shares (the decoder processes in
 reads a byte, giving it back writes one. They only order the work, they never guard correctness, so waiting for
 one gives up after `TOKEN_WAIT` seconds and the work runs without (as it would with no tokens at all): a token lost
 with a process the OOM killer took can slow a run, never stall it, and the reader puts back the token of a decoder
-that died in the middle of a file (`restore`).
+that died in the middle of a file (`ParallelReader._replace`).
 """
 
 from __future__ import annotations

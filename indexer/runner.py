@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ContextManager, Sequence
 
 from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError
@@ -172,37 +173,39 @@ class LocalRunner:
             return EmbedCost()
         mapper = Mapper(model, codec)
         started, self.decoders = self.decoders, None
-        # One core token per lane, shared with the decoder processes (indexer/cores.py): those the started processes
-        # were given, else new ones.
-        core_tokens = started.core_tokens if started is not None and options.share_cores else None
-        own_core_tokens = None
-        if core_tokens is None and options.share_cores and options.encoder_lanes and worker_count(options.workers):
-            core_tokens = own_core_tokens = CoreTokens(options.encoder_lanes)
-        try:
-            with EncoderLanes(options.encoder_lanes, core_tokens) as lanes:
-                # Loads the graph while the decoder processes start; an error is raised again by the first batch.
-                lanes.submit(mapper.prepare, hold_token=False)
-                assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes,
-                                           expected=len(plan.to_read))
-                with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
-                                    chunk_size=options.chunk_size, nice=options.worker_nice, started=started,
-                                    core_tokens=core_tokens) as reader:
-                    for result in reader.read(plan.to_read):
-                        worker_cpu += result.cpu_seconds
+        with self._core_tokens(started) as core_tokens, EncoderLanes(options.encoder_lanes, core_tokens) as lanes:
+            # Loads the graph while the decoder processes start; an error is raised again by the first batch.
+            lanes.submit(mapper.prepare, hold_token=False)
+            assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes,
+                                       expected=len(plan.to_read))
+            with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
+                                chunk_size=options.chunk_size, nice=options.worker_nice, started=started,
+                                core_tokens=core_tokens) as reader:
+                for result in reader.read(plan.to_read):
+                    worker_cpu += result.cpu_seconds
+                    assembler.add(result)
+                    done += 1
+                    if progress and (done % 8 == 0 or done == total):
+                        progress(done, total)
+                assembler.flush(while_encoding=preload_faiss)
+                if assembler.retry:
+                    retry, assembler.retry = assembler.retry, []
+                    for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
                         assembler.add(result)
-                        done += 1
-                        if progress and (done % 8 == 0 or done == total):
-                            progress(done, total)
-                    assembler.flush(while_encoding=preload_faiss)
-                    if assembler.retry:
-                        retry, assembler.retry = assembler.retry, []
-                        for result in ParallelReader(model.preprocess, (), workers=0).read(retry):
-                            assembler.add(result)
-                        assembler.flush()
-        finally:
-            if own_core_tokens is not None:
-                own_core_tokens.close()
+                    assembler.flush()
         return EmbedCost(assembler.encode_seconds, worker_cpu, lanes.cpu_seconds)
+
+    def _core_tokens(self, started: StartedDecoders | None) -> ContextManager[CoreTokens | None]:
+        """With `share_cores`: one core token per lane, shared with the decoder processes (indexer/cores.py), those
+        the started processes were given or new ones (closed with the block); else none."""
+        options = self.options
+        if not options.share_cores:
+            return nullcontext(None)
+        if started is not None and started.core_tokens is not None:
+            return nullcontext(started.core_tokens)  # closed by their owner
+        if options.encoder_lanes and worker_count(options.workers):
+            return CoreTokens(options.encoder_lanes)
+        return nullcontext(None)
 
     def _index_into(self, collection: Collection, model, walked: WalkResult, progress: ProgressCallback | None,
                     started: float, cpu_started: float, codec=None, record_roots: bool = True) -> IndexSummary:
