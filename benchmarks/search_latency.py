@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_setup import (export_clipsearch_bundle, export_emoji_mini_standin, export_int8_bundle,  # noqa: E402
-                         export_rclip_models, log, machine_note, rclip_env, rclip_venv)
+                         export_rclip_models, log, machine_note, rclip_env, rclip_venv, without_bytecode_veto)
 
 CLIPSEARCH = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
 
@@ -219,7 +219,7 @@ def main() -> None:
         models.append((f"{DEFAULT_MODEL} arch, random-init stand-in",
                        export_emoji_mini_standin(work / "bundles" / "emoji-mini-arch-random")))
     run_dir = Path(tempfile.mkdtemp(prefix="cs-bench-run-"))  # the helpers' private socket folder, removed at the end
-    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    base_env = without_bytecode_veto(dict(os.environ))
     base_env.update({"CLIPSEARCH_HOME": str(work / "home"), "XDG_RUNTIME_DIR": str(run_dir)})
     floor = time_command([sys.executable, "-c", "pass"], args.repeats)
     report["rows"].append({"system": "python -c pass (process start floor)", "model": "-", "vectors": 0, "index": "-",

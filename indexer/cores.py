@@ -30,7 +30,6 @@ class CoreTokens:
     def __init__(self, count: int) -> None:
         if count < 1:
             raise ValueError("core tokens: count must be at least 1")
-        self.count = count
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)  # takers poll, then read; a byte another taker got first is no error
         os.write(self._write, b"\0" * count)
@@ -40,7 +39,6 @@ class CoreTokens:
     def attach(cls, read_fd: int, write_fd: int) -> "CoreTokens":
         """The tokens of the process that passed these two descriptors (a decoder process's side)."""
         tokens = cls.__new__(cls)
-        tokens.count = 0  # unknown here, and not needed
         tokens._read, tokens._write = read_fd, write_fd
         tokens._owner = False
         return tokens

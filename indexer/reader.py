@@ -299,9 +299,9 @@ class ParallelReader:
         self.known_hashes = frozenset(known_hashes)
         self.workers = worker_count(workers)
         self._started = started  # processes started ahead of this reader: adopted by the first _ensure_workers
-        # Core tokens the workers take per file (indexer/cores.py); started processes hold those they were started with.
-        self.core_tokens = (started.core_tokens if started is not None and started.core_tokens is not None
-                            else core_tokens)
+        # Core tokens the workers it starts take per file (indexer/cores.py); adopted processes keep those they were
+        # started with, which the runner passes here (LocalRunner._core_tokens).
+        self.core_tokens = core_tokens
         self.chunk_size = max(1, chunk_size)
         self.window = max(self.workers, window)
         self.depth = max(1, min(2, self.window // max(1, self.workers)))  # chunks in flight per worker
