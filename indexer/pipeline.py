@@ -6,6 +6,7 @@ Counting conventions of `IndexSummary` (the `--json` contract):
   updated  known paths whose content changed and was re-embedded
   reused   new or changed paths whose content hash matched an indexed image: its vector was copied
   removed  paths that left the index (deleted, excluded, or now unreadable)
+  unchanged known paths whose bytes are as indexed (also those whose size or mtime changed: read, hashed, kept)
   skipped  files that could not be used, each with its reason
   total    images in the collection after the run
   tokens   "int8"/"fp16" when the collection stores ITM image tokens ("" otherwise); tokens_added counts the
@@ -247,8 +248,10 @@ class Writer:
         self.summary.tokens_added += self.store.write_tokens(rows)
 
     def refresh_stat(self, result: ReadResult, state: FileState) -> None:
-        """A known file whose size/mtime changed but whose bytes did not: just record the new stat."""
+        """A known file whose size/mtime changed but whose bytes did not: just record the new stat (it counts as
+        unchanged, so that added + updated + reused + unchanged covers every indexed path the run saw)."""
         self.store.touch([state.id], self.run_id, {state.id: (result.task.size, result.task.mtime_ns)})
+        self.summary.unchanged += 1
 
     def skip(self, entries: Sequence[tuple[ReadTask, str]]) -> None:
         if not entries:

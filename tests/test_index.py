@@ -121,6 +121,8 @@ def test_touched_file_with_same_bytes_is_not_reembedded(tmp_path, photos, model)
     bump_mtime(photos / "photo_000.png")
     summary = run(collection, model, [photos])
     assert (summary.embedded, summary.updated, summary.reused) == (0, 0, 0)
+    # read and hashed again, then kept: it is counted, so the buckets cover every indexed path the run saw
+    assert (summary.unchanged, summary.added, summary.total) == (12, 0, 12)
     third = run(collection, model, [photos])
     assert third.unchanged == 12  # the new mtime was recorded
 
