@@ -38,6 +38,7 @@ DATE_HELP = ("Write a date as 2024-05-01 (or 2024-05, 2024), or a date and time 
              "(optionally with a UTC offset, e.g. 2024-05-01T14:30+02:00).")
 _SIZE_RE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NS_MIN, _NS_MAX = -(2**63), 2**63 - 1
 
 
 class FilterError(QueryError):
@@ -224,17 +225,29 @@ def parse_date(value: str, which: str) -> DateBound:
             moment = datetime(int(text[:4]), int(text[5:]), 1)
         else:
             moment = datetime.fromisoformat(text)
-        if moment.tzinfo is None:
-            aware = moment.astimezone()  # naive: local wall-clock time
-            local = moment
-        else:
-            aware = moment
-            local = moment.astimezone().replace(tzinfo=None)
-        epoch_ns = (aware - _EPOCH) // timedelta(microseconds=1) * 1000
-    except (ValueError, OverflowError, OSError) as exc:
+    except (ValueError, OverflowError) as exc:
         raise FilterError(f"{which} date {text[:40]!r} is not a date ({exc})", DATE_HELP) from exc
+    if moment.tzinfo is None:
+        aware = _local_or_utc(moment)  # naive: local wall-clock time
+        local = moment
+    else:
+        aware = moment
+        local = _local_or_utc(moment).replace(tzinfo=None)
+    epoch_ns = (aware - _EPOCH) // timedelta(microseconds=1) * 1000
+    # SQLite integers are 64-bit: a bound past them (before 1678 or after 2262) is clamped, which selects the very
+    # same images, as every stored mtime_ns lies within them.
+    epoch_ns = min(max(epoch_ns, _NS_MIN), _NS_MAX)
     return DateBound(text=text, local_iso=local.isoformat(timespec="microseconds" if local.microsecond else "seconds"),
                      epoch_ns=int(epoch_ns))
+
+
+def _local_or_utc(moment: datetime) -> datetime:
+    """`moment` in the local time zone; in UTC at the ends of datetime's range (year 1, year 9999), where the local
+    conversion overflows and an hour's offset selects nothing different."""
+    try:
+        return moment.astimezone()
+    except (ValueError, OverflowError, OSError):
+        return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def image_date(taken_at: str | None, mtime_ns: int) -> tuple[str, str]:

@@ -233,6 +233,17 @@ def test_dates_are_taken_at_else_mtime_after_inclusive_before_exclusive(small_st
     assert matching(small_store, after=utc) == matching(small_store, after="2024-05-15T12:00:00")
 
 
+def test_dates_at_the_ends_of_the_calendar_select_everything_or_nothing(small_store):
+    # Past 2262 or before 1678 a date has no 64-bit nanosecond count: it is clamped, never an OverflowError.
+    everything = {"a", "b", "c", "d", "e"}
+    assert matching(small_store, before="9999") == everything
+    assert matching(small_store, before="2262-04-12") == everything
+    assert matching(small_store, after="9999-12-31T23:59:59+00:00") == set()
+    assert matching(small_store, after="0001") == everything
+    assert matching(small_store, before="0001-01-01") == set()
+    assert matching(small_store, after="1000", before="9000") == everything
+
+
 def test_orientation_square_allows_one_percent_and_sizes_are_at_least(small_store):
     assert matching(small_store, orientation="square") == {"a", "b"}  # 1000x1000 and 1010x1000
     assert matching(small_store, orientation="Landscape") == {"c"}  # 1011x1000
