@@ -69,6 +69,10 @@ def test_like_an_indexed_image_excludes_it_and_finds_its_copy(indexed, model):
     assert (first.width, first.height, first.path) == (record.width, record.height, record.path) == (96, 72, record.path)
     with pytest.raises(QueryError, match="no indexed image with id 99999"):
         searcher.search(SearchQuery.build(like=99999))
+    huge = 10**20  # past SQLite's 64-bit integers: the same answer, not an OverflowError
+    with pytest.raises(QueryError, match=f"no indexed image with id {huge}"):
+        searcher.search(SearchQuery.build(like=huge))
+    assert collection.store.get(huge) is None and collection.store.get_many([huge, source.id]).keys() == {source.id}
 
 
 def test_text_query_ranks_by_cosine_and_caps_k(indexed, model):

@@ -482,7 +482,7 @@ class Store:
     def _select_by_ids(self, select: str, ids: Iterable[int], chunk: int = 500) -> Iterator[tuple]:
         """Rows of `select` + " WHERE id IN (...)" for `ids`, asked `chunk` ids at a time (SQLite's bound
         parameter limit)."""
-        wanted = [int(i) for i in ids]
+        wanted = [int(i) for i in ids if _fits_sqlite(int(i))]  # a larger one names no row (SQLite would raise)
         for start in range(0, len(wanted), chunk):
             part = wanted[start:start + chunk]
             yield from self.conn.execute(f"{select} WHERE id IN ({','.join('?' * len(part))})", part)
@@ -492,6 +492,8 @@ class Store:
         return ImageRecord(*row) if row else None
 
     def vector(self, image_id: int, dim: int) -> np.ndarray | None:
+        if not _fits_sqlite(int(image_id)):
+            return None  # no row has that id (SQLite would raise OverflowError on it)
         row = self.conn.execute("SELECT vector FROM embeddings WHERE id = ?", [int(image_id)]).fetchone()
         return _decode_vector(row[0], dim) if row else None
 
@@ -748,6 +750,11 @@ class ThreadReaders:
             readers, self._readers = list(self._readers.values()), {}
         for _, store in readers:
             store.close()
+
+
+def _fits_sqlite(value: int) -> bool:
+    """True for an integer SQLite can store (64-bit signed); no row id lies outside that."""
+    return -(2**63) <= value < 2**63
 
 
 def _decode_vector(blob: bytes, dim: int) -> np.ndarray:
