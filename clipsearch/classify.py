@@ -104,6 +104,12 @@ class LabelCache:
                 self._entries.popitem(last=False)
 
 
+def fill_template(template: str, label: str) -> str:
+    """`template` with every ``{}`` replaced by `label`; any other brace is kept as written (not str.format, which
+    raises on ``{name}`` or a lone ``{`` that a user's template may hold)."""
+    return template.replace("{}", label)
+
+
 class Classifier:
     """Labels embedded once with prompt ensembling; classify images or vectors against them."""
 
@@ -133,7 +139,7 @@ class Classifier:
         return np.stack([found[label] for label in self.labels]).astype(np.float32)
 
     def _embed_labels(self, labels: Sequence[str]) -> np.ndarray:
-        prompts = [template.format(label) for label in labels for template in self.templates]
+        prompts = [fill_template(template, label) for label in labels for template in self.templates]
         encoded = self.model.encode_text(prompts).reshape(len(labels), len(self.templates), -1)
         encoded /= np.linalg.norm(encoded, axis=-1, keepdims=True)
         mean = encoded.mean(axis=1)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from clipsearch.classify import DEFAULT_TEMPLATES, Classifier, classify, parse_labels
+from clipsearch.classify import DEFAULT_TEMPLATES, Classifier, classify, fill_template, parse_labels
 from clipsearch.store.collection import Collection
 from clipsearch.errors import QueryError
 from clipsearch.indexer.pipeline import IndexOptions
@@ -67,6 +67,16 @@ def test_parse_labels(tmp_path):
         parse_labels(None, tmp_path / "missing.txt")
     with pytest.raises(QueryError, match="template"):
         Classifier(object(), ["cat"], templates=("no placeholder",))
+
+
+def test_a_template_with_other_braces_keeps_them_and_fills_every_placeholder(model):
+    odd = ("a {} and a {}", "a {} in {braces}", "a {} {")
+    assert [fill_template(t, "cat") for t in odd] == ["a cat and a cat", "a cat in {braces}", "a cat {"]
+    classifier = Classifier(model, ["cat", "dog"], templates=odd)  # str.format raised IndexError/KeyError/ValueError
+    prompts = model.encode_text(["a dog and a dog", "a dog in {braces}", "a dog {"])
+    prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
+    mean = prompts.mean(axis=0)
+    np.testing.assert_allclose(classifier.label_vectors[1], mean / np.linalg.norm(mean), atol=1e-5)
 
 
 def test_classify_folder_cli_writes_one_row_per_image(tmp_path, tiny_bundle):

@@ -212,8 +212,8 @@ def _image_files(targets: List[Path]) -> tuple[list[str], list[tuple[str, str]]]
 def classify(
     targets: List[Path] = typer.Argument(..., help="Image files or folders (recursively)"),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car"'),
-    labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="File of labels, one per line"),
-    template: List[str] = typer.Option([], "--template", help="Prompt template with {} (repeatable; default: CLIP's ensemble)"),
+    labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="File of labels: one or more per line, separated by commas; a # starts a comment"),
+    template: List[str] = typer.Option([], "--template", help="Prompt template: each {} becomes the label, other braces stay as written (repeatable; default: CLIP's ensemble)"),
     collection: Optional[str] = typer.Option(None, "--collection", "-c", help="Use this collection's model (and its stored vectors of unchanged files)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
