@@ -31,5 +31,10 @@ class CollectionError(ClipsearchError):
     """A collection is missing, inconsistent, or was built with another model."""
 
 
+class UnreadableStoreError(CollectionError):
+    """A collection's SQLite database cannot be read at all (not a database, or damaged): only `index --rebuild
+    --model MODEL` (a new generation) or deleting the collection's folder gets past it."""
+
+
 class QueryError(ClipsearchError):
     """A query is empty, too long, or refers to something that does not exist."""

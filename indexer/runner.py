@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import ContextManager, Sequence
 
 from clipsearch.store.collection import Collection
-from clipsearch.errors import CollectionError
+from clipsearch.errors import CollectionError, UnreadableStoreError
 from clipsearch.store.database import SkippedFile
 from clipsearch.store.index.vectors import preload_faiss
 from clipsearch.store.interchange import is_url_path
@@ -104,31 +104,41 @@ class LocalRunner:
         options = self.options
         started = time.perf_counter()
         cpu_started = time.process_time()
-        current = collection.model
+        try:
+            current, unreadable = collection.model, False
+        except UnreadableStoreError:
+            if not options.rebuild:
+                raise
+            current, unreadable = None, True  # rebuilt into a new generation like any other; nothing carries over
         if current is not None and current.model_id != model.model_id and not options.rebuild:
             collection.bind_model(model.info)  # raises: another model's vectors are never mixed in
         opening = self._open_encoder_early(model) if current is None else None
         try:
-            return self._walk_and_index(collection, model, roots, progress, started, cpu_started, current)
+            return self._walk_and_index(collection, model, roots, progress, started, cpu_started, current, unreadable)
         finally:
             if opening is not None:
                 opening.join()  # an error path must not leave it running into the interpreter's shutdown
 
     def _walk_and_index(self, collection: Collection, model, roots: Sequence[str | Path],
                         progress: ProgressCallback | None, started: float, cpu_started: float,
-                        current) -> IndexSummary:
+                        current, unreadable: bool = False) -> IndexSummary:
+        """`unreadable`: the collection's database cannot be read (--rebuild only): the run builds a new generation
+        and switches to it, as a rebuild does, but with nothing carried over."""
         options = self.options
         walked = self._walk(roots)
         if not walked.roots:  # checked before --rebuild starts anything
             raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
-        tokens = collection.choose_tokens(model, options.tokens)  # before --rebuild: the old choice carries over
-        self.last_token_choice = tokens
-        rebuilding = options.rebuild and current is not None  # else there is nothing to keep serving
+        # Chosen before --rebuild starts: the old choice carries over (an unreadable database has none to give).
+        tokens = None if unreadable else collection.choose_tokens(model, options.tokens)
+        rebuilding = options.rebuild and (current is not None or unreadable)  # else there is nothing to keep serving
         if rebuilding:
             target = collection.start_rebuild(model.info)  # searchers keep using the old generation
         else:
             target = collection
             target.bind_model(model.info)
+        if tokens is None:
+            tokens = target.choose_tokens(model, options.tokens)
+        self.last_token_choice = tokens
         target.apply_tokens(tokens)
         try:
             summary = self._index_into(target, model, walked, progress, started, cpu_started, tokens.codec)

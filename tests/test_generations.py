@@ -189,3 +189,34 @@ def test_check_of_a_collection_without_a_model_says_so(tmp_path, tiny_bundle):
     cli = subprocess.run([*CLI, "check", "--collection", "e", "--index-dir", str(root)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 1 and "no model recorded" in cli.stderr and "holds None" not in cli.stdout + cli.stderr
+
+
+def test_an_unreadable_database_is_indexed_again_by_rebuild_with_model_as_its_hint_says(tmp_path, tiny_bundle):
+    photos = tmp_path / "photos"
+    make_photos(photos, 3)
+    root = tmp_path / "idx"
+    env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args, "--collection", "u", "--index-dir", str(root)], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("index", str(photos), "--model", str(tiny_bundle)).returncode == 0
+    database = root / "u" / "meta.sqlite"
+    for leftover in (database.with_name("meta.sqlite-wal"), database.with_name("meta.sqlite-shm")):
+        leftover.unlink(missing_ok=True)
+    database.write_bytes(b"this is not a database" * 100)
+    plain = cli("index", str(photos))
+    assert plain.returncode == 1 and "not a usable SQLite database" in plain.stderr
+    assert "--rebuild --model MODEL" in plain.stderr  # the hint names what works
+    # --rebuild alone cannot know the model an unreadable database recorded: the same error, no traceback.
+    alone = cli("index", str(photos), "--rebuild")
+    assert alone.returncode == 1 and "--rebuild --model MODEL" in alone.stderr and "Traceback" not in alone.stderr
+    rebuilt = cli("index", str(photos), "--rebuild", "--model", str(tiny_bundle), "--json")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    summary = json.loads(rebuilt.stdout)
+    assert (summary["added"], summary["total"]) == (3, 3)
+    assert cli("check").returncode == 0
+    assert not database.exists()  # the unreadable file went with the generation it belonged to
+    with Collection.open("u", root) as collection:
+        assert collection.store.count() == 3

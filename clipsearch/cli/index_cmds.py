@@ -190,7 +190,8 @@ def index(
                 try:
                     if budget is not None:
                         target.set_index_memory_budget(budget)
-                    clip = _collection_model(target, model, 1 if ray_options is None else threads, as_json, tokens)
+                    clip = _collection_model(target, model, 1 if ray_options is None else threads, as_json, tokens,
+                                             rebuild)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens,
                                            encoder_lanes=lanes, share_cores=ray_options is None)
@@ -290,12 +291,19 @@ def encoder_lanes(threads: Optional[int]) -> int:
 
 
 def _collection_model(target, model: Optional[str], threads: Optional[int], as_json: bool,
-                      tokens: Optional[bool]):
+                      tokens: Optional[bool], rebuild: bool = False):
     """The model an indexing run of `target` uses (--model, else the collection's own, else the default, with the
-    one-line notice when that is the bundled emoji model), after saying what happens to ITM tokens."""
+    one-line notice when that is the bundled emoji model), after saying what happens to ITM tokens. A collection
+    whose database cannot be read has no model to remember: only --rebuild with --model indexes it again."""
+    from ..errors import UnreadableStoreError
     from ..model.resolve import default_model_notice, load_model
 
-    remembered = target.model
+    try:
+        remembered = target.model
+    except UnreadableStoreError:
+        if not (rebuild and model):
+            raise
+        remembered = None
     spec = model or (remembered.spec if remembered else None)
     clip = load_model(spec, threads=threads)
     notice = default_model_notice(spec)

@@ -67,7 +67,7 @@ def run_watch(paths: Sequence[Path], *, collection: str, model: Optional[str], b
             with target:
                 try:
                     lanes = encoder_lanes(threads)
-                    clip = _collection_model(target, model, 1, as_json, tokens)
+                    clip = _collection_model(target, model, 1, as_json, tokens, rebuild)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens,
                                            encoder_lanes=lanes, share_cores=True)

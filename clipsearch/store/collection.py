@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import paths
 from ..model.bundle import BundleInfo, is_bundle
-from ..errors import CollectionError
+from ..errors import CollectionError, UnreadableStoreError
 from ..paths import fsync_dir
 from .database import Store
 from .tokens import DEFAULT_MAX_TOKEN_BYTES, DEFAULT_STORAGE, TOKENS_FILE, TokenCodec, TokenFile, format_bytes, \
@@ -324,7 +324,10 @@ class Collection:
                                       "Wait for it to finish (or stop it) and run again.") from exc
             self.remove_stale_generations()
             if self._create:
-                self.store  # a new collection exists (still without a model) while a run holds its lock
+                try:
+                    self.store  # a new collection exists (still without a model) while a run holds its lock
+                except UnreadableStoreError:
+                    pass  # index --rebuild --model gets past it (a new generation); any other use raises it again
             yield
         finally:
             handle.close()
@@ -332,7 +335,10 @@ class Collection:
     def discard_if_unbound(self) -> bool:
         """Delete this collection's database if no model was ever bound and it holds nothing (a first run that
         failed before indexing anything). Call only while holding `writer_lock`. True when it was deleted."""
-        if self._pinned or not self.exists or self.model is not None or self.store.count() or self.folder != self.root:
+        try:
+            if self._pinned or not self.exists or self.model is not None or self.store.count() or self.folder != self.root:
+                return False
+        except CollectionError:  # an unreadable database is not known to be empty: left as it is
             return False
         self.close()
         _remove_data(self.root)
@@ -370,7 +376,10 @@ class Collection:
         if self.exists:
             # Ids continue above every id the old generation handed out: a searcher still holding the old
             # index can never be shown a new image for an old vector.
-            high = self.store.id_high_water()
+            try:
+                high = self.store.id_high_water()
+            except UnreadableStoreError:
+                high = 0  # nobody can search that database either; the index file's ids still count below
             try:
                 from .index.vectors import IndexMeta
 

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ..errors import CollectionError
+from ..errors import CollectionError, UnreadableStoreError
 from ..text import is_utf8
 
 _DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -217,8 +217,9 @@ class Store:
             self.conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as exc:
             self.conn.close()
-            raise CollectionError(f"{self.path}: not a usable SQLite database ({exc})",
-                                  "Rebuild the collection with: clipsearch index PATH --rebuild") from exc
+            raise UnreadableStoreError(f"{self.path}: not a usable SQLite database ({exc})",
+                                       "Index it again into a new database with: clipsearch index PATH --rebuild "
+                                       "--model MODEL (or delete the collection's folder)") from exc
         except BaseException:
             self.conn.close()
             raise
