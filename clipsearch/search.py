@@ -230,6 +230,11 @@ class Searcher:
             known = dict(text_vectors or {})
             missing = [str(t.value) for t in texts if str(t.value) not in known]
             encoded = {**known, **(self.text_vectors(missing) if missing else {})}
+            unknown = [str(t.value) for t in texts if str(t.value) not in encoded]
+            if unknown:  # left out by text_vectors: its vocabulary knows none of their words
+                raise QueryError(f"model {self.model.info.name} knows none of the words in {unknown[0][:60]!r}",
+                                 "Describe it in words: its vocabulary has no emoji or symbols (e.g. 'red heart', "
+                                 "not ❤️).")
             for term in texts:
                 total += term.weight * encoded[str(term.value)]
         for term in query.terms:
@@ -251,11 +256,18 @@ class Searcher:
         return QueryVector(total / norm, set() if query.include_query_images else exclude)
 
     def text_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Embed texts, answering repeated ones from the collection's query cache (no model load at all)."""
+        """Embed texts, answering repeated ones from the collection's query cache (no model load at all); a text
+        the model's vocabulary knows no word of is left out."""
         model_id, dim = self._text_cache_key(), self.collection_model.embed_dim
         with self.reading() as store:
             found = store.cached_text_vectors(model_id, texts, dim)
         missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            # A text of which the vocabulary knows no word (all [UNK]: emoji typed to a WordPiece model) embeds like
+            # every other such text, so its ranking would mean nothing: it is left out (query_vector says why), not
+            # cached. CLIP's byte-level BPE tokenises anything. Per text, so a batch of queries is unaffected.
+            tokenizer = self.model.tokenizer
+            missing = [t for t in missing if not tokenizer.knows_none_of(t)]
         if missing:
             fresh = dict(zip(missing, self.model.encode_text(missing)))
             self._remember_texts(model_id, fresh)

@@ -91,3 +91,54 @@ def test_rerank_floor_on_held_out_noto_sample(name: str) -> None:
     assert report.reranked.queries == 300 and report.k == 32
     assert report.reranked.r1 / 100 >= RERANK_FLOORS[name]["r1"], report.lines()
     assert report.reranked.r10 / 100 >= RERANK_FLOORS[name]["r10"], report.lines()
+
+
+def test_a_query_of_only_words_the_vocabulary_lacks_is_refused_with_a_hint(tmp_path) -> None:
+    from clipsearch.errors import QueryError
+    from clipsearch.model.resolve import load_model
+    from clipsearch.search import SearchQuery, Searcher
+    from clipsearch.store.collection import Collection
+    from clipsearch.indexer.runner import index_paths
+
+    model = load_model("emoji-mini")
+    # Every emoji is [UNK] to its WordPiece vocabulary, so every emoji query embeds the same: a ranking of nothing.
+    same = model.encode_text(["❤️", "😀🍌"])
+    assert float(same[0] @ same[1]) > 0.9999
+    assert model.tokenizer.knows_none_of("❤️ 😀") and not model.tokenizer.knows_none_of("red heart ❤️")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("red-heart.png", "banana.png", "bicycle.png"):
+        (folder / name).write_bytes((SAMPLE / name).read_bytes())
+    collection = Collection.create("e", tmp_path / "idx")
+    index_paths(collection, model, [folder])
+    searcher = Searcher(collection, model)
+    with pytest.raises(QueryError, match="knows none of the words in '❤️'") as raised:
+        searcher.search(SearchQuery.build(text="❤️", k=3))
+    assert "red heart" in (raised.value.hint or "")
+    hits = searcher.search(SearchQuery.build(text="red heart ❤️", k=3))  # one known word is enough
+    assert Path(hits[0].path).name == "red-heart.png"
+    collection.close()
+
+
+def test_rest_answers_an_all_unknown_query_with_400_and_the_others_as_usual(tmp_path) -> None:
+    import concurrent.futures
+
+    from fastapi.testclient import TestClient
+
+    from clipsearch.web import create_app
+    from web_fixtures import app_settings, build_indexed_photos
+
+    indexed = build_indexed_photos(tmp_path, BUNDLED / "emoji-mini", count=6)
+    with TestClient(create_app(app_settings(indexed))) as client:
+        for answer in (client.get("/api/search", params={"q": "😀🍌"}),
+                       client.post("/api/search", json={"text": "😀🍌"}),
+                       client.post("/knn-service", json={"text": "😀🍌", "modality": "image", "num_images": 3,
+                                                         "indice_name": indexed.name})):
+            assert answer.status_code == 400, answer.text
+            assert "knows none of the words in '😀🍌'" in answer.json()["detail"] and "red heart" in answer.json()["hint"]
+        # Sent together (one batched encoder call): the unknown one fails alone.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda q: client.get("/api/search", params={"q": q, "k": 3}),
+                                    ["😀🍌", "red heart", "banana", "❤️"]))
+        assert [a.status_code for a in answers] == [400, 200, 200, 400]
+        assert all(len(a.json()["results"]) == 3 for a in answers[1:3])

@@ -190,7 +190,9 @@ class TextBatcher:
         searches = [p for p in live if p.query is not None]
         for pending in live:
             if pending.query is None:
-                pending.future.set_result({text: vectors[text] for text in pending.texts})
+                # A text `embed` left out (its model knows none of its words) is left out here too: the
+                # request's own query_vector says why.
+                pending.future.set_result({text: vectors[text] for text in pending.texts if text in vectors})
         if searches:
             self._answer_searches(searches, vectors)
 

@@ -122,6 +122,17 @@ class TextTokenizer:
             rows.append(ids)
         return rows
 
+    def knows_none_of(self, text: str) -> bool:
+        """True when every token of `text` is the vocabulary's unknown token (e.g. emoji for a WordPiece
+        vocabulary): its embedding then says nothing about the text. Byte-level BPE (CLIP) never has one."""
+        unknown = getattr(self._tokenizer.model, "unk_token", None)
+        unknown_id = self._tokenizer.token_to_id(unknown) if unknown else None
+        if unknown_id is None:
+            return False
+        clean = CLEANERS.get(self.spec.clean)
+        ids = self._tokenizer.encode(clean(text) if clean is not None else text, add_special_tokens=False).ids
+        return bool(ids) and all(i == unknown_id for i in ids)
+
     def __call__(self, texts: Sequence[str]) -> TokenBatch:
         rows = self.token_ids(texts)
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
