@@ -427,3 +427,21 @@ def test_openapi_docs_page_loads_its_assets_from_the_app_itself(client):
     assert page.status_code == 200
     assert "cdn" not in page.text.lower() and "/static-docs/swagger-ui-bundle.js" in page.text
     assert client.get("/static-docs/swagger-ui-bundle.js").status_code == 200
+
+
+def test_post_routes_refuse_parameters_they_would_ignore(client, indexed):
+    # A query string on a POST route (GET /api/search's ?collection=) used to be ignored: another collection was
+    # searched without a word. So was a form field an upload route does not take (rerank on an image upload).
+    stray = client.post("/api/search?collection=nope&k=1", json={"text": "a red square"})
+    assert stray.status_code == 400 and "does not read the query string (collection, k)" in stray.json()["detail"]
+    knn = client.post("/knn-service?indice_name=nope", json={"text": "a red square", "num_images": 2})
+    assert knn.status_code == 400 and "indice_name" in knn.json()["detail"]
+    upload = photo(indexed, "photo_000.png").read_bytes()
+    for route, fields in (("/api/search/image", {"rerank": "true"}), ("/api/classify", {"labels": "a,b", "k": "2"})):
+        answer = client.post(route, files={"file": ("x.png", upload, "image/png")}, data=fields)
+        assert answer.status_code == 400, (route, answer.text)
+        assert "takes no form field" in answer.json()["detail"] and "file" in answer.json()["hint"]
+    # What the routes do take still works.
+    fine = client.post("/api/search/image", files={"file": ("x.png", upload, "image/png")}, data={"k": "3", "text": "red"})
+    assert fine.status_code == 200 and len(fine.json()["results"]) == 3
+    assert client.post("/api/search", json={"text": "a red square", "k": 2}).status_code == 200

@@ -140,10 +140,40 @@ class StrictRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
+        query_names = frozenset(_param_names(self.dependant, "query_params"))
+        form_names = frozenset(_param_names(self.dependant, "body_params"))
+        body_only = "POST" in self.methods and "GET" not in self.methods
+
         async def strict_handler(request: Request) -> Response:
             strict = StrictRequest(request.scope, request.receive)
             check_api_key(strict)
             check_query_and_path(strict)
+            if body_only:
+                await check_no_stray_fields(strict, query_names, form_names)
             return await handler(strict)
 
         return strict_handler
+
+
+def _param_names(dependant: Any, kind: str) -> set[str]:
+    """The names (aliases) of a route's `kind` parameters ("query_params", "body_params"), its dependencies' too."""
+    names = {param.alias for param in getattr(dependant, kind)}
+    for sub in dependant.dependencies:
+        names |= _param_names(sub, kind)
+    return names
+
+
+async def check_no_stray_fields(request: Request, query_names: frozenset[str], form_names: frozenset[str]) -> None:
+    """A POST route reads its parameters from the body: a query-string parameter it does not take (GET /api/search's
+    `?collection=`, say) or a multipart field it does not know (`rerank` on an upload) is a 400, never silently
+    ignored (which searched another collection, or did not re-rank, without a word)."""
+    stray = sorted({key for key in request.query_params.keys() if key not in query_names})
+    if stray:
+        raise ApiError(400, f"{request.method} {request.url.path} does not read the query string ({', '.join(stray)})",
+                       "Send the parameters in the request body (JSON fields, or form fields for an upload).")
+    if form_names and request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        form = await request.form()
+        unknown = sorted({key for key in form.keys() if key not in form_names})
+        if unknown:
+            raise ApiError(400, f"{request.url.path} takes no form field {', '.join(map(repr, unknown))}",
+                           f"Its fields are: {', '.join(sorted(form_names))} (see /docs).")
