@@ -21,6 +21,9 @@ MAX_QUERY_CHARS = 10_000
 MAX_K = 10_000
 DEFAULT_RERANK_K = 32
 MAX_RERANK_K = 256
+# Weights are relative, so a million to one already leaves the smaller term nothing; past it a weight only overflows
+# the combined vector (which then read as "terms cancel each other out").
+MAX_WEIGHT = 1_000_000
 # "^W:text": a caret, a decimal weight, a colon. Nothing else at the start of a text is read as a weight,
 # so "2:beach" or "12:30 sunset" are plain text; a text that really starts with a caret escapes it: "\\^_^".
 _WEIGHT_RE = re.compile(r"^\^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):(.*)$", re.S)
@@ -146,6 +149,9 @@ def parse_weight(text: str) -> tuple[float, str]:
     if not (weight > 0 and math.isfinite(weight)):
         raise QueryError(f"weight {match.group(1)} in {text[:40]!r} must be a positive number",
                          "To subtract a text, give it with --not (it takes a weight too: --not '^2:people').")
+    if weight > MAX_WEIGHT:
+        raise QueryError(f"weight {match.group(1)[:30]} in {text[:40]!r} is larger than {MAX_WEIGHT:,}",
+                         "Weights are relative: ^2:beach counts twice as much as a text without one.")
     return weight, match.group(2).strip()
 
 

@@ -309,7 +309,8 @@ class Searcher:
                 data = read_image_file(value, max_bytes=MAX_IMAGE_FILE_BYTES)
             except ImageError as exc:
                 raise QueryError(exc.message, exc.hint) from exc
-        image = open_image(data, draft_size=self.model.preprocess.size[::-1])
+        image = open_image(data, draft_size=self.model.preprocess.size[::-1],
+                           name=None if isinstance(value, bytes) else str(value))  # errors name the file given
         vector = self.model.encode_images([image])[0]
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         with self.reading() as store:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from clipsearch.store.collection import Collection
-from clipsearch.errors import CollectionError, QueryError
+from clipsearch.errors import CollectionError, ImageError, QueryError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
 from clipsearch.model.runtime import ClipModel
@@ -159,6 +160,10 @@ def test_weight_prefix_never_collides_with_ordinary_text():
     for bad in ("^-1:people", "^0:beach", "^_^", "^2 beach", "^:beach", "^1e3:x"):
         with pytest.raises(QueryError):
             parse_weight(bad)
+    assert parse_weight("^1000000:x") == (1e6, "x")
+    # Past a million a weight only overflowed the combined vector, which then read as "terms cancel each other out".
+    with pytest.raises(QueryError, match="larger than 1,000,000"):
+        parse_weight("^99999999999999999999999999:heart")
     query = SearchQuery.build(text="12:30 sunset", and_texts=["^2:beach"], not_texts=["^0.5:people", "9:00"])
     assert [(t.value, t.weight) for t in query.terms] == [("12:30 sunset", 1.0), ("beach", 2.0), ("people", -0.5),
                                                          ("9:00", -1.0)]
@@ -181,8 +186,12 @@ def test_bad_queries_fail_clearly(indexed, model, tmp_path):
         searcher.search(SearchQuery.build(image=tmp_path / "missing.jpg"))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff garbage")
-    with pytest.raises(Exception, match="broken.jpg|not a recognised|corrupt"):
-        searcher.search(SearchQuery.build(image=broken))
+    with pytest.raises(ImageError, match=f"^{re.escape(str(broken))}: (not a recognised|corrupt)"):
+        searcher.search(SearchQuery.build(image=broken))  # the file given is named, not "<upload>"
+    empty = tmp_path / "zero.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match=f"^{re.escape(str(empty))}: empty file"):
+        searcher.search(SearchQuery.build(image=empty))
     long_but_fine = searcher.search(SearchQuery.build(text="a photo of a dog " * 200, k=3))  # truncated by the tokenizer
     assert len(long_but_fine) == 3
 

@@ -203,8 +203,9 @@ def pixel_limit(max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[None]:
 
 
 def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tuple[int, int] | None = None,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode `source` (path, bytes or file object) into an RGB image.
+               max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Decode `source` (path, bytes or file object) into an RGB image. `name`: what errors call it (default: the
+    path, or "<upload>" for bytes and file objects).
 
     With `draft_size`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
     least `draft_size` (the later bicubic resize never enlarges), and
@@ -213,7 +214,8 @@ def open_image(source: str | os.PathLike[str] | bytes | BinaryIO, draft_size: tu
     file is refused before it is opened. Raises ImageError with a human-readable reason for anything
     that is not a decodable image.
     """
-    name = str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
+    if name is None:
+        name = str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
     owned: BinaryIO | None = None
     if isinstance(source, bytes):
         if not source:
