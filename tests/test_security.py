@@ -257,6 +257,10 @@ def test_page_and_health_load_without_the_key_and_hold_no_data(keyed):
     assert page.status_code == 200 and "clipsearch" in page.text
     assert keyed.get("/static/app.js").status_code == 200
     assert keyed.get("/healthz").json() == {"status": "ok"}
+    for path in ("/healthz", "/"):  # uptime monitors send HEAD: 200 without a body, no key needed
+        head = keyed.head(path)
+        assert head.status_code == 200 and head.content == b"", path
+    assert keyed.head("/api/stats").status_code in (401, 405)  # never data
 
 
 def test_serve_command_takes_the_key_from_the_environment_and_binds_loopback(indexed):
@@ -403,3 +407,45 @@ def test_serve_on_a_non_loopback_host_with_a_key_or_insecure_gets_past_the_check
 def test_serve_on_loopback_needs_no_key(tmp_path, host):
     result = _serve("--host", host, "--collection", "nothing", "--index-dir", str(tmp_path))
     assert result.returncode == 1 and "refusing" not in result.stderr, result.stderr
+
+
+def test_a_stalled_body_is_answered_408_but_a_wait_after_the_body_is_not_bounded():
+    import asyncio
+
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from clipsearch.web.security import BodySizeLimit
+
+    async def listens_after_the_body(scope, receive, send):
+        body = await Request(scope, receive).body()
+        try:  # as a streaming response listens for the client going away: longer than the stall limit
+            await asyncio.wait_for(receive(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+        await JSONResponse({"bytes": len(body)})(scope, receive, send)
+
+    def run(first_chunks: list[bytes], last: bool) -> list[dict]:
+        messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in first_chunks]
+        if last:
+            messages.append({"type": "http.request", "body": b"!", "more_body": False})
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)  # a client that never sends the rest
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        app = BodySizeLimit(listens_after_the_body, max_bytes=1000, stall_seconds=0.2)
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"100")]}
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+        return sent
+
+    stalled = run([b"12345"], last=False)
+    assert stalled[0]["status"] == 408 and b"stalled for more than 0.2 s" in stalled[1]["body"]
+    whole = run([b"12345", b"678"], last=True)
+    assert whole[0]["status"] == 200 and whole[1]["body"] == b"{\"bytes\":9}"

@@ -48,7 +48,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.web = state
     install_error_handlers(app)
 
-    @app.get("/healthz", response_model=Health, tags=["health"], summary="Liveness (no key needed)")
+    @app.head("/healthz", include_in_schema=False)  # what uptime monitors send
+    @app.get("/healthz", response_model=Health, tags=["health"], summary="Liveness (no key needed; HEAD too)")
     async def healthz() -> Health:  # on the event loop: never waits for a worker thread
         return Health(status="ok")
 

@@ -17,7 +17,7 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self';
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])  # HEAD: what uptime monitors send
 def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
                         headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})

@@ -10,7 +10,8 @@ NPROBE_DESCRIPTION = ("Inverted lists an IVF index probes for this query (defaul
                       "was built, shown by GET /api/stats); more is slower and finds more. Ignored by exact indexes.")
 RERANK_DESCRIPTION = ("Re-score the top rerank_k hits with the model's ITM head (text queries; models exported with "
                       "`clipsearch models export-blip`, 400 for other models or image queries); re-scored hits get "
-                      "itc_score and match")
+                      "itc_score and match, and come first; hits past the top rerank_k keep their cosine as score "
+                      "(another scale: ask k <= rerank_k for re-scored hits only)")
 RERANK_K_DESCRIPTION = "How many top hits rerank re-scores (default 32, 1-256: 422 beyond)"
 MIN_MATCH_DESCRIPTION = ("With rerank: keep only re-scored hits whose match probability is at least this (0-1: 422 "
                          "beyond; 400 without rerank)")

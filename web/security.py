@@ -3,6 +3,7 @@ and the request body size cap."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from fastapi import Request
@@ -109,13 +110,21 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+# Seconds a request body may stall between two of its chunks before the request is answered 408 (a client that
+# announces a body and never sends it would otherwise hold its request open for as long as it likes).
+BODY_STALL_SECONDS = 30.0
+
+
 class BodySizeLimit:
     """ASGI middleware refusing request bodies larger than `max_bytes` with 413, whether announced by
-    Content-Length or streamed (chunked) — before the app buffers them."""
+    Content-Length or streamed (chunked) — before the app buffers them — and bodies that stall for more than
+    `stall_seconds` between chunks with 408. Once the body is complete, waits on `receive` (a streaming response
+    listening for the client to go away) are not bounded."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, stall_seconds: float = BODY_STALL_SECONDS) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.stall_seconds = stall_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,25 +141,36 @@ class BodySizeLimit:
                     await _send_json(send, 413, self._too_large())
                     return
         received = 0
-        exceeded = False
+        refusal: tuple[int, dict] | None = None  # (status, body) once the read was aborted
+        body_done = False
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, refusal, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.stall_seconds)
+            except asyncio.TimeoutError:
+                refusal = (408, {"detail": f"the request body stalled for more than {self.stall_seconds:g} s",
+                                 "hint": "Send the whole body at once, as its Content-Length announces."})
+                raise _BodyRefused() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge()
+                    refusal = (413, self._too_large())
+                    raise _BodyRefused()
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True  # http.disconnect
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal response_started
-            if exceeded:  # the app turned the aborted read into its own error; answer 413 instead
+            if refusal is not None:  # the app turned the aborted read into its own error; answer ours instead
                 if message["type"] == "http.response.start" and not response_started:
                     response_started = True
-                    await _send_json(send, 413, self._too_large())
+                    await _send_json(send, *refusal)
                 return
             if message["type"] == "http.response.start":
                 response_started = True
@@ -158,16 +178,17 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            if not response_started:
-                await _send_json(send, 413, self._too_large())
+        except _BodyRefused:
+            if not response_started and refusal is not None:
+                response_started = True
+                await _send_json(send, *refusal)
 
     def _too_large(self) -> dict:
         return {"detail": f"request body is larger than {self.max_bytes:,} bytes"}
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    """Raised out of `receive` when a body is too large or stalls; BodySizeLimit answers it."""
 
 
 async def _send_json(send: Send, status: int, body: dict) -> None:
