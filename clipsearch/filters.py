@@ -183,6 +183,9 @@ def parse_folders(folders: tuple[str, ...] | list[str] | str | None, base: str |
         folder = os.fspath(raw).strip() if isinstance(raw, (str, os.PathLike)) else None
         if not folder:
             raise FilterError("an empty folder to search in ('in')", "Give a folder that holds indexed photos.")
+        if "\x00" in folder:  # no path holds one: it would only ever match nothing
+            raise FilterError(f"the folder to search in has a NUL character: {folder[:200]!r}",
+                              "Give the folder as result paths show it, e.g. /home/me/Pictures/2024.")
         if not os.path.isabs(folder):
             if base is None:
                 raise FilterError(f"the folder to search in must be an absolute path, not {folder[:200]!r}",
@@ -226,7 +229,9 @@ def parse_date(value: str, which: str) -> DateBound:
         else:
             moment = datetime.fromisoformat(text)
     except (ValueError, OverflowError) as exc:
-        raise FilterError(f"{which} date {text[:40]!r} is not a date ({exc})", DATE_HELP) from exc
+        # datetime's own words, except for an offset, where they spell out timedelta reprs
+        reason = "its UTC offset is not between -23:59 and +23:59" if "offset" in str(exc) else str(exc)
+        raise FilterError(f"{which} date {text[:40]!r} is not a date ({reason})", DATE_HELP) from exc
     if moment.tzinfo is None:
         aware = _local_or_utc(moment)  # naive: local wall-clock time
         local = moment

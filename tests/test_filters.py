@@ -278,6 +278,8 @@ def test_hits_say_which_date_a_date_filter_used(synthetic):
     ({"min_size": "0x10"}, "out of range"),
     ({"folders": ["photos/2024"]}, "must be an absolute path"),
     ({"folders": [" "]}, "an empty folder"),
+    ({"folders": ["/p/x\x00"]}, "has a NUL character"),
+    ({"after": "2024-05-01T10:00+99:00"}, r"is not a date \(its UTC offset is not between -23:59 and \+23:59\)"),
 ])
 def test_bad_filter_values_fail_with_a_hint(given, message):
     with pytest.raises(FilterError, match=message) as caught:
@@ -372,6 +374,8 @@ def test_rest_get_and_post_filter_inside_the_search(client, synthetic):
     ({"orientation": "tall"}, "unknown orientation 'tall'"),
     ({"min_size": "10by10"}, "is not WIDTHxHEIGHT"),
     ({"in": "relative/folder"}, "must be an absolute path"),
+    ({"in": "/lib/a\x00b"}, "has a NUL character"),  # matched nothing, silently, before
+    ({"after": "2024-05-01T10:00+99:00"}, "its UTC offset is not between -23:59 and +23:59"),  # no timedelta repr
 ])
 def test_rest_bad_filters_are_400_with_the_error_json(client, params, message):
     got = client.get("/api/search", params={"q": "a photo", **params})
