@@ -79,3 +79,14 @@ def test_which_commands_end_without_interpreter_teardown(argv, allowed):
     from clipsearch.cli import quick_exit_allowed
 
     assert quick_exit_allowed(argv) is allowed
+
+
+def test_an_interrupted_rebuild_says_the_old_index_still_serves_and_a_rerun_starts_over(capsys):
+    from clipsearch.cli.index_cmds import _interrupted
+
+    assert _interrupted("c", 50, 2, rebuild=True).exit_code == 130
+    line = capsys.readouterr().err
+    assert "rebuild interrupted; searches still use the index it was replacing (50 images)" in line
+    assert "index --rebuild again to start it over" in line and "so far" not in line
+    assert _interrupted("c", 12, 15).exit_code == 143
+    assert "c: interrupted; run again to finish (12 images indexed so far)" in capsys.readouterr().err

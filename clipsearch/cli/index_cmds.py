@@ -84,11 +84,18 @@ def _signal_handler(signums, handler) -> Iterator[None]:
             signal.signal(signum, old)
 
 
-def _interrupted(name: str, count: int | None, signum: int) -> "typer.Exit":
-    """The line an interrupted run prints, and its exit status (128 + signal: 130 Ctrl-C, 143 SIGTERM)."""
-    so_far = f" ({count} images indexed so far)" if count is not None else ""
+def _interrupted(name: str, count: int | None, signum: int, rebuild: bool = False) -> "typer.Exit":
+    """The line an interrupted run prints, and its exit status (128 + signal: 130 Ctrl-C, 143 SIGTERM). An
+    interrupted --rebuild keeps serving the generation it was replacing, and starting it again starts over."""
+    if rebuild:
+        kept = f" ({count} images)" if count is not None else ""
+        line = (f"{name}: rebuild interrupted; searches still use the index it was replacing{kept}; "
+                "run index --rebuild again to start it over")
+    else:
+        so_far = f" ({count} images indexed so far)" if count is not None else ""
+        line = f"{name}: interrupted; run again to finish{so_far}"
     try:
-        typer.echo(f"{name}: interrupted; run again to finish{so_far}", err=True)
+        typer.echo(line, err=True)
     except OSError:  # SIGHUP: the terminal may be gone
         pass
     return typer.Exit(128 + signum)
@@ -205,7 +212,7 @@ def index(
                         count = target.store.count()
                     except Exception:  # noqa: BLE001 - the message must be printed whatever the store says
                         count = None
-                    raise _interrupted(collection, count, getattr(exc, "signum", signal.SIGINT)) from None
+                    raise _interrupted(collection, count, getattr(exc, "signum", signal.SIGINT), rebuild) from None
         except KeyboardInterrupt as exc:  # before the collection was open
             raise _interrupted(collection, None, getattr(exc, "signum", signal.SIGINT)) from None
     if as_json:
