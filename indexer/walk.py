@@ -64,7 +64,11 @@ def _stat_problem(path: str, exc: OSError) -> str:
 
 
 def _printable(path: str) -> str:
-    return path.encode("utf-8", "replace").decode() if not is_utf8(path) else path
+    """`path` as text that names it: bytes that are not UTF-8 are shown escaped ("bad-\\xff-name.png"), as
+    Python shows them, not as "?" (which named no file anyone could find)."""
+    if is_utf8(path):
+        return path
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _folder_left_out(path: str, name: str, root: str, options: WalkOptions) -> bool:

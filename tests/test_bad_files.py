@@ -97,6 +97,7 @@ def test_unicode_names_are_indexed_and_undecodable_names_skipped(tmp_path, model
     assert summary.total == 4
     assert {os.path.basename(p) for p in collection.store.file_states()} == set(names)
     assert [s.reason for s in summary.skipped] == ["file name is not valid UTF-8"]
+    assert summary.skipped[0].path == str(folder) + "/bad-\\xff-name.png"  # escaped, not "bad-?-name.png"
 
 
 def test_heic_gif_bmp_tiff_and_exif_orientation(tmp_path, model):
