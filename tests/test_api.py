@@ -445,3 +445,12 @@ def test_post_routes_refuse_parameters_they_would_ignore(client, indexed):
     fine = client.post("/api/search/image", files={"file": ("x.png", upload, "image/png")}, data={"k": "3", "text": "red"})
     assert fine.status_code == 200 and len(fine.json()["results"]) == 3
     assert client.post("/api/search", json={"text": "a red square", "k": 2}).status_code == 200
+
+
+def test_two_images_in_one_request_are_refused_not_one_picked(client, indexed):
+    upload = ("x.png", photo(indexed, "photo_000.png").read_bytes(), "image/png")
+    both = client.post("/api/search/image", files={"file": upload, "image": upload})
+    assert both.status_code == 400 and "'file' and its alias 'image'" in both.json()["detail"]
+    by_id = client.post("/api/classify", files={"file": upload}, data={"labels": "a,b", "image_id": "1"})
+    assert by_id.status_code == 400 and "an upload and image_id" in by_id.json()["detail"]
+    assert client.post("/api/classify", data={"labels": "a,b", "image_id": str(min(indexed.ids_by_path.values()))}).status_code == 200

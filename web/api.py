@@ -200,6 +200,8 @@ async def search_combined(request: Request, state: State, body: SearchRequest) -
 
 
 async def uploaded_image(state: WebState, file: UploadFile | None, image: UploadFile | None) -> QueryImage:
+    if file is not None and image is not None:
+        raise ApiError(400, "two images: 'file' and its alias 'image' were both sent", "Send one of them.")
     upload = file or image
     if upload is None:
         raise ApiError(422, "send the image as a multipart file field named 'file'")
@@ -256,7 +258,9 @@ async def classify(state: State,
     def classifier() -> Classifier:
         return Classifier(searcher.model, label_list, cache=state.label_cache)
 
-    if image_id is not None and file is None and image is None:
+    if image_id is not None and (file is not None or image is not None):
+        raise ApiError(400, "two images: an upload and image_id were both sent", "Send one of them.")
+    if image_id is not None:
         def by_id() -> list:
             state.image(image_id, collection)  # 404 for an unknown id
             return classifier().classify_vector(searcher.stored_vectors([image_id])[image_id])
