@@ -362,6 +362,8 @@ class Searcher:
             current = token_source(self.model)
             if has_tokens and (made_by is None or current is None or made_by == current):
                 return
+            if not has_tokens and collection.store.count() == 0:
+                return  # nothing indexed yet: nothing to re-rank, and no tokens missing
             name = collection.name
             roots = list(collection.store.indexed_roots())
         where = " ".join(_shell_quote(r) for r in roots[:3]) if roots else "PATH"

@@ -317,3 +317,15 @@ def test_rest_search_reranks_and_validates(index_dir):
         assert {"rerank", "rerank_k", "min_match"} <= set(schemas["SearchRequest"]["properties"])
         assert {"itc_score", "match"} <= set(schemas["ImageResult"]["properties"])
         assert "itc_score" not in schemas["ImageResult"].get("required", [])
+
+
+def test_reranking_a_collection_emptied_since_answers_nothing_not_missing_tokens(blip_bundle, tmp_path):
+    index_dir = _index(tmp_path, blip_bundle, count=2)
+    shutil.rmtree(tmp_path / "photos")
+    (tmp_path / "photos").mkdir()
+    with Collection.open(NAME, index_dir) as collection:
+        summary = index_paths(collection, ClipModel(blip_bundle, threads=1), [str(tmp_path / "photos")],
+                              IndexOptions(batch_size=8, workers=0))
+        assert (summary.removed, summary.total) == (2, 0)
+    with Searcher(Collection.open(NAME, index_dir), ClipModel(blip_bundle, threads=1)) as searcher:
+        assert searcher.search(SearchQuery.build(text=TEXT, k=5, rerank=True)) == []  # said: "no stored image tokens"
