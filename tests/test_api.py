@@ -454,3 +454,16 @@ def test_two_images_in_one_request_are_refused_not_one_picked(client, indexed):
     by_id = client.post("/api/classify", files={"file": upload}, data={"labels": "a,b", "image_id": "1"})
     assert by_id.status_code == 400 and "an upload and image_id" in by_id.json()["detail"]
     assert client.post("/api/classify", data={"labels": "a,b", "image_id": str(min(indexed.ids_by_path.values()))}).status_code == 200
+
+
+def test_the_json_search_body_is_strict_about_types_and_names(client):
+    # "k": "5" was read as 5 and true as 1; a misspelt field (or clip-back's indice_name) was ignored without a word.
+    for body, where in (({"text": "a red square", "k": "5"}, "k"), ({"text": "a red square", "k": True}, "k"),
+                        ({"text": "a red square", "include_self": "yes"}, "include_self"),
+                        ({"text": "a red square", "colection": "other"}, "colection"),
+                        ({"text": "a red square", "indice_name": "photos"}, "indice_name")):
+        answer = client.post("/api/search", json=body)
+        assert answer.status_code == 422 and where in answer.json()["detail"], (body, answer.text)
+    fine = client.post("/api/search", json={"text": "a red square", "and": ["blue"], "not": ["green"], "k": 3,
+                                            "include_self": True, "min_match": None, "in": None})
+    assert fine.status_code == 200 and len(fine.json()["results"]) == 3

@@ -68,7 +68,9 @@ class SearchRequest(BaseModel):
     """A combined query: at least one of `text`, `image_b64`, `image_id`; `and` adds texts, `not` subtracts them.
     Texts may carry a weight prefix such as "^2:beach" (a leading caret itself is written "\\^")."""
 
-    model_config = ConfigDict(populate_by_name=True, json_schema_extra={
+    # strict: "k": "5" or true is a 422, not read as 5 or 1; extra="forbid": a field this route does not know (a typo,
+    # or clip-back's indice_name) is a 422, never silently ignored.
+    model_config = ConfigDict(populate_by_name=True, strict=True, extra="forbid", json_schema_extra={
         "examples": [{"text": "a dog on a beach", "not": ["people"], "k": 20}]})
 
     text: str | None = Field(None, description="At most 1,000 characters (the server's max_text_chars; 422 beyond)")
