@@ -144,8 +144,12 @@ def test_drop_or_paste_an_image_to_search_by_example(page, server, indexed, kind
     example = next(p for p in indexed.photos if p.name == "photo_010.jpg")
     page.goto(server.url + "/")
     expect(page.locator("#footer")).to_contain_text("photos")
+    uploads: list[str] = []
+    page.on("request", lambda request: uploads.append(request.url) if "api/search/image" in request.url else None)
     page.evaluate(DROP_OR_PASTE, [kind, list(example.read_bytes())])
     expect(page.locator("#status")).to_contain_text("results like your image")
+    page.wait_for_timeout(300)
+    assert len(uploads) == 1, uploads  # a drop on the zone once went up twice (the window's handler too)
     with example.open("rb") as handle:
         expected = requests.post(f"{server.url}/api/search/image", files={"file": (example.name, handle, "image/jpeg")},
                                  data={"k": "20"}, timeout=10).json()

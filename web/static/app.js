@@ -389,6 +389,7 @@
   }));
   els.dropZone.addEventListener('drop', (event) => {
     event.preventDefault();
+    event.stopPropagation();  // the window's own drop handler below would upload it a second time
     useExample(event.dataTransfer.files[0]);
   });
   // Dropping an image anywhere else should not navigate away from the page.
