@@ -62,7 +62,8 @@ def parse_labels(text: str | None = None, file: str | os.PathLike[str] | None = 
         if label and label not in labels:
             labels.append(label)
     if not labels:
-        raise QueryError("no labels given", 'Use --labels "cat,dog,car" or --labels-file FILE.')
+        raise QueryError("no labels given", 'Give them comma-separated, e.g. "cat,dog,car" (the CLI also takes '
+                                            '--labels-file FILE).')
     if len(labels) > MAX_LABELS:
         raise QueryError(f"{len(labels)} labels is more than {MAX_LABELS}")
     return labels
@@ -119,6 +120,12 @@ class Classifier:
             raise QueryError("no labels given")
         if not templates or any("{}" not in t for t in templates):
             raise QueryError("every prompt template must contain '{}'")
+        tokenizer = getattr(model, "tokenizer", None)
+        for label in labels:  # an all-[UNK] label embeds like every other one: a coin toss between them
+            if tokenizer is not None and tokenizer.knows_none_of(label):
+                raise QueryError(f"model {model.info.name} knows none of the words in the label {label[:60]!r}",
+                                 "Name it in words: its vocabulary has no emoji or symbols (e.g. 'red heart', "
+                                 "not ❤️).")
         self.model = model
         self.labels = list(labels)
         self.templates = tuple(templates)

@@ -142,3 +142,8 @@ def test_rest_answers_an_all_unknown_query_with_400_and_the_others_as_usual(tmp_
                                     ["😀🍌", "red heart", "banana", "❤️"]))
         assert [a.status_code for a in answers] == [400, 200, 200, 400]
         assert all(len(a.json()["results"]) == 3 for a in answers[1:3])
+        # Labels too: two all-[UNK] labels got 50% each.
+        image = ("h.png", indexed.photos[0].read_bytes(), "image/png")
+        labels = client.post("/api/classify", files={"file": image}, data={"labels": "❤️,🐶"})
+        assert labels.status_code == 400 and "knows none of the words in the label '❤️'" in labels.json()["detail"]
+        assert client.post("/api/classify", files={"file": image}, data={"labels": "red heart,dog ❤️"}).status_code == 200
