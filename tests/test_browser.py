@@ -444,3 +444,26 @@ def test_a_refused_rerank_shows_the_api_message_and_hint(browser, rerank_server)
         expect(page.locator("#error")).to_have_text(f"{body['detail']} — {body['hint']}")
         expect(page.locator("#status")).to_have_text("The search failed.")
         expect(page.locator("#results .result")).to_have_count(0)
+
+
+def test_the_example_and_its_labels_fit_a_phone_screen(browser, server, indexed):
+    context = browser.new_context(viewport={"width": 375, "height": 800})
+    try:
+        page = context.new_page()
+        page.goto(server.url + "/")
+        expect(page.locator("#footer")).to_contain_text("photos")
+        page.set_input_files("#file-input", str(indexed.photos[4]))
+        expect(page.locator("#status")).to_contain_text("results like your image")
+        page.fill("#labels", "a cat, a dog, a red car, an extraordinarily long label about a landscape at dusk")
+        page.click("#classify-form button[type=submit]")
+        expect(page.locator("#label-results li")).to_have_count(4)
+        # The page once grew to 494 px here and scrolled sideways, cutting off the labels and their meters.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        # Square thumbnails, two across (they were 327 x 256 boxes in one column, letterboxed).
+        boxes = page.locator("#results .result img").evaluate_all(
+            "els => els.slice(0, 4).map(e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })")
+        assert all(abs(w - h) < 1.5 for _, _, w, h in boxes), boxes
+        assert boxes[0][1] == boxes[1][1] and boxes[1][0] > boxes[0][0]  # side by side
+        screenshot(page, "browser-phone-labels.png")
+    finally:
+        context.close()
