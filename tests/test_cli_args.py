@@ -90,3 +90,27 @@ def test_an_interrupted_rebuild_says_the_old_index_still_serves_and_a_rerun_star
     assert "index --rebuild again to start it over" in line and "so far" not in line
     assert _interrupted("c", 12, 15).exit_code == 143
     assert "c: interrupted; run again to finish (12 images indexed so far)" in capsys.readouterr().err
+
+
+def test_every_command_and_subcommand_prints_its_help():
+    # `models pull --help` once died in rich's markup parser on "[/SUBFOLDER]": help is read as markup.
+    from typer.main import get_command
+
+    from clipsearch.cli import app
+
+    root = get_command(app)
+    paths: list[list[str]] = []
+
+    def walk(command, path: list[str]) -> None:  # click's Command/Group (typer may carry its own click)
+        paths.append(path)
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            walk(sub, [*path, name])
+
+    walk(root, [])
+    assert ["models", "pull"] in paths and ["index"] in paths and len(paths) > 15
+    env = {**os.environ, "COLUMNS": "100"}
+    for path in paths:
+        result = subprocess.run([sys.executable, "-c", "from clipsearch.cli import main; main()", *path, "--help"],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (path, result.stderr[-500:])
+        assert "Usage:" in result.stdout, path

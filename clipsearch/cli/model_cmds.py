@@ -57,7 +57,7 @@ def export_blip_cmd(
 
 @models_app.command("pull")
 def pull_cmd(
-    spec: str = typer.Argument(..., help="hf:ORG/REPO[/SUBFOLDER][@REVISION], e.g. hf:immich-app/ViT-B-32__openai"),
+    spec: str = typer.Argument(..., help="hf:ORG/REPO\\[/SUBFOLDER]\\[@REVISION], e.g. hf:immich-app/ViT-B-32__openai"),
     precision: str = typer.Option("int8", "--precision", help="int8 (default, as `models export`) | fp32: how an "
                                   "Immich export is converted (a published clipsearch bundle keeps its own)"),
 ) -> None:
