@@ -218,6 +218,25 @@ def test_bundle_checksums_detect_tampering(tiny_bundle, tmp_path):
     assert verify_bundle(read_bundle(copy)) == ["preprocess.json: sha256 differs from model.json"]
 
 
+@pytest.mark.parametrize("content, reason", [
+    ('{"size": "big"}', "size must be a positive whole number"), ("[]", "expected a JSON object, not list"),
+    ('{"size": [48]}', "size must be"), ('{"size": 0}', "size must be"), ('{"mean": [0.5, 0.5]}', "mean must be three"),
+    ('{"std": [0, 1, 1]}', "std must be positive"), ('{"resize_mode": "zoom"}', "unknown resize_mode 'zoom'"),
+    ('{"interpolation": "lanczos"}', "unknown interpolation"),
+])
+def test_a_malformed_preprocess_json_is_a_bundle_error_not_a_traceback(tiny_bundle, tmp_path, content, reason):
+    import shutil
+
+    from clipsearch.errors import BundleError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "preprocess.json").write_text(content, encoding="utf-8")  # was ValueError/AttributeError/IndexError
+    with pytest.raises(BundleError, match=f"preprocess.json is malformed: {reason}") as raised:
+        ClipModel(copy)
+    assert raised.value.hint
+
+
 def test_text_query_does_not_load_visual_graph(tiny_bundle):
     model = ClipModel(tiny_bundle)
     vectors = model.encode_text(["a cat"])

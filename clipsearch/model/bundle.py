@@ -73,16 +73,29 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "PreprocessSpec":
+        """ValueError (with what is wrong) for anything but the shape `to_dict` writes."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, not {type(raw).__name__}")
         size = raw.get("size", 224)
-        size_hw = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
-        return cls(
-            size=size_hw,
+        if isinstance(size, (int, float)) and not isinstance(size, bool):
+            size = [size, size]
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_positive_int(v) for v in size)):
+            raise ValueError(f"size must be a positive whole number or [height, width], not {size!r}")
+        spec = cls(
+            size=(int(size[0]), int(size[1])),
             resize_mode=str(raw.get("resize_mode", "shortest")),
             interpolation=str(raw.get("interpolation", "bicubic")),
-            mean=tuple(float(v) for v in raw.get("mean", cls.mean)),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in raw.get("std", cls.std)),  # type: ignore[arg-type]
+            mean=_three_numbers(raw.get("mean", list(cls.mean)), "mean"),
+            std=_three_numbers(raw.get("std", list(cls.std)), "std"),
             fill_color=int(raw.get("fill_color", 0)),
         )
+        if spec.resize_mode not in ("shortest", "longest", "squash"):
+            raise ValueError(f"unknown resize_mode {spec.resize_mode!r}")
+        if spec.interpolation not in ("bicubic", "bilinear", "nearest"):  # model.preprocess's resampling filters
+            raise ValueError(f"unknown interpolation {spec.interpolation!r}")
+        if min(spec.std) <= 0:
+            raise ValueError("std must be positive")
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +106,17 @@ class PreprocessSpec:
             "std": list(self.std),
             "fill_color": self.fill_color,
         }
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1 and float(value).is_integer()
+
+
+def _three_numbers(value: Any, name: str) -> tuple[float, float, float]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                 for v in value)):
+        raise ValueError(f"{name} must be three numbers (R, G, B), not {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
 
 
 @dataclass(frozen=True)
@@ -239,7 +263,11 @@ def read_preprocess(info: BundleInfo) -> PreprocessSpec:
         raw = json.loads(info.file("preprocess.json").read_text(encoding="utf-8"))
     except ValueError as exc:
         raise BundleError(f"{info.file('preprocess.json')} is malformed: {exc}") from exc
-    return PreprocessSpec.from_dict(raw)
+    try:
+        return PreprocessSpec.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"{info.file('preprocess.json')} is malformed: {exc}",
+                          "Export or download the bundle again (clipsearch models info --verify says what changed).") from exc
 
 
 def write_model_json(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
