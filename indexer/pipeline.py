@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clipsearch.model.bundle import PreprocessSpec
-from clipsearch.store.database import FileState, NewImage, SkippedFile, Store
+from clipsearch.store.database import IMPORTED_HASH_PREFIX, FileState, NewImage, SkippedFile, Store
 from clipsearch.store.tokens import TokenCodec
 from clipsearch.store.index.vectors import DEFAULT_IVF_THRESHOLD
 
@@ -321,12 +321,19 @@ class BatchAssembler:
             return
         filling = self.backfill.get(result.task.path)
         if filling is not None:
-            if filling.content_hash == result.content_hash and result.pixels is not None:
+            # An imported row (import-embeddings) has no hash of its file's bytes, only a stand-in: its file, under
+            # the size and mtime recorded at import, is the one its vector came from. It keeps that vector, as the
+            # README promises, and gets the real hash.
+            imported = filling.content_hash.startswith(IMPORTED_HASH_PREFIX)
+            if (filling.content_hash == result.content_hash or imported) and result.pixels is not None:
+                if imported:
+                    self.writer.store.adopt_content_hash(filling.id, result.content_hash)
                 self.to_tokenise.append((filling.id, result.pixels))
                 if len(self.to_tokenise) >= self.batch_size:
                     self.flush_tokens()
                 return
             self.existing[result.task.path] = filling  # other bytes under the same size and mtime: re-embed
+            self.writer.summary.unchanged -= 1  # counted as unchanged by the plan, it is updated instead
         state = self.existing.get(result.task.path)
         if state is not None and state.content_hash == result.content_hash:
             self.writer.refresh_stat(result, state)

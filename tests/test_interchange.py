@@ -179,6 +179,25 @@ def test_a_later_index_run_keeps_the_imported_vectors(tmp_path, layout, tiny_bun
     assert contents(index_dir, "imported") == before
 
 
+def test_a_later_index_run_with_an_itm_model_keeps_the_imported_vectors_and_adds_tokens(tmp_path, blip_bundle):
+    # A model with an ITM head stores image tokens: imported rows have none, so the run reads their files for them.
+    # It re-embedded 5 rows as "updated" while still counting them unchanged (10 of 6 images), over the vectors.
+    blip = ClipModel(blip_bundle, threads=1)
+    layout = build_layout(tmp_path, blip)
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, blip_bundle)
+    before = contents(index_dir, "imported")
+    with Collection.create("imported", index_dir) as collection:
+        summary = index_paths(collection, blip, [str(layout.photos[0].parent)], IndexOptions(workers=0))
+        hashes = {p: s.content_hash for p, s in collection.store.file_states().items()}
+    assert (summary.added, summary.updated, summary.reused, summary.unchanged, summary.tokens_added) == (0, 0, 0, 5, 5)
+    assert contents(index_dir, "imported") == before  # the vectors clip-retrieval computed
+    assert not any(h.startswith("imported:") for p, h in hashes.items() if p in map(str, layout.photos))
+    with Collection.create("imported", index_dir) as collection:
+        again = index_paths(collection, blip, [str(layout.photos[0].parent)], IndexOptions(workers=0))
+    assert (again.embedded, again.unchanged, again.tokens_added) == (0, 5, 0)
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 def test_dimension_mismatch_is_refused_before_anything_is_written(tmp_path, tiny_bundle):
     folder = tmp_path / "clip-out"

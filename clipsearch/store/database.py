@@ -649,6 +649,11 @@ class Store:
             for image_id, (size, mtime_ns) in (new_stats or {}).items():
                 self.db.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", [size, mtime_ns, image_id])
 
+    def adopt_content_hash(self, image_id: int, content_hash: str) -> None:
+        """Record the hash of a row's file bytes where it held a stand-in (an imported row's vector digest)."""
+        with signals_deferred(), self.db.atomic():
+            self.db.execute("UPDATE images SET content_hash = ? WHERE id = ?", [content_hash, int(image_id)])
+
     def record_skipped(self, entries: Sequence[tuple[str, int, int, str]], run_id: int) -> None:
         with signals_deferred(), self.db.atomic():
             self.db["skipped"].upsert_all(
@@ -752,6 +757,9 @@ class ThreadReaders:
         for _, store in readers:
             store.close()
 
+
+# The content_hash of a row import-embeddings wrote (no file bytes were read): this prefix + its vector's digest.
+IMPORTED_HASH_PREFIX = "imported:"
 
 def _fits_sqlite(value: int) -> bool:
     """True for an integer SQLite can store (64-bit signed); no row id lies outside that."""

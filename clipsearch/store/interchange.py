@@ -57,7 +57,7 @@ import numpy as np
 from ..errors import ClipsearchError
 from ..text import is_utf8
 from .collection import Collection
-from .database import NewImage, Store, signals_deferred
+from .database import IMPORTED_HASH_PREFIX, NewImage, Store, signals_deferred
 
 IMG_EMB_DIR = "img_emb"
 TEXT_EMB_DIR = "text_emb"
@@ -414,7 +414,7 @@ class _Importer:
                 summary.url_rows += 1
             vector = vectors[row]
             digest = hashlib.blake2b(vector.tobytes(), digest_size=16).hexdigest()
-            images.append(NewImage(path=key, size=size, mtime_ns=mtime_ns, content_hash=f"imported:{digest}",
+            images.append(NewImage(path=key, size=size, mtime_ns=mtime_ns, content_hash=IMPORTED_HASH_PREFIX + digest,
                                    width=width, height=height, taken_at=columns["taken_at"][row], vector=vector))
             extras.append((row, columns["image_path"][row], columns["url"][row], columns["caption"][row]))
         with signals_deferred(), store.db.atomic():  # the shard's rows, their provenance and its record together
