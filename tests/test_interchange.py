@@ -167,6 +167,32 @@ def test_reimport_adds_nothing_and_new_shards_are_imported_alone(tmp_path, layou
     assert contents(index_dir, "imported") == before
     with Collection.open("imported", index_dir) as collection:
         assert collection.check().ok
+    # A shard rewritten with files of the same sizes (here: one more row's URL of the same length) is read again: it
+    # was taken as unchanged by its row count and byte sizes alone, and the new row never came in.
+    metadata = partial / "metadata" / "metadata_1.parquet"
+    table = pq.read_table(metadata).to_pydict()
+    table["url"] = [None, None, URL.replace("cat", "dog")]  # a remote row with another URL of the same length
+    size = metadata.stat().st_size
+    pq.write_table(pa.table(table), metadata)
+    assert metadata.stat().st_size == size  # the sizes alone cannot tell
+    rewritten = run_import(index_dir, partial, None)
+    assert (rewritten.shards_unchanged, rewritten.imported) == (1, 1)
+
+
+def test_shards_recorded_before_their_file_times_were_are_still_known(tmp_path, layout, tiny_bundle):
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    with Collection.open("imported", index_dir) as collection:  # the table as earlier versions wrote it
+        with collection.store.conn as conn:
+            conn.execute('CREATE TABLE old AS SELECT source, shard, "rows", npy_bytes, parquet_bytes, imported, '
+                         "skipped, imported_at FROM import_shards")
+            conn.execute("DROP TABLE import_shards")
+            conn.execute("ALTER TABLE old RENAME TO import_shards")
+    again = run_import(index_dir, layout.folder, None)
+    assert (again.imported, again.shards_unchanged, again.skipped) == (0, 2, [])
+    with Collection.open("imported", index_dir) as collection:
+        columns = {row[1] for row in collection.store.conn.execute("PRAGMA table_info(import_shards)")}
+    assert {"npy_mtime_ns", "parquet_mtime_ns"} <= columns
 
 
 def test_a_later_index_run_keeps_the_imported_vectors(tmp_path, layout, tiny_bundle, model):

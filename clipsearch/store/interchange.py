@@ -74,8 +74,10 @@ _DDL = (
     '"caption" TEXT)',
     'CREATE TABLE IF NOT EXISTS "import_shards" ("source" TEXT NOT NULL, "shard" TEXT NOT NULL, "rows" INTEGER, '
     '"npy_bytes" INTEGER, "parquet_bytes" INTEGER, "imported" INTEGER, "skipped" INTEGER, "imported_at" TEXT, '
-    'PRIMARY KEY ("source", "shard"))',
+    '"npy_mtime_ns" INTEGER, "parquet_mtime_ns" INTEGER, PRIMARY KEY ("source", "shard"))',
 )
+# Columns added to import_shards since it was first written (collections imported into before keep working).
+_ADDED_COLUMNS = (("import_shards", "npy_mtime_ns", "INTEGER"), ("import_shards", "parquet_mtime_ns", "INTEGER"))
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -100,8 +102,11 @@ class Shard:
     def number(self) -> int:
         return int(self.label)
 
-    def fingerprint(self) -> tuple[int, int, int]:
-        return self.rows, self.embeddings.stat().st_size, self.metadata.stat().st_size
+    def fingerprint(self) -> tuple[int, int, int, int, int]:
+        """(rows, .npy bytes, .parquet bytes, .npy mtime_ns, .parquet mtime_ns): a shard rewritten with files of the
+        same sizes (other URLs of the same length, other vectors) is not the shard that was imported."""
+        npy, parquet = self.embeddings.stat(), self.metadata.stat()
+        return self.rows, npy.st_size, parquet.st_size, npy.st_mtime_ns, parquet.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -358,8 +363,10 @@ class _Importer:
                       folders: set[str], tick: Callable[[int], None] | None = None) -> None:
         fingerprint = shard.fingerprint()
         recorded = store.conn.execute(
-            "SELECT rows, npy_bytes, parquet_bytes FROM import_shards WHERE source = ? AND shard = ?",
-            [self.source, shard.label]).fetchone()
+            "SELECT rows, npy_bytes, parquet_bytes, npy_mtime_ns, parquet_mtime_ns FROM import_shards "
+            "WHERE source = ? AND shard = ?", [self.source, shard.label]).fetchone()
+        if recorded is not None and recorded[3] is None:  # recorded before the times were: sizes are all it has
+            recorded = (*recorded[:3], *fingerprint[3:])
         if recorded is not None and tuple(recorded) == fingerprint:
             summary.shards_unchanged += 1
             summary.unchanged += shard.rows
@@ -425,8 +432,8 @@ class _Importer:
                 [(image_id, self.source, shard.label, row, path, url, caption)
                  for image_id, (row, path, url, caption) in zip(ids, extras)])
             store.db.execute(
-                "INSERT OR REPLACE INTO import_shards (source, shard, rows, npy_bytes, parquet_bytes, imported, "
-                "skipped, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO import_shards (source, shard, rows, npy_bytes, parquet_bytes, npy_mtime_ns, "
+                "parquet_mtime_ns, imported, skipped, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [self.source, shard.label, *fingerprint, len(ids), len(skipped), now])
         summary.imported += len(ids)
         summary.skipped.extend(skipped)
@@ -535,6 +542,9 @@ def _ensure_tables(store: Store) -> None:
     with signals_deferred(), store.db.atomic():
         for statement in _DDL:
             store.db.execute(statement)
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in {row[1] for row in store.conn.execute(f'PRAGMA table_info("{table}")')}:
+                store.db.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
 
 
 def _has_imported_table(store: Store) -> bool:
