@@ -22,6 +22,7 @@ from clipsearch.errors import BundleError, CollectionError
 from clipsearch.indexer.pipeline import IndexOptions
 from clipsearch.indexer.runner import index_paths
 from clipsearch.model.runtime import ClipModel
+from clipsearch.model.bundle import write_model_json
 from photo_fixtures import block_image, bump_mtime, make_photos
 
 
@@ -75,6 +76,8 @@ def test_a_first_run_opens_the_encoder_early_and_reports_a_graph_that_cannot_be_
     broken = tmp_path / "broken-bundle"
     shutil.copytree(tiny_bundle, broken)
     (broken / "visual.onnx").write_bytes(b"not an onnx graph")
+    meta = json.loads((broken / "model.json").read_text())
+    write_model_json(broken, meta)  # its checksum says so too: past the integrity check, onnxruntime refuses it
     clip = ClipModel(broken, threads=1)
     with pytest.raises(BundleError, match="cannot load .*visual.onnx"):
         run(Collection.create("broken", tmp_path / "idx"), clip, [photos])
@@ -82,6 +85,36 @@ def test_a_first_run_opens_the_encoder_early_and_reports_a_graph_that_cannot_be_
     good = ClipModel(tiny_bundle, threads=1)
     summary = run(Collection.create("first", tmp_path / "idx"), good, [photos])
     assert summary.added == 12 and good.visual.loaded
+
+
+def test_a_bundle_whose_image_side_changed_after_export_writes_nothing(tmp_path, photos, tiny_bundle, tiny_bundles,
+                                                                        monkeypatch):
+    # model.json's checksum of visual.onnx is the model id a collection is bound to: a swapped tower would have
+    # written its vectors under the genuine id, mixed with the real ones.
+    from clipsearch.model import integrity
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_bundle, swapped)
+    shutil.copy(tiny_bundles["int8"] / "visual.onnx", swapped / "visual.onnx")
+    for extra in ("visual.onnx.data",):
+        if (tiny_bundles["int8"] / extra).exists():
+            shutil.copy(tiny_bundles["int8"] / extra, swapped / extra)
+    clip = ClipModel(swapped, threads=1)
+    assert clip.model_id == ClipModel(tiny_bundle).model_id  # what the collection would have been bound to
+    with pytest.raises(BundleError, match="visual.onnx.* do not match the sha256 its model.json records") as raised:
+        run(Collection.create("mixed", tmp_path / "idx"), clip, [photos])
+    assert "--verify" in raised.value.hint
+    assert not (tmp_path / "idx" / "mixed").exists()  # checked before the collection was made
+    # An intact bundle is hashed once per file version, then known by its stat.
+    hashed: list[str] = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    cache = tmp_path / "verified.json"
+    good = ClipModel(tiny_bundle, threads=1)
+    integrity.check_image_side(good.info, cache)
+    assert sorted(hashed) == sorted(n for n in integrity.IMAGE_SIDE_FILES if n in good.info.files)
+    integrity.check_image_side(good.info, cache)
+    assert len(hashed) == len([n for n in integrity.IMAGE_SIDE_FILES if n in good.info.files])  # no second hash
 
 
 def test_rerun_embeds_nothing(tmp_path, photos, model):
