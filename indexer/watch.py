@@ -35,6 +35,8 @@ _IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 # On a folder these only say that an entry inside changed, which has an event of its own.
 _IGNORED_FOLDER_EVENTS = frozenset({"modified", "attrib", "closed"})
 _POLL_SECONDS = 0.2  # how often a waiting watcher looks at its stop flag
+# How often the roots are looked at: a root deleted and made again is a new folder the old watch does not see.
+ROOT_CHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,7 @@ class Watcher:
         self.phase = "starting"
         self._stop = threading.Event()
         self._failures = 0  # runs that failed in a row
+        self._armed: dict[str, tuple[object, tuple[int, int]]] = {}  # root -> (its watch, the watched folder's id)
 
     @property
     def stopping(self) -> bool:
@@ -235,11 +238,17 @@ class Watcher:
             updates = LocalRunner(replace(self.options, rebuild=False))  # --rebuild is for the first run only
             interval = self.watch.rescan_interval
             next_rescan = time.monotonic() + interval if interval > 0 else None
+            next_root_check = time.monotonic() + ROOT_CHECK_SECONDS
             while not self._stop.is_set():
                 self.phase = "idle"
-                batch = self.queue.take(next_rescan, self._stop)
+                until = next_root_check if next_rescan is None else min(next_rescan, next_root_check)
+                batch = self.queue.take(until, self._stop)
                 if self._stop.is_set():
                     break
+                if batch is None and (next_rescan is None or time.monotonic() < next_rescan):
+                    self._arm_roots(observer, announce=True)
+                    next_root_check = time.monotonic() + ROOT_CHECK_SECONDS
+                    continue
                 if batch is None:
                     self.phase = "rescan"
                     retry = self._full_run("rescan", updates)
@@ -257,14 +266,7 @@ class Watcher:
         from watchdog.observers import Observer
 
         observer = Observer()
-        walk_options = self.options.walk_options()
-        for root in self.roots:
-            if os.path.isdir(root):
-                observer.schedule(_EventHandler(root, False, walk_options, self.queue), root, recursive=True)
-            elif os.path.isfile(root):
-                observer.schedule(_EventHandler(root, True, walk_options, self.queue), os.path.dirname(root),
-                                  recursive=False)
-            # a missing root is reported by the first run (and refused when no root exists)
+        self._arm_roots(observer, announce=False)  # a missing root is reported by the first run (refused if all are)
         try:
             observer.start()
         except OSError as exc:  # e.g. the inotify watch limit
@@ -272,6 +274,36 @@ class Watcher:
                                   "On Linux, raise fs.inotify.max_user_watches (sysctl), or watch fewer folders.") \
                 from exc
         return observer
+
+    def _arm_roots(self, observer, announce: bool) -> None:
+        """Watch each root that exists and is not watched as it is now: a root that was missing, or that was deleted
+        and made again (a new folder the old watch does not see). With `announce`, a root watched anew is queued as
+        a change, so that what it holds now is indexed (and what it no longer holds swept) without a rescan."""
+        walk_options = self.options.walk_options()
+        for root in self.roots:
+            is_file = os.path.isfile(root)
+            folder = os.path.dirname(root) if is_file else root
+            try:
+                stat = os.stat(folder)
+            except OSError:
+                stat = None
+            identity = (stat.st_dev, stat.st_ino) if stat is not None and (is_file or os.path.isdir(root)) else None
+            armed = self._armed.get(root)
+            if armed is not None and armed[1] == identity:
+                continue
+            if armed is not None:
+                del self._armed[root]
+                try:
+                    observer.unschedule(armed[0])
+                except (KeyError, OSError, AttributeError):  # its folder is gone, and its watch with it
+                    pass
+            if identity is None:
+                continue
+            watch = observer.schedule(_EventHandler(root, is_file, walk_options, self.queue), folder,
+                                      recursive=not is_file)
+            self._armed[root] = (watch, identity)
+            if announce:
+                self.queue.add([ChangedPath(root, root)])
 
     def _full_run(self, kind: str, runner: LocalRunner) -> float | None:
         """Index every root. The first run's errors end the watcher; a rescan that fails is reported, and the

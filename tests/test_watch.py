@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import queue
 import signal
 import subprocess
@@ -198,6 +199,27 @@ def test_periodic_rescans_catch_changes_the_events_missed(tmp_path, model, monke
         wait_for(lambda: stored_paths(root, "deaf") == expected, "a rescan to pick up the changes")
     assert "rescan" in [r.kind for r in reports] and watcher.totals.batches == 0
     assert watcher.totals.embedded == 4
+
+
+def test_a_watched_folder_deleted_and_made_again_is_watched_again(tmp_path, model):
+    # The old watch died with the folder: files put in the new one waited for the next rescan (5 minutes).
+    folder = tmp_path / "photos"
+    make_photos(folder, 2)
+    root = tmp_path / "idx"
+    reports = []
+    watcher = Watcher(Collection.create("again", root), model, [folder], OPTIONS,
+                      WatchOptions(debounce=0.1, rescan_interval=3600), report=reports.append)
+    with Running(watcher):
+        shutil.rmtree(folder)
+        time.sleep(0.5)
+        folder.mkdir()
+        block_image(601).save(folder / "back.png")
+        wait_for(lambda: stored_paths(root, "again") == {str(folder / "back.png")},
+                 "the new folder's file indexed and the old ones swept, without a rescan")
+        block_image(602).save(folder / "later.png")  # and its events are followed from then on
+        wait_for(lambda: str(folder / "later.png") in stored_paths(root, "again"), "an event in the new folder")
+    assert "rescan" not in [r.kind for r in reports]  # an hour apart: none ran
+    assert watcher.totals.failures == 0
 
 
 def test_a_batch_refused_by_another_indexers_lock_is_retried(tmp_path, model):
