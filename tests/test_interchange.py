@@ -287,6 +287,12 @@ def test_non_normalised_vectors_are_refused_or_scaled(tmp_path, layout, tiny_bun
         assert collection.store.count() == 3 and collection.check().ok
     summary = run_import(index_dir, layout.folder, tiny_bundle, normalize=True)
     assert (summary.imported, summary.unchanged, summary.normalized) == (2, 3, 2)
+    # Refused at its first shard, a first import leaves no empty collection behind (it bound the model first).
+    only_bad = tmp_path / "only-bad"
+    write_shard(only_bad, "0", scaled, {"image_path": ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]})
+    with pytest.raises(InterchangeError, match="not L2-normalised"):
+        run_import(index_dir, only_bad, tiny_bundle, name="refused")
+    assert list_collections(index_dir) == ["imported"]
     assert [(s.row, s.reason) for s in summary.skipped] == [(1, "vector is zero or not finite")]
     rows = contents(index_dir, "imported")
     assert [r[1] for r in rows] == [r[0] for r in layout.rows[:4]] + [URL]

@@ -143,7 +143,8 @@ def index(
              "they take at most 64 KB per image). --tokens also computes them for images indexed without them; "
              "--no-tokens drops them. The choice is remembered"),
     watch: bool = typer.Option(False, "--watch", help="Keep watching PATHS afterwards and index what changes "
-                                                      "(as `clipsearch watch`; --json prints one line per run)"),
+                                                      "(as `clipsearch watch` with its default --debounce and --rescan-interval, which "
+                                                      "that command sets; --json prints one line per run)"),
     max_index_memory: Optional[str] = typer.Option(
         None, "--max-index-memory", metavar="SIZE",
         help="Memory the vector index may keep resident, e.g. 2GB, 500MB (default: 25% of RAM; remembered). Past "

@@ -41,7 +41,8 @@ def duplicates(
         return
     how = report.threshold.describe(report.model_name)
     if not report.groups:
-        typer.echo(f"{report.collection}: no near-duplicates among {report.images:,} images ({how})")
+        noun = "image" if report.images == 1 else "images"
+        typer.echo(f"{report.collection}: no near-duplicates among {report.images:,} {noun} ({how})")
         return
     typer.echo(f"{report.collection}: {len(report.groups):,} group{'s' if len(report.groups) != 1 else ''} of "
                f"near-duplicates, {report.redundant:,} redundant image{'s' if report.redundant != 1 else ''} among "

@@ -332,11 +332,14 @@ class Collection:
         finally:
             handle.close()
 
-    def discard_if_unbound(self) -> bool:
+    def discard_if_unbound(self, even_if_bound: bool = False) -> bool:
         """Delete this collection's database if no model was ever bound and it holds nothing (a first run that
-        failed before indexing anything). Call only while holding `writer_lock`. True when it was deleted."""
+        failed before indexing anything); with `even_if_bound`, also when a model is bound (a caller that made the
+        collection itself, as a first import refused after binding). Call only while holding `writer_lock`. True
+        when it was deleted."""
         try:
-            if self._pinned or not self.exists or self.model is not None or self.store.count() or self.folder != self.root:
+            if (self._pinned or not self.exists or (self.model is not None and not even_if_bound) or self.store.count()
+                    or self.folder != self.root):
                 return False
         except CollectionError:  # an unreadable database is not known to be empty: left as it is
             return False
@@ -433,7 +436,8 @@ class Collection:
             raise CollectionError(
                 f"collection {self.name!r} was built with model {current.model_id}, not {info.model_id}; "
                 "vectors of two models cannot be mixed",
-                f"Index with --model {current.spec} or re-embed everything with --rebuild.")
+                f"Use --model {current.spec}, or another --collection; `clipsearch index PATH --rebuild --model "
+                "MODEL` re-embeds a collection's images with another model.")
         self.store.set_meta({"model_id": info.model_id, "model_name": info.name, "model_path": str(info.path),
                              "embed_dim": str(info.embed_dim),
                              "created_at": self.store.get_meta("created_at") or _now()})

@@ -260,10 +260,13 @@ def import_embeddings(collection: Collection, folder: Path | str, model_info=Non
     were made with: required for a collection without a model unless the folder is an export that names one
     (then resolve it first: `recorded_model_spec`), and checked against the collection's otherwise."""
     with collection.writer_lock():
+        new = collection.model is None  # (an unbound collection holds nothing)
         try:
             return _Importer(collection, Path(folder), model_info, options, progress).run()
         except BaseException:
-            collection.discard_if_unbound()
+            # A refused first import (vectors not unit length, a corrupt shard) leaves no empty collection behind,
+            # bound to its model and listed, though it bound the model before reading the shards.
+            collection.discard_if_unbound(even_if_bound=new)
             raise
 
 
