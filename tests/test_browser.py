@@ -467,3 +467,57 @@ def test_the_example_and_its_labels_fit_a_phone_screen(browser, server, indexed)
         screenshot(page, "browser-phone-labels.png")
     finally:
         context.close()
+
+
+def test_more_like_this_is_a_step_in_the_history_and_survives_a_reload(page, server):
+    # "More like this" left the URL at / (a reload showed nothing) and replaced the history entry (Back left the page).
+    page.goto(server.url + "/?q=a+red+square")
+    expect(page.locator("#status")).to_contain_text("results for “a red square”")
+    text_ids = shown_ids(page)
+    clicked = text_ids[1]
+    page.locator("#results .result").nth(1).click()
+    page.click("#more-like-this")
+    expect(page.locator("#status")).to_contain_text("results like")
+    like_ids = shown_ids(page)
+    assert f"like={clicked}" in page.url and clicked not in like_ids
+    page.reload()
+    expect(page.locator("#status")).to_contain_text(f"results like #{clicked}")
+    assert shown_ids(page) == like_ids
+    page.go_back()
+    expect(page.locator("#status")).to_contain_text("results for “a red square”")
+    assert shown_ids(page) == text_ids and page.locator("#query").input_value() == "a red square"
+    page.go_forward()
+    expect(page.locator("#status")).to_contain_text(f"results like #{clicked}")
+    assert page.script_errors == []
+
+
+def test_enter_in_a_filter_field_searches_once(page, server):
+    page.goto(server.url + "/?q=a+red+square")
+    expect(page.locator("#status")).to_contain_text("results for “a red square”")
+    searches: list[str] = []
+    page.on("request", lambda request: searches.append(request.url) if "api/search" in request.url else None)
+    page.fill("#filter-min-size", "10x10")
+    page.press("#filter-min-size", "Enter")  # fires the field's change and the form's submit
+    expect(page.locator("#status")).to_contain_text("at least 10")
+    page.wait_for_timeout(500)
+    assert len(searches) == 1, searches
+
+
+def test_an_api_key_entered_after_a_dismissed_prompt_sets_up_the_page(browser, indexed):
+    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, api_key=KEY)
+    with LiveServer(create_app(settings)) as live:
+        with fresh_page(browser) as (context, page):
+            page.goto(live.url + "/?q=blue")
+            dialog = page.locator("#key-dialog")
+            expect(dialog).to_be_visible()
+            page.click("#key-cancel")
+            expect(dialog).to_be_hidden()  # not asked again at once for the URL's search
+            page.wait_for_timeout(300)
+            expect(dialog).to_be_hidden()
+            expect(page.locator("#error")).to_contain_text("needs an API key: search again to enter it")
+            page.press("#query", "Enter")
+            expect(dialog).to_be_visible()
+            page.fill("#api-key", KEY)
+            page.click("#key-form button[type=submit]")
+            expect(page.locator("#results .result").first).to_be_visible()
+            expect(page.locator("#footer")).to_contain_text("photos")  # stayed empty until a reload before

@@ -41,6 +41,7 @@ window.clipsearchApiKey = (els, state, storageKey) => ({
           : 'This server requires an API key.';
         if (state.apiKey) sessionStorage.removeItem(storageKey);
         if (await this.ask(message)) continue;
+        throw Object.assign(new Error('This server needs an API key: search again to enter it.'), { status: 401 });
       }
       if (!response.ok) {
         let message = `${response.status} ${response.statusText}`;

@@ -34,6 +34,8 @@
     keyPrompt: null,
     canRerank: false,       // the collection's model has an ITM head (stats.can_rerank)
     like: null,             // the result whose "more like this" search is shown (searched again when filters change)
+    statsLoaded: false,     // api/stats answered (the footer and the re-rank toggle are set)
+    lastRerun: { key: '', at: 0 },  // rerun's last search: Enter in a filter field fires its change and the submit
   };
 
   // ---- API -------------------------------------------------------------------------------------
@@ -76,6 +78,7 @@
     els.results.setAttribute('aria-busy', 'true');
     try {
       const answer = await request();
+      if (!state.statsLoaded) loadStats();  // it failed before an API key was entered: the footer and re-rank toggle
       if (seq !== state.requestSeq) return;
       renderResults(answer.results);
       const count = answer.results.length;
@@ -118,14 +121,16 @@
       if (els.minMatch.value) params.set('min_match', els.minMatch.value);
     }
     filterEntries().forEach(([name, value]) => params.set(name, value));
+    if (!q && state.like) params.set('like', String(state.like.id));
     return params;
   }
 
-  function saveState(q) {
+  // `push`: a new history entry (a "more like this" step, which Back undoes); else the current one is updated.
+  function saveState(q, push = false) {
     const query = searchParams(q).toString();
     const url = window.location.pathname + (query ? `?${query}` : '') + window.location.hash;
     if (url !== window.location.pathname + window.location.search + window.location.hash) {
-      window.history.replaceState(null, '', url);
+      window.history[push ? 'pushState' : 'replaceState'](null, '', url);
     }
   }
 
@@ -146,6 +151,10 @@
     selectIfOffered(els.filterOrientation, params.get('orientation'));
     els.filterMinSize.value = params.get('min_size') || '';
     showFiltersActive();
+    const like = params.get('like');
+    if (!params.get('q')) els.query.value = '';
+    state.like = !params.get('q') && like && /^[0-9]{1,18}$/.test(like)
+      ? (state.like && String(state.like.id) === like ? state.like : { id: Number(like), path: `#${like}` }) : null;
   }
 
   function searchText() {
@@ -179,10 +188,11 @@
     runSearch('like your image', () => apiJson('api/search/image', { method: 'POST', body: form }));
   }
 
-  function searchLike(result) {
+  function searchLike(result, push = true) {
     els.query.value = '';
+    const step = push && !(state.like && state.like.id === result.id);
     state.like = result;
-    saveState('');
+    saveState('', step);
     const body = { image_id: result.id, k: k(), ...Object.fromEntries(filterEntries()) };
     runSearch(`like ${fileName(result.path)}`, () => apiJson('api/search', {
       method: 'POST',
@@ -193,8 +203,13 @@
 
   // The current search again (after k or a filter changed): by text, by the "more like this" image, or by the example.
   function rerun() {
+    const file = state.exampleFile;
+    const key = `${searchParams(els.query.value.trim())}|${file ? `${file.name}:${file.size}:${file.lastModified}` : ''}`;
+    const now = Date.now();
+    if (key === state.lastRerun.key && now - state.lastRerun.at < 400) return;  // the same search a moment ago
+    state.lastRerun = { key, at: now };
     if (els.query.value.trim()) searchText();
-    else if (state.like) searchLike(state.like);
+    else if (state.like) searchLike(state.like, false);
     else if (state.exampleFile) searchExample();
     else searchText();  // nothing to search: clears the results and keeps the state in the URL
   }
@@ -487,10 +502,11 @@
   els.keyCancel.addEventListener('click', () => els.keyDialog.close('cancel'));
 
   // ---- start -----------------------------------------------------------------------------------
-  async function start() {
-    restoreState();
+  // The footer (collection, photos, model) and whether the model can re-rank; false when the API refused.
+  async function loadStats() {
     try {
       const stats = await apiJson('api/stats');
+      state.statsLoaded = true;
       state.canRerank = stats.can_rerank === true;
       els.rerankControls.hidden = !state.canRerank;
       const model = stats.model ? ` · model ${stats.model.name}` : '';
@@ -500,10 +516,31 @@
       els.footer.textContent = `Collection “${stats.collection}”: ${stats.images} photos${model} · clipsearch ${stats.version} · `;
       els.footer.append(link);
       if (stats.images === 0) setStatus('This collection is empty. Index photos with: clipsearch index FOLDER');
+      return true;
     } catch (err) {
-      showError(`Cannot reach the search service: ${err.message}`);
+      showError(err.status === 401 ? err.message : `Cannot reach the search service: ${err.message}`);
+      return false;
     }
+  }
+
+  // The search the URL names (after a reload, a shared link, or Back/Forward): by text, or more like an image.
+  function searchFromUrl() {
     if (els.query.value.trim()) searchText();
+    else if (state.like) searchLike(state.like, false);
+    else { state.requestSeq++; renderResults([]); setStatus('Type to search your photos.'); }
+  }
+
+  window.addEventListener('popstate', () => {
+    restoreState();
+    searchFromUrl();
+  });
+
+  async function start() {
+    restoreState();
+    // A dismissed API-key prompt is not asked again at once for the URL's search: the next search asks.
+    const loaded = await loadStats();
+    const named = els.query.value.trim() || state.like;
+    if (named && (loaded || !els.error.textContent.startsWith('This server needs an API key'))) searchFromUrl();
   }
 
   start();
