@@ -521,3 +521,19 @@ def test_an_api_key_entered_after_a_dismissed_prompt_sets_up_the_page(browser, i
             page.click("#key-form button[type=submit]")
             expect(page.locator("#results .result").first).to_be_visible()
             expect(page.locator("#footer")).to_contain_text("photos")  # stayed empty until a reload before
+
+
+def test_an_upload_the_server_refuses_stops_being_the_example(page, server, tmp_path):
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"this is text, not a PNG")
+    page.goto(server.url + "/")
+    expect(page.locator("#footer")).to_contain_text("photos")
+    page.set_input_files("#file-input", str(fake))
+    expect(page.locator("#error")).to_contain_text("not an image")
+    expect(page.locator("#example")).to_be_hidden()  # stayed, showing a broken image, and was sent again on changes
+    uploads: list[str] = []
+    page.on("request", lambda request: uploads.append(request.url) if "api/search/image" in request.url else None)
+    page.select_option("#k", "10")
+    page.wait_for_timeout(300)
+    assert uploads == []
+    assert page.locator("#file-input").get_attribute("tabindex") == "-1"  # the visible button is the tab stop

@@ -185,7 +185,16 @@
     form.append('k', String(k()));
     filterEntries().forEach(([name, value]) => form.append(name, value));
     saveState('');
-    runSearch('like your image', () => apiJson('api/search/image', { method: 'POST', body: form }));
+    runSearch('like your image', async () => {
+      try {
+        return await apiJson('api/search/image', { method: 'POST', body: form });
+      } catch (err) {
+        // The server refused the file itself (too large, not an image, an odd shape): it stops being the example,
+        // so that a filter change does not send it again and labels cannot be asked of it.
+        if ([400, 413, 415].includes(err.status)) dropExample();
+        throw err;
+      }
+    });
   }
 
   function searchLike(result, push = true) {
@@ -422,12 +431,19 @@
     }
   });
 
-  els.clearExample.addEventListener('click', () => {
+  function dropExample() {
     state.exampleFile = null;
     if (state.exampleUrl) URL.revokeObjectURL(state.exampleUrl);
     state.exampleUrl = null;
     els.example.hidden = true;
     els.labelResults.replaceChildren();
+  }
+
+  els.clearExample.addEventListener('click', () => {
+    dropExample();
+    state.requestSeq++;  // its results go with it
+    renderResults([]);
+    setStatus('Type to search your photos.');
     els.query.focus();
   });
 
