@@ -58,7 +58,8 @@ def check_image_side(info: BundleInfo, cache: Path | None = None) -> None:
         _save(cache, remembered)
     if differing:
         raise BundleError(
-            f"model {info.name}: {', '.join(differing)} do not match the sha256 its model.json records, so its "
+            f"model {info.name}: {', '.join(differing)} {'does' if len(differing) == 1 else 'do'} not match the "
+            "sha256 its model.json records, so its "
             "vectors would not be the model's (the bundle was changed after it was made)",
             f"Export or download the bundle again; `clipsearch models info {info.path} --verify` lists what differs.")
 

@@ -761,6 +761,7 @@ class ThreadReaders:
 # The content_hash of a row import-embeddings wrote (no file bytes were read): this prefix + its vector's digest.
 IMPORTED_HASH_PREFIX = "imported:"
 
+
 def _fits_sqlite(value: int) -> bool:
     """True for an integer SQLite can store (64-bit signed); no row id lies outside that."""
     return -(2**63) <= value < 2**63
