@@ -165,14 +165,19 @@ class _EventHandler:
     that cannot touch the index are dropped here: files a walk of the root would not consider (other suffixes,
     hidden, excluded), and folder events that only say an entry inside changed."""
 
-    def __init__(self, root: str, is_file: bool, options: WalkOptions, queue: ChangeQueue) -> None:
+    def __init__(self, root: str, is_file: bool, options: WalkOptions, queue: ChangeQueue,
+                 root_gone: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.is_file = is_file  # the root is one file: its parent folder is watched, other entries ignored
         self.options = options
         self.queue = queue
+        self.root_gone = root_gone  # told when the watched folder itself is deleted or moved away (its watch ends)
 
     def dispatch(self, event) -> None:
         kind = event.event_type
+        if (not self.is_file and self.root_gone is not None and kind in ("deleted", "moved")
+                and os.path.abspath(os.fsdecode(event.src_path)) == self.root):
+            self.root_gone(self.root)
         if kind in _IGNORED_EVENTS or (event.is_directory and kind in _IGNORED_FOLDER_EVENTS):
             return
         paths = [event.src_path]
@@ -221,6 +226,9 @@ class Watcher:
         self._stop = threading.Event()
         self._failures = 0  # runs that failed in a row
         self._armed: dict[str, tuple[object, tuple[int, int]]] = {}  # root -> (its watch, the watched folder's id)
+        # Roots whose folder was deleted or moved away (told by the observer's thread; set.add is atomic): their
+        # watch is over even when a new folder of the same name gets the old one's inode number.
+        self._gone: set[str] = set()
 
     @property
     def stopping(self) -> bool:
@@ -289,8 +297,9 @@ class Watcher:
                 stat = None
             identity = (stat.st_dev, stat.st_ino) if stat is not None and (is_file or os.path.isdir(root)) else None
             armed = self._armed.get(root)
-            if armed is not None and armed[1] == identity:
+            if armed is not None and armed[1] == identity and root not in self._gone:
                 continue
+            self._gone.discard(root)
             if armed is not None:
                 del self._armed[root]
                 try:
@@ -299,7 +308,7 @@ class Watcher:
                     pass
             if identity is None:
                 continue
-            watch = observer.schedule(_EventHandler(root, is_file, walk_options, self.queue), folder,
+            watch = observer.schedule(_EventHandler(root, is_file, walk_options, self.queue, self._gone.add), folder,
                                       recursive=not is_file)
             self._armed[root] = (watch, identity)
             if announce:

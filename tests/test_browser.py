@@ -283,36 +283,42 @@ def test_empty_collection_says_so(browser, tmp_path, tiny_bundle):
             expect(page.locator("#status")).to_contain_text("No photos found")
 
 
-def test_page_asks_for_the_api_key_once(browser, indexed):
+@contextmanager
+def keyed_page(browser, indexed: IndexedPhotos, path: str = "/") -> Iterator[tuple[BrowserContext, Page]]:
+    """A fresh page at `path` of a server of `indexed` that asks for the API key KEY."""
     settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, api_key=KEY)
-    with LiveServer(create_app(settings)) as live:
-        with fresh_page(browser) as (context, page):
-            page.goto(live.url + "/")
-            dialog = page.locator("#key-dialog")
-            expect(dialog).to_be_visible()
-            page.fill("#api-key", "wrong")
-            page.click("#key-form button[type=submit]")
-            expect(dialog).to_be_visible()  # asked again after a wrong key
-            expect(page.locator("#key-message")).to_contain_text("not accepted")
-            page.fill("#api-key", KEY)
-            page.click("#key-form button[type=submit]")
-            expect(dialog).to_be_hidden()
-            expect(page.locator("#footer")).to_contain_text("photos")
-            page.fill("#query", "blue")
-            page.press("#query", "Enter")
-            expect(page.locator("#results .result").first).to_be_visible()
-            wait_for_thumbnails(page)  # thumbnails fetched with the key, shown as blob: URLs
-            sources = page.locator("#results img").evaluate_all("els => els.map(e => e.src)")
-            assert sources and all(re.match(r"^blob:", s) for s in sources)
-            page.locator("#results .result").first.click()
-            with context.expect_page() as opened:
-                page.click("#open-full")  # the full file, fetched with the key
-            opened.value.wait_for_url(re.compile(r"^blob:"))  # about:blank first, then the fetched file
-            opened.value.close()
-            page.keyboard.press("Escape")
-            page.reload()  # the key is remembered for the session: no second prompt
-            expect(page.locator("#footer")).to_contain_text("photos")
-            expect(dialog).to_be_hidden()
+    with LiveServer(create_app(settings)) as live, fresh_page(browser) as (context, page):
+        page.goto(live.url + path)
+        yield context, page
+
+
+def test_page_asks_for_the_api_key_once(browser, indexed):
+    with keyed_page(browser, indexed) as (context, page):
+        dialog = page.locator("#key-dialog")
+        expect(dialog).to_be_visible()
+        page.fill("#api-key", "wrong")
+        page.click("#key-form button[type=submit]")
+        expect(dialog).to_be_visible()  # asked again after a wrong key
+        expect(page.locator("#key-message")).to_contain_text("not accepted")
+        page.fill("#api-key", KEY)
+        page.click("#key-form button[type=submit]")
+        expect(dialog).to_be_hidden()
+        expect(page.locator("#footer")).to_contain_text("photos")
+        page.fill("#query", "blue")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .result").first).to_be_visible()
+        wait_for_thumbnails(page)  # thumbnails fetched with the key, shown as blob: URLs
+        sources = page.locator("#results img").evaluate_all("els => els.map(e => e.src)")
+        assert sources and all(re.match(r"^blob:", s) for s in sources)
+        page.locator("#results .result").first.click()
+        with context.expect_page() as opened:
+            page.click("#open-full")  # the full file, fetched with the key
+        opened.value.wait_for_url(re.compile(r"^blob:"))  # about:blank first, then the fetched file
+        opened.value.close()
+        page.keyboard.press("Escape")
+        page.reload()  # the key is remembered for the session: no second prompt
+        expect(page.locator("#footer")).to_contain_text("photos")
+        expect(dialog).to_be_hidden()
 
 
 # -- re-ranking ----------------------------------------------------------------------------------------------------
@@ -504,23 +510,20 @@ def test_enter_in_a_filter_field_searches_once(page, server):
 
 
 def test_an_api_key_entered_after_a_dismissed_prompt_sets_up_the_page(browser, indexed):
-    settings = ServerSettings(collection=indexed.name, index_dir=indexed.index_dir, api_key=KEY)
-    with LiveServer(create_app(settings)) as live:
-        with fresh_page(browser) as (context, page):
-            page.goto(live.url + "/?q=blue")
-            dialog = page.locator("#key-dialog")
-            expect(dialog).to_be_visible()
-            page.click("#key-cancel")
-            expect(dialog).to_be_hidden()  # not asked again at once for the URL's search
-            page.wait_for_timeout(300)
-            expect(dialog).to_be_hidden()
-            expect(page.locator("#error")).to_contain_text("needs an API key: search again to enter it")
-            page.press("#query", "Enter")
-            expect(dialog).to_be_visible()
-            page.fill("#api-key", KEY)
-            page.click("#key-form button[type=submit]")
-            expect(page.locator("#results .result").first).to_be_visible()
-            expect(page.locator("#footer")).to_contain_text("photos")  # stayed empty until a reload before
+    with keyed_page(browser, indexed, "/?q=blue") as (context, page):
+        dialog = page.locator("#key-dialog")
+        expect(dialog).to_be_visible()
+        page.click("#key-cancel")
+        expect(dialog).to_be_hidden()  # not asked again at once for the URL's search
+        page.wait_for_timeout(300)
+        expect(dialog).to_be_hidden()
+        expect(page.locator("#error")).to_contain_text("needs an API key: search again to enter it")
+        page.press("#query", "Enter")
+        expect(dialog).to_be_visible()
+        page.fill("#api-key", KEY)
+        page.click("#key-form button[type=submit]")
+        expect(page.locator("#results .result").first).to_be_visible()
+        expect(page.locator("#footer")).to_contain_text("photos")  # stayed empty until a reload before
 
 
 def test_an_upload_the_server_refuses_stops_being_the_example(page, server, tmp_path):

@@ -96,13 +96,20 @@ class Running:
         assert self.error is None, self.error
 
 
-def test_a_watched_folder_equals_a_fresh_index_and_nothing_is_embedded_twice(tmp_path, model):
+def watched_photos(tmp_path: Path, model, name: str, count: int, watch: WatchOptions):
+    """`count` photos in tmp_path/photos and a Watcher of them into collection `name` of tmp_path/idx that reports to
+    a list: (folder, index root, reports, watcher)."""
     folder = tmp_path / "photos"
-    make_photos(folder, 4)
+    make_photos(folder, count)
     root = tmp_path / "idx"
-    reports = []
-    watcher = Watcher(Collection.create("watched", root), model, [folder], OPTIONS,
-                      WatchOptions(debounce=0.5, max_delay=3.0, rescan_interval=0), report=reports.append)
+    reports: list = []
+    watcher = Watcher(Collection.create(name, root), model, [folder], OPTIONS, watch, report=reports.append)
+    return folder, root, reports, watcher
+
+
+def test_a_watched_folder_equals_a_fresh_index_and_nothing_is_embedded_twice(tmp_path, model):
+    folder, root, reports, watcher = watched_photos(tmp_path, model, "watched", 4,
+                                                    WatchOptions(debounce=0.5, max_delay=3.0, rescan_interval=0))
     with Running(watcher):
         assert [r.kind for r in reports] == ["initial"] and reports[0].summary.added == 4
 
@@ -203,12 +210,8 @@ def test_periodic_rescans_catch_changes_the_events_missed(tmp_path, model, monke
 
 def test_a_watched_folder_deleted_and_made_again_is_watched_again(tmp_path, model):
     # The old watch died with the folder: files put in the new one waited for the next rescan (5 minutes).
-    folder = tmp_path / "photos"
-    make_photos(folder, 2)
-    root = tmp_path / "idx"
-    reports = []
-    watcher = Watcher(Collection.create("again", root), model, [folder], OPTIONS,
-                      WatchOptions(debounce=0.1, rescan_interval=3600), report=reports.append)
+    folder, root, reports, watcher = watched_photos(tmp_path, model, "again", 2,
+                                                    WatchOptions(debounce=0.1, rescan_interval=3600))
     with Running(watcher):
         shutil.rmtree(folder)
         time.sleep(0.5)
