@@ -518,7 +518,8 @@
   els.keyCancel.addEventListener('click', () => els.keyDialog.close('cancel'));
 
   // ---- start -----------------------------------------------------------------------------------
-  // The footer (collection, photos, model) and whether the model can re-rank; false when the API refused.
+  // The footer (collection, photos, model) and whether the model can re-rank. Resolves null when they are shown, else
+  // the error (its `status` 401: no API key was given).
   async function loadStats() {
     try {
       const stats = await apiJson('api/stats');
@@ -532,10 +533,10 @@
       els.footer.textContent = `Collection “${stats.collection}”: ${stats.images} photos${model} · clipsearch ${stats.version} · `;
       els.footer.append(link);
       if (stats.images === 0) setStatus('This collection is empty. Index photos with: clipsearch index FOLDER');
-      return true;
+      return null;
     } catch (err) {
       showError(err.status === 401 ? err.message : `Cannot reach the search service: ${err.message}`);
-      return false;
+      return err;
     }
   }
 
@@ -554,9 +555,9 @@
   async function start() {
     restoreState();
     // A dismissed API-key prompt is not asked again at once for the URL's search: the next search asks.
-    const loaded = await loadStats();
+    const failure = await loadStats();
     const named = els.query.value.trim() || state.like;
-    if (named && (loaded || !els.error.textContent.startsWith('This server needs an API key'))) searchFromUrl();
+    if (named && !(failure && failure.status === 401)) searchFromUrl();
   }
 
   start();
