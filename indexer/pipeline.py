@@ -244,8 +244,8 @@ class Writer:
                 self.summary.added += 1
                 self.summary.embedded += 1
 
-    def write_tokens(self, rows: Sequence[tuple[int, bytes]]) -> None:
-        self.summary.tokens_added += self.store.write_tokens(rows)
+    def write_tokens(self, rows: Sequence[tuple[int, bytes]], content_hashes: dict[int, str] | None = None) -> None:
+        self.summary.tokens_added += self.store.write_tokens(rows, content_hashes)
 
     def refresh_stat(self, result: ReadResult, state: FileState) -> None:
         """A known file whose size/mtime changed but whose bytes did not: just record the new stat (it counts as
@@ -296,7 +296,8 @@ class BatchAssembler:
         self.expected = expected
         self.received = 0  # results passed to add()
         self.to_encode: list[ReadResult] = []
-        self.to_tokenise: list[tuple[int, np.ndarray]] = []
+        # (id, pixels, the file's content hash to record with the tokens: an imported row's real one, else None)
+        self.to_tokenise: list[tuple[int, np.ndarray, str | None]] = []
         self.retry: list[ReadTask] = []  # known-hash files whose vector went away: decode them after all
         self.pending: deque[_PendingBatch] = deque()
         self._pending_hashes: set[str] = set()
@@ -326,9 +327,7 @@ class BatchAssembler:
             # README promises, and gets the real hash.
             imported = filling.content_hash.startswith(IMPORTED_HASH_PREFIX)
             if (filling.content_hash == result.content_hash or imported) and result.pixels is not None:
-                if imported:
-                    self.writer.store.adopt_content_hash(filling.id, result.content_hash)
-                self.to_tokenise.append((filling.id, result.pixels))
+                self.to_tokenise.append((filling.id, result.pixels, result.content_hash if imported else None))
                 if len(self.to_tokenise) >= self.batch_size:
                     self.flush_tokens()
                 return
@@ -358,9 +357,10 @@ class BatchAssembler:
         if not self.to_tokenise:
             return
         batch, self.to_tokenise = self.to_tokenise, []
-        pixels = [pixels for _, pixels in batch]
+        pixels = [pixels for _, pixels, _ in batch]
         _, blobs = self.lanes.submit(lambda: self.mapper.encode_with_tokens(pixels)).result()
-        self.writer.write_tokens([(image_id, blob) for (image_id, _), blob in zip(batch, blobs) if blob is not None])
+        self.writer.write_tokens([(image_id, blob) for (image_id, _, _), blob in zip(batch, blobs) if blob is not None],
+                                 {image_id: digest for image_id, _, digest in batch if digest is not None})
 
     def flush(self, while_encoding: Callable[[], None] | None = None) -> None:
         """Encode what is buffered and write every pending batch; `while_encoding` runs once the last batches are

@@ -615,13 +615,18 @@ class Store:
                 ids.append(image_id)
         return ids
 
-    def write_tokens(self, rows: Sequence[tuple[int, bytes]]) -> int:
+    def write_tokens(self, rows: Sequence[tuple[int, bytes]], content_hashes: dict[int, str] | None = None) -> int:
         """Add tokens to images that are indexed already (their vectors stay as they are), in one transaction.
-        Ids that are no longer indexed are left out; returns how many rows were written."""
-        if not rows:
+        Ids that are no longer indexed are left out; returns how many rows were written. `content_hashes`: in the
+        same transaction, the hash of a row's file bytes where it held a stand-in (an imported row's vector digest)."""
+        if not rows and not content_hashes:
             return 0
         written = 0
         with signals_deferred(), self.db.atomic():
+            for image_id, content_hash in (content_hashes or {}).items():
+                self.db.execute("UPDATE images SET content_hash = ? WHERE id = ?", [content_hash, int(image_id)])
+            if not rows:
+                return 0
             self._bump_generation("tokens_gen")
             tokens_gen = self.tokens_generation
             for image_id, blob in rows:
@@ -648,11 +653,6 @@ class Store:
                                 [run_id, *chunk])
             for image_id, (size, mtime_ns) in (new_stats or {}).items():
                 self.db.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", [size, mtime_ns, image_id])
-
-    def adopt_content_hash(self, image_id: int, content_hash: str) -> None:
-        """Record the hash of a row's file bytes where it held a stand-in (an imported row's vector digest)."""
-        with signals_deferred(), self.db.atomic():
-            self.db.execute("UPDATE images SET content_hash = ? WHERE id = ?", [content_hash, int(image_id)])
 
     def record_skipped(self, entries: Sequence[tuple[str, int, int, str]], run_id: int) -> None:
         with signals_deferred(), self.db.atomic():
