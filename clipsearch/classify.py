@@ -123,9 +123,9 @@ class Classifier:
         tokenizer = getattr(model, "tokenizer", None)
         for label in labels:  # an all-[UNK] label embeds like every other one: a coin toss between them
             if tokenizer is not None and tokenizer.knows_none_of(label):
-                raise QueryError(f"model {model.info.name} knows none of the words in the label {label[:60]!r}",
-                                 "Name it in words: its vocabulary has no emoji or symbols (e.g. 'red heart', "
-                                 "not ❤️).")
+                from .model.tokenizer import unknown_words_error
+
+                raise unknown_words_error(model.info.name, label, "the label ")
         self.model = model
         self.labels = list(labels)
         self.templates = tuple(templates)

@@ -232,9 +232,9 @@ class Searcher:
             encoded = {**known, **(self.text_vectors(missing) if missing else {})}
             unknown = [str(t.value) for t in texts if str(t.value) not in encoded]
             if unknown:  # left out by text_vectors: its vocabulary knows none of their words
-                raise QueryError(f"model {self.model.info.name} knows none of the words in {unknown[0][:60]!r}",
-                                 "Describe it in words: its vocabulary has no emoji or symbols (e.g. 'red heart', "
-                                 "not ❤️).")
+                from .model.tokenizer import unknown_words_error  # (tokenizers: not imported by a cached search)
+
+                raise unknown_words_error(self.model.info.name, unknown[0])
             for term in texts:
                 total += term.weight * encoded[str(term.value)]
         for term in query.terms:

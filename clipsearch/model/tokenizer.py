@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .bundle import BundleInfo, TextSpec
-from ..errors import BundleError
+from ..errors import BundleError, QueryError
 
 
 def open_clip_clean(text: str) -> str:
@@ -74,6 +74,13 @@ class TokenBatch:
 
     inputs: dict[str, np.ndarray]
     lengths: np.ndarray
+
+
+def unknown_words_error(model_name: str, text: str, what: str = "") -> QueryError:
+    """The error for a query text or label (`what`: e.g. "the label ") of which model `model_name`'s vocabulary
+    knows no word (`TextTokenizer.knows_none_of`), with the hint to put it in words."""
+    return QueryError(f"model {model_name} knows none of the words in {what}{text[:60]!r}",
+                      "Describe it in words: its vocabulary has no emoji or symbols (e.g. 'red heart', not ❤️).")
 
 
 class TextTokenizer:
