@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from stat import S_ISDIR, S_ISREG
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -289,13 +290,13 @@ class Watcher:
         a change, so that what it holds now is indexed (and what it no longer holds swept) without a rescan."""
         walk_options = self.options.walk_options()
         for root in self.roots:
-            is_file = os.path.isfile(root)
-            folder = os.path.dirname(root) if is_file else root
             try:
-                stat = os.stat(folder)
-            except OSError:
-                stat = None
-            identity = (stat.st_dev, stat.st_ino) if stat is not None and (is_file or os.path.isdir(root)) else None
+                is_file = S_ISREG(os.stat(root).st_mode)
+                folder = os.path.dirname(root) if is_file else root
+                found = os.stat(folder)
+                identity = (found.st_dev, found.st_ino) if S_ISDIR(found.st_mode) else None
+            except OSError:  # missing
+                is_file, folder, identity = False, root, None
             armed = self._armed.get(root)
             if armed is not None and armed[1] == identity and root not in self._gone:
                 continue
