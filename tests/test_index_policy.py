@@ -168,6 +168,23 @@ def test_growth_appends_without_retraining_then_retrains_after_outgrowing(tmp_pa
         assert collection.check().ok
 
 
+def test_an_appended_exact_index_states_its_new_size(tmp_path):
+    """`stats` reads the layout's memory and reason from the sidecar: after an append they describe the index as
+    it now is, not as it was first built."""
+    dim = 16
+    info = _fake_info(dim)
+    x = clustered(60, dim, seed=5)
+    with Collection.create("small", tmp_path) as collection:
+        collection.bind_model(info)
+        _write(collection, info, x[:50], 0)
+        assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
+        _write(collection, info, x[50:], 50)
+        assert collection.update_vectors(ivf_threshold=1_000).update == "append"
+        stats = collection.stats()
+    assert stats.index_count == 60 and stats.index_resident_bytes == 60 * (4 * dim + 8)
+    assert stats.index_reasons == ("60 vectors < 1,000: exact search is fast enough",)
+
+
 def test_deletions_remove_ids(tmp_path):
     dim = 32
     info = _fake_info(dim)

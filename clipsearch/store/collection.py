@@ -682,7 +682,12 @@ class Collection:
             return None
         index.append(store.iter_vectors(meta.dim, min_id=meta.max_id + 1), generation=store.generation,
                      workdir=self.folder)
-        return index if index.count == count else None
+        if index.count != count:
+            return None
+        if meta.layout.kind == "flat":  # its memory and its reason state the count: say the new one
+            index.meta = replace(index.meta, layout=IndexLayout.for_size(
+                count, meta.dim, ivf_threshold, budget_bytes=meta.layout.budget_bytes or None))
+        return index
 
     def load_vectors(self, mmap: bool = False, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> VectorIndex:
         """The saved index when fresh. When SQLite is ahead of it (an indexing run in progress, or a killed
