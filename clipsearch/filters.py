@@ -247,12 +247,19 @@ def parse_date(value: str, which: str) -> DateBound:
 
 
 def _local_or_utc(moment: datetime) -> datetime:
-    """`moment` in the local time zone; in UTC at the ends of datetime's range (year 1, year 9999), where the local
-    conversion overflows and an hour's offset selects nothing different."""
+    """`moment` in the local time zone; at the ends of datetime's range (year 1, year 9999), where the local
+    conversion overflows and an hour's offset selects nothing different: in UTC, else (when even that leaves the
+    range) in its own offset."""
     try:
         return moment.astimezone()
     except (ValueError, OverflowError, OSError):
-        return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        pass
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        return moment
 
 
 def image_date(taken_at: str | None, mtime_ns: int) -> tuple[str, str]:

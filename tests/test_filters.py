@@ -242,6 +242,11 @@ def test_dates_at_the_ends_of_the_calendar_select_everything_or_nothing(small_st
     assert matching(small_store, after="0001") == everything
     assert matching(small_store, before="0001-01-01") == set()
     assert matching(small_store, after="1000", before="9000") == everything
+    # With an offset that carries the instant itself past datetime's range (year 10000 or year 0 in UTC).
+    assert matching(small_store, after="9999-12-31T23:59:59-14:00") == set()
+    assert matching(small_store, before="9999-12-31T23:00-05:00") == everything
+    assert matching(small_store, before="0001-01-01T00:00:00+01:00") == set()
+    assert matching(small_store, after="0001-01-01T00:00:00+14:00") == everything
 
 
 def test_orientation_square_allows_one_percent_and_sizes_are_at_least(small_store):
