@@ -208,6 +208,21 @@ def test_image_queries_cannot_rerank(searcher):
     assert searcher.search(SearchQuery.build(text=TEXT, not_images=[first.path], rerank=True, k=3))[0].match is not None
 
 
+def test_an_itm_head_changed_after_export_gives_no_score(index_dir, blip_bundle, tmp_path):
+    import shutil
+
+    from clipsearch.errors import BundleError
+
+    changed = tmp_path / "changed-itm"
+    shutil.copytree(blip_bundle, changed)
+    with open(changed / "itm.onnx", "ab") as graph:
+        graph.write(b"\0")
+    with Searcher(Collection.open(NAME, index_dir), ClipModel(changed, threads=1)) as searcher:
+        assert len(searcher.search(SearchQuery.build(text=TEXT, k=2))) == 2  # the dual encoder is intact
+        with pytest.raises(BundleError, match="itm.onnx does not match .* re-ranking scores would not be"):
+            searcher.search(SearchQuery.build(text=TEXT, rerank=True))
+
+
 def test_a_model_without_an_itm_head_cannot_rerank(tiny_bundle, tmp_path):
     index_dir = _index(tmp_path, tiny_bundle, count=4)
     with Searcher(Collection.open(NAME, index_dir), ClipModel(tiny_bundle, threads=1)) as searcher:

@@ -240,6 +240,41 @@ def test_search_cli_json_contract_and_errors(indexed, tmp_path):
     assert empty.returncode == 1 and "empty text query" in empty.stderr
 
 
+def test_a_text_side_changed_after_export_answers_no_new_query(indexed, tiny_bundle, tiny_bundles, tmp_path):
+    # The collection is bound to visual.onnx's checksum, so a bundle whose text tower or tokenizer was swapped or
+    # damaged still opens it: its query vectors would rank every photo by another model's text vectors.
+    import shutil
+
+    from clipsearch.errors import BundleError
+
+    collection, folder = indexed
+    swapped = tmp_path / "swapped-text"
+    shutil.copytree(tiny_bundle, swapped)
+    for name in ("textual.onnx", "textual.onnx.data"):
+        if (tiny_bundles["int8"] / name).exists():
+            shutil.copy(tiny_bundles["int8"] / name, swapped / name)
+    model = ClipModel(swapped, threads=1)
+    assert model.model_id == ClipModel(tiny_bundle).model_id
+    searcher = Searcher(collection, model)
+    with pytest.raises(BundleError, match="textual.onnx.* not match the sha256 .* query vectors would not be") as raised:
+        searcher.search(SearchQuery.build(text="a never asked query", k=3))
+    assert "--verify" in raised.value.hint and not model.textual.loaded
+    # The image side is intact: an example image is still answered, by the genuine visual tower.
+    hits = searcher.search(SearchQuery.build(image=folder / "photo_000.png", k=1))
+    assert os.path.basename(hits[0].path) == "zz_resized_copy.jpg"
+    retokenized = tmp_path / "edited-tokenizer"
+    shutil.copytree(tiny_bundle, retokenized)
+    with open(retokenized / "tokenizer.json", "a", encoding="utf-8") as extra:
+        extra.write("\n")
+    with pytest.raises(BundleError, match="tokenizer.json does not match"):
+        ClipModel(retokenized, threads=1).encode_text(["a dog"])
+    done = subprocess.run([*CLI, "search", "another new query", "--model", str(swapped), "--collection", "s",
+                           "--index-dir", str(collection.folder.parent)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CLIPSEARCH_HELPER": "0"})
+    assert done.returncode == 1 and "query vectors would not be the model's" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_repeated_text_query_is_answered_without_loading_the_text_model(indexed, tiny_bundle):
     collection, _ = indexed
     first_model = ClipModel(tiny_bundle, threads=1)

@@ -5,6 +5,10 @@ visual graph, weights or preprocessing were replaced or damaged after it was mad
 under the genuine id, mixed with the real ones. The indexer checks those files first. A file's digest is remembered
 per user (in `CLIPSEARCH_HOME`), keyed by its path, size, mtime and inode, so a file is hashed once per version (an
 88 MB int8 ViT-B-32 weight file takes about 0.14 s here), not on every run.
+
+Each graph is also checked when a session first opens it (`runtime.OnnxSession`): the text side (textual graph,
+weights, tokenizer) before the first query vector, an ITM head before the first re-ranking score. A changed text
+tower stores nothing, but would rank every query by another model's vectors.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ..errors import BundleError
 from .bundle import BundleInfo, sha256_file
 
 IMAGE_SIDE_FILES = ("visual.onnx", "visual.onnx.data", "preprocess.json")
+TEXT_SIDE_FILES = ("textual.onnx", "textual.onnx.data", "tokenizer.json")
 CACHE_FILE = "verified-files.json"
 MAX_REMEMBERED = 256  # files; the oldest entries go first
 
@@ -25,6 +30,17 @@ def check_image_side(info: BundleInfo, cache: Path | None = None) -> None:
     """BundleError unless every file that decides an image's vector matches the sha256 model.json records for it
     (files model.json records nothing for, as in bundles older than their checksums, are not checked). `cache`: the
     remembered digests (default: `verified-files.json` in `paths.home()`)."""
+    check_files(info, IMAGE_SIDE_FILES, "vectors", cache)
+
+
+def check_text_side(info: BundleInfo, cache: Path | None = None) -> None:
+    """As `check_image_side`, for the files that decide a query's vector."""
+    check_files(info, TEXT_SIDE_FILES, "query vectors", cache)
+
+
+def check_files(info: BundleInfo, names: tuple[str, ...], output: str, cache: Path | None = None) -> None:
+    """BundleError unless each of `names` matches the sha256 model.json records for it; `output` names what a
+    changed file would make wrong ("vectors", "re-ranking scores")."""
     if cache is None:
         from ..paths import home
 
@@ -32,7 +48,7 @@ def check_image_side(info: BundleInfo, cache: Path | None = None) -> None:
     remembered = _load(cache)
     changed = False
     differing = []
-    for name in IMAGE_SIDE_FILES:
+    for name in names:
         expected = info.files.get(name)
         if expected is None:
             continue
@@ -60,7 +76,7 @@ def check_image_side(info: BundleInfo, cache: Path | None = None) -> None:
         raise BundleError(
             f"model {info.name}: {', '.join(differing)} {'does' if len(differing) == 1 else 'do'} not match the "
             "sha256 its model.json records, so its "
-            "vectors would not be the model's (the bundle was changed after it was made)",
+            f"{output} would not be the model's (the bundle was changed after it was made)",
             f"Export or download the bundle again; `clipsearch models info {info.path} --verify` lists what differs.")
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import BundleError
 from .bundle import BundleInfo
+from .integrity import check_files, check_text_side
 from .tokenizer import TextTokenizer
 
 
@@ -155,10 +156,13 @@ class ItmScorer:
         if not path.is_file():
             raise BundleError(f"{info.path} is not a complete model bundle: missing {self.spec.file}",
                               "Export it again with `clipsearch models export-blip`.")
-        self.session = OnnxSession(path, options or SessionOptions())
+        self.session = OnnxSession(path, options or SessionOptions(),
+                                   verify=lambda: check_files(info, (self.spec.file, f"{self.spec.file}.data"),
+                                                              "re-ranking scores"))
         self.textual = None
         if self.spec.text_tokens is not None:
-            self.textual = textual or OnnxSession(info.file("textual.onnx"), options or SessionOptions())
+            self.textual = textual or OnnxSession(info.file("textual.onnx"), options or SessionOptions(),
+                                                  verify=lambda: check_text_side(info))
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
 

@@ -12,13 +12,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .bundle import BundleInfo, PreprocessSpec, read_bundle, read_preprocess
 from ..errors import BundleError
+from .integrity import check_image_side, check_text_side
 from .preprocess import image_to_pixels
 from .tokenizer import TextTokenizer
 
@@ -42,11 +43,14 @@ class SessionOptions:
 
 
 class OnnxSession:
-    """A lazily opened onnxruntime session for one graph file."""
+    """A lazily opened onnxruntime session for one graph file; `verify` (if given) runs once before it is opened
+    and raises to refuse it (the bundle's checksums: integrity.py)."""
 
-    def __init__(self, path: Path, options: SessionOptions = SessionOptions()) -> None:
+    def __init__(self, path: Path, options: SessionOptions = SessionOptions(),
+                 verify: Callable[[], None] | None = None) -> None:
         self.path = path
         self.options = options
+        self._verify = verify
         self._session = None
         self._input_names: frozenset[str] | None = None  # read once from the graph, not per call
         self._first_output: str | None = None
@@ -59,6 +63,8 @@ class OnnxSession:
     def _open(self):
         import onnxruntime as ort
 
+        if self._verify is not None:
+            self._verify()
         so = ort.SessionOptions()
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.options.optimization == "all"
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
@@ -112,8 +118,9 @@ class ClipModel:
         self.preprocess: PreprocessSpec = read_preprocess(self.info)
         options = SessionOptions(threads=threads, providers=tuple(providers) if providers else None,
                                  optimization="extended" if self.info.precision == "fp16" else "all")
-        self.visual = OnnxSession(self.info.file("visual.onnx"), options)
-        self.textual = OnnxSession(self.info.file("textual.onnx"), options)
+        info = self.info
+        self.visual = OnnxSession(info.file("visual.onnx"), options, verify=lambda: check_image_side(info))
+        self.textual = OnnxSession(info.file("textual.onnx"), options, verify=lambda: check_text_side(info))
         self._tokenizer: TextTokenizer | None = None
         self._options = options
         self._itm = None  # ItmScorer, made on first use of `itm`
