@@ -389,12 +389,15 @@ def test_rerank_toggle_changes_the_request_and_shows_match_probabilities(browser
         expect(page.locator("#status")).to_contain_text(f"results for “{RERANK_QUERY}”")
         assert shown_ids(page) == [r["id"] for r in plain]
         expect(page.locator("#results .result .match")).to_have_count(0)
+        expect(page.locator("#results .result .score").first).to_have_attribute("title", re.compile(r"^similarity"))
 
         # On, from the keyboard: the request asks for re-ranking and every result shows its match probability.
         toggle.focus()
         with page.expect_request(re.compile(r"/api/search\?.*rerank=true")) as searched:
             page.keyboard.press("Space")
         assert "min_match" not in searched.value.url
+        # Every shown result is re-scored (rerank_k = k), so no score past the re-ranked top is on the cosine scale.
+        assert "rerank_k=20" in searched.value.url
         expect(page.locator("#status")).to_contain_text(f"results for “{RERANK_QUERY}”, re-ranked")
         reranked = api_search(server, rerank="true")
         assert all(r["match"] is not None for r in reranked)
@@ -402,6 +405,8 @@ def test_rerank_toggle_changes_the_request_and_shows_match_probabilities(browser
         assert shown_matches(page) == [as_percent(r["match"]) for r in reranked]
         first = page.locator("#results .result").first
         expect(first.locator(".score")).to_have_text(f"{reranked[0]['score']:.3f}")
+        expect(first.locator(".score")).to_have_attribute(
+            "title", re.compile(rf"^re-rank score: .*\({reranked[0]['itc_score']:.3f}\)"))
         expect(first).to_have_attribute("aria-label", re.compile(rf", {as_percent(reranked[0]['match'])}\. Open"))
         assert "rerank=1" in page.url and f"q={RERANK_QUERY.replace(' ', '+')}" in page.url
         screenshot(page, "browser-rerank.png")

@@ -171,6 +171,8 @@
     const params = new URLSearchParams({ q, k: String(k()) });
     if (reranking()) {
       params.set('rerank', 'true');
+      // Every shown result re-scored: past rerank_k a hit would keep its cosine, a score on another scale.
+      params.set('rerank_k', String(k()));
       if (els.minMatch.value) params.set('min_match', els.minMatch.value);
     }
     filterEntries().forEach(([name, value]) => params.set(name, value));
@@ -255,7 +257,12 @@
       caption.className = 'caption';
       caption.innerHTML = '<span class="name"></span><span class="score"></span>';
       caption.querySelector('.name').textContent = `${index + 1}. ${name}`;
-      caption.querySelector('.score').textContent = score;
+      const scoreText = caption.querySelector('.score');
+      scoreText.textContent = score;
+      scoreText.title = result.itc_score == null
+        ? 'similarity of the photo to the query (cosine, -1 to 1)'
+        : `re-rank score: the image-text matching head's logit plus the similarity (${result.itc_score.toFixed(3)}); ` +
+          'compare it only within one re-ranked search';
       if (match) {
         const matchText = document.createElement('span');
         matchText.className = 'match';
