@@ -487,12 +487,17 @@ class Searcher:
                 answers[position] = exc
         if groups:
             self._follow_rebuild()
+            folder = self.collection.folder
             index = self.index
             for k, rows in groups.items():
                 try:
                     ranked = index.search(np.stack([vector for _, vector in rows]), k)  # batchable: tuned nprobe
                     with self.reading() as store:
                         records = store.get_many(list({i for found in ranked for i, _ in found}))
+                    if self.collection.folder != folder:  # a rebuild switched generations meanwhile: as search_vector
+                        for position, vector in rows:
+                            answers[position] = self.search_vector(vector, k)
+                        continue
                 except Exception as exc:  # noqa: BLE001 - every query of the group hears it
                     for position, _ in rows:
                         answers[position] = exc
@@ -505,13 +510,19 @@ class Searcher:
                       filter: SearchFilter | None = None, nprobe: int | None = None) -> list[SearchHit]:
         """The k nearest images to `vector`; with an active `filter`, the k nearest of those that pass it.
         `nprobe` overrides the IVF index's tuned value for this search."""
-        self._follow_rebuild()
-        index = self.index
-        allowed = self.allowed_ids(filter) if filter is not None and filter.active else None
-        ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids, allowed=allowed,
-                              nprobe=nprobe)[0]
-        with self.reading() as store:
-            records = store.get_many([i for i, _ in ranked])
+        for attempt in range(2):
+            self._follow_rebuild()
+            folder = self.collection.folder
+            index = self.index
+            allowed = self.allowed_ids(filter) if filter is not None and filter.active else None
+            ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids, allowed=allowed,
+                                  nprobe=nprobe)[0]
+            with self.reading() as store:
+                records = store.get_many([i for i, _ in ranked])
+            if self.collection.folder == folder:
+                break
+            # A rebuild switched generations during this search (another thread followed it): the index and the
+            # rows may be of different generations, whose ids never meet. Searched once more, in the new one.
         return _hits_from(ranked, records, dated=filter is not None and filter.uses_date)
 
     def allowed_ids(self, filter: SearchFilter) -> np.ndarray:

@@ -331,3 +331,47 @@ def test_the_serve_commands_batch_default_is_the_batchers():
 
     serve = typer.main.get_command(cli_app).commands["serve"]
     assert next(p for p in serve.params if p.name == "max_batch").default == DEFAULT_MAX_BATCH
+
+
+def test_searches_right_after_a_rebuild_answer_from_the_new_generation(tmp_path, tiny_bundle, monkeypatch):
+    """A rebuild numbers its images above every old id: the old index cannot answer beside the new rows (its hits
+    would all be dropped, an empty 200). The first search after the switch loads the new generation's saved
+    index; a search that was already running when another request followed the switch searches again."""
+    from clipsearch.indexer.pipeline import IndexOptions
+    from clipsearch.indexer.runner import index_paths
+    from clipsearch.search import SearchQuery
+
+    indexed = build_indexed_photos(tmp_path, tiny_bundle, count=6)
+    searcher = create_app(settings(indexed)).state.web.searcher()
+    model = ClipModel(tiny_bundle, threads=1)
+    query = SearchQuery.build(text="a red square", k=5)
+    before = searcher.search(query)
+    assert len(before) == 5
+
+    def rebuild() -> None:
+        with Collection.open(indexed.name, indexed.index_dir) as collection:
+            index_paths(collection, model, [str(tmp_path / "photos")], IndexOptions(workers=0, rebuild=True))
+
+    rebuild()
+    after = searcher.search(query)
+    batched = searcher.search_many([query, SearchQuery.build(text="a blue circle", k=5)], {})
+    assert len(after) == 5 and min(h.id for h in after) > max(h.id for h in before)
+    assert [h.path for h in after] == [h.path for h in before]
+    assert [[h.id for h in hits] for hits in batched][0] == [h.id for h in after] and len(batched[1]) == 5
+    assert searcher.served.folder == searcher.collection.folder
+
+    # Another request follows a second rebuild while this search holds the index it got: it searches again.
+    reading = searcher.reading
+    switched = []
+
+    def reading_after_a_switch():
+        if not switched:
+            switched.append(True)
+            rebuild()
+            searcher._follow_rebuild()
+        return reading()
+
+    monkeypatch.setattr(searcher, "reading", reading_after_a_switch)
+    during = searcher.search(query)
+    assert switched and len(during) == 5 and min(h.id for h in during) > max(h.id for h in after)
+    assert [h.path for h in during] == [h.path for h in before]

@@ -6,9 +6,10 @@
   request.
 - The FAISS index is swapped, never rebuilt in a request: when the collection changed (an indexing run wrote
   to it, or a rebuild switched generations) a background thread loads or builds the new index aside while
-  searches keep using the one they have, then replaces it with one assignment (`ServedIndex` is immutable; a
   search reads the reference once). Only the very first load of a collection's index happens in a request,
-  when there is nothing to answer from yet (`clipsearch serve` loads the default collection's at start-up).
+  when there is nothing to answer from yet (`clipsearch serve` loads the default collection's at start-up),
+  and the first after a rebuild switched generations: the old index's ids are not the new rows' (a rebuild
+  numbers its images above every old id), so it cannot answer beside them; the rebuild saved the new one.
   While an indexing run is still writing (the saved index behind SQLite) the index is rebuilt at most every
   `stale_refresh_seconds`; when the run saves its index, that one is loaded at the next search.
 """
@@ -79,15 +80,31 @@ class ServedSearcher(Searcher):
     @property
     def index(self) -> VectorIndex:
         served = self._served
-        if served is None:
-            with self._first_load:
-                if self._served is None:
-                    self._served = self._load(Collection(self.collection.root, self.collection.name,
-                                                         data=self.collection.folder))
-                served = self._served
+        if served is None or served.folder != self.collection.folder:
+            served = self._load_for_folder()
         elif self._behind(served):
             self.start_refresh()
         return served.index
+
+    def _load_for_folder(self) -> ServedIndex:
+        """The index of the generation reads now go to, loaded in this request: the first one, or the first after a
+        rebuild switched generations (whose own saved index is loaded). An older generation's index never answers
+        beside the new one's rows: its ids are not theirs, so its hits would all be dropped."""
+        with self._first_load:
+            served = self._served
+            folder = self.collection.folder
+            if served is None or served.folder != folder:
+                collection = Collection(self.collection.root, self.collection.name, data=folder)
+                try:
+                    fresh = self._load(collection)
+                finally:
+                    collection.close()
+                with self._swapped:
+                    if served is not None:
+                        self.swaps += 1
+                        self._swapped.notify_all()
+                    self._served = served = fresh
+            return served
 
     @property
     def served(self) -> ServedIndex | None:
@@ -132,7 +149,9 @@ class ServedSearcher(Searcher):
                     fresh = self._load(collection)
                 finally:
                     collection.close()
-                with self._swapped:
+                with self._first_load, self._swapped:
+                    if fresh.folder != self.collection.folder:
+                        continue  # a rebuild switched generations while it loaded (a request loaded the new one)
                     self._served = fresh  # the swap: one reference assignment
                     self.swaps += 1
                     self._swapped.notify_all()
