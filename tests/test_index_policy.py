@@ -121,6 +121,28 @@ def test_sixty_thousand_vectors_reach_the_target_recall(sixty_k):
     assert one < every and every >= 0.95
 
 
+def test_a_large_k_is_never_short(sixty_k):
+    """The tuned nprobe probes a few lists, enough for a page of results but not for k = 1,000: nprobe rises with k,
+    and a k the lists cannot fill is answered from the full vectors. Every answer has k hits, best first, and its
+    top ten are the exact top ten."""
+    index_dir, ids, x = sixty_k
+    with Collection.open("sixty", index_dir) as collection:
+        index = collection.load_vectors(mmap=True)
+    layout = index.meta.layout
+    rng = np.random.default_rng(11)
+    queries = x[rng.choice(len(x), 5, replace=False)]
+    exact = ids[np.argsort(-(queries @ x.T), axis=1)]
+    for k in (300, 1_000, 5_000):
+        found = index.search(queries, k)
+        assert [len(row) for row in found] == [k] * len(queries)
+        for row, best in zip(found, exact):
+            scores = [score for _, score in row]
+            assert scores == sorted(scores, reverse=True) and len({i for i, _ in row}) == k
+            assert _recall([row[:10]], best[None, :10]) >= 0.9
+    # What the tuned nprobe alone gives back (the lists it probes hold fewer candidates than k asks for).
+    assert min(len(row) for row in index.search(queries, 5_000, nprobe=layout.nprobe)) < 5_000
+
+
 def test_stats_cli_shows_the_tuned_values(sixty_k):
     index_dir, _, _ = sixty_k
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
