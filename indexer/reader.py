@@ -133,21 +133,29 @@ def _header_facts(data: bytes) -> tuple[int | None, int | None, str | None]:
             exif = image.getexif()
             if exif.get(_ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width
-            taken = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get_ifd(_EXIF_IFD).get(
-                _DATETIME_DIGITIZED) or exif.get(_DATETIME)
-            return width, height, _exif_time(taken)
+            ifd = exif.get_ifd(_EXIF_IFD)
+            taken = (_exif_time(ifd.get(_DATETIME_ORIGINAL)) or _exif_time(ifd.get(_DATETIME_DIGITIZED))
+                     or _exif_time(exif.get(_DATETIME)))
+            return width, height, taken
     except Exception:  # the decoder proper reports what is wrong with the file
         return None, None, None
 
 
 def _exif_time(value: object) -> str | None:
-    """'2023:07:14 18:02:11' -> '2023-07-14T18:02:11' (None when absent or malformed)."""
+    """'2023:07:14 18:02:11' -> '2023-07-14T18:02:11'; None when absent or not a real time ('2024:13:45 99:00:00',
+    a camera's unset '0000:00:00 00:00:00' or '2024:00:00 00:00:00'): the date filters then use the file's mtime."""
+    from datetime import datetime
+
     if not isinstance(value, str):
         return None
     text = value.strip().strip("\x00")
-    if len(text) < 19 or text[4] != ":" or text[7] != ":":
+    if len(text) < 19 or text[4] != ":" or text[7] != ":" or text[10] not in " T":
         return None
     iso = f"{text[0:4]}-{text[5:7]}-{text[8:10]}T{text[11:19]}"
+    try:
+        datetime.fromisoformat(iso)
+    except ValueError:
+        return None
     return None if iso.startswith("0000") else iso
 
 

@@ -226,6 +226,27 @@ def test_decoder_processes_give_what_read_one_gives_in_this_process(tmp_path, mo
     assert by_path[tasks[-1].path].taken_at == "2021-03-04T05:06:07"
 
 
+def test_an_exif_time_that_is_no_real_time_is_not_stored(tmp_path, model):
+    # Dates are compared as text: '2024-13-45T99:00:00' would pass `--after 2024-12-01`, and a camera's
+    # '2024:00:00 00:00:00' fail `--after 2024`. Such a time is skipped for the next one EXIF holds, else the
+    # date filters use the file's mtime.
+    folder = tmp_path / "p"
+    folder.mkdir()
+    cases = {"month-13.jpg": ("2024:13:45 99:00:00", None, None),
+             "unset.jpg": ("2024:00:00 00:00:00", None, None),
+             "fallback.jpg": ("2024:02:30 10:00:00", "2023:07:14 18:02:11", "2023-07-14T18:02:11"),
+             "leap-day.jpg": ("2024:02:29 23:59:59", None, "2024-02-29T23:59:59")}
+    for name, (original, plain, _) in cases.items():
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[36867] = original  # DateTimeOriginal
+        if plain:
+            exif[306] = plain  # DateTime
+        block_image(3, size=(40, 30)).save(folder / name, exif=exif)
+    for name, (_, _, expected) in cases.items():
+        path = folder / name
+        assert read_one(ReadTask(str(path), path.stat().st_size, 0), model.preprocess).taken_at == expected, name
+
+
 def test_a_decoder_process_decodes_without_importing_numpy(tmp_path, model):
     # Workers import Pillow only (numpy would double each worker's start-up): decode a photo the way a worker
     # does, in a fresh interpreter, and look at what got imported.
