@@ -375,3 +375,35 @@ def test_searches_right_after_a_rebuild_answer_from_the_new_generation(tmp_path,
     during = searcher.search(query)
     assert switched and len(during) == 5 and min(h.id for h in during) > max(h.id for h in after)
     assert [h.path for h in during] == [h.path for h in before]
+
+
+def test_a_duplicates_scan_counts_against_the_workers_and_the_queue(indexed, monkeypatch):
+    """`GET /api/duplicates` reads every vector: it runs in the bounded executor like a search, so with every
+    worker busy and the queue full it is refused with 503 + Retry-After instead of queueing in the server's own
+    thread pool, and it holds a worker while it runs."""
+    import clipsearch.web.duplicates as duplicates_route
+
+    app = create_app(settings(indexed, workers=1, queue_limit=0, batch_lanes=1))
+    state = app.state.web
+    entered, release = threading.Event(), threading.Event()
+    original = duplicates_route.find_duplicates
+
+    def held_scan(searcher, threshold, neighbours):
+        entered.set()
+        assert release.wait(HOLD)
+        return original(searcher, threshold, neighbours)
+
+    monkeypatch.setattr(duplicates_route, "find_duplicates", held_scan)
+    with LiveServer(app) as live, ThreadPoolExecutor(1) as pool:
+        held = pool.submit(requests.get, f"{live.url}/api/duplicates", params={"threshold": 0.9}, timeout=HOLD)
+        try:
+            assert entered.wait(HOLD)
+            another = requests.get(f"{live.url}/api/duplicates", params={"threshold": 0.8}, timeout=HOLD)
+            refused_search = search(live.url, unique("while scanning"))
+            health = requests.get(f"{live.url}/healthz", timeout=HOLD)
+        finally:
+            release.set()
+        assert another.status_code == 503 and another.headers["retry-after"] == "1"
+        assert refused_search.status_code == 503
+        assert health.status_code == 200
+        assert held.result(timeout=HOLD).status_code == 200

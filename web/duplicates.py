@@ -93,21 +93,26 @@ def _cache(request: Request) -> _ReportCache:
             summary="Groups of near-identical images (resized, re-encoded, slightly cropped or colour-shifted copies)",
             description="Compares the index's stored vectors (no image file is read). Each group lists the suggested "
                         "copy to keep first.")
-def duplicates(request: Request, state: State, collection: CollectionParam = None,
+async def duplicates(request: Request, state: State, collection: CollectionParam = None,
                threshold: Annotated[float | None, Query(gt=0, le=1, allow_inf_nan=False,
                                                         description=THRESHOLD_DESCRIPTION)] = None,
                neighbours: Annotated[int, Query(ge=1, le=MAX_NEIGHBOURS, description="Nearest images each image is "
                                                 "compared with")] = DEFAULT_NEIGHBOURS) -> DuplicatesResponse:
-    searcher = state.searcher(collection)
-    searcher.records(())  # follows a rebuild, so the generation below is the current one
-    with searcher.lock:
-        key = (str(searcher.collection.folder), searcher.collection.store.generation, threshold, neighbours)
+    searcher = await state.searcher_for(collection)
     cache = _cache(request)
-    report = cache.get(key)
-    if report is None:
-        report = find_duplicates(searcher, threshold, neighbours)
-        cache.put(key, report)
-    return _response(request, report)
+
+    def report() -> DuplicateReport:
+        searcher.records(())  # follows a rebuild, so the generation below is the current one
+        with searcher.lock:
+            key = (str(searcher.collection.folder), searcher.collection.store.generation, threshold, neighbours)
+        found = cache.get(key)
+        if found is None:
+            found = find_duplicates(searcher, threshold, neighbours)
+            cache.put(key, found)
+        return found
+
+    # A scan reads every vector: in the bounded executor like every other blocking call (503 when it is full).
+    return _response(request, await state.run(report))
 
 
 def _response(request: Request, report: DuplicateReport) -> DuplicatesResponse:
