@@ -384,7 +384,6 @@ def test_a_duplicates_scan_counts_against_the_workers_and_the_queue(indexed, mon
     import clipsearch.web.duplicates as duplicates_route
 
     app = create_app(settings(indexed, workers=1, queue_limit=0, batch_lanes=1))
-    state = app.state.web
     entered, release = threading.Event(), threading.Event()
     original = duplicates_route.find_duplicates
 
