@@ -351,6 +351,46 @@ def _bundle_like(folder: Path, label: str) -> None:
     (folder / "model.json").write_text(json.dumps({"label": label}))
 
 
+def test_a_bundle_never_replaces_a_folder_that_is_not_one(tmp_path, monkeypatch):
+    """`--out` names where a bundle goes; an existing folder of other files would be deleted whole by the swap,
+    so it is refused (by the CLI before any export or training work, and by the swap itself), as is `--out .`."""
+    import clipsearch.model.bundle as bundle
+    from clipsearch.errors import BundleError
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(BundleError, match="not a model bundle: writing a bundle there would delete") as refused:
+        with bundle.staged_folder(precious) as staging:
+            _bundle_like(staging, "v1")
+    assert "new or empty folder" in refused.value.hint
+    assert (precious / "thesis.txt").read_text() == "years of work" and sorted(os.listdir(tmp_path)) == ["precious"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(BundleError, match="exists and is not a folder"):
+        bundle.check_bundle_target(tmp_path / "a-file")
+    monkeypatch.chdir(precious)
+    for here in (".", str(precious), str(tmp_path)):
+        with pytest.raises(BundleError, match="cannot replace the current folder"):
+            bundle.check_bundle_target(here)
+    for allowed in (tmp_path / "new", tmp_path / "empty"):  # new, empty, or a bundle: written
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with bundle.staged_folder(allowed) as staging:
+            _bundle_like(staging, "v1")
+        with bundle.staged_folder(allowed) as staging:
+            _bundle_like(staging, "v2")
+        assert json.loads((allowed / "model.json").read_text()) == {"label": "v2"}
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+    for command in (["models", "export", "ViT-B-32", "--random-init", "--out", str(precious)],
+                    ["train", "--pairs", "pairs.csv", "--out", str(tmp_path / "new"), "--precision", "fp32",
+                     "--precision", "int8"]):
+        (tmp_path / "new-int8").mkdir(exist_ok=True)
+        (tmp_path / "new-int8" / "notes.txt").write_text("mine")
+        done = subprocess.run([*cli, *command], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 1 and "not a model bundle" in done.stderr and "Traceback" not in done.stderr
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    assert (tmp_path / "new-int8" / "notes.txt").read_text() == "mine"
+
+
 def test_staged_folder_swap_never_leaves_no_bundle(tmp_path, monkeypatch):
     import clipsearch.model.bundle as bundle
 

@@ -26,12 +26,14 @@ def export_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for --random-init"),
 ) -> None:
     """Export an open_clip model to an ONNX bundle."""
+    from ..model.bundle import check_bundle_target
     from ..model.export import PRECISIONS, ExportRequest, export_bundle
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
     if bool(pretrained) == random_init:
         raise typer.BadParameter("give exactly one of --pretrained TAG_OR_FILE and --random-init")
+    check_bundle_target(out)
     folder = export_bundle(ExportRequest(arch=arch, pretrained=pretrained, random_init=random_init, out=out,
                                          precision=precision, name=name, seed=seed))
     typer.echo(f"exported {arch} ({precision}) to {folder}")
@@ -47,10 +49,12 @@ def export_blip_cmd(
 ) -> None:
     """Export a BLIP image-text retrieval model (ITC embeddings + ITM re-ranking head) to an ONNX bundle."""
     from ..model.blip import export_blip
+    from ..model.bundle import check_bundle_target
     from ..model.export import PRECISIONS
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    check_bundle_target(out)
     folder = export_blip(model_id, out, precision=precision, name=name)
     typer.echo(f"exported {model_id} ({precision}) to {folder}")
 

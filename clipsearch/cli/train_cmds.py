@@ -72,10 +72,13 @@ def train_cmd(
     if text_tower != "minilm":
         raise typer.BadParameter("only the locked MiniLM text tower is supported (minilm)", param_hint="--text-tower")
     precisions = _check_precisions(precision)
-    from ..train.pipeline import RunRequest, default_work_dir, run
+    from ..model.bundle import check_bundle_target
+    from ..train.pipeline import RunRequest, bundle_paths, default_work_dir, run
     from ..train.towers import ConvTowerConfig
     from ..train.trainer import TrainConfig
 
+    for folder in bundle_paths(out, precisions):
+        check_bundle_target(folder)  # before training, not after it
     model_name = name or out.name
     work = work_dir or default_work_dir(model_name)
     try:
@@ -123,8 +126,11 @@ def export_cmd(
     precision: List[str] = typer.Option(["fp32"], "--precision", help=PRECISION_HELP),
 ) -> None:
     """Export bundles from a training checkpoint."""
-    from ..train.pipeline import export_checkpoint
+    from ..model.bundle import check_bundle_target
+    from ..train.pipeline import bundle_paths, export_checkpoint
 
+    for folder in bundle_paths(out, _check_precisions(precision)):
+        check_bundle_target(folder)
     export_checkpoint(checkpoint, out, name or out.name, _check_precisions(precision), log=typer.echo)
 
 

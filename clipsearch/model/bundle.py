@@ -337,6 +337,27 @@ def recover_staged(out: Path | str) -> None:
         fsync_dir(out.parent)
 
 
+def check_bundle_target(out: Path | str) -> None:
+    """BundleError unless a bundle may be written to `out`: a new or empty folder, or a bundle's own (it is
+    replaced whole). Any other folder would be deleted with everything in it, so it is refused, as are the
+    current folder and those holding it (`--out .`)."""
+    out = Path(out)
+    hint = "Give --out a new or empty folder, or the folder of a bundle to replace."
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if out.name in ("", ".", "..") or target == here or target in here.parents:
+        raise BundleError(f"{out}: a bundle cannot replace the current folder or a folder that holds it", hint)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder", hint)
+    if (out / "model.json").is_file():
+        return
+    if any(out.iterdir()):
+        raise BundleError(f"{out} is a folder that is not a model bundle: writing a bundle there would delete what "
+                          "it holds", hint)
+
+
 @contextmanager
 def staged_folder(out: Path | str) -> Iterator[Path]:
     """Build a bundle in a hidden sibling folder; it replaces `out` only when the block completes, so a
@@ -346,8 +367,9 @@ def staged_folder(out: Path | str) -> Iterator[Path]:
     the renames leaves the old folder aside, and `recover_staged` (called by the next `staged_folder` on
     the same `out` and by model resolution) puts it back."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     recover_staged(out)
+    check_bundle_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
