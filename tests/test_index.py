@@ -117,6 +117,40 @@ def test_a_bundle_whose_image_side_changed_after_export_writes_nothing(tmp_path,
     assert len(hashed) == len([n for n in integrity.IMAGE_SIDE_FILES if n in good.info.files])  # no second hash
 
 
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_a_lost_database_is_indexed_again_without_its_old_index(tmp_path, photos, model, damage):
+    # The new database hands out ids in another order and its generation reaches the old index's: the saved index
+    # (and tokens, thumbnails) of the lost rows must go, or searches would name other files for the old vectors.
+    from clipsearch.search import SearchQuery, Searcher
+    from clipsearch.store.collection import STORE_FILE
+
+    index_dir = tmp_path / "idx"
+    with Collection.create("c", index_dir) as collection:
+        first = run(collection, model, [photos])
+    with Searcher(Collection.open("c", index_dir), model) as searcher:
+        expected = [(h.path, h.score) for h in searcher.search(SearchQuery.build(image=photos / "photo_006.png", k=4,
+                                                                                  include_query_images=True))]
+        old_max = max(h.id for h in searcher.search(SearchQuery.build(text="x", k=first.total)))
+    database = index_dir / "c" / STORE_FILE
+    for leftover in (database.with_name(STORE_FILE + "-wal"), database.with_name(STORE_FILE + "-shm")):
+        leftover.unlink(missing_ok=True)
+    if damage == "deleted":
+        database.unlink()
+    else:
+        database.write_bytes(b"")
+    (index_dir / "c" / "thumbnails").mkdir(exist_ok=True)
+    with Collection.create("c", index_dir) as collection:
+        again = run(collection, model, [photos])
+    assert (again.added, again.total) == (first.total, first.total)
+    with Searcher(Collection.open("c", index_dir), model) as searcher:
+        hits = searcher.search(SearchQuery.build(image=photos / "photo_006.png", k=4, include_query_images=True))
+        assert [h.path for h in hits] == [path for path, _ in expected]
+        assert [h.score for h in hits] == pytest.approx([score for _, score in expected], abs=1e-5)
+        assert hits[0].path == str(photos / "photo_006.png") and min(h.id for h in hits) > old_max
+        assert searcher.collection.check().ok
+    assert not (index_dir / "c" / "thumbnails").exists()
+
+
 def test_rerun_embeds_nothing(tmp_path, photos, model):
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])

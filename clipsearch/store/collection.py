@@ -262,7 +262,25 @@ class Collection:
                 break
             if self._store.migrated_from is not None:
                 self._reserve_indexed_ids(self._store)
+            if self._store.created:
+                self._drop_derived_files(self._store)
         return self._store
+
+    def _drop_derived_files(self, store: Store) -> None:
+        """A database made now, beside an index, tokens or thumbnails (its file was deleted or emptied): those
+        were derived from rows that are gone, so they go too, or the next run would find a saved index whose
+        generation the new rows reach and search the old vectors under the new ids. Ids continue above the old
+        index's, so a process still holding it never shows a new image for an old vector."""
+        derived = [self.folder / name for name in (INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, TOKENS_FILE)]
+        if not any(path.exists() for path in derived) and not (self.folder / "thumbnails").is_dir():
+            return
+        meta = _read_meta(self.folder)
+        if meta is not None and meta.max_id:
+            store.reserve_ids_through(meta.max_id)
+        for path in derived:
+            path.unlink(missing_ok=True)
+        remove_index_leftovers(self.folder)
+        shutil.rmtree(self.folder / "thumbnails", ignore_errors=True)
 
     @staticmethod
     def _make_folder(folder: Path) -> None:

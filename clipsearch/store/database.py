@@ -184,6 +184,7 @@ class Store:
         self.path = Path(path)
         self._db = None
         self.migrated_from: int | None = None  # the schema version this open upgraded, if it did
+        self.created = False  # this open made the database's tables (a new or emptied database file)
         self.read_only = read_only
         try:
             # check_same_thread=False: a Searcher serves API threads, serialising access with its own lock.
@@ -293,6 +294,7 @@ class Store:
                     self.conn.execute("ALTER TABLE embeddings ADD COLUMN written_gen INTEGER")
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self.migrated_from = version if "images" in tables else None
+                self.created = "images" not in tables
         except BaseException:
             self.conn.rollback()
             self.conn.execute("PRAGMA foreign_keys=ON")
