@@ -151,6 +151,41 @@ def test_a_lost_database_is_indexed_again_without_its_old_index(tmp_path, photos
     assert not (index_dir / "c" / "thumbnails").exists()
 
 
+def test_check_and_stats_report_a_damaged_database_and_malformed_vectors(tmp_path, photos, model):
+    import sqlite3
+
+    from clipsearch.errors import UnreadableStoreError
+    from clipsearch.store.collection import STORE_FILE
+
+    index_dir = tmp_path / "idx"
+    with Collection.create("c", index_dir) as collection:
+        run(collection, model, [photos])
+    database = index_dir / "c" / STORE_FILE
+    # A stored vector of the wrong size: check looks at every one (it sampled 32), a rebuild of the index names it.
+    with sqlite3.connect(database) as raw:
+        raw.execute("UPDATE embeddings SET vector = x'0000' WHERE id = 3")
+    (index_dir / "c" / "vectors.faiss").unlink()
+    with Collection.open("c", index_dir) as collection:
+        report = collection.check()
+        assert not report.ok and any(p.startswith("1 stored vectors are not") and "(ids 3)" in p for p in report.problems)
+        with pytest.raises(CollectionError, match=r"stored vectors are not \d+ float32 values \(ids 3\)"):
+            collection.load_vectors()
+    # Pages of the database overwritten: check reports it, stats and the CLI say so in one line.
+    with open(database, "r+b") as damaged:
+        damaged.seek(4096 * 2)
+        damaged.write(b"\0" * 4096 * 3)
+    with Collection.open("c", index_dir) as collection:
+        report = collection.check()
+        assert not report.ok and "--rebuild --model MODEL" in report.problems[0]
+        with pytest.raises(UnreadableStoreError, match="the database is damaged"):
+            collection.stats()
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
+    for command in ("check", "stats"):
+        done = subprocess.run([*cli, command, "-c", "c", "--index-dir", str(index_dir)], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr and "--rebuild" in done.stderr, done.stderr
+
+
 def test_rerun_embeds_nothing(tmp_path, photos, model):
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])

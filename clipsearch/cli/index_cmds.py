@@ -344,11 +344,16 @@ def check(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Verify that SQLite and FAISS agree (counts, ids, model); exit 1 with the details when they do not."""
+    import sqlite3
+
     from ..store.collection import Collection
 
     with Collection.open(collection, index_dir) as target:
         report = target.check()
-        tokens_stored = target.store.count_tokens()
+        try:
+            tokens_stored = target.store.count_tokens()
+        except sqlite3.DatabaseError:  # a damaged database: the report says so
+            tokens_stored = 0
         codec = target.token_codec
     token_bytes = codec.bytes_per_image if codec is not None and tokens_stored else None
     if as_json:

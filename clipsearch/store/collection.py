@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -725,12 +726,24 @@ class Collection:
 
     # -- inspection -------------------------------------------------------------------------------
     def check(self, sample_size: int = 32) -> CheckReport:
-        """Verify that SQLite and FAISS agree: counts, ids, model, generation, and a sample of vectors."""
+        """Verify that SQLite and FAISS agree: counts, ids, model, generation, every stored vector's size, and a
+        sample of vectors. A damaged database is a problem reported, not an exception."""
+        try:
+            return self._check(sample_size)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            return CheckReport(self.name, 0, None, [f"SQLite database is damaged ({exc}): index it again into a new "
+                                                    "database with: clipsearch index PATH --rebuild --model MODEL"])
+
+    def _check(self, sample_size: int) -> CheckReport:
         problems: list[str] = []
         store = self.store
-        integrity = store.db.execute("PRAGMA quick_check").fetchone()[0]
+        integrity = "; ".join(row[0] for row in store.conn.execute("PRAGMA quick_check(5)"))
         if integrity != "ok":
-            problems.append(f"SQLite integrity check failed: {integrity}")
+            return CheckReport(self.name, 0, None, [
+                f"SQLite integrity check failed: {integrity[:300]}; index it again into a new database with: "
+                "clipsearch index PATH --rebuild --model MODEL"])
         images, embeddings = store.count(), store.count_embeddings()
         row_ids, vector_ids = store.ids(), store.embedding_ids()
         if images != embeddings or not np.array_equal(row_ids, vector_ids):
@@ -749,6 +762,11 @@ class Collection:
         wrong_model = store.db.execute("SELECT count(*) FROM images WHERE model_id != ?", [model.model_id]).fetchone()[0]
         if wrong_model:
             problems.append(f"{wrong_model} images were embedded with another model than {model.model_id}")
+        malformed, examples = store.malformed_vectors(model.embed_dim)
+        if malformed:
+            problems.append(f"{malformed} stored vectors are not {model.embed_dim} float32 values (ids "
+                            f"{', '.join(map(str, examples))}{' …' if malformed > len(examples) else ''}); index it "
+                            "again into a new database with: clipsearch index PATH --rebuild")
         problems.extend(self._check_tokens(model, row_ids, sample_size))
         try:
             index = VectorIndex.load(self.folder)
@@ -873,6 +891,16 @@ class Collection:
         return problems
 
     def stats(self) -> CollectionStats:
+        try:
+            return self._stats()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise UnreadableStoreError(f"{self.folder / STORE_FILE}: the database is damaged ({exc})",
+                                       "Check it with `clipsearch check`; index it again into a new database with: "
+                                       "clipsearch index PATH --rebuild --model MODEL") from exc
+
+    def _stats(self) -> CollectionStats:
         store = self.store
         meta = None
         try:

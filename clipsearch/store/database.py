@@ -508,11 +508,23 @@ class Store:
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-            if vectors.size != len(rows) * dim:
-                raise CollectionError(f"{self.path}: stored vectors do not have {dim} dimensions",
-                                      "Rebuild the collection with: clipsearch index PATH --rebuild")
-            yield ids, vectors.reshape(len(rows), dim)
+            data = b"".join(r[1] or b"" for r in rows)
+            if len(data) != len(rows) * dim * 4:
+                bad = [r[0] for r in rows if len(r[1] or b"") != dim * 4]
+                raise CollectionError(f"{self.path}: {len(bad)}+ stored vectors are not {dim} float32 values "
+                                      f"(ids {', '.join(map(str, bad[:5]))}{' …' if len(bad) > 5 else ''})",
+                                      "Index it again into a new database with: clipsearch index PATH --rebuild")
+            yield ids, np.frombuffer(data, dtype=np.float32).reshape(len(rows), dim)
+
+    def malformed_vectors(self, dim: int) -> tuple[int, list[int]]:
+        """(how many stored vectors are not `dim` float32 values, the first few of their ids)."""
+        count = int(self.conn.execute("SELECT count(*) FROM embeddings WHERE length(vector) IS NOT ?",
+                                      [dim * 4]).fetchone()[0])
+        if not count:
+            return 0, []
+        ids = [int(r[0]) for r in self.conn.execute(
+            "SELECT id FROM embeddings WHERE length(vector) IS NOT ? ORDER BY id LIMIT 5", [dim * 4])]
+        return count, ids
 
     def all_vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self.iter_vectors(dim))
@@ -770,10 +782,10 @@ def _fits_sqlite(value: int) -> bool:
 
 
 def _decode_vector(blob: bytes, dim: int) -> np.ndarray:
-    vector = np.frombuffer(blob, dtype=np.float32)
-    if vector.size != dim:
-        raise CollectionError(f"stored vector has {vector.size} dimensions, expected {dim}")
-    return vector.copy()
+    if len(blob or b"") != dim * 4:
+        raise CollectionError(f"a stored vector has {len(blob or b'')} bytes, not {dim} float32 values",
+                              "Index it again into a new database with: clipsearch index PATH --rebuild")
+    return np.frombuffer(blob, dtype=np.float32).copy()
 
 
 def _sqlite_utils():
