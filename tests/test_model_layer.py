@@ -351,6 +351,24 @@ def _bundle_like(folder: Path, label: str) -> None:
     (folder / "model.json").write_text(json.dumps({"label": label}))
 
 
+def test_a_model_json_whose_embed_dim_is_not_the_graphs_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from clipsearch.errors import BundleError
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_bundle, edited)
+    meta = json.loads((edited / "model.json").read_text())
+    meta["embed_dim"] = meta["embed_dim"] * 2
+    (edited / "model.json").write_text(json.dumps(meta))
+    model = ClipModel(edited, threads=1)
+    with pytest.raises(BundleError, match=rf"textual.onnx outputs vectors of shape \[{meta['embed_dim'] // 2}\], its "
+                                          rf"model.json says embed_dim {meta['embed_dim']}"):
+        model.encode_text(["a dog"])
+    with pytest.raises(BundleError, match="visual.onnx outputs vectors of shape"):
+        model.encode_images([Image.new("RGB", (32, 32))])
+
+
 def test_a_bundle_never_replaces_a_folder_that_is_not_one(tmp_path, monkeypatch):
     """`--out` names where a bundle goes; an existing folder of other files would be deleted whole by the swap,
     so it is refused (by the CLI before any export or training work, and by the swap itself), as is `--out .`."""

@@ -146,7 +146,16 @@ class ClipModel:
         if not texts:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         batch = self.tokenizer(texts)
-        return np.ascontiguousarray(self.textual.run(batch.inputs), dtype=np.float32)
+        return self._checked(np.ascontiguousarray(self.textual.run(batch.inputs), dtype=np.float32), "textual.onnx")
+
+    def _checked(self, vectors: np.ndarray, graph: str) -> np.ndarray:
+        """`vectors`, unless the graph's output width is not the embed_dim model.json states (a bundle whose
+        model.json was edited): nothing of another width may be stored or compared."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim:
+            raise BundleError(f"model {self.info.name}: {graph} outputs vectors of shape {list(vectors.shape[1:])}, "
+                              f"its model.json says embed_dim {self.embed_dim}",
+                              "Export or download the bundle again (model.json does not describe its graphs).")
+        return vectors
 
     def open_visual(self) -> None:
         """Load the visual graph now rather than on the first image."""
@@ -155,8 +164,9 @@ class ClipModel:
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        return np.ascontiguousarray(self.visual.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)}),
-                                    dtype=np.float32)
+        return self._checked(np.ascontiguousarray(
+            self.visual.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)}), dtype=np.float32),
+            "visual.onnx")
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
@@ -215,7 +225,8 @@ class ClipModel:
         embeds_name = self.visual.session.get_outputs()[0].name
         embeds, tokens = self.visual.run_outputs({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)},
                                                  [embeds_name, name])
-        return (np.ascontiguousarray(embeds, dtype=np.float32), np.ascontiguousarray(tokens, dtype=np.float32))
+        return (self._checked(np.ascontiguousarray(embeds, dtype=np.float32), "visual.onnx"),
+                np.ascontiguousarray(tokens, dtype=np.float32))
 
     def image_tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
         """float32 [len(images), T, Dv]: the visual graph's token output that the ITM head attends to (named
