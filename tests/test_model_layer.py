@@ -310,6 +310,47 @@ def test_cli_models_export_info_and_cache_lookup(isolated_home, tmp_path):
     assert bad.returncode != 0 and "--random-init" in bad.stderr
 
 
+def test_damaged_bundles_give_one_line_errors_and_are_listed_as_damaged(isolated_home, tiny_bundle):
+    import shutil
+
+    models = isolated_home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_bundle, models / "good")
+
+    def damaged(name: str, edit) -> Path:
+        folder = models / name
+        shutil.copytree(tiny_bundle, folder)
+        edit(folder)
+        return folder
+
+    meta = json.loads((tiny_bundle / "model.json").read_text())
+    cases = {
+        damaged("empty-tokenizer", lambda f: (f / "tokenizer.json").write_text("{}")): "tokenizer.json does not match",
+        damaged("unrecorded-tokenizer", lambda f: ((f / "tokenizer.json").write_text("{}"), (f / "model.json").write_text(
+            json.dumps({**meta, "files": {k: v for k, v in meta["files"].items() if k != "tokenizer.json"}})))):
+            "cannot be read as a tokenizer",
+        damaged("list-json", lambda f: (f / "model.json").write_text("[1, 2]")): "model.json is malformed",
+        damaged("no-context", lambda f: (f / "model.json").write_text(json.dumps({**meta, "context_length": 0}))):
+            "context_length at least 2",
+    }
+    for folder, message in cases.items():
+        done = _cli("embed", "--model", str(folder), "--text", "a dog")
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    listed = _cli("models", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["good"]["embed_dim"] == meta["embed_dim"] and "error" not in rows["good"]
+    assert "model.json is malformed" in rows["list-json"]["error"] and rows["no-context"]["error"]
+    plain = _cli("models", "list")
+    assert plain.returncode == 0 and "DAMAGED" in plain.stdout and "good" in plain.stdout
+    unverifiable = damaged("no-checksums", lambda f: (f / "model.json").write_text(
+        json.dumps({k: v for k, v in meta.items() if k != "files"})))
+    verified = _cli("models", "info", str(unverifiable), "--verify")
+    assert verified.returncode == 1
+    answer = json.loads(verified.stdout)
+    assert answer["verified"] is False and answer["problems"] == ["model.json records no checksums: nothing could be verified"]
+
+
 def test_extreme_aspect_ratio_is_resized_without_blowing_up_memory():
     from clipsearch.model.bundle import PreprocessSpec
     from clipsearch.model.preprocess import image_to_pixels

@@ -98,12 +98,18 @@ def list_cmd(
         rows = [{"arch": a, "tag": t, "spec": f"{a}/{t}"} for a, t in pairs]
         typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join(r["spec"] for r in rows))
         return
+    from ..errors import BundleError
     from ..model.bundle import read_bundle
     from ..model.resolve import list_models, suits_photos
 
     rows = []
     for entry in list_models():
-        info = read_bundle(entry.path)
+        try:
+            info = read_bundle(entry.path)
+        except BundleError as exc:  # one damaged bundle is listed as such, the others as usual
+            rows.append({"name": entry.name, "origin": entry.origin, "path": str(entry.path), "embed_dim": None,
+                         "precision": None, "photos": None, "spec": None, "error": exc.message})
+            continue
         hub = info.extra.get("hub") or {}
         rows.append({"name": entry.name, "origin": entry.origin, "path": str(entry.path), "embed_dim": info.embed_dim,
                      "precision": info.precision, "photos": suits_photos(info), "spec": hub.get("spec")})
@@ -114,6 +120,9 @@ def list_cmd(
     else:
         marks = {True: "photos", False: "not photos", None: "photos?"}
         for row in rows:
+            if row.get("error"):
+                typer.echo(f"{row['name']:<40} {row['origin']:<8} DAMAGED: {row['error']}")
+                continue
             typer.echo(f"{row['name']:<40} {row['origin']:<8} {marks[row['photos']]:<10} dim={row['embed_dim']:<5} "
                        f"{row['precision']:<5} {row['path']}")
         if not any(row["photos"] for row in rows):
@@ -140,6 +149,8 @@ def info_cmd(
         raw["provenance"] = {k: hub.get(k) for k in ("spec", "repo", "subfolder", "revision", "commit", "endpoint")}
     if verify:
         problems = verify_bundle(info)
+        if not info.files:
+            problems.append("model.json records no checksums: nothing could be verified")
         raw["verified"] = not problems
         raw["problems"] = problems
     typer.echo(json.dumps(raw, indent=2, ensure_ascii=False))

@@ -231,6 +231,8 @@ def read_bundle(path: Path | str) -> BundleInfo:
         )
     try:
         raw = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON object is expected, not {type(raw).__name__}")
         text_raw = raw.get("text", {})
         text = TextSpec(
             tokenizer=str(text_raw.get("tokenizer", "clip_bpe")),
@@ -242,6 +244,8 @@ def read_bundle(path: Path | str) -> BundleInfo:
             pad_to=str(text_raw.get("pad_to", "longest")),
         )
         known = {"name", "source", "embed_dim", "logit_scale", "precision", "context_length", "text", "files"}
+        if int(raw["embed_dim"]) < 1 or int(raw.get("context_length", 77)) < 2:
+            raise ValueError("embed_dim must be at least 1 and context_length at least 2 (start and end tokens)")
         return BundleInfo(
             path=folder,
             name=str(raw["name"]),
@@ -254,8 +258,9 @@ def read_bundle(path: Path | str) -> BundleInfo:
             files=dict(raw.get("files", {})),
             extra={k: v for k, v in raw.items() if k not in known},
         )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"{folder / 'model.json'} is malformed: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{folder / 'model.json'} is malformed: {exc}",
+                          "Export or download the bundle again.") from exc
 
 
 def read_preprocess(info: BundleInfo) -> PreprocessSpec:

@@ -137,6 +137,7 @@ class ClipModel:
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
+            check_text_side(self.info)  # a changed tokenizer.json is named as such, not by what parsing it says
             self._tokenizer = TextTokenizer.from_bundle(self.info)
         return self._tokenizer
 

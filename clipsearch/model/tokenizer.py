@@ -105,8 +105,14 @@ class TextTokenizer:
     @classmethod
     def from_bundle(cls, info: BundleInfo) -> "TextTokenizer":
         rules = info.extra.get("text_rules")
-        return cls(Tokenizer.from_file(str(info.file("tokenizer.json"))), info.text, info.context_length,
-                   rules if isinstance(rules, dict) else None)
+        path = info.file("tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own Exception for a file it cannot parse
+            raise BundleError(f"{path} cannot be read as a tokenizer ({str(exc)[:200]})",
+                              f"Export or download the bundle again; `clipsearch models info {info.path} --verify` "
+                              "lists what differs.") from exc
+        return cls(tokenizer, info.text, info.context_length, rules if isinstance(rules, dict) else None)
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, with start/end tokens and truncation to the context length."""
