@@ -161,3 +161,75 @@ def test_time_budget_ends_training_after_the_warm_up(tmp_path: Path) -> None:
     assert lr_factor(0, 5, 0.0) == pytest.approx(0.2)
     assert lr_factor(10, 5, 0.0) == pytest.approx(1.0)
     assert lr_factor(10, 5, 1.0) == pytest.approx(0.02)
+
+
+def test_pairs_files_as_spreadsheets_and_editors_write_them(tmp_path: Path) -> None:
+    folder = tmp_path / "p"
+    folder.mkdir()
+    excel = folder / "excel.csv"  # Excel's "CSV UTF-8": a BOM before the header
+    excel.write_text("image,caption\nred.png,a red heart\nblue.png,café au lait\n", encoding="utf-8-sig")
+    assert [(p.image.name, p.caption) for p in read_pairs(excel)] == [("red.png", "a red heart"),
+                                                                      ("blue.png", "café au lait")]
+    latin = folder / "latin.jsonl"
+    latin.write_bytes('{"image": "a.png", "caption": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(PairsError, match="not UTF-8 text"):
+        read_pairs(latin)
+    broken = folder / "broken.json"
+    broken.write_text('[{"image": "x"', encoding="utf-8")
+    with pytest.raises(PairsError, match="not JSON"):
+        read_pairs(broken)
+    (folder / "object.json").write_text('{"image": "x", "caption": "y"}', encoding="utf-8")
+    with pytest.raises(PairsError, match="a JSON list"):
+        read_pairs(folder / "object.json")
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--batch-size", "0"], ["--image-size", "0"], ["--epochs", "0"],
+                                 ["--lr", "-1"], ["--widths", "8,16"], ["--checkpoint-every", "0"],
+                                 ["--resume", "--fresh"]])
+def test_train_refuses_numbers_that_cannot_train(tmp_path: Path, bad: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    pairs = _make_pairs(tmp_path / "data")
+    result = CliRunner().invoke(app, ["train", "--pairs", str(pairs), "--out", str(tmp_path / "b"), *bad])
+    assert result.exit_code == 2 and bad[0] in result.output and not (tmp_path / "b").exists()
+
+
+def test_an_interrupted_training_says_how_to_continue_and_is_not_started_over_by_mistake(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import clipsearch.train.trainer as trainer
+    from clipsearch.cli import app
+    from clipsearch.train.pipeline import load_checkpoint
+
+    pairs = _make_pairs(tmp_path / "data")
+    work = tmp_path / "work"
+    args = ["train", "--pairs", str(pairs), "--out", str(tmp_path / "bundle"), "--steps", "6", "--batch-size", "8",
+            "--widths", "8,8,16,16", "--image-size", "32", "--eval-every", "0", "--checkpoint-every", "2",
+            "--work-dir", str(work), "--threads", "1"]
+    real_render = trainer.render_batch
+    calls = []
+
+    def ctrl_c_in_step_four(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_render(*a, **k)
+
+    monkeypatch.setattr(trainer, "render_batch", ctrl_c_in_step_four)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130
+    assert f"interrupted: the last checkpoint (every 2 steps) is {work / 'checkpoint.pt'}" in result.output
+    assert "--resume" in result.output and load_checkpoint(work / "checkpoint.pt")[3]["step"] == 2
+    monkeypatch.setattr(trainer, "render_batch", real_render)
+    again = CliRunner().invoke(app, args)  # --resume forgotten: the checkpoint is not overwritten
+    refused = again.exception  # the CLI's entry point prints a ClipsearchError's message and hint (exit 1)
+    assert "holds an unfinished run's checkpoint (step 2 of 6)" in refused.message and "--fresh" in refused.hint
+    assert load_checkpoint(work / "checkpoint.pt")[3]["step"] == 2
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0 and "at step 2" in resumed.output
+    assert load_checkpoint(work / "checkpoint.pt")[3]["step"] == 6
+    finished = CliRunner().invoke(app, args)  # a finished run's checkpoint does not stand in the way
+    assert finished.exit_code == 0, finished.output

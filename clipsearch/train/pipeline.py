@@ -40,9 +40,11 @@ def bundle_paths(out: Path, precisions: Sequence[str]) -> list[Path]:
 
 def load_checkpoint(path: Path) -> tuple[ConvImageTower, TextHead, float, dict]:
     """Image tower, text head and logit scale from a training checkpoint."""
+    from .trainer import _load_checkpoint
+
     if not Path(path).is_file():
         raise ClipsearchError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _load_checkpoint(Path(path))
     tower = ConvImageTower(ConvTowerConfig.from_dict(state["tower_cfg"]))
     tower.load_state_dict(state["tower"])
     tower.eval()

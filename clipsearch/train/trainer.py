@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ClipsearchError
 from ..model.bundle import PreprocessSpec
 from .augment import composite_white, render_batch
 from .data import BatchSampler, TrainData, captions_key
@@ -45,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     autocast: str = "auto"  # "auto" | "bf16" | "fp32"
     resume: bool = False
+    fresh: bool = False  # start over even when the work folder holds an unfinished run's checkpoint
     time_budget_s: float | None = None  # stop (with the schedule fully decayed) after this much training time
     tower: ConvTowerConfig = field(default_factory=ConvTowerConfig)
 
@@ -180,6 +182,18 @@ def _param_groups(tower: nn.Module, head: TextHead, logit_scale: nn.Parameter, c
     ]
 
 
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged or foreign file
+        raise ClipsearchError(f"{path} is not a readable training checkpoint ({str(exc)[:160]})",
+                              "Start over with --fresh, or give another --work-dir.") from exc
+    if not isinstance(state, dict) or "tower" not in state:
+        raise ClipsearchError(f"{path} is not a clipsearch training checkpoint",
+                              "Start over with --fresh, or give another --work-dir.")
+    return state
+
+
 def train(cfg: TrainConfig, data: TrainData, log: Callable[[str], None] = print) -> TrainResult:
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
@@ -197,10 +211,21 @@ def train(cfg: TrainConfig, data: TrainData, log: Callable[[str], None] = print)
     sampler = BatchSampler(data, cfg.batch_size, cfg.scene_fraction, cfg.seed)
     use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cpu_has_bf16())
     start_step, elapsed, history = 0, 0.0, []
+    if not cfg.resume and not cfg.fresh and ckpt_path.is_file():
+        earlier = _load_checkpoint(ckpt_path)
+        if int(earlier.get("total", 0)) > int(earlier.get("step", 0)):
+            raise ClipsearchError(
+                f"{work} holds an unfinished run's checkpoint (step {earlier['step']} of {earlier['total']})",
+                "Continue it with --resume, or start over (replacing it) with --fresh.")
     if cfg.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        tower.load_state_dict(state["tower"])
-        head.load_state_dict(state["head"])
+        state = _load_checkpoint(ckpt_path)
+        try:
+            tower.load_state_dict(state["tower"])
+            head.load_state_dict(state["head"])
+        except RuntimeError as exc:
+            raise ClipsearchError(f"{ckpt_path} was trained with another tower than these settings "
+                                  "(--widths, --image-size)",
+                                  "Resume with the settings it was started with, or start over with --fresh.") from exc
         with torch.no_grad():
             logit_scale.copy_(state["logit_scale"])
         opt.load_state_dict(state["opt"])
@@ -220,7 +245,7 @@ def train(cfg: TrainConfig, data: TrainData, log: Callable[[str], None] = print)
     def save(step: int) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"tower": tower.state_dict(), "head": head.state_dict(), "logit_scale": logit_scale.detach(),
-                    "opt": opt.state_dict(), "sampler": sampler.state(), "step": step,
+                    "opt": opt.state_dict(), "sampler": sampler.state(), "step": step, "total": total,
                     "seconds": elapsed, "history": history, "tower_cfg": tower_cfg.to_dict()}, tmp)
         tmp.replace(ckpt_path)
 
