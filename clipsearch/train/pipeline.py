@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 from .. import paths
 from ..errors import ClipsearchError
 from .towers import ConvImageTower, ConvTowerConfig, TextHead
