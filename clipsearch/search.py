@@ -26,6 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -164,6 +165,13 @@ class Searcher:
                 self._check_model(self._model if self._model is not None else self._model_info)
             elif self._model is not None and self._model.model_id != self.collection_model.model_id:
                 self._model = None
+
+    def follow(self) -> Path:
+        """Follow a rebuild's switch of generations, if one happened, and return the data folder searches now use:
+        a caller that reads the index and then rows compares it afterwards (a changed folder means they may be of
+        different generations, whose ids never meet: search again)."""
+        self._follow_rebuild()
+        return self.collection.folder
 
     @property
     def index(self):
@@ -486,8 +494,7 @@ class Searcher:
             except Exception as exc:  # noqa: BLE001 - this query's error, not the others'
                 answers[position] = exc
         if groups:
-            self._follow_rebuild()
-            folder = self.collection.folder
+            folder = self.follow()
             index = self.index
             for k, rows in groups.items():
                 try:
@@ -511,8 +518,7 @@ class Searcher:
         """The k nearest images to `vector`; with an active `filter`, the k nearest of those that pass it.
         `nprobe` overrides the IVF index's tuned value for this search."""
         for attempt in range(2):
-            self._follow_rebuild()
-            folder = self.collection.folder
+            folder = self.follow()
             index = self.index
             allowed = self.allowed_ids(filter) if filter is not None and filter.active else None
             ranked = index.search(np.asarray(vector, dtype=np.float32)[None, :], k, exclude_ids, allowed=allowed,

@@ -342,7 +342,8 @@ def test_searches_right_after_a_rebuild_answer_from_the_new_generation(tmp_path,
     from clipsearch.search import SearchQuery
 
     indexed = build_indexed_photos(tmp_path, tiny_bundle, count=6)
-    searcher = create_app(settings(indexed)).state.web.searcher()
+    app = create_app(settings(indexed))
+    searcher = app.state.web.searcher()
     model = ClipModel(tiny_bundle, threads=1)
     query = SearchQuery.build(text="a red square", k=5)
     before = searcher.search(query)
@@ -359,7 +360,6 @@ def test_searches_right_after_a_rebuild_answer_from_the_new_generation(tmp_path,
     assert [h.path for h in after] == [h.path for h in before]
     assert [[h.id for h in hits] for hits in batched][0] == [h.id for h in after] and len(batched[1]) == 5
     assert searcher.served.folder == searcher.collection.folder
-
     # Another request follows a second rebuild while this search holds the index it got: it searches again.
     reading = searcher.reading
     switched = []
@@ -375,6 +375,14 @@ def test_searches_right_after_a_rebuild_answer_from_the_new_generation(tmp_path,
     during = searcher.search(query)
     assert switched and len(during) == 5 and min(h.id for h in during) > max(h.id for h in after)
     assert [h.path for h in during] == [h.path for h in before]
+    # clip-back's /knn-service, the first request after a switch (it read the index before following it).
+    with LiveServer(app) as live:
+        knn_url, body = f"{live.url}/knn-service", {"text": "a red square", "num_images": 5}
+        assert len(requests.post(knn_url, json=body, timeout=HOLD).json()) == 5
+        rebuild()
+        knn = requests.post(knn_url, json=body, timeout=HOLD)
+    assert knn.status_code == 200 and len(knn.json()) == 5, knn.text
+    assert min(r["id"] for r in knn.json()) > max(h.id for h in during)
 
 
 def test_a_duplicates_scan_counts_against_the_workers_and_the_queue(indexed, monkeypatch):

@@ -162,8 +162,12 @@ async def knn_service(request: Request) -> list[dict]:
         text_vectors = await state.text_vectors(searcher, [str(text_query.terms[0].value)])
 
     def run() -> list[dict]:
-        hits = ranked()
-        found = searcher.records([hit.id for hit in hits])
+        for _ in range(2):  # once more when a rebuild switched generations between the index and the rows
+            folder = searcher.follow()
+            hits = ranked()
+            found = searcher.records([hit.id for hit in hits])
+            if searcher.collection.folder == folder:
+                break
         return [result_item(request, name, found[hit.id], hit) for hit in hits if hit.id in found]
 
     def ranked() -> list[Hit]:

@@ -68,6 +68,8 @@ class ServedSearcher(Searcher):
     # -- reads and cache writes ---------------------------------------------------------------------
     @contextmanager
     def reading(self) -> Iterator[Store]:
+        # After a rebuild's switch the old generation's folder is deleted: a thread's first read goes to the new one.
+        self._follow_rebuild()
         yield self._readers.for_thread(self.collection.folder / STORE_FILE)
 
     def _remember_texts(self, model_id: str, vectors: dict[str, np.ndarray]) -> None:
