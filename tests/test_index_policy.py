@@ -207,6 +207,29 @@ def test_an_appended_exact_index_states_its_new_size(tmp_path):
     assert stats.index_reasons == ("60 vectors < 1,000: exact search is fast enough",)
 
 
+def test_an_index_built_while_another_process_commits_rows_is_of_one_moment(tmp_path):
+    """A searcher builds the index from SQLite while an indexing run commits: the count, the generation and the
+    rows it reads are of one read transaction (it failed with "built an index of 748 vectors, expected 740")."""
+    dim = 16
+    info = _fake_info(dim)
+    x = clustered(80, dim, seed=9)
+    with Collection.create("busy", tmp_path) as writer:
+        writer.bind_model(info)
+        _write(writer, info, x[:40], 0)
+        with Collection.open("busy", tmp_path) as reader:
+            real_iter = reader.store.iter_vectors
+
+            def rows_committed_meanwhile(*args, **kwargs):
+                _write(writer, info, x[40:], 40)  # another connection commits between the count and the rows
+                return real_iter(*args, **kwargs)
+
+            reader.store.iter_vectors = rows_committed_meanwhile
+            index = reader.build_vectors(ivf_threshold=1_000)
+            assert index.count == 40 and index.meta.generation < writer.store.generation
+            reader.store.iter_vectors = real_iter
+            assert reader.build_vectors(ivf_threshold=1_000).count == 80
+
+
 def test_deletions_remove_ids(tmp_path):
     dim = 32
     info = _fake_info(dim)

@@ -609,18 +609,19 @@ class Collection:
         IVF-PQ index's files are written (the writer passes the collection folder; readers the temp dir)."""
         model = self.require_model()
         store, dim = self.store, model.embed_dim
-        count = store.count_embeddings()
-        previous = _read_meta(self.folder)
-        trained = VectorIndex.load_trained(self.folder) if previous and previous.trained_on else None
-        reason = ""
-        if previous and previous.trained_on and outgrown(count, previous.trained_on):
-            reason = (f"retrained: {count:,} vectors, {count / previous.trained_on:.1f}x the {previous.trained_on:,} "
-                      "it was trained at")
-        index = VectorIndex.build(store.iter_vectors(dim), count=count, dim=dim, model_id=model.model_id,
-                                  generation=store.generation, ivf_threshold=ivf_threshold, trained=trained,
-                                  trained_on=previous.trained_on if previous else 0,
-                                  sample=lambda n: self.sample_vectors(n), budget_bytes=self.index_memory_budget,
-                                  workdir=workdir, train_reason=reason, parallel=self.parallel_adds)
+        with store.snapshot():  # an indexing run may commit meanwhile: count, generation and rows of one moment
+            count = store.count_embeddings()
+            previous = _read_meta(self.folder)
+            trained = VectorIndex.load_trained(self.folder) if previous and previous.trained_on else None
+            reason = ""
+            if previous and previous.trained_on and outgrown(count, previous.trained_on):
+                reason = (f"retrained: {count:,} vectors, {count / previous.trained_on:.1f}x the "
+                          f"{previous.trained_on:,} it was trained at")
+            index = VectorIndex.build(store.iter_vectors(dim), count=count, dim=dim, model_id=model.model_id,
+                                      generation=store.generation, ivf_threshold=ivf_threshold, trained=trained,
+                                      trained_on=previous.trained_on if previous else 0,
+                                      sample=lambda n: self.sample_vectors(n), budget_bytes=self.index_memory_budget,
+                                      workdir=workdir, train_reason=reason, parallel=self.parallel_adds)
         if previous and not index.meta.trained_at and index.meta.trained_on == previous.trained_on:
             index.meta = replace(index.meta, trained_at=previous.trained_at, train_reason=previous.train_reason)
         return index

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import quote
 
@@ -250,6 +251,20 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the database (one read transaction, WAL), whatever other connections
+        commit meanwhile: a count and the rows it counts agree. Within a transaction already: that one."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")  # nothing was written: only the snapshot ends
 
     def __enter__(self) -> "Store":
         return self
