@@ -193,6 +193,26 @@ def test_a_broken_helper_falls_back_to_the_in_process_search(run_dir, indexed):
     assert [r["path"] for r in rows] == expected
 
 
+def test_a_helper_that_does_not_acknowledge_is_not_waited_for(run_dir, indexed):
+    """A helper that accepts but never reads (stopped with SIGSTOP, stuck, swapped out): the kernel accepts the
+    connection for it, so the CLI waits only for the acknowledgement (2 s), then answers in-process."""
+    root, _, _ = indexed
+    expected = [h.path for h in _in_process(root, SearchQuery.build(text="a red square", k=3))]
+    where = protocol.address()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(where.socket_path))
+    listener.listen(8)  # never accepted: what a stopped helper looks like from outside
+    try:
+        started = time.monotonic()
+        rows = _cli_json(root, "a red square", "-k", "3")
+        waited = time.monotonic() - started
+    finally:
+        listener.close()
+        where.socket_path.unlink(missing_ok=True)
+    assert [r["path"] for r in rows] == expected
+    assert waited < client.ANSWER_SECONDS / 2  # not the answer timeout (300 s): the acknowledgement's
+
+
 def test_the_helper_exits_when_idle_and_when_its_socket_is_removed(run_dir, indexed, monkeypatch):
     root, _, _ = indexed
     monkeypatch.setenv("CLIPSEARCH_HELPER_IDLE", "2")

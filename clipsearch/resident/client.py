@@ -17,6 +17,8 @@ from ..query import SearchHit, SearchQuery
 from . import protocol
 
 CONNECT_SECONDS = 1.0
+ACK_SECONDS = 2.0  # a helper acknowledges a request as soon as it has read it: one that does not (stopped, stuck,
+# swapped out) is not waited for
 ANSWER_SECONDS = 300.0  # the first query of a big collection loads its index in the helper
 
 
@@ -69,8 +71,11 @@ def _exchange(where: protocol.HelperAddress, message: dict, answer_seconds: floa
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONNECT_SECONDS)
             sock.connect(str(where.socket_path))
-            sock.settimeout(answer_seconds)
             protocol.send(sock, message)
+            sock.settimeout(ACK_SECONDS)
+            if protocol.receive(sock) != protocol.ACK:
+                return None
+            sock.settimeout(answer_seconds)
             return protocol.receive(sock)
     except (OSError, ConnectionError, ValueError):
         return None

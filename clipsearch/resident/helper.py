@@ -151,6 +151,7 @@ class Helper:
                     return
                 conn.settimeout(30.0)
                 request = protocol.receive(conn)
+                protocol.send(conn, protocol.ACK)  # alive and answering: the client may wait for the answer
                 searching = request.get("op") == "search"  # `helper status` is not use: it does not keep it alive
                 if searching:
                     self.last_request = time.monotonic()

@@ -111,6 +111,9 @@ def _code_signature() -> str:
 
 
 # -- framing ---------------------------------------------------------------------------------------
+ACK = {"ack": True}  # the helper's first message on each connection, sent as soon as it has read the request
+
+
 def send(sock: socket.socket, message: dict) -> None:
     data = json.dumps(message, ensure_ascii=True).encode("ascii")  # lone surrogates travel as \udcXX
     sock.sendall(struct.pack(">I", len(data)) + data)
