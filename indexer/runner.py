@@ -21,12 +21,14 @@ tokens on for an indexed collection, or resuming a killed run that was adding th
 
 from __future__ import annotations
 
+import signal
+import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Sequence
+from typing import ContextManager, Iterator, Sequence
 
 from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError, UnreadableStoreError
@@ -248,10 +250,15 @@ class LocalRunner:
             # Even when interrupted, leave FAISS in agreement with what SQLite committed (not worth it for
             # a rebuild's new generation: an interrupted one is never switched to).
             if not options.rebuild:
-                collection.update_vectors(options.ivf_threshold)
+                try:
+                    with signals_held():
+                        collection.update_vectors(options.ivf_threshold)
+                except Exception:  # e.g. the disk that stopped the run is still full: report what stopped it
+                    pass  # (the next run completes the index)
             raise
         index_started = time.perf_counter()
-        sync = collection.update_vectors(options.ivf_threshold)
+        with signals_held():  # an IVF-PQ update takes seconds: a stop then waits for it, never leaves it half done
+            sync = collection.update_vectors(options.ivf_threshold)
         index_seconds = time.perf_counter() - index_started
         summary.total = store.count()
         index_meta = sync.index.meta if sync.index is not None else None
@@ -262,6 +269,41 @@ class LocalRunner:
         summary.encode_cpu_seconds = cost.encode_cpu_seconds
         self.last_timings = RunTimings(walk_seconds, cost.encode_seconds, index_seconds)
         return summary
+
+
+_HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as they would have (the first one that
+    came): what SQLite committed and the FAISS index are never left disagreeing by a stop in between. Outside
+    the main thread (an embedding program) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        if not pending:
+            try:
+                print("finishing the vector index so that it agrees with the database…", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+        pending.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in _HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if pending:
+        handler = previous[pending[0]]
+        if callable(handler):
+            handler(pending[0], None)  # Python's default SIGINT handler raises KeyboardInterrupt
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(pending[0])
 
 
 def index_paths(collection: Collection, model, roots: Sequence[str | Path], options: IndexOptions = IndexOptions(),

@@ -186,6 +186,57 @@ def test_check_and_stats_report_a_damaged_database_and_malformed_vectors(tmp_pat
         assert done.returncode == 1 and "Traceback" not in done.stderr and "--rebuild" in done.stderr, done.stderr
 
 
+def test_a_stop_during_the_index_update_waits_until_sqlite_and_faiss_agree(tmp_path, photos, model, monkeypatch):
+    # An IVF-PQ update takes seconds: Ctrl-C in it used to leave the index behind what SQLite committed.
+    real_update = Collection.update_vectors
+
+    def ctrl_c_during_the_update(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_update(self, *args, **kwargs)
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        monkeypatch.setattr(Collection, "update_vectors", ctrl_c_during_the_update)
+        with pytest.raises(KeyboardInterrupt):  # the stop still happens, once the update is done
+            run(collection, model, [photos])
+        monkeypatch.setattr(Collection, "update_vectors", real_update)
+        assert collection.vectors_fresh() and collection.check().ok and collection.store.count() == 12
+
+
+def test_a_full_disk_is_one_line_and_the_cleanup_does_not_hide_it(tmp_path, photos, model, monkeypatch, capsys):
+    import sqlite3
+
+    import clipsearch.cli as cli
+
+    # The run's own error is what surfaces, not the index update that tries to follow it on the same full disk.
+    real_update = Collection.update_vectors
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error in void faiss::write_index: No space left on device")
+
+    def write_fails(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        monkeypatch.setattr(Collection, "update_vectors", full)
+        monkeypatch.setattr(collection.store, "write_images", write_fails)
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            run(collection, model, [photos])
+    monkeypatch.setattr(Collection, "update_vectors", real_update)
+
+    def command():
+        try:
+            write_fails()
+        except sqlite3.OperationalError as exc:
+            raise RuntimeError("Error in void faiss::write_index: No space left on device") from exc
+
+    monkeypatch.setattr(cli, "app", command)
+    monkeypatch.setattr(cli.sys, "argv", ["clipsearch", "index", str(photos)])
+    with pytest.raises(SystemExit) as exited:
+        cli._run()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.startswith("error: no space left on the device") and "Free some space" in err
+
+
 def test_rerun_embeds_nothing(tmp_path, photos, model):
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])

@@ -8,6 +8,7 @@ folder, which is passed on as it is.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -113,12 +114,30 @@ def _run() -> None:
         if exc.hint:
             typer.echo(exc.hint, err=True)
         sys.exit(1)
-    except UnicodeEncodeError as exc:
-        if "surrogate" not in str(exc):
+    except Exception as exc:
+        if not isinstance(exc, UnicodeEncodeError) or "surrogate" not in str(exc):
+            if _out_of_space(exc):
+                typer.secho(f"error: no space left on the device ({exc})", err=True, fg="red")
+                typer.echo("Free some space and run the same command again: what was committed is kept, and an "
+                           "indexing run goes on from there.", err=True)
+                sys.exit(1)
             raise
         # A non-UTF-8 file name that exists reached a place that needs text (a stored path, say).
         shown = _shown(exc.object) if isinstance(exc.object, str) else repr(exc.object)
         _utf8_error(f"'{shown}'")
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """True when `exc`, or an exception it arose from, is a full disk (an OSError, SQLite's or FAISS's words)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        text = str(exc)
+        if "database or disk is full" in text or "No space left on device" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":
