@@ -237,6 +237,25 @@ def test_a_full_disk_is_one_line_and_the_cleanup_does_not_hide_it(tmp_path, phot
     assert exited.value.code == 1 and err.startswith("error: no space left on the device") and "Free some space" in err
 
 
+def test_check_of_a_collection_being_indexed_says_a_run_is_writing(tmp_path, photos, model):
+    from clipsearch.store.database import NewImage
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        run(collection, model, [photos])
+        vector = np.zeros(model.embed_dim, dtype=np.float32)
+        vector[0] = 1
+        with Collection.open("c", tmp_path / "idx") as running, running.writer_lock():  # what a run holds
+            running.store.write_images([NewImage(path=str(photos / "new.png"), size=1, mtime_ns=1, content_hash="n" * 32,
+                                                 width=8, height=8, taken_at=None, vector=vector)],
+                                       model.model_id, running.store.next_run_id(), "2026")
+            assert collection.being_indexed()
+            during = collection.check()
+            assert any("an indexing run is writing to it now" in p for p in during.problems), during.problems
+        assert not collection.being_indexed()
+        after = collection.check()
+        assert any("an interrupted run?" in p for p in after.problems)
+
+
 def test_rerun_embeds_nothing(tmp_path, photos, model):
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])

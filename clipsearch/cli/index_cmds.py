@@ -384,6 +384,7 @@ def stats(
 
     with Collection.open(collection, index_dir) as target:
         info = target.stats()
+        running = not info.index_fresh and target.being_indexed()
     if as_json:
         typer.echo(json.dumps(asdict(info), indent=2, ensure_ascii=False))
         return
@@ -392,7 +393,7 @@ def stats(
     typer.echo(f"images       {info.images}  (+{info.skipped} skipped files)")
     typer.echo(f"model        {model.model_id if model else '-'}")
     typer.echo(f"index        {info.index_kind or '-'}, {info.index_count if info.index_count is not None else '-'} vectors"
-               f"{'' if info.index_fresh else '  (stale: run clipsearch index again)'}")
+               f"{'' if info.index_fresh else '  (behind: an indexing run is writing)' if running else '  (stale: run clipsearch index again)'}")
     if info.index_factory:
         typer.echo(f"  structure  {info.index_factory}{'  (inverted lists on disk)' if info.index_on_disk else ''}")
     if info.index_nprobe is not None:

@@ -351,6 +351,22 @@ class Collection:
         finally:
             handle.close()
 
+    def being_indexed(self) -> bool:
+        """True while another process holds `writer_lock` (an indexing run is writing): a behind index is then
+        work in progress, not an interrupted run. Never creates or takes the lock."""
+        try:
+            import fcntl
+
+            with open(self.root / LOCK_FILE, "rb") as handle:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        except (ImportError, OSError):
+            pass
+        return False
+
     def discard_if_unbound(self, even_if_bound: bool = False) -> bool:
         """Delete this collection's database if no model was ever bound and it holds nothing (a first run that
         failed before indexing anything); with `even_if_bound`, also when a model is bound (a caller that made the
@@ -794,7 +810,9 @@ class Collection:
                             f"{len(only_sql)} only in SQLite (e.g. {only_sql[:5].tolist()})")
         if meta.generation != store.generation:
             problems.append(f"FAISS index reflects store generation {meta.generation}, SQLite is at {store.generation} "
-                            "(an interrupted run?); run `clipsearch index` again to complete it")
+                            + ("(an indexing run is writing to it now: check again when it has finished)"
+                               if self.being_indexed() else
+                               "(an interrupted run?); run `clipsearch index` again to complete it"))
         if not problems and images and meta.layout.kind == "flat":
             problems.extend(self._check_vector_sample(index, model.embed_dim, sample_size))
         return CheckReport(self.name, images, index.count, problems)
@@ -819,9 +837,17 @@ class Collection:
         if setting == "on":
             missing = np.setdiff1d(row_ids, token_ids)
             if len(missing):
-                problems.append(f"{len(missing)} of {len(row_ids)} images have no stored image tokens "
-                                f"(e.g. {missing[:5].tolist()}); run `clipsearch index` on the collection's "
-                                "folders again to compute them")
+                # Rows imported without a file here (URLs, another machine's paths) cannot get tokens: re-ranking
+                # leaves them unscored, as documented; only files an indexing run can read are a problem.
+                from .interchange import is_url_path
+
+                records = store.get_many(missing.tolist())
+                readable = [i for i in missing.tolist()
+                            if i in records and not is_url_path(records[i].path) and os.path.isfile(records[i].path)]
+                if readable:
+                    problems.append(f"{len(readable)} of {len(row_ids)} images have no stored image tokens "
+                                    f"(e.g. {readable[:5]}); run `clipsearch index` on the collection's "
+                                    "folders again to compute them")
         wrong = {size: n for size, n in store.token_blob_sizes().items() if size != codec.bytes_per_image}
         bad_ids: set[int] = set()
         if wrong:
