@@ -202,6 +202,49 @@ def test_a_stop_during_the_index_update_waits_until_sqlite_and_faiss_agree(tmp_p
         assert collection.vectors_fresh() and collection.check().ok and collection.store.count() == 12
 
 
+def test_check_of_a_collection_being_indexed_says_a_run_is_writing(tmp_path, photos, model):
+    from clipsearch.store.database import NewImage
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        run(collection, model, [photos])
+        vector = np.zeros(model.embed_dim, dtype=np.float32)
+        vector[0] = 1
+        with Collection.open("c", tmp_path / "idx") as running, running.writer_lock():  # what a run holds
+            running.store.write_images([NewImage(path=str(photos / "new.png"), size=1, mtime_ns=1, content_hash="n" * 32,
+                                                 width=8, height=8, taken_at=None, vector=vector)],
+                                       model.model_id, running.store.next_run_id(), "2026")
+            assert collection.being_indexed()
+            during = collection.check()
+            assert any("an indexing run is writing to it now" in p for p in during.problems), during.problems
+        assert not collection.being_indexed()
+        after = collection.check()
+        assert any("an interrupted run?" in p for p in after.problems)
+
+
+def test_a_collection_on_read_only_storage_is_not_called_damaged(tmp_path, photos, model, monkeypatch):
+    # What SQLite says when WAL cannot write its -shm file beside a healthy database (a read-only mount); root is
+    # not held back by file modes, so the read-only storage is what os.access reports.
+    import sqlite3
+
+    import clipsearch.store.database as database
+    from clipsearch.errors import UnreadableStoreError
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        run(collection, model, [photos])
+
+    def unable_to_open(self):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(database.Store, "_use_wal", unable_to_open)
+    monkeypatch.setattr(database.os, "access", lambda path, mode: False)
+    with pytest.raises(CollectionError, match="read-only") as raised:
+        Collection.open("c", tmp_path / "idx").store
+    assert not isinstance(raised.value, UnreadableStoreError) and "delete" not in raised.value.hint
+    monkeypatch.setattr(database.os, "access", lambda path, mode: True)
+    with pytest.raises(UnreadableStoreError, match="not a usable SQLite database"):
+        Collection.open("c", tmp_path / "idx").store
+
+
 def test_a_full_disk_is_one_line_and_the_cleanup_does_not_hide_it(tmp_path, photos, model, monkeypatch, capsys):
     import sqlite3
 
@@ -235,25 +278,6 @@ def test_a_full_disk_is_one_line_and_the_cleanup_does_not_hide_it(tmp_path, phot
         cli._run()
     err = capsys.readouterr().err
     assert exited.value.code == 1 and err.startswith("error: no space left on the device") and "Free some space" in err
-
-
-def test_check_of_a_collection_being_indexed_says_a_run_is_writing(tmp_path, photos, model):
-    from clipsearch.store.database import NewImage
-
-    with Collection.create("c", tmp_path / "idx") as collection:
-        run(collection, model, [photos])
-        vector = np.zeros(model.embed_dim, dtype=np.float32)
-        vector[0] = 1
-        with Collection.open("c", tmp_path / "idx") as running, running.writer_lock():  # what a run holds
-            running.store.write_images([NewImage(path=str(photos / "new.png"), size=1, mtime_ns=1, content_hash="n" * 32,
-                                                 width=8, height=8, taken_at=None, vector=vector)],
-                                       model.model_id, running.store.next_run_id(), "2026")
-            assert collection.being_indexed()
-            during = collection.check()
-            assert any("an indexing run is writing to it now" in p for p in during.problems), during.problems
-        assert not collection.being_indexed()
-        after = collection.check()
-        assert any("an interrupted run?" in p for p in after.problems)
 
 
 def test_rerun_embeds_nothing(tmp_path, photos, model):

@@ -219,6 +219,11 @@ class Store:
             self.conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as exc:
             self.conn.close()
+            if not os.access(self.path.parent, os.W_OK) or not os.access(self.path, os.W_OK):
+                # A healthy database on read-only storage: SQLite's WAL needs to write its -shm file beside it.
+                raise CollectionError(f"{self.path}: cannot open: its folder or file is read-only ({exc})",
+                                      "SQLite needs to write beside the database (WAL mode): make the collection's "
+                                      "folder writable, or copy the collection to writable storage.") from exc
             raise UnreadableStoreError(f"{self.path}: not a usable SQLite database ({exc})",
                                        "Index it again into a new database with: clipsearch index PATH --rebuild "
                                        "--model MODEL (or delete the collection's folder)") from exc
