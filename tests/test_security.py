@@ -405,6 +405,15 @@ def test_serve_on_a_non_loopback_host_with_a_key_or_insecure_gets_past_the_check
     assert "refusing" not in result.stderr
 
 
+@pytest.mark.parametrize("key", ["sécret-key", "ключ", "abc123 ", "two words"])
+def test_an_api_key_no_client_could_send_is_refused_at_start(tmp_path, key):
+    # Starlette reads header bytes as latin-1, curl and browsers send UTF-8, and HTTP trims spaces: such a key
+    # started the server and then matched no request.
+    result = _serve("--collection", "nothing", "--index-dir", str(tmp_path), env={"CLIPSEARCH_API_KEY": key})
+    assert result.returncode == 2 and "printable ASCII without spaces" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_serve_on_loopback_needs_no_key(tmp_path, host):
     result = _serve("--host", host, "--collection", "nothing", "--index-dir", str(tmp_path))

@@ -72,6 +72,11 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
             object.__setattr__(self, "api_key", None)
+        if self.api_key is not None and not all("!" <= c <= "~" for c in self.api_key):
+            # Clients send headers in different byte encodings and trim spaces: such a key could never match.
+            raise ValueError("the API key must be printable ASCII without spaces (letters, digits and punctuation: "
+                             "HTTP clients cannot all send other characters in a header); e.g. from "
+                             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         if self.max_upload_bytes <= 0:
             raise ValueError("max_upload_bytes must be positive")
         if not 16 <= self.thumbnail_px <= 1024:
