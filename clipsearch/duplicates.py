@@ -19,6 +19,7 @@ Each group suggests the image to keep: the most pixels, then the largest file, t
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -30,6 +31,7 @@ from .errors import ClipsearchError, QueryError
 DEFAULT_NEIGHBOURS = 16
 MAX_NEIGHBOURS = 256
 QUERY_BATCH = 2048  # stored vectors searched per FAISS call
+SCORE_TOLERANCE = 1e-6  # float32 rounding of a cosine near 1
 CALIBRATE_HINT = ("Give a threshold with --threshold T (REST: ?threshold=T): a cosine similarity; start high (0.95) "
                   "and lower it while the groups still show copies. Or calibrate the model once: "
                   "clipsearch train duplicate-threshold MODEL --images FOLDER --write")
@@ -44,8 +46,8 @@ class ThresholdChoice:
     how: str = ""
 
     def describe(self, model_name: str) -> str:
-        return (f"threshold {self.value:g}, given" if self.source == "given"
-                else f"threshold {self.value:g}, {model_name}'s own")
+        return (f"threshold {self.value:.10g}, given" if self.source == "given"
+                else f"threshold {self.value:.10g}, {model_name}'s own")
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def neighbour_pairs(search, batches: Iterable[tuple[np.ndarray, np.ndarray]], kn
         rows = np.repeat(np.asarray(ids, dtype=np.int64), found_ids.shape[1])
         cols = found_ids.reshape(-1).astype(np.int64)
         sims = found_scores.reshape(-1).astype(np.float32)
-        keep = (cols >= 0) & (cols != rows) & (sims >= np.float32(threshold))
+        # Within float32 rounding of it: identical vectors score 0.99999994, and threshold 1 means "identical".
+        keep = (cols >= 0) & (cols != rows) & (sims >= np.float32(threshold) - SCORE_TOLERANCE)
         rows, cols, sims = rows[keep], cols[keep], sims[keep]
         keep = np.isin(cols, known_ids)
         firsts.append(np.minimum(rows[keep], cols[keep]))
@@ -190,9 +193,11 @@ def connected_groups(firsts: Iterable[int], seconds: Iterable[int]) -> list[list
 
 
 def keeper_order(records: dict) -> list[int]:
-    """Ids of a group's `records` (id -> ImageRecord), the suggested keeper first: most pixels, then largest
-    file, then the first indexed."""
-    return sorted(records, key=lambda i: (-((records[i].width or 0) * (records[i].height or 0)),
+    """Ids of a group's `records` (id -> ImageRecord), the suggested keeper first: a file before a symbolic link
+    (deleting the file a kept link points to would lose both), then most pixels, then largest file, then the
+    first indexed."""
+    return sorted(records, key=lambda i: (os.path.islink(records[i].path),
+                                          -((records[i].width or 0) * (records[i].height or 0)),
                                           -int(records[i].size or 0), i))
 
 

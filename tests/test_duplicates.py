@@ -266,6 +266,25 @@ def test_exact_copies_are_one_group(tmp_path):
     assert report.groups[0].keep.path.endswith("copy-00.png")  # equal pixels and bytes: the first indexed
 
 
+def test_threshold_1_groups_identical_files_and_a_link_is_never_the_keeper(tmp_path):
+    # Identical vectors score 0.99999994 in float32: threshold 1 ("identical") found none. A symbolic link and
+    # the file it points to are indexed as two paths: deleting the "redundant" file would leave the kept link
+    # dangling, so the file is the one to keep.
+    folder = tmp_path / "album"
+    folder.mkdir()
+    (folder / "photo.png").write_bytes((SAMPLE / "red-heart.png").read_bytes())
+    (folder / "copy.png").write_bytes((SAMPLE / "red-heart.png").read_bytes())
+    (folder / "a-link.png").symlink_to("photo.png")  # indexed first: "a" sorts before "c" and "p"
+    (folder / "other.png").write_bytes((SAMPLE / "rocket.png").read_bytes())
+    index_folder(folder, tmp_path / "c", "links", "emoji-mini")
+    with Searcher(Collection.open("links", tmp_path / "c")) as searcher:
+        report = find_duplicates(searcher, threshold=1.0)
+    assert len(report.groups) == 1 and len(report.groups[0].images) == 3
+    # The link was indexed first (equal pixels and bytes would have made it the keeper): the first file is kept.
+    assert report.groups[0].keep.path == str(folder / "copy.png")
+    assert str(folder / "a-link.png") in {image.path for image in report.groups[0].images}
+
+
 # -- threshold choice ----------------------------------------------------------------------------
 def test_bundled_models_carry_a_threshold_and_keep_their_ids():
     for name, model_id in (("emoji-mini", "emoji-mini@753152f5ab09"), ("emoji-mini-int8", "emoji-mini-int8@5854eae4b323")):
