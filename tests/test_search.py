@@ -275,6 +275,27 @@ def test_a_text_side_changed_after_export_answers_no_new_query(indexed, tiny_bun
     assert "Traceback" not in done.stderr
 
 
+def test_text_listings_escape_control_characters_in_names_and_null_output_keeps_them(tmp_path, model):
+    # A name can clear the screen or retitle the terminal (ESC sequences), or split a listing line (a newline).
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    evil = "evil\x1b[2J\x1b]0;TITLE\x07\nline.png"
+    block_image(3).save(folder / evil)
+    with Collection.create("odd", tmp_path / "idx") as collection:
+        index_paths(collection, model, [str(folder)], IndexOptions(workers=0))
+    base = [*CLI, "search", "a picture", "--collection", "odd", "--index-dir", str(tmp_path / "idx")]
+    env = {**os.environ, "CLIPSEARCH_HELPER": "0"}
+    text = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert text.returncode == 0, text.stderr
+    assert "\x1b" not in text.stdout and "\x07" not in text.stdout and text.stdout.count("\n") == 1
+    assert text.stdout.rstrip("\n").endswith("evil\\x1b[2J\\x1b]0;TITLE\\x07\\nline.png")
+    raw = subprocess.run([*base, "-0"], capture_output=True, timeout=120, env=env)
+    assert raw.stdout == os.fsencode(str(folder / evil)) + b"\0"
+    duplicates = subprocess.run([*CLI, "duplicates", "--collection", "odd", "--index-dir", str(tmp_path / "idx"),
+                                 "--threshold", "0.5"], capture_output=True, text=True, timeout=120, env=env)
+    assert duplicates.returncode == 0 and "\x1b" not in duplicates.stdout
+
+
 def test_a_repeated_text_query_is_answered_without_loading_the_text_model(indexed, tiny_bundle):
     collection, _ = indexed
     first_model = ClipModel(tiny_bundle, threads=1)

@@ -31,6 +31,7 @@ def duplicates(
     own vectors are compared."""
     from ..duplicates import check_threshold, find_duplicates
     from ..search import Searcher
+    from .display import shown_path
 
     if threshold is not None:
         check_threshold(threshold)  # before opening anything
@@ -52,4 +53,4 @@ def duplicates(
         for image in group.images:
             dims = f"{image.width}×{image.height}" if image.width and image.height else "?×?"
             typer.echo(f"  {'keep' if image.keep else '    '}  {dims:>11}  {image.bytes:>12,} bytes  "
-                       f"{image.similarity:.4f}  {image.path}")
+                       f"{image.similarity:.4f}  {shown_path(image.path)}")

@@ -163,14 +163,16 @@ def search(
 
 def _print_hits(hits: list, rerank: bool, dated: bool, protocol: str, size: int) -> None:
     """The text listing (rank, score, [match,] [date,] path), with a thumbnail under each line in `protocol` (an
-    image protocol of preview.py, or "none")."""
+    image protocol of preview.py, or "none"). Control characters in paths are shown escaped (display.py)."""
+    from .display import shown_path
+
     for rank, hit in enumerate(hits, 1):
         date = f"{_DATE_WORDS.get(hit.date_source or '', '?')} {hit.date}  " if dated else ""
         if rerank:
             match = "       -" if hit.match is None else f"p={hit.match:.4f}"
-            typer.echo(f"{rank:>3}  {hit.score:.4f}  {match}  {date}{hit.path}")
+            typer.echo(f"{rank:>3}  {hit.score:.4f}  {match}  {date}{shown_path(hit.path)}")
         else:
-            typer.echo(f"{rank:>3}  {hit.score:.4f}  {date}{hit.path}")
+            typer.echo(f"{rank:>3}  {hit.score:.4f}  {date}{shown_path(hit.path)}")
         if protocol != "none":
             from .preview import PreviewError, render
 
