@@ -49,7 +49,7 @@ def parse_labels(text: str | None = None, file: str | os.PathLike[str] | None = 
         raw.extend(text.split(","))
     if file is not None:
         try:
-            content = Path(file).read_text(encoding="utf-8")
+            content = Path(file).read_text(encoding="utf-8-sig")  # a BOM is not part of the first label
         except OSError as exc:
             raise QueryError(f"{file}: cannot read labels file ({exc.strerror or exc})") from exc
         except UnicodeDecodeError as exc:
@@ -126,6 +126,15 @@ class Classifier:
                 from .model.tokenizer import unknown_words_error
 
                 raise unknown_words_error(model.info.name, label, "the label ")
+        if tokenizer is not None and len({label.casefold() for label in labels}) < len(labels):
+            # "heart" and "Heart" to a lowercasing tokenizer: one text, whose probability the two would split.
+            seen: dict[tuple[int, ...], str] = {}
+            for label, ids in zip(labels, tokenizer.token_ids(list(labels))):
+                first = seen.setdefault(tuple(ids), label)
+                if first != label:
+                    raise QueryError(f"labels {first!r} and {label!r} are the same text to model {model.info.name} "
+                                     "(its tokenizer reads them alike): they would split one probability",
+                                     "Give each label once.")
         self.model = model
         self.labels = list(labels)
         self.templates = tuple(templates)

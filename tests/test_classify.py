@@ -69,6 +69,15 @@ def test_parse_labels(tmp_path):
         Classifier(object(), ["cat"], templates=("no placeholder",))
 
 
+def test_labels_the_model_reads_alike_are_one_label_and_a_bom_is_not_part_of_one(tmp_path, model):
+    bom = tmp_path / "bom.txt"
+    bom.write_text("heart\napple\n", encoding="utf-8-sig")  # Notepad's and Excel's UTF-8
+    assert parse_labels("heart", bom) == ["heart", "apple"]
+    with pytest.raises(QueryError, match="labels 'heart' and 'Heart ' are the same text|labels 'heart' and 'Heart'"):
+        Classifier(model, ["heart", "Heart", "apple"])
+    assert Classifier(model, ["heart", "hearts", "apple"]).labels == ["heart", "hearts", "apple"]
+
+
 def test_a_template_with_other_braces_keeps_them_and_fills_every_placeholder(model):
     odd = ("a {} and a {}", "a {} in {braces}", "a {} {")
     assert [fill_template(t, "cat") for t in odd] == ["a cat and a cat", "a cat in {braces}", "a cat {"]
