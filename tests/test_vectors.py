@@ -63,3 +63,24 @@ def test_exact_search_excludes_ids_and_handles_empty(tmp_path):
     assert empty.search(x[:1], 5) == [[]]
     with pytest.raises(CollectionError, match="no vector index"):
         VectorIndex.load(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("ivf_threshold", [10_000, 1_000])  # exact, and IVF-PQ with its refine stage
+def test_equal_scores_are_ordered_by_id_whatever_k_and_a_filter(ivf_threshold):
+    """Identical copies score exactly alike; their order must not depend on how many results are asked for (a
+    first page and a longer list would disagree, and pages could repeat or skip a copy)."""
+    n, dim = 3_000, 32
+    x = clustered_vectors(n, dim, seed=4)
+    copies = [7, 1_500, 40, 2_999, 333, 12, 2_000, 901]  # ids holding the very same vector
+    x[copies] = x[copies[0]]
+    ids = np.arange(n, dtype=np.int64)
+    index = VectorIndex.build([(ids, x)], count=n, dim=dim, model_id="m", generation=1, ivf_threshold=ivf_threshold,
+                              sample=lambda m: x[:m])
+    query = x[copies[0]][None, :]
+    longest = [i for i, _ in index.search(query, 40)[0]]
+    assert longest[:len(copies)] == sorted(copies)
+    for k in range(1, len(copies) + 3):
+        assert [i for i, _ in index.search(query, k)[0]] == longest[:k]
+    allowed = np.array(sorted(copies[:5] + list(range(100, 3_000, 3))), dtype=np.int64)
+    filtered = [i for i, _ in index.search(query, 3, allowed=allowed)[0]]
+    assert filtered == sorted(copies[:5])[:3]

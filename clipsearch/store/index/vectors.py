@@ -44,6 +44,7 @@ DEFAULT_TARGET_RECALL = 0.95
 OUTGROWN_FACTOR = 8
 # A filtered search of an IVF-PQ index ranks allow-lists up to this size exactly (see VectorIndex._search_allowed).
 EXACT_SUBSET_MAX = 20_000
+TIE_MARGIN = 16  # hits fetched past k, so that equal scores at the cut are ordered by id like the rest
 INDEX_FILE = "vectors.faiss"
 SIDECAR_FILE = "vectors.json"
 TRAINED_FILE = "ivfpq.trained.faiss"
@@ -419,14 +420,14 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta.dim)
         if allowed is not None:
             return self._search_allowed(queries, k, np.asarray(allowed, dtype=np.int64), excluded, nprobe)
-        fetch = min(self.count, k + len(excluded))
+        fetch = min(self.count, k + len(excluded) + TIE_MARGIN)
         # With the tuned nprobe, the probed lists must hold the candidates the refine stage re-scores, or a large k
         # comes back short (60k vectors probing 8 of 1,024 lists gave 208 of 1,000): nprobe rises with k, as for
         # a filter, and what still comes back short is answered exactly. A given nprobe is used as given.
         tuned = self.meta.layout.kind == "ivfpq" and nprobe is None
         if tuned:
             layout = self.meta.layout
-            wanted = 2 * fetch * max(1, layout.refine_factor)
+            wanted = 2 * min(self.count, k + len(excluded)) * max(1, layout.refine_factor)
             needed = math.ceil(layout.nlist * wanted / self.count)
             if needed > layout.nlist // 2:
                 return self._search_exact(queries, fetch, excluded, k)
@@ -500,6 +501,7 @@ class VectorIndex:
         if not len(positions):
             return [[] for _ in range(len(queries))]
         k = min(k, len(positions))
+        fetch = min(k + TIE_MARGIN, len(positions))
         selector = faiss.IDSelectorBatch(positions)
         layout = self.meta.layout
         if layout.kind == "ivfpq" and len(positions) > EXACT_SUBSET_MAX:
@@ -509,11 +511,11 @@ class VectorIndex:
             if nprobe <= ivf.nlist // 2:
                 params = self.search_params(int(nprobe), layout.refine_factor, sel=selector)
                 # Through IDMap with no top-level selector: it only translates the labels back to ids.
-                scores, ids = self.index.search(queries, k, params=params)
+                scores, ids = self.index.search(queries, fetch, params=params)
                 hits = _hits(scores, ids, excluded, k)
                 if all(len(row) >= k for row in hits):
                     return hits
-        scores, internal = self._flat_vectors().search(queries, k, params=faiss.SearchParameters(sel=selector))
+        scores, internal = self._flat_vectors().search(queries, fetch, params=faiss.SearchParameters(sel=selector))
         labels = np.where(internal >= 0, self._positions_to_ids()[np.maximum(internal, 0)], -1)
         return _hits(scores, labels, excluded, k)
 
@@ -559,9 +561,13 @@ class VectorIndex:
 
 
 def _hits(scores: np.ndarray, ids: np.ndarray, excluded: set[int], k: int) -> list[list[tuple[int, float]]]:
+    """The first k of each row, best first and equal scores by id: identical copies score exactly alike, and FAISS
+    orders ties by how its heap went, which differs with k (a first page and a longer list would disagree). The
+    rows hold TIE_MARGIN more than k, so ties at the cut are decided the same way too."""
     results = []
     for row_scores, row_ids in zip(scores, ids):
         hits = [(int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) not in excluded]
+        hits.sort(key=lambda hit: (-hit[1], hit[0]))
         results.append(hits[:k])
     return results
 
