@@ -55,7 +55,7 @@ class SearchQuery:
 
     terms: tuple[QueryTerm, ...]
     k: int = 10
-    include_query_images: bool = False  # return the query image itself (by id, path or identical bytes)
+    include_query_images: bool = False  # return the query image itself (by id, by path, an upload by its bytes)
     rerank: bool = False
     rerank_k: int = DEFAULT_RERANK_K
     min_match: float | None = None

@@ -306,7 +306,9 @@ class Searcher:
         return self._text_key
 
     def _image_vector(self, value: str | bytes | int) -> tuple[np.ndarray, set[int]]:
-        """Embed an image file or bytes; also return the ids of indexed copies of those very bytes."""
+        """Embed an image file or bytes; also return the ids that are the query image itself: a file's own row when
+        it is indexed (copies of it at other paths are other files, as `like=ID` leaves them in), and for bytes
+        without a name (an upload) the rows holding those very bytes."""
         from .errors import ImageError
         from .model.preprocess import MAX_IMAGE_FILE_BYTES, open_image, read_image_file
 
@@ -320,11 +322,12 @@ class Searcher:
         image = open_image(data, draft_size=self.model.preprocess.size[::-1],
                            name=None if isinstance(value, bytes) else str(value))  # errors name the file given
         vector = self.model.encode_images([image])[0]
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        same: set[int] = set()
         with self.reading() as store:
-            same = {row[0] for row in store.conn.execute(
-                "SELECT id FROM images WHERE content_hash = ?", [digest])}
-            if not isinstance(value, bytes) and is_utf8(str(value)):  # stored paths are UTF-8 text
+            if isinstance(value, bytes):
+                digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+                same = {row[0] for row in store.conn.execute("SELECT id FROM images WHERE content_hash = ?", [digest])}
+            elif is_utf8(str(value)):  # stored paths are UTF-8 text
                 record = store.find_by_path(os.path.abspath(str(value)))
                 if record is not None:
                     same.add(record.id)

@@ -58,6 +58,28 @@ def test_image_query_returns_itself_first_and_its_resized_copy_next(indexed, mod
     assert [h.id for h in uploaded] == [h.id for h in hits]
 
 
+def test_an_example_file_leaves_out_only_itself_so_its_copies_are_found(tmp_path, model):
+    # "Where is this photo in my library?": a file from elsewhere finds its byte-identical copies; an indexed file
+    # leaves out its own row only (like=ID does the same), not its copies at other paths.
+    import shutil
+
+    folder = tmp_path / "library"
+    make_photos(folder, 6)
+    shutil.copy(folder / "photo_000.png", folder / "copy_of_000.png")
+    outside = tmp_path / "outside.png"
+    shutil.copy(folder / "photo_000.png", outside)
+    collection = Collection.create("copies", tmp_path / "idx")
+    index_paths(collection, model, [str(folder)], IndexOptions(batch_size=8, workers=0))
+    searcher = Searcher(collection, model)
+    from_outside = searcher.search(SearchQuery.build(image=outside, k=2))
+    assert sorted(os.path.basename(h.path) for h in from_outside) == ["copy_of_000.png", "photo_000.png"]
+    assert all(h.score == pytest.approx(1.0, abs=1e-4) for h in from_outside)
+    from_inside = searcher.search(SearchQuery.build(image=folder / "photo_000.png", k=1))
+    assert [os.path.basename(h.path) for h in from_inside] == ["copy_of_000.png"]
+    uploaded = searcher.search(SearchQuery.build(image=outside.read_bytes(), k=1))  # no name: its bytes are itself
+    assert os.path.basename(uploaded[0].path) not in ("copy_of_000.png", "photo_000.png")
+
+
 def test_like_an_indexed_image_excludes_it_and_finds_its_copy(indexed, model):
     collection, folder = indexed
     searcher = Searcher(collection, model)
