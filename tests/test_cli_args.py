@@ -114,3 +114,29 @@ def test_every_command_and_subcommand_prints_its_help():
                                 capture_output=True, text=True, timeout=120, env=env)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (path, result.stderr[-500:])
         assert "Usage:" in result.stdout, path
+
+
+def test_a_second_ctrl_c_while_exiting_prints_no_traceback(monkeypatch):
+    import signal
+
+    import clipsearch.cli as cli
+
+    exits: list[int] = []
+
+    def interrupted_again() -> int:
+        raise KeyboardInterrupt  # the second Ctrl-C, while the first one's "interrupted" line was being printed
+
+    def record_exit(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    previous = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "_run_to_exit_code", interrupted_again)
+    monkeypatch.setattr(cli.os, "_exit", record_exit)
+    monkeypatch.setattr(cli.sys, "argv", ["clipsearch", "index", "photos"])
+    try:
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert exits == [130] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a third one is ignored too
+    finally:
+        signal.signal(signal.SIGINT, previous)

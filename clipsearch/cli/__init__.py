@@ -78,7 +78,10 @@ def quick_exit_allowed(argv: list[str]) -> bool:
 
 def main() -> None:
     if quick_exit_allowed(sys.argv[1:]):
-        code = _run_to_exit_code()
+        try:
+            code = _run_to_exit_code()
+        except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop was being reported
+            code = 130
         _quick_exit(code)
     _run()
 
@@ -95,6 +98,12 @@ def _run_to_exit_code() -> int:
 
 
 def _quick_exit(code: int) -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting already: another Ctrl-C must not print a traceback
+    except ValueError:  # not the main thread
+        pass
     try:
         sys.stdout.flush()
         sys.stderr.flush()
