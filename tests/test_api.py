@@ -272,6 +272,32 @@ def test_original_file_is_served_byte_for_byte(client, indexed):
         assert response.content == path.read_bytes()
 
 
+def test_image_routes_answer_head_and_a_matching_if_none_match_with_304(client, indexed):
+    image_id = indexed.ids_by_path[str(photo(indexed, "photo_002.jpg"))]
+    for route in ("file", "thumbnail"):
+        full = client.get(f"/api/images/{image_id}/{route}")
+        head = client.head(f"/api/images/{image_id}/{route}")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(full.content)) and head.headers["etag"] == full.headers["etag"]
+        cached = client.get(f"/api/images/{image_id}/{route}", headers={"If-None-Match": full.headers["etag"]})
+        assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == full.headers["etag"]
+        listed = client.get(f"/api/images/{image_id}/{route}", headers={"If-None-Match": f'"other", {full.headers["etag"]}'})
+        assert listed.status_code == 304
+        other = client.get(f"/api/images/{image_id}/{route}", headers={"If-None-Match": '"not-this-one"'})
+        assert other.status_code == 200 and other.content == full.content
+
+
+def test_405_names_every_method_of_the_path_and_framework_errors_carry_hints(client):
+    wrong = client.put("/api/search")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, POST"
+    assert wrong.json()["hint"] == "/api/search answers GET, POST; see /docs."
+    assert client.post("/healthz").headers["allow"] == "GET, HEAD"
+    missing = client.get("/api/no-such-route")
+    assert missing.status_code == 404 and "/docs" in missing.json()["hint"]
+    invalid = client.get("/api/search", params={"q": "x", "k": "many"})
+    assert invalid.status_code == 422 and "/docs" in invalid.json()["hint"]
+
+
 def test_thumbnail_is_at_most_256_px_and_cached_on_disk(client, indexed):
     image_id = indexed.ids_by_path[str(photo(indexed, "big.jpg"))]
     cache = indexed.index_dir / indexed.name / "thumbnails"
@@ -356,7 +382,7 @@ def test_openapi_documents_the_rerank_fields(client):
 
 def test_unknown_routes_and_methods_are_json_errors(client):
     missing = client.get("/api/nothing-here")
-    assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+    assert missing.status_code == 404 and missing.json()["detail"] == "Not Found" and "/docs" in missing.json()["hint"]
     wrong_method = client.delete("/api/search")
     assert wrong_method.status_code == 405 and "detail" in wrong_method.json()
 

@@ -212,9 +212,9 @@ def _example_request(path: str, method: str, indexed: IndexedPhotos) -> dict:
     image_id = next(iter(indexed.ids_by_path.values()))
     url = path.replace("{image_id}", str(image_id))
     photo = indexed.photos[0].read_bytes()
-    if method == "get":
+    if method in ("get", "head"):
         params = {"/api/search": {"q": "cat"}, "/api/duplicates": {"threshold": 0.95}}.get(url)
-        return {"method": "GET", "url": url, "params": params}
+        return {"method": method.upper(), "url": url, "params": params}
     if url == "/api/search":
         return {"method": "POST", "url": url, "json": {"text": "cat"}}
     if url in ("/api/search/image", "/api/classify"):
@@ -230,12 +230,12 @@ def _every_operation(client: TestClient) -> list[tuple[str, str]]:
 
 def test_every_data_route_requires_the_key(keyed, indexed):
     operations = _every_operation(keyed)
-    assert len(operations) == 12  # 9 REST operations + 3 clip-back ones
+    assert len(operations) == 14  # 9 REST operations, HEAD of the 2 image routes, 3 clip-back ones
     for path, method in operations:
         request = _example_request(path, method, indexed)
         missing = keyed.request(**request)
         assert missing.status_code == 401, (path, method, missing.text)
-        assert missing.json()["detail"] == "missing or wrong API key"
+        assert method == "head" or missing.json()["detail"] == "missing or wrong API key"  # HEAD: no body
         assert missing.headers["www-authenticate"] == "Bearer"
         wrong = keyed.request(**request, headers={"X-API-Key": KEY + "x"})
         assert wrong.status_code == 401

@@ -18,7 +18,7 @@ from clipsearch.model.preprocess import open_image
 from clipsearch.search import SearchHit, SearchQuery, Searcher
 
 from .errors import ApiError
-from .images import original_file
+from .images import not_modified, original_file
 from .openapi import error_responses
 from .parsing import StrictRoute
 from .schemas import (AFTER_DESCRIPTION, BEFORE_DESCRIPTION, IN_DESCRIPTION, MIN_MATCH_DESCRIPTION, MIN_SIZE_DESCRIPTION, NPROBE_DESCRIPTION,
@@ -305,22 +305,28 @@ _FILE_NOTE = (" Served only while the file on disk is still the indexed image (s
               "inside an indexed folder, an image): 404 when it is gone or points elsewhere, 410 when it changed.")
 
 
-@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_THUMBNAIL_RESPONSES,
-            summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk", description=_FILE_NOTE.strip())
-async def image_thumbnail(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> FileResponse:
-    def thumbnail() -> FileResponse:
+# GET and HEAD (a HEAD gets the headers only); an If-None-Match naming the ETag is answered 304.
+@router.api_route("/images/{image_id}/thumbnail", methods=["GET", "HEAD"], response_class=FileResponse,
+                  responses=_THUMBNAIL_RESPONSES, summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk",
+                  description=_FILE_NOTE.strip())
+async def image_thumbnail(request: Request, state: State, image_id: ImageIdParam,
+                          collection: CollectionParam = None) -> Response:
+    def thumbnail() -> Response:
         found = state.image(parse_image_id(image_id), collection)
-        return state.thumbnails(found.collection).response(found.record, state.served_roots(found.collection))
+        response = state.thumbnails(found.collection).response(found.record, state.served_roots(found.collection))
+        return not_modified(request.headers.get("if-none-match"), response)
 
     return await state.run(thumbnail)
 
 
-@router.get("/images/{image_id}/file", response_class=FileResponse, responses=_FILE_RESPONSES,
-            summary="The original file", description=_FILE_NOTE.strip())
-async def image_file(state: State, image_id: ImageIdParam, collection: CollectionParam = None) -> Response:
+@router.api_route("/images/{image_id}/file", methods=["GET", "HEAD"], response_class=FileResponse,
+                  responses=_FILE_RESPONSES, summary="The original file", description=_FILE_NOTE.strip())
+async def image_file(request: Request, state: State, image_id: ImageIdParam,
+                     collection: CollectionParam = None) -> Response:
     def file() -> Response:
         found = state.image(parse_image_id(image_id), collection)
-        return original_file(found.record, state.served_roots(found.collection))
+        response = original_file(found.record, state.served_roots(found.collection))
+        return not_modified(request.headers.get("if-none-match"), response)
 
     return await state.run(file)
 

@@ -77,11 +77,24 @@ def describe_validation_errors(errors: list[dict]) -> str:
     return "invalid request: " + "; ".join(problems)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers on the request's path, each asked of the router as a request would be (routes
+    of included routers are matched through them)."""
+    from starlette.routing import Match
+
+    return [method for method in _METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes)]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # The same `{"detail": str}` body as every other error (the OpenAPI document says so for 422 too).
-        return error_response(422, describe_validation_errors(list(exc.errors())))
+        return error_response(422, describe_validation_errors(list(exc.errors())),
+                              "See /docs for this route's parameters and their limits.")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -96,7 +109,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        hint = None
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only (GET /api/search, not its POST).
+            allowed = allowed_methods(request)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+            hint = f"{request.url.path} answers {', '.join(allowed) or 'no method'}; see /docs."
+        elif exc.status_code == 404:
+            hint = "See /docs for the routes this server answers."
+        return error_response(exc.status_code, str(exc.detail), hint, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

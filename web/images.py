@@ -157,6 +157,21 @@ class OpenFileResponse(Response):
             self.handle.close()
 
 
+def not_modified(if_none_match: str | None, response: Response) -> Response:
+    """A 304 (with the validators and caching headers) when `if_none_match` names the response's ETag (or is
+    "*"), else the response itself. An open file the 304 does not send is closed."""
+    etag = response.headers.get("etag")
+    if not if_none_match or not etag:
+        return response
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    if "*" not in tags and etag.removeprefix("W/") not in tags:
+        return response
+    if isinstance(response, OpenFileResponse):
+        response.handle.close()
+    kept = {k: v for k, v in response.headers.items() if k in ("etag", "cache-control", "last-modified")}
+    return Response(status_code=304, headers=kept)
+
+
 def _disposition(name: str) -> str:
     quoted = quote(name)
     return f"inline; filename*=utf-8''{quoted}" if quoted != name else f'inline; filename="{name}"'
@@ -209,4 +224,6 @@ class ThumbnailCache:
         return cached
 
     def response(self, record: ImageRecord, roots: Sequence[str]) -> FileResponse:
-        return FileResponse(self.get(record, roots), media_type="image/jpeg", headers=CACHE_HEADERS)
+        path = self.get(record, roots)
+        # The stat up front: the ETag and Last-Modified are then known before the response is sent (a 304 needs them).
+        return FileResponse(path, media_type="image/jpeg", headers=CACHE_HEADERS, stat_result=os.stat(path))
