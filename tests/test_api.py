@@ -369,6 +369,31 @@ def test_openapi_documents_every_route(client):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
+def test_openapi_states_the_limits_and_statuses_the_server_enforces(client):
+    """A client validating against the document sends only what the server takes, and knows every answer."""
+    spec = client.get("/openapi.json").json()
+    components = spec["components"]["schemas"]
+    search = spec["paths"]["/api/search"]
+    k_param = next(p for p in search["get"]["parameters"] if p["name"] == "k")["schema"]
+    q_param = next(p for p in search["get"]["parameters"] if p["name"] == "q")["schema"]
+    assert any(option.get("maximum") == 1000 for option in [k_param, *k_param.get("anyOf", [])])
+    assert q_param["maxLength"] == 1000
+    body = components["SearchRequest"]["properties"]
+    assert any(option.get("maximum") == 1000 for option in [body["k"], *body["k"].get("anyOf", [])])
+    knn = spec["paths"]["/knn-service"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    for name in ("num_images", "num_result_ids"):
+        options = [knn[name], *knn[name].get("anyOf", [])]
+        assert any(o.get("minimum") == 1 and o.get("maximum") == 1000 for o in options), knn[name]
+    assert "9.223372036854776e+18" not in json.dumps(spec) and str(2**63 - 1) in json.dumps(spec)
+    assert "405" in search["get"]["responses"] and "408" in search["post"]["responses"]
+    assert "busy" in search["get"]["responses"]["503"]["description"]
+    thumbnail = spec["paths"]["/api/images/{image_id}/thumbnail"]["get"]["responses"]
+    assert {"206", "304", "416"} <= set(thumbnail) and "content" not in thumbnail["416"]
+    # The server refuses exactly past those bounds.
+    assert client.get("/api/search", params={"q": "x", "k": 1001}).status_code == 422
+    assert client.get("/api/search", params={"q": "x" * 1001}).status_code == 422
+
+
 def test_openapi_documents_the_rerank_fields(client):
     spec = client.get("/openapi.json").json()
     can_rerank = spec["components"]["schemas"]["StatsResponse"]["properties"]["can_rerank"]

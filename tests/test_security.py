@@ -230,7 +230,7 @@ def _every_operation(client: TestClient) -> list[tuple[str, str]]:
 
 def test_every_data_route_requires_the_key(keyed, indexed):
     operations = _every_operation(keyed)
-    assert len(operations) == 14  # 9 REST operations, HEAD of the 2 image routes, 3 clip-back ones
+    assert len(operations) == 12  # 9 REST operations + 3 clip-back ones (HEAD of the image routes: below)
     for path, method in operations:
         request = _example_request(path, method, indexed)
         missing = keyed.request(**request)
@@ -244,6 +244,10 @@ def test_every_data_route_requires_the_key(keyed, indexed):
         for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
             allowed = keyed.request(**request, headers=headers)
             assert allowed.status_code == 200, (path, method, headers, allowed.text)
+    for route in ("thumbnail", "file"):  # HEAD, which the document does not list as operations of its own
+        request = _example_request(f"/api/images/{{image_id}}/{route}", "head", indexed)
+        assert keyed.request(**request).status_code == 401
+        assert keyed.request(**request, headers={"X-API-Key": KEY}).status_code == 200
 
 
 def test_key_check_comes_before_anything_else(keyed):

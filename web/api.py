@@ -298,17 +298,23 @@ async def image_info(request: Request, state: State, image_id: ImageIdParam,
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-_THUMBNAIL_RESPONSES = {200: {"description": "A JPEG thumbnail", "content": {"image/jpeg": _BINARY}}, **_IMAGE_ERRORS}
+_NOT_MODIFIED = {304: {"description": "Not modified: If-None-Match named this ETag (no body)"}}
+_THUMBNAIL_RESPONSES = {200: {"description": "A JPEG thumbnail", "content": {"image/jpeg": _BINARY}},
+                        206: {"description": "Part of the thumbnail (a Range request)", "content": {"image/jpeg": _BINARY}},
+                        416: {"description": "A Range outside the thumbnail (no body)"}, **_NOT_MODIFIED,
+                        **_IMAGE_ERRORS}
 _FILE_RESPONSES = {200: {"description": "The file's bytes as indexed",
-                         "content": {"image/*": _BINARY, "application/octet-stream": _BINARY}}, **_IMAGE_ERRORS}
+                         "content": {"image/*": _BINARY, "application/octet-stream": _BINARY}}, **_NOT_MODIFIED,
+                   **_IMAGE_ERRORS}
 _FILE_NOTE = (" Served only while the file on disk is still the indexed image (same size and modification time, "
               "inside an indexed folder, an image): 404 when it is gone or points elsewhere, 410 when it changed.")
 
 
-# GET and HEAD (a HEAD gets the headers only); an If-None-Match naming the ETag is answered 304.
-@router.api_route("/images/{image_id}/thumbnail", methods=["GET", "HEAD"], response_class=FileResponse,
-                  responses=_THUMBNAIL_RESPONSES, summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk",
-                  description=_FILE_NOTE.strip())
+# GET and HEAD (a HEAD gets the headers only; HTTP's own, so not a second operation in the document); an
+# If-None-Match naming the ETag is answered 304.
+@router.head("/images/{image_id}/thumbnail", include_in_schema=False)
+@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses=_THUMBNAIL_RESPONSES,
+            summary="A JPEG thumbnail (longest side ≤ 256 px), cached on disk", description=_FILE_NOTE.strip())
 async def image_thumbnail(request: Request, state: State, image_id: ImageIdParam,
                           collection: CollectionParam = None) -> Response:
     def thumbnail() -> Response:
@@ -319,8 +325,9 @@ async def image_thumbnail(request: Request, state: State, image_id: ImageIdParam
     return await state.run(thumbnail)
 
 
-@router.api_route("/images/{image_id}/file", methods=["GET", "HEAD"], response_class=FileResponse,
-                  responses=_FILE_RESPONSES, summary="The original file", description=_FILE_NOTE.strip())
+@router.head("/images/{image_id}/file", include_in_schema=False)
+@router.get("/images/{image_id}/file", response_class=FileResponse, responses=_FILE_RESPONSES,
+            summary="The original file", description=_FILE_NOTE.strip())
 async def image_file(request: Request, state: State, image_id: ImageIdParam,
                      collection: CollectionParam = None) -> Response:
     def file() -> Response:

@@ -66,7 +66,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HostCheck, allowed=state.allowed_hosts)  # outside the rest: nothing runs for a bad Host
     app.add_middleware(SecurityHeaders)
-    install_openapi(app)
+    install_openapi(app, limits={"max_k": settings.max_k, "max_text_chars": settings.max_text_chars})
     return app
 
 
