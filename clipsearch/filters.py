@@ -192,6 +192,8 @@ def parse_folders(folders: tuple[str, ...] | list[str] | str | None, base: str |
                                   "Give the folder as result paths show it, e.g. /home/me/Pictures/2024.")
             folder = os.path.join(base, folder)
         folder = os.path.normpath(folder)
+        if folder.startswith("//"):  # POSIX keeps a leading "//" apart; on Linux and macOS it is "/"
+            folder = "/" + folder.lstrip("/")
         if folder not in found:
             found.append(folder)
     return tuple(found)

@@ -318,6 +318,24 @@ def test_text_listings_escape_control_characters_in_names_and_null_output_keeps_
     assert duplicates.returncode == 0 and "\x1b" not in duplicates.stdout
 
 
+def test_in_a_relative_folder_from_a_folder_reached_through_a_link(tmp_path, model):
+    # Stored paths keep the link a folder was indexed through; os.getcwd() names the physical folder, the shell's
+    # $PWD the linked one. Either way round, --in . finds the photos under the current folder.
+    real = tmp_path / "real"
+    make_photos(real / "sub", 3)
+    (tmp_path / "link").symlink_to(real)
+    with Collection.create("linked", tmp_path / "idx") as collection:
+        index_paths(collection, model, [str(tmp_path / "link")], IndexOptions(workers=0))
+    inside = tmp_path / "link" / "sub"
+    base = [*CLI, "search", "a picture", "--collection", "linked", "--index-dir", str(tmp_path / "idx"), "-0"]
+    env = {**os.environ, "CLIPSEARCH_HELPER": "0", "PWD": str(inside)}
+    here = subprocess.run([*base, "--in", "."], capture_output=True, timeout=120, cwd=inside, env=env)
+    assert here.returncode == 0, here.stderr
+    assert len(here.stdout.split(b"\0")) - 1 == 3 and all(p.startswith(os.fsencode(inside)) for p in here.stdout.split(b"\0")[:-1])
+    doubled = subprocess.run([*base, "--in", "/" + str(inside)], capture_output=True, timeout=120, env=env)
+    assert doubled.returncode == 0 and len(doubled.stdout.split(b"\0")) - 1 == 3, doubled.stderr
+
+
 def test_a_repeated_text_query_is_answered_without_loading_the_text_model(indexed, tiny_bundle):
     collection, _ = indexed
     first_model = ClipModel(tiny_bundle, threads=1)

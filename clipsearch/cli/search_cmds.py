@@ -109,8 +109,8 @@ def search(
 
         check_folder(gather_to, f"--{gather_mode}-to")
 
-    search_filter = SearchFilter.parse(folders=in_, after=after, before=before, orientation=orientation,
-                                       min_size=min_size, base=os.getcwd())
+    search_filter = SearchFilter.parse(folders=_as_given_here(in_), after=after, before=before,
+                                       orientation=orientation, min_size=min_size, base=os.getcwd())
     query = SearchQuery.build(text=text, image=image, like=like, and_texts=and_, not_texts=not_, k=k,
                               include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match,
                               filter=search_filter, nprobe=nprobe)
@@ -159,6 +159,24 @@ def search(
         resident.start(collection, index_dir)  # answers the next search from memory
     if report is not None:
         _report_gathered(report, len(hits))
+
+
+def _as_given_here(folders: List[str]) -> List[str]:
+    """--in folders, a relative one also as seen from the shell's own working folder ($PWD) when that is the same
+    folder reached through a symbolic link: stored paths keep the link the folder was indexed through, while
+    os.getcwd() names the physical folder, so either may be the one they start with."""
+    logical = os.environ.get("PWD", "")
+    here = os.getcwd()
+    try:
+        linked = bool(logical) and os.path.isabs(logical) and logical != here and os.path.samefile(logical, here)
+    except OSError:
+        linked = False
+    expanded: List[str] = []
+    for folder in folders:
+        expanded.append(folder)
+        if linked and folder.strip() and not os.path.isabs(folder.strip()):
+            expanded.append(os.path.join(logical, folder.strip()))
+    return expanded
 
 
 def _print_hits(hits: list, rerank: bool, dated: bool, protocol: str, size: int) -> None:
