@@ -457,6 +457,9 @@ def test_staged_folder_swap_never_leaves_no_bundle(tmp_path, monkeypatch):
     with bundle.staged_folder(out) as staging:
         _bundle_like(staging, "v1")
     assert json.loads((out / "model.json").read_text()) == {"label": "v1"}
+    mask = os.umask(0)
+    os.umask(mask)  # a bundle gets the modes of folders and files made by hand (its staging folder was 0700)
+    assert (out.stat().st_mode & 0o777, (out / "model.json").stat().st_mode & 0o777) == (0o777 & ~mask, 0o666 & ~mask)
 
     # 1. A failure between "old aside" and "new in": the old bundle is put straight back.
     real_rename = bundle._rename

@@ -378,6 +378,7 @@ def staged_folder(out: Path | str) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
+        _usual_modes(staging)
         fsync_dir(staging)
         aside = _aside(out)
         if out.exists():
@@ -393,6 +394,18 @@ def staged_folder(out: Path | str) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _usual_modes(folder: Path) -> None:
+    """The modes a folder and files made by hand would have (0777/0666 less the umask): the staging folder and
+    temporary files are private (0700/0600), and a bundle is often shared between users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for child in folder.rglob("*"):
+        if child.is_symlink():
+            continue
+        os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
 
 
 def share_files(folder: Path, sibling: Path, names: tuple[str, ...]) -> dict[str, Any]:
