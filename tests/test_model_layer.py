@@ -296,6 +296,12 @@ def test_cli_embed_json_matches_library(tiny_bundle):
     assert np.allclose(np.array(rows), expected, atol=1e-5)
 
 
+def test_cli_embed_refuses_a_text_of_no_known_word_as_search_does():
+    done = _cli("embed", "--model", "emoji-mini", "--text", "❤️")
+    assert done.returncode == 1 and "knows none of the words" in done.stderr and "Traceback" not in done.stderr
+    assert _cli("embed", "--model", "emoji-mini", "--text", "red heart").returncode == 0
+
+
 def test_cli_models_export_info_and_cache_lookup(isolated_home, tmp_path):
     out = isolated_home / "models" / "my-tiny"
     done = _cli("models", "export", "clipsearch-tiny", "--random-init", "--out", str(out))

@@ -165,15 +165,20 @@ def embed_cmd(
     image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file to embed (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="One JSON list per input"),
 ) -> None:
-    """Print L2-normalised embeddings, one line per input."""
+    """Print L2-normalised embeddings, one line per input: the --text ones first, then the --image ones, each in
+    the order given."""
     from ..model.resolve import load_model
     from ..model.preprocess import open_image
+    from ..model.tokenizer import unknown_words_error
 
     if not text and not image:
         raise typer.BadParameter("give --text and/or --image")
     clip = load_model(model)
     vectors = []
     if text:
+        for one in text:  # as search and classify: a text of no known word embeds like every other such text
+            if clip.tokenizer.knows_none_of(one):
+                raise unknown_words_error(clip.info.name, one)
         vectors.extend(clip.encode_text(list(text)).tolist())
     if image:
         height, width = clip.preprocess.size
