@@ -42,7 +42,8 @@ def watch(
         None, "--tokens/--no-tokens", help="Store ITM image tokens for `search --rerank` (as `clipsearch index`)"),
 ) -> None:
     """Index PATHS, then keep the collection current as files are added, changed, renamed or deleted, until
-    Ctrl-C or SIGTERM (exit 0). A running `clipsearch serve` sees the changes without a restart."""
+    Ctrl-C or SIGTERM (exit 0; during the first full run: exit 130/143, as an interrupted index). A running
+    `clipsearch serve` sees the changes without a restart."""
     run_watch(paths, collection=collection, model=model, batch_size=batch_size, workers=workers, exclude=exclude,
               include_hidden=include_hidden, rebuild=False, threads=threads, index_dir=index_dir, as_json=as_json,
               tokens=tokens, rescan_interval=rescan_interval, debounce=debounce)
