@@ -260,6 +260,8 @@ class LocalRunner:
         with signals_held():  # an IVF-PQ update takes seconds: a stop then waits for it, never leaves it half done
             sync = collection.update_vectors(options.ivf_threshold)
         index_seconds = time.perf_counter() - index_started
+        if summary.removed or summary.updated or summary.reused:
+            collection.prune_thumbnails()  # the server's cached thumbnails of images gone or changed
         summary.total = store.count()
         index_meta = sync.index.meta if sync.index is not None else None
         summary.index_kind = index_meta.layout.kind if index_meta else (collection.stats().index_kind or "")

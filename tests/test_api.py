@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -296,6 +297,28 @@ def test_405_names_every_method_of_the_path_and_framework_errors_carry_hints(cli
     assert missing.status_code == 404 and "/docs" in missing.json()["hint"]
     invalid = client.get("/api/search", params={"q": "x", "k": "many"})
     assert invalid.status_code == 422 and "/docs" in invalid.json()["hint"]
+
+
+def test_an_indexing_run_removes_cached_thumbnails_of_images_gone_or_changed(tmp_path, tiny_bundle):
+    from clipsearch.indexer.pipeline import IndexOptions
+    from clipsearch.indexer.runner import index_paths
+    from clipsearch.store.collection import Collection
+
+    own = build_indexed_photos(tmp_path, tiny_bundle, count=4)
+    gone, changed, kept = (photo(own, name) for name in ("photo_000.png", "photo_002.jpg", "big.jpg"))
+    cache = own.index_dir / own.name / "thumbnails"
+    with TestClient(create_app(app_settings(own))) as own_client:
+        for path in (gone, changed, kept):
+            assert own_client.get(f"/api/images/{own.ids_by_path[str(path)]}/thumbnail").status_code == 200
+    assert len(list(cache.glob("*.jpg"))) == 3
+    gone.unlink()
+    Image.new("RGB", (40, 30), "purple").save(changed, quality=90)
+    os.utime(changed, ns=(1, 1))
+    with Collection.open(own.name, own.index_dir) as collection:
+        summary = index_paths(collection, ClipModel(tiny_bundle, threads=1), [str(tmp_path / "photos")],
+                              IndexOptions(workers=0))
+    assert (summary.removed, summary.updated) == (1, 1)
+    assert [p.name.split("-")[0] for p in cache.glob("*.jpg")] == [str(own.ids_by_path[str(kept)])]
 
 
 def test_thumbnail_is_at_most_256_px_and_cached_on_disk(client, indexed):

@@ -55,6 +55,7 @@ _GENERATION_RE = re.compile(r"^gen-([0-9]{1,9})$")
 _DATA_FILES = (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", STORE_FILE + "-journal", INDEX_FILE,
                SIDECAR_FILE, TRAINED_FILE, TOKENS_FILE)
 _DATA_DIRS = ("thumbnails",)
+_THUMBNAIL_RE = re.compile(r"^(\d+-[0-9a-f]{16})-\d+\.jpg$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -350,6 +351,26 @@ class Collection:
             yield
         finally:
             handle.close()
+
+    def prune_thumbnails(self) -> int:
+        """Delete cached thumbnails (`thumbnails/ID-HASH16-PX.jpg`, web/images.py) of images that are gone or whose
+        content changed; returns how many. Only names of that form are looked at."""
+        folder = self.folder / "thumbnails"
+        if not folder.is_dir():
+            return 0
+        current = {f"{image_id}-{digest}" for image_id, digest in
+                   self.store.conn.execute("SELECT id, substr(content_hash, 1, 16) FROM images")}
+        removed = 0
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                match = _THUMBNAIL_RE.match(entry.name)
+                if match and match.group(1) not in current:
+                    try:
+                        os.unlink(entry.path)
+                        removed += 1
+                    except OSError:
+                        pass
+        return removed
 
     def being_indexed(self) -> bool:
         """True while another process holds `writer_lock` (an indexing run is writing): a behind index is then
