@@ -140,3 +140,11 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(monkeypatch):
         assert exits == [130] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a third one is ignored too
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_binary_sizes_are_named_as_binary():
+    # `--max-index-memory 2GB` is 2e9 bytes (powers of 1000); shown in powers of 1024 it must say GiB, not GB.
+    from clipsearch.store.tokens import format_bytes
+
+    assert [format_bytes(n) for n in (512, 7252, 5 * 2**20, 2_000_000_000)] == \
+        ["512 B", "7.1 KiB", "5.0 MiB", "1.86 GiB"]

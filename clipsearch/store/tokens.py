@@ -130,13 +130,14 @@ def dequantize_int8(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def format_bytes(count: int | float) -> str:
+    """Powers of 1024, named so (KiB, MiB, GiB): `stats` shows its disk line in MB (powers of 1000) beside these."""
     if count < 1024:
         return f"{int(count)} B"
     if count < 1024 ** 2:
-        return f"{count / 1024:.1f} KB"
+        return f"{count / 1024:.1f} KiB"
     if count < 1024 ** 3:
-        return f"{count / 1024 ** 2:.1f} MB"
-    return f"{count / 1024 ** 3:.2f} GB"
+        return f"{count / 1024 ** 2:.1f} MiB"
+    return f"{count / 1024 ** 3:.2f} GiB"
 
 
 # -- the memory-mapped file -----------------------------------------------------------------------------
