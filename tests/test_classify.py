@@ -108,6 +108,16 @@ def test_classify_folder_cli_writes_one_row_per_image(tmp_path, tiny_bundle):
     payload = json.loads(as_json.stdout)
     assert isinstance(payload, list) and len(payload) == 5
     assert set(payload[0]) == {"path", "label", "probability", "probabilities"}
+    # One image file: the single-image form, unless --rows asks for the per-image form a script expects.
+    one = str(folder / "photo_000.png")
+    single = json.loads(subprocess.run([*CLI, "classify", one, "--labels", "cat,dog", "--model", str(tiny_bundle),
+                                        "--json"], capture_output=True, text=True, timeout=120).stdout)
+    as_rows = json.loads(subprocess.run([*CLI, "classify", one, "--labels", "cat,dog", "--model", str(tiny_bundle),
+                                         "--json", "--rows"], capture_output=True, text=True, timeout=120).stdout)
+    assert isinstance(single, dict) and as_rows == [single]
+    csv_rows = subprocess.run([*CLI, "classify", one, "--labels", "cat,dog", "--model", str(tiny_bundle), "--rows"],
+                              capture_output=True, text=True, timeout=120).stdout
+    assert list(csv.reader(io.StringIO(csv_rows)))[0] == ["path", "label", "probability", "cat", "dog"]
 
 
 def test_classify_with_a_collection_uses_its_model_and_stored_vectors(tmp_path, model):

@@ -238,8 +238,12 @@ def classify(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON instead of CSV"),
+    per_image: bool = typer.Option(False, "--rows", help="Always the per-image form (CSV rows path,label,"
+                                   "probability,...; a JSON list), also for one image file: for scripts whose "
+                                   "glob may match a single file"),
 ) -> None:
-    """Zero-shot classification: probabilities per label; with a folder, one row per image (CSV or JSON)."""
+    """Zero-shot classification: probabilities per label. One image file gives label,probability rows (CSV) or one
+    object (JSON); folders or several files give one row per image (CSV) or a list (JSON), as --rows always does."""
     from ..classify import DEFAULT_TEMPLATES, Classifier, parse_labels
     from ..store.collection import Collection
     from ..errors import ImageError
@@ -300,13 +304,13 @@ def classify(
     if as_json:
         out = [{"path": r["path"], "label": r["scores"][0].label, "probability": round(r["scores"][0].probability, 6),
                 "probabilities": {s.label: round(s.probability, 6) for s in r["scores"]}} for r in rows]
-        if len(files) == 1 and len(targets) == 1 and targets[0].is_file() and out:
+        if not per_image and len(files) == 1 and len(targets) == 1 and targets[0].is_file() and out:
             payload: object = out[0]
         else:
             payload = out
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
-        if len(rows) == 1 and len(targets) == 1 and targets[0].is_file():
+        if not per_image and len(rows) == 1 and len(targets) == 1 and targets[0].is_file():
             writer = csv.writer(sys.stdout)
             writer.writerow(["label", "probability"])
             for score in rows[0]["scores"]:
