@@ -217,6 +217,20 @@ def test_target_names_keep_rank_order_and_never_collide(tmp_path):
     assert (tmp_path / "new" / "deeper" / "01-red-heart.png").read_bytes() == Path(sources[0]).read_bytes()
 
 
+def test_a_long_name_is_shortened_in_its_stem_and_a_dangling_link_is_refused_before_searching(tmp_path):
+    long_source = tmp_path / ("é" * 125 + ".png")  # 250 + 4 bytes: a valid name, too long with "01-" and " (2)"
+    long_source.write_bytes((SAMPLE / "red-heart.png").read_bytes())
+    for attempt in (1, 2):
+        report = gather([str(long_source)], tmp_path / "out", "copy")
+        assert not report.skipped and len(report.gathered) == 1
+        name = Path(report.gathered[0].target).name
+        assert len(os.fsencode(name)) <= 255 and name.startswith("01-é")
+        assert name.endswith(" (2).png" if attempt == 2 else "é.png")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(HandoffError, match="a symbolic link to .*nowhere, which does not exist"):
+        check_folder(tmp_path / "dangling", "--copy-to")
+
+
 def test_destination_folders_that_cannot_be_used_are_refused(tmp_path):
     (tmp_path / "file.jpg").write_bytes(b"x")
     with pytest.raises(HandoffError, match="exists and is not a folder") as info:

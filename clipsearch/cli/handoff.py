@@ -55,6 +55,9 @@ class HandoffReport:
 def check_folder(folder: str | os.PathLike[str], option: str = "--copy-to") -> Path:
     """`folder` as an absolute Path if it is, or can become, a folder; HandoffError otherwise. Creates nothing."""
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+    if path.is_symlink() and not path.exists():
+        raise HandoffError(f"{option} {folder}: a symbolic link to {os.readlink(path)}, which does not exist",
+                           hint=f"give {option} a folder, or create the one the link points to")
     if path.exists() and not path.is_dir():
         raise HandoffError(f"{option} {folder}: exists and is not a folder",
                            hint=f"give {option} a new or existing folder (results are added to it, never overwritten)")
@@ -69,14 +72,21 @@ def check_folder(folder: str | os.PathLike[str], option: str = "--copy-to") -> P
     return path
 
 
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, APFS)
+
+
 def target_name(rank: int, total: int, source: str, attempt: int = 1) -> str:
     """``01-name.jpg`` for rank 1 of up to 99 results; ``01-name (2).jpg`` for the second attempt."""
     width = max(2, len(str(total)))
     base = os.path.basename(source.rstrip(os.sep)) or "image"
-    if attempt > 1:
-        stem, ext = os.path.splitext(base)
-        base = f"{stem} ({attempt}){ext}"
-    return f"{rank:0{width}d}-{base}"
+    stem, ext = os.path.splitext(base)
+    suffix = f" ({attempt}){ext}" if attempt > 1 else ext
+    prefix = f"{rank:0{width}d}-"
+    # A name may take NAME_MAX (255) bytes: a long one is shortened in its stem, never in its extension or suffix.
+    room = NAME_MAX - len(os.fsencode(prefix + suffix))
+    while len(os.fsencode(stem)) > room and len(stem) > 1:  # whole characters go, never half of one
+        stem = stem[:-1]
+    return f"{prefix}{stem}{suffix}"
 
 
 def _copy_exclusive(source: str, target: Path) -> None:
