@@ -280,6 +280,25 @@ def test_a_full_disk_is_one_line_and_the_cleanup_does_not_hide_it(tmp_path, phot
     assert exited.value.code == 1 and err.startswith("error: no space left on the device") and "Free some space" in err
 
 
+def test_check_finds_a_damaged_index_file_of_unchanged_size_and_the_way_back_embeds_nothing(tmp_path, photos, model):
+    # A flipped bit keeps the size: searches then rank by garbage. The checksum written with the file finds it.
+    from clipsearch.store.index.vectors import INDEX_FILE, SIDECAR_FILE
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        run(collection, model, [photos])
+        assert collection.check().ok
+        target = collection.folder / INDEX_FILE
+        data = bytearray(target.read_bytes())
+        data[-40] ^= 0x40  # inside the last stored vector
+        target.write_bytes(bytes(data))
+        report = collection.check()
+        assert not report.ok and any("is damaged (its checksum differs" in p for p in report.problems)
+        target.unlink()
+        (collection.folder / SIDECAR_FILE).unlink()
+        again = run(collection, model, [photos])
+        assert again.embedded == 0 and collection.check().ok
+
+
 def test_rerun_embeds_nothing(tmp_path, photos, model):
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])

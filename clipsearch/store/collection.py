@@ -42,8 +42,8 @@ from .database import Store
 from .tokens import DEFAULT_MAX_TOKEN_BYTES, DEFAULT_STORAGE, TOKENS_FILE, TokenCodec, TokenFile, format_bytes, \
     write_token_file
 from .index.parallel_build import ParallelAdd
-from .index.vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex, outgrown, \
-    remove_index_leftovers
+from .index.vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAINED_FILE, VectorIndex, file_crc32, \
+    outgrown, remove_index_leftovers
 
 DEFAULT_COLLECTION = "default"
 STORE_FILE = "meta.sqlite"
@@ -815,6 +815,10 @@ class Collection:
         actual_bytes = (self.folder / INDEX_FILE).stat().st_size
         if meta.file_bytes and actual_bytes != meta.file_bytes:
             problems.append(f"{INDEX_FILE} has {actual_bytes} bytes, {meta.file_bytes} were written")
+        elif meta.file_crc32 is not None and file_crc32(self.folder / INDEX_FILE) != meta.file_crc32:
+            problems.append(f"{INDEX_FILE} is damaged (its checksum differs from the one written with it): delete it "
+                            f"and {SIDECAR_FILE} from {self.folder} and run `clipsearch index` again (the index is "
+                            "rebuilt from SQLite's vectors; nothing is embedded again)")
         if meta.model_id != model.model_id:
             problems.append(f"FAISS index was built with model {meta.model_id}, SQLite says {model.model_id}")
         if meta.dim != model.embed_dim or index.index.d != model.embed_dim:
