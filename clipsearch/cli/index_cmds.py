@@ -390,7 +390,9 @@ def stats(
         return
     model = info.model
     typer.echo(f"collection   {info.name}  ({info.folder})")
-    typer.echo(f"images       {info.images}  (+{info.skipped} skipped files)")
+    # The stored skips: files that could not be used, not read again until they change. What a walk cannot stat
+    # (dangling links, FIFOs, loops) is listed by each run, never stored.
+    typer.echo(f"images       {info.images}  (+{info.skipped} unusable files remembered, skipped until they change)")
     typer.echo(f"model        {model.model_id if model else '-'}")
     typer.echo(f"index        {info.index_kind or '-'}, {info.index_count if info.index_count is not None else '-'} vectors"
                f"{'' if info.index_fresh else '  (behind: an indexing run is writing)' if running else '  (stale: run clipsearch index again)'}")
