@@ -294,6 +294,8 @@ def test_check_finds_a_damaged_index_file_of_unchanged_size_and_the_way_back_emb
         report = collection.check()
         assert not report.ok and any("is damaged (its checksum differs" in p for p in report.problems)
         target.unlink()
+        stats = collection.stats()  # the sidecar alone no longer describes an index
+        assert (stats.index_kind, stats.index_count, stats.index_fresh) == (None, None, False)
         (collection.folder / SIDECAR_FILE).unlink()
         again = run(collection, model, [photos])
         assert again.embedded == 0 and collection.check().ok

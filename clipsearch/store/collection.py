@@ -958,7 +958,8 @@ class Collection:
         try:
             from .index.vectors import IndexMeta
 
-            meta = IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8"))
+            if (self.folder / INDEX_FILE).is_file():  # a sidecar without its index describes nothing there
+                meta = IndexMeta.from_json((self.folder / SIDECAR_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, KeyError, TypeError):
             pass
         skipped = int(store.db.execute("SELECT count(*) FROM skipped").fetchone()[0])
