@@ -282,6 +282,13 @@ def test_offline_pretrained_request_fails_with_a_fix(isolated_home):
     assert "--model emoji-mini" in done.stderr
 
 
+def test_a_pretrained_checkpoint_path_that_does_not_exist_is_named_as_a_missing_file(tmp_path):
+    done = _cli("models", "export", "clipsearch-tiny", "--pretrained", "/nonexistent/ckpt.pt", "--out",
+                str(tmp_path / "b"))
+    assert done.returncode == 1 and "--pretrained /nonexistent/ckpt.pt: no such checkpoint file" in done.stderr
+    assert "no pretrained tag" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_unknown_model_name_lists_the_fix(isolated_home):
     done = _cli("embed", "--model", "no-such-model", "--text", "a dog")
     assert done.returncode == 1 and "Traceback" not in done.stderr

@@ -75,6 +75,10 @@ def _resolve_checkpoint(open_clip, arch: str, pretrained: str) -> str:
     """Return what to pass as open_clip's `pretrained=`: a local file, or the tag when it can be downloaded."""
     if Path(pretrained).expanduser().is_file():
         return str(Path(pretrained).expanduser())
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
+        raise ModelNotAvailable(f"--pretrained {pretrained}: no such checkpoint file",
+                                "Give the path of an open_clip checkpoint file, or an open_clip tag such as "
+                                "laion2b_s34b_b79k.")
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
