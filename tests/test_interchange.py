@@ -327,6 +327,23 @@ def test_export_then_import_round_trip_is_exact(tmp_path, layout, tiny_bundle):
         assert np.frombuffer(half[7], dtype=np.float32).tobytes() == rounded.tobytes()
 
 
+def test_an_export_naming_its_model_by_another_machines_path_is_imported_by_the_models_name(tmp_path, layout,
+                                                                                             tiny_bundle, isolated_home):
+    # A bundled or cached model's spec is the folder it had on the exporting machine; here it is elsewhere.
+    name = json.loads((tiny_bundle / "model.json").read_text())["name"]
+    shutil.copytree(tiny_bundle, isolated_home / "models" / name)
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    out = tmp_path / "exported"
+    with Collection.open("imported", index_dir) as collection:
+        export_embeddings(collection, out)
+    record = json.loads((out / "clipsearch.json").read_text())
+    record["spec"] = "/home/someone-else/site-packages/clipsearch/model/bundled/" + name
+    (out / "clipsearch.json").write_text(json.dumps(record))
+    run_import(index_dir, out, None, name="moved")
+    assert contents(index_dir, "moved") == contents(index_dir, "imported")
+
+
 def test_an_indexed_collection_exports_and_imports_exactly(tmp_path, tiny_bundle, model):
     index_dir = tmp_path / "collections"
     photos = make_photos(tmp_path / "photos", 6)

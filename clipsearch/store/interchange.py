@@ -282,6 +282,15 @@ def _recorded_model(folder: Path):
     try:
         info = resolve_model(spec, export_missing=False)
     except ClipsearchError as exc:
+        # A spec that was a path on the exporting machine (a bundled or cached model's folder) may be known here by
+        # its name: the model id (checked below) decides whether it is the same model.
+        if record.name and record.name != spec:
+            try:
+                info = resolve_model(record.name, export_missing=False)
+            except ClipsearchError:
+                info = None
+            if info is not None and info.model_id == record.model_id:
+                return info
         raise InterchangeError(f"{folder} holds vectors of model {record.name or record.model_id}, which is not on "
                                f"this machine ({exc.message})",
                                "Pass --model with that model (a bundle folder, hf: or ARCH/TAG spec).") from exc
