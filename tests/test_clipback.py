@@ -137,6 +137,7 @@ def test_num_images_limits_what_num_result_ids_found(client):
     ({"num_images": 5, "num_result_ids": 100000}, 422, "between 1 and"),
     ({"embedding_input": [0.1, 0.2], "text": None}, 400, "dimensions"),
     ({"embedding_input": [0.0] * 64, "text": None}, 400, "non-zero"),
+    ({"embedding_input": [True] + [0.5] * 63, "text": None}, 422, "embedding_input"),  # not a vector value
     ({"image": "@@not base64@@", "text": None}, 400, "not valid base64"),
     ({"image": base64.b64encode(b"GIF89a broken").decode(), "text": None}, 415, "not an image"),
     ({"image": "/etc/passwd", "text": None}, 400, "base64"),

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from clipsearch.filters import SearchFilter
 from clipsearch.search import SearchQuery, Searcher
@@ -53,7 +53,7 @@ class KnnRequest(BaseModel):
     text: str | None = None
     image: str | None = Field(None, description="base64 image")
     image_url: str | None = Field(None, description="Refused unless the server allows remote images")
-    embedding_input: list[float] | None = None
+    embedding_input: list[StrictFloat | StrictInt] | None = None  # numbers only: true/false are not vector values
     modality: str | None = Field("image", description="'image' (this server has no caption index)")
     num_images: int | None = Field(None, description=f"Results to return (default {DEFAULT_NUM_IMAGES})")
     num_result_ids: int | None = Field(None, description="Neighbours to consider before filtering")
