@@ -123,6 +123,7 @@ def test_a_body_far_over_the_limit_is_refused_before_it_is_read(small_limit_app)
     response = small_limit_app.post("/api/search/image", content=b"x" * too_much,
                                     headers={"content-type": "multipart/form-data; boundary=zzz"})
     assert response.status_code == 413 and "request body is larger" in response.json()["detail"]
+    assert "--max-upload-mb" in response.json()["hint"]
 
 
 def test_a_chunked_body_over_the_limit_is_413(indexed):
@@ -313,6 +314,9 @@ def test_no_cors_headers_unless_configured(indexed):
     with TestClient(create_app(settings)) as client:
         allowed = client.get("/api/stats", headers={"Origin": "https://photos.example"})
         assert allowed.headers["access-control-allow-origin"] == "https://photos.example"
+        # What a page on that origin must read of a response: Retry-After of a 503, ETag, a file's name.
+        exposed = {h.strip().lower() for h in allowed.headers["access-control-expose-headers"].split(",")}
+        assert {"retry-after", "etag", "content-disposition"} <= exposed
         other = client.get("/api/stats", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
 

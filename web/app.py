@@ -62,7 +62,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+                           expose_headers=["Retry-After", "ETag", "Content-Disposition"])  # readable by the page
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HostCheck, allowed=state.allowed_hosts)  # outside the rest: nothing runs for a bad Host
     app.add_middleware(SecurityHeaders)

@@ -184,7 +184,8 @@ class BodySizeLimit:
                 await _send_json(send, *refusal)
 
     def _too_large(self) -> dict:
-        return {"detail": f"request body is larger than {self.max_bytes:,} bytes"}
+        return {"detail": f"request body is larger than {self.max_bytes:,} bytes",
+                "hint": "Send a smaller image (the server's --max-upload-mb sets the limit)."}
 
 
 class _BodyRefused(Exception):
