@@ -118,6 +118,13 @@ def test_classify_folder_cli_writes_one_row_per_image(tmp_path, tiny_bundle):
     csv_rows = subprocess.run([*CLI, "classify", one, "--labels", "cat,dog", "--model", str(tiny_bundle), "--rows"],
                               capture_output=True, text=True, timeout=120).stdout
     assert list(csv.reader(io.StringIO(csv_rows)))[0] == ["path", "label", "probability", "cat", "dog"]
+    # A label named like a column would make a header DictReader cannot read back: refused for CSV, fine in JSON.
+    clash = subprocess.run([*CLI, "classify", str(folder), "--labels", "path,dog", "--model", str(tiny_bundle)],
+                           capture_output=True, text=True, timeout=120)
+    assert clash.returncode == 2 and "also a column of the CSV output" in clash.stderr
+    named = subprocess.run([*CLI, "classify", str(folder), "--labels", "path,dog", "--model", str(tiny_bundle),
+                            "--json"], capture_output=True, text=True, timeout=120)
+    assert named.returncode == 0 and set(json.loads(named.stdout)[0]["probabilities"]) == {"path", "dog"}
 
 
 def test_classify_with_a_collection_uses_its_model_and_stored_vectors(tmp_path, model):

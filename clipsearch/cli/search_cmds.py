@@ -251,6 +251,10 @@ def classify(
     from ..model.preprocess import open_image
 
     label_list = parse_labels(labels, labels_file)
+    clashing = [label for label in label_list if label in ("path", "label", "probability")]
+    if clashing and not as_json:  # the per-image CSV's header would name two columns alike
+        raise typer.BadParameter(f"label {clashing[0]!r} is also a column of the CSV output (path, label, "
+                                 "probability, then one per label): use --json, or another word", param_hint="--labels")
     files, problems = _image_files(targets)
     if not files and not problems:
         raise typer.BadParameter("no image files found", param_hint="TARGETS")
