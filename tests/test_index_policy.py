@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import subprocess
 import sys
 from pathlib import Path
@@ -169,12 +170,18 @@ def _write(collection, info, x, start):
     return collection.store.write_images(rows, info.model_id, collection.store.next_run_id(), "2026-01-01")
 
 
-def test_growth_appends_without_retraining_then_retrains_after_outgrowing(tmp_path):
-    dim = 32
+@contextmanager
+def synthetic_collection(root, name: str, dim: int, count: int, seed: int):
+    """A new collection bound to a synthetic model of `dim` dimensions, with `count` clustered vectors to write."""
     info = _fake_info(dim)
-    x = clustered(30_000, dim, seed=3)
-    with Collection.create("grow", tmp_path) as collection:
+    x = clustered(count, dim, seed=seed)
+    with Collection.create(name, root) as collection:
         collection.bind_model(info)
+        yield collection, info, x
+
+
+def test_growth_appends_without_retraining_then_retrains_after_outgrowing(tmp_path):
+    with synthetic_collection(tmp_path, "grow", 32, 30_000, seed=3) as (collection, info, x):
         _write(collection, info, x[:2_000], 0)
         assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
         first = collection.load_vectors().meta
@@ -194,10 +201,7 @@ def test_an_appended_exact_index_states_its_new_size(tmp_path):
     """`stats` reads the layout's memory and reason from the sidecar: after an append they describe the index as
     it now is, not as it was first built."""
     dim = 16
-    info = _fake_info(dim)
-    x = clustered(60, dim, seed=5)
-    with Collection.create("small", tmp_path) as collection:
-        collection.bind_model(info)
+    with synthetic_collection(tmp_path, "small", dim, 60, seed=5) as (collection, info, x):
         _write(collection, info, x[:50], 0)
         assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
         _write(collection, info, x[50:], 50)
@@ -210,11 +214,7 @@ def test_an_appended_exact_index_states_its_new_size(tmp_path):
 def test_an_index_built_while_another_process_commits_rows_is_of_one_moment(tmp_path):
     """A searcher builds the index from SQLite while an indexing run commits: the count, the generation and the
     rows it reads are of one read transaction (it failed with "built an index of 748 vectors, expected 740")."""
-    dim = 16
-    info = _fake_info(dim)
-    x = clustered(80, dim, seed=9)
-    with Collection.create("busy", tmp_path) as writer:
-        writer.bind_model(info)
+    with synthetic_collection(tmp_path, "busy", 16, 80, seed=9) as (writer, info, x):
         _write(writer, info, x[:40], 0)
         with Collection.open("busy", tmp_path) as reader:
             real_iter = reader.store.iter_vectors
@@ -231,11 +231,7 @@ def test_an_index_built_while_another_process_commits_rows_is_of_one_moment(tmp_
 
 
 def test_deletions_remove_ids(tmp_path):
-    dim = 32
-    info = _fake_info(dim)
-    x = clustered(5_000, dim, seed=4)
-    with Collection.create("del", tmp_path) as collection:
-        collection.bind_model(info)
+    with synthetic_collection(tmp_path, "del", 32, 5_000, seed=4) as (collection, info, x):
         ids = _write(collection, info, x, 0)
         collection.update_vectors(ivf_threshold=1_000)
         gone = list(ids[100:200])
@@ -297,10 +293,7 @@ def test_a_killed_save_leaves_the_old_index_and_is_cleaned_up(tmp_path):
     """Killed after the new index file was written but before it was moved into place: the saved index still
     loads and answers, and the next writer removes the leftovers."""
     dim = 32
-    info = _fake_info(dim)
-    x = clustered(3_000, dim, seed=6)
-    with Collection.create("kill", tmp_path) as collection:
-        collection.bind_model(info)
+    with synthetic_collection(tmp_path, "kill", dim, 3_000, seed=6) as (collection, info, x):
         _write(collection, info, x[:2_000], 0)
         collection.update_vectors(ivf_threshold=1_000)
         folder = collection.folder
