@@ -159,7 +159,8 @@ def test_metadata_in_the_order_asked(client, indexed):
     response = client.post("/metadata", content=json.dumps({"ids": wanted + [99999], "indice_name": "photos"}))
     assert response.status_code == 200
     answer = response.json()
-    assert [entry["id"] for entry in answer] == wanted  # unknown ids are left out
+    assert [entry["id"] for entry in answer] == wanted + [99999]  # one entry per id asked, as clip-back gives
+    assert answer[-1]["metadata"] == {}  # no image with that id
     first = answer[0]["metadata"]
     assert first["image_path"] == str(indexed.photos[2]) and first["caption"] == indexed.photos[2].name
     assert first["url"].endswith(f"/api/images/{wanted[0]}/file")

@@ -233,7 +233,8 @@ async def metadata(request: Request) -> list[dict]:
     def run() -> list[dict]:
         name = state.resolve_name(wanted.indice_name)
         found = state.searcher(name).records(wanted.ids)
-        return [{"id": i, "metadata": metadata_of(request, name, found[i])} for i in wanted.ids if i in found]
+        # As clip-back: one entry per id asked, in that order; an id with no image gets empty metadata.
+        return [{"id": i, "metadata": metadata_of(request, name, found[i]) if i in found else {}} for i in wanted.ids]
 
     return await state.run(run)
 
