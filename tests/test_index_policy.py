@@ -122,6 +122,20 @@ def test_sixty_thousand_vectors_reach_the_target_recall(sixty_k):
     assert one < every and every >= 0.95
 
 
+def test_the_hits_asked_past_k_come_from_the_candidates_the_index_was_tuned_for(sixty_k):
+    """Hits past k are fetched so ties at the cut are ordered like the rest: the refine stage still re-scores the
+    k_factor x k candidates it was tuned with, so a page's hits (and latency) are those of a plain FAISS search."""
+    index_dir, ids, x = sixty_k
+    with Collection.open("sixty", index_dir) as collection:
+        index = collection.load_vectors(mmap=True)
+    rng = np.random.default_rng(3)
+    queries = x[rng.choice(len(x), 100, replace=False)] + 0.2 * rng.standard_normal((100, x.shape[1])).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    _, plain = index.index.search(queries, 10)  # the tuned nprobe and refine factor, k = 10
+    ours = index.search(queries, 10)
+    assert [sorted(i for i, _ in row) for row in ours] == [sorted(row.tolist()) for row in plain]
+
+
 def test_a_large_k_is_never_short(sixty_k):
     """The tuned nprobe probes a few lists, enough for a page of results but not for k = 1,000: nprobe rises with k,
     and a k the lists cannot fill is answered from the full vectors. Every answer has k hits, best first, and its

@@ -445,7 +445,12 @@ class VectorIndex:
             if needed > layout.nlist // 2:
                 return self._search_exact(queries, fetch, excluded, k)
             nprobe = needed if needed > layout.nprobe else None
-        params = self.search_params(nprobe)
+        refine = None
+        if self.meta.layout.kind == "ivfpq" and self.meta.layout.refine_factor:
+            # The refine stage re-scores k_factor x (asked) candidates: the TIE_MARGIN hits asked past k are taken
+            # from as many candidates as k alone would be, so latency and recall stay those the index was tuned for.
+            refine = self.meta.layout.refine_factor * min(self.count, k + len(excluded)) / fetch
+        params = self.search_params(nprobe, refine_factor=refine)
         with _one_thread_for_few(len(queries)):
             scores, ids = (self.index.search(queries, fetch, params=params) if params
                            else self.index.search(queries, fetch))
@@ -478,7 +483,7 @@ class VectorIndex:
         at = at[found]
         return (at if self._id_order is None else self._id_order[at]).astype(np.int64)
 
-    def search_params(self, nprobe: int | None = None, refine_factor: int | None = None, sel=None):
+    def search_params(self, nprobe: int | None = None, refine_factor: float | None = None, sel=None):
         """FAISS search parameters overriding the tuned nprobe / refine factor (None: nothing to override)."""
         import faiss
 
