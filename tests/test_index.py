@@ -301,6 +301,30 @@ def test_check_finds_a_damaged_index_file_of_unchanged_size_and_the_way_back_emb
         assert again.embedded == 0 and collection.check().ok
 
 
+def test_a_check_probing_the_lock_never_makes_a_run_refuse_to_start(tmp_path, photos, model):
+    # `check` and `stats` look whether a run holds the writer lock by taking a shared lock for a moment: a run
+    # starting in that moment waits for it instead of saying another process is indexing.
+    with Collection.create("c", tmp_path / "idx") as collection:
+        run(collection, model, [photos])
+    stop = threading.Event()
+
+    def probe() -> None:
+        with Collection.open("c", tmp_path / "idx") as checker:
+            while not stop.is_set():
+                checker.being_indexed()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with Collection.open("c", tmp_path / "idx") as writer:
+            for _ in range(300):
+                with writer.writer_lock():
+                    pass
+    finally:
+        stop.set()
+        prober.join()
+
+
 def test_rerun_embeds_nothing(tmp_path, photos, model):
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])

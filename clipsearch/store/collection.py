@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -48,6 +49,7 @@ from .index.vectors import DEFAULT_IVF_THRESHOLD, INDEX_FILE, SIDECAR_FILE, TRAI
 DEFAULT_COLLECTION = "default"
 STORE_FILE = "meta.sqlite"
 LOCK_FILE = "index.lock"
+LOCK_ATTEMPTS = 20  # over about 0.2 s, before a run is refused because another one holds the lock
 POINTER_FILE = "CURRENT"
 GENERATION_PREFIX = "gen-"
 _GENERATION_RE = re.compile(r"^gen-([0-9]{1,9})$")
@@ -336,7 +338,14 @@ class Collection:
             try:
                 import fcntl
 
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for attempt in range(LOCK_ATTEMPTS):  # `being_indexed` probes hold a shared lock for microseconds
+                    try:
+                        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if attempt == LOCK_ATTEMPTS - 1:
+                            raise
+                        time.sleep(0.01)
             except ImportError:  # not POSIX: no cross-process lock
                 pass
             except BlockingIOError as exc:
