@@ -249,6 +249,41 @@ def test_the_helper_is_chosen_by_code_and_settings(run_dir, monkeypatch, tmp_pat
     assert protocol.address().socket_path == second.socket_path
 
 
+def test_a_helper_still_loading_its_collection_answers_status_and_stop(run_dir, indexed, monkeypatch):
+    """A big index or model takes a while to preload: status and stop are answered meanwhile (the client waits only
+    2 s for the acknowledgement), and a stop is not lost."""
+    from clipsearch.resident import helper as helper_module
+
+    root, _, _ = indexed
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_preload(self, collection, index_dir):
+        loading.set()
+        release.wait(60)
+
+    monkeypatch.setattr(helper_module.Helper, "preload", slow_preload)
+    where = protocol.address()
+    where.socket_path.parent.mkdir(mode=0o700, exist_ok=True)
+    umask = os.umask(0o022)
+    os.umask(umask)  # the helper's main() sets its own (0077): this process's is put back below
+    serving = threading.Thread(target=helper_module.main, args=([
+        "--socket", str(where.socket_path), "--lock", str(where.lock_path), "--idle", "120",
+        "--collection", "s", "--index-dir", str(root)],), daemon=True)
+    serving.start()
+    try:
+        assert loading.wait(30)
+        status = client.request("status")
+        assert status is not None and status.get("ok") and status["pid"] == os.getpid()
+        assert client.request("stop") is not None
+        serving.join(30)
+        assert not serving.is_alive()  # the stop was carried out, not lost behind the preload
+    finally:
+        release.set()
+        where.socket_path.unlink(missing_ok=True)
+        serving.join(30)
+        os.umask(umask)
+
+
 def test_helper_status_and_stop_commands(run_dir, indexed):
     root, _, _ = indexed
     assert json.loads(_helper_cli("status", "--json"))["running"] is False

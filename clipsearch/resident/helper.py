@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         os.chmod(args.socket, 0o600)
         bound = _stat_key(args.socket)
         listener.listen(64)
-        if args.collection:
-            helper.preload(args.collection, args.index_dir)
+        if args.collection:  # beside the accept loop: requests meanwhile are acknowledged (status, stop) at once
+            threading.Thread(target=helper.preload, args=(args.collection, args.index_dir), daemon=True,
+                             name="clipsearch-helper-preload").start()
         helper.serve(listener, bound)
     finally:
         listener.close()
