@@ -323,14 +323,18 @@ class Searcher:
                            name=None if isinstance(value, bytes) else str(value))  # errors name the file given
         vector = self.model.encode_images([image])[0]
         same: set[int] = set()
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         with self.reading() as store:
+            copies = store.conn.execute("SELECT id, path FROM images WHERE content_hash = ?", [digest]).fetchall()
             if isinstance(value, bytes):
-                digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-                same = {row[0] for row in store.conn.execute("SELECT id FROM images WHERE content_hash = ?", [digest])}
+                same = {image_id for image_id, _ in copies}
             elif is_utf8(str(value)):  # stored paths are UTF-8 text
                 record = store.find_by_path(os.path.abspath(str(value)))
                 if record is not None:
                     same.add(record.id)
+                # The same file named another way (through a symbolic link, or a link the folder was indexed by).
+                here = os.path.realpath(str(value))
+                same.update(image_id for image_id, path in copies if os.path.realpath(path) == here)
         return vector, same
 
     def search(self, query: SearchQuery, text_vectors: Mapping[str, np.ndarray] | None = None) -> list[SearchHit]:

@@ -78,6 +78,10 @@ def test_an_example_file_leaves_out_only_itself_so_its_copies_are_found(tmp_path
     assert [os.path.basename(h.path) for h in from_inside] == ["copy_of_000.png"]
     uploaded = searcher.search(SearchQuery.build(image=outside.read_bytes(), k=1))  # no name: its bytes are itself
     assert os.path.basename(uploaded[0].path) not in ("copy_of_000.png", "photo_000.png")
+    (tmp_path / "via-link").symlink_to(folder)  # the indexed file itself, named through a link
+    through_link = searcher.search(SearchQuery.build(image=tmp_path / "via-link" / "photo_000.png", k=2))
+    assert "photo_000.png" not in [os.path.basename(h.path) for h in through_link]
+    assert os.path.basename(through_link[0].path) == "copy_of_000.png"
 
 
 def test_like_an_indexed_image_excludes_it_and_finds_its_copy(indexed, model):
