@@ -125,6 +125,9 @@ def test_classify_folder_cli_writes_one_row_per_image(tmp_path, tiny_bundle):
     named = subprocess.run([*CLI, "classify", str(folder), "--labels", "path,dog", "--model", str(tiny_bundle),
                             "--json"], capture_output=True, text=True, timeout=120)
     assert named.returncode == 0 and set(json.loads(named.stdout)[0]["probabilities"]) == {"path", "dog"}
+    alone = subprocess.run([*CLI, "classify", one, "--labels", "path,dog", "--model", str(tiny_bundle)],
+                           capture_output=True, text=True, timeout=120)  # label,probability rows: nothing clashes
+    assert alone.returncode == 0 and {row[0] for row in csv.reader(io.StringIO(alone.stdout))} >= {"path", "dog"}
 
 
 def test_classify_with_a_collection_uses_its_model_and_stored_vectors(tmp_path, model):

@@ -251,13 +251,14 @@ def classify(
     from ..model.preprocess import open_image
 
     label_list = parse_labels(labels, labels_file)
-    clashing = [label for label in label_list if label in ("path", "label", "probability")]
-    if clashing and not as_json:  # the per-image CSV's header would name two columns alike
-        raise typer.BadParameter(f"label {clashing[0]!r} is also a column of the CSV output (path, label, "
-                                 "probability, then one per label): use --json, or another word", param_hint="--labels")
     files, problems = _image_files(targets)
     if not files and not problems:
         raise typer.BadParameter("no image files found", param_hint="TARGETS")
+    single = not per_image and len(files) == 1 and len(targets) == 1 and targets[0].is_file()
+    clashing = [label for label in label_list if label in ("path", "label", "probability")]
+    if clashing and not as_json and not single:  # the per-image CSV's header would name two columns alike
+        raise typer.BadParameter(f"label {clashing[0]!r} is also a column of the CSV output (path, label, "
+                                 "probability, then one per label): use --json, or another word", param_hint="--labels")
     store, dim, spec = None, 0, model
     opened = None
     if collection:
@@ -308,13 +309,13 @@ def classify(
     if as_json:
         out = [{"path": r["path"], "label": r["scores"][0].label, "probability": round(r["scores"][0].probability, 6),
                 "probabilities": {s.label: round(s.probability, 6) for s in r["scores"]}} for r in rows]
-        if not per_image and len(files) == 1 and len(targets) == 1 and targets[0].is_file() and out:
+        if single and out:
             payload: object = out[0]
         else:
             payload = out
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
-        if not per_image and len(rows) == 1 and len(targets) == 1 and targets[0].is_file():
+        if single and len(rows) == 1:
             writer = csv.writer(sys.stdout)
             writer.writerow(["label", "probability"])
             for score in rows[0]["scores"]:
