@@ -279,19 +279,25 @@ _HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "S
 @contextmanager
 def signals_held() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as they would have (the first one that
-    came): what SQLite committed and the FAISS index are never left disagreeing by a stop in between. Outside
-    the main thread (an embedding program) nothing changes."""
+    came): what SQLite committed and the FAISS index are never left disagreeing by a stop in between. A second
+    stop acts at once (the index is then behind, as after a kill, and the next run completes it). Outside the
+    main thread (an embedding program) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
 
     def hold(signum: int, _frame: object) -> None:
-        if not pending:
-            try:
-                print("finishing the vector index so that it agrees with the database…", file=sys.stderr, flush=True)
-            except (OSError, ValueError):
-                pass
+        if pending:  # a second stop: at once (a long IVF-PQ retrain); the next run completes the index
+            for held, handler in previous.items():
+                signal.signal(held, handler)
+            _act_on(previous[signum], signum)
+            return
+        try:
+            print("finishing the vector index so that it agrees with the database… (stop again to stop at once; "
+                  "the next run completes it)", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
         pending.append(signum)
 
     previous = {signum: signal.signal(signum, hold) for signum in _HELD_SIGNALS}
@@ -301,11 +307,15 @@ def signals_held() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if pending:
-        handler = previous[pending[0]]
-        if callable(handler):
-            handler(pending[0], None)  # Python's default SIGINT handler raises KeyboardInterrupt
-        elif handler == signal.SIG_DFL:
-            signal.raise_signal(pending[0])
+        _act_on(previous[pending[0]], pending[0])
+
+
+def _act_on(handler, signum: int) -> None:
+    """Do what `handler` (a signal's previous disposition) does for `signum`."""
+    if callable(handler):
+        handler(signum, None)  # Python's default SIGINT handler raises KeyboardInterrupt
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
 
 
 def index_paths(collection: Collection, model, roots: Sequence[str | Path], options: IndexOptions = IndexOptions(),

@@ -202,6 +202,27 @@ def test_a_stop_during_the_index_update_waits_until_sqlite_and_faiss_agree(tmp_p
         assert collection.vectors_fresh() and collection.check().ok and collection.store.count() == 12
 
 
+def test_a_second_stop_during_the_index_update_stops_at_once(tmp_path, photos, model, monkeypatch):
+    # A full IVF-PQ retrain can take minutes: the first stop waits for it, a second one does not (the index is then
+    # behind SQLite, as after a kill, and the next run completes it).
+    real_update = Collection.update_vectors
+    reached = []
+
+    def two_ctrl_c_during_the_update(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("past the second stop")
+        return real_update(self, *args, **kwargs)
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        monkeypatch.setattr(Collection, "update_vectors", two_ctrl_c_during_the_update)
+        with pytest.raises(KeyboardInterrupt):
+            run(collection, model, [photos])
+        monkeypatch.setattr(Collection, "update_vectors", real_update)
+        assert reached == [] and not collection.vectors_fresh()
+        assert run(collection, model, [photos]).embedded == 0 and collection.check().ok
+
+
 def test_check_of_a_collection_being_indexed_says_a_run_is_writing(tmp_path, photos, model):
     from clipsearch.store.database import NewImage
 
