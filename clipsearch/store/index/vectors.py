@@ -527,7 +527,7 @@ class VectorIndex:
             wanted = 2 * k * max(1, layout.refine_factor)
             nprobe = max(nprobe or layout.nprobe, math.ceil(ivf.nlist * wanted / len(positions)))
             if nprobe <= ivf.nlist // 2:
-                params = self.search_params(int(nprobe), layout.refine_factor, sel=selector)
+                params = self.search_params(int(nprobe), layout.refine_factor * k / fetch, sel=selector)  # as search()
                 # Through IDMap with no top-level selector: it only translates the labels back to ids.
                 scores, ids = self.index.search(queries, fetch, params=params)
                 hits = _hits(scores, ids, excluded, k)
