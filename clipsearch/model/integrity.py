@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from ..errors import BundleError
@@ -91,7 +92,7 @@ def _load(cache: Path) -> dict:
 def _save(cache: Path, remembered: dict) -> None:
     """Write atomically (a temporary file renamed over it); a cache that cannot be written is only a cost."""
     entries = list(remembered.items())[-MAX_REMEMBERED:]
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # a server checks in threads
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(dict(entries)), encoding="utf-8")
