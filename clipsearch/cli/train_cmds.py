@@ -110,7 +110,8 @@ def train_cmd(
     except KeyboardInterrupt:
         saved = work / "checkpoint.pt"
         where = (f"the last checkpoint (every {checkpoint_every} steps) is {saved}; continue with the same command "
-                 "and --resume" if saved.is_file() else "no checkpoint was saved yet")
+                 f"and --resume{' instead of --fresh' if fresh else ''}" if saved.is_file() else
+                 "no checkpoint was saved yet")
         typer.echo(f"interrupted: {where}", err=True)
         raise typer.Exit(130)
 
