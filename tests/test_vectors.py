@@ -71,16 +71,17 @@ def test_equal_scores_are_ordered_by_id_whatever_k_and_a_filter(ivf_threshold):
     first page and a longer list would disagree, and pages could repeat or skip a copy)."""
     n, dim = 3_000, 32
     x = clustered_vectors(n, dim, seed=4)
-    copies = [7, 1_500, 40, 2_999, 333, 12, 2_000, 901]  # ids holding the very same vector
+    # Ids holding the very same vector: more of them than k plus the margin fetched past it.
+    copies = [7, 1_500, 40, 2_999, 333, 12, 2_000, 901] + list(range(2_100, 2_140))
     x[copies] = x[copies[0]]
     ids = np.arange(n, dtype=np.int64)
     index = VectorIndex.build([(ids, x)], count=n, dim=dim, model_id="m", generation=1, ivf_threshold=ivf_threshold,
                               sample=lambda m: x[:m])
     query = x[copies[0]][None, :]
-    longest = [i for i, _ in index.search(query, 40)[0]]
+    longest = [i for i, _ in index.search(query, 80)[0]]
     assert longest[:len(copies)] == sorted(copies)
-    for k in range(1, len(copies) + 3):
-        assert [i for i, _ in index.search(query, k)[0]] == longest[:k]
+    for k in (*range(1, 12), 30, len(copies), len(copies) + 2):
+        assert [i for i, _ in index.search(query, k)[0]] == longest[:k], k
     allowed = np.array(sorted(copies[:5] + list(range(100, 3_000, 3))), dtype=np.int64)
     filtered = [i for i, _ in index.search(query, 3, allowed=allowed)[0]]
     assert filtered == sorted(copies[:5])[:3]

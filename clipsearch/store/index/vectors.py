@@ -445,16 +445,23 @@ class VectorIndex:
             if needed > layout.nlist // 2:
                 return self._search_exact(queries, fetch, excluded, k)
             nprobe = needed if needed > layout.nprobe else None
-        refine = None
-        if self.meta.layout.kind == "ivfpq" and self.meta.layout.refine_factor:
-            # The refine stage re-scores k_factor x (asked) candidates: the TIE_MARGIN hits asked past k are taken
-            # from as many candidates as k alone would be, so latency and recall stay those the index was tuned for.
-            refine = self.meta.layout.refine_factor * min(self.count, k + len(excluded)) / fetch
-        params = self.search_params(nprobe, refine_factor=refine)
-        with _one_thread_for_few(len(queries)):
-            scores, ids = (self.index.search(queries, fetch, params=params) if params
-                           else self.index.search(queries, fetch))
-        hits = _hits(scores, ids, excluded, k)
+        ivf = self.meta.layout.kind == "ivfpq"
+        while True:
+            refine = None
+            if ivf and self.meta.layout.refine_factor:
+                # The refine stage re-scores k_factor x (asked) candidates: the TIE_MARGIN hits asked past k come
+                # from as many candidates as k alone would, so latency and recall stay those the index was tuned for.
+                refine = self.meta.layout.refine_factor * min(self.count, k + len(excluded)) / fetch
+            params = self.search_params(nprobe, refine_factor=refine)
+            with _one_thread_for_few(len(queries)):
+                scores, ids = (self.index.search(queries, fetch, params=params) if params
+                               else self.index.search(queries, fetch))
+            hits = _hits(scores, ids, excluded, k)
+            # An IVF-PQ index returns an arbitrary part of a tie group larger than what was fetched (the exact index
+            # keeps the first ids): while the k-th score still ties with the last one fetched, fetch more.
+            if not ivf or fetch >= self.count or not _tie_reaches_the_cut(scores, ids, hits, k):
+                break
+            fetch = min(self.count, fetch * 4)
         if tuned and any(len(row) < min(k, self.count - len(excluded)) for row in hits):
             return self._search_exact(queries, fetch, excluded, k)
         return hits
@@ -588,6 +595,14 @@ def _hits(scores: np.ndarray, ids: np.ndarray, excluded: set[int], k: int) -> li
         hits.sort(key=lambda hit: (-hit[1], hit[0]))
         results.append(hits[:k])
     return results
+
+
+def _tie_reaches_the_cut(scores: np.ndarray, ids: np.ndarray, hits: list[list[tuple[int, float]]], k: int) -> bool:
+    """True when some row's k-th hit scores the same as the last result fetched for it (more may tie unseen)."""
+    for row_scores, row_ids, row_hits in zip(scores, ids, hits):
+        if len(row_hits) >= k and row_ids[-1] >= 0 and float(row_scores[-1]) == row_hits[k - 1][1]:
+            return True
+    return False
 
 
 def _apply_search_params(index, layout: IndexLayout) -> None:
