@@ -6,6 +6,7 @@
   request.
 - The FAISS index is swapped, never rebuilt in a request: when the collection changed (an indexing run wrote
   to it, or a rebuild switched generations) a background thread loads or builds the new index aside while
+  searches keep using the one they have, then replaces it with one assignment (`ServedIndex` is immutable; a
   search reads the reference once). Only the very first load of a collection's index happens in a request,
   when there is nothing to answer from yet (`clipsearch serve` loads the default collection's at start-up),
   and the first after a rebuild switched generations: the old index's ids are not the new rows' (a rebuild
