@@ -524,7 +524,7 @@ class Searcher:
                       filter: SearchFilter | None = None, nprobe: int | None = None) -> list[SearchHit]:
         """The k nearest images to `vector`; with an active `filter`, the k nearest of those that pass it.
         `nprobe` overrides the IVF index's tuned value for this search."""
-        for attempt in range(2):
+        for _ in range(2):
             folder = self.follow()
             index = self.index
             allowed = self.allowed_ids(filter) if filter is not None and filter.active else None
