@@ -289,6 +289,20 @@ def test_a_pretrained_checkpoint_path_that_does_not_exist_is_named_as_a_missing_
     assert "no pretrained tag" not in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_bundle_copied_without_the_sibling_it_shares_files_with_says_so(tmp_path):
+    import shutil
+
+    from clipsearch.model.resolve import resolve_model
+
+    alone = tmp_path / "emoji-mini-int8"
+    shutil.copytree(resolve_model("emoji-mini-int8", export_missing=False).path, alone)
+    done = _cli("embed", "-m", str(alone), "--text", "red heart")
+    assert done.returncode == 1 and "with the bundle beside it, ../emoji-mini, which is not there" in done.stderr
+    assert "Copy emoji-mini next to it" in done.stderr
+    shutil.copytree(resolve_model("emoji-mini", export_missing=False).path, tmp_path / "emoji-mini")
+    assert _cli("embed", "-m", str(alone), "--text", "red heart").returncode == 0
+
+
 def test_unknown_model_name_lists_the_fix(isolated_home):
     done = _cli("embed", "--model", "no-such-model", "--text", "a dog")
     assert done.returncode == 1 and "Traceback" not in done.stderr

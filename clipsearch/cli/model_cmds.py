@@ -160,7 +160,7 @@ def info_cmd(
 
 @app.command("embed")
 def embed_cmd(
-    model: Optional[str] = typer.Option(None, "--model", help="Bundle folder, cached name, or ARCH/TAG"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundle folder, cached name, or ARCH/TAG"),
     text: Optional[List[str]] = typer.Option(None, "--text", help="Text to embed (repeatable)"),
     image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file to embed (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="One JSON list per input"),

@@ -224,6 +224,11 @@ def read_bundle(path: Path | str) -> BundleInfo:
     except (OSError, ValueError, AttributeError):
         links = {}  # reported below (missing or malformed model.json)
     missing = [name for name in BUNDLE_FILES if not (folder / links.get(name, name)).is_file()]
+    unlinked = sorted({Path(links[name]).parts[1] for name in missing if name in links})
+    if unlinked:  # a bundle copied without the sibling it shares files with
+        raise BundleError(f"{folder} shares {', '.join(n for n in missing if n in links)} with the bundle beside it, "
+                          f"../{unlinked[0]}, which is not there",
+                          f"Copy {unlinked[0]} next to it (both folders side by side), or use {unlinked[0]} itself.")
     if missing:
         raise BundleError(
             f"{folder} is not a complete model bundle: missing {', '.join(missing)}",
