@@ -284,6 +284,22 @@ def test_a_helper_still_loading_its_collection_answers_status_and_stop(run_dir, 
         os.umask(umask)
 
 
+def test_helpers_of_other_code_or_settings_are_shown_and_stopped_with_all(run_dir, indexed, monkeypatch, tmp_path):
+    """After an upgrade (or with another CLIPSEARCH_HOME) the helper of the old settings has another socket: status
+    says it exists and stop --all stops it (a helper exits when its socket is removed)."""
+    root, _, _ = indexed
+    own_home = os.environ["CLIPSEARCH_HOME"]
+    monkeypatch.setenv("CLIPSEARCH_HOME", str(tmp_path / "other-home"))
+    other = protocol.address()
+    _cli_json(root, "x", "-k", "1")  # a helper for the other settings
+    _wait_listening()
+    monkeypatch.setenv("CLIPSEARCH_HOME", own_home)
+    assert protocol.address().socket_path != other.socket_path
+    assert "1 other helper socket of yours" in _helper_cli("status")
+    assert "removed 1 other helper socket" in _helper_cli("stop", "--all")
+    assert not other.socket_path.exists() and _lock_released(other.lock_path, timeout=30)
+
+
 def test_helper_status_and_stop_commands(run_dir, indexed):
     root, _, _ = indexed
     assert json.loads(_helper_cli("status", "--json"))["running"] is False
