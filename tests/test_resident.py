@@ -145,6 +145,45 @@ def test_the_helper_follows_new_deleted_and_replaced_images_and_a_recreated_coll
     assert len(recreated.hits) == 3
 
 
+def test_a_preload_that_ends_after_the_collection_was_made_again_does_not_pass_it_off_as_current(indexed,
+                                                                                                  monkeypatch):
+    """The helper preloads beside its accept loop. If the collection is deleted and made again while the preload
+    still loads the model, the preload must not record the new database's identity for its old searcher (which
+    would then answer from the deleted database for good)."""
+    from clipsearch.model.runtime import OnnxSession
+    from clipsearch.resident.helper import Helper
+
+    root, folder, model = indexed
+    helper = Helper(Path("/nonexistent.sock"), 120)
+    loading, release = threading.Event(), threading.Event()
+    real_prepare = OnnxSession.run_prepare
+
+    def held_prepare(self):
+        if not loading.is_set():
+            loading.set()
+            assert release.wait(60)
+        return real_prepare(self)
+
+    monkeypatch.setattr(OnnxSession, "run_prepare", held_prepare)
+    preloading = threading.Thread(target=helper.preload, args=("s", str(root)))
+    preloading.start()
+    try:
+        assert loading.wait(60)
+        old = helper._kept[("s", str(root))].searcher
+        shutil.rmtree(root / "s")  # deleted and made again from other photos while the model loads
+        other = folder.parent / "other"
+        make_photos(other, 3, start_seed=100)
+        index_paths(Collection.create("s", root), model, [str(other)], IndexOptions(workers=0))
+    finally:
+        release.set()
+        preloading.join(60)
+    entry = helper.kept("s", str(root))
+    assert entry.searcher is not old
+    hits = entry.searcher.search(SearchQuery.build(text="x", k=100))
+    assert sorted(h.path for h in hits) == sorted(str(p) for p in other.rglob("*") if p.is_file())
+    entry.searcher.close()
+
+
 def test_errors_from_the_helper_are_the_in_process_errors(run_dir, indexed):
     root, _, _ = indexed
     _cli_json(root, "x", "-k", "1")

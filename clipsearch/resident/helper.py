@@ -57,12 +57,23 @@ class Kept:
             identity = (info.st_dev, info.st_ino)
         except OSError:
             identity = None
+        return identity, Kept.model_files(searcher)
+
+    @staticmethod
+    def model_files(searcher) -> tuple:
         model = searcher.loaded_model
-        model_files = ()
-        if model is not None:
-            model_files = tuple(_stat_key(p) for p in (model.info.path / "model.json", model.info.file("textual.onnx"),
-                                                       model.info.file("visual.onnx")))
-        return identity, model_files
+        if model is None:
+            return ()
+        return tuple(_stat_key(p) for p in (model.info.path / "model.json", model.info.file("textual.onnx"),
+                                            model.info.file("visual.onnx")))
+
+    def note_model(self, searcher) -> None:
+        """Add the files of a model `searcher` loaded since it was opened. The database identity stays the one
+        taken when it was opened: taken again now, it could be a new database's (the collection deleted and made
+        again meanwhile), and the old searcher would then pass for current."""
+        with self.lock:
+            if self.searcher is searcher:
+                self.files = (self.files[0] if self.files else None, Kept.model_files(searcher))
 
 
 class Helper:
@@ -115,7 +126,7 @@ class Helper:
             searcher.index
             searcher.model.textual.run_prepare()
             searcher.model.tokenizer
-            entry.files = Kept.fingerprint(searcher)  # the model files are known now
+            entry.note_model(searcher)  # the model files are known now
         except Exception:  # the first request will say what is wrong, in-process
             pass
 
@@ -134,9 +145,8 @@ class Helper:
             entry = self.kept(str(request["collection"]), request.get("index_dir"))
             searcher = entry.searcher
             hits = searcher.search(query)
-            files = Kept.fingerprint(searcher)
-            if files != entry.files:  # the first search loaded the model: remember its files
-                entry.files = files
+            if Kept.model_files(searcher) != entry.files[1]:  # the first search loaded the model: remember its files
+                entry.note_model(searcher)
             empty = searcher.why_empty(query.filter) if not hits else None
             return {"ok": True, "hits": protocol.hits_to_wire(hits), "empty": protocol.reason_to_wire(empty)}
         except ClipsearchError as exc:
