@@ -32,7 +32,6 @@ from typing import ContextManager, Iterator, Sequence
 
 from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError, UnreadableStoreError
-from clipsearch.model.integrity import check_image_side
 from clipsearch.store.database import SkippedFile
 from clipsearch.store.index.vectors import preload_faiss
 from clipsearch.store.interchange import is_url_path
@@ -76,7 +75,7 @@ class LocalRunner:
     def run(self, collection: Collection, model, roots: Sequence[str | Path],
             progress: ProgressCallback | None = None) -> IndexSummary:
         """Index `roots` into `collection` with `model` (a `clipsearch.model.runtime.ClipModel`)."""
-        check_image_side(model.info)  # before anything is written: a changed tower's vectors never get its id
+        model.check_image_side()  # before anything is written: a changed tower's vectors never get its id
         with collection.writer_lock():
             try:
                 return self._run(collection, model, roots, progress)
@@ -94,7 +93,7 @@ class LocalRunner:
             raise ValueError("update() does not rebuild; run() with rebuild=True does")
         started = time.perf_counter()
         cpu_started = time.process_time()
-        check_image_side(model.info)  # a stat per file once it was hashed
+        model.check_image_side()  # a stat per file once it was hashed
         with collection.writer_lock():
             current = collection.require_model()
             if current.model_id != model.model_id:

@@ -115,6 +115,15 @@ def test_a_bundle_whose_image_side_changed_after_export_writes_nothing(tmp_path,
     assert sorted(hashed) == sorted(n for n in integrity.IMAGE_SIDE_FILES if n in good.info.files)
     integrity.check_image_side(good.info, cache)
     assert len(hashed) == len([n for n in integrity.IMAGE_SIDE_FILES if n in good.info.files])  # no second hash
+    # A model checks its files once per version in a process: the run's check, then its session opening, read the
+    # remembered digests once.
+    loads = []
+    real_load = integrity._load
+    monkeypatch.setattr(integrity, "_load", lambda path: loads.append(path) or real_load(path))
+    good.check_image_side()
+    good.open_visual()
+    good.check_image_side()
+    assert len(loads) == 1
 
 
 @pytest.mark.parametrize("damage", ["deleted", "emptied"])

@@ -27,21 +27,34 @@ CACHE_FILE = "verified-files.json"
 MAX_REMEMBERED = 256  # files; the oldest entries go first
 
 
-def check_image_side(info: BundleInfo, cache: Path | None = None) -> None:
+def check_image_side(info: BundleInfo, cache: Path | None = None, verified: dict | None = None) -> None:
     """BundleError unless every file that decides an image's vector matches the sha256 model.json records for it
     (files model.json records nothing for, as in bundles older than their checksums, are not checked). `cache`: the
-    remembered digests (default: `verified-files.json` in `paths.home()`)."""
-    check_files(info, IMAGE_SIDE_FILES, "vectors", cache)
+    remembered digests (default: `verified-files.json` in `paths.home()`); `verified`: what this process found
+    matching already (path -> [size, mtime_ns, inode, digest], filled here), so that checking again costs a stat."""
+    check_files(info, IMAGE_SIDE_FILES, "vectors", cache, verified)
 
 
-def check_text_side(info: BundleInfo, cache: Path | None = None) -> None:
+def check_text_side(info: BundleInfo, cache: Path | None = None, verified: dict | None = None) -> None:
     """As `check_image_side`, for the files that decide a query's vector."""
-    check_files(info, TEXT_SIDE_FILES, "query vectors", cache)
+    check_files(info, TEXT_SIDE_FILES, "query vectors", cache, verified)
 
 
-def check_files(info: BundleInfo, names: tuple[str, ...], output: str, cache: Path | None = None) -> None:
+def check_files(info: BundleInfo, names: tuple[str, ...], output: str, cache: Path | None = None,
+                verified: dict | None = None) -> None:
     """BundleError unless each of `names` matches the sha256 model.json records for it; `output` names what a
     changed file would make wrong ("vectors", "re-ranking scores")."""
+    stamps = {}
+    for name in names:
+        if info.files.get(name) is not None:
+            try:
+                stat = os.stat(info.file(name))
+                stamps[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+            except OSError:
+                stamps[name] = None
+    if verified is not None and all(stamp is not None and verified.get(os.path.realpath(info.file(name)), [])[:3]
+                                    == stamp for name, stamp in stamps.items()):
+        return  # every file as this process found it matching: nothing changed
     if cache is None:
         from ..paths import home
 
@@ -49,18 +62,13 @@ def check_files(info: BundleInfo, names: tuple[str, ...], output: str, cache: Pa
     remembered = _load(cache)
     changed = False
     differing = []
-    for name in names:
-        expected = info.files.get(name)
-        if expected is None:
-            continue
+    for name, stamp in stamps.items():
+        expected = info.files[name]
         path = info.file(name)
-        try:
-            stat = os.stat(path)
-        except OSError:
+        if stamp is None:
             differing.append(f"{name} (missing)")
             continue
         key = os.path.realpath(path)
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         entry = remembered.get(key)
         if isinstance(entry, list) and entry[:3] == stamp and len(entry) == 4:
             digest = entry[3]
@@ -71,6 +79,8 @@ def check_files(info: BundleInfo, names: tuple[str, ...], output: str, cache: Pa
             changed = True
         if digest != expected:
             differing.append(name)
+        elif verified is not None:
+            verified[key] = [*stamp, digest]
     if changed:
         _save(cache, remembered)
     if differing:

@@ -118,13 +118,21 @@ class ClipModel:
         self.preprocess: PreprocessSpec = read_preprocess(self.info)
         options = SessionOptions(threads=threads, providers=tuple(providers) if providers else None,
                                  optimization="extended" if self.info.precision == "fp16" else "all")
-        info = self.info
-        self.visual = OnnxSession(info.file("visual.onnx"), options, verify=lambda: check_image_side(info))
-        self.textual = OnnxSession(info.file("textual.onnx"), options, verify=lambda: check_text_side(info))
+        self._verified: dict = {}  # bundle files this model found matching model.json (integrity.py)
+        self.visual = OnnxSession(self.info.file("visual.onnx"), options, verify=self.check_image_side)
+        self.textual = OnnxSession(self.info.file("textual.onnx"), options, verify=self.check_text_side)
         self._tokenizer: TextTokenizer | None = None
         self._options = options
         self._itm = None  # ItmScorer, made on first use of `itm`
         self._itm_lock = threading.Lock()
+
+    def check_image_side(self) -> None:
+        """BundleError if a file deciding image vectors no longer matches model.json (once hashed: a stat)."""
+        check_image_side(self.info, verified=self._verified)
+
+    def check_text_side(self) -> None:
+        """As `check_image_side`, for query vectors."""
+        check_text_side(self.info, verified=self._verified)
 
     @property
     def embed_dim(self) -> int:
@@ -137,7 +145,7 @@ class ClipModel:
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
-            check_text_side(self.info)  # a changed tokenizer.json is named as such, not by what parsing it says
+            self.check_text_side()  # a changed tokenizer.json is named as such, not by what parsing it says
             self._tokenizer = TextTokenizer.from_bundle(self.info)
         return self._tokenizer
 
