@@ -213,7 +213,7 @@ def find_duplicates(searcher, threshold: float | None = None, neighbours: int = 
         choice = choose_threshold(threshold, None)
     else:
         choice = choose_threshold(None, bundle if bundle is not None else collection_bundle(searcher))
-    searcher.records(())  # follows a rebuild that switched the collection since it was opened
+    searcher.follow()  # a rebuild that switched the collection since it was opened
     model = searcher.collection_model
     index = searcher.index
     with searcher.lock:

@@ -102,7 +102,7 @@ async def duplicates(request: Request, state: State, collection: CollectionParam
     cache = _cache(request)
 
     def report() -> DuplicateReport:
-        searcher.records(())  # follows a rebuild, so the generation below is the current one
+        searcher.follow()  # a rebuild's switch: the generation below is then the current one
         with searcher.lock:
             key = (str(searcher.collection.folder), searcher.collection.store.generation, threshold, neighbours)
         found = cache.get(key)
