@@ -149,9 +149,10 @@ def export_cmd(
     from ..model.bundle import check_bundle_target
     from ..train.pipeline import bundle_paths, export_checkpoint
 
-    for folder in bundle_paths(out, _check_precisions(precision)):
+    precisions = _check_precisions(precision)
+    for folder in bundle_paths(out, precisions):
         check_bundle_target(folder)
-    export_checkpoint(checkpoint, out, name or out.name, _check_precisions(precision), log=typer.echo)
+    export_checkpoint(checkpoint, out, name or out.name, precisions, log=typer.echo)
 
 
 @train_app.command("rebuild-text")
