@@ -145,8 +145,7 @@ class Helper:
             entry = self.kept(str(request["collection"]), request.get("index_dir"))
             searcher = entry.searcher
             hits = searcher.search(query)
-            if Kept.model_files(searcher) != entry.files[1]:  # the first search loaded the model: remember its files
-                entry.note_model(searcher)
+            entry.note_model(searcher)  # the first search may have loaded the model: its files
             empty = searcher.why_empty(query.filter) if not hits else None
             return {"ok": True, "hits": protocol.hits_to_wire(hits), "empty": protocol.reason_to_wire(empty)}
         except ClipsearchError as exc:
