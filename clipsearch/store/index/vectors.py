@@ -437,7 +437,8 @@ class VectorIndex:
         # With the tuned nprobe, the probed lists must hold the candidates the refine stage re-scores, or a large k
         # comes back short (60k vectors probing 8 of 1,024 lists gave 208 of 1,000): nprobe rises with k, as for
         # a filter, and what still comes back short is answered exactly. A given nprobe is used as given.
-        tuned = self.meta.layout.kind == "ivfpq" and nprobe is None
+        ivf = self.meta.layout.kind == "ivfpq"
+        tuned = ivf and nprobe is None
         if tuned:
             layout = self.meta.layout
             wanted = 2 * min(self.count, k + len(excluded)) * max(1, layout.refine_factor)
@@ -445,7 +446,6 @@ class VectorIndex:
             if needed > layout.nlist // 2:
                 return self._search_exact(queries, fetch, excluded, k)
             nprobe = needed if needed > layout.nprobe else None
-        ivf = self.meta.layout.kind == "ivfpq"
         while True:
             refine = None
             if ivf and self.meta.layout.refine_factor:
