@@ -344,7 +344,13 @@ def test_helper_status_and_stop_commands(run_dir, indexed):
     assert json.loads(_helper_cli("status", "--json"))["running"] is False
     _cli_json(root, "x", "-k", "1")
     where = _wait_listening()
+    # The helper preloads its collection beside its accept loop: status answers at once, and lists the collection
+    # once it is loaded.
+    deadline = time.monotonic() + 60
     status = json.loads(_helper_cli("status", "--json"))
+    while not status["collections"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = json.loads(_helper_cli("status", "--json"))
     assert status["running"] is True and status["socket"] == str(where.socket_path)
     assert status["collections"] == [{"collection": "s", "index_dir": str(root)}]
     assert status["pid"] > 0 and status["idle_limit_seconds"] == 120
