@@ -1,4 +1,4 @@
-"""Where clipsearch keeps its state.
+"""Where clipsearch keeps its state, and what an indexed image's stored path names.
 
 `CLIPSEARCH_HOME` relocates everything (collections, model cache), so tests and tools can isolate
 themselves; otherwise the per-user platformdirs locations are used.
@@ -7,6 +7,7 @@ themselves; otherwise the per-user platformdirs locations are used.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import platformdirs
@@ -46,3 +47,8 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def is_url_path(path: str) -> bool:
+    """True for the stored path of a URL row (local paths are stored absolute, URLs keep their scheme)."""
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))

@@ -55,9 +55,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from clipsearch.errors import ClipsearchError
+from clipsearch.paths import is_url_path
 from clipsearch.store.index.parallel_build import DEFAULT_SHARD_SIZE as DEFAULT_INDEX_SHARD_SIZE
 from clipsearch.store.index.parallel_build import ParallelAdd, ShardJob, ShardLists, add_shard
-from clipsearch.store.interchange import DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADATA_DIR, find_shards, is_url_path
+from clipsearch.store.interchange import DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADATA_DIR, find_shards
 
 from .pipeline import BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer
 from .reader import ParallelReader, ReadResult, ReadTask, read_one

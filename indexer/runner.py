@@ -34,7 +34,7 @@ from clipsearch.store.collection import Collection
 from clipsearch.errors import CollectionError, UnreadableStoreError
 from clipsearch.store.database import SkippedFile
 from clipsearch.store.index.vectors import preload_faiss
-from clipsearch.store.interchange import is_url_path
+from clipsearch.paths import is_url_path
 
 from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, ProgressCallback, Writer, make_plan,
                        plan_token_backfill)

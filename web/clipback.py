@@ -24,9 +24,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from clipsearch.filters import SearchFilter
+from clipsearch.paths import is_url_path
 from clipsearch.search import SearchQuery, Searcher
 from clipsearch.store.database import ImageRecord
-from clipsearch.store.interchange import is_url_path
 
 from .errors import ApiError, describe_validation_errors
 from .openapi import error_responses

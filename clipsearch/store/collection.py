@@ -873,7 +873,7 @@ class Collection:
             if len(missing):
                 # Rows imported without a file here (URLs, another machine's paths) cannot get tokens: re-ranking
                 # leaves them unscored, as documented; only files an indexing run can read are a problem.
-                from .interchange import is_url_path
+                from ..paths import is_url_path
 
                 records = store.get_many(missing.tolist())
                 readable = [i for i in missing.tolist()

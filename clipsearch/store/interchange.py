@@ -55,6 +55,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ClipsearchError
+from ..paths import is_url_path
 from ..text import is_utf8
 from .collection import Collection
 from .database import IMPORTED_HASH_PREFIX, NewImage, Store, signals_deferred
@@ -587,11 +588,6 @@ def imported_metadata(store: Store, ids: Sequence[int]) -> dict[int, dict[str, s
                 f"SELECT id, image_path, url, caption FROM imported WHERE id IN ({','.join('?' * len(part))})", part):
             found[int(image_id)] = {"image_path": image_path, "url": url, "caption": caption}
     return found
-
-
-def is_url_path(path: str) -> bool:
-    """True for the stored path of a URL row (local paths are stored absolute, URLs keep their scheme)."""
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
 
 
 def _now() -> str:
