@@ -367,10 +367,18 @@ def test_missing_files_are_noted_and_skipped(collection, tmp_path):
         lines = shown.stdout.split("\n")
         assert lines[0].endswith(first) and lines[1] == "     (no preview: no such file)"
         assert lines[2].endswith(second) and lines[3].startswith("\x1b_G")
+        # The listing stays as scripts read it; stderr says which result is gone, --json says it per row.
+        plain = search(collection, QUERY, "-k", "2")
+        assert [line.split()[-1] for line in plain.stdout.splitlines()] == [first, second]
+        assert f"note: 1 of the 2 results is no longer on disk (moved or deleted since indexing): {first}" in plain.stderr
+        assert "clipsearch index" in plain.stderr
+        rows = json.loads(search(collection, QUERY, "-k", "2", "--json").stdout)
+        assert [(r["path"], r["missing"]) for r in rows] == [(first, True), (second, False)]
         out = tmp_path / "out"
         copied = search(collection, QUERY, "-k", "2", "--copy-to", str(out), "--json")
         assert [r["gathered"] for r in json.loads(copied.stdout)] == [None, str(out / f"02-{Path(second).name}")]
         assert f"skipped {first}: no such file" in copied.stderr and "copied 1 of 2 results" in copied.stderr
+        assert "no longer on disk" not in copied.stderr  # said once, by the gathering report
         none = search(collection, QUERY, "-k", "1", "--link-to", str(tmp_path / "none"), check=False)
         assert none.returncode == 1 and "Traceback" not in none.stderr
         assert f"skipped {first}: no such file" in none.stderr
@@ -378,6 +386,14 @@ def test_missing_files_are_noted_and_skipped(collection, tmp_path):
         assert none.stdout.split()[-1] == first  # the listing was printed before the error
     finally:
         shutil.move(kept, first)
+
+
+def test_a_url_row_is_skipped_as_a_url_not_as_a_missing_file(tmp_path):
+    photo = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    report = gather(["https://example.com/cat.jpg", str(photo)], tmp_path / "out", "copy")
+    assert [(s.rank, s.reason) for s in report.skipped] == [(1, "a URL (an imported row), not a file on this machine")]
+    assert [g.target for g in report.gathered] == [str(tmp_path / "out" / "02-a.png")]
 
 
 @pytest.mark.parametrize("flags", [

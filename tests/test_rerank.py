@@ -285,11 +285,11 @@ def test_cli_json_has_itc_score_and_match_when_reranked(index_dir):
     done = subprocess.run([*base, "--rerank", "--rerank-k", "3"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
-    assert len(rows) == 5 and all(set(r) == {"id", "path", "score", "width", "height", "itc_score", "match"} for r in rows)
+    assert len(rows) == 5 and all(set(r) == {"id", "path", "score", "width", "height", "missing", "itc_score", "match"} for r in rows)
     assert all(0 <= r["match"] <= 1 and isinstance(r["itc_score"], float) for r in rows[:3])
     assert all(r["match"] is None and r["itc_score"] is None for r in rows[3:])
     plain = subprocess.run(base, capture_output=True, text=True, timeout=120)
-    assert all(set(r) == {"id", "path", "score", "width", "height"} for r in json.loads(plain.stdout))
+    assert all(set(r) == {"id", "path", "score", "width", "height", "missing"} for r in json.loads(plain.stdout))
     alone = subprocess.run([*base, "--min-match", "0.5"], capture_output=True, text=True, timeout=120)
     assert alone.returncode == 1 and "min_match needs re-ranking" in alone.stderr and "--rerank" in alone.stderr
 

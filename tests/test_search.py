@@ -253,7 +253,7 @@ def test_search_cli_json_contract_and_errors(indexed, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert len(rows) == 4 and all(set(r) == {"id", "path", "score", "width", "height"} for r in rows)
+    assert len(rows) == 4 and all(set(r) == {"id", "path", "score", "width", "height", "missing"} for r in rows)
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     plain = subprocess.run([*CLI, "search", "--image", str(folder / "photo_000.png"), "-k", "1", "--collection", "s",
                             "--index-dir", root], capture_output=True, text=True, timeout=120)

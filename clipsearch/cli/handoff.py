@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from ..errors import ClipsearchError
+from ..paths import is_url_path
 
 Mode = Literal["copy", "link"]
 _MAX_TRIES = 10_000
@@ -128,6 +129,9 @@ def gather(sources: Sequence[str], folder: str | os.PathLike[str], mode: Mode,
     report = HandoffReport(folder=str(path), mode=mode)
     total = len(sources)
     for rank, source in enumerate(sources, 1):
+        if is_url_path(source):  # an imported row with no local file (clip-retrieval's url column)
+            report.skipped.append(Skipped(rank, source, "a URL (an imported row), not a file on this machine"))
+            continue
         absolute = os.path.abspath(source)
         if not os.path.exists(absolute):
             report.skipped.append(Skipped(rank, source, "no such file"))

@@ -28,8 +28,9 @@ def search(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the collection's model)"),
     include_self: bool = typer.Option(False, "--include-self", help="Also return the query image itself"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
-    as_json: bool = typer.Option(False, "--json", help='Print [{"id", "path", "score", "width", "height"}] best first '
-                                 '(with --rerank also "itc_score" and "match", null for hits that were not re-scored)'),
+    as_json: bool = typer.Option(False, "--json", help='Print [{"id", "path", "score", "width", "height", "missing"}] '
+                                 'best first ("missing": the file is no longer on disk; with --rerank also "itc_score" '
+                                 'and "match", null for hits that were not re-scored)'),
     rerank: bool = typer.Option(False, "--rerank", help="Re-score the top hits with the model's ITM head (text queries; "
                                 "models exported with `clipsearch models export-blip`)"),
     rerank_k: int = typer.Option(32, "--rerank-k", min=1, max=256, help="How many top hits --rerank re-scores"),
@@ -137,9 +138,11 @@ def search(
     dated = search_filter.uses_date
     if as_json:
         targets = report.targets() if report is not None else {}
+        gone = set(missing_files([h.path for h in hits]))
         rows = []
         for rank, h in enumerate(hits, 1):
-            row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height}
+            row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height,
+                   "missing": h.path in gone}
             if rerank:
                 row.update(itc_score=h.itc_score, match=h.match)
             if dated:
@@ -158,7 +161,9 @@ def search(
     if helped and answer is None:
         resident.start(collection, index_dir)  # answers the next search from memory
     if report is not None:
-        _report_gathered(report, len(hits))
+        _report_gathered(report, len(hits))  # names each file it could not gather
+    else:
+        _warn_missing(hits, collection)
 
 
 def _as_given_here(folders: List[str]) -> List[str]:
@@ -201,6 +206,29 @@ def _print_hits(hits: list, rerank: bool, dated: bool, protocol: str, size: int)
                 continue
             sys.stdout.write(picture + "\n")
             sys.stdout.flush()
+
+
+def missing_files(paths: List[str]) -> List[str]:
+    """The paths among `paths` of local files that are no longer there (moved or deleted since they were indexed;
+    the collection learns of it at its next `clipsearch index`). URL rows name no local file and are never missing."""
+    from ..paths import is_url_path
+
+    return [p for p in paths if not is_url_path(p) and not os.path.exists(p)]
+
+
+def _warn_missing(hits: list, collection: str) -> None:
+    """A note on stderr when results name files that are gone: the listing itself stays as it was (scripts read it),
+    and --json rows say it per row ("missing": true)."""
+    from .display import shown_path
+
+    gone = missing_files([h.path for h in hits])
+    if not gone:
+        return
+    first = shown_path(gone[0])
+    more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
+    typer.echo(f"note: {len(gone)} of the {len(hits)} results {'is' if len(gone) == 1 else 'are'} no longer on disk "
+               f"(moved or deleted since indexing): {first}{more}", err=True)
+    typer.echo(f"Run `clipsearch index` on their folders (collection {collection}) to bring it up to date.", err=True)
 
 
 def _report_gathered(report, found: int) -> None:
