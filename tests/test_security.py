@@ -319,6 +319,11 @@ def test_no_cors_headers_unless_configured(indexed):
         assert {"retry-after", "etag", "content-disposition"} <= exposed
         other = client.get("/api/stats", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        # A refusal made before routing (the body-size limit) is readable by that page too: it can say why.
+        big = client.post("/api/search/image", content=b"x" * (settings.max_body_bytes + 1),
+                          headers={"Origin": "https://photos.example", "Content-Type": "image/jpeg"})
+        assert big.status_code == 413 and big.headers["access-control-allow-origin"] == "https://photos.example"
+        assert "hint" in big.json()
 
 
 def test_page_forbids_external_resources(indexed):

@@ -60,11 +60,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(duplicates.page_router)
     page.mount_static(app)
 
-    if settings.cors_origins:
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # outside the body limit: a page on an allowed origin can read its 413 and 408
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
                            expose_headers=["Retry-After", "ETag", "Content-Disposition"])  # readable by the page
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HostCheck, allowed=state.allowed_hosts)  # outside the rest: nothing runs for a bad Host
     app.add_middleware(SecurityHeaders)
     install_openapi(app, limits={"max_k": settings.max_k, "max_text_chars": settings.max_text_chars})
