@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -128,6 +129,34 @@ def test_classify_folder_cli_writes_one_row_per_image(tmp_path, tiny_bundle):
     alone = subprocess.run([*CLI, "classify", one, "--labels", "path,dog", "--model", str(tiny_bundle)],
                            capture_output=True, text=True, timeout=120)  # label,probability rows: nothing clashes
     assert alone.returncode == 0 and {row[0] for row in csv.reader(io.StringIO(alone.stdout))} >= {"path", "dog"}
+
+
+def test_classify_shows_progress_on_a_terminal_and_keeps_stdout_clean(tmp_path, tiny_bundle):
+    import pty
+
+    folder = tmp_path / "photos"
+    make_photos(folder, 20)
+    master, slave = pty.openpty()  # stderr is a terminal, stdout a pipe (e.g. into a CSV file)
+    proc = subprocess.Popen([*CLI, "classify", str(folder), "--labels", "cat,dog", "--model", str(tiny_bundle)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(slave)
+    shown = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown.append(data)
+    os.close(master)
+    out = proc.stdout.read().decode()
+    assert proc.wait(timeout=120) == 0
+    terminal = b"".join(shown).decode(errors="replace")
+    assert "classifying" in terminal and "20/20" in terminal
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["path", "label", "probability", "cat", "dog"] and len(rows) == 21
 
 
 def test_classify_with_a_collection_uses_its_model_and_stored_vectors(tmp_path, model):

@@ -273,6 +273,7 @@ def classify(
     """Zero-shot classification: probabilities per label. One image file gives label,probability rows (CSV) or one
     object (JSON); folders or several files give one row per image (CSV) or a list (JSON), as --rows always does."""
     from ..classify import DEFAULT_TEMPLATES, Classifier, parse_labels
+    from .index_cmds import _progress_bar
     from ..store.collection import Collection
     from ..errors import ImageError
     from ..model.resolve import load_model
@@ -311,7 +312,9 @@ def classify(
             rows.append({"path": path, "scores": scores})
         pending.clear()
 
-    for path in files:
+    # A bar on stderr when it is a terminal (stdout carries the CSV/JSON, often into a file): a folder of photos
+    # takes a while to decode and encode.
+    def classify_one(path: str) -> None:
         if store is not None:
             record = store.find_by_path(path)
             if record is not None:
@@ -320,15 +323,25 @@ def classify(
                     vector = store.vector(record.id, dim)
                     if vector is not None:
                         rows.append({"path": path, "scores": classifier.classify_vector(vector)})
-                        continue
+                        return
         try:
             pending.append((path, open_image(path, draft_size=(clip.preprocess.size[1], clip.preprocess.size[0]))))
         except ImageError as exc:
             errors.append({"path": path, "error": exc.message.removeprefix(f"{path}: ")})
-            continue
+            return
         if len(pending) >= 32:
             flush()
-    flush()
+
+    # A bar on stderr when it is a terminal (stdout carries the CSV/JSON, often into a file): a folder of photos
+    # takes a while to decode and encode.
+    with _progress_bar(len(files) > 1 and sys.stderr.isatty(), "classifying") as progress:
+        for done, path in enumerate(files, 1):
+            classify_one(path)
+            if progress and (done % 8 == 0 or done == len(files)):
+                if done == len(files):
+                    flush()
+                progress(done, len(files))
+        flush()
     if opened is not None:
         opened.close()
     order = {path: i for i, path in enumerate(files)}
