@@ -4,7 +4,9 @@ unicode names survive, and a bad file that gets fixed is picked up by the next r
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -485,6 +487,22 @@ def test_a_file_that_crashes_the_decoder_is_skipped_and_every_other_file_read(tm
     assert summary.total == 9 and [(os.path.basename(s.path), s.reason) for s in summary.skipped] == [
         ("crash.png", "the image decoder crashed on this file")]
     assert collection.check().ok
+
+
+def test_classify_of_a_folder_survives_a_file_that_crashes_the_decoder(tmp_path, tiny_bundle):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_CRASHING_DECODER)  # a native decoder bug, in every process started
+    made = make_photos(tmp_path / "p", 5)
+    (tmp_path / "p" / "crash.png").write_bytes(b"CRASH-ME" + bytes(100))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", "from clipsearch.cli import main; main()", "classify",
+                             str(tmp_path / "p"), "--labels", "cat,dog", "--model", str(tiny_bundle), "--json"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    classified = sorted(os.path.basename(r["path"]) for r in json.loads(result.stdout))
+    assert classified == sorted(p.name for p in made)
+    assert f"skipped {tmp_path / 'p' / 'crash.png'}: the image decoder crashed on this file" in result.stderr
 
 
 def test_a_stuck_decoder_is_replaced_after_the_file_timeout(tmp_path, model):

@@ -273,11 +273,11 @@ def classify(
     """Zero-shot classification: probabilities per label. One image file gives label,probability rows (CSV) or one
     object (JSON); folders or several files give one row per image (CSV) or a list (JSON), as --rows always does."""
     from ..classify import DEFAULT_TEMPLATES, Classifier, parse_labels
-    from .index_cmds import _progress_bar
-    from ..store.collection import Collection
-    from ..errors import ImageError
+    from ..indexer.pipeline import Mapper
+    from ..indexer.reader import ParallelReader, ReadTask
     from ..model.resolve import load_model
-    from ..model.preprocess import open_image
+    from ..store.collection import Collection
+    from .index_cmds import _progress_bar
 
     label_list = parse_labels(labels, labels_file)
     files, problems = _image_files(targets)
@@ -307,40 +307,50 @@ def classify(
     def flush() -> None:
         if not pending:
             return
-        vectors = clip.encode_images([img for _, img in pending])
+        vectors = mapper.encode([pixels for _, pixels in pending])
         for (path, _), scores in zip(pending, classifier.classify_vectors(vectors)):
             rows.append({"path": path, "scores": scores})
         pending.clear()
 
-    # A bar on stderr when it is a terminal (stdout carries the CSV/JSON, often into a file): a folder of photos
-    # takes a while to decode and encode.
-    def classify_one(path: str) -> None:
-        if store is not None:
-            record = store.find_by_path(path)
-            if record is not None:
-                stat = os.stat(path)
-                if record.size == stat.st_size and record.mtime_ns == stat.st_mtime_ns:
-                    vector = store.vector(record.id, dim)
-                    if vector is not None:
-                        rows.append({"path": path, "scores": classifier.classify_vector(vector)})
-                        return
-        try:
-            pending.append((path, open_image(path, draft_size=(clip.preprocess.size[1], clip.preprocess.size[0]))))
-        except ImageError as exc:
-            errors.append({"path": path, "error": exc.message.removeprefix(f"{path}: ")})
-            return
-        if len(pending) >= 32:
-            flush()
+    def stored_vector(path: str):
+        """The collection's vector of `path` when the file is unchanged since it was indexed, else None."""
+        record = store.find_by_path(path) if store is not None else None
+        if record is None:
+            return None
+        stat = os.stat(path)
+        if record.size != stat.st_size or record.mtime_ns != stat.st_mtime_ns:
+            return None
+        return store.vector(record.id, dim)
 
-    # A bar on stderr when it is a terminal (stdout carries the CSV/JSON, often into a file): a folder of photos
-    # takes a while to decode and encode.
-    with _progress_bar(len(files) > 1 and sys.stderr.isatty(), "classifying") as progress:
-        for done, path in enumerate(files, 1):
-            classify_one(path)
-            if progress and (done % 8 == 0 or done == len(files)):
-                if done == len(files):
+    to_read: list[ReadTask] = []
+    for path in files:
+        vector = stored_vector(path)
+        if vector is not None:
+            rows.append({"path": path, "scores": classifier.classify_vector(vector)})
+            continue
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            errors.append({"path": path, "error": exc.strerror or str(exc)})
+            continue
+        to_read.append(ReadTask(path, stat.st_size, stat.st_mtime_ns))
+    # The files are decoded by the indexer's reader, as an indexing run decodes them: in decoder processes, one per
+    # core, so a folder goes at the speed of every core and a file that crashes its decoder is only skipped. A bar on
+    # stderr when it is a terminal (stdout carries the CSV/JSON, often into a file).
+    mapper = Mapper(clip)
+    with _progress_bar(len(to_read) > 1 and sys.stderr.isatty(), "classifying") as progress, \
+            ParallelReader(clip.preprocess, (), workers=None if len(to_read) > 1 else 0) as reader:
+        for done, result in enumerate(reader.read(to_read), 1):
+            if result.error is not None:
+                errors.append({"path": result.task.path, "error": result.error})
+            else:
+                pending.append((result.task.path, result.pixels))
+                if len(pending) >= 32:
                     flush()
-                progress(done, len(files))
+            if progress and (done % 8 == 0 or done == len(to_read)):
+                if done == len(to_read):
+                    flush()
+                progress(done, len(to_read))
         flush()
     if opened is not None:
         opened.close()
