@@ -207,6 +207,15 @@ class Searcher:
         with self.reading() as store:
             return store.get_many(ids)
 
+    def imported(self, ids: Iterable[int]) -> dict[int, dict[str, str | None]]:
+        """id -> {"image_path", "url", "caption"} as `clipsearch import-embeddings` read them from clip-retrieval's
+        metadata, for those of `ids` that were imported (store.interchange)."""
+        from .store.interchange import imported_metadata
+
+        self._follow_rebuild()
+        with self.reading() as store:
+            return imported_metadata(store, list(ids))
+
     def stored_vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """id -> stored image vector of the given ids (unknown ids left out)."""
         self._follow_rebuild()

@@ -127,14 +127,22 @@ def test_num_images_limits_what_num_result_ids_found(client):
     assert len(results) == 2
 
 
+def test_counts_past_the_servers_limit_are_served_as_the_limit_as_clip_front_expects(client, indexed):
+    # clip-front sends num_result_ids 3000 with every query; a ClipClient may ask for 1,500 images.
+    front = knn(client, text="dog", num_images=40, num_result_ids=3000, deduplicate=True)
+    assert front.status_code == 200, front.text
+    many = knn(client, text="dog", num_images=1500, deduplicate=False)
+    assert many.status_code == 200 and len(many.json()) == len(indexed.photos)
+
+
 @pytest.mark.parametrize("fields, status, message", [
     ({"indice_name": "laion5B"}, 400, "unknown collection 'laion5B'"),
     ({"text": None}, 400, "must fill one of text, image"),
     ({"image_url": "http://169.254.169.254/latest/meta-data/", "text": None}, 400, "image_url is disabled"),
     ({"modality": "text"}, 400, "indexes images only"),
     ({"num_images": "many"}, 422, "num_images"),
-    ({"num_images": 0}, 422, "between 1 and"),
-    ({"num_images": 5, "num_result_ids": 100000}, 422, "between 1 and"),
+    ({"num_images": 0}, 422, "at least 1"),
+    ({"num_images": 5, "num_result_ids": 0}, 422, "at least 1"),
     ({"embedding_input": [0.1, 0.2], "text": None}, 400, "dimensions"),
     ({"embedding_input": [0.0] * 64, "text": None}, 400, "non-zero"),
     ({"embedding_input": [True] + [0.5] * 63, "text": None}, 422, "embedding_input"),  # not a vector value
@@ -192,6 +200,30 @@ def test_deduplicate_drops_near_copies_of_a_better_result(tmp_path, tiny_bundle)
         kept = [r["id"] for r in knn(client, **query, deduplicate=True).json()]
     assert set(every[:2]) == {ids[0], ids[1]} and every[2:] == [ids[2], ids[3], ids[4]]
     assert kept == [every[0], ids[3], ids[4]]
+
+
+def test_deduplicate_keeps_one_result_of_a_chain_of_near_copies_as_clip_back_does(tmp_path, tiny_bundle):
+    # Images 1 ~ 2 and 2 ~ 3 at cosine 0.95 (> 0.94), 1 and 3 at 0.805: clip-back groups the chain and keeps only its
+    # best (connected components of the cosine graph); a pairwise check against kept results would keep 1 and 3.
+    theta = np.arccos(0.95)
+    basis = np.eye(64, dtype=np.float32)
+    vectors = [basis[0]] + [np.cos(0.4 + i * theta) * basis[0] + np.sin(0.4 + i * theta) * basis[1] for i in range(3)]
+    index_dir = tmp_path / "collections"
+    info = read_bundle(tiny_bundle)
+    with Collection.create("chain", index_dir) as collection:
+        collection.bind_model(info)
+        rows = [NewImage(path=str(tmp_path / f"img{i}.png"), size=1, mtime_ns=1, content_hash=f"{i:032x}", width=8,
+                         height=8, taken_at=None, vector=(v / np.linalg.norm(v)).astype(np.float32))
+                for i, v in enumerate(vectors)]
+        ids = collection.store.write_images(rows, info.model_id, collection.store.next_run_id(), "2026-01-01T00:00:00")
+        collection.sync_vectors()
+    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection="chain", index_dir=index_dir)
+    with TestClient(create_app(settings)) as client:
+        query = {"embedding_input": basis[0].tolist(), "indice_name": "chain", "num_images": 10}
+        every = [r["id"] for r in knn(client, **query, deduplicate=False).json()]
+        kept = [r["id"] for r in knn(client, **query, deduplicate=True).json()]
+    assert every == ids  # by cosine to the query: 1, cos 0.4, cos(0.4 + theta), cos(0.4 + 2 theta)
+    assert kept == [ids[0], ids[1]]  # 0 is alike to none (0.92 to 1); the chain 1 ~ 2 ~ 3 keeps 1
 
 
 class _OneImageHandler(http.server.BaseHTTPRequestHandler):

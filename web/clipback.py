@@ -55,8 +55,10 @@ class KnnRequest(BaseModel):
     image_url: str | None = Field(None, description="Refused unless the server allows remote images")
     embedding_input: list[StrictFloat | StrictInt] | None = None  # numbers only: true/false are not vector values
     modality: str | None = Field("image", description="'image' (this server has no caption index)")
-    num_images: int | None = Field(None, description=f"Results to return (default {DEFAULT_NUM_IMAGES})")
-    num_result_ids: int | None = Field(None, description="Neighbours to consider before filtering")
+    num_images: int | None = Field(None, description=f"Results to return (default {DEFAULT_NUM_IMAGES}; at most the "
+                                   "server's max_k, more is served as max_k)")
+    num_result_ids: int | None = Field(None, description="Neighbours to consider before filtering (default num_images; "
+                                       "more than max_k is served as max_k)")
     indice_name: str | None = Field(None, description="A collection name (see /indices-list)")
     deduplicate: bool | None = None
     use_mclip: Any = None
@@ -131,8 +133,11 @@ async def knn_service(request: Request) -> list[dict]:
     max_k = state.settings.max_k
     num_images = DEFAULT_NUM_IMAGES if knn.num_images is None else knn.num_images
     num_result_ids = num_images if knn.num_result_ids is None else knn.num_result_ids
-    if not 1 <= num_images <= max_k or not 1 <= num_result_ids <= max_k:
-        raise ApiError(422, f"num_images and num_result_ids must be between 1 and {max_k}")
+    if num_images < 1 or num_result_ids < 1:
+        raise ApiError(422, "num_images and num_result_ids must be at least 1")
+    # Counts above this server's max_k are served as max_k, not refused: clip-front asks for 3,000 neighbours with
+    # every query, and clip-back answers what it has.
+    num_images, num_result_ids = min(num_images, max_k), min(num_result_ids, max_k)
     if knn.text is not None and len(knn.text) > state.settings.max_text_chars:
         raise ApiError(422, f"text of {len(knn.text):,} characters is longer than the limit of "
                             f"{state.settings.max_text_chars:,}")
@@ -166,9 +171,10 @@ async def knn_service(request: Request) -> list[dict]:
             folder = searcher.follow()
             hits = ranked()
             found = searcher.records([hit.id for hit in hits])
+            imported = searcher.imported(found)
             if searcher.collection.folder == folder:
                 break
-        return [result_item(request, name, found[hit.id], hit) for hit in hits if hit.id in found]
+        return [result_item(request, name, found[hit.id], hit, imported.get(hit.id)) for hit in hits if hit.id in found]
 
     def ranked() -> list[Hit]:
         if knn.rerank:
@@ -232,9 +238,12 @@ async def metadata(request: Request) -> list[dict]:
         raise ApiError(400, f"at most {MAX_METADATA_IDS} ids per request")
     def run() -> list[dict]:
         name = state.resolve_name(wanted.indice_name)
-        found = state.searcher(name).records(wanted.ids)
+        searcher = state.searcher(name)
+        found = searcher.records(wanted.ids)
+        imported = searcher.imported(found)
         # As clip-back: one entry per id asked, in that order; an id with no image gets empty metadata.
-        return [{"id": i, "metadata": metadata_of(request, name, found[i]) if i in found else {}} for i in wanted.ids]
+        return [{"id": i, "metadata": metadata_of(request, name, found[i], imported.get(i)) if i in found else {}}
+                for i in wanted.ids]
 
     return await state.run(run)
 
@@ -250,33 +259,52 @@ def embedding_vector(values: list[float], dim: int) -> np.ndarray:
 
 
 def deduplicate(searcher: Searcher, hits: list[Hit]) -> list[Hit]:
-    """Drop results whose stored vector is within clip-back's cosine threshold of a better result."""
+    """clip-back's deduplication: results whose stored vectors are linked by a chain of cosines above its threshold
+    form one group, and only each group's best-ranked result is kept (a ~ b ~ c drops b and c even where a and c are
+    not alike). Results without a stored vector are left out."""
     vectors = searcher.stored_vectors([hit.id for hit in hits])
-    kept: list[Hit] = []
-    kept_vectors: list[np.ndarray] = []
-    for hit in hits:
-        vector = vectors.get(hit.id)
-        if vector is None:
-            continue
-        if kept_vectors and float(np.max(np.stack(kept_vectors) @ vector)) > DEDUPLICATE_THRESHOLD:
-            continue
-        kept.append(hit)
-        kept_vectors.append(vector)
-    return kept
+    present = [hit for hit in hits if vectors.get(hit.id) is not None]
+    if len(present) < 2:
+        return present
+    matrix = np.stack([vectors[hit.id] for hit in present])
+    linked = np.triu((matrix @ matrix.T) > DEDUPLICATE_THRESHOLD, 1)
+    group = list(range(len(present)))  # union-find; a group's root is its best-ranked member (lowest index)
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for i, j in zip(*np.nonzero(linked)):
+        a, b = root(int(i)), root(int(j))
+        if a != b:
+            group[max(a, b)] = min(a, b)
+    return [hit for i, hit in enumerate(present) if root(i) == i]
 
 
-def metadata_of(request: Request, collection: str, record: ImageRecord) -> dict:
+def metadata_of(request: Request, collection: str, record: ImageRecord,
+                imported: dict[str, str | None] | None = None) -> dict:
+    """clip-back's metadata of one image. `imported`: what `clipsearch import-embeddings` read from clip-retrieval's
+    metadata for it (Searcher.imported): its caption, and for a URL row its original image_path, as clip-back
+    would answer from that metadata."""
     _, image_url = image_urls(request, record.id, collection)
+    imported = imported or {}
     # A URL row of `clipsearch import-embeddings` (stored path = its URL): clip-back's own behaviour for such rows,
     # the original URL, never a link to this server (which serves local files only and never fetches URLs).
-    url = record.path if is_url_path(record.path) else absolute(request, image_url)
-    return {"image_path": record.path, "caption": Path(record.path).name, "url": url,
+    url_row = is_url_path(record.path)
+    url = record.path if url_row else absolute(request, image_url)
+    image_path = (imported.get("image_path") or record.path) if url_row else record.path
+    caption = imported.get("caption")
+    return {"image_path": image_path, "caption": Path(record.path).name if caption is None else caption, "url": url,
             "width": record.width, "height": record.height}
 
 
-def result_item(request: Request, collection: str, record: ImageRecord, hit: Hit) -> dict:
+def result_item(request: Request, collection: str, record: ImageRecord, hit: Hit,
+                imported: dict[str, str | None] | None = None) -> dict:
     """clip-back's result shape; a re-scored hit also has `match` and `itc_score`."""
-    item = {"id": record.id, "similarity": round(float(hit.similarity), 6), **metadata_of(request, collection, record)}
+    item = {"id": record.id, "similarity": round(float(hit.similarity), 6),
+            **metadata_of(request, collection, record, imported)}
     if hit.match is not None:
         item["match"] = round(float(hit.match), 6)
         item["itc_score"] = round(float(hit.itc_score), 6)

@@ -76,16 +76,19 @@ def install_openapi(app: FastAPI, always: tuple[int, ...] = (400,), limits: dict
 
 
 _COUNT_FIELDS = ("k", "num_images", "num_result_ids")
+_CLAMPED_COUNT_FIELDS = ("num_images", "num_result_ids")  # clip-back's: more than max_k is served as max_k
 _TEXT_FIELDS = ("q", "text")
 
 
 def _bound(name: str | None, field: dict, limits: dict[str, int]) -> None:
-    """A result count gets 1..max_k, a query text at most max_text_chars (also inside anyOf [..., null])."""
+    """A result count gets 1..max_k (clip-back's counts only a minimum: the server serves more as max_k), a query
+    text at most max_text_chars (also inside anyOf [..., null])."""
     targets = [field, *field.get("anyOf", [])]
     for target in targets:
         if name in _COUNT_FIELDS and target.get("type") == "integer" and "max_k" in limits:
             target.setdefault("minimum", 1)
-            target["maximum"] = limits["max_k"]
+            if name not in _CLAMPED_COUNT_FIELDS:
+                target["maximum"] = limits["max_k"]
         if name in _TEXT_FIELDS and target.get("type") == "string" and "max_text_chars" in limits:
             target["maxLength"] = limits["max_text_chars"]
 
