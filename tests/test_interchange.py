@@ -420,8 +420,13 @@ def test_knn_service_answers_from_an_imported_collection(served, layout, model):
         results = response.json()
         assert [r["id"] for r in results] == (np.argsort(-(vectors @ query), kind="stable") + 1).tolist()
         assert results[0]["id"] == target + 1 and results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    # As clip-back answers from the metadata it was given: the imported captions, a URL row's own image_path and url.
     url_hit = next(r for r in results if r["id"] == 6)
-    assert url_hit["image_path"] == URL
+    assert (url_hit["image_path"], url_hit["url"], url_hit["caption"]) == ("000123", URL, "a remote cat")
+    local_hit = next(r for r in results if r["id"] == 2)
+    assert (local_hit["image_path"], local_hit["caption"]) == (str(layout.photos[1]), "photo 1")
+    meta = client.post("/metadata", content=json.dumps({"ids": [6, 2], "indice_name": "photos"})).json()
+    assert [m["metadata"]["caption"] for m in meta] == ["a remote cat", "photo 1"]
     text = client.post("/knn-service", content=json.dumps({**body, "text": "a blue square"})).json()
     expected = np.argsort(-(vectors @ model.encode_text(["a blue square"])[0]), kind="stable") + 1
     assert [r["id"] for r in text] == expected.tolist()
@@ -445,3 +450,47 @@ def test_real_clip_client_embedding_input_against_an_imported_collection(served,
         assert results[0]["image_path"] == str(layout.photos[3])
         by_text = client.query(text="a red circle")
         assert len(by_text) == 3 and all({"id", "similarity", "image_path", "url"} <= set(r) for r in by_text)
+
+
+def test_imported_sizes_and_capture_times_are_kept_only_when_they_are_real(tmp_path, model, tiny_bundle):
+    # A date filter compares stored times as text: free text or month 13 stored as they are would pass any --after.
+    folder = tmp_path / "shards"
+    vectors = model.encode_images([block_image(i) for i in range(6)])
+    urls = [f"https://example.com/{i}.jpg" for i in range(6)]
+    write_shard(folder, "0", vectors, {
+        "url": urls,
+        "width": [640.0, 640.0, 1e3, 1.5, 3e9, float("nan")],
+        "height": [480, 1000, -2, 0, 480, 480],
+        "taken_at": ["2024-05-01T14:30:00", "2024-05-01", "2024-05-01T14:30:00+02:00", "notadate",
+                     "2024-13-45T99:99:99", "1700000000"]})
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, folder, tiny_bundle, name="odd")
+    rows = {r[1]: r[2:5] for r in contents(index_dir, "odd")}
+    assert [rows[u] for u in urls] == [
+        (640, 480, "2024-05-01T14:30:00"), (640, 1000, "2024-05-01T00:00:00"), (1000, None, "2024-05-01T14:30:00"),
+        (None, None, None), (None, 480, None), (None, 480, None)]
+
+
+def test_an_export_that_fails_half_way_leaves_the_folder_as_it_found_it(tmp_path, layout, tiny_bundle, monkeypatch):
+    import clipsearch.store.interchange_export as export_module
+
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle, name="photos")
+    real = export_module._metadata_table
+    calls = []
+
+    def failing(rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(rows)
+
+    monkeypatch.setattr(export_module, "_metadata_table", failing)
+    out = tmp_path / "out"
+    with Collection.open("photos", index_dir) as collection, pytest.raises(OSError):
+        export_embeddings(collection, out, shard_size=4)
+    assert not out.exists()  # it made the folder: nothing of it is left
+    monkeypatch.setattr(export_module, "_metadata_table", real)
+    with Collection.open("photos", index_dir) as collection:
+        summary = export_embeddings(collection, out, shard_size=4)  # into the same folder, now that it works
+    assert summary.rows == 6 and summary.shards == 2

@@ -515,6 +515,8 @@ def _read_metadata(shard: Shard) -> dict[str, list]:
         values = table.column(name).to_pylist() if name in table.column_names else [None] * shard.rows
         if name in ("width", "height"):
             values = [_positive_int(v) for v in values]
+        elif name == "taken_at":
+            values = [_iso_time(v) for v in values]
         else:
             values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in values]
             if name in ("image_path", "url"):
@@ -523,12 +525,35 @@ def _read_metadata(shard: Shard) -> dict[str, list]:
     return columns
 
 
+MAX_SIDE = 2**31 - 1  # pixels: a width or height past this is no image's (and no int32 column holds it)
+
+
 def _positive_int(value) -> int | None:
+    """A width or height: a whole number of pixels in 1..MAX_SIDE (also written as 640.0 or "640"), else None."""
+    if isinstance(value, bool):
+        return None
     try:
-        number = int(value)
+        number = float(value)
     except (TypeError, ValueError, OverflowError):
         return None
-    return number if number > 0 else None
+    if not math.isfinite(number) or not number.is_integer() or not 1 <= number <= MAX_SIDE:
+        return None
+    return int(number)
+
+
+def _iso_time(value) -> str | None:
+    """A capture time as the store keeps them (ISO 8601, seconds, no offset: local wall-clock time, as EXIF gives
+    it), from ISO text or a datetime; anything else (free text, epoch seconds, month 13) is no time: None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            return None
+    return moment.replace(tzinfo=None).isoformat(timespec="seconds")
 
 
 def _image_size(path: str) -> tuple[int | None, int | None]:

@@ -52,6 +52,7 @@ def export_embeddings(collection: Collection, folder: Path | str, shard_size: in
     if store.count() == 0:
         raise InterchangeError(f"collection {collection.name!r} has no images to export")
     emb_dir, meta_dir = folder / IMG_EMB_DIR, folder / METADATA_DIR
+    created = {d for d in (folder, emb_dir, meta_dir) if not d.exists()}
     if folder.exists() and not folder.is_dir():
         raise InterchangeError(f"{folder}: is a file, not a folder")
     taken = [p.name for d in (emb_dir, meta_dir, folder / TEXT_EMB_DIR) if d.is_dir() for p in d.iterdir()]
@@ -69,8 +70,25 @@ def export_embeddings(collection: Collection, folder: Path | str, shard_size: in
     store.conn.execute("BEGIN")  # one read snapshot for the count and every row
     try:
         return _export_snapshot(collection, store, folder, model, shard_size, fp16, progress, summary, started)
+    except BaseException:
+        _remove_partial_export(folder, created)  # else the folder "already holds embeddings" that cannot be imported
+        raise
     finally:
         store.conn.rollback()
+
+
+def _remove_partial_export(folder: Path, created: set[Path]) -> None:
+    """What a failed or interrupted export wrote into `folder`: its shard folders held no file before it started
+    (checked), so whatever they hold now is this export's; the folders it created go too."""
+    for directory in (folder / IMG_EMB_DIR, folder / METADATA_DIR):
+        for path in directory.iterdir() if directory.is_dir() else ():
+            path.unlink(missing_ok=True)
+    (folder / MODEL_FILE).unlink(missing_ok=True)
+    for directory in sorted(created, key=lambda d: len(d.parts), reverse=True):  # the shard folders first
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (something else was put there) or already gone: left as it is
+            pass
 
 
 def _export_snapshot(collection: Collection, store: Store, folder: Path, model, shard_size: int, fp16: bool,
@@ -147,8 +165,8 @@ def _metadata_table(rows: list[tuple]):
     if any(c is not None for c in captions):
         columns["caption"] = pa.array(captions, type=pa.string())
     columns["id"] = pa.array([r[0] for r in rows], type=pa.int64())
-    columns["width"] = pa.array([r[2] for r in rows], type=pa.int32())
-    columns["height"] = pa.array([r[3] for r in rows], type=pa.int32())
+    columns["width"] = pa.array([r[2] for r in rows], type=pa.int64())  # as pandas writes them for clip-retrieval
+    columns["height"] = pa.array([r[3] for r in rows], type=pa.int64())
     columns["taken_at"] = pa.array([r[4] for r in rows], type=pa.string())
     return pa.table(columns)
 
