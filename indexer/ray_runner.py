@@ -134,14 +134,8 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
     quiet = dict(log_to_driver=False, logging_level="error", include_dashboard=False)
     address = options.address or os.environ.get("RAY_ADDRESS") or None  # ray.init itself would follow RAY_ADDRESS
     try:
-        if address is None:
-            # "local": always a new instance of our own, never one that `ray start` left running here
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, object_store_memory=options.object_store_memory,
-                     **quiet)
-        elif address.startswith("ray://"):  # Ray Client: the rest are the server's ray.init arguments
-            ray.init(address=address, logging_level="error")
-        else:
-            ray.init(address=address, **quiet)
+        with _signal_handlers_kept():
+            _init(ray, address, options, quiet)
     except Exception as exc:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ValueError, ...
         where = f"reach the Ray cluster at {address}" if address else "start a local Ray instance"
         raise RayError(f"cannot {where}: {type(exc).__name__}: {exc}",
@@ -151,6 +145,41 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+_KEPT_SIGNALS = ("SIGTERM", "SIGHUP", "SIGINT")
+
+
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """The process's own handlers of SIGTERM, SIGHUP and SIGINT back after the block: ray.init puts its core
+    worker's in their place (a SIGTERM then ended `clipsearch index --ray` with status 15 and a stack dump, not the
+    orderly stop and 143 of a local run). Outside the main thread nothing is touched."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {signum: signal.getsignal(signum) for signum in
+            (getattr(signal, name) for name in _KEPT_SIGNALS if hasattr(signal, name))}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(signum, handler)
+
+
+def _init(ray, address: str | None, options: RayOptions, quiet: dict) -> None:
+    if address is None:
+        # "local": always a new instance of our own, never one that `ray start` left running here
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, object_store_memory=options.object_store_memory,
+                 **quiet)
+    elif address.startswith("ray://"):  # Ray Client: the rest are the server's ray.init arguments
+        ray.init(address=address, logging_level="error")
+    else:
+        ray.init(address=address, **quiet)
 
 
 # -- shipping the bundle ----------------------------------------------------------------------------------------

@@ -283,3 +283,32 @@ def test_ray_adds_an_ivf_index_in_ray_tasks_and_builds_what_the_local_runner_bui
     again = runner.run(distributed, model, [str(folder)])
     assert (again.added, again.index_update, runner.last_index_tasks.tasks) == (2, "append", 0)
     assert distributed.load_vectors().count == 122 and distributed.check().ok
+
+
+_SIGTERM_IN_A_RAY_SESSION = """
+import os, signal, sys
+from clipsearch.indexer.ray_runner import RayOptions, ray_session
+
+class Stopped(Exception):
+    pass
+
+def stop(signum, frame):
+    raise Stopped(signum)
+
+signal.signal(signal.SIGTERM, stop)  # as `clipsearch index` stops a run on SIGTERM (cli/index_cmds.py)
+try:
+    with ray_session(RayOptions(address=sys.argv[1])):
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()  # never reached when our handler raised
+except Stopped as stopped:
+    print("stopped by", stopped.args[0])
+"""
+
+
+def test_a_sigterm_during_a_ray_run_reaches_our_handler_not_rays(ray_instance):
+    # ray.init put its own SIGTERM handler in place: `index --ray` then exited 15 with a stack dump, not 143 with
+    # "interrupted; run again to finish" after an orderly stop.
+    result = subprocess.run([sys.executable, "-c", _SIGTERM_IN_A_RAY_SESSION, ray_instance], capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == f"stopped by {int(__import__('signal').SIGTERM)}"
