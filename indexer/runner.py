@@ -78,9 +78,15 @@ class LocalRunner:
         model.check_image_side()  # before anything is written: a changed tower's vectors never get its id
         with collection.writer_lock():
             try:
+                first = collection.model is None
+            except CollectionError:  # unreadable (--rebuild only): not a first run
+                first = False
+            try:
                 return self._run(collection, model, roots, progress)
             except BaseException:
-                collection.discard_if_unbound()  # a first run that failed early leaves no empty collection
+                # A first run that failed or was stopped before it wrote an image leaves no empty collection behind
+                # (it would be listed, served and fail `check`), also once it had bound its model.
+                collection.discard_if_unbound(even_if_bound=first)
                 raise
 
     def update(self, collection: Collection, model, changes: WalkResult,

@@ -211,6 +211,27 @@ def test_a_stop_during_the_index_update_waits_until_sqlite_and_faiss_agree(tmp_p
         assert collection.vectors_fresh() and collection.check().ok and collection.store.count() == 12
 
 
+def test_a_first_run_stopped_before_it_wrote_an_image_leaves_no_collection(tmp_path, photos, model):
+    # Its model was bound already: an empty collection was left, listed and served, and `check` failed on it.
+    from clipsearch.store.collection import list_collections
+
+    def stopped(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    index_dir = tmp_path / "idx"
+    with Collection.create("c", index_dir) as collection, pytest.raises(KeyboardInterrupt):
+        index_paths(collection, model, [str(photos)], IndexOptions(workers=0), progress=stopped)
+    assert list_collections(index_dir) == []
+    with Collection.create("c", index_dir) as collection:  # an indexed collection stopped alike is kept, of course
+        run(collection, model, [photos])
+        bump_mtime(photos / "photo_000.png")  # something to read, so that the run reaches its first progress call
+        with pytest.raises(KeyboardInterrupt):
+            index_paths(collection, model, [str(photos)], IndexOptions(workers=0), progress=stopped)
+    assert list_collections(index_dir) == ["c"]
+    with Collection.open("c", index_dir) as collection:
+        assert collection.store.count() == 12 and collection.check().ok
+
+
 def test_a_second_stop_during_the_index_update_stops_at_once(tmp_path, photos, model, monkeypatch):
     # A full IVF-PQ retrain can take minutes: the first stop waits for it, a second one does not (the index is then
     # behind SQLite, as after a kill, and the next run completes it).
