@@ -57,7 +57,7 @@ class DateBound:
 
 @dataclass(frozen=True)
 class EmptyReason:
-    """Why a filtered search found nothing, when the filters themselves match no image."""
+    """Why a search found nothing: the collection holds no image, or its filters themselves match none."""
 
     message: str
     hint: str | None = None

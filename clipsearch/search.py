@@ -566,12 +566,18 @@ class Searcher:
             return found
 
     def why_empty(self, filter: SearchFilter | None) -> EmptyReason | None:
-        """For a search that found nothing: why, when its filters match no image at all (None otherwise)."""
-        if filter is None or not filter.active:
-            return None
+        """For a search that found nothing: why, when the collection holds no image or its filters match none
+        (None otherwise)."""
         self._follow_rebuild()
         with self._lock:
-            return empty_reason(self.collection.store, filter)
+            store = self.collection.store
+            if store.count() == 0:
+                name = self.collection.name
+                return EmptyReason(f"collection {name!r} has no images yet",
+                                   f"Index a folder of photos into it: clipsearch index FOLDER --collection {name}")
+            if filter is None or not filter.active:
+                return None
+            return empty_reason(store, filter)
 
 
 def _hits_from(ranked: Sequence[tuple[int, float]], records: Mapping[int, object],

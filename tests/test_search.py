@@ -434,3 +434,24 @@ def test_a_changed_text_graph_never_answers_from_the_old_graphs_cached_vectors(t
     fresh = Searcher(Collection.open("t", tmp_path / "idx")).text_vectors(["a cached query"])["a cached query"]
     expected = new_model.encode_text(["a cached query"])[0]
     assert np.allclose(fresh, expected, atol=1e-6) and not np.allclose(fresh, old, atol=1e-4)
+
+
+def test_an_empty_collection_says_so_when_indexed_and_when_searched(tmp_path, tiny_bundle):
+    # Both were silent and exited 0: a user could not tell an empty collection from a query that matched nothing.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.jpg").write_text("not an image")
+    env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
+    root = str(tmp_path / "idx")
+    for folder, why in (("empty", f"no image files were found in {tmp_path / 'empty'}"),
+                        ("notes", "none of the files found could be read")):
+        indexed = subprocess.run([*CLI, "index", str(tmp_path / folder), "-c", folder, "--index-dir", root, "--model",
+                                  str(tiny_bundle)], capture_output=True, text=True, env=env, timeout=120)
+        assert indexed.returncode == 0, indexed.stderr
+        assert f"note: collection {folder} holds no images: {why}" in indexed.stderr
+        assert "ITM image tokens" not in indexed.stdout
+        found = subprocess.run([*CLI, "search", "a dog", "-c", folder, "--index-dir", root], capture_output=True,
+                               text=True, env=env, timeout=120)
+        assert found.returncode == 0 and found.stdout == ""
+        assert f"no results: collection '{folder}' has no images yet" in found.stderr
+        assert f"clipsearch index FOLDER --collection {folder}" in found.stderr

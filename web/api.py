@@ -105,7 +105,7 @@ def parse_filter(folders: list[str] | str | None, after: str | None, before: str
 
 
 def empty_note(searcher: Searcher, search_filter: SearchFilter, hits: list[SearchHit]) -> str | None:
-    """Why a filtered search found nothing, when the filters match no image (None otherwise)."""
+    """Why a search found nothing, when the collection is empty or the filters match no image (None otherwise)."""
     reason = searcher.why_empty(search_filter) if not hits else None
     if reason is None:
         return None

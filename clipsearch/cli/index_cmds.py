@@ -219,7 +219,13 @@ def index(
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
         return
-    _print_summary(summary)
+    _print_summary(summary, tokens_line=summary.total > 0)
+    if summary.total == 0:
+        from .display import shown_path
+
+        why = ("none of the files found could be read (above)" if summary.skipped else
+               "no image files were found in " + ", ".join(shown_path(str(p)) for p in paths))
+        typer.echo(f"note: collection {collection} holds no images: {why}", err=True)
 
 
 def _ray_options(ray: Optional[str], concurrency: Optional[int], cpus: float, gpus: float,
