@@ -85,6 +85,19 @@ def test_odd_query_strings_are_not_500(client, query):
                                                                        else "results"], (str, list))
 
 
+@pytest.mark.parametrize("query", ["q=%ED%A0%80", "q=%ED%B0%80&k=2", "q=cat%ff", "q=%C0%AF",
+                                   "q=cat&collection=%ED%A0%80", "q%ff=cat"])
+def test_query_strings_that_are_not_utf8_are_400_not_a_search_for_replacement_characters(client, query):
+    response = client.get(f"/api/search?{query}")
+    assert response.status_code == 400 and response.json()["detail"] == "the query string is not UTF-8 text"
+    assert "Percent-encode" in response.json()["hint"]
+
+
+def test_utf8_query_strings_still_search(client):
+    response = client.get("/api/search?q=caf%C3%A9+%E2%98%85&k=2")
+    assert response.status_code == 200 and response.json()["query"] == "café ★"
+
+
 def test_surrogates_in_form_fields_are_400(client, indexed):
     # UTF-7 is the one charset a client can name for a form part that decodes to lone surrogates.
     body = (b"--b\r\nContent-Disposition: form-data; name=\"labels\"\r\nContent-Type: text/plain; charset=utf-7\r\n\r\n"

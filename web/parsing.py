@@ -96,12 +96,27 @@ def parse_json_body(raw: bytes) -> Any:
 
 
 def check_query_and_path(request: Request) -> None:
+    check_raw_query(request.scope.get("query_string", b""))
     for key, value in request.query_params.multi_items():
         check_text(key, "a query parameter name")
         check_text(value, f"query parameter {key!r}")
     for key, value in request.path_params.items():
         if isinstance(value, str):
             check_text(value, f"path parameter {key!r}")
+
+
+def check_raw_query(raw: bytes) -> None:
+    """400 for a query string whose percent-escapes are not UTF-8 (`q=%ff`, or a surrogate's `%ED%A0%80`):
+    Starlette decodes them into U+FFFD, so the search would run for a text the client never sent."""
+    from urllib.parse import unquote_to_bytes
+
+    for part in raw.split(b"&"):
+        for piece in part.split(b"=", 1):
+            try:
+                unquote_to_bytes(piece.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, "the query string is not UTF-8 text",
+                               "Percent-encode the UTF-8 bytes of the text (e.g. encodeURIComponent).") from None
 
 
 def check_form(form: FormData) -> None:
