@@ -116,6 +116,30 @@ def test_every_command_and_subcommand_prints_its_help():
         assert "Usage:" in result.stdout, path
 
 
+def test_version_is_printed_and_every_option_has_help():
+    from typer.main import get_command
+
+    import clipsearch
+    from clipsearch.cli import app
+
+    result = subprocess.run([sys.executable, "-c", "from clipsearch.cli import main; main()", "--version"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == f"clipsearch {clipsearch.__version__}\n"
+    bare, options = [], []
+
+    def walk(command, path: list[str]) -> None:
+        for param in command.params:
+            if getattr(param, "param_type_name", "") == "option" and "--help" not in param.opts:
+                options.append(param)
+                if not param.help:
+                    bare.append((" ".join(path), param.opts[0]))
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            walk(sub, [*path, name])
+
+    walk(get_command(app), [])
+    assert len(options) > 100 and bare == []
+
+
 def test_a_second_ctrl_c_while_exiting_prints_no_traceback(monkeypatch):
     import signal
 

@@ -26,6 +26,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from .. import __version__
+
+        typer.echo(f"clipsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit")) -> None:
+    """Options that come before the command."""
+
+
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`. Each module keeps heavy imports
     # (onnxruntime, faiss, torch) inside its command functions so `clipsearch --help` stays fast.

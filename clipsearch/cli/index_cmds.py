@@ -347,7 +347,7 @@ def _announce_tokens(target, clip, requested: Optional[bool]) -> None:
 def check(
     collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="The result as one JSON object (ok, problems)"),
 ) -> None:
     """Verify that SQLite and FAISS agree (counts, ids, model); exit 1 with the details when they do not."""
     import sqlite3
@@ -381,7 +381,7 @@ def check(
 def stats(
     collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="The figures as one JSON object"),
 ) -> None:
     """Counts, model, index type and bytes on disk of a collection."""
     from dataclasses import asdict

