@@ -32,7 +32,7 @@ def search(
                                  'best first ("missing": the file is no longer on disk; with --rerank also "itc_score" '
                                  'and "match", null for hits that were not re-scored)'),
     rerank: bool = typer.Option(False, "--rerank", help="Re-score the top hits with the model's ITM head (text queries; "
-                                "models exported with `clipsearch models export-blip`)"),
+                                "models with one: the bundled emoji-mini, or `clipsearch models export-blip`)"),
     rerank_k: int = typer.Option(32, "--rerank-k", min=1, max=256, help="How many top hits --rerank re-scores"),
     min_match: Optional[float] = typer.Option(None, "--min-match", min=0.0, max=1.0,
                                               help="With --rerank: keep only hits whose ITM match probability is at "
@@ -70,7 +70,8 @@ def search(
     photos pass them. With --after/--before each result says which date it was compared by (EXIF "taken" time,
     or the file's "mtime" for photos without one).
 
-    With --rerank the score of a re-scored hit is the ITM match logit plus the ITC cosine (its plain score).
+    With --rerank the score of a re-scored hit is the ITM match logit plus λ times the ITC cosine (its plain
+    score; λ is the bundle's itc_weight, 100 for emoji-mini).
 
     --copy-to/--link-to DIR gather the results as <rank>-<name> (01-beach.jpg ...; "01-beach (2).jpg" when the
     name is taken): missing files are reported on stderr and skipped, and the exit code is 1 only when none of the

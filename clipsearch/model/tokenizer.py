@@ -80,7 +80,7 @@ def unknown_words_error(model_name: str, text: str, what: str = "") -> QueryErro
     """The error for a query text or label (`what`: e.g. "the label ") of which model `model_name`'s vocabulary
     knows no word (`TextTokenizer.knows_none_of`), with the hint to put it in words."""
     return QueryError(f"model {model_name} knows none of the words in {what}{text[:60]!r}",
-                      "Describe it in words: its vocabulary has no emoji or symbols (e.g. 'red heart', not ❤️).")
+                      "Describe it in words: its vocabulary has no emoji (e.g. 'red heart', not ❤️).")
 
 
 class TextTokenizer:
