@@ -384,6 +384,7 @@ def test_missing_files_are_noted_and_skipped(collection, tmp_path):
         assert f"skipped {first}: no such file" in none.stderr
         assert "error: none of the 1 results could be linked into" in none.stderr and "clipsearch index" in none.stderr
         assert none.stdout.split()[-1] == first  # the listing was printed before the error
+        assert not (tmp_path / "none").exists()  # the folder it made for them is not left behind empty
     finally:
         shutil.move(kept, first)
 

@@ -121,6 +121,7 @@ def gather(sources: Sequence[str], folder: str | os.PathLike[str], mode: Mode,
     """Copy or symlink `sources` (best first) into `folder` (created if needed) as ``<rank>-<name>``."""
     option = option or ("--copy-to" if mode == "copy" else "--link-to")
     path = check_folder(folder, option)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # the folders this call creates, deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -152,4 +153,10 @@ def gather(sources: Sequence[str], folder: str | os.PathLike[str], mode: Mode,
             break
         else:
             report.skipped.append(Skipped(rank, source, f"{_MAX_TRIES} names taken in {path}"))
+    if not report.gathered:  # nothing to show for it: the folders it made go again
+        for created in made:
+            try:
+                created.rmdir()
+            except OSError:  # something else was put there meanwhile
+                break
     return report
