@@ -293,6 +293,21 @@ def test_serve_command_takes_the_key_from_the_environment_and_binds_loopback(ind
     assert f"on http://127.0.0.1:{port}/" in stderr and "API key required" in stderr
 
 
+def test_serve_on_a_port_in_use_says_so_before_loading_anything(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "clipsearch", "serve", "--collection", "nothing",
+                                 "--index-dir", str(tmp_path), "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: port {port} on 127.0.0.1 is in use" in result.stderr and "--port N" in result.stderr
+    assert "serving collection" not in result.stderr and "no collection named" not in result.stderr
+
+
 def test_serve_command_reports_a_missing_collection_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "clipsearch", "serve", "--collection", "nothing",
                              "--index-dir", str(tmp_path), "--port", str(free_port())],

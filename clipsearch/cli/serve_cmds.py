@@ -87,6 +87,7 @@ def serve(
     except ValueError as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from exc
+    _check_port_free(host, port)  # before the collection and model load: uvicorn would only say so after them
     web_app = create_app(settings)
     state = web_app.state.web
     state.open_default()  # a missing or empty collection is a clear error now, not on the first query
@@ -106,6 +107,29 @@ def serve(
     gc.freeze()
     uvicorn.run(web_app, host=host, port=port, root_path=root_path, log_level=log_level,
                 proxy_headers=False, server_header=False)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Exit 1 with a one-line error when `host`:`port` cannot be listened on (in use, no such address), as uvicorn
+    would bind it (SO_REUSEADDR, so a port in TIME_WAIT is not "in use")."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        typer.secho(f"error: cannot listen on {host}: {exc.strerror or exc}", err=True, fg="red")
+        raise typer.Exit(1) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = "is in use (another server?)" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            typer.secho(f"error: port {port} on {host} {why}", err=True, fg="red")
+            typer.echo("Choose another with --port N.", err=True)
+            raise typer.Exit(1) from None
 
 
 def _url_host(host: str) -> str:
