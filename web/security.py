@@ -100,9 +100,10 @@ class HostCheck:
         values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"]
         name = host_name(values[0]) if len(values) == 1 else None
         if name is None or name not in self.allowed:
-            shown = values[0][:100] if len(values) == 1 else ("missing" if not values else "repeated")
+            detail = (f"this server does not answer to Host {values[0][:100]!r}" if len(values) == 1 else
+                      "the request has no Host header" if not values else "the request has more than one Host header")
             await _send_json(send, 400, {
-                "detail": f"this server does not answer to Host {shown!r}",
+                "detail": detail,
                 "hint": "Use http://127.0.0.1 or http://localhost, or start the server with --allowed-host NAME "
                         "for each name clients use to reach it."})
             return
