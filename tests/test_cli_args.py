@@ -172,3 +172,20 @@ def test_binary_sizes_are_named_as_binary():
 
     assert [format_bytes(n) for n in (512, 7252, 5 * 2**20, 2_000_000_000)] == \
         ["512 B", "7.1 KiB", "5.0 MiB", "1.86 GiB"]
+
+
+def test_a_url_without_ray_is_refused_up_front_and_a_file_url_is_its_folder(tmp_path, tiny_bundle):
+    from clipsearch.store.collection import list_collections
+
+    env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
+    root = str(tmp_path / "idx")
+    cli = [sys.executable, "-c", "from clipsearch.cli import main; main()", "index"]
+    remote = subprocess.run([*cli, "s3://bucket/photos", "-c", "r", "--index-dir", root, "--model", str(tiny_bundle)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert remote.returncode == 2 and "s3://bucket/photos is a URL: without --ray" in " ".join(remote.stderr.split())
+    assert list_collections(root) == []
+    make_photos(tmp_path / "photos", 3)
+    local = subprocess.run([*cli, (tmp_path / "photos").as_uri(), "-c", "f", "--index-dir", root, "--model",
+                            str(tiny_bundle), "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert local.returncode == 0, local.stderr
+    assert '"added": 3' in local.stdout

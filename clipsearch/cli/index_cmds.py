@@ -179,6 +179,7 @@ def index(
                   exclude=exclude, include_hidden=include_hidden, rebuild=rebuild, threads=threads,
                   index_dir=index_dir, as_json=as_json, tokens=tokens)
         return
+    roots = [_index_path(p, ray_options) for p in paths]  # a URL without --ray is refused before anything starts
     from ..indexer.reader import StartedDecoders
 
     # A local run's decoder processes start before the heavy imports and the walk: their interpreters boot on the
@@ -207,7 +208,7 @@ def index(
                     with _progress_bar(show_bar) as progress:
                         runner = (LocalRunner(options, decoders) if ray_options is None
                                   else _ray_runner(options, ray_options))
-                        summary = runner.run(target, clip, [_index_path(p, ray_options) for p in paths], progress)
+                        summary = runner.run(target, clip, roots, progress)
                 except KeyboardInterrupt as exc:
                     try:
                         count = target.store.count()
@@ -261,10 +262,15 @@ def _index_path(path: Path, ray_options) -> str:
 
     text = str(path)
     match = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]+):/+(.*)", text, flags=re.DOTALL)
-    if ray_options is None or match is None or os.path.exists(text):
+    if match is None or os.path.exists(text):
         return text
     scheme, rest = match.groups()
-    return "/" + rest if scheme == "file" else f"{scheme}://{rest}"
+    if scheme == "file":
+        return "/" + rest
+    if ray_options is None:  # else the walk said "no such file or folder" of the URL joined to the current folder
+        raise typer.BadParameter(f"{scheme}://{rest} is a URL: without --ray, index reads local folders and files; "
+                                 "URLs are read by `index --ray` (pip install 'clipsearch[ray]')", param_hint="PATHS")
+    return f"{scheme}://{rest}"
 
 
 def _parse_size(text: str, option: str) -> int:
