@@ -85,3 +85,18 @@ def test_equal_scores_are_ordered_by_id_whatever_k_and_a_filter(ivf_threshold):
     allowed = np.array(sorted(copies[:5] + list(range(100, 3_000, 3))), dtype=np.int64)
     filtered = [i for i, _ in index.search(query, 3, allowed=allowed)[0]]
     assert filtered == sorted(copies[:5])[:3]
+
+
+def test_temp_files_of_every_killed_write_are_removed_and_nothing_else(tmp_path):
+    from clipsearch.store.index.vectors import remove_index_leftovers
+    from clipsearch.store.tokens import TOKENS_FILE
+
+    # A kill while tokens.bin (0.45 GB at 60k images) was written left its temp file for good.
+    ours = [f".{TOKENS_FILE}.7pdovtuk.tmp", ".vectors.json.x1.tmp", ".ivfpq.trained.faiss.x2.tmp",
+            ".vectors.faiss.x3.tmp", ".vectors-4.ivfdata.x4.tmp", ".rows.x5.tmp", ".shard.x6.tmp"]
+    theirs = [".other.tmp", "notes.tmp", "tokens.bin", "vectors.json", ".tokens.bin.keep"]
+    for name in ours + theirs:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_index_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)

@@ -778,6 +778,12 @@ def _temp_path(folder: Path, name: str) -> Path:
     return Path(tmp)
 
 
+# Temp files a killed write leaves: `_atomic_write`'s (".NAME.XXXXXXXX.tmp" of the index, its sidecar, the trained
+# quantizer, on-disk lists and store/tokens.py's "tokens.bin") and the IVF builds' row and shard files.
+_TEMP_PREFIXES = (f".{INDEX_FILE}.", f".{SIDECAR_FILE}.", f".{TRAINED_FILE}.", ".vectors-", ".tokens.bin.", ".rows.",
+                  ".shard.")
+
+
 def remove_index_leftovers(folder: Path, keep: str = "") -> list[Path]:
     """Delete what killed index writes left in `folder` (temp files) and on-disk lists the sidecar does not name.
     Only the process holding the collection's writer lock may call this."""
@@ -788,7 +794,7 @@ def remove_index_leftovers(folder: Path, keep: str = "") -> list[Path]:
     kept = {keep, _ivfdata_name(keep)} if keep else set()
     for child in folder.iterdir():
         name = child.name
-        stale_temp = name.startswith((f".{INDEX_FILE}.", ".rows.", ".shard.")) and name.endswith(".tmp")
+        stale_temp = name.startswith(_TEMP_PREFIXES) and name.endswith(".tmp")
         stale_lists = name.startswith("vectors-") and name.endswith((LISTS_SUFFIX, IVFDATA_SUFFIX)) and name not in kept
         if (stale_temp or stale_lists) and child.is_file():
             _unlink_quietly(child)
