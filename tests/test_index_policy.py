@@ -284,6 +284,37 @@ def test_on_disk_lists_search_like_in_memory_lists(tmp_path):
     assert [[i for i, _ in row] for row in results["disk"]] == [[i for i, _ in row] for row in results["memory"]]
 
 
+_ON_DISK_RUN = """
+import sys
+from pathlib import Path
+from test_index_policy import _fake_info, _write, clustered
+from clipsearch.store.collection import Collection
+
+root, info, x = Path(sys.argv[1]), _fake_info(32), clustered(3_000, 32, seed=5)
+with Collection.create("disk", root) as collection:
+    collection.bind_model(info)
+    collection.set_index_memory_budget(50_000)  # inverted lists on disk
+    _write(collection, info, x[:2_000], 0)
+    collection.update_vectors(ivf_threshold=1_000)
+    _write(collection, info, x[2_000:], 2_000)
+    collection.update_vectors(ivf_threshold=1_000)  # appended: merged into new on-disk lists
+with Collection.open("disk", root) as collection:
+    print(collection.load_vectors().count)
+"""
+
+
+def test_on_disk_lists_print_nothing_into_stdout(tmp_path):
+    # FAISS printed "resizing ...ivfdata" and "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename ..." into stdout,
+    # ahead of `search --json` and `import-embeddings --json` output.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", _ON_DISK_RUN, str(tmp_path)], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "3000\n"
+    assert "ondisk filename" in result.stderr  # FAISS's notes are not lost, they go to stderr
+
+
 # -- the composite file and crash safety ---------------------------------------------------------------------
 
 def test_streamed_file_equals_faiss_own_serialisation(tmp_path):

@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import struct
+import sys
 import tempfile
 import weakref
 from contextlib import contextmanager
@@ -388,7 +389,9 @@ class VectorIndex:
         try:
             if meta.layout.on_disk:
                 index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_IVF_DATA)
-                lists_index = faiss.read_index(str(Path(folder) / meta.layout.lists_file), faiss.IO_FLAG_ONDISK_SAME_DIR)
+                with _faiss_notes_to_stderr():  # "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename ..."
+                    lists_index = faiss.read_index(str(Path(folder) / meta.layout.lists_file),
+                                                   faiss.IO_FLAG_ONDISK_SAME_DIR)
                 faiss.extract_index_ivf(index).replace_invlists(faiss.extract_index_ivf(lists_index).invlists, False)
                 keep = (lists_index,)
             else:
@@ -732,12 +735,37 @@ def _add_on_disk(base, shards: Iterable, workdir: Path, token: str) -> Path:
             shard_files.append(name)
             del current
         lists = workdir / f"vectors-{token}{LISTS_SUFFIX}"
-        merge_ondisk(base, shard_files, str(workdir / _ivfdata_name(lists.name)))
-        faiss.write_index(base, str(lists))
+        with _faiss_notes_to_stderr():  # "resizing ...ivfdata to N bytes" and the like
+            merge_ondisk(base, shard_files, str(workdir / _ivfdata_name(lists.name)))
+            faiss.write_index(base, str(lists))
         return lists
     finally:
         for name in shard_files:
             _unlink_quietly(Path(name))
+
+
+@contextmanager
+def _faiss_notes_to_stderr() -> Iterator[None]:
+    """FAISS's C++ code prints notes about on-disk inverted lists with printf, i.e. into the process's stdout, which
+    carries `--json` and `-0` output: for the block, C's stdout goes to stderr. The process-wide swap is brief
+    (opening or merging on-disk lists); Python's own sys.stdout is flushed first and written to after."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:  # no C library to flush: leave stdout alone
+        yield
+        return
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)  # what FAISS left in C's stdout buffer goes to stderr too
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _ivfdata_name(lists_file: str) -> str:
