@@ -663,21 +663,43 @@ class Collection:
             if previous and previous.trained_on and outgrown(count, previous.trained_on):
                 reason = (f"retrained: {count:,} vectors, {count / previous.trained_on:.1f}x the "
                           f"{previous.trained_on:,} it was trained at")
+            elif previous and trained is not None:
+                reason = self._drift_reason(previous, trained)
+                if reason:
+                    trained = None  # retrained on a sample of every vector, the added ones included
             index = VectorIndex.build(store.iter_vectors(dim), count=count, dim=dim, model_id=model.model_id,
                                       generation=store.generation, ivf_threshold=ivf_threshold, trained=trained,
                                       trained_on=previous.trained_on if previous else 0,
                                       sample=lambda n: self.sample_vectors(n), budget_bytes=self.index_memory_budget,
                                       workdir=workdir, train_reason=reason, parallel=self.parallel_adds)
         if previous and not index.meta.trained_at and index.meta.trained_on == previous.trained_on:
-            index.meta = replace(index.meta, trained_at=previous.trained_at, train_reason=previous.train_reason)
+            index.meta = replace(index.meta, trained_at=previous.trained_at, train_reason=previous.train_reason,
+                                 trained_max_id=previous.trained_max_id)
         return index
 
-    def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
-        """n stored vectors at random, read straight from SQLite by id (never all of them): ids are drawn between
-        the smallest and the largest and kept when they have a vector, a few rounds, then from the id list."""
+    def _drift_reason(self, meta, trained) -> str:
+        """Why the trained quantizer must be retrained for the vectors added since it was trained (ids above
+        `meta.trained_max_id`, else above `meta.max_id`), or "" (index.vectors.quantizer_drift)."""
+        from .index.vectors import DRIFT_SAMPLE, DRIFT_SHARE, quantizer_drift
+
+        boundary = meta.trained_max_id or meta.max_id
+        older = self.sample_vectors(DRIFT_SAMPLE, max_id=boundary)
+        added = self.sample_vectors(DRIFT_SAMPLE, min_id=boundary + 1)
+        share = quantizer_drift(trained, older, added)
+        if share is None or share <= DRIFT_SHARE:
+            return ""
+        return (f"retrained: {share:.0%} of the vectors added since training lie farther from every centroid than "
+                f"99% of those before")
+
+    def sample_vectors(self, n: int, seed: int = 0, min_id: int | None = None, max_id: int | None = None) -> np.ndarray:
+        """n stored vectors at random (with ids in min_id..max_id when given), read straight from SQLite by id (never
+        all of them): ids are drawn between the smallest and the largest and kept when they have a vector, a few
+        rounds, then from the id list."""
         store, dim = self.store, self.require_model().embed_dim
-        low, high = store.db.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM embeddings").fetchone()
-        total = store.count_embeddings()
+        bounds = " WHERE id BETWEEN ? AND ?"
+        span = [min_id if min_id is not None else -(2**63), max_id if max_id is not None else 2**63 - 1]
+        low, high, total = store.db.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0), count(*) FROM "
+                                            "embeddings" + bounds, span).fetchone()
         n = min(n, total)
         rng = np.random.default_rng(seed)
         picked: set[int] = set()
@@ -689,6 +711,7 @@ class Collection:
             picked.update(found[: n - len(picked)] if len(found) > n - len(picked) else found)
         if len(picked) < n:  # sparse ids: draw from the list of ids (8 bytes per vector)
             ids = store.embedding_ids()
+            ids = ids[(ids >= low) & (ids <= high)]
             rest = np.setdiff1d(ids, np.fromiter(picked, dtype=np.int64, count=len(picked)))
             picked.update(rng.choice(rest, size=n - len(picked), replace=False).tolist())
         chosen = sorted(picked)[:n]
@@ -722,7 +745,7 @@ class Collection:
         return VectorSync(index, "rebuild")
 
     def _append_new_vectors(self, ivf_threshold: int) -> VectorIndex | None:
-        from .index.vectors import IndexLayout, IndexMeta
+        from .index.vectors import DRIFT_MIN_NEW, IndexLayout, IndexMeta
 
         model = self.model
         try:
@@ -737,6 +760,11 @@ class Collection:
             return None  # crossed the exact/IVF-PQ threshold
         if meta.layout.kind == "ivfpq" and (meta.layout.on_disk or outgrown(count, meta.trained_on)):
             return None  # grown too much for the trained quantizer (retrain), or on-disk lists (merged anew)
+        since_training = meta.trained_max_id or meta.max_id
+        if meta.layout.kind == "ivfpq" and store.count_embeddings_above(since_training) >= DRIFT_MIN_NEW:
+            trained = VectorIndex.load_trained(self.folder)
+            if trained is None or self._drift_reason(meta, trained):
+                return None  # the added vectors are unlike those the quantizer knows: build_vectors retrains
         if store.vectors_unchanged_since(meta.generation, meta.max_id) != (meta.count, meta.count):
             return None  # something the index holds was deleted or re-embedded
         index_file = self.folder / INDEX_FILE

@@ -403,6 +403,10 @@ class Store:
     def count_embeddings(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM embeddings").fetchone()[0])
 
+    def count_embeddings_above(self, image_id: int) -> int:
+        """Stored vectors with an id larger than `image_id`."""
+        return int(self.conn.execute("SELECT count(*) FROM embeddings WHERE id > ?", [int(image_id)]).fetchone()[0])
+
     # -- image tokens ------------------------------------------------------------------------------
     @property
     def has_token_table(self) -> bool:
