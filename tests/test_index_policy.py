@@ -344,6 +344,19 @@ def test_on_disk_lists_print_nothing_into_stdout(tmp_path):
     assert "ondisk filename" in result.stderr  # FAISS's notes are not lost, they go to stderr
 
 
+def test_a_new_memory_budget_is_applied_by_the_next_run_even_with_nothing_new(tmp_path):
+    # It was remembered, but the index kept its old layout until a delete or an update made it rebuild.
+    with synthetic_collection(tmp_path, "budget", 32, 6_000, seed=5) as (collection, info, x):
+        _write(collection, info, x, 0)
+        assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
+        assert not collection.load_vectors().meta.layout.on_disk
+        collection.set_index_memory_budget(50_000)  # `index --max-index-memory 50KB`: lists go on disk
+        assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
+        assert collection.load_vectors().meta.layout.on_disk
+        assert collection.update_vectors(ivf_threshold=1_000).update == "none"  # applied once, not at every run
+        assert collection.check().ok
+
+
 # -- the composite file and crash safety ---------------------------------------------------------------------
 
 def test_streamed_file_equals_faiss_own_serialisation(tmp_path):

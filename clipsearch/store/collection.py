@@ -731,10 +731,11 @@ class Collection:
     def update_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> "VectorSync":
         """Bring the saved index up to date: nothing when fresh; appending when the store only gained rows
         since it was saved (and the layout still fits); a full rebuild from SQLite otherwise."""
-        if self.vectors_fresh():
+        replan = self._budget_replans(ivf_threshold)
+        if self.vectors_fresh() and not replan:
             self.update_tokens()
             return VectorSync(None, "none")
-        appended = self._append_new_vectors(ivf_threshold)
+        appended = None if replan else self._append_new_vectors(ivf_threshold)
         if appended is not None:
             self.save_vectors(appended)
             self.update_tokens()
@@ -743,6 +744,19 @@ class Collection:
         self.save_vectors(index)
         self.update_tokens()
         return VectorSync(index, "rebuild")
+
+    def _budget_replans(self, ivf_threshold: int) -> bool:
+        """True when `--max-index-memory` was set to another budget than the saved IVF-PQ index was planned with,
+        and the policy plans another index for it (codes, OPQ, lists on disk): it was remembered but not applied
+        until something else made the index rebuild."""
+        from .index.vectors import IndexLayout
+
+        budget = self.index_memory_budget
+        meta = _read_meta(self.folder)
+        if budget is None or meta is None or meta.layout.kind != "ivfpq" or budget == meta.layout.budget_bytes:
+            return False
+        planned = IndexLayout.for_size(meta.count, meta.dim, ivf_threshold, budget_bytes=budget)
+        return planned.factory != meta.layout.factory or planned.on_disk != meta.layout.on_disk
 
     def _append_new_vectors(self, ivf_threshold: int) -> VectorIndex | None:
         from .index.vectors import DRIFT_MIN_NEW, IndexLayout, IndexMeta
