@@ -357,6 +357,20 @@ def test_a_new_memory_budget_is_applied_by_the_next_run_even_with_nothing_new(tm
         assert collection.check().ok
 
 
+def test_a_reader_without_a_saved_index_searches_exactly_instead_of_training_one(tmp_path):
+    # After a run was killed while it built the IVF-PQ index, every search trained and tuned one anew (7 s at 60k).
+    from clipsearch.store.index.vectors import INDEX_FILE, SIDECAR_FILE
+
+    with synthetic_collection(tmp_path, "killed", 32, 3_000, seed=6) as (collection, info, x):
+        ids = _write(collection, info, x, 0)
+        collection.update_vectors(ivf_threshold=1_000)
+        for name in (INDEX_FILE, SIDECAR_FILE):
+            (collection.folder / name).unlink()
+        index = collection.load_vectors(ivf_threshold=1_000)
+        assert index.meta.layout.kind == "flat" and index.count == 3_000
+        assert [row[0][0] for row in index.search(x[:20], 1)] == list(ids[:20])
+
+
 # -- the composite file and crash safety ---------------------------------------------------------------------
 
 def test_streamed_file_equals_faiss_own_serialisation(tmp_path):

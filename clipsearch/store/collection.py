@@ -804,13 +804,18 @@ class Collection:
         if self.vectors_fresh():
             return VectorIndex.load(self.folder, mmap=mmap)
         model = self.require_model()
-        if self.store.count_embeddings() >= ivf_threshold:
+        count = self.store.count_embeddings()
+        if count >= ivf_threshold:
             try:
                 saved = VectorIndex.load(self.folder, mmap=mmap)
             except CollectionError:
                 saved = None
             if saved is not None and saved.meta.model_id == model.model_id and saved.meta.dim == model.embed_dim:
                 return saved
+            if count * model.embed_dim * 4 <= READER_EXACT_MAX_BYTES:
+                # No usable saved index (a run killed while it built one): exact search over SQLite's vectors, not an
+                # IVF-PQ trained and tuned anew by every search (7 s each at 60k; the next run saves one).
+                return self.build_vectors(ivf_threshold=count + 1)
         return self.build_vectors(ivf_threshold)
 
     # -- inspection -------------------------------------------------------------------------------
@@ -1024,6 +1029,10 @@ class Collection:
                                token_shape=tuple(codec.shape) if codec else None, tokens_stored=store.count_tokens(),
                                token_bytes_per_image=codec.bytes_per_image if codec else None,
                                **_index_stats(meta))
+
+
+# A reader with no usable saved index searches exactly up to this many bytes of vectors (about 500k of 512 floats).
+READER_EXACT_MAX_BYTES = 1 << 30
 
 
 def _read_meta(folder: Path):
