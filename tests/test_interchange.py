@@ -432,7 +432,9 @@ def test_knn_service_answers_from_an_imported_collection(served, layout, model):
     assert [r["id"] for r in text] == expected.tolist()
     # local files are served by id; the URL row is never fetched or served
     assert client.get("/api/images/1/file").status_code == 200
-    assert client.get("/api/images/6/file").status_code == 404
+    refused = client.get("/api/images/6/file")
+    assert refused.status_code == 404 and f"image 6 was imported as a URL ({URL})" in refused.json()["detail"]
+    assert "no longer on disk" not in refused.json()["detail"]
 
 
 def test_real_clip_client_embedding_input_against_an_imported_collection(served, layout):

@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from clipsearch.errors import ImageError
 from clipsearch.model.preprocess import open_image
+from clipsearch.paths import is_url_path
 from clipsearch.store.database import ImageRecord
 
 from .errors import ApiError
@@ -80,6 +81,9 @@ def open_indexed(record: ImageRecord, roots: Sequence[str]) -> BinaryIO:
     # Resolve first and never open anything outside the roots (opening some devices has side effects); then
     # open the resolved path with O_NOFOLLOW, so a last component swapped for a symlink meanwhile fails (ELOOP),
     # and check where the open file really is (a folder swapped meanwhile is caught there).
+    if is_url_path(record.path):  # an imported row whose image is a URL: never fetched, never served
+        raise ApiError(404, f"image {record.id} was imported as a URL ({record.path[:200]}): this server serves "
+                            "files on its own disk only", "Open the URL itself.")
     resolved = os.path.realpath(record.path)
     if not _inside(resolved, roots):
         if not os.path.lexists(record.path):
