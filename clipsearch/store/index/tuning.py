@@ -2,11 +2,13 @@
 
 `queries` held-out queries (seeded): half are stored vectors searched for their 10 nearest *other* vectors,
 half are stored vectors pushed off the data by a random direction (cosine about 0.32 to where they started,
-about what a matching CLIP text has to its images: text queries sit apart from the image vectors): harder for an IVF index than its own vectors. The exact answer comes from the mapped
-refine vectors (a brute-force scan). For each refine factor the smallest
-power-of-two nprobe reaching `target` recall@10 is found; among those the cheapest by a cost model is kept
-(bytes touched per query: centroids, scanned codes, re-scored vectors — deterministic, unlike timings on a
-shared machine). When no setting reaches the target, the one with the best recall is kept.
+about what a matching CLIP text has to its images: text queries sit apart from the image vectors): harder for an
+IVF index than its own vectors. The exact answer comes from the mapped refine vectors (a brute-force scan). A
+setting reaches `target` when each half does on its own: averaged, the easy half hid the other (recall@10 0.974
+tuned, 0.89 for emoji-mini's text queries at 60k images). For each refine factor the smallest power-of-two nprobe
+reaching it is found; among those the cheapest by a cost model is kept (bytes touched per query: centroids,
+scanned codes, re-scored vectors — deterministic, unlike timings on a shared machine). When no setting reaches the
+target, the one with the best recall is kept. The recall recorded is the lower half's.
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def tune(index, target: float, queries: int = 200, seed: int = 0) -> Tuning:
             params = faiss.IndexRefineSearchParameters(k_factor=float(factor),
                                                        base_index_params=faiss.SearchParametersIVF(nprobe=nprobe))
             _, found = refine.search(q, k + 1, params=params)
-            recall = float(np.mean([len(t & set(_others(row, own, k))) / k
-                                    for t, row, own in zip(truth, found, positions)]))
+            per_query = np.array([len(t & set(_others(row, own, k))) / k
+                                  for t, row, own in zip(truth, found, positions)])
+            # off the data (text-like) and on it, each held to the target
+            recall = float(min(per_query[:half].mean(), per_query[half:].mean()) if half else per_query.mean())
             cost = search_cost(count, dim, ivf.nlist, code_bytes, nprobe, factor)
             result = Tuning(nprobe, factor, recall, cost, len(positions))
             if fallback is None or (recall, -cost) > (fallback.recall, -fallback.cost):
