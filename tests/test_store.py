@@ -211,3 +211,16 @@ def test_ctrl_c_during_a_write_transaction_lands_after_it_commits(tmp_path):
     assert reached_the_end
     assert store.get_meta("probe") == "1"
     store.close()
+
+
+def test_the_other_model_hint_names_a_bundled_model_as_typed(tmp_path, tiny_bundle):
+    from clipsearch.errors import CollectionError
+    from clipsearch.model.bundle import read_bundle
+    from clipsearch.model.resolve import BUNDLED_DIR
+    from clipsearch.store.collection import Collection
+
+    with Collection.create("c", tmp_path) as collection:
+        collection.bind_model(read_bundle(BUNDLED_DIR / "emoji-mini"))
+        with pytest.raises(CollectionError) as refused:
+            collection.bind_model(read_bundle(tiny_bundle))
+    assert "Use --model emoji-mini, or another --collection" in refused.value.hint  # not the package's folder

@@ -75,6 +75,14 @@ class CollectionModel:
         """What to pass to `clipsearch.model.resolve.resolve_model` to get this model back."""
         return self.bundle_path if is_bundle(Path(self.bundle_path)) else self.name
 
+    @property
+    def shown_spec(self) -> str:
+        """`spec` as a user types it: a bundled model by its name (`emoji-mini`), not its folder in the package."""
+        from ..model.resolve import BUNDLED_DIR
+
+        spec = self.spec
+        return Path(spec).name if Path(spec).parent == BUNDLED_DIR else spec
+
 
 @dataclass(frozen=True)
 class CollectionStats:
@@ -501,7 +509,7 @@ class Collection:
             raise CollectionError(
                 f"collection {self.name!r} was built with model {current.model_id}, not {info.model_id}; "
                 "vectors of two models cannot be mixed",
-                f"Use --model {current.spec}, or another --collection; `clipsearch index PATH --rebuild --model "
+                f"Use --model {current.shown_spec}, or another --collection; `clipsearch index PATH --rebuild --model "
                 "MODEL` re-embeds a collection's images with another model.")
         self.store.set_meta({"model_id": info.model_id, "model_name": info.name, "model_path": str(info.path),
                              "embed_dim": str(info.embed_dim),
