@@ -20,6 +20,7 @@ the same way.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -615,16 +616,20 @@ class Store:
             self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
 
     # -- writes ----------------------------------------------------------------------------------
-    def write_images(self, images: Sequence[NewImage], model_id: str, run_id: int, indexed_at: str) -> list[int]:
-        """Insert or update rows and their vectors in one transaction; returns the ids in order."""
+    def write_images(self, images: Iterable[NewImage], model_id: str, run_id: int, indexed_at: str) -> list[int]:
+        """Insert or update rows and their vectors in one transaction; returns the ids in order. `images` may be
+        an iterator (rows made as they are written: an import never holds a whole shard's vectors)."""
         ids: list[int] = []
+        pending = iter(images)
+        first = next(pending, None)
+        if first is None:
+            return ids
         with signals_deferred(), self.db.atomic():
-            if images:
-                self._bump_generation()
-                self._bump_generation("tokens_gen")
+            self._bump_generation()
+            self._bump_generation("tokens_gen")
             generation = self.generation
             tokens_gen = self.tokens_generation
-            for image in images:
+            for image in itertools.chain((first,), pending):
                 values = (image.path, image.size, image.mtime_ns, image.content_hash, image.width, image.height,
                           image.taken_at, indexed_at, model_id, run_id)
                 if image.id is not None:

@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -386,14 +386,13 @@ class _Importer:
             return
         vectors = self._vectors(shard, summary)
         columns = _read_metadata(shard)
-        images: list[NewImage] = []
         extras: list[tuple[int, str | None, str | None, str | None]] = []  # row, image_path, url, caption
         skipped: list[SkippedRow] = []
         seen: dict[str, int] = {}
         candidates: list[tuple[int, str, bool]] = []  # row, stored path, is a URL row
         for row in range(shard.rows):
             image_path, url = columns["image_path"][row], columns["url"][row]
-            if vectors[row] is None:
+            if vectors.unusable(row):
                 skipped.append(SkippedRow(shard.label, row, image_path or url or "", "vector is zero or not finite"))
                 continue
             key, is_url = self._stored_path(image_path, url)
@@ -411,6 +410,7 @@ class _Importer:
             candidates.append((row, key, is_url))
         existing = _existing_paths(store, [key for _, key, _ in candidates])
         now = _now()
+        kept: list[tuple] = []  # (row, key, size, mtime_ns, width, height): their vectors are read as they are written
         for done, (row, key, is_url) in enumerate(candidates):
             if tick is not None and done and done % 8192 == 0:
                 tick(row)  # a big shard moves the bar while its files are looked at
@@ -432,13 +432,18 @@ class _Importer:
                     summary.missing_files += 1
             else:
                 summary.url_rows += 1
-            vector = vectors[row]
-            digest = hashlib.blake2b(vector.tobytes(), digest_size=16).hexdigest()
-            images.append(NewImage(path=key, size=size, mtime_ns=mtime_ns, content_hash=IMPORTED_HASH_PREFIX + digest,
-                                   width=width, height=height, taken_at=columns["taken_at"][row], vector=vector))
+            kept.append((row, key, size, mtime_ns, width, height))
             extras.append((row, columns["image_path"][row], columns["url"][row], columns["caption"][row]))
+
+        def images() -> Iterator[NewImage]:
+            for row, key, size, mtime_ns, width, height in kept:
+                vector = vectors[row]
+                digest = hashlib.blake2b(vector.tobytes(), digest_size=16).hexdigest()
+                yield NewImage(path=key, size=size, mtime_ns=mtime_ns, content_hash=IMPORTED_HASH_PREFIX + digest,
+                               width=width, height=height, taken_at=columns["taken_at"][row], vector=vector)
+
         with signals_deferred(), store.db.atomic():  # the shard's rows, their provenance and its record together
-            ids = store.write_images(images, model_id, run_id, now) if images else []
+            ids = store.write_images(images(), model_id, run_id, now) if kept else []
             store.conn.executemany(
                 'INSERT OR REPLACE INTO imported (id, source, shard, "row", image_path, url, caption) '
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -451,15 +456,15 @@ class _Importer:
         summary.imported += len(ids)
         summary.skipped.extend(skipped)
 
-    def _vectors(self, shard: Shard, summary: ImportSummary) -> list[np.ndarray | None]:
-        """float32 rows of the shard (None for a zero or non-finite row); InterchangeError for non-unit rows
-        unless normalizing. The file is memory-mapped and widened row by row (a 1M-row fp16 shard is not
-        copied whole)."""
+    def _vectors(self, shard: Shard, summary: ImportSummary) -> "_ShardRows":
+        """The shard's rows as float32 vectors, each made when it is read (None for a zero or non-finite row);
+        InterchangeError for non-unit rows unless normalizing. The file is memory-mapped and widened row by row
+        as the rows are written (a 1M-row shard is never copied whole)."""
         matrix = np.load(shard.embeddings, mmap_mode="r", allow_pickle=False)
         norms = np.empty(shard.rows, dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
-            for start in range(0, shard.rows, 65536):
-                chunk = np.asarray(matrix[start:start + 65536], dtype=np.float64)
+            for start in range(0, shard.rows, 8192):  # 8192 rows of float64: 25 MB at 384 dimensions
+                chunk = np.asarray(matrix[start:start + 8192], dtype=np.float64)
                 norms[start:start + len(chunk)] = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
         unusable = ~np.isfinite(norms) | (norms < 1e-12)
         off = ~unusable & (np.abs(norms - 1.0) > NORM_TOLERANCE)
@@ -471,18 +476,9 @@ class _Importer:
                 "not be CLIP image embeddings",
                 "If they are (normalisation was left out), import with --normalize to scale each to unit length."
                 + (" Shards before this one were imported." if summary.imported or summary.unchanged else ""))
-        rows: list[np.ndarray | None] = []
-        for i in range(shard.rows):
-            if unusable[i]:
-                rows.append(None)
-            elif self.options.normalize:
-                rows.append((np.asarray(matrix[i], dtype=np.float64) / norms[i]).astype(np.float32))
-            else:
-                rows.append(np.array(matrix[i], dtype=np.float32))
         if self.options.normalize:
             summary.normalized += int((~unusable).sum())
-        del matrix
-        return rows
+        return _ShardRows(matrix, unusable, norms if self.options.normalize else None)
 
     def _stored_path(self, image_path: str | None, url: str | None) -> tuple[str | None, bool]:
         """(the path the row is stored under, whether it is a URL row); (None, False) for neither."""
@@ -496,6 +492,25 @@ class _Importer:
         if url:
             return url, True
         return local, False
+
+
+class _ShardRows:
+    """A shard's vectors, row by row: float32 (scaled to unit length when `norms` is given), None for an unusable
+    row, each read from the mapped file when asked for."""
+
+    def __init__(self, matrix: np.ndarray, unusable: np.ndarray, norms: np.ndarray | None) -> None:
+        self._matrix, self._unusable, self._norms = matrix, unusable, norms
+
+    def unusable(self, row: int) -> bool:
+        """A zero or non-finite row (it is skipped)."""
+        return bool(self._unusable[row])
+
+    def __getitem__(self, row: int) -> np.ndarray | None:
+        if self._unusable[row]:
+            return None
+        if self._norms is not None:
+            return (np.asarray(self._matrix[row], dtype=np.float64) / self._norms[row]).astype(np.float32)
+        return np.array(self._matrix[row], dtype=np.float32)
 
 
 def _read_metadata(shard: Shard) -> dict[str, list]:
