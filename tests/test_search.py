@@ -449,6 +449,7 @@ def test_an_empty_collection_says_so_when_indexed_and_when_searched(tmp_path, ti
                                   str(tiny_bundle)], capture_output=True, text=True, env=env, timeout=120)
         assert indexed.returncode == 0, indexed.stderr
         assert f"note: collection {folder} holds no images: {why}" in indexed.stderr
+        assert "img/s" not in indexed.stdout  # no "0.0 img/s" for a run that embedded nothing
         assert "ITM image tokens" not in indexed.stdout
         found = subprocess.run([*CLI, "search", "a dog", "-c", folder, "--index-dir", root], capture_output=True,
                                text=True, env=env, timeout=120)

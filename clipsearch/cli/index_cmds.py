@@ -286,10 +286,11 @@ def _parse_size(text: str, option: str) -> int:
 
 def _print_summary(summary, prefix: str = "", list_skipped: bool = True, tokens_line: bool = True) -> None:
     """The human-readable lines of an `IndexSummary` (stdout; skipped files on stderr)."""
-    rate = (summary.embedded + summary.reused) / summary.seconds if summary.seconds else 0.0
+    done = summary.embedded + summary.reused
+    rate = f", {done / summary.seconds:.1f} img/s" if done and summary.seconds else ""  # none: no rate to speak of
     typer.echo(f"{prefix}{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} "
                f"reused, {summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
-               f"{summary.total} images in total ({summary.seconds:.1f} s, {rate:.1f} img/s)")
+               f"{summary.total} images in total ({summary.seconds:.1f} s{rate})")
     if summary.tokens and (tokens_line or summary.tokens_added):
         added = f", {summary.tokens_added} added to indexed images" if summary.tokens_added else ""
         typer.echo(f"  ITM image tokens: {summary.tokens}, {_format_bytes(summary.token_bytes_per_image)}/image{added}")
