@@ -256,6 +256,28 @@ def test_added_vectors_unlike_the_trained_ones_retrain_the_quantizer_and_are_fou
         assert collection.check().ok
 
 
+def low_rank(n: int, dim: int, rank: int, rng) -> np.ndarray:
+    """Unit vectors around one direction that vary in `rank` dimensions (a model's embeddings are of low rank)."""
+    basis = np.random.default_rng(42).standard_normal((rank, dim)).astype(np.float32)
+    centre = np.random.default_rng(43).standard_normal(dim).astype(np.float32)
+    x = (3 * centre / np.linalg.norm(centre) + 3 * rng.standard_normal((n, rank)).astype(np.float32) @ basis / dim**0.5
+         + 0.3 * rng.standard_normal((n, dim)).astype(np.float32) / dim**0.5)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_added_vectors_of_the_same_kind_are_appended_in_many_dimensions(tmp_path):
+    # Judged against the training points' own distances (biased low), vectors of the same kind looked new: in 512
+    # dimensions 10-13% of them, so nearly every run adding 200 photos retrained. The limit comes from held-out ones.
+    rng = np.random.default_rng(0)
+    with synthetic_collection(tmp_path, "same", 512, 1, seed=0) as (collection, info, _):
+        _write(collection, info, low_rank(12_000, 512, 64, rng), 0)
+        assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
+        assert collection.load_vectors().meta.drift_limit > 0
+        for start in (12_000, 13_000):
+            _write(collection, info, low_rank(1_000, 512, 64, rng), start)
+            assert collection.update_vectors(ivf_threshold=1_000).update == "append"
+
+
 def test_an_appended_exact_index_states_its_new_size(tmp_path):
     """`stats` reads the layout's memory and reason from the sidecar: after an append they describe the index as
     it now is, not as it was first built."""
@@ -385,6 +407,52 @@ def test_a_reader_without_a_saved_index_searches_exactly_instead_of_training_one
         index = collection.load_vectors(ivf_threshold=1_000)
         assert index.meta.layout.kind == "flat" and index.count == 3_000
         assert [row[0][0] for row in index.search(x[:20], 1)] == list(ids[:20])
+        collection.set_index_memory_budget(100_000)  # less than the 384 kB of vectors: not held whole
+        assert collection.load_vectors(ivf_threshold=1_000).meta.layout.kind == "ivfpq"
+
+
+_OVERLAPPING_SWAPS = """
+import os, sys, threading, time
+from clipsearch.store.index.vectors import _faiss_notes_to_stderr
+
+before = os.fstat(1)
+inside = threading.Barrier(2, timeout=10)
+
+def swap(second):
+    if second:
+        inside.wait()
+    with _faiss_notes_to_stderr():
+        if second:
+            time.sleep(0.4)  # leaves after the first one did
+        else:
+            inside.wait()  # the second thread now enters while this one is inside
+            time.sleep(0.1)
+
+threads = [threading.Thread(target=swap, args=(second,)) for second in (False, True)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(30)
+after = os.fstat(1)
+print("same" if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino) else "moved")
+"""
+
+
+def test_overlapping_swaps_of_stdout_leave_it_where_it_was():
+    # Two threads in the swap at once (a server loading two collections with on-disk lists) left fd 1 on stderr.
+    result = subprocess.run([sys.executable, "-c", _OVERLAPPING_SWAPS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "same\n", (result.stdout, result.stderr[-2000:])
+
+
+def test_on_disk_lists_load_with_stdout_closed(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    script = _ON_DISK_RUN.replace("print(collection.load_vectors().count)",
+                                  "sys.stderr.write(str(collection.load_vectors().count))")
+    # `serve >&-`: Python starts with sys.stdout None (and fd 1 free for the next file opened)
+    result = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" "$2" 1>&-', sys.executable, script, str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stderr.endswith("3000"), result.stderr[-2000:]
 
 
 # -- the composite file and crash safety ---------------------------------------------------------------------

@@ -671,7 +671,7 @@ class Collection:
             if previous and previous.trained_on and outgrown(count, previous.trained_on):
                 reason = (f"retrained: {count:,} vectors, {count / previous.trained_on:.1f}x the "
                           f"{previous.trained_on:,} it was trained at")
-            elif previous and trained is not None:
+            elif previous and trained is not None and self._plans_ivfpq(count, dim, ivf_threshold):
                 reason = self._drift_reason(previous, trained)
                 if reason:
                     trained = None  # retrained on a sample of every vector, the added ones included
@@ -682,22 +682,28 @@ class Collection:
                                       workdir=workdir, train_reason=reason, parallel=self.parallel_adds)
         if previous and not index.meta.trained_at and index.meta.trained_on == previous.trained_on:
             index.meta = replace(index.meta, trained_at=previous.trained_at, train_reason=previous.train_reason,
-                                 trained_max_id=previous.trained_max_id)
+                                 trained_max_id=previous.trained_max_id, drift_limit=previous.drift_limit)
         return index
+
+    def _plans_ivfpq(self, count: int, dim: int, ivf_threshold: int) -> bool:
+        from .index.vectors import IndexLayout
+
+        return IndexLayout.for_size(count, dim, ivf_threshold, budget_bytes=self.index_memory_budget).kind == "ivfpq"
 
     def _drift_reason(self, meta, trained) -> str:
         """Why the trained quantizer must be retrained for the vectors added since it was trained (ids above
         `meta.trained_max_id`, else above `meta.max_id`), or "" (index.vectors.quantizer_drift)."""
         from .index.vectors import DRIFT_SAMPLE, DRIFT_SHARE, quantizer_drift
 
+        if not meta.drift_limit:  # an index saved before the limit was measured: not judged
+            return ""
         boundary = meta.trained_max_id or meta.max_id
-        older = self.sample_vectors(DRIFT_SAMPLE, max_id=boundary)
         added = self.sample_vectors(DRIFT_SAMPLE, min_id=boundary + 1)
-        share = quantizer_drift(trained, older, added)
+        share = quantizer_drift(trained, meta.drift_limit, added)
         if share is None or share <= DRIFT_SHARE:
             return ""
         return (f"retrained: {share:.0%} of the vectors added since training lie farther from every centroid than "
-                f"99% of those before")
+                f"99% of those it was calibrated on")
 
     def sample_vectors(self, n: int, seed: int = 0, min_id: int | None = None, max_id: int | None = None) -> np.ndarray:
         """n stored vectors at random (with ids in min_id..max_id when given), read straight from SQLite by id (never
@@ -820,7 +826,7 @@ class Collection:
                 saved = None
             if saved is not None and saved.meta.model_id == model.model_id and saved.meta.dim == model.embed_dim:
                 return saved
-            if count * model.embed_dim * 4 <= READER_EXACT_MAX_BYTES:
+            if count * model.embed_dim * 4 <= min(READER_EXACT_MAX_BYTES, self.index_memory_budget or 1 << 62):
                 # No usable saved index (a run killed while it built one): exact search over SQLite's vectors, not an
                 # IVF-PQ trained and tuned anew by every search (7 s each at 60k; the next run saves one).
                 return self.build_vectors(ivf_threshold=count + 1)
@@ -1039,7 +1045,8 @@ class Collection:
                                **_index_stats(meta))
 
 
-# A reader with no usable saved index searches exactly up to this many bytes of vectors (about 500k of 512 floats).
+# A reader with no usable saved index searches exactly up to this many bytes of vectors (about 500k of 512 floats),
+# and within the collection's --max-index-memory when one is set.
 READER_EXACT_MAX_BYTES = 1 << 30
 
 

@@ -25,6 +25,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -117,6 +118,7 @@ class IndexMeta:
     train_reason: str = ""
     file_crc32: int | None = None  # CRC-32 of vectors.faiss when saved: `clipsearch check` finds a damaged file
     trained_max_id: int = 0  # largest id when the quantizer was trained (0: not recorded): later ones were added to it
+    drift_limit: float = 0.0  # 99th percentile distance to the nearest centroid of held-out vectors (0: not measured)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -130,7 +132,7 @@ class IndexMeta:
                    max_id=int(raw.get("max_id", 0)), trained_at=str(raw.get("trained_at", "")),
                    train_reason=str(raw.get("train_reason", "")),
                    file_crc32=int(raw["file_crc32"]) if raw.get("file_crc32") is not None else None,
-                   trained_max_id=int(raw.get("trained_max_id", 0)))
+                   trained_max_id=int(raw.get("trained_max_id", 0)), drift_limit=float(raw.get("drift_limit", 0.0)))
 
 
 def file_crc32(path: Path) -> int:
@@ -161,10 +163,12 @@ def outgrown(count: int, trained_on: int) -> bool:
 # the vectors it was trained on. Photos of a new kind lie far from every centroid, their codes are poor, and the
 # refine stage never sees them (recall@10 0.17 for 15k vectors of new clusters added to 100k, 0.95 retrained). The
 # quantizer is retrained when more than DRIFT_SHARE of those added since its training lie farther from their
-# nearest centroid than 99% of the older ones do (about 2% of vectors like the older ones do, by chance and since
-# the older ones include the training sample: 4% at most in 200 draws of 100 here).
+# nearest centroid than 99% of a calibration sample held out of its training (`IndexMeta.drift_limit`): vectors like
+# the ones it was trained on pass that limit 1% of the time. The limit comes from vectors it never saw: training
+# points lie closer to their centroids, and in 512 dimensions at ~60 points per list, new vectors of the same kind
+# passed the training points' 99th percentile 10-13% of the time.
 DRIFT_SHARE = 0.08
-DRIFT_SAMPLE = 2_000  # vectors drawn from each side
+DRIFT_SAMPLE = 2_000  # held out for the limit; drawn from the added vectors to judge them
 DRIFT_MIN_NEW = 200  # fewer added vectors are not judged (their share is too uncertain)
 
 
@@ -185,12 +189,11 @@ def coarse_residuals(trained, vectors: np.ndarray) -> np.ndarray:
     return ((x - centroids[nearest[:, 0]]) ** 2).sum(axis=1)
 
 
-def quantizer_drift(trained, older: np.ndarray, added: np.ndarray) -> float | None:
-    """The share of `added` vectors farther from their nearest centroid than 99% of `older` ones; None when there
-    are too few of either to tell."""
-    if len(added) < DRIFT_MIN_NEW or len(older) < DRIFT_MIN_NEW:
+def quantizer_drift(trained, limit: float, added: np.ndarray) -> float | None:
+    """The share of `added` vectors farther from their nearest centroid than `limit` (`IndexMeta.drift_limit`);
+    None when there are too few of them to tell, or no limit was measured."""
+    if len(added) < DRIFT_MIN_NEW or not limit:
         return None
-    limit = float(np.quantile(coarse_residuals(trained, older), 0.99))
     return float(np.mean(coarse_residuals(trained, added) > limit))
 
 
@@ -241,17 +244,23 @@ class VectorIndex:
             return cls(index, IndexMeta(layout=layout, dim=dim, count=count, model_id=model_id,
                                         generation=generation, max_id=max_id))
         workdir = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
-        trained_at = ""
+        trained_at, drift_limit = "", 0.0
         if trained is not None and _fits(trained, layout, dim) and not outgrown(count, trained_on):
             base = faiss.clone_index(trained)
         else:
             if sample is None:
                 raise ValueError("an IVF-PQ index needs a training sample")
-            training = np.ascontiguousarray(sample(min(count, layout.train_points)),
-                                            dtype=np.float32)
+            # A calibration sample is held out of training: how far vectors the quantizer never saw lie from their
+            # nearest centroid (its 99th percentile is the drift limit; see DRIFT_SHARE). Training points lie closer.
+            calibration = min(DRIFT_SAMPLE, count // 10) if count // 10 >= DRIFT_MIN_NEW else 0
+            drawn = np.ascontiguousarray(sample(min(count, layout.train_points + calibration)), dtype=np.float32)
+            order = np.random.default_rng(0).permutation(len(drawn))
+            held_out, training = drawn[order[:calibration]], drawn[order[calibration:]]
+            del drawn
             base = faiss.index_factory(dim, layout.base_factory, faiss.METRIC_INNER_PRODUCT)
             base.train(training)
             del training
+            drift_limit = float(np.quantile(coarse_residuals(base, held_out), 0.99)) if calibration else 0.0
             trained = faiss.clone_index(base)
             train_reason = train_reason or (f"retrained: {count:,} vectors, trained at {trained_on:,}" if trained_on
                                             else "first IVF-PQ build")
@@ -283,7 +292,7 @@ class VectorIndex:
         max_id = int(ids[-1]) if len(ids) else 0
         meta = IndexMeta(layout=layout, dim=dim, count=count, model_id=model_id, generation=generation,
                          trained_on=trained_on, max_id=max_id, trained_at=trained_at, train_reason=train_reason,
-                         trained_max_id=max_id if trained_at else 0)
+                         trained_max_id=max_id if trained_at else 0, drift_limit=drift_limit)
         built = cls._open_composite(path, meta, workdir, owned=True, trained=trained)
         return built.tune(target_recall)
 
@@ -784,28 +793,38 @@ def _add_on_disk(base, shards: Iterable, workdir: Path, token: str) -> Path:
             _unlink_quietly(Path(name))
 
 
+_NOTES_LOCK = threading.Lock()  # one swap of fd 1 at a time: two overlapping ones could leave it on stderr for good
+
+
 @contextmanager
 def _faiss_notes_to_stderr() -> Iterator[None]:
     """FAISS's C++ code prints notes about on-disk inverted lists with printf, i.e. into the process's stdout, which
-    carries `--json` and `-0` output: for the block, C's stdout goes to stderr. The process-wide swap is brief
-    (opening or merging on-disk lists); Python's own sys.stdout is flushed first and written to after."""
+    carries `--json` and `-0` output: for the block, C's stdout goes to stderr. The swap is process-wide and brief
+    (opening or merging on-disk lists); blocks of several threads take turns. Python's own sys.stdout is flushed
+    first. Without a C library, with stdout or stderr closed, or with sys.stdout not on fd 1, nothing is swapped."""
     import ctypes
 
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:  # no C library to flush: leave stdout alone
-        yield
-        return
-    sys.stdout.flush()
-    libc.fflush(None)
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        libc.fflush(None)  # what FAISS left in C's stdout buffer goes to stderr too
-        os.dup2(saved, 1)
-        os.close(saved)
+    with _NOTES_LOCK:
+        libc = saved = None
+        try:
+            if sys.stdout is None or sys.stdout.fileno() != 1:  # started without stdout: fd 1 may be any file now
+                raise ValueError("no stdout to keep clean")
+            libc = ctypes.CDLL(None)
+            sys.stdout.flush()
+            libc.fflush(None)
+            saved = os.dup(1)
+            os.dup2(2, 1)
+        except (OSError, ValueError, AttributeError):  # no C library, no fd 2, stdout closed or replaced: fd 1 stays
+            if saved is not None:
+                os.close(saved)
+            saved = None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                libc.fflush(None)  # what FAISS left in C's stdout buffer goes to stderr too
+                os.dup2(saved, 1)
+                os.close(saved)
 
 
 def _ivfdata_name(lists_file: str) -> str:
