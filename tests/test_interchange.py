@@ -463,7 +463,7 @@ def test_imported_sizes_and_capture_times_are_kept_only_when_they_are_real(tmp_p
         "url": urls,
         "width": [640.0, 640.0, 1e3, 1.5, 3e9, float("nan")],
         "height": [480, 1000, -2, 0, 480, 480],
-        "taken_at": ["2024-05-01T14:30:00", "2024-05-01", "2024-05-01T14:30:00+02:00", "notadate",
+        "taken_at": ["2024-05-01T14:30:00Z", "2024-05-01", "2024-05-01T14:30:00+02:00", "notadate",
                      "2024-13-45T99:99:99", "1700000000"]})
     index_dir = tmp_path / "collections"
     run_import(index_dir, folder, tiny_bundle, name="odd")

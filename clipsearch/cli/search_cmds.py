@@ -214,7 +214,16 @@ def missing_files(paths: List[str]) -> List[str]:
     the collection learns of it at its next `clipsearch index`). URL rows name no local file and are never missing."""
     from ..paths import is_url_path
 
-    return [p for p in paths if not is_url_path(p) and not os.path.exists(p)]
+    def gone(path: str) -> bool:
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:  # there, but not ours to look at (permissions): not "moved or deleted"
+            return False
+        return False
+
+    return [p for p in paths if not is_url_path(p) and gone(p)]
 
 
 def _warn_missing(hits: list, collection: str) -> None:

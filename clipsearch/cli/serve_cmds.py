@@ -120,15 +120,16 @@ def _check_port_free(host: str, port: int) -> None:
     except socket.gaierror as exc:
         typer.secho(f"error: cannot listen on {host}: {exc.strerror or exc}", err=True, fg="red")
         raise typer.Exit(1) from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for family, kind, proto, _, address in infos:  # uvicorn listens on every address the name gives
         try:
-            probe.bind(address)
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
         except OSError as exc:
-            why = "is in use (another server?)" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            why = ("is in use (another server?)" if exc.errno == errno.EADDRINUSE else
+                   f"cannot be used ({exc.strerror or exc})")
             typer.secho(f"error: port {port} on {host} {why}", err=True, fg="red")
-            typer.echo("Choose another with --port N.", err=True)
+            typer.echo("Choose another with --port N, or another --host.", err=True)
             raise typer.Exit(1) from None
 
 

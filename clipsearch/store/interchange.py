@@ -564,8 +564,11 @@ def _iso_time(value) -> str | None:
     if isinstance(value, datetime):
         moment = value
     else:
+        text = str(value).strip()
+        if text.endswith(("Z", "z")):  # UTC as written by many tools; Python 3.10's fromisoformat refuses the Z
+            text = text[:-1] + "+00:00"
         try:
-            moment = datetime.fromisoformat(str(value).strip())
+            moment = datetime.fromisoformat(text)
         except ValueError:
             return None
     return moment.replace(tzinfo=None).isoformat(timespec="seconds")
