@@ -132,28 +132,16 @@ def test_classify_folder_cli_writes_one_row_per_image(tmp_path, tiny_bundle):
 
 
 def test_classify_shows_progress_on_a_terminal_and_keeps_stdout_clean(tmp_path, tiny_bundle):
-    import pty
+    from terminal_fixtures import popen_on_terminal, read_terminal
 
     folder = tmp_path / "photos"
     make_photos(folder, 20)
-    master, slave = pty.openpty()  # stderr is a terminal, stdout a pipe (e.g. into a CSV file)
-    proc = subprocess.Popen([*CLI, "classify", str(folder), "--labels", "cat,dog", "--model", str(tiny_bundle)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
-                            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
-    os.close(slave)
-    shown = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        shown.append(data)
-    os.close(master)
+    # stderr is a terminal, stdout a pipe (e.g. into a CSV file)
+    proc, master = popen_on_terminal([*CLI, "classify", str(folder), "--labels", "cat,dog", "--model",
+                                      str(tiny_bundle)], "stderr", {**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    terminal = read_terminal(master).decode(errors="replace")
     out = proc.stdout.read().decode()
     assert proc.wait(timeout=120) == 0
-    terminal = b"".join(shown).decode(errors="replace")
     assert "classifying" in terminal and "20/20" in terminal
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["path", "label", "probability", "cat", "dog"] and len(rows) == 21

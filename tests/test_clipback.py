@@ -180,24 +180,32 @@ def test_metadata_in_the_order_asked(client, indexed):
         assert bad.status_code == 422, bad_ids
 
 
-def test_deduplicate_drops_near_copies_of_a_better_result(tmp_path, tiny_bundle):
-    # The tiny random-init model maps every photo to nearly the same direction (cosines > 0.95), so this
-    # test writes chosen vectors instead: 0 and 1 identical, 2 at cosine 0.98 to them, 3 at 0.71, 4 orthogonal.
-    basis = np.eye(64, dtype=np.float32)
-    vectors = [basis[0], basis[0], basis[0] + 0.2 * basis[1], basis[0] + basis[1], basis[2]]
+def _deduplicated(tmp_path, tiny_bundle, vectors: list, query: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """A collection of chosen vectors (normalised) served, and /knn-service for `query` as an embedding: (the ids
+    in the order of `vectors`, the result ids without deduplication, with it)."""
     index_dir = tmp_path / "collections"
     info = read_bundle(tiny_bundle)
     with Collection.create("synthetic", index_dir) as collection:
         collection.bind_model(info)
         rows = [NewImage(path=str(tmp_path / f"img{i}.png"), size=1, mtime_ns=1, content_hash=f"{i:032x}", width=8,
-                         height=8, taken_at=None, vector=v / np.linalg.norm(v)) for i, v in enumerate(vectors)]
+                         height=8, taken_at=None, vector=(v / np.linalg.norm(v)).astype(np.float32))
+                for i, v in enumerate(vectors)]
         ids = collection.store.write_images(rows, info.model_id, collection.store.next_run_id(), "2026-01-01T00:00:00")
         collection.sync_vectors()
     settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection="synthetic", index_dir=index_dir)
     with TestClient(create_app(settings)) as client:
-        query = {"embedding_input": basis[0].tolist(), "indice_name": "synthetic", "num_images": 10}
-        every = [r["id"] for r in knn(client, **query, deduplicate=False).json()]
-        kept = [r["id"] for r in knn(client, **query, deduplicate=True).json()]
+        body = {"embedding_input": query.tolist(), "indice_name": "synthetic", "num_images": 10}
+        every = [r["id"] for r in knn(client, **body, deduplicate=False).json()]
+        kept = [r["id"] for r in knn(client, **body, deduplicate=True).json()]
+    return list(ids), every, kept
+
+
+def test_deduplicate_drops_near_copies_of_a_better_result(tmp_path, tiny_bundle):
+    # The tiny random-init model maps every photo to nearly the same direction (cosines > 0.95), so this
+    # test writes chosen vectors instead: 0 and 1 identical, 2 at cosine 0.98 to them, 3 at 0.71, 4 orthogonal.
+    basis = np.eye(64, dtype=np.float32)
+    vectors = [basis[0], basis[0], basis[0] + 0.2 * basis[1], basis[0] + basis[1], basis[2]]
+    ids, every, kept = _deduplicated(tmp_path, tiny_bundle, vectors, basis[0])
     assert set(every[:2]) == {ids[0], ids[1]} and every[2:] == [ids[2], ids[3], ids[4]]
     assert kept == [every[0], ids[3], ids[4]]
 
@@ -208,20 +216,7 @@ def test_deduplicate_keeps_one_result_of_a_chain_of_near_copies_as_clip_back_doe
     theta = np.arccos(0.95)
     basis = np.eye(64, dtype=np.float32)
     vectors = [basis[0]] + [np.cos(0.4 + i * theta) * basis[0] + np.sin(0.4 + i * theta) * basis[1] for i in range(3)]
-    index_dir = tmp_path / "collections"
-    info = read_bundle(tiny_bundle)
-    with Collection.create("chain", index_dir) as collection:
-        collection.bind_model(info)
-        rows = [NewImage(path=str(tmp_path / f"img{i}.png"), size=1, mtime_ns=1, content_hash=f"{i:032x}", width=8,
-                         height=8, taken_at=None, vector=(v / np.linalg.norm(v)).astype(np.float32))
-                for i, v in enumerate(vectors)]
-        ids = collection.store.write_images(rows, info.model_id, collection.store.next_run_id(), "2026-01-01T00:00:00")
-        collection.sync_vectors()
-    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection="chain", index_dir=index_dir)
-    with TestClient(create_app(settings)) as client:
-        query = {"embedding_input": basis[0].tolist(), "indice_name": "chain", "num_images": 10}
-        every = [r["id"] for r in knn(client, **query, deduplicate=False).json()]
-        kept = [r["id"] for r in knn(client, **query, deduplicate=True).json()]
+    ids, every, kept = _deduplicated(tmp_path, tiny_bundle, vectors, basis[0])
     assert every == ids  # by cosine to the query: 1, cos 0.4, cos(0.4 + theta), cos(0.4 + 2 theta)
     assert kept == [ids[0], ids[1]]  # 0 is alike to none (0.92 to 1); the chain 1 ~ 2 ~ 3 keeps 1
 

@@ -22,6 +22,7 @@ from PIL import Image
 from clipsearch.cli import preview
 from clipsearch.cli.handoff import HandoffError, check_folder, gather, target_name
 from photo_fixtures import block_image
+from terminal_fixtures import popen_on_terminal, read_terminal
 
 CLI = [sys.executable, "-c", "from clipsearch.cli import main; main()"]
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
@@ -423,26 +424,10 @@ def test_a_destination_that_is_a_file_is_a_clear_error_before_searching(collecti
 
 def search_in_a_terminal(info: dict, *args: str, env: dict) -> tuple[int, str, str]:
     """Run the search with stdout on a pseudo-terminal (raw: no newline translation): (exit code, stdout, stderr)."""
-    import pty
-    import tty
-
-    master, slave = pty.openpty()
-    tty.setraw(slave)
-    proc = subprocess.Popen([*CLI, "search", *args, *info["args"]], stdin=subprocess.DEVNULL, stdout=slave,
-                            stderr=subprocess.PIPE, env={**info["env"], **env})
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
+    proc, master = popen_on_terminal([*CLI, "search", *args, *info["args"]], "stdout", {**info["env"], **env}, raw=True)
+    shown = read_terminal(master)
     code = proc.wait(timeout=120)
-    return code, b"".join(chunks).decode(), proc.stderr.read().decode()
+    return code, shown.decode(), proc.stderr.read().decode()
 
 
 def test_a_terminal_is_detected_and_told_when_it_shows_no_images(collection):
