@@ -327,7 +327,10 @@ def classify(
         record = store.find_by_path(path) if store is not None else None
         if record is None:
             return None
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError:  # gone since the walk: reported as the file is read
+            return None
         if record.size != stat.st_size or record.mtime_ns != stat.st_mtime_ns:
             return None
         return store.vector(record.id, dim)

@@ -82,7 +82,8 @@ def _remove_partial_export(folder: Path, created: set[Path]) -> None:
     (checked), so whatever they hold now is this export's; the folders it created go too."""
     for directory in (folder / IMG_EMB_DIR, folder / METADATA_DIR):
         for path in directory.iterdir() if directory.is_dir() else ():
-            path.unlink(missing_ok=True)
+            if path.is_file() or path.is_symlink():  # never a folder: the export writes files only
+                path.unlink(missing_ok=True)
     (folder / MODEL_FILE).unlink(missing_ok=True)
     for directory in sorted(created, key=lambda d: len(d.parts), reverse=True):  # the shard folders first
         try:
