@@ -207,9 +207,9 @@ class Searcher:
         with self.reading() as store:
             return store.get_many(ids)
 
-    def imported(self, ids: Iterable[int]) -> dict[int, dict[str, str | None]]:
-        """id -> {"image_path", "url", "caption"} as `clipsearch import-embeddings` read them from clip-retrieval's
-        metadata, for those of `ids` that were imported (store.interchange)."""
+    def imported(self, ids: Iterable[int]) -> dict[int, dict]:
+        """id -> {"image_path", "url", "caption", "extra"} as `clipsearch import-embeddings` read them from
+        clip-retrieval's metadata, for those of `ids` that were imported (store.interchange)."""
         from .store.interchange import imported_metadata
 
         self._follow_rebuild()

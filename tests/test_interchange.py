@@ -496,3 +496,33 @@ def test_an_export_that_fails_half_way_leaves_the_folder_as_it_found_it(tmp_path
     with Collection.open("photos", index_dir) as collection:
         summary = export_embeddings(collection, out, shard_size=4)  # into the same folder, now that it works
     assert summary.rows == 6 and summary.shards == 2
+
+
+def test_the_metadatas_other_columns_are_kept_served_as_clip_back_does_and_exported(tmp_path, model, tiny_bundle):
+    # clip-back answers with the metadata's columns (NSFW is in its default columns_to_return); they were dropped.
+    from fastapi.testclient import TestClient
+
+    from clipsearch.web import ServerSettings, create_app
+    from web_fixtures import TEST_HOSTS
+
+    folder = tmp_path / "shards"
+    vectors = model.encode_images([block_image(i) for i in range(3)])
+    write_shard(folder, "0", vectors, {
+        "url": [f"https://example.com/{i}.jpg" for i in range(3)], "caption": ["a", "b", "c"],
+        "NSFW": ["UNLIKELY", "NSFW", None], "key": ["000000000", "000000001", "000000002"],
+        "punsafe": [0.01, 0.97, float("nan")], "exif": [{"Make": "x"}, {"Make": "y"}, None]})  # a struct: not kept
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, folder, tiny_bundle, name="meta")
+    settings = ServerSettings(allowed_hosts=TEST_HOSTS, collection="meta", index_dir=index_dir)
+    with TestClient(create_app(settings)) as client:
+        body = {"indice_name": "meta", "num_images": 3, "deduplicate": False, "embedding_input": vectors[1].tolist()}
+        first = client.post("/knn-service", content=json.dumps(body)).json()[0]
+        meta = client.post("/metadata", content=json.dumps({"ids": [3], "indice_name": "meta"})).json()[0]["metadata"]
+    assert (first["id"], first["NSFW"], first["key"], first["punsafe"]) == (2, "NSFW", "000000001", 0.97)
+    assert "exif" not in first and first["caption"] == "b"  # the row's own caption, not a column of the same name
+    assert meta["key"] == "000000002" and "NSFW" not in meta and "punsafe" not in meta  # missing values: absent
+    with Collection.open("meta", index_dir) as collection:
+        export_embeddings(collection, tmp_path / "out")
+    table = pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").to_pydict()
+    assert table["NSFW"] == ["UNLIKELY", "NSFW", None] and table["key"] == ["000000000", "000000001", "000000002"]
+    assert table["punsafe"] == [0.01, 0.97, None] and "exif" not in table

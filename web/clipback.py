@@ -283,11 +283,10 @@ def deduplicate(searcher: Searcher, hits: list[Hit]) -> list[Hit]:
     return [hit for i, hit in enumerate(present) if root(i) == i]
 
 
-def metadata_of(request: Request, collection: str, record: ImageRecord,
-                imported: dict[str, str | None] | None = None) -> dict:
+def metadata_of(request: Request, collection: str, record: ImageRecord, imported: dict | None = None) -> dict:
     """clip-back's metadata of one image. `imported`: what `clipsearch import-embeddings` read from clip-retrieval's
-    metadata for it (Searcher.imported): its caption, and for a URL row its original image_path, as clip-back
-    would answer from that metadata."""
+    metadata for it (Searcher.imported): its caption, for a URL row its original image_path, and the metadata's
+    other columns (NSFW, key, ...), as clip-back would answer from that metadata."""
     _, image_url = image_urls(request, record.id, collection)
     imported = imported or {}
     # A URL row of `clipsearch import-embeddings` (stored path = its URL): clip-back's own behaviour for such rows,
@@ -296,12 +295,14 @@ def metadata_of(request: Request, collection: str, record: ImageRecord,
     url = record.path if url_row else absolute(request, image_url)
     image_path = (imported.get("image_path") or record.path) if url_row else record.path
     caption = imported.get("caption")
-    return {"image_path": image_path, "caption": Path(record.path).name if caption is None else caption, "url": url,
+    item = {"image_path": image_path, "caption": Path(record.path).name if caption is None else caption, "url": url,
             "width": record.width, "height": record.height}
+    for name, value in (imported.get("extra") or {}).items():  # the metadata's other columns (NSFW, key, ...)
+        item.setdefault(name, value)
+    return item
 
 
-def result_item(request: Request, collection: str, record: ImageRecord, hit: Hit,
-                imported: dict[str, str | None] | None = None) -> dict:
+def result_item(request: Request, collection: str, record: ImageRecord, hit: Hit, imported: dict | None = None) -> dict:
     """clip-back's result shape; a re-scored hit also has `match` and `itc_score`."""
     item = {"id": record.id, "similarity": round(float(hit.similarity), 6),
             **metadata_of(request, collection, record, imported)}

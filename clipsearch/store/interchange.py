@@ -72,13 +72,14 @@ _PARQUET_HINT = "Install the interchange extra: pip install 'clipsearch[intercha
 _DDL = (
     'CREATE TABLE IF NOT EXISTS "imported" ("id" INTEGER PRIMARY KEY REFERENCES "images"("id") ON DELETE CASCADE, '
     '"source" TEXT NOT NULL, "shard" TEXT NOT NULL, "row" INTEGER NOT NULL, "image_path" TEXT, "url" TEXT, '
-    '"caption" TEXT)',
+    '"caption" TEXT, "extra" TEXT)',
     'CREATE TABLE IF NOT EXISTS "import_shards" ("source" TEXT NOT NULL, "shard" TEXT NOT NULL, "rows" INTEGER, '
     '"npy_bytes" INTEGER, "parquet_bytes" INTEGER, "imported" INTEGER, "skipped" INTEGER, "imported_at" TEXT, '
     '"npy_mtime_ns" INTEGER, "parquet_mtime_ns" INTEGER, PRIMARY KEY ("source", "shard"))',
 )
 # Columns added to import_shards since it was first written (collections imported into before keep working).
-_ADDED_COLUMNS = (("import_shards", "npy_mtime_ns", "INTEGER"), ("import_shards", "parquet_mtime_ns", "INTEGER"))
+_ADDED_COLUMNS = (("import_shards", "npy_mtime_ns", "INTEGER"), ("import_shards", "parquet_mtime_ns", "INTEGER"),
+                  ("imported", "extra", "TEXT"))
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -386,7 +387,7 @@ class _Importer:
             return
         vectors = self._vectors(shard, summary)
         columns = _read_metadata(shard)
-        extras: list[tuple[int, str | None, str | None, str | None]] = []  # row, image_path, url, caption
+        extras: list[tuple] = []  # row, image_path, url, caption, extra (JSON of the other metadata columns)
         skipped: list[SkippedRow] = []
         seen: dict[str, int] = {}
         candidates: list[tuple[int, str, bool]] = []  # row, stored path, is a URL row
@@ -433,7 +434,8 @@ class _Importer:
             else:
                 summary.url_rows += 1
             kept.append((row, key, size, mtime_ns, width, height))
-            extras.append((row, columns["image_path"][row], columns["url"][row], columns["caption"][row]))
+            extras.append((row, columns["image_path"][row], columns["url"][row], columns["caption"][row],
+                           columns["extra"][row]))
 
         def images() -> Iterator[NewImage]:
             for row, key, size, mtime_ns, width, height in kept:
@@ -445,10 +447,10 @@ class _Importer:
         with signals_deferred(), store.db.atomic():  # the shard's rows, their provenance and its record together
             ids = store.write_images(images(), model_id, run_id, now) if kept else []
             store.conn.executemany(
-                'INSERT OR REPLACE INTO imported (id, source, shard, "row", image_path, url, caption) '
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(image_id, self.source, shard.label, row, path, url, caption)
-                 for image_id, (row, path, url, caption) in zip(ids, extras)])
+                'INSERT OR REPLACE INTO imported (id, source, shard, "row", image_path, url, caption, extra) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(image_id, self.source, shard.label, row, path, url, caption, extra)
+                 for image_id, (row, path, url, caption, extra) in zip(ids, extras)])
             store.db.execute(
                 "INSERT OR REPLACE INTO import_shards (source, shard, rows, npy_bytes, parquet_bytes, npy_mtime_ns, "
                 "parquet_mtime_ns, imported, skipped, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -514,12 +516,12 @@ class _ShardRows:
 
 
 def _read_metadata(shard: Shard) -> dict[str, list]:
-    """The columns an import uses, each a list of the shard's rows (None where a value or column is missing)."""
+    """The columns an import uses, each a list of the shard's rows (None where a value or column is missing), and
+    "extra": each row's other scalar columns as JSON (e.g. NSFW, key, status: clip-back answers with them)."""
     pq = _parquet()
     wanted = ("image_path", "url", "caption", "width", "height", "taken_at")
     try:
-        names = set(pq.ParquetFile(shard.metadata).schema_arrow.names)
-        table = pq.read_table(shard.metadata, columns=[c for c in wanted if c in names])
+        table = pq.read_table(shard.metadata)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
         raise InterchangeError(f"{shard.metadata}: cannot be read ({exc})") from exc
     if table.num_rows != shard.rows:
@@ -537,7 +539,33 @@ def _read_metadata(shard: Shard) -> dict[str, list]:
             if name in ("image_path", "url"):
                 values = [v if v and v.strip() else None for v in values]
         columns[name] = values
+    columns["extra"] = _extra_fields(table, shard.rows)
     return columns
+
+
+OWN_COLUMNS = ("image_path", "url", "caption", "width", "height", "taken_at", "id")  # read or written as such
+MAX_EXTRA_BYTES = 4096  # a row's other columns are kept up to this much JSON (a wide exif.* table is not)
+
+
+def _extra_fields(table, rows: int) -> list[str | None]:
+    """Per row, the scalar values (text, numbers, booleans) of the columns clipsearch does not read itself, as a
+    JSON object; None when there are none, or more than MAX_EXTRA_BYTES of them."""
+    names = [name for name in table.column_names if name not in OWN_COLUMNS]
+    if not names:
+        return [None] * rows
+    values = {name: table.column(name).to_pylist() for name in names}
+    out: list[str | None] = []
+    for row in range(rows):
+        fields = {}
+        for name in names:
+            value = values[name][row]
+            if isinstance(value, float) and not math.isfinite(value):
+                continue
+            if isinstance(value, (str, bool, int, float)):
+                fields[name] = value
+        text = json.dumps(fields, ensure_ascii=False) if fields else None
+        out.append(text if text is not None and len(text.encode("utf-8")) <= MAX_EXTRA_BYTES else None)
+    return out
 
 
 MAX_SIDE = 2**31 - 1  # pixels: a width or height past this is no image's (and no int32 column holds it)
@@ -619,18 +647,30 @@ def _record_roots(store: Store, folders: set[str]) -> None:
         store.record_roots(topmost)
 
 
-def imported_metadata(store: Store, ids: Sequence[int]) -> dict[int, dict[str, str | None]]:
-    """id -> {"image_path", "url", "caption"} as imported, for those of `ids` that were imported."""
+def imported_metadata(store: Store, ids: Sequence[int]) -> dict[int, dict]:
+    """id -> {"image_path", "url", "caption", "extra"} as imported, for those of `ids` that were imported ("extra":
+    the row's other metadata columns, a dict, empty for rows imported before they were kept)."""
     if not _has_imported_table(store):
         return {}
-    found: dict[int, dict[str, str | None]] = {}
+    kept_extra = "extra" in {row[1] for row in store.conn.execute('PRAGMA table_info("imported")')}
+    found: dict[int, dict] = {}
     wanted = [int(i) for i in ids]
     for start in range(0, len(wanted), 500):
         part = wanted[start:start + 500]
-        for image_id, image_path, url, caption in store.conn.execute(
-                f"SELECT id, image_path, url, caption FROM imported WHERE id IN ({','.join('?' * len(part))})", part):
-            found[int(image_id)] = {"image_path": image_path, "url": url, "caption": caption}
+        for image_id, image_path, url, caption, extra in store.conn.execute(
+                f"SELECT id, image_path, url, caption, {'extra' if kept_extra else 'NULL'} FROM imported "
+                f"WHERE id IN ({','.join('?' * len(part))})", part):
+            found[int(image_id)] = {"image_path": image_path, "url": url, "caption": caption,
+                                    "extra": _parsed_extra(extra)}
     return found
+
+
+def _parsed_extra(text: str | None) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _now() -> str:

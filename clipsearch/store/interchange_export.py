@@ -17,8 +17,8 @@ import numpy as np
 
 from .collection import Collection
 from .database import Store
-from .interchange import (DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADATA_DIR, MODEL_FILE, TEXT_EMB_DIR, InterchangeError,
-                          ProgressCallback, _has_imported_table, _now, _parquet)
+from .interchange import (DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADATA_DIR, MODEL_FILE, OWN_COLUMNS, TEXT_EMB_DIR,
+                          InterchangeError, ProgressCallback, _has_imported_table, _now, _parquet, _parsed_extra)
 
 
 @dataclass
@@ -128,9 +128,12 @@ def _export_snapshot(collection: Collection, store: Store, folder: Path, model, 
 
 
 def _export_rows(store: Store, dim: int, shard_size: int) -> Iterator[list[tuple]]:
-    """Shards of rows (id, path, width, height, taken_at, image_path, url, caption, vector) in id order."""
+    """Shards of rows (id, path, width, height, taken_at, image_path, url, caption, extra JSON, vector) in id
+    order."""
     joined = _has_imported_table(store)
-    extra = "m.image_path, m.url, m.caption" if joined else "NULL, NULL, NULL"
+    kept_extra = joined and "extra" in {row[1] for row in store.conn.execute('PRAGMA table_info("imported")')}
+    extra = (f"m.image_path, m.url, m.caption, {'m.extra' if kept_extra else 'NULL'}" if joined
+             else "NULL, NULL, NULL, NULL")
     join = "LEFT JOIN imported m ON m.id = i.id" if joined else ""
     cursor = store.conn.execute(
         f"SELECT i.id, i.path, i.width, i.height, i.taken_at, {extra}, e.vector FROM images i "
@@ -154,12 +157,13 @@ def _metadata_table(rows: list[tuple]):
     with, if any), url and caption when any row has one, and id, width, height, taken_at."""
     import pyarrow as pa
 
-    image_paths, urls, captions = [], [], []
-    for _id, path, _w, _h, _t, imported_path, url, caption in (r[:-1] for r in rows):
+    image_paths, urls, captions, others = [], [], [], []
+    for _id, path, _w, _h, _t, imported_path, url, caption, extra in (r[:-1] for r in rows):
         url_row = url is not None and path == url
         image_paths.append(imported_path if url_row else path)
         urls.append(url)
         captions.append(caption)
+        others.append(_parsed_extra(extra))
     columns = {"image_path": pa.array(image_paths, type=pa.string())}
     if any(u is not None for u in urls):
         columns["url"] = pa.array(urls, type=pa.string())
@@ -169,6 +173,14 @@ def _metadata_table(rows: list[tuple]):
     columns["width"] = pa.array([r[2] for r in rows], type=pa.int64())  # as pandas writes them for clip-retrieval
     columns["height"] = pa.array([r[3] for r in rows], type=pa.int64())
     columns["taken_at"] = pa.array([r[4] for r in rows], type=pa.string())
+    for name in dict.fromkeys(key for fields in others for key in fields):  # imported columns, as they came
+        if name in columns or name in OWN_COLUMNS:
+            continue
+        values = [fields.get(name) for fields in others]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # one column of mixed kinds: as text
+            columns[name] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
     return pa.table(columns)
 
 
