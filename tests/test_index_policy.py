@@ -14,7 +14,7 @@ import pytest
 
 from clipsearch.store.index import vectors as vectors_module
 from clipsearch.store.collection import Collection
-from clipsearch.store.index.policy import MIN_CODE_BYTES, choose_nlist, plan_index
+from clipsearch.store.index.policy import ID_BYTES, MIN_CODE_BYTES, PADDING, choose_nlist, plan_index
 from clipsearch.store.index.vectors import IndexLayout
 
 GB = 1 << 30
@@ -220,6 +220,8 @@ def test_growth_appends_without_retraining_then_retrains_after_outgrowing(tmp_pa
         assert collection.update_vectors(ivf_threshold=1_000).update == "append"
         meta = collection.load_vectors().meta
         assert meta.trained_on == 2_000 and meta.count == 10_000 and meta.trained_at == first.trained_at
+        grown = 8_000 * (first.layout.code_bytes * PADDING + ID_BYTES)  # `stats` counts the appended codes and ids
+        assert collection.stats().index_resident_bytes == int(first.layout.resident_bytes + grown)
         _write(collection, info, x[10_000:], 10_000)  # 15x: outgrown, retrained
         assert collection.update_vectors(ivf_threshold=1_000).update == "rebuild"
         meta = collection.load_vectors().meta

@@ -809,6 +809,12 @@ class Collection:
         if meta.layout.kind == "flat":  # its memory and its reason state the count: say the new one
             index.meta = replace(index.meta, layout=IndexLayout.for_size(
                 count, meta.dim, ivf_threshold, budget_bytes=meta.layout.budget_bytes or None))
+        else:  # the added codes and ids are resident too (`stats` showed the size it was built at)
+            from .index.policy import ID_BYTES, PADDING
+
+            layout = index.meta.layout
+            grown = (count - meta.count) * (layout.code_bytes * PADDING + ID_BYTES)
+            index.meta = replace(index.meta, layout=replace(layout, resident_bytes=int(layout.resident_bytes + grown)))
         return index
 
     def load_vectors(self, mmap: bool = False, ivf_threshold: int = DEFAULT_IVF_THRESHOLD) -> VectorIndex:
