@@ -131,6 +131,7 @@ def search(
         typer.echo(f"no results: {reason.message}", err=True)
         if reason.hint:
             typer.echo(reason.hint, err=True)
+    gone = missing_files([h.path for h in hits])  # one stat per result, for the --json rows and the note
     report = None
     if gather_to is not None and hits:
         from .handoff import gather
@@ -139,11 +140,11 @@ def search(
     dated = search_filter.uses_date
     if as_json:
         targets = report.targets() if report is not None else {}
-        gone = set(missing_files([h.path for h in hits]))
+        missing = set(gone)
         rows = []
         for rank, h in enumerate(hits, 1):
             row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height,
-                   "missing": h.path in gone}
+                   "missing": h.path in missing}
             if rerank:
                 row.update(itc_score=h.itc_score, match=h.match)
             if dated:
@@ -164,7 +165,7 @@ def search(
     if report is not None:
         _report_gathered(report, len(hits))  # names each file it could not gather
     else:
-        _warn_missing(hits, collection)
+        _warn_missing(gone, len(hits), collection)
 
 
 def _as_given_here(folders: List[str]) -> List[str]:
@@ -226,17 +227,16 @@ def missing_files(paths: List[str]) -> List[str]:
     return [p for p in paths if not is_url_path(p) and gone(p)]
 
 
-def _warn_missing(hits: list, collection: str) -> None:
-    """A note on stderr when results name files that are gone: the listing itself stays as it was (scripts read it),
-    and --json rows say it per row ("missing": true)."""
+def _warn_missing(gone: List[str], found: int, collection: str) -> None:
+    """A note on stderr when results name files that are gone (`gone`, of `found` results): the listing itself stays
+    as it was (scripts read it), and --json rows say it per row ("missing": true)."""
     from .display import shown_path
 
-    gone = missing_files([h.path for h in hits])
     if not gone:
         return
     first = shown_path(gone[0])
     more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
-    typer.echo(f"note: {len(gone)} of the {len(hits)} results {'is' if len(gone) == 1 else 'are'} no longer on disk "
+    typer.echo(f"note: {len(gone)} of the {found} results {'is' if len(gone) == 1 else 'are'} no longer on disk "
                f"(moved or deleted since indexing): {first}{more}", err=True)
     typer.echo(f"Run `clipsearch index` on their folders (collection {collection}) to bring it up to date.", err=True)
 
