@@ -657,10 +657,13 @@ class Collection:
         return (intact and meta.generation == self.store.generation and model is not None
                 and meta.model_id == model.model_id)
 
-    def build_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD, workdir: Path | None = None) -> VectorIndex:
+    def build_vectors(self, ivf_threshold: int = DEFAULT_IVF_THRESHOLD, workdir: Path | None = None,
+                      drift: str | None = None) -> VectorIndex:
         """Build the FAISS index from the store's vectors, as `policy.plan_index` says for the collection's size and
-        memory budget (reusing a trained IVF-PQ quantizer until the collection outgrows it). `workdir`: where an
-        IVF-PQ index's files are written (the writer passes the collection folder; readers the temp dir)."""
+        memory budget (reusing a trained IVF-PQ quantizer until the collection outgrows it, or the vectors added to
+        it are unlike those it was trained on). `workdir`: where an IVF-PQ index's files are written (the writer
+        passes the collection folder; readers the temp dir). `drift`: that judgement when the caller made it
+        already (`_added_drift`; None: judged here)."""
         model = self.require_model()
         store, dim = self.store, model.embed_dim
         with store.snapshot():  # an indexing run may commit meanwhile: count, generation and rows of one moment
@@ -672,7 +675,7 @@ class Collection:
                 reason = (f"retrained: {count:,} vectors, {count / previous.trained_on:.1f}x the "
                           f"{previous.trained_on:,} it was trained at")
             elif previous and trained is not None and self._plans_ivfpq(count, dim, ivf_threshold):
-                reason = self._drift_reason(previous, trained)
+                reason = self._drift_reason(previous, trained) if drift is None else drift
                 if reason:
                     trained = None  # retrained on a sample of every vector, the added ones included
             index = VectorIndex.build(store.iter_vectors(dim), count=count, dim=dim, model_id=model.model_id,
@@ -749,15 +752,33 @@ class Collection:
         if self.vectors_fresh() and not replan:
             self.update_tokens()
             return VectorSync(None, "none")
-        appended = None if replan else self._append_new_vectors(ivf_threshold)
+        drift = "" if replan else self._added_drift(ivf_threshold)  # a new layout is trained anew whatever was added
+        appended = None if replan or drift else self._append_new_vectors(ivf_threshold)
         if appended is not None:
             self.save_vectors(appended)
             self.update_tokens()
             return VectorSync(appended, "append")
-        index = self.build_vectors(ivf_threshold, workdir=self.folder)
+        index = self.build_vectors(ivf_threshold, workdir=self.folder, drift=drift)
         self.save_vectors(index)
         self.update_tokens()
         return VectorSync(index, "rebuild")
+
+    def _added_drift(self, ivf_threshold: int) -> str | None:
+        """Whether the vectors added to the saved IVF-PQ index since its quantizer was trained are unlike the ones it
+        knows (`_drift_reason`: the retrain reason, or ""), judged once for the append and the rebuild that may
+        follow; None when there is nothing to judge (no IVF-PQ index, too few added, or a retrain for its growth)."""
+        from .index.vectors import DRIFT_MIN_NEW
+
+        meta = _read_meta(self.folder)
+        store = self.store
+        if meta is None or meta.layout.kind != "ivfpq" or outgrown(store.count_embeddings(), meta.trained_on):
+            return None
+        if store.count_embeddings_above(meta.trained_max_id or meta.max_id) < DRIFT_MIN_NEW:
+            return None
+        trained = VectorIndex.load_trained(self.folder)
+        if trained is None:  # nothing to append with: the rebuild trains a quantizer
+            return "no trained quantizer was saved"
+        return self._drift_reason(meta, trained)
 
     def _budget_replans(self, ivf_threshold: int) -> bool:
         """True when `--max-index-memory` was set to another budget than the saved IVF-PQ index was planned with,
@@ -773,7 +794,7 @@ class Collection:
         return planned.factory != meta.layout.factory or planned.on_disk != meta.layout.on_disk
 
     def _append_new_vectors(self, ivf_threshold: int) -> VectorIndex | None:
-        from .index.vectors import DRIFT_MIN_NEW, IndexLayout, IndexMeta
+        from .index.vectors import IndexLayout, IndexMeta
 
         model = self.model
         try:
@@ -788,11 +809,6 @@ class Collection:
             return None  # crossed the exact/IVF-PQ threshold
         if meta.layout.kind == "ivfpq" and (meta.layout.on_disk or outgrown(count, meta.trained_on)):
             return None  # grown too much for the trained quantizer (retrain), or on-disk lists (merged anew)
-        since_training = meta.trained_max_id or meta.max_id
-        if meta.layout.kind == "ivfpq" and store.count_embeddings_above(since_training) >= DRIFT_MIN_NEW:
-            trained = VectorIndex.load_trained(self.folder)
-            if trained is None or self._drift_reason(meta, trained):
-                return None  # the added vectors are unlike those the quantizer knows: build_vectors retrains
         if store.vectors_unchanged_since(meta.generation, meta.max_id) != (meta.count, meta.count):
             return None  # something the index holds was deleted or re-embedded
         index_file = self.folder / INDEX_FILE
