@@ -826,10 +826,10 @@ class Collection:
             index.meta = replace(index.meta, layout=IndexLayout.for_size(
                 count, meta.dim, ivf_threshold, budget_bytes=meta.layout.budget_bytes or None))
         else:  # the added codes and ids are resident too (`stats` showed the size it was built at)
-            from .index.policy import ID_BYTES, PADDING
+            from .index.policy import list_bytes
 
             layout = index.meta.layout
-            grown = (count - meta.count) * (layout.code_bytes * PADDING + ID_BYTES)
+            grown = list_bytes(count - meta.count, layout.code_bytes)
             index.meta = replace(index.meta, layout=replace(layout, resident_bytes=int(layout.resident_bytes + grown)))
         return index
 

@@ -30,6 +30,11 @@ ID_BYTES = 16  # an int64 label in the inverted list + one in the id map (positi
 PADDING = 1.1  # fast-scan lists are stored in blocks of 32 codes
 
 
+def list_bytes(count: int, code_bytes: int) -> float:
+    """Resident bytes of `count` vectors' entries in in-memory inverted lists: codes (padded) and ids."""
+    return count * (code_bytes * PADDING + ID_BYTES)
+
+
 @dataclass(frozen=True)
 class IndexPlan:
     kind: str  # "flat" | "ivfpq"
@@ -88,7 +93,7 @@ def plan_index(count: int, dim: int, budget_bytes: int | None = None, flat_max: 
     code = max(MIN_CODE_BYTES, dim // 4)
     while True:
         opq = code < dim // 4
-        resident = int(count * (code * PADDING + ID_BYTES) + fixed + (dim * dim * 4 if opq else 0))
+        resident = int(list_bytes(count, code) + fixed + (dim * dim * 4 if opq else 0))
         if resident <= budget or code <= MIN_CODE_BYTES:
             break
         code //= 2
