@@ -627,13 +627,13 @@ def _ensure_tables(store: Store) -> None:
         for statement in _DDL:
             store.db.execute(statement)
         for table, column, kind in _ADDED_COLUMNS:
-            if column not in {row[1] for row in store.conn.execute(f'PRAGMA table_info("{table}")')}:
+            if column not in _table_columns(store, table):
                 store.db.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
 
 
-def _has_imported_table(store: Store) -> bool:
-    return store.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'imported'"
-                              ).fetchone() is not None
+def _table_columns(store: Store, table: str) -> set[str]:
+    """The columns of `table` (none when it does not exist: a collection nothing was imported into)."""
+    return {row[1] for row in store.conn.execute(f'PRAGMA table_info("{table}")')}
 
 
 def _record_roots(store: Store, folders: set[str]) -> None:
@@ -650,9 +650,10 @@ def _record_roots(store: Store, folders: set[str]) -> None:
 def imported_metadata(store: Store, ids: Sequence[int]) -> dict[int, dict]:
     """id -> {"image_path", "url", "caption", "extra"} as imported, for those of `ids` that were imported ("extra":
     the row's other metadata columns, a dict, empty for rows imported before they were kept)."""
-    if not _has_imported_table(store):
+    columns = _table_columns(store, "imported")
+    if not columns:
         return {}
-    kept_extra = "extra" in {row[1] for row in store.conn.execute('PRAGMA table_info("imported")')}
+    kept_extra = "extra" in columns
     found: dict[int, dict] = {}
     wanted = [int(i) for i in ids]
     for start in range(0, len(wanted), 500):

@@ -18,7 +18,7 @@ import numpy as np
 from .collection import Collection
 from .database import Store
 from .interchange import (DEFAULT_SHARD_SIZE, IMG_EMB_DIR, METADATA_DIR, MODEL_FILE, OWN_COLUMNS, TEXT_EMB_DIR,
-                          InterchangeError, ProgressCallback, _has_imported_table, _now, _parquet, _parsed_extra)
+                          InterchangeError, ProgressCallback, _now, _parquet, _parsed_extra, _table_columns)
 
 
 @dataclass
@@ -130,8 +130,8 @@ def _export_snapshot(collection: Collection, store: Store, folder: Path, model, 
 def _export_rows(store: Store, dim: int, shard_size: int) -> Iterator[list[tuple]]:
     """Shards of rows (id, path, width, height, taken_at, image_path, url, caption, extra JSON, vector) in id
     order."""
-    joined = _has_imported_table(store)
-    kept_extra = joined and "extra" in {row[1] for row in store.conn.execute('PRAGMA table_info("imported")')}
+    columns = _table_columns(store, "imported")
+    joined, kept_extra = bool(columns), "extra" in columns
     extra = (f"m.image_path, m.url, m.caption, {'m.extra' if kept_extra else 'NULL'}" if joined
              else "NULL, NULL, NULL, NULL")
     join = "LEFT JOIN imported m ON m.id = i.id" if joined else ""
