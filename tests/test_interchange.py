@@ -526,3 +526,54 @@ def test_the_metadatas_other_columns_are_kept_served_as_clip_back_does_and_expor
     table = pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").to_pydict()
     assert table["NSFW"] == ["UNLIKELY", "NSFW", None] and table["key"] == ["000000000", "000000001", "000000002"]
     assert table["punsafe"] == [0.01, 0.97, None] and "exif" not in table
+
+
+def test_a_rewritten_shard_replaces_what_it_imported_and_nothing_else(tmp_path, layout, tiny_bundle, model):
+    """clip inference run again into the same folder: the shard's rows with new vectors are updated in place, rows
+    it no longer holds leave, identical rows stay as they were; rows the collection got elsewhere are untouched."""
+    index_dir = tmp_path / "collections"
+    first = run_import(index_dir, layout.folder, tiny_bundle)
+    assert first.imported == 6
+    before = {row[1]: row for row in contents(index_dir, "imported")}
+    # A photo of shard 0 is indexed by clipsearch itself (its vector now comes from the file, not the import).
+    from PIL import Image
+
+    with Collection.open("imported", index_dir) as collection:
+        owned_id = collection.store.conn.execute("SELECT id FROM images WHERE path = ?",
+                                                 [str(layout.photos[0])]).fetchone()[0]
+        own_vector = model.encode_images([Image.open(layout.photos[0]).convert("RGB")])[0] * -1.0
+        collection.store.conn.execute("UPDATE images SET content_hash = 'file-bytes' WHERE id = ?", [owned_id])
+        collection.store.conn.execute("UPDATE embeddings SET vector = ? WHERE id = ?",
+                                      [own_vector.astype(np.float32).tobytes(), owned_id])
+        collection.store.conn.commit()
+    # Shard 0 rewritten: photo 0 and photo 1 with other vectors, photo 2 the same, a caption changed.
+    rng = np.random.default_rng(5)
+    changed = rng.standard_normal((2, layout.rows[0][3].shape[0])).astype(np.float32)
+    changed /= np.linalg.norm(changed, axis=1, keepdims=True)
+    vectors = np.stack([changed[0], changed[1], layout.rows[2][3]]).astype(np.float32)
+    write_shard(layout.folder, "0", vectors, {"image_path": [str(p) for p in layout.photos[:3]],
+                                              "caption": ["photo 0", "photo 1, retaken", "photo 2"]})
+    # Shard 1 rewritten without its URL row.
+    table = pq.read_table(layout.folder / "metadata" / "metadata_1.parquet").to_pydict()
+    second = np.load(layout.folder / "img_emb" / "img_emb_1.npy")[:2]
+    write_shard(layout.folder, "1", second, {key: values[:2] for key, values in table.items()})
+
+    again = run_import(index_dir, layout.folder, None)
+    assert (again.imported, again.updated, again.removed) == (0, 1, 1)
+    assert again.unchanged == 3  # photo 2 of shard 0, photos 3 and 4 of shard 1
+    assert again.skipped_by_reason() == {"already in the collection": 1}  # photo 0: indexed from its file since
+    after = {row[1]: row for row in contents(index_dir, "imported")}
+    assert URL not in after  # the row the rewritten shard no longer has
+    assert after[str(layout.photos[0])][7] == own_vector.astype(np.float32).tobytes()  # never overwritten
+    photo1 = after[str(layout.photos[1])]
+    assert photo1[0] == before[str(layout.photos[1])][0]  # updated in place: same id
+    assert photo1[7] == changed[1].tobytes() and photo1[6] == "photo 1, retaken"
+    for unchanged in layout.photos[2:5]:
+        assert after[str(unchanged)] == before[str(unchanged)]
+    with Collection.open("imported", index_dir) as collection:
+        assert collection.check().ok
+    with Searcher.open("imported", index_dir) as searcher:  # the FAISS index holds the new vector
+        assert searcher.search_vector(changed[1], k=1)[0].path == str(layout.photos[1])
+    # Read again unchanged: nothing to do.
+    third = run_import(index_dir, layout.folder, None)
+    assert (third.imported, third.updated, third.removed, third.shards_unchanged) == (0, 0, 0, 2)

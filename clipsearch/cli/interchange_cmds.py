@@ -32,7 +32,7 @@ def import_embeddings(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
 ) -> None:
     """Import image embeddings in clip-retrieval's layout without re-embedding: incremental (rows already
-    imported are skipped), one transaction per shard."""
+    imported are skipped; a rewritten shard replaces what it imported before), one transaction per shard."""
     from ..model.resolve import resolve_model
     from ..store.collection import Collection
     from ..store.interchange import ImportOptions, import_embeddings as run_import
@@ -61,7 +61,9 @@ def import_embeddings(
         return
     skipped = summary.skipped_by_reason()
     why = "; ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
-    typer.echo(f"{summary.collection}: {summary.imported} imported, {summary.unchanged} already imported "
+    changed = (f"{summary.updated} updated, {summary.removed} removed, " if summary.updated or summary.removed
+               else "")
+    typer.echo(f"{summary.collection}: {summary.imported} imported, {changed}{summary.unchanged} already imported "
                f"({summary.shards_unchanged} of {summary.shards} shards unchanged), {len(summary.skipped)} skipped"
                f"{' (' + why + ')' if why else ''}; {summary.total} images in total ({summary.seconds:.1f} s)")
     if summary.url_rows:

@@ -33,9 +33,13 @@ unless `normalize=True`, which scales every vector to unit length; zero or non-f
 
 Incremental and crash-safe like indexing: each shard is one transaction (its rows, vectors and the
 `import_shards` record of the shard), so a killed import loses at most the shard it was writing. A shard
-already recorded with the same row count and file sizes is not read again; rows whose path (or URL) the
-collection already holds are skipped, so importing a folder twice adds nothing, and importing it after clip
-inference added shards imports only the new ones. The FAISS index is brought up to date at the end (or by the
+already recorded with the same row count, file sizes and times is not read again, so importing a folder twice
+adds nothing, and importing it after clip inference added shards imports only the new ones. A shard that was
+rewritten (clip inference run again into the same folder) is read again and replaces what it brought in before,
+as indexing a changed folder does: its rows with another vector are updated in place (same id), rows it no
+longer holds leave the collection, the rest are unchanged. Rows whose path (or URL) the collection holds from
+anywhere else (indexed, another folder, or embedded from the file since) are skipped: an import never
+overwrites them. The FAISS index is brought up to date at the end (or by the
 next run or search, when killed), keeping SQLite row id = FAISS id.
 """
 
@@ -223,7 +227,9 @@ class ImportSummary:
     shards_unchanged: int = 0  # already imported with the same files: not read again
     rows: int = 0  # rows in every shard
     imported: int = 0
-    unchanged: int = 0  # rows of shards already imported
+    unchanged: int = 0  # rows of shards already imported, and rows of a re-read shard whose vector is the same
+    updated: int = 0  # rows of a re-read (rewritten) shard this folder had imported, now with another vector
+    removed: int = 0  # rows this folder had imported from a shard that, rewritten, no longer holds them
     url_rows: int = 0  # imported rows stored as a URL (no local file)
     missing_files: int = 0  # imported rows naming a file that is not on this machine
     normalized: int = 0  # rows scaled to unit length (normalize=True)
@@ -388,6 +394,7 @@ class _Importer:
         vectors = self._vectors(shard, summary)
         columns = _read_metadata(shard)
         extras: list[tuple] = []  # row, image_path, url, caption, extra (JSON of the other metadata columns)
+        extras_only: list[tuple] = []  # id, then as extras: rows of a re-read shard whose vector did not change
         skipped: list[SkippedRow] = []
         seen: dict[str, int] = {}
         candidates: list[tuple[int, str, bool]] = []  # row, stored path, is a URL row
@@ -410,14 +417,30 @@ class _Importer:
             seen[key] = row
             candidates.append((row, key, is_url))
         existing = _existing_paths(store, [key for _, key, _ in candidates])
+        # Rows this folder imported from this shard before: a rewritten shard (clip inference run again) replaces them.
+        own = _imported_from(store, self.source, shard.label)
         now = _now()
-        kept: list[tuple] = []  # (row, key, size, mtime_ns, width, height): their vectors are read as they are written
+        kept: list[tuple] = []  # (row, key, size, mtime_ns, width, height, id to update or None): vectors read as written
+        kept_own: set[int] = set()
         for done, (row, key, is_url) in enumerate(candidates):
             if tick is not None and done and done % 8192 == 0:
                 tick(row)  # a big shard moves the bar while its files are looked at
+            update_id = None
             if key in existing:
-                skipped.append(SkippedRow(shard.label, row, key, f"already in the collection (id {existing[key]})"))
-                continue
+                image_id = existing[key]
+                stored_hash = own.get(image_id)
+                # Only a row that still holds the vector this folder gave it: one `clipsearch index` has since
+                # embedded from its file, or that came from elsewhere, is the collection's own and stays.
+                if stored_hash is None:
+                    skipped.append(SkippedRow(shard.label, row, key, f"already in the collection (id {image_id})"))
+                    continue
+                kept_own.add(image_id)
+                if stored_hash == _vector_hash(vectors[row]):
+                    summary.unchanged += 1  # (its caption and other columns are written again below)
+                    extras_only.append((image_id, row, columns["image_path"][row], columns["url"][row],
+                                        columns["caption"][row], columns["extra"][row]))
+                    continue
+                update_id = image_id
             size = mtime_ns = 0
             width, height = columns["width"][row], columns["height"][row]
             if not is_url:
@@ -433,29 +456,34 @@ class _Importer:
                     summary.missing_files += 1
             else:
                 summary.url_rows += 1
-            kept.append((row, key, size, mtime_ns, width, height))
+            kept.append((row, key, size, mtime_ns, width, height, update_id))
             extras.append((row, columns["image_path"][row], columns["url"][row], columns["caption"][row],
                            columns["extra"][row]))
 
         def images() -> Iterator[NewImage]:
-            for row, key, size, mtime_ns, width, height in kept:
+            for row, key, size, mtime_ns, width, height, update_id in kept:
                 vector = vectors[row]
-                digest = hashlib.blake2b(vector.tobytes(), digest_size=16).hexdigest()
-                yield NewImage(path=key, size=size, mtime_ns=mtime_ns, content_hash=IMPORTED_HASH_PREFIX + digest,
-                               width=width, height=height, taken_at=columns["taken_at"][row], vector=vector)
+                yield NewImage(path=key, size=size, mtime_ns=mtime_ns, content_hash=_vector_hash(vector),
+                               width=width, height=height, taken_at=columns["taken_at"][row], vector=vector,
+                               id=update_id)
 
+        gone = sorted(set(own) - kept_own)  # imported from this shard before; the shard no longer has them
         with signals_deferred(), store.db.atomic():  # the shard's rows, their provenance and its record together
             ids = store.write_images(images(), model_id, run_id, now) if kept else []
+            removed = store.delete_ids(gone) if gone else 0
             store.conn.executemany(
                 'INSERT OR REPLACE INTO imported (id, source, shard, "row", image_path, url, caption, extra) '
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(image_id, self.source, shard.label, row, path, url, caption, extra)
-                 for image_id, (row, path, url, caption, extra) in zip(ids, extras)])
+                [(image_id, self.source, shard.label, *rest) for image_id, rest in zip(ids, extras)]
+                + [(image_id, self.source, shard.label, *rest) for image_id, *rest in extras_only])
             store.db.execute(
                 "INSERT OR REPLACE INTO import_shards (source, shard, rows, npy_bytes, parquet_bytes, npy_mtime_ns, "
                 "parquet_mtime_ns, imported, skipped, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [self.source, shard.label, *fingerprint, len(ids), len(skipped), now])
-        summary.imported += len(ids)
+        updated = sum(1 for *_, update_id in kept if update_id is not None)
+        summary.imported += len(ids) - updated
+        summary.updated += updated
+        summary.removed += removed
         summary.skipped.extend(skipped)
 
     def _vectors(self, shard: Shard, summary: ImportSummary) -> "_ShardRows":
@@ -611,6 +639,20 @@ def _image_size(path: str) -> tuple[int | None, int | None]:
             return int(image.width), int(image.height)
     except Exception:  # noqa: BLE001 - any unreadable file just has no size
         return None, None
+
+
+def _vector_hash(vector: np.ndarray) -> str:
+    """The stand-in content hash of an imported row: a digest of its float32 vector (there are no file bytes)."""
+    return IMPORTED_HASH_PREFIX + hashlib.blake2b(vector.tobytes(), digest_size=16).hexdigest()
+
+
+def _imported_from(store: Store, source: str, shard: str) -> dict[int, str]:
+    """id -> content hash of the images `source`'s shard `shard` brought in earlier that still hold the vector it
+    gave them (not those `clipsearch index` has embedded from their files since: those are the collection's own)."""
+    return {int(image_id): content_hash for image_id, content_hash in store.conn.execute(
+        "SELECT images.id, images.content_hash FROM imported JOIN images ON images.id = imported.id "
+        "WHERE imported.source = ? AND imported.shard = ? AND substr(images.content_hash, 1, ?) = ?",
+        [source, shard, len(IMPORTED_HASH_PREFIX), IMPORTED_HASH_PREFIX])}
 
 
 def _existing_paths(store: Store, paths: Sequence[str]) -> dict[str, int]:
