@@ -105,7 +105,7 @@ class SearchQuery:
             if term.kind == "text":
                 text = str(term.value)
                 if not text.strip():
-                    raise QueryError("empty text query")
+                    raise QueryError("empty text query", 'Describe what to look for, e.g. "a dog on a beach".')
                 if len(text) > MAX_QUERY_CHARS:
                     raise QueryError(f"text query of {len(text):,} characters is longer than {MAX_QUERY_CHARS:,}")
                 if not is_utf8(text):
@@ -123,11 +123,13 @@ class SearchQuery:
                 raise QueryError(f"min_match must be a probability between 0 and 1, not {self.min_match}")
             if not self.rerank:
                 raise QueryError("min_match needs re-ranking: the match probability comes from the ITM head",
-                                 "Add --rerank (REST: rerank=true), or leave out --min-match.")
+                                 "Turn re-ranking on (CLI --rerank, REST and /knn-service rerank=true), or leave "
+                                 "out the minimum match (--min-match, min_match).")
         if self.rerank and any(t.kind in ("image", "like") and t.weight > 0 for t in self.terms):
             raise QueryError("re-ranking needs a text query: the ITM head compares a text with each image, and "
                              "this query searches by an image",
-                             "Search by text with --rerank, or leave out --rerank for image queries.")
+                             "Re-rank text queries only (CLI --rerank, REST rerank=true); search by an image "
+                             "without it.")
 
 
 def parse_weight(text: str) -> tuple[float, str]:

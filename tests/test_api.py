@@ -234,7 +234,9 @@ def test_classify_an_indexed_image_by_id(client, indexed, model):
 
 @pytest.mark.parametrize("data, files, status, message", [
     ({"labels": " , ,"}, True, 400, "no labels given"),
-    ({}, True, 422, None),
+    # Left out or sent empty (the page's empty field): the same 400 with its hint, not a 422 "Field required".
+    ({}, True, 400, "no labels given"),
+    ({"labels": ""}, True, 400, "no labels given"),
     ({"labels": "cat,dog"}, False, 422, "multipart file field"),
     ({"labels": "cat", "image_id": "99999"}, False, 404, "no image with id 99999"),
 ])
@@ -245,6 +247,7 @@ def test_bad_classify_requests_get_json_errors(client, indexed, data, files, sta
     assert response.status_code == status, response.text
     if message:
         assert message in response.json()["detail"]
+        assert response.json()["hint"]
 
 
 def test_classify_refuses_a_non_image(client):
@@ -286,6 +289,25 @@ def test_image_routes_answer_head_and_a_matching_if_none_match_with_304(client, 
         assert listed.status_code == 304
         other = client.get(f"/api/images/{image_id}/{route}", headers={"If-None-Match": '"not-this-one"'})
         assert other.status_code == 200 and other.content == full.content
+
+
+@pytest.mark.parametrize("method, url, kwargs, status", [
+    ("get", "/api/search?q=%20", {}, 400),  # an empty text query
+    ("get", "/api/search?q=red&k=1001", {}, 422),  # past max_k
+    ("post", "/api/search", {"json": {}}, 400),  # no text, image or id
+    ("post", "/api/search", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400),
+    ("post", "/api/search", {"json": {"image_id": 99999}}, 404),  # an unknown id
+    ("get", "/api/images/abc/thumbnail", {}, 404),  # not an id at all
+    ("post", "/api/search/image", {"files": {"file": ("empty.jpg", b"", "image/jpeg")}}, 400),
+    ("post", "/api/classify", {"data": {"labels": ",".join(f"l{i}" for i in range(65))},
+                               "files": {"file": ("a.png", b"x", "image/png")}}, 422),
+])
+def test_request_errors_carry_a_message_and_a_hint(client, method, url, kwargs, status):
+    """Every refusal says what was wrong and what to send instead (the page shows both)."""
+    response = getattr(client, method)(url, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["detail"] and body["hint"], body
 
 
 def test_405_names_every_method_of_the_path_and_framework_errors_carry_hints(client):

@@ -54,7 +54,7 @@ State = Annotated[WebState, Depends(web_state)]
 def parse_image_id(image_id: str) -> int:
     """Path ids are plain decimal numbers; anything else (a path, '..', encoded slashes) is simply not found."""
     if not image_id.isascii() or not image_id.isdigit() or len(image_id) > 18:
-        raise ApiError(404, "no such image")
+        raise ApiError(404, "no such image", "Image ids are whole numbers, those of search results (their 'id').")
     return int(image_id)
 
 
@@ -78,23 +78,27 @@ def check_texts(state: WebState, texts: list[str | None], what: str = "texts") -
                                 f"{limits.max_text_chars:,}", "CLIP models read only the first 77 tokens anyway.")
 
 
-def checked_labels(state: WebState, labels: str) -> list[str]:
-    """Labels of a classify request within the limits (422), counted before any per-label work."""
+def checked_labels(state: WebState, labels: str | None) -> list[str]:
+    """Labels of a classify request within the limits (422), counted before any per-label work; none at all (the
+    field left out or empty) is the 400 of `parse_labels`, whatever the form encoding made of an empty field."""
     limits = state.settings
+    labels = labels or ""
     distinct = {item.strip() for item in labels.split(",")} - {""}
     if len(distinct) > limits.max_labels:
-        raise ApiError(422, f"{len(distinct)} labels is more than the limit of {limits.max_labels} per request")
+        raise ApiError(422, f"{len(distinct)} labels is more than the limit of {limits.max_labels} per request",
+                       "Classify against fewer labels per request (several requests for more).")
     longest = max(distinct, key=len, default="")
     if len(longest) > limits.max_label_chars:
         raise ApiError(422, f"a label of {len(longest):,} characters is longer than the limit of "
-                            f"{limits.max_label_chars:,}")
+                            f"{limits.max_label_chars:,}", "A label is a few words, e.g. 'a dog on a beach'.")
     return parse_labels(labels)
 
 
 def checked_k(state: WebState, k: int | None) -> int:
     k = state.settings.default_k if k is None else k
     if not 1 <= k <= state.settings.max_k:
-        raise ApiError(422, f"k must be between 1 and {state.settings.max_k}, not {k}")
+        raise ApiError(422, f"k must be between 1 and {state.settings.max_k}, not {k}",
+                       f"Ask for at most {state.settings.max_k} results per request.")
     return k
 
 
@@ -178,7 +182,8 @@ async def search_combined(request: Request, state: State, body: SearchRequest) -
         image = await state.run(lambda: check_image(decode_base64_image(body.image_b64, limits.max_upload_bytes),
                                                     limits.max_image_pixels).data)
     if body.text is None and image is None and body.image_id is None:
-        raise ApiError(400, "empty query: give text, image_b64 or image_id")
+        raise ApiError(400, "empty query: give text, image_b64 or image_id",
+                       'e.g. {"text": "a dog on a beach"}; /docs lists the other fields.')
     search_filter = parse_filter(body.in_folders, body.after, body.before, body.orientation, body.min_size)
     searcher = await state.searcher_for(body.collection)
     if body.image_id is not None:
@@ -204,7 +209,8 @@ async def uploaded_image(state: WebState, file: UploadFile | None, image: Upload
         raise ApiError(400, "two images: 'file' and its alias 'image' were both sent", "Send one of them.")
     upload = file or image
     if upload is None:
-        raise ApiError(422, "send the image as a multipart file field named 'file'")
+        raise ApiError(422, "send the image as a multipart file field named 'file'",
+                       "A multipart/form-data request with the image file in 'file', e.g. curl -F file=@photo.jpg.")
     data = await read_upload(upload, state.settings.max_upload_bytes)
     return await state.run(check_image, data, state.settings.max_image_pixels)
 
@@ -245,8 +251,9 @@ async def search_upload(request: Request, state: State,
 @router.post("/classify", response_model=ClassifyResponse, responses=_BODY_ERRORS,
              summary="Zero-shot classify an image (multipart upload, or an indexed image by id) against labels")
 async def classify(state: State,
-                   labels: Annotated[str, Form(description="Comma-separated labels, e.g. 'cat,dog,car'; at most 64 "
-                                                       "labels of at most 100 characters (422 beyond)")],
+                   labels: Annotated[str | None, Form(description="Comma-separated labels, e.g. 'cat,dog,car'; at "
+                                                              "most 64 labels of at most 100 characters (422 beyond; "
+                                                              "400 for none)")] = None,
                    file: Annotated[UploadFile | None, File(description="The image")] = None,
                    image: Annotated[UploadFile | None, File(description="Alias of 'file'")] = None,
                    image_id: Annotated[int | None, Form(ge=0, le=2**63 - 1, description="Or: an indexed image")] = None,

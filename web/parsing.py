@@ -75,22 +75,25 @@ def _check_value(value: Any) -> None:
                 stack.extend((child, depth + 1) for child in item)
 
 
+_JSON_HINT = "Send one JSON object (UTF-8) with Content-Type: application/json; /docs lists each route's fields."
+
+
 def parse_json_body(raw: bytes) -> Any:
     """Strictly parse a request body as JSON (see the module docstring); 400 with the reason otherwise."""
     try:
         text = raw.decode("utf-8-sig") if isinstance(raw, (bytes, bytearray)) else raw
     except UnicodeDecodeError as exc:
-        raise ApiError(400, "the body is not JSON: it is not UTF-8 text") from exc
+        raise ApiError(400, "the body is not JSON: it is not UTF-8 text", _JSON_HINT) from exc
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float, parse_int=_parse_int)
     except _Refused as exc:
-        raise ApiError(400, f"the body is not JSON: {exc}") from exc
+        raise ApiError(400, f"the body is not JSON: {exc}", _JSON_HINT) from exc
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the body is not JSON: {exc}") from exc
+        raise ApiError(400, f"the body is not JSON: {exc}", _JSON_HINT) from exc
     except RecursionError as exc:
         raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from exc
     except ValueError as exc:  # e.g. integers beyond Python's digit limit
-        raise ApiError(400, f"the body is not JSON: {exc}") from exc
+        raise ApiError(400, f"the body is not JSON: {exc}", _JSON_HINT) from exc
     _check_value(value)
     return value
 

@@ -137,7 +137,9 @@ class WebState:
         searcher = self.searcher(collection)
         record = searcher.records([image_id]).get(image_id)
         if record is None:
-            raise ApiError(404, f"no image with id {image_id} in collection {searcher.collection.name!r}")
+            raise ApiError(404, f"no image with id {image_id} in collection {searcher.collection.name!r}",
+                           "Ids are those of search results (their 'id'), in the collection searched; an image "
+                           "whose file left the folder leaves the collection at its next indexing run.")
         return FoundImage(searcher.collection.name, record)
 
     def served_roots(self, name: str) -> tuple[str, ...]:

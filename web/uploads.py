@@ -99,7 +99,7 @@ def decode_base64_image(text: str, limit: int) -> bytes:
 def check_image(data: bytes, max_pixels: int) -> QueryImage:
     """Read only the header: 415 unless Pillow recognises an image, 413 beyond `max_pixels`."""
     if not data:
-        raise ApiError(400, "the image is empty")
+        raise ApiError(400, "the image is empty", "The upload had no bytes: send the image file itself.")
     try:
         # Only the header is read, so Pillow's own size check is lifted here: the limit below answers every size
         # with one message (Pillow's raised its own text, and its own limit, past twice its default).
