@@ -52,3 +52,20 @@ def fsync_dir(folder: Path) -> None:
 def is_url_path(path: str) -> bool:
     """True for the stored path of a URL row (local paths are stored absolute, URLs keep their scheme)."""
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
+
+
+def missing_local_files(paths: list[str]) -> set[str]:
+    """The paths among `paths` of local files that are no longer there (moved or deleted since they were indexed;
+    the collection learns of it at its next `clipsearch index`). URL rows name no local file and are never missing;
+    a file there but not ours to look at (permissions) is not "moved or deleted" either."""
+
+    def gone(path: str) -> bool:
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False
+        return False
+
+    return {p for p in paths if not is_url_path(p) and gone(p)}

@@ -563,3 +563,23 @@ def test_the_json_search_body_is_strict_about_types_and_names(client):
     fine = client.post("/api/search", json={"text": "a red square", "and": ["blue"], "not": ["green"], "k": 3,
                                             "include_self": True, "min_match": None, "in": None})
     assert fine.status_code == 200 and len(fine.json()["results"]) == 3
+
+
+def test_results_say_which_files_are_no_longer_on_disk(tmp_path, tiny_bundle):
+    """A photo moved away since it was indexed is still found (until its folder is indexed again); every search
+    route says so per result, the batched text path included, instead of leaving the page a broken thumbnail."""
+    indexed = build_indexed_photos(tmp_path, tiny_bundle, count=6)
+    moved = indexed.photos[2]
+    moved_id = indexed.ids_by_path[str(moved)]
+    shutil.move(moved, tmp_path / moved.name)
+    with TestClient(create_app(app_settings(indexed))) as local:
+        answers = [
+            local.get("/api/search", params={"q": "a photo", "k": 10}).json(),  # a plain text query: the batched path
+            local.get("/api/search", params={"q": "a photo", "k": 10, "min_size": "1x1"}).json(),  # the executor
+            local.post("/api/search", json={"image_id": indexed.ids_by_path[str(indexed.photos[0])], "k": 10}).json(),
+        ]
+        for answer in answers:
+            flags = {r["id"]: r["missing"] for r in answer["results"]}
+            assert flags.get(moved_id) is True, answer
+            assert sum(flags.values()) == 1, answer
+        assert local.get(f"/api/images/{moved_id}/thumbnail").status_code == 404

@@ -545,3 +545,30 @@ def test_an_upload_the_server_refuses_stops_being_the_example(page, server, tmp_
     page.wait_for_timeout(300)
     assert uploads == []
     assert page.locator("#file-input").get_attribute("tabindex") == "-1"  # the visible button is the tab stop
+
+
+def test_a_result_whose_file_is_gone_says_so_instead_of_a_broken_image(browser, tmp_path, tiny_bundle):
+    import shutil
+
+    indexed = build_indexed_photos(tmp_path, tiny_bundle, count=4)
+    moved = indexed.photos[1]
+    moved_id = indexed.ids_by_path[str(moved)]
+    shutil.move(moved, tmp_path / moved.name)
+    with LiveServer(create_app(ServerSettings(collection=indexed.name, index_dir=indexed.index_dir))) as live:
+        with fresh_page(browser) as (context, page):
+            asked: list[str] = []
+            page.on("request", lambda request: asked.append(request.url))
+            page.goto(live.url + "/")
+            page.fill("#query", "a photo")
+            page.press("#query", "Enter")
+            tile = page.locator(f"#results .result[data-id='{moved_id}']")
+            expect(tile).to_contain_text("no longer on disk")
+            expect(tile).to_have_class(re.compile(r"\bmissing\b"))
+            expect(page.locator("#results .result.missing")).to_have_count(1)  # the others are there
+            assert "no longer on disk" in tile.get_attribute("aria-label")
+            tile.click()
+            expect(page.locator("#viewer-meta")).to_contain_text("no longer on disk")
+            expect(page.locator("#open-full")).to_be_hidden()
+            assert not [url for url in asked if f"/images/{moved_id}/" in url]  # never asked for its bytes
+            page.click("#more-like-this")  # its stored vector still searches
+            expect(page.locator("#results .result").first).to_be_visible()

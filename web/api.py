@@ -126,7 +126,8 @@ def search_response(request: Request, searcher: Searcher, query_text: str, hits:
         thumbnail_url, image_url = image_urls(request, hit.id, name)
         results.append(ImageResult(id=hit.id, path=hit.path, score=hit.score, width=hit.width, height=hit.height,
                                    taken_at=hit.taken_at, thumbnail_url=thumbnail_url, image_url=image_url,
-                                   itc_score=hit.itc_score, match=hit.match, date=hit.date, date_source=hit.date_source))
+                                   itc_score=hit.itc_score, match=hit.match, date=hit.date, date_source=hit.date_source,
+                                   missing=bool(hit.missing)))
     active = search_filter is not None and search_filter.active
     response = SearchResponse(query=query_text, took_ms=round((time.perf_counter() - started) * 1000, 2),
                               collection=name, results=results, filters=search_filter.describe() if active else None,

@@ -51,6 +51,9 @@ class ImageResult(BaseModel):
     date_source: str | None = Field(None, description="With after/before: which date that is, 'taken_at' (EXIF capture "
                                                       "time) or 'mtime' (the file's modification time, for images "
                                                       "without one); null otherwise")
+    missing: bool = Field(False, description="The file is no longer on disk (moved or deleted since it was indexed; "
+                                             "it leaves the collection at the folder's next indexing run): its "
+                                             "thumbnail and file routes answer 404. Never true for a URL row")
 
 
 class SearchResponse(BaseModel):

@@ -131,7 +131,10 @@ def search(
         typer.echo(f"no results: {reason.message}", err=True)
         if reason.hint:
             typer.echo(reason.hint, err=True)
-    gone = missing_files([h.path for h in hits])  # one stat per result, for the --json rows and the note
+    from ..paths import missing_local_files
+
+    missing = missing_local_files([h.path for h in hits])  # one stat per result, for the --json rows and the note
+    gone = [h.path for h in hits if h.path in missing]
     report = None
     if gather_to is not None and hits:
         from .handoff import gather
@@ -140,7 +143,6 @@ def search(
     dated = search_filter.uses_date
     if as_json:
         targets = report.targets() if report is not None else {}
-        missing = set(gone)
         rows = []
         for rank, h in enumerate(hits, 1):
             row = {"id": h.id, "path": h.path, "score": h.score, "width": h.width, "height": h.height,
@@ -208,23 +210,6 @@ def _print_hits(hits: list, rerank: bool, dated: bool, protocol: str, size: int)
                 continue
             sys.stdout.write(picture + "\n")
             sys.stdout.flush()
-
-
-def missing_files(paths: List[str]) -> List[str]:
-    """The paths among `paths` of local files that are no longer there (moved or deleted since they were indexed;
-    the collection learns of it at its next `clipsearch index`). URL rows name no local file and are never missing."""
-    from ..paths import is_url_path
-
-    def gone(path: str) -> bool:
-        try:
-            os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return True
-        except OSError:  # there, but not ours to look at (permissions): not "moved or deleted"
-            return False
-        return False
-
-    return [p for p in paths if not is_url_path(p) and gone(p)]
 
 
 def _warn_missing(gone: List[str], found: int, collection: str) -> None:

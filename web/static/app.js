@@ -246,8 +246,9 @@
       const name = fileName(result.path);
       const score = result.score.toFixed(3);
       const match = result.match == null ? '' : `match ${percent(result.match)}`;
+      const gone = result.missing ? ' The file is no longer on disk.' : '';
       button.setAttribute('aria-label',
-        `${index + 1}. ${name}, score ${score}${match ? `, ${match}` : ''}. Open for the full image and more like this.`);
+        `${index + 1}. ${name}, score ${score}${match ? `, ${match}` : ''}.${gone} Open for the full image and more like this.`);
       const img = document.createElement('img');
       img.alt = name;
       img.loading = 'lazy';
@@ -269,6 +270,13 @@
         matchText.textContent = match;
         caption.append(matchText);
       }
+      if (result.missing) {  // moved or deleted since it was indexed: no image to show, and the page says why
+        button.classList.add('missing');
+        const note = document.createElement('span');
+        note.className = 'gone';
+        note.textContent = 'no longer on disk';
+        caption.append(note);
+      }
       if (result.date) {  // with a date filter: the date it compared, and which one
         const dateText = document.createElement('span');
         dateText.className = 'date';
@@ -278,7 +286,7 @@
       button.append(img, caption);
       item.append(button);
       els.results.append(item);
-      showImage(img, result.thumbnail_url);
+      if (!result.missing) showImage(img, result.thumbnail_url);
     });
     if (hadFocus) {
       if (results.length) focusResult(focused ? Number(focused.dataset.index) : 0);
@@ -336,12 +344,18 @@
     els.viewerTitle.textContent = fileName(result.path);
     els.viewerImage.alt = fileName(result.path);
     els.viewerImage.removeAttribute('src');
-    showImage(els.viewerImage, result.image_url);
+    els.viewerImage.hidden = Boolean(result.missing);
+    if (!result.missing) showImage(els.viewerImage, result.image_url);
     const size = result.width && result.height ? `${result.width} × ${result.height} px · ` : '';
     const match = result.match == null ? '' : ` · match ${percent(result.match)}`;
     const date = result.date ? ` · ${describeDate(result)}` : '';
-    els.viewerMeta.textContent = `${size}score ${result.score.toFixed(3)}${match}${date} · ${result.path}`;
+    const gone = result.missing
+      ? 'This file is no longer on disk (moved or deleted since it was indexed); index its folder again to update ' +
+        'the collection. More like this still works. · '
+      : '';
+    els.viewerMeta.textContent = `${gone}${size}score ${result.score.toFixed(3)}${match}${date} · ${result.path}`;
     els.openFull.href = result.image_url;
+    els.openFull.hidden = Boolean(result.missing);
     els.viewer.showModal();
     els.moreLikeThis.focus();
   }
