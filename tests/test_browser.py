@@ -491,14 +491,42 @@ def test_more_like_this_is_a_step_in_the_history_and_survives_a_reload(page, ser
     expect(page.locator("#status")).to_contain_text("results like")
     like_ids = shown_ids(page)
     assert f"like={clicked}" in page.url and clicked not in like_ids
-    page.reload()
-    expect(page.locator("#status")).to_contain_text(f"results like #{clicked}")
+    name = page.evaluate(f"() => fetch('/api/images/{clicked}').then(r => r.json()).then(i => i.file_name)")
+    page.reload()  # the URL names the image by id only: the status still names its file
+    expect(page.locator("#status")).to_contain_text(f"results like {name}")
     assert shown_ids(page) == like_ids
     page.go_back()
     expect(page.locator("#status")).to_contain_text("results for “a red square”")
     assert shown_ids(page) == text_ids and page.locator("#query").input_value() == "a red square"
     page.go_forward()
-    expect(page.locator("#status")).to_contain_text(f"results like #{clicked}")
+    expect(page.locator("#status")).to_contain_text(f"results like {name}")
+    assert page.script_errors == []
+
+
+def test_each_search_submitted_is_a_step_in_the_history(page, server):
+    """Typing updates one entry until Enter commits it; the next search typed is a new entry, so Back goes through
+    the searches made (also back to a "more like this" step a new search was typed after)."""
+    page.goto(server.url + "/")
+    start = page.evaluate("history.length")
+    for query in ("a red square", "a blue square"):
+        page.fill("#query", query)  # the typing pause searches (and writes the URL) before Enter
+        expect(page.locator("#status")).to_contain_text(f"results for “{query}”")
+        page.press("#query", "Enter")
+    assert page.evaluate("history.length") == start + 2  # one entry per search, not per keystroke
+    page.locator("#results .result").first.click()
+    page.click("#more-like-this")
+    expect(page.locator("#status")).to_contain_text("results like")
+    like_url = page.url
+    page.fill("#query", "a green square")
+    expect(page.locator("#status")).to_contain_text("results for “a green square”")
+    page.go_back()
+    expect(page.locator("#status")).to_contain_text("results like")
+    assert page.url == like_url
+    page.go_back()
+    expect(page.locator("#status")).to_contain_text("results for “a blue square”")
+    page.go_back()
+    expect(page.locator("#status")).to_contain_text("results for “a red square”")
+    assert page.locator("#query").input_value() == "a red square"
     assert page.script_errors == []
 
 

@@ -36,6 +36,7 @@
     like: null,             // the result whose "more like this" search is shown (searched again when filters change)
     statsLoaded: false,     // api/stats answered (the footer and the re-rank toggle are set)
     lastRerun: { key: '', at: 0 },  // rerun's last search: Enter in a filter field fires its change and the submit
+    draftEntry: false,      // the current history entry was written by typing, not yet a search the user committed
   };
 
   // ---- API -------------------------------------------------------------------------------------
@@ -157,9 +158,13 @@
       ? (state.like && String(state.like.id) === like ? state.like : { id: Number(like), path: `#${like}` }) : null;
   }
 
-  function searchText() {
+  // History: a search the user committed (Enter, or a "more like this" step, or the page as loaded) keeps its entry, so
+  // Back returns to it; typing writes one new entry after it and then keeps updating that one until it is committed.
+  function searchText(submitted = false) {
     const q = els.query.value.trim();
-    saveState(q);
+    const shownQ = new URLSearchParams(window.location.search).get('q') || '';
+    saveState(q, q !== shownQ && !state.draftEntry);
+    state.draftEntry = !submitted && (q !== shownQ || state.draftEntry);
     if (q) state.like = null;
     if (!q) {
       state.requestSeq++;
@@ -204,25 +209,36 @@
     const step = push && !(state.like && state.like.id === result.id);
     state.like = result;
     saveState('', step);
+    state.draftEntry = false;
     const body = { image_id: result.id, k: k(), ...Object.fromEntries(filterEntries()) };
-    runSearch(`like ${fileName(result.path)}`, () => apiJson('api/search', {
+    const run = () => runSearch(`like ${fileName(result.path)}`, () => apiJson('api/search', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify(body),
     }));
+    if (result.path !== `#${result.id}`) { run(); return; }
+    // Named by the URL alone (a reload, Back/Forward, a shared link): its file name first, for the status line. An
+    // unknown id is left to the search, whose error says so.
+    const seq = state.requestSeq;
+    const stillWanted = () => seq === state.requestSeq && state.like === result;
+    apiJson(`api/images/${result.id}`).then((info) => {
+      if (!stillWanted()) return;
+      result.path = info.path;
+      run();
+    }, () => { if (stillWanted()) run(); });
   }
 
   // The current search again (after k or a filter changed): by text, by the "more like this" image, or by the example.
-  function rerun() {
+  function rerun(submitted = false) {
     const file = state.exampleFile;
     const key = `${searchParams(els.query.value.trim())}|${file ? `${file.name}:${file.size}:${file.lastModified}` : ''}`;
     const now = Date.now();
     if (key === state.lastRerun.key && now - state.lastRerun.at < 400) return;  // the same search a moment ago
     state.lastRerun = { key, at: now };
-    if (els.query.value.trim()) searchText();
+    if (els.query.value.trim()) searchText(submitted);
     else if (state.like) searchLike(state.like, false);
     else if (state.exampleFile) searchExample();
-    else searchText();  // nothing to search: clears the results and keeps the state in the URL
+    else searchText(submitted);  // nothing to search: clears the results and keeps the state in the URL
   }
 
   // ---- results grid ----------------------------------------------------------------------------
@@ -504,7 +520,7 @@
   els.form.addEventListener('submit', (event) => {
     event.preventDefault();
     clearTimeout(state.typingTimer);
-    rerun();
+    rerun(true);
   });
   els.k.addEventListener('change', rerun);
   // Filters search again when changed (text fields on Enter or when left, like the other form controls).
@@ -569,6 +585,7 @@
   }
 
   window.addEventListener('popstate', () => {
+    state.draftEntry = false;  // the entry Back/Forward went to is kept; typing starts a new one after it
     restoreState();
     searchFromUrl();
   });
