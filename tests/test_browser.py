@@ -600,3 +600,22 @@ def test_a_result_whose_file_is_gone_says_so_instead_of_a_broken_image(browser, 
             assert not [url for url in asked if f"/images/{moved_id}/" in url]  # never asked for its bytes
             page.click("#more-like-this")  # its stored vector still searches
             expect(page.locator("#results .result").first).to_be_visible()
+
+
+def test_show_more_asks_for_the_next_size_and_a_urls_k_is_kept(page, server, indexed):
+    total = len(indexed.photos)
+    assert 10 < total < 20
+    page.goto(server.url + "/?q=a+photo&k=10")
+    expect(page.locator("#status")).to_contain_text("10 results")
+    more = page.locator("#show-more")
+    expect(more).to_be_visible()  # as many as asked for: there may be more
+    first_ten = shown_ids(page)
+    more.click()
+    expect(page.locator("#status")).to_contain_text(f"{total} results")  # asked for 20: all there are
+    assert shown_ids(page)[:10] == first_ten and page.locator("#k").input_value() == "20"
+    expect(page.locator("#results .result").nth(10)).to_be_focused()  # the first new result
+    expect(more).to_be_hidden()  # fewer than asked for: nothing more to show
+    page.goto(server.url + "/?q=a+photo&k=7")  # a size the menu does not list is offered, not dropped for 20
+    expect(page.locator("#status")).to_contain_text("7 results")
+    assert page.locator("#k").input_value() == "7"
+    assert page.script_errors == []

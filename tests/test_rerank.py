@@ -311,6 +311,14 @@ def test_rest_search_reranks_and_validates(index_dir):
         kept = client.post("/api/search", json={"text": TEXT, "k": 5, "rerank": True, "rerank_k": 3,
                                                 "min_match": threshold}).json()["results"]
         assert [r["id"] for r in kept] == [r["id"] for r in results[:3] if r["match"] >= threshold]
+        best = max(r["match"] for r in results[:3])
+        assert best < 1.0
+        for answer in (client.get("/api/search", params={"q": TEXT, "k": 5, "rerank": "true", "rerank_k": 3,
+                                                         "min_match": (best + 1.0) / 2}),
+                       client.post("/api/search", json={"text": TEXT, "k": 5, "rerank": True, "rerank_k": 3,
+                                                        "min_match": (best + 1.0) / 2})):
+            # Nothing reached the threshold: the answer says so (the page shows it), not just an empty list.
+            assert answer.json()["results"] == [] and "minimum match" in answer.json()["note"], answer.text
 
         for params in ({"rerank_k": 0}, {"rerank_k": 257}, {"min_match": -0.1}, {"min_match": 1.01},
                        {"min_match": "nan"}, {"rerank_k": "many"}):

@@ -108,12 +108,17 @@ def parse_filter(folders: list[str] | str | None, after: str | None, before: str
     return SearchFilter.parse(folders=folders, after=after, before=before, orientation=orientation, min_size=min_size)
 
 
-def empty_note(searcher: Searcher, search_filter: SearchFilter, hits: list[SearchHit]) -> str | None:
-    """Why a search found nothing, when the collection is empty or the filters match no image (None otherwise)."""
+def empty_note(searcher: Searcher, search_filter: SearchFilter, hits: list[SearchHit],
+               min_match: float | None = None) -> str | None:
+    """Why a search found nothing: the collection is empty, the filters match no image, or no re-ranked hit reached
+    `min_match` (None otherwise)."""
     reason = searcher.why_empty(search_filter) if not hits else None
-    if reason is None:
-        return None
-    return reason.message + (f". {reason.hint}" if reason.hint else "")
+    if reason is not None:
+        return reason.message + (f". {reason.hint}" if reason.hint else "")
+    if not hits and min_match is not None:
+        return (f"no re-ranked result reached the minimum match of {min_match:.0%}. Lower min_match (the page's "
+                "Min. match) or leave it out.")
+    return None
 
 
 def search_response(request: Request, searcher: Searcher, query_text: str, hits: list[SearchHit],
@@ -167,7 +172,7 @@ async def search_text(request: Request, state: State,
     query.validate()
     searcher = await state.searcher_for(collection)
     hits = await state.search(searcher, query)
-    note = await state.run(empty_note, searcher, search_filter, hits) if not hits else None
+    note = await state.run(empty_note, searcher, search_filter, hits, min_match) if not hits else None
     return search_response(request, searcher, q, hits, started, search_filter, note)
 
 
@@ -201,7 +206,7 @@ async def search_combined(request: Request, state: State, body: SearchRequest) -
         if image is not None:
             del image, query
             await state.run(release_freed_memory)
-    note = await state.run(empty_note, searcher, search_filter, hits) if not hits else None
+    note = await state.run(empty_note, searcher, search_filter, hits, body.min_match) if not hits else None
     return search_response(request, searcher, text, hits, started, search_filter, note)
 
 

@@ -18,7 +18,7 @@
     viewerMeta: $('viewer-meta'), moreLikeThis: $('more-like-this'), openFull: $('open-full'),
     closeViewer: $('close-viewer'),
     keyDialog: $('key-dialog'), keyForm: $('key-form'), keyInput: $('api-key'), keyMessage: $('key-message'),
-    keyCancel: $('key-cancel'), footer: $('footer'),
+    keyCancel: $('key-cancel'), footer: $('footer'), showMore: $('show-more'),
   };
 
   const KEY_STORAGE = 'clipsearch.apiKey';
@@ -36,7 +36,8 @@
     like: null,             // the result whose "more like this" search is shown (searched again when filters change)
     statsLoaded: false,     // api/stats answered (the footer and the re-rank toggle are set)
     lastRerun: { key: '', at: 0 },  // rerun's last search: Enter in a filter field fires its change and the submit
-    draftEntry: false,      // the current history entry was written by typing, not yet a search the user committed
+    draftEntry: false,
+    focusAfterRender: null, // after "Show more": the index of the first new result, focused once it is shown      // the current history entry was written by typing, not yet a search the user committed
   };
 
   // ---- API -------------------------------------------------------------------------------------
@@ -85,10 +86,13 @@
       const count = answer.results.length;
       const filtered = answer.filters ? ` Only photos ${answer.filters}.` : '';
       setStatus(count === 0
-        ? `No photos found ${describe}. ${answer.note ? `${answer.note}` : `Try other words or another image.${filtered}`}`
+        ? `No photos found ${describe}. ${answer.note || `Try other words or another image.${filtered}`}`
         : `${count} result${count === 1 ? '' : 's'} ${describe}, best first (${Math.round(answer.took_ms)} ms).${filtered}`);
+      // As many results as asked for: there may be more. The button asks again for the next size up.
+      els.showMore.hidden = !(count > 0 && count >= k() && nextK() !== null);
     } catch (err) {
       if (seq !== state.requestSeq) return;
+      els.showMore.hidden = true;
       renderResults([]);
       setStatus('The search failed.');
       showError(err.message);
@@ -98,6 +102,17 @@
   }
 
   function k() { return Number(els.k.value) || 20; }
+
+  // The next result count offered after the current one (null: none; re-ranking scores at most 256 a search).
+  function nextK() {
+    const next = Array.from(els.k.options).find((o) => Number(o.value) > k() && !(reranking() && o.disabled));
+    return next ? next.value : null;
+  }
+
+  function offerRerankSizes() {
+    Array.from(els.k.options).forEach((o) => { o.disabled = reranking() && o.hasAttribute('data-no-rerank'); });
+    if (els.k.selectedOptions[0] && els.k.selectedOptions[0].disabled) els.k.value = '200';
+  }
   function reranking() { return state.canRerank && els.rerank.checked; }
   function percent(probability) { return `${Math.round(probability * 100)}%`; }
 
@@ -142,7 +157,15 @@
   function restoreState() {
     const params = new URLSearchParams(window.location.search);
     if (params.get('q')) els.query.value = params.get('q');
-    selectIfOffered(els.k, params.get('k'));
+    const wanted = params.get('k');
+    if (wanted && /^[0-9]{1,4}$/.test(wanted) && Number(wanted) >= 1 && Number(wanted) <= 1000 &&
+        !Array.from(els.k.options).some((o) => o.value === String(Number(wanted)))) {
+      const option = new Option(String(Number(wanted)), String(Number(wanted)));
+      if (Number(wanted) > 256) option.setAttribute('data-no-rerank', '');
+      const after = Array.from(els.k.options).find((o) => Number(o.value) > Number(wanted));
+      els.k.add(option, after || null);
+    }
+    selectIfOffered(els.k, wanted && /^[0-9]+$/.test(wanted) ? String(Number(wanted)) : wanted);
     els.rerank.checked = params.get('rerank') === '1' || params.get('rerank') === 'true';
     selectIfOffered(els.minMatch, params.get('min_match'));
     els.minMatch.disabled = !els.rerank.checked;
@@ -304,7 +327,10 @@
       els.results.append(item);
       if (!result.missing) showImage(img, result.thumbnail_url);
     });
-    if (hadFocus) {
+    const moreFrom = state.focusAfterRender;
+    state.focusAfterRender = null;
+    if (moreFrom !== null && moreFrom < results.length) focusResult(moreFrom);  // "Show more": the first new one
+    else if (hadFocus) {
       if (results.length) focusResult(focused ? Number(focused.dataset.index) : 0);
       else els.results.focus();
     }
@@ -523,6 +549,14 @@
     rerun(true);
   });
   els.k.addEventListener('change', rerun);
+  els.showMore.addEventListener('click', () => {
+    const shown = resultButtons().length;
+    const next = nextK();
+    if (next === null) return;
+    els.k.value = next;
+    state.focusAfterRender = shown;  // keyboard users land on the first new result
+    rerun();
+  });
   // Filters search again when changed (text fields on Enter or when left, like the other form controls).
   [els.filterIn, els.filterAfter, els.filterBefore, els.filterOrientation, els.filterMinSize].forEach((control) => {
     control.addEventListener('change', () => { showFiltersActive(); rerun(); });
@@ -535,6 +569,7 @@
   // Re-ranking applies to text searches only (the ITM head compares a text with each image).
   els.rerank.addEventListener('change', () => {
     els.minMatch.disabled = !els.rerank.checked;
+    offerRerankSizes();
     if (els.query.value.trim()) searchText(); else saveState('');
   });
   els.minMatch.addEventListener('change', () => {
@@ -563,6 +598,7 @@
       state.statsLoaded = true;
       state.canRerank = stats.can_rerank === true;
       els.rerankControls.hidden = !state.canRerank;
+      offerRerankSizes();
       const model = stats.model ? ` · model ${stats.model.name}` : '';
       const link = document.createElement('a');
       link.href = 'docs';
