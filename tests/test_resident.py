@@ -363,3 +363,32 @@ def _helper_cli(*args: str) -> str:
     result = subprocess.run([*CLI, "helper", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def test_a_model_file_rewritten_in_place_is_noticed(run_dir, tmp_path, tiny_bundle):
+    """Any file of the bundle (here the tokenizer, not a graph) rewritten under the same size: the helper reloads, and
+    the reload's checksum check refuses it as the in-process search does, instead of answering with the old model
+    (or, for a graph's memory-mapped weights, with the new bytes the checksum never saw)."""
+    from clipsearch.errors import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    folder = tmp_path / "photos"
+    make_photos(folder, 4)
+    root = tmp_path / "idx"
+    index_paths(Collection.create("s", root), ClipModel(bundle, threads=1), [str(folder)], IndexOptions(workers=0))
+    _cli_json(root, "a red square", "-k", "2")
+    _wait_listening()
+    # A text no search embedded before (not in the query cache): the helper loads its text tower for it.
+    assert client.ask("s", root, SearchQuery.build(text="a green square", k=2)) is not None
+    tokenizer = bundle / "tokenizer.json"
+    data = bytearray(tokenizer.read_bytes())
+    at = data.index(b'"vocab"') + 1
+    data[at] = ord("V")  # one byte, same size
+    tokenizer.write_bytes(bytes(data))
+    query = SearchQuery.build(text="a blue square", k=2)  # not in the query cache
+    with pytest.raises(BundleError) as in_process:
+        _in_process(root, query)
+    with pytest.raises(BundleError) as resident:
+        client.ask("s", root, query)
+    assert resident.value.message == in_process.value.message

@@ -61,11 +61,15 @@ class Kept:
 
     @staticmethod
     def model_files(searcher) -> tuple:
+        """model.json and every file it lists with a checksum (graphs, their external weights `*.onnx.data`, the
+        tokenizer, preprocess.json, an ITM head), each where it lives (a file shared with a sibling bundle in that
+        sibling's folder): any of them rewritten, even in place with its size kept, makes the helper reload, and the
+        reload checks the checksums again."""
         model = searcher.loaded_model
         if model is None:
             return ()
-        return tuple(_stat_key(p) for p in (model.info.path / "model.json", model.info.file("textual.onnx"),
-                                            model.info.file("visual.onnx")))
+        info = model.info
+        return tuple(_stat_key(p) for p in (info.path / "model.json", *(info.file(name) for name in sorted(info.files))))
 
     def note_model(self, searcher) -> None:
         """Add the files of a model `searcher` loaded since it was opened. The database identity stays the one
