@@ -296,6 +296,25 @@ def test_a_collection_on_read_only_storage_is_not_called_damaged(tmp_path, photo
         Collection.open("c", tmp_path / "idx").store
 
 
+def test_a_lock_file_that_cannot_be_written_is_a_clear_error(tmp_path, photos, model, monkeypatch):
+    # A read-only file system refuses the writer lock before anything else (root ignores file modes: simulated).
+    import errno
+
+    import clipsearch.store.collection as collection_module
+
+    with Collection.create("c", tmp_path / "idx") as collection:
+        run(collection, model, [photos])
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(collection_module, "open", read_only, raising=False)
+    with Collection.open("c", tmp_path / "idx") as collection:
+        with pytest.raises(CollectionError, match="cannot write to collection 'c'.*Read-only file system") as raised:
+            run(collection, model, [photos])
+    assert "writable" in raised.value.hint
+
+
 def test_a_full_disk_is_one_line_and_the_cleanup_does_not_hide_it(tmp_path, photos, model, monkeypatch, capsys):
     import sqlite3
 

@@ -341,7 +341,12 @@ class Collection:
         Taking it also removes what a killed rebuild left behind."""
         self._make_folder(self.root)
         lock_path = self.root / LOCK_FILE
-        handle = open(lock_path, "a+")
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as exc:  # a read-only folder or file system, another user's collection
+            raise CollectionError(f"cannot write to collection {self.name!r}: {lock_path}: {exc.strerror or exc}",
+                                  "Indexing and importing write beside the database: make the collection's folder "
+                                  "writable (or point CLIPSEARCH_HOME / --index-dir at a writable folder).") from exc
         try:
             try:
                 import fcntl
