@@ -542,3 +542,35 @@ def test_model_resolution_recovers_a_bundle_left_aside_by_a_crash(tiny_bundle, i
     cached.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(tiny_bundle, cached.parent / ".tiny-cached.old")  # the state a crash mid-swap leaves
     assert resolve_model("tiny-cached").path == cached and (cached / "model.json").is_file()
+
+
+def test_a_graph_that_outputs_zero_vectors_is_refused_not_stored(tiny_bundle, tmp_path, monkeypatch):
+    """Damaged weights that pass the checksum cache (edited in place, mtime put back) made the visual graph output
+    zeros, and 300 zero vectors were indexed: every search then scored 0. Not unit length means damaged."""
+    from clipsearch.errors import BundleError
+    from clipsearch.indexer.pipeline import IndexOptions
+    from clipsearch.indexer.runner import index_paths
+    from clipsearch.model.runtime import OnnxSession
+    from clipsearch.store.collection import Collection
+    from photo_fixtures import make_photos
+
+    model = ClipModel(tiny_bundle, threads=1)
+    real_run = OnnxSession.run
+
+    def zeros(self, inputs, output=None):
+        out = real_run(self, inputs, output)
+        return np.zeros_like(out) if self.path.name == "visual.onnx" else out
+
+    monkeypatch.setattr(OnnxSession, "run", zeros)
+    with pytest.raises(BundleError, match="not unit length"):
+        model.encode_images([Image.new("RGB", (64, 64), "red")])
+    photos = make_photos(tmp_path / "photos", 3)
+    with Collection.create("c", tmp_path / "idx") as collection:
+        with pytest.raises(BundleError, match="damaged"):
+            index_paths(collection, model, [str(photos[0].parent)], IndexOptions(workers=0))
+    from clipsearch.store.collection import list_collections
+
+    assert "c" not in list_collections(tmp_path / "idx")  # a first run that stored nothing leaves no collection
+    monkeypatch.setattr(OnnxSession, "run", real_run)
+    vectors = model.encode_images([Image.new("RGB", (64, 64), "red")])
+    assert abs(float(np.linalg.norm(vectors[0])) - 1.0) < 1e-3  # a healthy graph passes

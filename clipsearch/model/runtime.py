@@ -109,6 +109,9 @@ class OnnxSession:
             self._input_names = frozenset(i.name for i in session.get_inputs())
 
 
+UNIT_TOLERANCE = 0.01  # |norm - 1| a graph's output may have (fp16 and int8 graphs round; damage gives 0 or NaN)
+
+
 class ClipModel:
     """A dual encoder loaded from a bundle: `encode_text` and `encode_images` give L2-normalised vectors."""
 
@@ -164,6 +167,16 @@ class ClipModel:
             raise BundleError(f"model {self.info.name}: {graph} outputs vectors of shape {list(vectors.shape[1:])}, "
                               f"its model.json says embed_dim {self.embed_dim}",
                               "Export or download the bundle again (model.json does not describe its graphs).")
+        # Every graph ends in an L2 normalisation: a row that is not unit length (zeros, NaN) comes from damaged
+        # weights, and stored it would answer every search with the same score.
+        norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.ones(0, dtype=np.float32)
+        bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_TOLERANCE)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise BundleError(f"model {self.info.name}: {graph} output {int(bad.sum())} of {len(vectors)} vectors that "
+                              f"are not unit length (row {first} has norm {float(norms[first]):.4g}): its weights are "
+                              "damaged",
+                              "Check it with `clipsearch models info MODEL --verify`; export or download it again.")
         return vectors
 
     def open_visual(self) -> None:
