@@ -289,6 +289,14 @@ def test_a_pretrained_checkpoint_path_that_does_not_exist_is_named_as_a_missing_
     assert "no pretrained tag" not in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_checkpoint_file_that_is_not_one_is_one_line_not_a_traceback(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("garbage\n")
+    done = _cli("models", "export", "clipsearch-tiny", "--pretrained", str(garbage), "--out", str(tmp_path / "b"))
+    assert done.returncode == 1 and f"--pretrained {garbage}: not a readable checkpoint" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "b").exists()
+
+
 def test_a_bundle_copied_without_the_sibling_it_shares_files_with_says_so(tmp_path):
     import shutil
 

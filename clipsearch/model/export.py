@@ -127,6 +127,14 @@ def load_open_clip(arch: str, pretrained: str | None, random_init: bool, seed: i
             model = open_clip.create_model(arch, pretrained=checkpoint)
         except RuntimeError as exc:
             raise ModelNotAvailable(f"could not load weights for {arch}/{pretrained}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - torch.load raises unpickling/EOF/zip errors for a file that is no checkpoint
+            if not Path(checkpoint).is_file():
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotAvailable(f"--pretrained {pretrained}: not a readable checkpoint ({type(exc).__name__}: "
+                                    f"{first[:200]})",
+                                    "Give an open_clip checkpoint (.pt/.bin/.safetensors, as saved by open_clip "
+                                    "training or downloaded from its model page), or an open_clip tag.") from exc
     model.eval()
     return model
 
