@@ -83,7 +83,7 @@ def import_embeddings(
 
 @app.command("export-embeddings")
 def export_embeddings(
-    folder: Path = typer.Argument(..., help="A new or empty folder to write img_emb/, metadata/ and clipsearch.json into"),
+    folder: Path = typer.Argument(..., help="A folder without embeddings yet (new, empty, or holding other files, which are left alone) to write img_emb/, metadata/ and clipsearch.json into"),
     collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
     shard_size: int = typer.Option(1_000_000, "--shard-size", min=1, help="Rows per img_emb_N.npy / metadata_N.parquet"),
     fp16: bool = typer.Option(False, "--fp16", help="Write float16 vectors, as clip inference does (default float32: "

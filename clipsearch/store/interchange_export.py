@@ -58,7 +58,8 @@ def export_embeddings(collection: Collection, folder: Path | str, shard_size: in
     taken = [p.name for d in (emb_dir, meta_dir, folder / TEXT_EMB_DIR) if d.is_dir() for p in d.iterdir()]
     if taken or (folder / MODEL_FILE).exists():
         raise InterchangeError(f"{folder}: already holds embeddings ({', '.join(sorted(taken)[:3]) or MODEL_FILE})",
-                               "Export into a new or empty folder.")
+                               "Export into a folder without img_emb/, metadata/, text_emb/ or clipsearch.json "
+                               "(a new one, say); nothing is overwritten.")
     try:
         emb_dir.mkdir(parents=True, exist_ok=True)
         meta_dir.mkdir(parents=True, exist_ok=True)
