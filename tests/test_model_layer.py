@@ -297,6 +297,20 @@ def test_a_checkpoint_file_that_is_not_one_is_one_line_not_a_traceback(tmp_path)
     assert "Traceback" not in done.stderr and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("spec, says", [
+    ("{tmp}/nowhere/bundle", "no such folder, so no model bundle there"),
+    ("./nowhere-dir", "no such folder, so no model bundle there"),
+    ("{tmp}", "not a model bundle (missing model.json"),
+])
+def test_a_model_path_that_holds_no_bundle_says_so_not_unknown_architecture(tmp_path, spec, says):
+    from clipsearch.errors import ModelNotAvailable
+    from clipsearch.model.resolve import resolve_model
+
+    with pytest.raises(ModelNotAvailable) as raised:
+        resolve_model(spec.format(tmp=tmp_path), export_missing=False)
+    assert says in raised.value.message and "architecture" not in raised.value.message
+
+
 def test_a_bundle_copied_without_the_sibling_it_shares_files_with_says_so(tmp_path):
     import shutil
 

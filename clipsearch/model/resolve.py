@@ -63,6 +63,24 @@ def _not_found(spec: str) -> ModelNotAvailable:
     )
 
 
+def _looks_like_a_path(spec: str) -> bool:
+    """A spec written as a path (absolute, ~, ./ or ../), never an open_clip ARCH/TAG (architectures are names)."""
+    return spec.startswith(("/", "~", "./", "../", ".\\")) or spec in (".", "..") or os.path.isabs(spec)
+
+
+def _no_bundle_at(spec: str, folder: Path) -> ModelNotAvailable:
+    """The error for a spec that names a path holding no bundle: what is there instead."""
+    if folder.is_dir():
+        missing = [name for name in ("model.json", "visual.onnx", "textual.onnx") if not (folder / name).exists()]
+        what = f"missing {', '.join(missing)}" if missing else "its model.json cannot be read"
+        return ModelNotAvailable(f"{spec}: not a model bundle ({what})",
+                                 "A bundle folder holds model.json, visual.onnx, textual.onnx, tokenizer.json and "
+                                 "preprocess.json: give the folder `clipsearch models export` or a hub download wrote.")
+    there = "a file, not a folder" if folder.exists() else "no such folder"
+    return ModelNotAvailable(f"{spec}: {there}, so no model bundle there",
+                             "Check the path (a bundle is a folder), or give a model name from `clipsearch models list`.")
+
+
 def resolve_model(spec: str | os.PathLike[str] | None = None, *, export_missing: bool = True) -> BundleInfo:
     """Turn a model spec into a readable bundle, exporting `ARCH/TAG` into the cache when needed."""
     text = str(spec) if spec is not None else default_model_spec()
@@ -78,6 +96,8 @@ def resolve_model(spec: str | os.PathLike[str] | None = None, *, export_missing:
         _recover(root / text)
         if is_bundle(root / text):
             return read_bundle(root / text)
+    if _looks_like_a_path(text) or candidate.is_dir():
+        raise _no_bundle_at(text, candidate)
     if "/" in text and not candidate.exists():
         arch, _, tag = text.partition("/")
         cached = model_cache_dir() / cache_name(arch, tag)
