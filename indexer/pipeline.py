@@ -81,6 +81,8 @@ class IndexSummary:
     tokens: str = ""  # how ITM image tokens are stored ("" when the collection stores none)
     token_bytes_per_image: int = 0
     tokens_added: int = 0  # indexed images that got their tokens in this run without being re-embedded
+    rebuilt_roots: list[str] = field(default_factory=list)  # --rebuild: folders indexed before, walked beside PATHS
+    vanished_roots: list[str] = field(default_factory=list)  # paths given that are gone: their images were removed
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -21,6 +21,7 @@ tokens on for an indexed collection, or resuming a killed run that was adding th
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -135,9 +136,18 @@ class LocalRunner:
         """`unreadable`: the collection's database cannot be read (--rebuild only): the run builds a new generation
         and switches to it, as a rebuild does, but with nothing carried over."""
         options = self.options
-        walked = self._walk(roots)
-        if not walked.roots:  # checked before --rebuild starts anything
-            raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems))
+        also: list[str] = []
+        if options.rebuild and current is not None and not unreadable:
+            # "Re-embed everything": the folders indexed before are walked too, not only the paths given (the new
+            # generation would otherwise drop every image outside them). A folder that is gone has nothing to give.
+            also = _other_roots(collection.store.indexed_roots(), roots)
+        walked = self._walk([*roots, *also])
+        if not unreadable:
+            _note_vanished(walked, collection.store)
+        given = {os.path.abspath(str(r)) for r in roots}
+        if not any(r in given for r in walked.roots):  # checked before --rebuild starts anything
+            raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems
+                                                                    if p in given))
         # Chosen before --rebuild starts: the old choice carries over (an unreadable database has none to give).
         tokens = None if unreadable else collection.choose_tokens(model, options.tokens)
         rebuilding = options.rebuild and (current is not None or unreadable)  # else there is nothing to keep serving
@@ -157,7 +167,11 @@ class LocalRunner:
                 target.close()  # the half-built generation is removed by the next run on the collection
             raise
         if rebuilding:
+            if not unreadable:
+                summary.removed += _left_behind(collection, target)
             collection.finish_rebuild(target)
+        summary.rebuilt_roots = also
+        summary.vanished_roots = walked.vanished
         return summary
 
     # -- the steps another runner replaces (see indexer/ray_runner.py) -----------------------------------------------
@@ -237,7 +251,8 @@ class LocalRunner:
 
         run_id = store.next_run_id()
         if record_roots:
-            store.record_roots([r for r in walked.roots if not is_url_path(r)])  # URLs: no folder to show
+            store.record_roots([r for r in walked.roots if not is_url_path(r) and r not in walked.vanished])
+            store.forget_roots(walked.vanished)  # URLs: no folder to show; vanished ones: none any more
         plan = make_plan(walked.files, store)
         store.touch(plan.unchanged_ids, run_id)
         store.touch_skipped(plan.still_bad_paths, run_id)
@@ -327,3 +342,38 @@ def index_paths(collection: Collection, model, roots: Sequence[str | Path], opti
                 progress: ProgressCallback | None = None) -> IndexSummary:
     """Convenience entry point: run the local runner once."""
     return LocalRunner(options).run(collection, model, roots, progress)
+
+
+def _other_roots(recorded: dict[str, str], given: Sequence[str | Path]) -> list[str]:
+    """The roots of `recorded` (a collection's indexed roots) that exist and that no path of `given` covers, in order."""
+    covered = [os.path.abspath(str(p)) for p in given if not is_url_path(str(p))]
+
+    def inside(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+    return [root for root in recorded
+            if not any(inside(root, folder) for folder in covered) and os.path.exists(root)]
+
+
+def _left_behind(old: Collection, new: Collection) -> int:
+    """How many images of `old`'s generation the rebuilt one `new` does not hold (their files or folders are gone,
+    or they were imported rows with no file to embed again): the rebuild removes them."""
+    from clipsearch.store.collection import STORE_FILE
+
+    conn = new.store.conn
+    conn.execute("ATTACH DATABASE ? AS previous", [str(old.folder / STORE_FILE)])
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM previous.images WHERE path NOT IN (SELECT path FROM main.images)"
+                                ).fetchone()[0])
+    finally:
+        conn.execute("DETACH DATABASE previous")
+
+
+def _note_vanished(walked: WalkResult, store) -> None:
+    """Roots that are gone but hold images in the collection become roots of the run (the sweep removes their images)
+    instead of problems: indexing a deleted folder is how its images leave the collection."""
+    for path, reason in list(walked.problems):
+        if reason == "no such file or folder" and not is_url_path(path) and store.count_under(path):
+            walked.problems.remove((path, reason))
+            walked.roots.append(path)
+            walked.vanished.append(path)

@@ -48,6 +48,9 @@ class WalkResult:
     files: list[FoundFile] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     roots: list[str] = field(default_factory=list)
+    # Roots given that no longer exist but under which the collection holds images (a deleted folder or file): a
+    # run sweeps them like any root, so their images leave the collection (the runner fills this in).
+    vanished: list[str] = field(default_factory=list)
 
 
 def _excluded(path: str, name: str, root: str, patterns: Sequence[str]) -> bool:

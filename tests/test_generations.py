@@ -220,3 +220,31 @@ def test_an_unreadable_database_is_indexed_again_by_rebuild_with_model_as_its_hi
     assert not database.exists()  # the unreadable file went with the generation it belonged to
     with Collection.open("u", root) as collection:
         assert collection.store.count() == 3
+
+
+def test_rebuild_of_one_folder_re_embeds_every_folder_indexed_before(tmp_path, model, other_bundle):
+    """`index A --rebuild` on a collection of A and B kept only A's images (and said "0 removed"): re-embedding
+    "everything" walks B too. A folder indexed before that is gone is dropped, and counted as removed."""
+    a, b, gone = tmp_path / "a", tmp_path / "b", tmp_path / "gone"
+    make_photos(a, 3)
+    make_photos(b, 2, start_seed=50)
+    make_photos(gone, 2, start_seed=90)
+    root = tmp_path / "idx"
+    for folder in (a, b, gone):
+        index_paths(Collection.create("g", root), model, [str(folder)], IndexOptions(workers=0))
+    shutil.rmtree(gone)
+    result = subprocess.run([*CLI, "index", str(a), "--collection", "g", "--index-dir", str(root), "--rebuild",
+                             "--model", str(other_bundle), "--workers", "0", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["total"], summary["removed"]) == (5, 2)
+    assert summary["rebuilt_roots"] == [str(b)]
+    with Searcher.open("g", root) as searcher:
+        assert searcher.collection.require_model().name == "tiny-other"
+        paths = [p for _, p in _hits(searcher)]
+        assert len(paths) == 5 and sum(p.startswith(str(a) + os.sep) for p in paths) == 3
+        assert sum(p.startswith(str(b) + os.sep) for p in paths) == 2
+    text = subprocess.run([*CLI, "index", str(a), "--collection", "g", "--index-dir", str(root), "--rebuild",
+                           "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and f"also re-embedded the folders indexed before: {b}" in text.stdout, text.stdout

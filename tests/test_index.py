@@ -702,3 +702,31 @@ def test_rebuild_with_a_mistyped_folder_loses_nothing(tmp_path, photos, model):
     with pytest.raises(CollectionError, match="nothing to index"):
         run(collection, model, [tmp_path / "no-such-folder"], rebuild=True)
     assert collection.store.count() == 12 and collection.check().ok
+
+
+def test_indexing_a_deleted_folder_or_file_removes_its_images(tmp_path, model):
+    """The README's cure for results whose files are gone ("index their folder again") failed for a folder that was
+    itself deleted: "nothing to index: no such file or folder". Naming a gone path the collection holds images
+    under removes them; a path it holds nothing under is still refused (a typo deletes nothing)."""
+    from clipsearch.indexer.pipeline import IndexOptions
+    from clipsearch.indexer.runner import LocalRunner
+    from photo_fixtures import make_photos
+
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    make_photos(kept, 3)
+    make_photos(gone, 2, start_seed=70)
+    lone = make_photos(tmp_path / "lone", 1, start_seed=80)[0]
+    with Collection.create("c", tmp_path / "idx") as collection:
+        for path in (kept, gone, lone):
+            run(collection, model, [path])
+        assert collection.store.count() == 6
+        shutil.rmtree(gone)
+        lone.unlink()
+        with pytest.raises(CollectionError, match="nothing to index: .*typo: no such file or folder"):
+            run(collection, model, [tmp_path / "typo"])
+        summary = LocalRunner(IndexOptions(workers=0)).run(collection, model, [str(gone), str(lone)])
+        assert (summary.removed, summary.total, summary.added) == (3, 3, 0)
+        assert summary.vanished_roots == [str(gone), str(lone)]
+        assert collection.check().ok
+        assert set(collection.store.indexed_roots()) == {str(kept)}
+        assert all(p.startswith(str(kept)) for p in collection.store.file_states())

@@ -1,6 +1,6 @@
 """Paths in the CLI's text listings: a file name may hold control characters (an escape sequence that clears the
 screen or retitles the terminal, a newline that splits a line in two). Text listings show them escaped, as `ls -b`
-does; --json, --paths-only and -0 keep names exactly."""
+does; --json, -0 and --paths-only into a pipe keep names exactly (--paths-only on a terminal escapes them too)."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def index(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: one per core; 0 = none)"),
     exclude: List[str] = typer.Option([], "--exclude", help="Glob of files or folders to leave out (repeatable)"),
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Also walk hidden and tool folders (.git, node_modules, ...)"),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Re-embed everything into a new generation (needed to switch models); searches use the old one until it is complete"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Re-embed everything (PATHS and every folder indexed before) into a new generation (needed to switch models); searches use the old one until it is complete"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Encoder threads (default: all cores)"),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=_INDEX_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
@@ -291,12 +291,20 @@ def _print_summary(summary, prefix: str = "", list_skipped: bool = True, tokens_
     typer.echo(f"{prefix}{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} "
                f"reused, {summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
                f"{summary.total} images in total ({summary.seconds:.1f} s{rate})")
+    from .display import shown_path
+
+    if getattr(summary, "vanished_roots", None):
+        typer.echo(f"  gone from disk, so their images left the collection: "
+                   f"{', '.join(shown_path(r) for r in summary.vanished_roots)}")
+    if getattr(summary, "rebuilt_roots", None):
+        typer.echo(f"  --rebuild also re-embedded the folders indexed before: "
+                   f"{', '.join(shown_path(r) for r in summary.rebuilt_roots)}")
     if summary.tokens and (tokens_line or summary.tokens_added):
         added = f", {summary.tokens_added} added to indexed images" if summary.tokens_added else ""
         typer.echo(f"  ITM image tokens: {summary.tokens}, {_format_bytes(summary.token_bytes_per_image)}/image{added}")
     if list_skipped:
         for skipped in summary.skipped:
-            typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+            typer.echo(f"  skipped {shown_path(skipped.path)}: {skipped.reason}", err=True)
 
 
 def _format_bytes(count: int) -> str:

@@ -158,7 +158,14 @@ def search(
     elif paths_only or null:
         end = b"\0" if null else b"\n"
         out = sys.stdout.buffer
-        out.write(b"".join(os.fsencode(h.path) + end for h in hits))
+        if not null and sys.stdout.isatty():
+            # On a terminal a name's control characters would act (retitle, clear, split a line): escaped, as `ls`
+            # does; piped, the paths are exact (and -0 always is).
+            from .display import shown_path
+
+            out.write(b"".join(os.fsencode(shown_path(h.path)) + end for h in hits))
+        else:
+            out.write(b"".join(os.fsencode(h.path) + end for h in hits))
         out.flush()
     else:
         _print_hits(hits, rerank, dated, drawing, preview_size)

@@ -378,6 +378,21 @@ class Store:
         if fresh:
             self.set_meta({"roots": json.dumps({**known, **fresh}, sort_keys=True)})
 
+    def forget_roots(self, roots: Sequence[str]) -> None:
+        """Stop remembering `roots` (folders that are gone, whose images a run removed)."""
+        known = self.indexed_roots()
+        kept = {root: real for root, real in known.items() if root not in {os.path.abspath(r) for r in roots}}
+        if len(kept) != len(known):
+            self.set_meta({"roots": json.dumps(kept, sort_keys=True)})
+
+    def count_under(self, root: str) -> int:
+        """How many images are stored under `root` (the file itself, or anything inside the folder)."""
+        if not is_utf8(root):
+            return 0
+        prefix = root.rstrip("/\\") + "/"
+        return int(self.conn.execute("SELECT COUNT(*) FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
+                                     [root, len(prefix), prefix]).fetchone()[0])
+
     @property
     def generation(self) -> int:
         return int(self.get_meta("generation", "0") or 0)
