@@ -317,6 +317,21 @@ def test_text_listings_escape_control_characters_in_names_and_null_output_keeps_
     assert text.stdout.rstrip("\n").endswith("evil\\x1b[2J\\x1b]0;TITLE\\x07\\nline.png")
     raw = subprocess.run([*base, "-0"], capture_output=True, timeout=120, env=env)
     assert raw.stdout == os.fsencode(str(folder / evil)) + b"\0"
+    piped = subprocess.run([*base, "--paths-only"], capture_output=True, timeout=120, env=env)
+    assert piped.stdout == os.fsencode(str(folder / evil)) + b"\n"  # into a pipe: exact, for scripts
+    from terminal_fixtures import popen_on_terminal, read_terminal
+
+    proc, master = popen_on_terminal([*base, "--paths-only"], "stdout", env, raw=True)
+    shown = read_terminal(master)
+    assert proc.wait(timeout=120) == 0
+    assert b"\x1b" not in shown and b"\x07" not in shown and shown.count(b"\n") == 1  # on a terminal: escaped
+    assert shown.endswith(b"evil\\x1b[2J\\x1b]0;TITLE\\x07\\nline.png\n")
+    # A file that cannot be indexed is named escaped in the run's "skipped" lines too.
+    (folder / "bad\x1b[31mred\nx.jpg").write_bytes(b"not an image")
+    skipped = subprocess.run([*CLI, "index", str(folder), "--collection", "odd", "--index-dir", str(tmp_path / "idx"),
+                              "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert skipped.returncode == 0 and "\x1b" not in skipped.stderr
+    assert "skipped " + str(folder) + "/bad\\x1b[31mred\\nx.jpg:" in skipped.stderr, skipped.stderr
     duplicates = subprocess.run([*CLI, "duplicates", "--collection", "odd", "--index-dir", str(tmp_path / "idx"),
                                  "--threshold", "0.5"], capture_output=True, text=True, timeout=120, env=env)
     assert duplicates.returncode == 0 and "\x1b" not in duplicates.stdout
