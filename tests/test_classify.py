@@ -119,6 +119,9 @@ def test_classify_folder_cli_writes_one_row_per_image(tmp_path, tiny_bundle):
     csv_rows = subprocess.run([*CLI, "classify", one, "--labels", "cat,dog", "--model", str(tiny_bundle), "--rows"],
                               capture_output=True, text=True, timeout=120).stdout
     assert list(csv.reader(io.StringIO(csv_rows)))[0] == ["path", "label", "probability", "cat", "dog"]
+    raw = subprocess.run([*CLI, "classify", str(folder), "--labels", "cat,dog", "--model", str(tiny_bundle)],
+                         capture_output=True, timeout=120).stdout
+    assert raw.count(b"\n") > 2 and b"\r" not in raw  # Unix line ends: no \r on each last field for cut or awk
     # A label named like a column would make a header DictReader cannot read back: refused for CSV, fine in JSON.
     clash = subprocess.run([*CLI, "classify", str(folder), "--labels", "path,dog", "--model", str(tiny_bundle)],
                            capture_output=True, text=True, timeout=120)

@@ -596,3 +596,9 @@ def test_a_graph_that_outputs_zero_vectors_is_refused_not_stored(tiny_bundle, tm
     monkeypatch.setattr(OnnxSession, "run", real_run)
     vectors = model.encode_images([Image.new("RGB", (64, 64), "red")])
     assert abs(float(np.linalg.norm(vectors[0])) - 1.0) < 1e-3  # a healthy graph passes
+
+
+def test_embed_refuses_an_empty_text_as_search_does(tiny_bundle):
+    done = _cli("embed", "-m", str(tiny_bundle), "--text", "a dog", "--text", "   ")
+    assert done.returncode == 2 and "empty text" in done.stderr and done.stdout == ""
+    assert _cli("embed", "-m", str(tiny_bundle), "--text", "a dog").returncode == 0

@@ -471,3 +471,19 @@ def test_an_empty_collection_says_so_when_indexed_and_when_searched(tmp_path, ti
         assert found.returncode == 0 and found.stdout == ""
         assert f"no results: collection '{folder}' has no images yet" in found.stderr
         assert f"clipsearch index FOLDER --collection {folder}" in found.stderr
+
+
+def test_a_text_query_that_names_an_image_file_or_url_gets_a_note(tmp_path, model):
+    folder = tmp_path / "pics"
+    make_photos(folder, 2)
+    with Collection.create("named", tmp_path / "idx") as collection:
+        index_paths(collection, model, [str(folder)], IndexOptions(workers=0))
+    base = [*CLI, "search", "--collection", "named", "--index-dir", str(tmp_path / "idx"), "-k", "1"]
+    env = {**os.environ, "CLIPSEARCH_HELPER": "0"}
+    photo = str(next(folder.glob("*.png")))
+    named = subprocess.run([*base, photo], capture_output=True, text=True, timeout=120, env=env)
+    assert named.returncode == 0 and f"to search by that image use --image {photo}" in named.stderr
+    url = subprocess.run([*base, "https://example.com/cat.jpg"], capture_output=True, text=True, timeout=120, env=env)
+    assert url.returncode == 0 and "searching the words of the URL" in url.stderr
+    words = subprocess.run([*base, "a red square"], capture_output=True, text=True, timeout=120, env=env)
+    assert words.returncode == 0 and "note:" not in words.stderr

@@ -175,6 +175,10 @@ def embed_cmd(
 
     if not text and not image:
         raise typer.BadParameter("give --text and/or --image")
+    for one in text or []:  # as `search` refuses it: an empty text embeds the padding alone, a meaningless vector
+        if not one.strip():
+            raise typer.BadParameter("empty text: describe something, e.g. --text \"a dog on a beach\"",
+                                     param_hint="--text")
     clip = load_model(model)
     vectors = []
     if text:

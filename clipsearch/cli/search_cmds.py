@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -117,6 +118,7 @@ def search(
                               include_query_images=include_self, rerank=rerank, rerank_k=rerank_k, min_match=min_match,
                               filter=search_filter, nprobe=nprobe)
     query.validate()  # before loading anything
+    _note_text_that_names_an_image(text)
     helped = resident.eligible(query, model)
     answer = resident.ask(collection, index_dir, query) if helped else None
     if answer is not None:
@@ -217,6 +219,19 @@ def _print_hits(hits: list, rerank: bool, dated: bool, protocol: str, size: int)
                 continue
             sys.stdout.write(picture + "\n")
             sys.stdout.flush()
+
+
+def _note_text_that_names_an_image(text: Optional[str]) -> None:
+    """rclip takes a query that is a file or URL as an image; here it is searched as words. Say so on stderr when the
+    text names a file that is there, or is a URL, so that `clipsearch search photo.jpg` does not look broken."""
+    if not text:
+        return
+    if os.path.isfile(os.path.expanduser(text)):
+        typer.echo(f"note: searching the words of {text!r}; to search by that image use --image {shlex.quote(text)}",
+                   err=True)
+    elif text.lower().startswith(("http://", "https://")):
+        typer.echo("note: searching the words of the URL; to search by an image, download it and use --image FILE",
+                   err=True)
 
 
 def _warn_missing(gone: List[str], found: int, collection: str) -> None:
@@ -372,18 +387,25 @@ def classify(
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         if single and len(rows) == 1:
-            writer = csv.writer(sys.stdout)
+            writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(["label", "probability"])
             for score in rows[0]["scores"]:
                 writer.writerow([score.label, f"{score.probability:.6f}"])
         else:
-            writer = csv.writer(sys.stdout)
+            writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(["path", "label", "probability", *label_list])
+            from .display import shown_path
+
+            # Unix line ends (csv's default \r\n left a \r on every last field for cut, awk, sort); on a terminal a
+            # name's control characters are escaped as in the listings (into a pipe the CSV keeps names exact).
+            show = shown_path if sys.stdout.isatty() else str
             for r in rows:
                 by_label = {s.label: s.probability for s in r["scores"]}
-                writer.writerow([r["path"], r["scores"][0].label, f"{r['scores'][0].probability:.6f}",
+                writer.writerow([show(r["path"]), r["scores"][0].label, f"{r['scores'][0].probability:.6f}",
                                  *(f"{by_label[label]:.6f}" for label in label_list)])
     for e in errors:
-        typer.echo(f"skipped {e['path']}: {e['error']}", err=True)
+        from .display import shown_path
+
+        typer.echo(f"skipped {shown_path(e['path'])}: {e['error']}", err=True)
     if errors and not rows:
         raise typer.Exit(1)
