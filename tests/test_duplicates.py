@@ -185,6 +185,8 @@ def test_cli_prints_groups_with_sizes_dimensions_and_paths(small):
     half = next(line for line in lines if "--half.png" in line)
     size = (small.root / "copies" / half.split("/copies/")[1]).stat().st_size
     assert "32×32" in half and f"{size:,} bytes" in half
+    # emoji-mini is not made for photographs: a listing that invites deleting files says so (on stderr)
+    assert "emoji-mini is not made for photographs" in result.stderr and "--rebuild --model hf:" in result.stderr
 
 
 def test_cli_json_shape(small):

@@ -13,6 +13,19 @@ from . import app
 _INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
 
 
+def _note_model_not_for_photos(searcher, report) -> None:
+    """A model made for emoji and icons (the bundled default) puts different photographs in one group: say so on
+    stderr before a listing that invites deleting files."""
+    from ..duplicates import collection_bundle
+    from ..model.resolve import RECOMMENDED_HUB, suits_photos
+
+    bundle = collection_bundle(searcher)
+    if report.groups and bundle is not None and suits_photos(bundle) is False:
+        typer.echo(f"note: {bundle.name} is not made for photographs: among photos its groups can join different "
+                   f"pictures, so look at a group before deleting anything (for photos: clipsearch index FOLDER "
+                   f"--collection {searcher.collection.name} --rebuild --model {RECOMMENDED_HUB})", err=True)
+
+
 @app.command()
 def duplicates(
     collection: str = typer.Option("default", "--collection", "-c", help="Collection name"),
@@ -37,6 +50,7 @@ def duplicates(
         check_threshold(threshold)  # before opening anything
     with Searcher.open(collection, index_dir) as searcher:
         report = find_duplicates(searcher, threshold, neighbours)
+        _note_model_not_for_photos(searcher, report)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return

@@ -403,9 +403,9 @@ def classify(
                 by_label = {s.label: s.probability for s in r["scores"]}
                 writer.writerow([show(r["path"]), r["scores"][0].label, f"{r['scores'][0].probability:.6f}",
                                  *(f"{by_label[label]:.6f}" for label in label_list)])
-    for e in errors:
-        from .display import shown_path
+    from .display import shown_path as escaped
 
-        typer.echo(f"skipped {shown_path(e['path'])}: {e['error']}", err=True)
+    for e in errors:
+        typer.echo(f"skipped {escaped(e['path'])}: {e['error']}", err=True)
     if errors and not rows:
         raise typer.Exit(1)
