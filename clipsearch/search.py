@@ -124,11 +124,10 @@ class Searcher:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    from .model.resolve import load_model
                     from .model.runtime import ClipModel
 
                     model = (ClipModel(self._model_info, threads=self.model_threads) if self._model_info is not None
-                             else load_model(self.collection_model.spec, threads=self.model_threads))
+                             else self.collection_model.load(self.collection.name, threads=self.model_threads))
                     self._check_model(model)
                     self._model = model
         return self._model

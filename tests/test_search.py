@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import re
 import sys
@@ -487,3 +488,37 @@ def test_a_text_query_that_names_an_image_file_or_url_gets_a_note(tmp_path, mode
     assert url.returncode == 0 and "searching the words of the URL" in url.stderr
     words = subprocess.run([*base, "a red square"], capture_output=True, text=True, timeout=120, env=env)
     assert words.returncode == 0 and "note:" not in words.stderr
+
+
+def test_a_collections_bundle_moved_or_replaced_is_named_as_such(tmp_path, tiny_bundle):
+    import json as _json
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = _json.loads((bundle / "model.json").read_text())
+    meta["name"] = "tiny-of-this-test"  # a name no model cache or bundled model answers to
+    (bundle / "model.json").write_text(_json.dumps(meta))
+    folder = tmp_path / "pics"
+    make_photos(folder, 2)
+    with Collection.create("mv", tmp_path / "idx") as collection:
+        index_paths(collection, ClipModel(bundle, threads=1), [str(folder)], IndexOptions(workers=0))
+    base = [*CLI, "search", "a red square", "--collection", "mv", "--index-dir", str(tmp_path / "idx")]
+    env = {**os.environ, "CLIPSEARCH_HELPER": "0"}
+    moved = tmp_path / "moved"
+    bundle.rename(moved)
+    gone = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert gone.returncode == 1 and f"whose bundle was at {bundle} and is not there any more" in gone.stderr, gone
+    assert "pass --model with its new folder" in gone.stderr and "Traceback" not in gone.stderr
+    assert subprocess.run([*base, "--model", str(moved)], capture_output=True, timeout=120, env=env).returncode == 0
+    index = subprocess.run([*CLI, "index", str(folder), "--collection", "mv", "--index-dir", str(tmp_path / "idx"),
+                            "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert index.returncode == 1 and "is not there any more" in index.stderr
+    # Another model now where the collection's bundle was (exported over it, say).
+    shutil.copytree(moved, bundle)
+    meta = _json.loads((bundle / "model.json").read_text())
+    meta["name"] = "someone-else"
+    (bundle / "model.json").write_text(_json.dumps(meta))
+    replaced = subprocess.run([*base[:4], "a new text", *base[5:]], capture_output=True, text=True, timeout=120,
+                              env=env)  # a text not in the query cache: the model is loaded
+    assert replaced.returncode == 1 and f"its bundle folder {bundle} now holds model someone-else@" in replaced.stderr
+    assert "Leave out --model" not in replaced.stderr

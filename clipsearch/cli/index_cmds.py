@@ -334,7 +334,8 @@ def _collection_model(target, model: Optional[str], threads: Optional[int], as_j
             raise
         remembered = None
     spec = model or (remembered.spec if remembered else None)
-    clip = load_model(spec, threads=threads)
+    clip = (remembered.load(target.name, threads=threads) if model is None and remembered is not None
+            else load_model(spec, threads=threads))
     notice = default_model_notice(spec)
     if notice and not as_json:
         typer.echo(notice, err=True)

@@ -83,6 +83,31 @@ class CollectionModel:
         spec = self.spec
         return Path(spec).name if Path(spec).parent == BUNDLED_DIR else spec
 
+    def load(self, collection: str, threads: int | None = None):
+        """This model, loaded (a `ClipModel`) for the collection named `collection`: a clear error when its bundle
+        folder is gone (moved: name the new folder with --model) or now holds another model (replaced)."""
+        from ..errors import ModelNotAvailable
+        from ..model.resolve import load_model
+
+        try:
+            model = load_model(self.spec, threads=threads)
+        except ModelNotAvailable as exc:
+            if not self.bundle_path or is_bundle(Path(self.bundle_path)) or self.spec != self.name:
+                raise
+            raise ModelNotAvailable(
+                f"collection {collection!r} was built with model {self.name}, whose bundle was at {self.bundle_path} "
+                "and is not there any more", "If it moved, pass --model with its new folder (it is checked to be the "
+                "same model; `clipsearch index` with it remembers the new place); to use another model, re-embed: "
+                f"clipsearch index PATH --collection {collection} --rebuild --model MODEL.") from exc
+        if model.model_id != self.model_id:
+            raise CollectionError(
+                f"collection {collection!r} was built with model {self.model_id}, but its bundle folder "
+                f"{self.bundle_path} now holds model {model.model_id}: the bundle there was replaced",
+                "Put the original bundle back (or pass --model with a copy of it); to keep the new one, re-embed the "
+                f"collection with it: clipsearch index PATH --collection {collection} --rebuild --model "
+                f"{self.bundle_path}.")
+        return model
+
 
 @dataclass(frozen=True)
 class CollectionStats:
