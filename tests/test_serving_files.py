@@ -48,6 +48,29 @@ def test_unchanged_files_are_served(client, indexed):
     assert thumbnail.status_code == 200 and Image.open(io.BytesIO(thumbnail.content)).format == "JPEG"
 
 
+def test_a_download_of_the_original_can_resume_with_a_byte_range(client, indexed):
+    path = _path(indexed, "big.jpg")
+    data, size = path.read_bytes(), path.stat().st_size
+    url = f"/api/images/{_id(indexed, 'big.jpg')}/file"
+    whole = client.get(url)
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    for asked, (start, end) in (("bytes=0-9", (0, 9)), ("bytes=100-", (100, size - 1)), ("bytes=-50", (size - 50, size - 1)),
+                                (f"bytes=10-{size + 500}", (10, size - 1))):
+        part = client.get(url, headers={"Range": asked})
+        assert part.status_code == 206, (asked, part.text)
+        assert part.content == data[start:end + 1] and part.headers["content-range"] == f"bytes {start}-{end}/{size}"
+        assert part.headers["content-length"] == str(end - start + 1)
+    past = client.get(url, headers={"Range": f"bytes={size}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}" and past.json()["hint"]
+    # Several ranges, another unit or nonsense: the whole file (a server may ignore Range).
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=x-y"):
+        assert client.get(url, headers={"Range": ignored}).content == data
+    etag = whole.headers["etag"]
+    assert client.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}).status_code == 206
+    stale = client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"another-version"'})
+    assert stale.status_code == 200 and stale.content == data  # another version than the download's: all of it
+
+
 def test_a_file_swapped_for_a_symlink_to_etc_passwd_is_not_served(client, indexed):
     image_id = _id(indexed, "photo_001.jpg")
     assert client.get(f"/api/images/{image_id}/thumbnail").status_code == 200  # a cached thumbnail exists now

@@ -317,7 +317,11 @@ _THUMBNAIL_RESPONSES = {200: {"description": "A JPEG thumbnail", "content": {"im
                         416: {"description": "A Range outside the thumbnail (no body)"}, **_NOT_MODIFIED,
                         **_IMAGE_ERRORS}
 _FILE_RESPONSES = {200: {"description": "The file's bytes as indexed",
-                         "content": {"image/*": _BINARY, "application/octet-stream": _BINARY}}, **_NOT_MODIFIED,
+                         "content": {"image/*": _BINARY, "application/octet-stream": _BINARY}},
+                   206: {"description": "One byte range of the file (a Range request, e.g. a resumed download; "
+                                        "If-Range with the ETag, else the whole file is sent)",
+                         "content": {"image/*": _BINARY, "application/octet-stream": _BINARY}},
+                   416: {"description": "A Range outside the file"}, **_NOT_MODIFIED,
                    **_IMAGE_ERRORS}
 _FILE_NOTE = (" Served only while the file on disk is still the indexed image (same size and modification time, "
               "inside an indexed folder, an image): 404 when it is gone or points elsewhere, 410 when it changed.")
@@ -345,7 +349,11 @@ async def image_file(request: Request, state: State, image_id: ImageIdParam,
                      collection: CollectionParam = None) -> Response:
     def file() -> Response:
         found = state.image(parse_image_id(image_id), collection)
-        response = original_file(found.record, state.served_roots(found.collection))
+        # If-Range names the version a download started from: another one is sent whole.
+        if_range = (request.headers.get("if-range") or "").strip().removeprefix("W/")
+        same = not if_range or if_range == f'"{found.record.content_hash[:32]}"'
+        wanted = request.headers.get("range") if same else None
+        response = original_file(found.record, state.served_roots(found.collection), wanted)
         return not_modified(request.headers.get("if-none-match"), response)
 
     return await state.run(file)

@@ -135,12 +135,19 @@ def _identify(handle: BinaryIO) -> None:
 
 
 class OpenFileResponse(Response):
-    """Streams an already opened (and checked) file: exactly `size` bytes, then closes it."""
+    """Streams an already opened (and checked) file: exactly `size` bytes from `start`, then closes it (a 206 of one
+    byte range when `whole` is the file's size and the part is less)."""
 
-    def __init__(self, handle: BinaryIO, size: int, media_type: str, headers: dict[str, str]) -> None:
-        super().__init__(content=None, media_type=media_type, headers={**headers, "content-length": str(size)})
+    def __init__(self, handle: BinaryIO, size: int, media_type: str, headers: dict[str, str], start: int = 0,
+                 whole: int | None = None) -> None:
+        part = whole is not None and (start, size) != (0, whole)
+        extra = {"content-range": f"bytes {start}-{start + size - 1}/{whole}"} if part else {}
+        super().__init__(content=None, status_code=206 if part else 200, media_type=media_type,
+                         headers={**headers, **extra, "accept-ranges": "bytes", "content-length": str(size)})
         self.handle = handle
         self.size = size
+        if start:
+            handle.seek(start)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -181,14 +188,45 @@ def _disposition(name: str) -> str:
     return f"inline; filename*=utf-8''{quoted}" if quoted != name else f'inline; filename="{name}"'
 
 
-def original_file(record: ImageRecord, roots: Sequence[str]) -> Response:
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, length) of a single `Range: bytes=...` request on a file of `size` bytes; None to send it whole (no
+    header, several ranges, another unit, or a malformed one, all of which RFC 9110 lets a server ignore). An
+    unsatisfiable range is a 416 (ApiError)."""
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) or (
+            last and not last.isdigit()):
+        return None
+    if not first:  # the last N bytes
+        length = min(int(last), size)
+        if length == 0:
+            raise ApiError(416, f"the range asks for none of the file's {size:,} bytes", "Ask for bytes=0- or less.",
+                           {"content-range": f"bytes */{size}"})
+        return size - length, length
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        raise ApiError(416, f"the range starts past the file's {size:,} bytes",
+                       f"Ask for a range within bytes=0-{max(0, size - 1)}.", {"content-range": f"bytes */{size}"})
+    return start, end - start + 1
+
+
+def original_file(record: ImageRecord, roots: Sequence[str], range_header: str | None = None) -> Response:
+    """The indexed file's bytes (one byte range of them with `range_header`: a download can resume)."""
+    part = byte_range(range_header, record.size)
     handle = open_indexed(record, roots)
     name = Path(record.path).name
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     headers = {**CACHE_HEADERS, "content-disposition": _disposition(name),
                "last-modified": email.utils.formatdate(record.mtime_ns / 1e9, usegmt=True),
                "etag": f'"{record.content_hash[:32]}"'}
-    return OpenFileResponse(handle, record.size, media_type, headers)
+    if part is None:
+        return OpenFileResponse(handle, record.size, media_type, headers)
+    return OpenFileResponse(handle, part[1], media_type, headers, start=part[0], whole=record.size)
 
 
 class ThumbnailCache:
