@@ -89,10 +89,10 @@ def test_type_upload_classify_and_more_like_this(page, server, indexed):
     expect(page.locator("#status")).to_contain_text("results like your image")
     with example.open("rb") as handle:
         by_image = requests.post(f"{server.url}/api/search/image", files={"file": (example.name, handle, "image/jpeg")},
-                                 data={"k": "10"}, timeout=10).json()
+                                 data={"k": "10", "include_self": "true"}, timeout=10).json()
     expect(page.locator("#results .result")).to_have_count(len(by_image["results"]))
     assert shown_ids(page) == [r["id"] for r in by_image["results"]]
-    assert indexed.ids_by_path[str(example)] not in shown_ids(page)
+    assert shown_ids(page)[0] == indexed.ids_by_path[str(example)]  # the page shows where the example is
     expect(page.locator("#example-image")).to_be_visible()
 
     # Zero-shot labels for the uploaded image.
@@ -152,8 +152,14 @@ def test_drop_or_paste_an_image_to_search_by_example(page, server, indexed, kind
     assert len(uploads) == 1, uploads  # a drop on the zone once went up twice (the window's handler too)
     with example.open("rb") as handle:
         expected = requests.post(f"{server.url}/api/search/image", files={"file": (example.name, handle, "image/jpeg")},
-                                 data={"k": "20"}, timeout=10).json()
+                                 data={"k": "20", "include_self": "true"}, timeout=10).json()
     assert shown_ids(page) == [r["id"] for r in expected["results"]]
+    own = indexed.ids_by_path[str(example)]
+    assert shown_ids(page)[0] == own  # the example is in the collection: found first, as clip-back shows it
+    page.uncheck("#include-self")  # "more like it" only
+    expect(page.locator(f"#results .result[data-id='{own}']")).to_have_count(0)
+    page.check("#include-self")
+    expect(page.locator("#results .result").first).to_have_attribute("data-id", str(own))
     expect(page.locator("#example-image")).to_be_visible()
     page.click("#clear-example")
     expect(page.locator("#example")).to_be_hidden()

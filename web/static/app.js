@@ -18,7 +18,7 @@
     viewerMeta: $('viewer-meta'), moreLikeThis: $('more-like-this'), openFull: $('open-full'),
     closeViewer: $('close-viewer'),
     keyDialog: $('key-dialog'), keyForm: $('key-form'), keyInput: $('api-key'), keyMessage: $('key-message'),
-    keyCancel: $('key-cancel'), footer: $('footer'), showMore: $('show-more'),
+    keyCancel: $('key-cancel'), footer: $('footer'), showMore: $('show-more'), includeSelf: $('include-self'),
   };
 
   const KEY_STORAGE = 'clipsearch.apiKey';
@@ -213,6 +213,8 @@
     const form = new FormData();
     form.append('file', state.exampleFile, state.exampleFile.name || 'pasted-image');
     form.append('k', String(k()));
+    // An example uploaded to find where it is: its exact copies in the collection are shown, unless unticked.
+    form.append('include_self', els.includeSelf.checked ? 'true' : 'false');
     filterEntries().forEach(([name, value]) => form.append(name, value));
     saveState('');
     runSearch('like your image', async () => {
@@ -549,6 +551,7 @@
     rerun(true);
   });
   els.k.addEventListener('change', rerun);
+  els.includeSelf.addEventListener('change', () => { if (state.exampleFile) searchExample(); });
   els.showMore.addEventListener('click', () => {
     const shown = resultButtons().length;
     const next = nextK();
