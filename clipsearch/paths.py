@@ -19,15 +19,27 @@ def home() -> Path:
     """Root of the per-user data (collections live below it)."""
     override = os.environ.get("CLIPSEARCH_HOME")
     if override:
-        return Path(override).expanduser()
+        return _checked_home(Path(override).expanduser())
     return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def _checked_home(folder: Path) -> Path:
+    """CLIPSEARCH_HOME as given, unless it names something that cannot hold a folder (a file): then say it is the
+    setting that is wrong, rather than an error about a path deep inside it."""
+    if folder.exists() and not folder.is_dir():
+        from .errors import CollectionError
+
+        raise CollectionError(f"CLIPSEARCH_HOME={folder} is a file, not a folder",
+                              "Point CLIPSEARCH_HOME at a folder (it is created when missing), or unset it for the "
+                              "per-user default.")
+    return folder
 
 
 def model_cache_dir() -> Path:
     """Folder of exported model bundles, one sub-folder per model name."""
     override = os.environ.get("CLIPSEARCH_HOME")
     if override:
-        return Path(override).expanduser() / "models"
+        return _checked_home(Path(override).expanduser()) / "models"
     return Path(platformdirs.user_cache_dir(APP_NAME)) / "models"
 
 

@@ -189,3 +189,13 @@ def test_a_url_without_ray_is_refused_up_front_and_a_file_url_is_its_folder(tmp_
                             str(tiny_bundle), "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert local.returncode == 0, local.stderr
     assert '"added": 3' in local.stdout
+
+
+def test_a_clipsearch_home_that_is_a_file_is_named_as_the_problem(tmp_path):
+    home = tmp_path / "home-file"
+    home.write_text("not a folder")
+    for args in (["search", "a dog"], ["index", str(tmp_path)], ["stats"]):
+        done = subprocess.run([sys.executable, "-m", "clipsearch", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "CLIPSEARCH_HOME": str(home), "CLIPSEARCH_HELPER": "0"})
+        assert done.returncode == 1 and f"CLIPSEARCH_HOME={home} is a file, not a folder" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
