@@ -228,6 +228,10 @@ def test_an_interrupted_training_says_how_to_continue_and_is_not_started_over_by
     refused = again.exception  # the CLI's entry point prints a ClipsearchError's message and hint (exit 1)
     assert "holds an unfinished run's checkpoint (step 2 of 6)" in refused.message and "--fresh" in refused.hint
     assert load_checkpoint(work / "checkpoint.pt")[3]["step"] == 2
+    fewer = [*args[:args.index("--steps") + 1], "2", *args[args.index("--steps") + 2:], "--resume"]
+    short = CliRunner().invoke(app, fewer).exception  # nothing left to train: said, not exported as if trained
+    assert "is at step 2, and --steps asks for 2: nothing is left to train" in short.message
+    assert not (tmp_path / "bundle").exists()
     resumed = CliRunner().invoke(app, [*args, "--resume"])
     assert resumed.exit_code == 0 and "at step 2" in resumed.output
     assert load_checkpoint(work / "checkpoint.pt")[3]["step"] == 6

@@ -232,6 +232,12 @@ def train(cfg: TrainConfig, data: TrainData, log: Callable[[str], None] = print)
         sampler.load_state(state["sampler"])
         start_step, elapsed = int(state["step"]), float(state["seconds"])
         history = state.get("history", [])
+        if start_step >= total:
+            # The run was already this far: resuming trains nothing (the learning-rate schedule is over).
+            raise ClipsearchError(f"{ckpt_path} is at step {start_step}, and --steps asks for {total}: nothing is "
+                                  "left to train",
+                                  f"Resume with --steps larger than {start_step} (the run was started for "
+                                  f"{state.get('total', '?')}), or start over with --fresh.")
         log(f"resumed from {ckpt_path} at step {start_step}")
 
     by_concept: dict[int, np.ndarray] = {}
