@@ -15,6 +15,7 @@ Counting conventions of `IndexSummary` (the `--json` contract):
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clipsearch.model.bundle import PreprocessSpec
+from clipsearch.paths import is_url_path
 from clipsearch.store.database import IMPORTED_HASH_PREFIX, FileState, NewImage, SkippedFile, Store
 from clipsearch.store.tokens import TokenCodec
 from clipsearch.store.index.vectors import DEFAULT_IVF_THRESHOLD
@@ -65,6 +67,7 @@ class IndexSummary:
     removed: int = 0
     reused: int = 0
     skipped: list[SkippedFile] = field(default_factory=list)
+    moved: int = 0  # renamed or moved files: their image kept its id under the new path (not counted as added)
     total: int = 0
     seconds: float = 0.0
     unchanged: int = 0
@@ -103,6 +106,9 @@ class Plan:
     still_bad: list[SkippedFile] = field(default_factory=list)  # unchanged files that failed before
     still_bad_paths: list[str] = field(default_factory=list)
     backfill: dict[str, FileState] = field(default_factory=dict)  # unchanged files read again for their tokens
+    # content hash -> an indexed image whose file is gone from under the run's roots: a new path with those very
+    # bytes is that image moved or renamed, and keeps its id (and vector, tokens, thumbnail) under the new path.
+    moves: dict[str, FileState] = field(default_factory=dict)
 
 
 def plan_token_backfill(plan: Plan, files: Sequence[FoundFile], store: Store) -> None:
@@ -121,10 +127,18 @@ def plan_token_backfill(plan: Plan, files: Sequence[FoundFile], store: Store) ->
             plan.to_read.append(ReadTask(found.path, found.size, found.mtime_ns, force_decode=True))
 
 
-def make_plan(files: Sequence[FoundFile], store: Store) -> Plan:
+def make_plan(files: Sequence[FoundFile], store: Store, roots: Sequence[str] = ()) -> Plan:
+    """`roots`: the paths the run covers (its sweep's); indexed files under them that are gone are `moves` sources."""
     states = store.file_states()
     bad = store.skipped_states()
     plan = Plan()
+    if roots:
+        seen = {found.path for found in files}
+        exact = {root for root in roots if not is_url_path(root)}
+        prefixes = tuple(root.rstrip("/") + "/" for root in exact)
+        for path, state in states.items():
+            if path not in seen and (path in exact or path.startswith(prefixes)) and not os.path.lexists(path):
+                plan.moves.setdefault(state.content_hash, state)
     for found in files:
         state = states.get(found.path)
         if state is not None and state.size == found.size and state.mtime_ns == found.mtime_ns:
@@ -249,6 +263,13 @@ class Writer:
     def write_tokens(self, rows: Sequence[tuple[int, bytes]], content_hashes: dict[int, str] | None = None) -> None:
         self.summary.tokens_added += self.store.write_tokens(rows, content_hashes)
 
+    def move(self, result: ReadResult, source: FileState) -> None:
+        """`result`'s new path is the indexed image `source` (the same bytes; its old path is gone): the row moves
+        there, keeping its id, vector, tokens and cached thumbnail."""
+        task = result.task
+        self.store.move_image(source.id, task.path, task.size, task.mtime_ns, self.run_id, _now())
+        self.summary.moved += 1
+
     def refresh_stat(self, result: ReadResult, state: FileState) -> None:
         """A known file whose size/mtime changed but whose bytes did not: just record the new stat (it counts as
         unchanged, so that added + updated + reused + unchanged covers every indexed path the run saw)."""
@@ -288,8 +309,9 @@ class BatchAssembler:
 
     def __init__(self, mapper: Mapper, writer: Writer, existing: dict[str, FileState], batch_size: int,
                  backfill: dict[str, FileState] | None = None, lanes: EncoderLanes | None = None,
-                 expected: int | None = None) -> None:
+                 expected: int | None = None, moves: dict[str, FileState] | None = None) -> None:
         self.mapper = mapper
+        self.moves = dict(moves or {})  # Plan.moves: taken by the first new path with those bytes
         self.writer = writer
         self.existing = existing
         self.backfill = backfill or {}  # unchanged indexed files read again for their tokens only
@@ -338,6 +360,10 @@ class BatchAssembler:
         state = self.existing.get(result.task.path)
         if state is not None and state.content_hash == result.content_hash:
             self.writer.refresh_stat(result, state)
+            return
+        moved = self.moves.pop(result.content_hash, None) if state is None else None
+        if moved is not None:
+            self.writer.move(result, moved)  # a renamed or moved file: the same image under its new path
             return
         if result.known:
             reusable = self.writer.reusable(result.content_hash)

@@ -639,7 +639,8 @@ class RayRunner(LocalRunner):
         """The shards into the collection through the local pipeline's assembler and writer (vectors as computed on
         Ray); files whose known bytes lost their vector meanwhile are decoded and encoded here, as locally."""
         precomputed: Any = _PrecomputedMapper()  # in place of a Mapper
-        assembler = BatchAssembler(precomputed, writer, plan.existing, self.options.batch_size, plan.backfill)
+        assembler = BatchAssembler(precomputed, writer, plan.existing, self.options.batch_size, plan.backfill,
+                                   moves=plan.moves)
         for result in iter_shard_results(folder):
             assembler.add(result)
         assembler.flush()

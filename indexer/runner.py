@@ -211,7 +211,7 @@ class LocalRunner:
             # Loads the graph while the decoder processes start; an error is raised again by the first batch.
             lanes.submit(mapper.prepare, hold_token=False)
             assembler = BatchAssembler(mapper, writer, plan.existing, options.batch_size, plan.backfill, lanes,
-                                       expected=len(plan.to_read))
+                                       expected=len(plan.to_read), moves=plan.moves)
             with ParallelReader(model.preprocess, writer.hash_to_id.keys(), workers=options.workers,
                                 chunk_size=options.chunk_size, nice=options.worker_nice, started=started,
                                 core_tokens=core_tokens) as reader:
@@ -253,7 +253,7 @@ class LocalRunner:
         if record_roots:
             store.record_roots([r for r in walked.roots if not is_url_path(r) and r not in walked.vanished])
             store.forget_roots(walked.vanished)  # URLs: no folder to show; vanished ones: none any more
-        plan = make_plan(walked.files, store)
+        plan = make_plan(walked.files, store, walked.roots)
         store.touch(plan.unchanged_ids, run_id)
         store.touch_skipped(plan.still_bad_paths, run_id)
         summary.unchanged = len(plan.unchanged_ids)

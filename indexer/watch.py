@@ -73,7 +73,8 @@ class WatchTotals:
     runs: int = 0
     batches: int = 0
     embedded: int = 0  # images run through the visual encoder
-    reused: int = 0  # images whose vector was copied from indexed bytes (renames, copies)
+    reused: int = 0  # images whose vector was copied from indexed bytes (copies)
+    moved: int = 0  # renamed or moved files: the same image under a new path
     removed: int = 0
     failures: int = 0  # batches that failed and were queued again
 
@@ -82,6 +83,7 @@ class WatchTotals:
         self.batches += report.kind == "changes"
         self.embedded += report.summary.embedded
         self.reused += report.summary.reused
+        self.moved += report.summary.moved
         self.removed += report.summary.removed
 
 

@@ -452,19 +452,31 @@ def test_deleted_file_leaves_the_index(tmp_path, photos, model):
     assert collection.check().ok
 
 
-def test_renamed_and_copied_files_reuse_their_vector(tmp_path, photos, model):
+def test_renamed_files_keep_their_image_and_copies_reuse_its_vector(tmp_path, photos, model):
+    # A rename was a new image (new id: a `--like ID` or a REST client's id stopped working) plus a removal.
     collection = Collection.create("c", tmp_path / "idx")
     run(collection, model, [photos])
     original = photos / "photo_000.png"
-    vector = collection.store.vector(collection.store.find_by_path(str(original)).id, model.embed_dim)
-    renamed = photos / "renamed.png"
+    before = collection.store.find_by_path(str(original))
+    vector = collection.store.vector(before.id, model.embed_dim)
+    renamed = photos / "moved-here" / "renamed.png"
+    renamed.parent.mkdir()
     original.rename(renamed)
     shutil.copy(photos / "sub" / "photo_001.jpg", photos / "copy_of_1.jpg")
     summary = run(collection, model, [photos])
-    assert (summary.reused, summary.embedded, summary.added, summary.removed, summary.total) == (2, 0, 0, 1, 13)
+    assert (summary.moved, summary.reused, summary.embedded, summary.added, summary.removed, summary.total) == \
+        (1, 1, 0, 0, 0, 13)
     moved = collection.store.find_by_path(str(renamed))
+    assert moved.id == before.id and collection.store.find_by_path(str(original)) is None
     np.testing.assert_array_equal(collection.store.vector(moved.id, model.embed_dim), vector)
     assert (moved.width, moved.height) == (160, 120)
+    assert collection.check().ok
+    # Moved back and copied alongside in one run: one of the two paths takes the image, the other copies its vector.
+    shutil.copy(renamed, photos / "also.png")
+    renamed.rename(original)
+    again = run(collection, model, [photos])
+    assert (again.moved, again.reused, again.removed, again.embedded, again.total) == (1, 1, 0, 0, 14)
+    assert before.id in {collection.store.find_by_path(str(p)).id for p in (original, photos / "also.png")}
     assert collection.check().ok
 
 

@@ -131,9 +131,9 @@ def test_a_watched_folder_equals_a_fresh_index_and_nothing_is_embedded_twice(tmp
         wait_for(lambda: stored_paths(root, "watched") == expected, "the deletions and renames")
 
     totals = watcher.totals
-    # Every image was embedded once (4 at the start, 20 added); the 3 renames copied their vectors.
+    # Every image was embedded once (4 at the start, 20 added); the 3 renames kept their images (ids, vectors).
     assert totals.embedded == 24, [(r.kind, r.summary.to_dict()) for r in reports]
-    assert totals.reused == 3 and totals.removed == 8 and totals.failures == 0
+    assert (totals.moved, totals.reused, totals.removed, totals.failures) == (3, 0, 5, 0)
     assert all(r.kind == "changes" for r in reports[1:]) and totals.batches >= 2
 
     fresh = Collection.create("fresh", root)
@@ -381,8 +381,8 @@ def test_index_watch_keeps_indexing_until_sigterm(tmp_path, tiny_bundle):
         assert _next_report(process, lines)["run"] == "initial"
         (folder / "sub" / "photo_001.jpg").rename(folder / "moved.jpg")
         report = _next_report(process, lines)
-        assert (report["run"], report["reused"], report["removed"], report["embedded"], report["total"]) == \
-            ("changes", 1, 1, 0, 2)
+        assert (report["run"], report["moved"], report["reused"], report["removed"], report["embedded"],
+                report["total"]) == ("changes", 1, 0, 0, 0, 2)
         block_image(321).save(folder / "sub" / "new.png")
         reports = [_next_report(process, lines)]
         while reports[-1]["total"] != 3:  # a batch may catch the file half-written: it is skipped until complete

@@ -288,8 +288,9 @@ def _print_summary(summary, prefix: str = "", list_skipped: bool = True, tokens_
     """The human-readable lines of an `IndexSummary` (stdout; skipped files on stderr)."""
     done = summary.embedded + summary.reused
     rate = f", {done / summary.seconds:.1f} img/s" if done and summary.seconds else ""  # none: no rate to speak of
+    moved = f"{summary.moved} moved, " if getattr(summary, "moved", 0) else ""  # renamed: same image, new path
     typer.echo(f"{prefix}{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} "
-               f"reused, {summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
+               f"reused, {moved}{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
                f"{summary.total} images in total ({summary.seconds:.1f} s{rate})")
     from .display import shown_path
 

@@ -123,7 +123,8 @@ def _print_report(report, root_count: int, rescan_interval: float, as_json: bool
                               ensure_ascii=False))
     elif report.kind == "initial":
         _print_summary(summary)
-    elif report.kind == "changes" or summary.added or summary.updated or summary.reused or summary.removed:
+    elif (report.kind == "changes" or summary.added or summary.updated or summary.reused or summary.moved
+          or summary.removed):
         what = f"{report.paths} changed path{'s' * (report.paths != 1)}" if report.kind == "changes" else "rescan"
         _print_summary(summary, prefix=f"{time.strftime('%H:%M:%S')} {what}: ", list_skipped=report.kind == "changes",
                        tokens_line=False)

@@ -712,6 +712,15 @@ class Store:
             for image_id, (size, mtime_ns) in (new_stats or {}).items():
                 self.db.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", [size, mtime_ns, image_id])
 
+    def move_image(self, image_id: int, path: str, size: int, mtime_ns: int, run_id: int, indexed_at: str) -> None:
+        """An indexed image's file was renamed or moved (same bytes): the row takes the new path and stat, keeping its
+        id, vector and tokens. A row already at `path` (a killed run's) gives way."""
+        with signals_deferred(), self.db.atomic():
+            self._delete_where("path = ? AND id != ?", [path, int(image_id)])
+            self.db.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ?, run_id = ?, indexed_at = ? WHERE id = ?",
+                            [path, int(size), int(mtime_ns), run_id, indexed_at, int(image_id)])
+            self.db.execute("DELETE FROM skipped WHERE path = ?", [path])
+
     def record_skipped(self, entries: Sequence[tuple[str, int, int, str]], run_id: int) -> None:
         with signals_deferred(), self.db.atomic():
             self.db["skipped"].upsert_all(
