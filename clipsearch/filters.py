@@ -276,7 +276,7 @@ def empty_reason(store, search_filter: SearchFilter) -> EmptyReason | None:
     else how many images pass each part on its own."""
     for folder in search_filter.folders:
         if not store.count_where(*search_filter.folder_sql((folder,))):
-            roots = sorted(store.indexed_roots())
+            roots = sorted(store.served_roots())
             shown = ", ".join(roots[:5]) + (" …" if len(roots) > 5 else "")
             return EmptyReason(f"no indexed image is in {folder}",
                                f"This collection holds photos from: {shown}." if roots else

@@ -55,6 +55,9 @@ class IndexOptions:
     # core never runs both at once; only for calls of one intra-op thread each, as the CLI runs them.
     share_cores: bool = False
     tokens: bool | None = None  # store ITM image tokens: True --tokens, False --no-tokens, None as remembered/default
+    # --forget-missing: a path given (or, with rebuild, a folder indexed before) that is gone has its images removed.
+    # Off by default: an unplugged disk or share must not cost its whole index.
+    forget_missing: bool = False
 
     def walk_options(self) -> WalkOptions:
         return WalkOptions(exclude=tuple(self.exclude), include_hidden=self.include_hidden)

@@ -42,7 +42,7 @@ from .pipeline import (BatchAssembler, IndexOptions, IndexSummary, Mapper, Progr
 from .cores import CoreTokens
 from .lanes import EncoderLanes
 from .reader import ParallelReader, StartedDecoders, worker_count
-from .walk import WalkResult, walk
+from .walk import WalkResult, inside, walk
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,17 @@ class LocalRunner:
         also: list[str] = []
         if options.rebuild and current is not None and not unreadable:
             # "Re-embed everything": the folders indexed before are walked too, not only the paths given (the new
-            # generation would otherwise drop every image outside them). A folder that is gone has nothing to give.
-            also = _other_roots(collection.store.indexed_roots(), roots)
+            # generation would otherwise drop every image outside them).
+            also, absent = _other_roots(collection.store.indexed_roots(), roots)
+            if absent and not options.forget_missing:
+                raise CollectionError(
+                    f"collection {collection.name!r} also holds images from {', '.join(absent)}, which "
+                    f"{'is' if len(absent) == 1 else 'are'} not there now (an unplugged disk or share?): a rebuild "
+                    "would leave them out", "Make them available and run again, or add --forget-missing to rebuild "
+                    "without their images.")
         walked = self._walk([*roots, *also])
         if not unreadable:
-            _note_vanished(walked, collection.store)
+            _note_vanished(walked, collection.store, options.forget_missing)
         given = {os.path.abspath(str(r)) for r in roots}
         if not any(r in given for r in walked.roots):  # checked before --rebuild starts anything
             raise CollectionError("nothing to index: " + "; ".join(f"{p}: {r}" for p, r in walked.problems
@@ -344,15 +350,14 @@ def index_paths(collection: Collection, model, roots: Sequence[str | Path], opti
     return LocalRunner(options).run(collection, model, roots, progress)
 
 
-def _other_roots(recorded: dict[str, str], given: Sequence[str | Path]) -> list[str]:
-    """The roots of `recorded` (a collection's indexed roots) that exist and that no path of `given` covers, in order."""
+def _other_roots(recorded: dict[str, str], given: Sequence[str | Path]) -> tuple[list[str], list[str]]:
+    """The roots of `recorded` (a collection's indexed roots) that no path of `given` covers, in order, and no root of
+    another: (those that are there, those that are not)."""
     covered = [os.path.abspath(str(p)) for p in given if not is_url_path(str(p))]
-
-    def inside(path: str, folder: str) -> bool:
-        return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-    return [root for root in recorded
-            if not any(inside(root, folder) for folder in covered) and os.path.exists(root)]
+    others = [root for root in recorded if not any(inside(root, folder) for folder in covered)]
+    topmost = [root for root in others if not any(other != root and inside(root, other) for other in others)]
+    return ([root for root in topmost if os.path.exists(root)],
+            [root for root in topmost if not os.path.exists(root)])
 
 
 def _left_behind(old: Collection, new: Collection) -> int:
@@ -369,11 +374,20 @@ def _left_behind(old: Collection, new: Collection) -> int:
         conn.execute("DETACH DATABASE previous")
 
 
-def _note_vanished(walked: WalkResult, store) -> None:
-    """Roots that are gone but hold images in the collection become roots of the run (the sweep removes their images)
-    instead of problems: indexing a deleted folder is how its images leave the collection."""
-    for path, reason in list(walked.problems):
-        if reason == "no such file or folder" and not is_url_path(path) and store.count_under(path):
+def _note_vanished(walked: WalkResult, store, forget: bool) -> None:
+    """Roots that are gone but hold images in the collection: with `forget` (--forget-missing) they become roots of
+    the run, so the sweep removes their images; else their problem says how many images they keep and how to remove
+    them (a root that is gone may be an unplugged disk: never forgotten unasked)."""
+    for at, (path, reason) in enumerate(list(walked.problems)):
+        if reason != "no such file or folder" or is_url_path(path):
+            continue
+        held = store.count_under(path)
+        if not held:
+            continue
+        if forget:
             walked.problems.remove((path, reason))
             walked.roots.append(path)
             walked.vanished.append(path)
+        else:
+            walked.problems[at] = (path, f"{reason}; the collection keeps its {held:,} image{'s' * (held != 1)} "
+                                         "(--forget-missing removes them)")

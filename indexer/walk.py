@@ -178,7 +178,7 @@ def walk(roots: Sequence[str | Path], options: WalkOptions = WalkOptions()) -> W
     return result
 
 
-def _inside(path: str, root: str) -> bool:
+def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
@@ -196,7 +196,7 @@ def _reached_from(root: str, path: str, options: WalkOptions) -> bool:
 def might_hold_images(root: str, path: str, is_folder: bool, options: WalkOptions = WalkOptions()) -> bool:
     """Whether a walk of the folder `root` reaches `path`, by name alone (nothing is read, so it also answers for a
     path that is gone): a folder it enters, or a file it considers. False for a path outside `root`."""
-    if not _inside(path, root):
+    if not inside(path, root):
         return False
     if path == root:
         return True
@@ -218,7 +218,7 @@ def walk_changes(changes: Sequence[tuple[str, str]], options: WalkOptions = Walk
     seen: set[str] = set()
     scoped: set[str] = set()
     for root, path in changes:
-        if not _inside(path, root) or path in scoped:
+        if not inside(path, root) or path in scoped:
             continue
         scoped.add(path)
         if path == root:  # exactly as `walk`: a root that is gone (an unmounted disk?) is reported, not swept

@@ -224,7 +224,8 @@ def test_an_unreadable_database_is_indexed_again_by_rebuild_with_model_as_its_hi
 
 def test_rebuild_of_one_folder_re_embeds_every_folder_indexed_before(tmp_path, model, other_bundle):
     """`index A --rebuild` on a collection of A and B kept only A's images (and said "0 removed"): re-embedding
-    "everything" walks B too. A folder indexed before that is gone is dropped, and counted as removed."""
+    "everything" walks B too. A folder indexed before that is gone (an unplugged disk?) stops the rebuild, unless
+    --forget-missing: then it is left out, and its images counted as removed."""
     a, b, gone = tmp_path / "a", tmp_path / "b", tmp_path / "gone"
     make_photos(a, 3)
     make_photos(b, 2, start_seed=50)
@@ -233,9 +234,12 @@ def test_rebuild_of_one_folder_re_embeds_every_folder_indexed_before(tmp_path, m
     for folder in (a, b, gone):
         index_paths(Collection.create("g", root), model, [str(folder)], IndexOptions(workers=0))
     shutil.rmtree(gone)
-    result = subprocess.run([*CLI, "index", str(a), "--collection", "g", "--index-dir", str(root), "--rebuild",
-                             "--model", str(other_bundle), "--workers", "0", "--json"],
-                            capture_output=True, text=True, timeout=300)
+    command = [*CLI, "index", str(a), "--collection", "g", "--index-dir", str(root), "--rebuild", "--model",
+               str(other_bundle), "--workers", "0", "--json"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and f"also holds images from {gone}, which is not there now" in refused.stderr
+    assert "--forget-missing" in refused.stderr and not list(root.glob("g/gen-*"))
+    result = subprocess.run([*command, "--forget-missing"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["total"], summary["removed"]) == (5, 2)

@@ -716,10 +716,11 @@ def test_rebuild_with_a_mistyped_folder_loses_nothing(tmp_path, photos, model):
     assert collection.store.count() == 12 and collection.check().ok
 
 
-def test_indexing_a_deleted_folder_or_file_removes_its_images(tmp_path, model):
+def test_indexing_a_deleted_folder_or_file_with_forget_missing_removes_its_images(tmp_path, model):
     """The README's cure for results whose files are gone ("index their folder again") failed for a folder that was
-    itself deleted: "nothing to index: no such file or folder". Naming a gone path the collection holds images
-    under removes them; a path it holds nothing under is still refused (a typo deletes nothing)."""
+    itself deleted: "nothing to index: no such file or folder". With --forget-missing, naming a gone path removes
+    its images; without it they are kept (an unplugged disk) and the error says how many and how to remove them; a
+    path the collection holds nothing under is refused either way (a typo deletes nothing)."""
     from clipsearch.indexer.pipeline import IndexOptions
     from clipsearch.indexer.runner import LocalRunner
     from photo_fixtures import make_photos
@@ -735,8 +736,13 @@ def test_indexing_a_deleted_folder_or_file_removes_its_images(tmp_path, model):
         shutil.rmtree(gone)
         lone.unlink()
         with pytest.raises(CollectionError, match="nothing to index: .*typo: no such file or folder"):
-            run(collection, model, [tmp_path / "typo"])
-        summary = LocalRunner(IndexOptions(workers=0)).run(collection, model, [str(gone), str(lone)])
+            run(collection, model, [tmp_path / "typo"], forget_missing=True)
+        with pytest.raises(CollectionError, match="gone: no such file or folder; the collection keeps its 2 images "
+                                                  r"\(--forget-missing removes them\)"):
+            run(collection, model, [gone])
+        assert collection.store.count() == 6
+        summary = LocalRunner(IndexOptions(workers=0, forget_missing=True)).run(collection, model,
+                                                                                 [str(gone), str(lone)])
         assert (summary.removed, summary.total, summary.added) == (3, 3, 0)
         assert summary.vanished_roots == [str(gone), str(lone)]
         assert collection.check().ok

@@ -125,7 +125,8 @@ def test_import_keeps_rows_ids_metadata_and_vectors(tmp_path, layout, tiny_bundl
         stat = os.stat(layout.photos[0])
         assert (local.size, local.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
         # the web server serves files only from recorded folders: the photos' folder, never anything for the URL
-        assert set(store.indexed_roots()) == {str(layout.photos[0].parent)}
+        # Served (the page shows them) but never walked: `index --rebuild` re-embeds indexed folders only.
+        assert set(store.served_roots()) == {str(layout.photos[0].parent)} and store.indexed_roots() == {}
 
 
 def test_imported_collection_searches_by_text_image_and_vector(tmp_path, layout, tiny_bundle, model):

@@ -153,7 +153,7 @@ class WebState:
             cached = self._roots.get(name)
             if cached is not None and cached[:2] == key:
                 return cached[2]
-            recorded = store.indexed_roots()
+            recorded = store.served_roots()
             if recorded:  # the real location each root had when it was indexed
                 roots = tuple(sorted(set(recorded.values())))
                 with self._lock:

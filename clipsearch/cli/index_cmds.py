@@ -142,6 +142,11 @@ def index(
         help="Store the ITM image tokens that `search --rerank` reads (models with an ITM head; on by default when "
              "they take at most 64 KB per image). --tokens also computes them for images indexed without them; "
              "--no-tokens drops them. The choice is remembered"),
+    forget_missing: bool = typer.Option(
+        False, "--forget-missing",
+        help="Remove the images of a PATH that no longer exists (a deleted folder or file), and with --rebuild leave "
+             "out folders indexed before that are gone. Without it they are kept: an unplugged disk or share is "
+             "never forgotten unasked"),
     watch: bool = typer.Option(False, "--watch", help="Keep watching PATHS afterwards and index what changes "
                                                       "(as `clipsearch watch` with its default --debounce and --rescan-interval, which "
                                                       "that command sets; --json prints one line per run)"),
@@ -166,6 +171,8 @@ def index(
     budget = _parse_size(max_index_memory, "--max-index-memory") if max_index_memory is not None else None
     ray_options = _ray_options(ray, ray_concurrency, ray_cpus, ray_gpus, ray_shards, watch)
     if watch:
+        if forget_missing:  # a watcher's rescans never forget what is gone (an unplugged disk must not cost the index)
+            raise typer.BadParameter("applies to one indexing run, not to --watch", param_hint="--forget-missing")
         from .watch_cmds import run_watch
 
         if budget is not None:
@@ -203,7 +210,8 @@ def index(
                                              rebuild)
                     options = IndexOptions(batch_size=batch_size, workers=workers, exclude=tuple(exclude),
                                            include_hidden=include_hidden, rebuild=rebuild, tokens=tokens,
-                                           encoder_lanes=lanes, share_cores=ray_options is None)
+                                           encoder_lanes=lanes, share_cores=ray_options is None,
+                                           forget_missing=forget_missing)
                     show_bar = not as_json and sys.stderr.isatty()
                     with _progress_bar(show_bar) as progress:
                         runner = (LocalRunner(options, decoders) if ray_options is None

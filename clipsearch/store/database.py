@@ -369,14 +369,24 @@ class Store:
         Empty for collections indexed before roots were recorded."""
         return json.loads(self.get_meta("roots", "{}") or "{}")
 
-    def record_roots(self, roots: Sequence[str]) -> None:
+    def imported_roots(self) -> dict[str, str]:
+        """The topmost folders of the local files import-embeddings brought in, as `indexed_roots` (never walked)."""
+        return json.loads(self.get_meta("import_roots", "{}") or "{}")
+
+    def served_roots(self) -> dict[str, str]:
+        """The folders whose files the web server may serve: indexed and imported ones."""
+        return {**self.imported_roots(), **self.indexed_roots()}
+
+    def record_roots(self, roots: Sequence[str], imported: bool = False) -> None:
         """Remember the roots of a run with the real location each had then (the web server serves files only
-        from inside these, so a root later swapped for a symlink elsewhere does not widen what it serves)."""
-        known = self.indexed_roots()
+        from inside these, so a root later swapped for a symlink elsewhere does not widen what it serves).
+        `imported`: folders of imported files, kept apart: `index --rebuild` walks the indexed roots only."""
+        key = "import_roots" if imported else "roots"
+        known = json.loads(self.get_meta(key, "{}") or "{}")
         fresh = {os.path.abspath(root): os.path.realpath(root) for root in roots
                  if os.path.abspath(root) not in known}
         if fresh:
-            self.set_meta({"roots": json.dumps({**known, **fresh}, sort_keys=True)})
+            self.set_meta({key: json.dumps({**known, **fresh}, sort_keys=True)})
 
     def forget_roots(self, roots: Sequence[str]) -> None:
         """Stop remembering `roots` (folders that are gone, whose images a run removed)."""

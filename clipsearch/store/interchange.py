@@ -686,7 +686,7 @@ def _record_roots(store: Store, folders: set[str]) -> None:
         if not any(folder == top or folder.startswith(top.rstrip(os.sep) + os.sep) for top in topmost):
             topmost.append(folder)
     if topmost:
-        store.record_roots(topmost)
+        store.record_roots(topmost, imported=True)
 
 
 def imported_metadata(store: Store, ids: Sequence[int]) -> dict[int, dict]:
