@@ -578,3 +578,48 @@ def test_a_rewritten_shard_replaces_what_it_imported_and_nothing_else(tmp_path, 
     # Read again unchanged: nothing to do.
     third = run_import(index_dir, layout.folder, None)
     assert (third.imported, third.updated, third.removed, third.shards_unchanged) == (0, 0, 0, 2)
+
+
+def test_rows_that_move_between_shards_stay_and_a_gone_shards_rows_leave(tmp_path, layout, tiny_bundle, monkeypatch):
+    """clip inference run again may partition differently: a row of shard 1 now in shard 0 was skipped there ("already
+    in the collection") and then removed as no longer in shard 1, for good. Ownership is the folder's, not a shard's;
+    removals wait until every shard was read."""
+    import clipsearch.store.interchange as interchange
+
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    before = {row[1]: row for row in contents(index_dir, "imported")}
+    photo3 = str(layout.photos[3])
+    first = pq.read_table(layout.folder / "metadata" / "metadata_0.parquet").to_pydict()
+    second = pq.read_table(layout.folder / "metadata" / "metadata_1.parquet").to_pydict()
+    v0 = np.load(layout.folder / "img_emb" / "img_emb_0.npy").astype(np.float32)
+    v1 = np.load(layout.folder / "img_emb" / "img_emb_1.npy").astype(np.float32)
+    # photo 3 moves from shard 1 to shard 0; shard 1 keeps photo 4 and the URL row.
+    write_shard(layout.folder, "0", np.concatenate([v0, v1[:1]]),
+                {"image_path": first["image_path"] + [photo3], "caption": first["caption"] + ["photo 3"]})
+    write_shard(layout.folder, "1", v1[1:], {key: values[1:] for key, values in second.items()})
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # an import stopped after its shards, before the removals
+
+    monkeypatch.setattr(interchange._Importer, "_remove_what_no_shard_holds", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_import(index_dir, layout.folder, None)
+    monkeypatch.undo()
+    again = run_import(index_dir, layout.folder, None)  # reads the rewritten shards again and finishes
+    assert (again.imported, again.removed, again.skipped) == (0, 0, [])
+    after = {row[1]: row for row in contents(index_dir, "imported")}
+    assert after == before  # the same rows, ids and vectors (photo 3 now comes from shard 0)
+    with Collection.open("imported", index_dir) as collection:
+        shard_of = dict(collection.store.conn.execute(
+            "SELECT images.path, imported.shard FROM imported JOIN images USING (id)").fetchall())
+    assert shard_of[photo3] == "0"
+    # A shard file deleted: its rows leave (and its record), the other shard's stay.
+    for name in ("img_emb/img_emb_1.npy", "metadata/metadata_1.parquet"):
+        (layout.folder / name).unlink()
+    third = run_import(index_dir, layout.folder, None)
+    assert (third.removed, third.total) == (2, 4)
+    assert URL not in {row[1] for row in contents(index_dir, "imported")}
+    with Collection.open("imported", index_dir) as collection:
+        assert collection.check().ok
+        assert [label for (label,) in collection.store.conn.execute("SELECT shard FROM import_shards")] == ["0"]

@@ -36,8 +36,10 @@ Incremental and crash-safe like indexing: each shard is one transaction (its row
 already recorded with the same row count, file sizes and times is not read again, so importing a folder twice
 adds nothing, and importing it after clip inference added shards imports only the new ones. A shard that was
 rewritten (clip inference run again into the same folder) is read again and replaces what it brought in before,
-as indexing a changed folder does: its rows with another vector are updated in place (same id), rows it no
-longer holds leave the collection, the rest are unchanged. Rows whose path (or URL) the collection holds from
+as indexing a changed folder does: its rows with another vector are updated in place (same id, also when a row
+moved to another shard), rows that no shard of the folder holds any more leave the collection (also those of a
+shard file that is gone), the rest are unchanged. The removals and the re-read shards' records are written last, in
+one transaction: an import stopped before that reads those shards again next time. Rows whose path (or URL) the collection holds from
 anywhere else (indexed, another folder, or embedded from the file since) are skipped: an import never
 overwrites them. The FAISS index is brought up to date at the end (or by the
 next run or search, when killed), keeping SQLite row id = FAISS id.
@@ -80,8 +82,11 @@ _DDL = (
     'CREATE TABLE IF NOT EXISTS "import_shards" ("source" TEXT NOT NULL, "shard" TEXT NOT NULL, "rows" INTEGER, '
     '"npy_bytes" INTEGER, "parquet_bytes" INTEGER, "imported" INTEGER, "skipped" INTEGER, "imported_at" TEXT, '
     '"npy_mtime_ns" INTEGER, "parquet_mtime_ns" INTEGER, PRIMARY KEY ("source", "shard"))',
+    'CREATE INDEX IF NOT EXISTS "imported_by_source" ON "imported" ("source", "shard")',
 )
 # Columns added to import_shards since it was first written (collections imported into before keep working).
+_RECORD_SHARD = ("INSERT OR REPLACE INTO import_shards (source, shard, rows, npy_bytes, parquet_bytes, npy_mtime_ns, "
+                 "parquet_mtime_ns, imported, skipped, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _ADDED_COLUMNS = (("import_shards", "npy_mtime_ns", "INTEGER"), ("import_shards", "parquet_mtime_ns", "INTEGER"),
                   ("imported", "extra", "TEXT"))
 
@@ -229,7 +234,7 @@ class ImportSummary:
     imported: int = 0
     unchanged: int = 0  # rows of shards already imported, and rows of a re-read shard whose vector is the same
     updated: int = 0  # rows of a re-read (rewritten) shard this folder had imported, now with another vector
-    removed: int = 0  # rows this folder had imported from a shard that, rewritten, no longer holds them
+    removed: int = 0  # rows this folder had imported that no shard holds any more (a shard rewritten or gone)
     url_rows: int = 0  # imported rows stored as a URL (no local file)
     missing_files: int = 0  # imported rows naming a file that is not on this machine
     normalized: int = 0  # rows scaled to unit length (normalize=True)
@@ -361,6 +366,11 @@ class _Importer:
         if self.progress:
             self.progress(0, summary.rows)
         folders: set[str] = set()
+        # Rows this folder imported before that still hold the vector it gave them: a rewritten shard (clip inference
+        # run again) updates them wherever they now are; those no current shard holds leave at the end.
+        self._own = _imported_from(store, self.source)
+        self._kept_own: set[int] = set()
+        self._deferred: list[list] = []  # the records of re-read shards: written with the removals, at the end
         try:
             for shard in shards:
                 tick = (lambda n, base=done: self.progress(base + n, summary.rows)) if self.progress else None
@@ -368,6 +378,7 @@ class _Importer:
                 done += shard.rows
                 if self.progress:
                     self.progress(done, summary.rows)
+            self._remove_what_no_shard_holds(store, {shard.label for shard in shards}, summary)
             _record_roots(store, folders)
         except BaseException:
             _record_roots(store, folders)
@@ -418,10 +429,9 @@ class _Importer:
             candidates.append((row, key, is_url))
         existing = _existing_paths(store, [key for _, key, _ in candidates])
         # Rows this folder imported from this shard before: a rewritten shard (clip inference run again) replaces them.
-        own = _imported_from(store, self.source, shard.label)
+        own, kept_own = self._own, self._kept_own
         now = _now()
         kept: list[tuple] = []  # (row, key, size, mtime_ns, width, height, id to update or None): vectors read as written
-        kept_own: set[int] = set()
         for done, (row, key, is_url) in enumerate(candidates):
             if tick is not None and done and done % 8192 == 0:
                 tick(row)  # a big shard moves the bar while its files are looked at
@@ -467,24 +477,44 @@ class _Importer:
                                width=width, height=height, taken_at=columns["taken_at"][row], vector=vector,
                                id=update_id)
 
-        gone = sorted(set(own) - kept_own)  # imported from this shard before; the shard no longer has them
         with signals_deferred(), store.db.atomic():  # the shard's rows, their provenance and its record together
             ids = store.write_images(images(), model_id, run_id, now) if kept else []
-            removed = store.delete_ids(gone) if gone else 0
             store.conn.executemany(
                 'INSERT OR REPLACE INTO imported (id, source, shard, "row", image_path, url, caption, extra) '
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(image_id, self.source, shard.label, *rest) for image_id, rest in zip(ids, extras)]
                 + [(image_id, self.source, shard.label, *rest) for image_id, *rest in extras_only])
-            store.db.execute(
-                "INSERT OR REPLACE INTO import_shards (source, shard, rows, npy_bytes, parquet_bytes, npy_mtime_ns, "
-                "parquet_mtime_ns, imported, skipped, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [self.source, shard.label, *fingerprint, len(ids), len(skipped), now])
+            record = [self.source, shard.label, *fingerprint, len(ids), len(skipped), now]
+            if recorded is None:
+                store.db.execute(_RECORD_SHARD, record)
+            else:
+                # A rewritten shard is recorded only once what it no longer holds has left (`_remove_what_no_shard_
+                # holds`): an import stopped before that reads it again, and finishes the job.
+                self._deferred.append(record)
         updated = sum(1 for *_, update_id in kept if update_id is not None)
         summary.imported += len(ids) - updated
         summary.updated += updated
-        summary.removed += removed
         summary.skipped.extend(skipped)
+
+    def _remove_what_no_shard_holds(self, store: Store, labels: set[str], summary: ImportSummary) -> None:
+        """Remove the rows this folder imported from shards that were read again (rewritten) or are gone, which no
+        shard of this import holds any more; then record the re-read shards and forget the gone ones, in one
+        transaction."""
+        recorded = {label for (label,) in store.conn.execute("SELECT shard FROM import_shards WHERE source = ?",
+                                                            [self.source])}
+        vanished = recorded - labels
+        reread = {record[1] for record in self._deferred}
+        if not vanished and not reread:
+            return
+        where = _imported_from(store, self.source, with_shard=True)  # after this run's moves between shards
+        gone = sorted(image_id for image_id, shard in where.items()
+                      if shard in (reread | vanished) and image_id not in self._kept_own)
+        with signals_deferred(), store.db.atomic():
+            summary.removed += store.delete_ids(gone) if gone else 0
+            for record in self._deferred:
+                store.db.execute(_RECORD_SHARD, record)
+            store.conn.executemany("DELETE FROM import_shards WHERE source = ? AND shard = ?",
+                                   [(self.source, label) for label in sorted(vanished)])
 
     def _vectors(self, shard: Shard, summary: ImportSummary) -> "_ShardRows":
         """The shard's rows as float32 vectors, each made when it is read (None for a zero or non-finite row);
@@ -646,13 +676,15 @@ def _vector_hash(vector: np.ndarray) -> str:
     return IMPORTED_HASH_PREFIX + hashlib.blake2b(vector.tobytes(), digest_size=16).hexdigest()
 
 
-def _imported_from(store: Store, source: str, shard: str) -> dict[int, str]:
-    """id -> content hash of the images `source`'s shard `shard` brought in earlier that still hold the vector it
-    gave them (not those `clipsearch index` has embedded from their files since: those are the collection's own)."""
-    return {int(image_id): content_hash for image_id, content_hash in store.conn.execute(
-        "SELECT images.id, images.content_hash FROM imported JOIN images ON images.id = imported.id "
-        "WHERE imported.source = ? AND imported.shard = ? AND substr(images.content_hash, 1, ?) = ?",
-        [source, shard, len(IMPORTED_HASH_PREFIX), IMPORTED_HASH_PREFIX])}
+def _imported_from(store: Store, source: str, with_shard: bool = False) -> dict[int, str]:
+    """id -> content hash (`with_shard`: the shard label it came from) of the images folder `source` brought in
+    earlier that still hold the vector it gave them (not those `clipsearch index` has embedded from their files
+    since: those are the collection's own)."""
+    column = "imported.shard" if with_shard else "images.content_hash"
+    return {int(image_id): value for image_id, value in store.conn.execute(
+        f"SELECT images.id, {column} FROM imported JOIN images ON images.id = imported.id "
+        "WHERE imported.source = ? AND substr(images.content_hash, 1, ?) = ?",
+        [source, len(IMPORTED_HASH_PREFIX), IMPORTED_HASH_PREFIX])}
 
 
 def _existing_paths(store: Store, paths: Sequence[str]) -> dict[str, int]:
