@@ -183,9 +183,6 @@ class SearchHit:
     # "taken_at" (the EXIF capture time) or "mtime" (the file's modification time, for files without one).
     date: str | None = None
     date_source: str | None = None
-    # Whether the file is no longer on disk (moved or deleted since it was indexed); None: not looked at. The web
-    # server looks, in the thread that searched (results then say it), the CLI on its own (`search --json`).
-    missing: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -565,9 +565,11 @@ def test_the_json_search_body_is_strict_about_types_and_names(client):
     assert fine.status_code == 200 and len(fine.json()["results"]) == 3
 
 
-def test_results_say_which_files_are_no_longer_on_disk(tmp_path, tiny_bundle):
+def test_results_say_which_files_are_no_longer_on_disk(tmp_path, tiny_bundle, monkeypatch):
     """A photo moved away since it was indexed is still found (until its folder is indexed again); every search
-    route says so per result, the batched text path included, instead of leaving the page a broken thumbnail."""
+    route says so per result, the batched text path included, instead of leaving the page a broken thumbnail. The
+    files are looked at in a worker thread, never in the encoder lanes (a hung network mount must not hold up every
+    text search)."""
     indexed = build_indexed_photos(tmp_path, tiny_bundle, count=6)
     moved = indexed.photos[2]
     moved_id = indexed.ids_by_path[str(moved)]
@@ -583,3 +585,19 @@ def test_results_say_which_files_are_no_longer_on_disk(tmp_path, tiny_bundle):
             assert flags.get(moved_id) is True, answer
             assert sum(flags.values()) == 1, answer
         assert local.get(f"/api/images/{moved_id}/thumbnail").status_code == 404
+
+    import threading
+
+    import clipsearch.web.api as api_module
+
+    where: list[str] = []
+    real = api_module.missing_local_files
+
+    def recording(found):
+        where.append(threading.current_thread().name)
+        return real(found)
+
+    monkeypatch.setattr(api_module, "missing_local_files", recording)
+    with TestClient(create_app(app_settings(indexed))) as local:
+        assert local.get("/api/search", params={"q": "a photo", "k": 3}).status_code == 200
+    assert where and not any("batcher" in name for name in where), where

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, Response
 
 import clipsearch
 from clipsearch.classify import Classifier, parse_labels
+from clipsearch.paths import missing_local_files
 from clipsearch.filters import SearchFilter
 from clipsearch.model.preprocess import open_image
 from clipsearch.search import SearchHit, SearchQuery, Searcher
@@ -121,8 +122,17 @@ def empty_note(searcher: Searcher, search_filter: SearchFilter, hits: list[Searc
     return None
 
 
+def after_search(searcher: Searcher, search_filter: SearchFilter, hits: list[SearchHit],
+                 min_match: float | None = None) -> tuple[set[str], str | None]:
+    """In a worker thread, never the encoder lanes (a stat on a hung network mount must not hold up every text
+    search): which results' files are gone (one stat each), and why the search found nothing, if it did not."""
+    gone = missing_local_files([hit.path for hit in hits])
+    return gone, (empty_note(searcher, search_filter, hits, min_match) if not hits else None)
+
+
 def search_response(request: Request, searcher: Searcher, query_text: str, hits: list[SearchHit],
-                    started: float, search_filter: SearchFilter | None = None, note: str | None = None) -> Response:
+                    started: float, search_filter: SearchFilter | None = None, note: str | None = None,
+                    gone: set[str] = frozenset()) -> Response:
     """The SearchResponse as JSON. Returned as a Response, so FastAPI does not validate and encode again what
     was just built from typed hits (the route's response_model still documents it)."""
     name = searcher.collection.name
@@ -132,7 +142,7 @@ def search_response(request: Request, searcher: Searcher, query_text: str, hits:
         results.append(ImageResult(id=hit.id, path=hit.path, score=hit.score, width=hit.width, height=hit.height,
                                    taken_at=hit.taken_at, thumbnail_url=thumbnail_url, image_url=image_url,
                                    itc_score=hit.itc_score, match=hit.match, date=hit.date, date_source=hit.date_source,
-                                   missing=bool(hit.missing)))
+                                   missing=hit.path in gone))
     active = search_filter is not None and search_filter.active
     response = SearchResponse(query=query_text, took_ms=round((time.perf_counter() - started) * 1000, 2),
                               collection=name, results=results, filters=search_filter.describe() if active else None,
@@ -172,8 +182,8 @@ async def search_text(request: Request, state: State,
     query.validate()
     searcher = await state.searcher_for(collection)
     hits = await state.search(searcher, query)
-    note = await state.run(empty_note, searcher, search_filter, hits, min_match) if not hits else None
-    return search_response(request, searcher, q, hits, started, search_filter, note)
+    gone, note = await state.run(after_search, searcher, search_filter, hits, min_match)
+    return search_response(request, searcher, q, hits, started, search_filter, note, gone)
 
 
 @router.post("/search", response_model=SearchResponse, responses=_BODY_ERRORS, dependencies=[Depends(require_json)],
@@ -206,8 +216,8 @@ async def search_combined(request: Request, state: State, body: SearchRequest) -
         if image is not None:
             del image, query
             await state.run(release_freed_memory)
-    note = await state.run(empty_note, searcher, search_filter, hits, body.min_match) if not hits else None
-    return search_response(request, searcher, text, hits, started, search_filter, note)
+    gone, note = await state.run(after_search, searcher, search_filter, hits, body.min_match)
+    return search_response(request, searcher, text, hits, started, search_filter, note, gone)
 
 
 async def uploaded_image(state: WebState, file: UploadFile | None, image: UploadFile | None) -> QueryImage:
@@ -249,9 +259,9 @@ async def search_upload(request: Request, state: State,
     finally:
         del query_image, query
         await state.run(release_freed_memory)
-    note = await state.run(empty_note, searcher, search_filter, hits) if not hits else None
+    gone, note = await state.run(after_search, searcher, search_filter, hits)
     return search_response(request, searcher, describe(text or None, [], [], True, None), hits, started,
-                           search_filter, note)
+                           search_filter, note, gone)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_BODY_ERRORS,

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -28,8 +27,6 @@ from typing import Iterator
 
 import numpy as np
 
-from clipsearch.paths import missing_local_files
-from clipsearch.query import SearchHit
 from clipsearch.search import STALE_REFRESH_SECONDS, Searcher
 from clipsearch.store.collection import STORE_FILE, Collection
 from clipsearch.store.database import Store, ThreadReaders
@@ -68,14 +65,6 @@ class ServedSearcher(Searcher):
         self._closed = threading.Event()
         self._swapped = threading.Condition()
         self.swaps = 0  # how many times a refreshed index replaced the one in use
-
-    # -- searches: results say which files are gone (looked at here, in the worker or lane thread) ---------------
-    def search(self, query, text_vectors=None):
-        return _with_missing(super().search(query, text_vectors))
-
-    def search_many(self, queries, text_vectors):
-        return [answer if isinstance(answer, Exception) else _with_missing(answer)
-                for answer in super().search_many(queries, text_vectors)]
 
     # -- reads and cache writes ---------------------------------------------------------------------
     @contextmanager
@@ -190,9 +179,3 @@ class ServedSearcher(Searcher):
         self._readers.close()
         super().close()
 
-
-def _with_missing(hits: list[SearchHit]) -> list[SearchHit]:
-    """`hits` with `missing` set: one stat per result (a photo moved or deleted since it was indexed is still found
-    until its folder is indexed again; the page then says so instead of showing a broken image)."""
-    gone = missing_local_files([hit.path for hit in hits])
-    return [dataclasses.replace(hit, missing=hit.path in gone) for hit in hits]
