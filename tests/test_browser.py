@@ -533,6 +533,23 @@ def test_each_search_submitted_is_a_step_in_the_history(page, server):
     page.go_back()
     expect(page.locator("#status")).to_contain_text("results for “a red square”")
     assert page.locator("#query").input_value() == "a red square"
+    # Enter in a filter field searches (its change event) and commits the search too: the next one is a new entry.
+    page.goto(server.url + "/")
+    start = page.evaluate("history.length")
+    page.fill("#query", "a dark square")
+    expect(page.locator("#status")).to_contain_text("results for “a dark square”")
+    page.fill("#filter-min-size", "1x1")
+    page.press("#filter-min-size", "Enter")
+    expect(page.locator("#status")).to_contain_text("Only photos")
+    assert page.evaluate("history.length") == start + 1
+    page.fill("#query", "a bright square")  # a new search after the committed one: a new entry
+    expect(page.locator("#status")).to_contain_text("results for “a bright square”")
+    assert page.evaluate("history.length") == start + 2
+    page.go_back()
+    expect(page.locator("#status")).to_contain_text("results for “a dark square”")
+    expect(page.locator("#filter-min-size")).to_have_value("1x1")
+    page.fill("#filter-min-size", "")
+    page.press("#filter-min-size", "Enter")
     assert page.script_errors == []
 
 
@@ -624,4 +641,8 @@ def test_show_more_asks_for_the_next_size_and_a_urls_k_is_kept(page, server, ind
     page.goto(server.url + "/?q=a+photo&k=7")  # a size the menu does not list is offered, not dropped for 20
     expect(page.locator("#status")).to_contain_text("7 results")
     assert page.locator("#k").input_value() == "7"
+    expect(more).to_be_visible()
+    page.fill("#query", "")  # cleared: no results, and nothing more to show
+    expect(page.locator("#results .result")).to_have_count(0)
+    expect(more).to_be_hidden()
     assert page.script_errors == []

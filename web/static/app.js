@@ -37,7 +37,7 @@
     statsLoaded: false,     // api/stats answered (the footer and the re-rank toggle are set)
     lastRerun: { key: '', at: 0 },  // rerun's last search: Enter in a filter field fires its change and the submit
     draftEntry: false,
-    focusAfterRender: null, // after "Show more": the index of the first new result, focused once it is shown      // the current history entry was written by typing, not yet a search the user committed
+    focusAfterRender: null, // after "Show more": {seq, index} of the first new result, focused when that answer shows      // the current history entry was written by typing, not yet a search the user committed
   };
 
   // ---- API -------------------------------------------------------------------------------------
@@ -169,6 +169,7 @@
     els.rerank.checked = params.get('rerank') === '1' || params.get('rerank') === 'true';
     selectIfOffered(els.minMatch, params.get('min_match'));
     els.minMatch.disabled = !els.rerank.checked;
+    offerRerankSizes();
     els.filterIn.value = params.get('in') || '';
     els.filterAfter.value = params.get('after') || '';
     els.filterBefore.value = params.get('before') || '';
@@ -258,7 +259,10 @@
     const file = state.exampleFile;
     const key = `${searchParams(els.query.value.trim())}|${file ? `${file.name}:${file.size}:${file.lastModified}` : ''}`;
     const now = Date.now();
-    if (key === state.lastRerun.key && now - state.lastRerun.at < 400) return;  // the same search a moment ago
+    if (key === state.lastRerun.key && now - state.lastRerun.at < 400) {  // the same search a moment ago
+      if (submitted) state.draftEntry = false;  // Enter in a filter field: its change ran it, the submit commits it
+      return;
+    }
     state.lastRerun = { key, at: now };
     if (els.query.value.trim()) searchText(submitted);
     else if (state.like) searchLike(state.like, false);
@@ -276,6 +280,7 @@
     releaseImages();
     state.results = results;
     els.results.replaceChildren();
+    if (!results.length) els.showMore.hidden = true;  // cleared (query, example, Back to an empty page): nothing more
     results.forEach((result, index) => {
       const item = document.createElement('li');
       const button = document.createElement('button');
@@ -329,9 +334,10 @@
       els.results.append(item);
       if (!result.missing) showImage(img, result.thumbnail_url);
     });
-    const moreFrom = state.focusAfterRender;
+    const more = state.focusAfterRender;
     state.focusAfterRender = null;
-    if (moreFrom !== null && moreFrom < results.length) focusResult(moreFrom);  // "Show more": the first new one
+    // "Show more": its own answer focuses the first new result (not a later search the user typed meanwhile)
+    if (more !== null && more.seq === state.requestSeq && more.index < results.length) focusResult(more.index);
     else if (hadFocus) {
       if (results.length) focusResult(focused ? Number(focused.dataset.index) : 0);
       else els.results.focus();
@@ -550,15 +556,15 @@
     clearTimeout(state.typingTimer);
     rerun(true);
   });
-  els.k.addEventListener('change', rerun);
+  els.k.addEventListener('change', () => rerun());
   els.includeSelf.addEventListener('change', () => { if (state.exampleFile) searchExample(); });
   els.showMore.addEventListener('click', () => {
     const shown = resultButtons().length;
     const next = nextK();
     if (next === null) return;
     els.k.value = next;
-    state.focusAfterRender = shown;  // keyboard users land on the first new result
     rerun();
+    state.focusAfterRender = { seq: state.requestSeq, index: shown };  // keyboard users land on the first new result
   });
   // Filters search again when changed (text fields on Enter or when left, like the other form controls).
   [els.filterIn, els.filterAfter, els.filterBefore, els.filterOrientation, els.filterMinSize].forEach((control) => {
