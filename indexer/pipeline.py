@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clipsearch.model.bundle import PreprocessSpec
+from clipsearch.model.runtime import unit_rows
 from clipsearch.paths import is_url_path
 from clipsearch.store.database import IMPORTED_HASH_PREFIX, FileState, NewImage, SkippedFile, Store
 from clipsearch.store.tokens import TokenCodec
@@ -196,14 +197,17 @@ class Mapper:
     def encode(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.model.embed_dim), dtype=np.float32)
-        return self.model.encode_pixels(self.normalise(images))
+        return self.model.encode_pixels(self.normalise(images), bad_rows_ok=True)  # such images: Writer leaves out
 
     def encode_with_tokens(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[bytes | None]]:
         """(vectors [N, D], one token blob per image: None without a codec)."""
         if self.codec is None or not images:
             return self.encode(images), [None] * len(images)
-        vectors, tokens = self.model.encode_pixels_with_tokens(self.normalise(images))
+        vectors, tokens = self.model.encode_pixels_with_tokens(self.normalise(images), bad_rows_ok=True)
         return vectors, self.codec.encode(tokens)
+
+
+UNUSABLE_VECTOR = "the model's output for this image is not a unit vector (NaN or zero): left out"
 
 
 class Writer:
@@ -242,6 +246,15 @@ class Writer:
 
     def write(self, results: Sequence[ReadResult], vectors: Sequence[np.ndarray], existing: dict[str, FileState],
               reused_flags: Sequence[bool], tokens: Sequence[bytes | None] | None = None) -> None:
+        usable = unit_rows(np.stack(vectors)) if len(vectors) else []
+        if not all(usable):  # the model's output for these images is unusable: they are left out, the rest written
+            self.skip([(r.task, UNUSABLE_VECTOR) for r, ok in zip(results, usable) if not ok])
+            keep = [i for i, ok in enumerate(usable) if ok]
+            results, vectors = [results[i] for i in keep], [vectors[i] for i in keep]
+            reused_flags = [reused_flags[i] for i in keep]
+            tokens = [tokens[i] for i in keep] if tokens is not None else None
+            if not results:
+                return
         rows = []
         for result, vector, blob in zip(results, vectors, tokens or [None] * len(results)):
             task = result.task

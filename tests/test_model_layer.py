@@ -602,3 +602,35 @@ def test_embed_refuses_an_empty_text_as_search_does(tiny_bundle):
     done = _cli("embed", "-m", str(tiny_bundle), "--text", "a dog", "--text", "   ")
     assert done.returncode == 2 and "empty text" in done.stderr and done.stdout == ""
     assert _cli("embed", "-m", str(tiny_bundle), "--text", "a dog").returncode == 0
+
+
+def test_one_image_whose_vector_is_unusable_is_left_out_not_the_run(tiny_bundle, tmp_path, monkeypatch):
+    """Damaged weights give unusable vectors for every image (the run is refused, above); one odd image's NaN must
+    not stop a run that can never finish otherwise: that file is skipped with the reason, the rest are indexed."""
+    from clipsearch.indexer.pipeline import UNUSABLE_VECTOR, IndexOptions
+    from clipsearch.indexer.runner import index_paths
+    from clipsearch.model.runtime import OnnxSession
+    from clipsearch.store.collection import Collection
+    from photo_fixtures import make_photos
+
+    model = ClipModel(tiny_bundle, threads=1)
+    real_run = OnnxSession.run
+
+    def one_nan(self, inputs, output=None):
+        out = real_run(self, inputs, output)
+        if self.path.name == "visual.onnx" and len(out) > 1:
+            out = out.copy()
+            out[1] = np.nan
+        return out
+
+    monkeypatch.setattr(OnnxSession, "run", one_nan)
+    photos = make_photos(tmp_path / "photos", 4)
+    with Collection.create("c", tmp_path / "idx") as collection:
+        summary = index_paths(collection, model, [str(photos[0].parent)], IndexOptions(workers=0, batch_size=4))
+        assert (summary.added, len(summary.skipped), summary.total) == (3, 1, 3)
+        assert summary.skipped[0].reason == UNUSABLE_VECTOR
+        assert collection.check().ok
+    from clipsearch.errors import BundleError
+
+    with pytest.raises(BundleError, match="not unit length"):  # a query of one image is refused, never ranked
+        model.encode_pixels(np.full((1, 3, 64, 64), np.nan, np.float32))

@@ -112,6 +112,14 @@ class OnnxSession:
 UNIT_TOLERANCE = 0.01  # |norm - 1| a graph's output may have (fp16 and int8 graphs round; damage gives 0 or NaN)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Per row of `vectors` [N, D]: whether it is unit length within UNIT_TOLERANCE (finite)."""
+    if not len(vectors):
+        return np.ones(0, dtype=bool)
+    norms = np.linalg.norm(np.asarray(vectors, dtype=np.float64), axis=1)
+    return np.isfinite(norms) & (np.abs(norms - 1.0) <= UNIT_TOLERANCE)
+
+
 class ClipModel:
     """A dual encoder loaded from a bundle: `encode_text` and `encode_images` give L2-normalised vectors."""
 
@@ -160,18 +168,19 @@ class ClipModel:
         batch = self.tokenizer(texts)
         return self._checked(np.ascontiguousarray(self.textual.run(batch.inputs), dtype=np.float32), "textual.onnx")
 
-    def _checked(self, vectors: np.ndarray, graph: str) -> np.ndarray:
+    def _checked(self, vectors: np.ndarray, graph: str, bad_rows_ok: bool = False) -> np.ndarray:
         """`vectors`, unless the graph's output width is not the embed_dim model.json states (a bundle whose
         model.json was edited): nothing of another width may be stored or compared."""
         if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim:
             raise BundleError(f"model {self.info.name}: {graph} outputs vectors of shape {list(vectors.shape[1:])}, "
                               f"its model.json says embed_dim {self.embed_dim}",
                               "Export or download the bundle again (model.json does not describe its graphs).")
-        # Every graph ends in an L2 normalisation: a row that is not unit length (zeros, NaN) comes from damaged
-        # weights, and stored it would answer every search with the same score.
-        norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.ones(0, dtype=np.float32)
-        bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_TOLERANCE)
-        if bad.any():
+        # Every graph ends in an L2 normalisation: rows that are not unit length (zeros, NaN) come from damaged
+        # weights, and stored they would answer every search with the same score. `bad_rows_ok` (the indexer, which
+        # leaves such images out one by one): only a batch of several that is bad throughout is refused.
+        bad = ~unit_rows(vectors)
+        if bad.any() and (not bad_rows_ok or (bad.all() and len(vectors) > 1)):
+            norms = np.linalg.norm(vectors, axis=1)
             first = int(np.flatnonzero(bad)[0])
             raise BundleError(f"model {self.info.name}: {graph} output {int(bad.sum())} of {len(vectors)} vectors that "
                               f"are not unit length (row {first} has norm {float(norms[first]):.4g}): its weights are "
@@ -183,12 +192,14 @@ class ClipModel:
         """Load the visual graph now rather than on the first image."""
         self.visual.run_prepare()
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    def encode_pixels(self, pixels: np.ndarray, bad_rows_ok: bool = False) -> np.ndarray:
+        """`bad_rows_ok`: a row that is not unit length (damaged output for one image) is returned as it is, for the
+        caller to leave out; a whole batch of them is refused all the same."""
         if len(pixels) == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return self._checked(np.ascontiguousarray(
             self.visual.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)}), dtype=np.float32),
-            "visual.onnx")
+            "visual.onnx", bad_rows_ok)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
@@ -235,7 +246,7 @@ class ClipModel:
         spec = self.itm_spec
         return spec.image_tokens_shape if spec is not None else None
 
-    def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode_pixels_with_tokens(self, pixels: np.ndarray, bad_rows_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """One call of the visual graph giving both the L2-normalised embeddings [N, D] and the ITM image
         tokens [N, T, Dt] (float32). BundleError for a bundle without an ITM head."""
         name = self.image_tokens_output
@@ -247,7 +258,7 @@ class ClipModel:
         embeds_name = self.visual.session.get_outputs()[0].name
         embeds, tokens = self.visual.run_outputs({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)},
                                                  [embeds_name, name])
-        return (self._checked(np.ascontiguousarray(embeds, dtype=np.float32), "visual.onnx"),
+        return (self._checked(np.ascontiguousarray(embeds, dtype=np.float32), "visual.onnx", bad_rows_ok),
                 np.ascontiguousarray(tokens, dtype=np.float32))
 
     def image_tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
