@@ -92,7 +92,7 @@ class CollectionModel:
         try:
             model = load_model(self.spec, threads=threads)
         except ModelNotAvailable as exc:
-            if not self.bundle_path or is_bundle(Path(self.bundle_path)) or self.spec != self.name:
+            if not self.bundle_path or is_bundle(Path(self.bundle_path)):  # found by its name: not a move
                 raise
             raise ModelNotAvailable(
                 f"collection {collection!r} was built with model {self.name}, whose bundle was at {self.bundle_path} "
@@ -100,12 +100,14 @@ class CollectionModel:
                 "same model; `clipsearch index` with it remembers the new place); to use another model, re-embed: "
                 f"clipsearch index PATH --collection {collection} --rebuild --model MODEL.") from exc
         if model.model_id != self.model_id:
+            where = model.info.path  # the recorded folder, or where its name led when that folder is gone
+            was = ("the bundle there was replaced" if str(where) == self.bundle_path
+                   else f"its own bundle at {self.bundle_path} is gone")
             raise CollectionError(
-                f"collection {collection!r} was built with model {self.model_id}, but its bundle folder "
-                f"{self.bundle_path} now holds model {model.model_id}: the bundle there was replaced",
-                "Put the original bundle back (or pass --model with a copy of it); to keep the new one, re-embed the "
-                f"collection with it: clipsearch index PATH --collection {collection} --rebuild --model "
-                f"{self.bundle_path}.")
+                f"collection {collection!r} was built with model {self.model_id}, but {where} holds model "
+                f"{model.model_id}: {was}",
+                "Put the original bundle back (or pass --model with a copy of it); to use this one instead, re-embed "
+                f"the collection with it: clipsearch index PATH --collection {collection} --rebuild --model {where}.")
         return model
 
 
