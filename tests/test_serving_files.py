@@ -63,12 +63,16 @@ def test_a_download_of_the_original_can_resume_with_a_byte_range(client, indexed
     past = client.get(url, headers={"Range": f"bytes={size}-"})
     assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}" and past.json()["hint"]
     # Several ranges, another unit or nonsense: the whole file (a server may ignore Range).
-    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=x-y"):
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=x-y", "bytes=5-3"):
         assert client.get(url, headers={"Range": ignored}).content == data
     etag = whole.headers["etag"]
     assert client.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}).status_code == 206
     stale = client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"another-version"'})
     assert stale.status_code == 200 and stale.content == data  # another version than the download's: all of it
+    weak = client.get(url, headers={"Range": "bytes=0-9", "If-Range": "W/" + etag})
+    assert weak.status_code == 200  # If-Range compares strongly
+    path.unlink()  # gone: a 404 whatever range is asked
+    assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 404
 
 
 def test_a_file_swapped_for_a_symlink_to_etc_passwd_is_not_served(client, indexed):

@@ -360,7 +360,7 @@ async def image_file(request: Request, state: State, image_id: ImageIdParam,
     def file() -> Response:
         found = state.image(parse_image_id(image_id), collection)
         # If-Range names the version a download started from: another one is sent whole.
-        if_range = (request.headers.get("if-range") or "").strip().removeprefix("W/")
+        if_range = (request.headers.get("if-range") or "").strip()  # compared strongly: a weak tag never matches
         same = not if_range or if_range == f'"{found.record.content_hash[:32]}"'
         wanted = request.headers.get("range") if same else None
         response = original_file(found.record, state.served_roots(found.collection), wanted)

@@ -208,8 +208,10 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
                            {"content-range": f"bytes */{size}"})
         return size - length, length
     start = int(first)
+    if last and int(last) < start:
+        return None  # bytes=5-3 is no valid range (RFC 9110 14.1.2): ignored
     end = min(int(last), size - 1) if last else size - 1
-    if start >= size or end < start:
+    if start >= size:
         raise ApiError(416, f"the range starts past the file's {size:,} bytes",
                        f"Ask for a range within bytes=0-{max(0, size - 1)}.", {"content-range": f"bytes */{size}"})
     return start, end - start + 1
@@ -217,8 +219,12 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def original_file(record: ImageRecord, roots: Sequence[str], range_header: str | None = None) -> Response:
     """The indexed file's bytes (one byte range of them with `range_header`: a download can resume)."""
-    part = byte_range(range_header, record.size)
-    handle = open_indexed(record, roots)
+    handle = open_indexed(record, roots)  # a file that is gone is a 404 whatever range was asked
+    try:
+        part = byte_range(range_header, record.size)
+    except ApiError:
+        handle.close()
+        raise
     name = Path(record.path).name
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     headers = {**CACHE_HEADERS, "content-disposition": _disposition(name),
