@@ -399,9 +399,8 @@ class Store:
         """How many images are stored under `root` (the file itself, or anything inside the folder)."""
         if not is_utf8(root):
             return 0
-        prefix = root.rstrip("/\\") + "/"
-        return int(self.conn.execute("SELECT COUNT(*) FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
-                                     [root, len(prefix), prefix]).fetchone()[0])
+        where, params = _under(root)
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM images WHERE {where}", params).fetchone()[0])
 
     @property
     def generation(self) -> int:
@@ -750,9 +749,8 @@ class Store:
             for root in roots:
                 if not is_utf8(root):
                     continue  # a folder whose name is not UTF-8 holds no stored path (they are all UTF-8 text)
-                prefix = root.rstrip("/\\") + "/"
-                where = "run_id IS NOT ? AND (path = ? OR substr(path, 1, ?) = ?)"
-                params = [run_id, root, len(prefix), prefix]
+                under, params = _under(root)
+                where, params = f"run_id IS NOT ? AND ({under})", [run_id, *params]
                 removed += self._delete_where(where, params)
                 self.db.execute(f"DELETE FROM skipped WHERE {where}", params)
         return removed
@@ -792,6 +790,12 @@ class Store:
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+
+
+def _under(root: str) -> tuple[str, list]:
+    """The WHERE clause (and its parameters) of the stored paths at or inside `root`."""
+    prefix = root.rstrip("/\\") + "/"
+    return "path = ? OR substr(path, 1, ?) = ?", [root, len(prefix), prefix]
 
 
 class ThreadReaders:
