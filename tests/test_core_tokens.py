@@ -123,12 +123,12 @@ def test_a_run_on_one_core_token_never_decodes_and_encodes_at_once_and_stores_wh
     encoder_calls: list[tuple[float, float]] = []
     encode_pixels = model.encode_pixels
 
-    def logged_encode(pixels):
+    def logged_encode(pixels, **options):
         import time
 
         started = time.monotonic()
         try:
-            return encode_pixels(pixels)
+            return encode_pixels(pixels, **options)
         finally:
             encoder_calls.append((started, time.monotonic()))
 
