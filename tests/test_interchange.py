@@ -614,11 +614,26 @@ def test_rows_that_move_between_shards_stay_and_a_gone_shards_rows_leave(tmp_pat
         shard_of = dict(collection.store.conn.execute(
             "SELECT images.path, imported.shard FROM imported JOIN images USING (id)").fetchall())
     assert shard_of[photo3] == "0"
+    # Shard 1 rewritten again with a new row in place of photo 4 (clip inference run on a folder that changed): the
+    # new row comes in and stays, photo 4 leaves.
+    extra = layout.photos[4].parent / "extra.png"
+    block_image(4321).save(extra)
+    v_extra = ClipModel(tiny_bundle, threads=1).encode_images([block_image(4321)])
+    now = pq.read_table(layout.folder / "metadata" / "metadata_1.parquet").to_pydict()
+    rows = np.load(layout.folder / "img_emb" / "img_emb_1.npy").astype(np.float32)
+    write_shard(layout.folder, "1", np.concatenate([v_extra, rows[1:]]),
+                {"image_path": [str(extra), *now["image_path"][1:]], "caption": ["extra", *now["caption"][1:]],
+                 "url": [None, *now["url"][1:]]})
+    fourth = run_import(index_dir, layout.folder, None)
+    assert (fourth.imported, fourth.removed, fourth.total) == (1, 1, 6), fourth
+    paths = {row[1] for row in contents(index_dir, "imported")}
+    assert str(extra) in paths and str(layout.photos[4]) not in paths
+    assert run_import(index_dir, layout.folder, None).total == 6  # and it stays
     # A shard file deleted: its rows leave (and its record), the other shard's stay.
     for name in ("img_emb/img_emb_1.npy", "metadata/metadata_1.parquet"):
         (layout.folder / name).unlink()
     third = run_import(index_dir, layout.folder, None)
-    assert (third.removed, third.total) == (2, 4)
+    assert (third.removed, third.total) == (2, 4)  # the extra row and the URL row
     assert URL not in {row[1] for row in contents(index_dir, "imported")}
     with Collection.open("imported", index_dir) as collection:
         assert collection.check().ok

@@ -507,8 +507,9 @@ class _Importer:
         if not vanished and not reread:
             return
         where = _imported_from(store, self.source, with_shard=True)  # after this run's moves between shards
+        # Only rows that were there before this import (rows it added are held by the shard that added them).
         gone = sorted(image_id for image_id, shard in where.items()
-                      if shard in (reread | vanished) and image_id not in self._kept_own)
+                      if image_id in self._own and shard in (reread | vanished) and image_id not in self._kept_own)
         with signals_deferred(), store.db.atomic():
             summary.removed += store.delete_ids(gone) if gone else 0
             for record in self._deferred:
