@@ -110,9 +110,9 @@ class Plan:
     still_bad: list[SkippedFile] = field(default_factory=list)  # unchanged files that failed before
     still_bad_paths: list[str] = field(default_factory=list)
     backfill: dict[str, FileState] = field(default_factory=dict)  # unchanged files read again for their tokens
-    # content hash -> an indexed image whose file is gone from under the run's roots: a new path with those very
-    # bytes is that image moved or renamed, and keeps its id (and vector, tokens, thumbnail) under the new path.
-    moves: dict[str, FileState] = field(default_factory=dict)
+    # content hash -> the indexed images whose files are gone from under the run's roots: a new path with those very
+    # bytes is one of them moved or renamed, and keeps its id (and vector, tokens, thumbnail) under the new path.
+    moves: dict[str, list[FileState]] = field(default_factory=dict)
 
 
 def plan_token_backfill(plan: Plan, files: Sequence[FoundFile], store: Store) -> None:
@@ -142,7 +142,7 @@ def make_plan(files: Sequence[FoundFile], store: Store, roots: Sequence[str] = (
         prefixes = tuple(root.rstrip("/") + "/" for root in exact)
         for path, state in states.items():
             if path not in seen and (path in exact or path.startswith(prefixes)) and not os.path.lexists(path):
-                plan.moves.setdefault(state.content_hash, state)
+                plan.moves.setdefault(state.content_hash, []).append(state)
     for found in files:
         state = states.get(found.path)
         if state is not None and state.size == found.size and state.mtime_ns == found.mtime_ns:
@@ -325,9 +325,10 @@ class BatchAssembler:
 
     def __init__(self, mapper: Mapper, writer: Writer, existing: dict[str, FileState], batch_size: int,
                  backfill: dict[str, FileState] | None = None, lanes: EncoderLanes | None = None,
-                 expected: int | None = None, moves: dict[str, FileState] | None = None) -> None:
+                 expected: int | None = None, moves: dict[str, list[FileState]] | None = None) -> None:
         self.mapper = mapper
-        self.moves = dict(moves or {})  # Plan.moves: taken by the first new path with those bytes
+        # Plan.moves: each image taken by one new path with its bytes (two renamed copies keep both their ids)
+        self.moves = {content_hash: list(states) for content_hash, states in (moves or {}).items()}
         self.writer = writer
         self.existing = existing
         self.backfill = backfill or {}  # unchanged indexed files read again for their tokens only
@@ -377,9 +378,9 @@ class BatchAssembler:
         if state is not None and state.content_hash == result.content_hash:
             self.writer.refresh_stat(result, state)
             return
-        moved = self.moves.pop(result.content_hash, None) if state is None else None
-        if moved is not None:
-            self.writer.move(result, moved)  # a renamed or moved file: the same image under its new path
+        sources = self.moves.get(result.content_hash) if state is None else None
+        if sources:
+            self.writer.move(result, sources.pop(0))  # a renamed or moved file: the same image under its new path
             return
         if result.known:
             reusable = self.writer.reusable(result.content_hash)

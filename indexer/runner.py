@@ -379,8 +379,8 @@ def _note_vanished(walked: WalkResult, store, forget: bool) -> None:
     the run, so the sweep removes their images; else their problem says how many images they keep and how to remove
     them (a root that is gone may be an unplugged disk: never forgotten unasked)."""
     for at, (path, reason) in enumerate(list(walked.problems)):
-        if reason != "no such file or folder" or is_url_path(path):
-            continue
+        if not (reason == "no such file or folder" or reason.startswith("dangling symlink")) or is_url_path(path):
+            continue  # (a symbolic link whose folder was deleted is a folder that is gone, too)
         held = store.count_under(path)
         if not held:
             continue
@@ -389,5 +389,6 @@ def _note_vanished(walked: WalkResult, store, forget: bool) -> None:
             walked.roots.append(path)
             walked.vanished.append(path)
         else:
+            them = "them" if held != 1 else "it"
             walked.problems[at] = (path, f"{reason}; the collection keeps its {held:,} image{'s' * (held != 1)} "
-                                         "(--forget-missing removes them)")
+                                         f"(--forget-missing removes {them})")

@@ -471,6 +471,20 @@ def test_renamed_files_keep_their_image_and_copies_reuse_its_vector(tmp_path, ph
     np.testing.assert_array_equal(collection.store.vector(moved.id, model.embed_dim), vector)
     assert (moved.width, moved.height) == (160, 120)
     assert collection.check().ok
+    # Two copies of the same bytes, both renamed: each keeps its own id.
+    twins = [photos / "twin-a.png", photos / "twin-b.png"]
+    for twin in twins:
+        shutil.copy(photos / "sub" / "photo_002.png" if (photos / "sub" / "photo_002.png").exists() else renamed, twin)
+    run(collection, model, [photos])
+    ids = {collection.store.find_by_path(str(t)).id for t in twins}
+    for twin in twins:
+        twin.rename(twin.with_name("moved-" + twin.name))
+    both = run(collection, model, [photos])
+    assert (both.moved, both.removed, both.reused) == (2, 0, 0)
+    assert {collection.store.find_by_path(str(t.with_name("moved-" + t.name))).id for t in twins} == ids
+    for twin in twins:
+        twin.with_name("moved-" + twin.name).unlink()
+    run(collection, model, [photos])
     # Moved back and copied alongside in one run: one of the two paths takes the image, the other copies its vector.
     shutil.copy(renamed, photos / "also.png")
     renamed.rename(original)
@@ -741,6 +755,16 @@ def test_indexing_a_deleted_folder_or_file_with_forget_missing_removes_its_image
                                                   r"\(--forget-missing removes them\)"):
             run(collection, model, [gone])
         assert collection.store.count() == 6
+        linked = tmp_path / "linked"
+        linked.symlink_to(gone, target_is_directory=True)  # indexed through a link whose folder is then deleted
+        make_photos(gone, 1, start_seed=95)
+        run(collection, model, [linked])
+        shutil.rmtree(gone)
+        with pytest.raises(CollectionError, match="linked: dangling symlink.*keeps its 1 image "
+                                                  r"\(--forget-missing removes it\)"):
+            run(collection, model, [linked])
+        assert LocalRunner(IndexOptions(workers=0, forget_missing=True)).run(collection, model,
+                                                                              [str(linked)]).removed == 1
         summary = LocalRunner(IndexOptions(workers=0, forget_missing=True)).run(collection, model,
                                                                                  [str(gone), str(lone)])
         assert (summary.removed, summary.total, summary.added) == (3, 3, 0)
