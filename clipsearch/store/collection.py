@@ -986,13 +986,16 @@ class Collection:
         if setting == "on":
             missing = np.setdiff1d(row_ids, token_ids)
             if len(missing):
-                # Rows imported without a file here (URLs, another machine's paths) cannot get tokens: re-ranking
-                # leaves them unscored, as documented; only files an indexing run can read are a problem.
+                # Rows imported without a file here (URLs, another machine's paths) cannot get tokens, and imported
+                # rows get theirs when their folder is indexed: re-ranking leaves them unscored, as documented; only
+                # files an indexing run embedded are a problem.
                 from ..paths import is_url_path
+                from .database import IMPORTED_HASH_PREFIX
 
                 records = store.get_many(missing.tolist())
                 readable = [i for i in missing.tolist()
-                            if i in records and not is_url_path(records[i].path) and os.path.isfile(records[i].path)]
+                            if i in records and not is_url_path(records[i].path) and os.path.isfile(records[i].path)
+                            and not records[i].content_hash.startswith(IMPORTED_HASH_PREFIX)]
                 if readable:
                     problems.append(f"{len(readable)} of {len(row_ids)} images have no stored image tokens "
                                     f"(e.g. {readable[:5]}); run `clipsearch index` on the collection's "
