@@ -141,6 +141,15 @@ class LocalRunner:
             # "Re-embed everything": the folders indexed before are walked too, not only the paths given (the new
             # generation would otherwise drop every image outside them).
             also, absent = _other_roots(collection.store.indexed_roots(), roots)
+            imported = collection.store.count_imported()
+            if imported and not options.forget_missing:
+                raise CollectionError(
+                    f"collection {collection.name!r} holds {imported:,} image{'s' * (imported != 1)} brought in by "
+                    "import-embeddings, whose vectors came with them: a rebuild cannot embed them again (URL rows, "
+                    "files elsewhere, or another model's vectors) and would leave them out",
+                    f"Index their folders first (clipsearch index FOLDER --collection {collection.name}: files there are "
+                    "then embedded like any other), or add --forget-missing to rebuild without them (and import the "
+                    "new model's embeddings again).")
             if absent and not options.forget_missing:
                 raise CollectionError(
                     f"collection {collection.name!r} also holds images from {', '.join(absent)}, which "

@@ -242,6 +242,25 @@ def test_an_import_into_a_collection_that_stores_tokens_passes_check(tmp_path, b
         assert report.ok, report.problems
 
 
+def test_a_rebuild_does_not_drop_imported_rows_unasked(tmp_path, layout, tiny_bundle):
+    """`index A --rebuild` on a collection that also holds imported rows dropped them all without a word (their
+    vectors came with them: nothing to walk or embed). Refused, naming the ways out; --forget-missing goes ahead."""
+    index_dir = tmp_path / "collections"
+    run_import(index_dir, layout.folder, tiny_bundle)
+    own = make_photos(tmp_path / "own", 2, start_seed=400)
+    base = [*CLI, "index", str(own[0].parent), "--collection", "imported", "--index-dir", str(index_dir),
+            "--workers", "0"]
+    assert cli(*base[3:]).returncode == 0
+    refused = cli(*base[3:], "--rebuild")
+    assert refused.returncode == 1 and "holds 6 images brought in by import-embeddings" in refused.stderr
+    assert "--forget-missing" in refused.stderr
+    assert len(contents(index_dir, "imported")) == 8
+    done = cli(*base[3:], "--rebuild", "--forget-missing", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["total"], summary["removed"]) == (2, 6)
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 def test_dimension_mismatch_is_refused_before_anything_is_written(tmp_path, tiny_bundle):
     folder = tmp_path / "clip-out"

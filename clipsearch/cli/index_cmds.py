@@ -145,8 +145,8 @@ def index(
     forget_missing: bool = typer.Option(
         False, "--forget-missing",
         help="Remove the images of a PATH that no longer exists (a deleted folder or file), and with --rebuild leave "
-             "out folders indexed before that are gone. Without it they are kept: an unplugged disk or share is "
-             "never forgotten unasked"),
+             "out what it cannot embed again (folders indexed before that are gone, rows brought in by "
+             "import-embeddings). Without it they are kept: an unplugged disk or share is never forgotten unasked"),
     watch: bool = typer.Option(False, "--watch", help="Keep watching PATHS afterwards and index what changes "
                                                       "(as `clipsearch watch` with its default --debounce and --rescan-interval, which "
                                                       "that command sets; --json prints one line per run)"),

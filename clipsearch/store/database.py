@@ -395,6 +395,11 @@ class Store:
         if len(kept) != len(known):
             self.set_meta({"roots": json.dumps(kept, sort_keys=True)})
 
+    def count_imported(self) -> int:
+        """How many images still hold the vector import-embeddings gave them (no indexing run embedded their file)."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM images WHERE substr(content_hash, 1, ?) = ?",
+                                     [len(IMPORTED_HASH_PREFIX), IMPORTED_HASH_PREFIX]).fetchone()[0])
+
     def count_under(self, root: str) -> int:
         """How many images are stored under `root` (the file itself, or anything inside the folder)."""
         if not is_utf8(root):
