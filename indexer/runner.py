@@ -387,17 +387,17 @@ def _note_vanished(walked: WalkResult, store, forget: bool) -> None:
     """Roots that are gone but hold images in the collection: with `forget` (--forget-missing) they become roots of
     the run, so the sweep removes their images; else their problem says how many images they keep and how to remove
     them (a root that is gone may be an unplugged disk: never forgotten unasked)."""
-    for at, (path, reason) in enumerate(list(walked.problems)):
-        if not (reason == "no such file or folder" or reason.startswith("dangling symlink")) or is_url_path(path):
-            continue  # (a symbolic link whose folder was deleted is a folder that is gone, too)
-        held = store.count_under(path)
-        if not held:
-            continue
-        if forget:
-            walked.problems.remove((path, reason))
+    problems = []
+    for path, reason in walked.problems:
+        gone = reason == "no such file or folder" or reason.startswith("dangling symlink")  # (a link to a deleted folder)
+        held = store.count_under(path) if gone and not is_url_path(path) else 0
+        if held and forget:
             walked.roots.append(path)
             walked.vanished.append(path)
-        else:
+        elif held:
             them = "them" if held != 1 else "it"
-            walked.problems[at] = (path, f"{reason}; the collection keeps its {held:,} image{'s' * (held != 1)} "
-                                         f"(--forget-missing removes {them})")
+            problems.append((path, f"{reason}; the collection keeps its {held:,} image{'s' * (held != 1)} "
+                                   f"(--forget-missing removes {them})"))
+        else:
+            problems.append((path, reason))
+    walked.problems[:] = problems

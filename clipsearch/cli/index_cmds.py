@@ -296,16 +296,16 @@ def _print_summary(summary, prefix: str = "", list_skipped: bool = True, tokens_
     """The human-readable lines of an `IndexSummary` (stdout; skipped files on stderr)."""
     done = summary.embedded + summary.reused
     rate = f", {done / summary.seconds:.1f} img/s" if done and summary.seconds else ""  # none: no rate to speak of
-    moved = f"{summary.moved} moved, " if getattr(summary, "moved", 0) else ""  # renamed: same image, new path
+    moved = f"{summary.moved} moved, " if summary.moved else ""  # renamed: the same image under a new path
     typer.echo(f"{prefix}{summary.collection}: {summary.added} added, {summary.updated} updated, {summary.reused} "
                f"reused, {moved}{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped; "
                f"{summary.total} images in total ({summary.seconds:.1f} s{rate})")
     from .display import shown_path
 
-    if getattr(summary, "vanished_roots", None):
+    if summary.vanished_roots:
         typer.echo(f"  gone from disk, so their images left the collection: "
                    f"{', '.join(shown_path(r) for r in summary.vanished_roots)}")
-    if getattr(summary, "rebuilt_roots", None):
+    if summary.rebuilt_roots:
         typer.echo(f"  --rebuild also re-embedded the folders indexed before: "
                    f"{', '.join(shown_path(r) for r in summary.rebuilt_roots)}")
     if summary.tokens and (tokens_line or summary.tokens_added):

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from . import app
+from .display import shown_path
 
 _INDEX_DIR_HELP = "Folder holding the collections (default: $CLIPSEARCH_HOME/collections or the per-user data dir)"
 
@@ -163,8 +164,6 @@ def search(
         if not null and sys.stdout.isatty():
             # On a terminal a name's control characters would act (retitle, clear, split a line): escaped, as `ls`
             # does; piped, the paths are exact (and -0 always is).
-            from .display import shown_path
-
             out.write(b"".join(os.fsencode(shown_path(h.path)) + end for h in hits))
         else:
             out.write(b"".join(os.fsencode(h.path) + end for h in hits))
@@ -200,8 +199,6 @@ def _as_given_here(folders: List[str]) -> List[str]:
 def _print_hits(hits: list, rerank: bool, dated: bool, protocol: str, size: int) -> None:
     """The text listing (rank, score, [match,] [date,] path), with a thumbnail under each line in `protocol` (an
     image protocol of preview.py, or "none"). Control characters in paths are shown escaped (display.py)."""
-    from .display import shown_path
-
     for rank, hit in enumerate(hits, 1):
         date = f"{_DATE_WORDS.get(hit.date_source or '', '?')} {hit.date}  " if dated else ""
         if rerank:
@@ -237,8 +234,6 @@ def _note_text_that_names_an_image(text: Optional[str]) -> None:
 def _warn_missing(gone: List[str], found: int, collection: str) -> None:
     """A note on stderr when results name files that are gone (`gone`, of `found` results): the listing itself stays
     as it was (scripts read it), and --json rows say it per row ("missing": true)."""
-    from .display import shown_path
-
     if not gone:
         return
     first = shown_path(gone[0])
@@ -394,8 +389,6 @@ def classify(
         else:
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(["path", "label", "probability", *label_list])
-            from .display import shown_path
-
             # Unix line ends (csv's default \r\n left a \r on every last field for cut, awk, sort); on a terminal a
             # name's control characters are escaped as in the listings (into a pipe the CSV keeps names exact).
             show = shown_path if sys.stdout.isatty() else str
@@ -403,9 +396,7 @@ def classify(
                 by_label = {s.label: s.probability for s in r["scores"]}
                 writer.writerow([show(r["path"]), r["scores"][0].label, f"{r['scores'][0].probability:.6f}",
                                  *(f"{by_label[label]:.6f}" for label in label_list)])
-    from .display import shown_path as escaped
-
     for e in errors:
-        typer.echo(f"skipped {escaped(e['path'])}: {e['error']}", err=True)
+        typer.echo(f"skipped {shown_path(e['path'])}: {e['error']}", err=True)
     if errors and not rows:
         raise typer.Exit(1)

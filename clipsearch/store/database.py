@@ -367,11 +367,14 @@ class Store:
     def indexed_roots(self) -> dict[str, str]:
         """Every folder (or file) an indexing run was given, as {absolute path: its real path when indexed}.
         Empty for collections indexed before roots were recorded."""
-        return json.loads(self.get_meta("roots", "{}") or "{}")
+        return self._roots("roots")
 
     def imported_roots(self) -> dict[str, str]:
         """The topmost folders of the local files import-embeddings brought in, as `indexed_roots` (never walked)."""
-        return json.loads(self.get_meta("import_roots", "{}") or "{}")
+        return self._roots("import_roots")
+
+    def _roots(self, key: str) -> dict[str, str]:
+        return json.loads(self.get_meta(key, "{}") or "{}")
 
     def served_roots(self) -> dict[str, str]:
         """The folders whose files the web server may serve: indexed and imported ones."""
@@ -382,7 +385,7 @@ class Store:
         from inside these, so a root later swapped for a symlink elsewhere does not widen what it serves).
         `imported`: folders of imported files, kept apart: `index --rebuild` walks the indexed roots only."""
         key = "import_roots" if imported else "roots"
-        known = json.loads(self.get_meta(key, "{}") or "{}")
+        known = self._roots(key)
         fresh = {os.path.abspath(root): os.path.realpath(root) for root in roots
                  if os.path.abspath(root) not in known}
         if fresh:
@@ -391,7 +394,8 @@ class Store:
     def forget_roots(self, roots: Sequence[str]) -> None:
         """Stop remembering `roots` (folders that are gone, whose images a run removed)."""
         known = self.indexed_roots()
-        kept = {root: real for root, real in known.items() if root not in {os.path.abspath(r) for r in roots}}
+        gone = {os.path.abspath(root) for root in roots}
+        kept = {root: real for root, real in known.items() if root not in gone}
         if len(kept) != len(known):
             self.set_meta({"roots": json.dumps(kept, sort_keys=True)})
 

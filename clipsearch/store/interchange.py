@@ -39,9 +39,9 @@ rewritten (clip inference run again into the same folder) is read again and repl
 as indexing a changed folder does: its rows with another vector are updated in place (same id, also when a row
 moved to another shard), rows that no shard of the folder holds any more leave the collection (also those of a
 shard file that is gone), the rest are unchanged. The removals and the re-read shards' records are written last, in
-one transaction: an import stopped before that reads those shards again next time. Rows whose path (or URL) the collection holds from
-anywhere else (indexed, another folder, or embedded from the file since) are skipped: an import never
-overwrites them. The FAISS index is brought up to date at the end (or by the
+one transaction: an import stopped before that reads those shards again next time. Rows whose path (or URL) the
+collection holds from anywhere else (indexed, another folder, or embedded from the file since) are skipped: an
+import never overwrites them. The FAISS index is brought up to date at the end (or by the
 next run or search, when killed), keeping SQLite row id = FAISS id.
 """
 
@@ -428,8 +428,7 @@ class _Importer:
             seen[key] = row
             candidates.append((row, key, is_url))
         existing = _existing_paths(store, [key for _, key, _ in candidates])
-        # Rows this folder imported from this shard before: a rewritten shard (clip inference run again) replaces them.
-        own, kept_own = self._own, self._kept_own
+        own, kept_own = self._own, self._kept_own  # this folder's earlier rows (see run), and those seen so far
         now = _now()
         kept: list[tuple] = []  # (row, key, size, mtime_ns, width, height, id to update or None): vectors read as written
         for done, (row, key, is_url) in enumerate(candidates):
